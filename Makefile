@@ -1,0 +1,29 @@
+# The two set-up commands: `make demo` runs the product on an embedded broker, `make test` runs
+# the whole suite. Both create .venv with Python 3.11 and install what they need first.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: demo test install install-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.core-$(HASH): $(BIN)/python pyproject.toml
+	$(PIP) -e .
+	rm -f $(VENV)/.core-*; touch $@
+
+$(VENV)/.dev-$(HASH): $(BIN)/python pyproject.toml
+	$(PIP) -e '.[dev]'
+	rm -f $(VENV)/.dev-* $(VENV)/.core-*; touch $@ $(VENV)/.core-$(HASH)
+
+install: $(VENV)/.core-$(HASH)
+install-dev: $(VENV)/.dev-$(HASH)
+
+demo: install
+	$(BIN)/clv demo $(DEMO_ARGS)
+
+test: install-dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

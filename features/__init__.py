@@ -1,0 +1,1 @@
+"""Transaction contract, loading, cleaning and the monthly features shared by batch and stream."""

@@ -1,0 +1,112 @@
+"""Customer states to model inputs: a monthly sequence and a few static features.
+
+One function builds the inputs for any number of customers at once: the trainer calls it for a
+whole cohort, the worker for each micro-batch of dirty customers. Features depend on the as-of
+time only through its calendar month, so a customer's score changes when its own events arrive or
+the month turns, never with the wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from features.aggregate import CustomerState
+
+SEQ_FEATURES = (
+    "log_spend", "log_invoices", "log_units", "active", "moy_sin", "moy_cos", "before_first",
+)
+STATIC_FEATURES = (
+    "log_tenure_months", "log_recency_months", "log_invoices_total", "log_spend_total",
+    "log_order_value", "log_invoices_before_window", "log_active_months", "asof_moy_sin",
+    "asof_moy_cos",
+)
+
+
+def slog1p(x: np.ndarray) -> np.ndarray:
+    """log1p that keeps the sign: a month of net returns is negative spend."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+@dataclass(frozen=True)
+class Inputs:
+    seq: np.ndarray  # customers x window x len(SEQ_FEATURES), float32
+    static: np.ndarray  # customers x len(STATIC_FEATURES), float32
+
+
+def build_inputs(states: Sequence[CustomerState], as_of_month: int, window: int) -> Inputs:
+    """Unscaled features of each state as of the end of `as_of_month`, over `window` months."""
+    n = len(states)
+    start = as_of_month - window + 1
+    spend = np.zeros((n, window))
+    invoices = np.zeros((n, window))
+    units = np.zeros((n, window))
+    past = np.zeros((n, 4))  # spend cents, units, invoices, active months before the window
+    first = np.full(n, as_of_month, dtype=np.int64)
+    last = np.full(n, as_of_month, dtype=np.int64)
+    for i, s in enumerate(states):
+        past[i] = (s.past_spend_cents, s.past_units, s.past_invoices, s.past_active_months)
+        if s.months and max(s.months) > as_of_month:
+            raise ValueError(f"customer {s.customer_id} has events after the as-of month")
+        for m, agg in s.months.items():
+            if m < start:
+                past[i] += (agg.spend_cents, agg.units, agg.n_invoices, agg.n_invoices > 0)
+            else:
+                t = m - start
+                spend[i, t], units[i, t], invoices[i, t] = agg.spend_cents, agg.units, agg.n_invoices
+        if s.first_month is not None:
+            first[i] = s.first_month
+        last[i] = first[i] if s.last_purchase_month is None else s.last_purchase_month
+
+    months = start + np.arange(window)
+    moy = 2 * np.pi * (months % 12) / 12
+    seq = np.empty((n, window, len(SEQ_FEATURES)), dtype=np.float32)
+    seq[..., 0] = slog1p(spend / 100.0)
+    seq[..., 1] = np.log1p(invoices)
+    seq[..., 2] = slog1p(units)
+    seq[..., 3] = invoices > 0
+    seq[..., 4] = np.sin(moy)[None, :]
+    seq[..., 5] = np.cos(moy)[None, :]
+    seq[..., 6] = months[None, :] < first[:, None]
+
+    total_spend = (past[:, 0] + spend.sum(axis=1)) / 100.0
+    total_invoices = past[:, 2] + invoices.sum(axis=1)
+    active = past[:, 3] + (invoices > 0).sum(axis=1)
+    asof = 2 * np.pi * (as_of_month % 12) / 12
+    static = np.empty((n, len(STATIC_FEATURES)), dtype=np.float32)
+    static[:, 0] = np.log1p(as_of_month - first)
+    static[:, 1] = np.log1p(as_of_month - last)
+    static[:, 2] = np.log1p(total_invoices)
+    static[:, 3] = slog1p(total_spend)
+    static[:, 4] = slog1p(total_spend / np.maximum(total_invoices, 1))
+    static[:, 5] = np.log1p(past[:, 2])
+    static[:, 6] = np.log1p(active)
+    static[:, 7] = np.sin(asof)
+    static[:, 8] = np.cos(asof)
+    return Inputs(seq, static)
+
+
+@dataclass(frozen=True)
+class RFM:
+    """Recency/frequency/monetary as consumers of the scores read them."""
+
+    recency_days: float
+    frequency: int  # purchase invoices over the customer's life
+    monetary: float  # mean spend per purchase invoice, dollars
+    tenure_days: float
+    total_spend: float
+
+
+def rfm(state: CustomerState, as_of_ts: int) -> RFM:
+    spend, _units, invoices = state.totals()
+    last = state.last_purchase_ts if state.last_purchase_ts is not None else state.first_ts
+    first = state.first_ts if state.first_ts is not None else as_of_ts
+    return RFM(
+        recency_days=round(max(0, as_of_ts - (last or as_of_ts)) / 86400.0, 3),
+        frequency=invoices,
+        monetary=round(spend / 100.0 / invoices, 2) if invoices else 0.0,
+        tenure_days=round(max(0, as_of_ts - first) / 86400.0, 3),
+        total_spend=spend / 100.0,
+    )

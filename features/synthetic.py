@@ -1,0 +1,151 @@
+"""Seeded Online Retail-format transaction files with the traits real exports have.
+
+Used by the tests, the demo and the load tests. Each trait is injected on its own rows so the
+generator knows exactly how many rows cleaning must drop under each reason (`Truth`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Relative invoice volume by calendar month: retail's autumn ramp and Christmas peak.
+SEASON = np.array([0.7, 0.6, 0.8, 0.75, 0.8, 0.8, 0.8, 0.75, 1.1, 1.3, 1.7, 1.0])
+
+
+@dataclass
+class Truth:
+    rows: int
+    customers: int
+    no_customer: int
+    zero_price: int
+    negative_price: int
+    bad_debt_adjustment: int
+    outlier: int
+    duplicate_lines: int
+    cancellation_lines: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def generate(
+    n_customers: int = 2000, n_invoices: int = 20000, seed: int = 7,
+    start: str = "2009-12-01", end: str = "2011-12-09", layout: str = "online-retail",
+) -> tuple[pd.DataFrame, Truth]:
+    """A line-level frame in the UCI layout (`online-retail` or `online-retail-ii`)."""
+    rng = np.random.default_rng(seed)
+    t0, t1 = pd.Timestamp(start), pd.Timestamp(end)
+    customer_ids = np.arange(12346, 12346 + n_customers)
+    # Heterogeneous buyers: a few wholesalers buy often, most buy once or twice.
+    rate = rng.gamma(0.6, 1.0, n_customers)
+    born = rng.uniform(0, 0.8, n_customers)
+    buyer = rng.choice(n_customers, size=n_invoices, p=rate / rate.sum())
+
+    days = (t1 - t0).days
+    span = rng.uniform(born[buyer], 1.0) * days
+    month_weight = SEASON[(t0 + pd.to_timedelta(span, unit="D")).month.to_numpy() - 1]
+    keep = rng.uniform(0, SEASON.max(), n_invoices) < month_weight
+    buyer, span = buyer[keep], span[keep]
+    n_inv = len(buyer)
+    minutes = rng.integers(8 * 60, 18 * 60, n_inv)
+    inv_ts = t0 + pd.to_timedelta(np.floor(span), unit="D") + pd.to_timedelta(minutes, unit="m")
+    inv_no = (536365 + np.arange(n_inv)).astype(str)
+
+    n_lines_per = 1 + rng.geometric(1 / 12, n_inv)
+    idx = np.repeat(np.arange(n_inv), n_lines_per)
+    n = len(idx)
+    catalog = 4000
+    # Distinct items within an invoice, so the only exact duplicates are the injected ones.
+    position = np.arange(n) - np.repeat(np.cumsum(n_lines_per) - n_lines_per, n_lines_per)
+    item = (rng.integers(0, catalog, n_inv)[idx] + position) % catalog
+    item_price = np.round(np.exp(rng.normal(0.8, 0.9, catalog)), 2) + 0.01
+    lines = pd.DataFrame({
+        "InvoiceNo": inv_no[idx],
+        "StockCode": (85000 + item).astype(str),
+        "Description": "ITEM " + item.astype(str) + " ",
+        "Quantity": rng.geometric(1 / 6, n),
+        "InvoiceDate": inv_ts[idx],
+        "UnitPrice": item_price[item],
+        "CustomerID": customer_ids[buyer[idx]].astype(float).astype(object),
+        "Country": np.where(rate[buyer[idx]] > 2.0, "EIRE", "United Kingdom"),
+    })
+
+    # About a quarter of invoices carry no customer id at all.
+    anonymous_inv = rng.uniform(size=n_inv) < 0.25
+    anon = anonymous_inv[idx]
+    lines.loc[anon, "CustomerID"] = ""
+    no_customer = int(anon.sum())
+    named = np.flatnonzero(~anon)
+
+    zero = rng.choice(named, size=max(1, n // 400), replace=False)
+    lines.loc[zero, "UnitPrice"] = 0.0
+    rest = np.setdiff1d(named, zero)
+
+    # Cancellations: a few named invoices are partly returned some days later.
+    cancel_inv = np.flatnonzero(~anonymous_inv & (rng.uniform(size=n_inv) < 0.03))
+    src = lines.iloc[np.flatnonzero(np.isin(idx, cancel_inv) & np.isin(np.arange(n), rest))]
+    src = src.groupby("InvoiceNo", sort=False).head(2).copy()
+    src["InvoiceNo"] = "C" + src["InvoiceNo"]
+    src["Quantity"] = -src["Quantity"]
+    src["InvoiceDate"] = src["InvoiceDate"] + pd.Timedelta(days=3)
+    src = src[src["InvoiceDate"] <= t1]
+
+    donor = lines.iloc[rest[0]].to_dict()
+    spare = 536365 + n_inv  # invoice numbers past the generated ones
+    bad_debt = pd.DataFrame([{
+        **donor, "InvoiceNo": f"A{spare + k}", "StockCode": "B",
+        "Description": "Adjust bad debt", "Quantity": 1, "UnitPrice": -11062.06,
+    } for k in range(2)])
+    negative = pd.DataFrame([{**donor, "InvoiceNo": str(spare + 2), "UnitPrice": -3.5}])
+    outlier = pd.DataFrame([
+        {**donor, "InvoiceNo": str(spare + 3), "Quantity": 80995, "UnitPrice": 2.08},
+        {**donor, "InvoiceNo": f"C{spare + 4}", "Quantity": -80995, "UnitPrice": 2.08},
+    ])
+    dupes = lines.iloc[rng.choice(rest, size=max(1, n // 100), replace=False)]
+
+    frame = pd.concat([lines, src, bad_debt, negative, outlier, dupes], ignore_index=True)
+    frame = frame.sort_values("InvoiceDate", kind="stable").reset_index(drop=True)
+    truth = Truth(
+        rows=len(frame),
+        customers=int(pd.Series(frame["CustomerID"]).replace("", np.nan).dropna().nunique()),
+        no_customer=no_customer,
+        zero_price=len(zero),
+        negative_price=len(negative),
+        bad_debt_adjustment=len(bad_debt),
+        outlier=len(outlier),
+        duplicate_lines=len(dupes),
+        cancellation_lines=len(src),
+    )
+    return _style(frame, layout, rng), truth
+
+
+def _style(frame: pd.DataFrame, layout: str, rng: np.random.Generator) -> pd.DataFrame:
+    """Write dates, ids and spacing the way each export does."""
+    if layout == "online-retail":
+        ts = frame["InvoiceDate"]
+        frame["InvoiceDate"] = (
+            ts.dt.month.astype(str) + "/" + ts.dt.day.astype(str) + "/" + ts.dt.year.astype(str)
+            + " " + ts.dt.hour.astype(str) + ":" + ts.dt.strftime("%M")
+        )
+        return frame
+    if layout == "online-retail-ii":
+        frame["InvoiceDate"] = frame["InvoiceDate"].dt.strftime("%Y-%m-%d %H:%M:%S")
+        frame["CustomerID"] = frame["CustomerID"].map(lambda v: v if v == "" else f" {int(v)}")
+        return frame.rename(columns={
+            "InvoiceNo": "Invoice", "UnitPrice": "Price", "CustomerID": "Customer ID",
+        })
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def write(frame: pd.DataFrame, path: str | Path) -> Path:
+    """CSV (optionally .gz) or .xlsx, chosen by the file name."""
+    path = Path(path)
+    if path.suffix == ".xlsx":
+        frame.to_excel(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return path

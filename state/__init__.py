@@ -1,0 +1,1 @@
+"""Per-customer state records and the DuckDB snapshot analysts query."""

@@ -1,0 +1,109 @@
+"""One settings object for every command: defaults, overridden by CLV_* environment variables,
+overridden by command-line flags. `clv config` prints the resolved values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting with a value it cannot take; the CLI prints it as one line, exit 2."""
+
+
+def _meta(doc: str, env: str | None = None) -> dict[str, Any]:
+    return {"doc": doc, "env": env}
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata=_meta(
+        "Kafka bootstrap servers, comma-separated", "KAFKA_BOOTSTRAP_SERVERS"))
+    security_protocol: str = field(default="PLAINTEXT", metadata=_meta(
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"))
+    sasl_mechanism: str = field(default="", metadata=_meta("PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"))
+    sasl_username: str = field(default="", metadata=_meta("SASL user name"))
+    sasl_password: str = field(default="", metadata=_meta("SASL password"))
+    ssl_cafile: str = field(default="", metadata=_meta("CA bundle for SSL"))
+    app_id: str = field(default="clv-worker", metadata=_meta(
+        "consumer group and table-changelog prefix of the worker"))
+    transactions_topic: str = field(default="transactions", metadata=_meta("input topic"))
+    scores_topic: str = field(default="clv-scores", metadata=_meta("output topic (compacted)"))
+    dlq_topic: str = field(default="transactions-dlq", metadata=_meta("dead-letter topic"))
+    partitions: int = field(default=4, metadata=_meta(
+        "partitions of the transactions topic (and of the state changelog)"))
+    model_dir: str = field(default="", metadata=_meta(
+        "model artifact directory; empty: the model shipped with the package"))
+    store: str = field(default="memory://", metadata=_meta(
+        "table store: memory:// or rocksdb:// (needs the rocksdb extra)"))
+    data_dir: str = field(default="var/worker", metadata=_meta("worker state directory"))
+    batch_size: int = field(default=1024, metadata=_meta("rescoring micro-batch: flush at N customers"))
+    batch_wait_ms: int = field(default=50, metadata=_meta("rescoring micro-batch: flush after T ms"))
+    web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
+    web_host: str = field(default="127.0.0.1", metadata=_meta("worker HTTP bind address"))
+    snapshot_path: str = field(default="var/clv.duckdb", metadata=_meta(
+        "DuckDB snapshot the sink publishes and analysts read"))
+    snapshot_interval_s: float = field(default=10.0, metadata=_meta("seconds between snapshots"))
+    api_port: int = field(default=8080, metadata=_meta("analyst API port"))
+    api_token: str = field(default="", metadata=_meta("bearer token for the analyst API; empty: none"))
+    log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults < CLV_<NAME> (or the documented alias) < explicit overrides (CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            names = [f"CLV_{f.name.upper()}"] + ([f.metadata["env"]] if f.metadata.get("env") else [])
+            for name in names:
+                if name in environ and environ[name] != "":
+                    values[f.name] = _coerce(f.name, f.type, environ[name])
+                    break
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = replace(cls(), **values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for name in ("partitions", "batch_size", "batch_wait_ms"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.store.split("://")[0] not in ("memory", "rocksdb"):
+            raise SettingsError(f"store must be memory:// or rocksdb://, got {self.store!r}")
+        if self.snapshot_interval_s <= 0:
+            raise SettingsError("snapshot_interval_s must be positive")
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security options in aiokafka's names, passed through unchanged."""
+        opts: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            opts.update(sasl_mechanism=self.sasl_mechanism,
+                        sasl_plain_username=self.sasl_username,
+                        sasl_plain_password=self.sasl_password)
+        if self.security_protocol.endswith("SSL"):
+            import ssl
+
+            opts["ssl_context"] = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        return opts
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str, str]]:
+        """(setting, environment variable, default, meaning) rows for docs and `clv config`."""
+        rows = []
+        for f in fields(cls):
+            env = f"CLV_{f.name.upper()}" + (f" or {f.metadata['env']}" if f.metadata.get("env") else "")
+            rows.append((f.name, env, repr(f.default), f.metadata["doc"]))
+        return rows
+
+
+def _coerce(name: str, kind: Any, text: str) -> Any:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise SettingsError(f"{name} must be a {kind}, got {text!r}") from None
+    return text

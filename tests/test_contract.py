@@ -1,0 +1,69 @@
+import json
+import math
+
+import pytest
+
+from features.contract import Invalid, Reason, TransactionEvent, validate
+
+GOOD = {
+    "schema_version": 1, "event_id": "e1", "customer_id": "17850", "invoice_no": "536365",
+    "ts": "2010-12-01T08:26:00+00:00",
+    "lines": [{"stock_code": "85123A", "quantity": 6, "unit_price": 2.55}],
+}
+
+
+def with_(**changes):
+    obj = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in obj.items() if v is not ...}).encode()
+
+
+def test_valid_event_round_trips():
+    ev = validate(with_(country="United Kingdom"))
+    assert isinstance(ev, TransactionEvent)
+    assert ev.lines[0].quantity == 6 and ev.country == "United Kingdom"
+    assert validate(ev.to_json()) == ev
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"{not json", Reason.MALFORMED_JSON),
+    (b"\xff\xfe\x00garbage", Reason.MALFORMED_JSON),
+    (b"[1, 2]", Reason.NOT_AN_OBJECT),
+    (with_(customer_id=...), Reason.MISSING_FIELD),
+    (with_(lines=...), Reason.MISSING_FIELD),
+    (with_(schema_version=...), Reason.MISSING_FIELD),
+    (with_(customer_id=17850), Reason.WRONG_TYPE),
+    (with_(lines="x"), Reason.WRONG_TYPE),
+    (with_(lines=[{"stock_code": "A", "quantity": "6", "unit_price": 1.0}]), Reason.WRONG_TYPE),
+    (with_(lines=[{"stock_code": "A", "quantity": 1.5, "unit_price": 1.0}]), Reason.WRONG_TYPE),
+    (with_(lines=[{"stock_code": "A", "quantity": True, "unit_price": 1.0}]), Reason.WRONG_TYPE),
+    (with_(customer_id="  "), Reason.EMPTY_FIELD),
+    (with_(schema_version=99), Reason.UNKNOWN_SCHEMA_VERSION),
+    (with_(ts="yesterday"), Reason.BAD_TIMESTAMP),
+    (with_(ts="2010-12-01T08:26:00"), Reason.NAIVE_TIMESTAMP),
+    (with_(ts="1960-01-01T00:00:00Z"), Reason.ABSURD_VALUE),
+    (with_(ts="2999-01-01T00:00:00Z"), Reason.ABSURD_VALUE),
+    (b'{"schema_version":1,"event_id":"e","customer_id":"c","invoice_no":"i","ts":"2010-12-01T08:26:00Z",'
+     b'"lines":[{"stock_code":"A","quantity":1,"unit_price":NaN}]}', Reason.NON_FINITE),
+    (b'{"schema_version":1,"event_id":"e","customer_id":"c","invoice_no":"i","ts":"2010-12-01T08:26:00Z",'
+     b'"lines":[{"stock_code":"A","quantity":1,"unit_price":1e400}]}', Reason.NON_FINITE),
+    (with_(lines=[{"stock_code": "A", "quantity": 0, "unit_price": 1.0}]), Reason.ABSURD_VALUE),
+    (with_(lines=[{"stock_code": "A", "quantity": 5_000_000, "unit_price": 1.0}]), Reason.ABSURD_VALUE),
+    (with_(lines=[{"stock_code": "A", "quantity": 1, "unit_price": -2.0}]), Reason.ABSURD_VALUE),
+    (with_(lines=[]), Reason.NO_LINES),
+])
+def test_bad_events_get_their_reason(raw, reason):
+    out = validate(raw)
+    assert isinstance(out, Invalid), out
+    assert out.reason == reason, out
+    assert out.detail
+
+
+def test_zone_is_normalised_to_utc():
+    ev = validate(with_(ts="2010-12-01T09:26:00+01:00"))
+    assert ev.ts.utcoffset().total_seconds() == 0 and ev.ts.hour == 8
+
+
+def test_cancellation_is_valid():
+    ev = validate(with_(invoice_no="C536379", lines=[{"stock_code": "D", "quantity": -1, "unit_price": 27.5}]))
+    assert isinstance(ev, TransactionEvent) and ev.lines[0].quantity == -1
+    assert not math.isnan(ev.lines[0].unit_price)
