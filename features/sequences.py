@@ -21,7 +21,7 @@ SEQ_FEATURES = (
 STATIC_FEATURES = (
     "log_tenure_months", "log_recency_months", "log_invoices_total", "log_spend_total",
     "log_order_value", "log_invoices_before_window", "log_active_months", "asof_moy_sin",
-    "asof_moy_cos",
+    "asof_moy_cos", "horizon_months",
 )
 
 
@@ -36,8 +36,12 @@ class Inputs:
     static: np.ndarray  # customers x len(STATIC_FEATURES), float32
 
 
-def build_inputs(states: Sequence[CustomerState], as_of_month: int, window: int) -> Inputs:
-    """Unscaled features of each state as of the end of `as_of_month`, over `window` months."""
+def build_inputs(
+    states: Sequence[CustomerState], as_of_month: int, window: int, horizon: int
+) -> Inputs:
+    """Unscaled features of each state as of the end of `as_of_month`, over `window` months,
+    for a prediction over the next `horizon` months (an input, so training can use short horizons
+    from recent origins)."""
     n = len(states)
     start = as_of_month - window + 1
     spend = np.zeros((n, window))
@@ -85,6 +89,7 @@ def build_inputs(states: Sequence[CustomerState], as_of_month: int, window: int)
     static[:, 6] = np.log1p(active)
     static[:, 7] = np.sin(asof)
     static[:, 8] = np.cos(asof)
+    static[:, 9] = horizon
     return Inputs(seq, static)
 
 

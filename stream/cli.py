@@ -10,6 +10,7 @@ import sys
 from datetime import date
 from typing import Any, Sequence
 
+from export_onnx import ArtifactError
 from features.loaders import FORMATS, LoadError
 from stream.settings import Settings, SettingsError
 
@@ -78,6 +79,140 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cutoff", type=_date, required=True, help="last day of training data (YYYY-MM-DD)")
+    p.add_argument("--horizon-months", type=_positive_int, default=6, help="prediction horizon (default 6)")
+    p.add_argument("--window", type=_positive_int, default=13, help="months of history the GRU reads (default 13)")
+    p.add_argument("--epochs", type=_positive_int, default=40, help="maximum training epochs (default 40)")
+    p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
+
+
+def _train_config(args: argparse.Namespace):
+    from models.training import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.dataset import NotEnoughHistory
+    from models.evaluate import train
+
+    try:
+        meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
+                     _train_config(args), **file_options(args))
+    except NotEnoughHistory as exc:
+        raise UsageError(str(exc)) from None
+    print(f"model {meta['version']} written to {args.out} "
+          f"(ONNX parity max abs diff {meta['parity']['max_abs_diff']:.2e})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.dataset import NotEnoughHistory
+    from models.evaluate import evaluate, render, write_json, write_plots
+
+    try:
+        run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, _train_config(args),
+                       with_bgnbd=not args.no_bgnbd, **file_options(args))
+    except NotEnoughHistory as exc:
+        raise UsageError(str(exc)) from None
+    print(render(run))
+    if args.json:
+        write_json(run, Path(args.json))
+    if args.plots:
+        for path in write_plots(run, Path(args.plots)):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import csv
+
+    from export_onnx.artifact import Artifact
+    from features.aggregate import Folder, contribution
+    from features.batch import end_of, read_history
+    from stream.scoring import Score, score_states
+
+    artifact = Artifact.load(args.model)
+    history = read_history(args.file, **file_options(args))
+    if not history.events:
+        raise UsageError(f"{args.file}: no transactions left after cleaning")
+    as_of = end_of(args.as_of) if args.as_of else history.events[-1].ts
+    folder = Folder(artifact.window)
+    for ev in history.events:
+        if ev.ts <= as_of:
+            folder.add(ev.customer_id, contribution(ev))
+    scores = score_states(artifact, list(folder.states.values()), as_of)
+    with open(args.out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(Score.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(s.as_dict() for s in scores)
+    print(f"scored {len(scores):,} customers as of {as_of.isoformat()} with {artifact.version} -> {args.out}")
+    return 0
+
+
+def _kafka_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (default: settings)")
+    p.add_argument("--partitions", type=_positive_int, default=None,
+                   help="partitions for topics this command creates (default 4)")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None),
+                             partitions=getattr(args, "partitions", None), **extra)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+
+    from stream.broker import BrokerError, start
+
+    try:
+        proc = start(args.port)
+    except BrokerError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"embedded Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:{args.port}; Ctrl-C stops it",
+          flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(10)
+        return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from faust import Worker
+
+    from stream.worker import build_app
+
+    settings = _settings(args, model_dir=args.model, store=args.store, web_port=args.web_port,
+                         batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
+                         data_dir=args.data_dir)
+    app = build_app(settings)
+    worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from features.batch import read_history
+    from stream.replay import publish
+
+    history = read_history(args.file, **file_options(args))
+    summary = asyncio.run(publish(_settings(args), history.events, len(history.events), args.rate,
+                                  progress=not args.quiet))
+    print(summary.render())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     for name, env, default, doc in Settings.describe():
@@ -95,6 +230,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("train", help="train the GRU on data up to a cutoff and export the ONNX artifact")
+    _file_args(p)
+    _model_args(p)
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma and GBT on a holdout")
+    _file_args(p)
+    _model_args(p)
+    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.add_argument("--plots", default=None, help="write gains and decile PNGs into this directory")
+    p.add_argument("--no-bgnbd", action="store_true", help="skip the pymc-marketing baseline")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="batch-score every customer of a file with an ONNX model")
+    _file_args(p)
+    p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
+    p.add_argument("--as-of", type=_date, default=None, help="score as of the end of this day (default: newest event)")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (loopback, in memory)")
+    p.add_argument("--port", type=_positive_int, default=9092, help="port (default 9092)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("worker", help="run the streaming CLV worker (faust)")
+    _kafka_args(p)
+    p.add_argument("--model", default=None, help="model artifact directory (default: shipped model)")
+    p.add_argument("--store", default=None, help="table store: memory:// or rocksdb://")
+    p.add_argument("--web-port", type=_positive_int, default=None, help="HTTP port (default 6066)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
+    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 50)")
+    p.add_argument("--data-dir", default=None, help="state directory (default var/worker)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("replay", help="publish a transaction file as invoice events, in time order")
+    _file_args(p)
+    _kafka_args(p)
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("config", help="print resolved settings with their environment variables")
     p.set_defaults(func=cmd_config)
     return parser
@@ -110,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         return args.func(args)
-    except (UsageError, LoadError, SettingsError) as exc:
+    except (UsageError, LoadError, SettingsError, ArtifactError) as exc:
         print(f"clv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

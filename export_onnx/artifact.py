@@ -1,0 +1,86 @@
+"""The model artifact a worker loads: ONNX graph + metadata. onnxruntime only, never torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export_onnx import ArtifactError
+from features.scaling import Scaler
+from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
+
+MODEL_FILE = "model.onnx"
+META_FILE = "metadata.json"
+
+
+def shipped_model_dir() -> Path:
+    """The CDNOW-trained model that ships with the package (see README for how it is made)."""
+    return Path(str(resources.files("export_onnx").joinpath("shipped")))
+
+
+def fingerprint(events: list[Any]) -> str:
+    """Hash of the training transactions, so an artifact names the data it came from."""
+    h = hashlib.sha256()
+    for ev in events:
+        h.update(ev.to_json())
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    path: Path
+    meta: dict[str, Any]
+    session: ort.InferenceSession
+    scaler: Scaler
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def window(self) -> int:
+        return int(self.meta["window"])
+
+    @property
+    def horizon_months(self) -> int:
+        return int(self.meta["horizon_months"])
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, threads: int = 2) -> "Artifact":
+        path = Path(path) if path else shipped_model_dir()
+        meta_path, model_path = path / META_FILE, path / MODEL_FILE
+        if not meta_path.is_file() or not model_path.is_file():
+            raise ArtifactError(f"{path}: not a model directory (needs {MODEL_FILE} and {META_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if tuple(meta["seq_features"]) != SEQ_FEATURES or tuple(meta["static_features"]) != STATIC_FEATURES:
+            raise ArtifactError(
+                f"{path}: model {meta.get('version')} was trained on other features than this "
+                "release builds; retrain it with `clv train`"
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        return cls(path, meta, session, Scaler.from_dict(meta["scaler"]))
+
+    def predict(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        """(clv dollars, p_purchase) per customer, from unscaled inputs."""
+        n = inputs.seq.shape[0]
+        if n == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        scaled = self.scaler.transform(inputs)
+        h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
+        clv, p = self.session.run(["clv", "p_purchase"],
+                                  {"seq": scaled.seq, "static": scaled.static, "h0": h0})
+        return clv * self.calibration, p
+
+    @property
+    def calibration(self) -> float:
+        return float(self.meta["training"].get("calibration", 1.0))

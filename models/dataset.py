@@ -1,0 +1,142 @@
+"""Training examples from rolling origins before a cutoff, and the inputs at the cutoff.
+
+Every origin is a month end whose whole horizon ends by the cutoff, so no label and no feature
+reads a row after it. Only events up to the cutoff are ever passed in (`history_until`).
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from features.aggregate import contribution, month_of
+from features.batch import end_of, snapshots
+from features.contract import TransactionEvent
+from features.sequences import STATIC_FEATURES, Inputs, build_inputs, rfm
+
+
+def month_end(month: int) -> datetime:
+    year, mon = divmod(month, 12)
+    day = calendar.monthrange(year, mon + 1)[1]
+    return end_of(datetime(year, mon + 1, day, 23, 59, 59, 999999, tzinfo=timezone.utc))
+
+
+class NotEnoughHistory(ValueError):
+    """The file has too little data around the cutoff for the split asked for."""
+
+
+def history_until(events: list[TransactionEvent], cutoff: datetime) -> list[TransactionEvent]:
+    """The leakage guard: everything downstream of training sees only these events."""
+    return [ev for ev in events if ev.ts <= cutoff]
+
+
+@dataclass
+class Examples:
+    customer_ids: list[str]
+    origin: np.ndarray  # origin month of each example
+    inputs: Inputs
+    y: np.ndarray  # dollars spent in the horizon after the origin (floored at 0)
+    rfm: np.ndarray  # recency_days, frequency, monetary, tenure_days, total_spend
+
+
+def _concat(parts: list[Examples]) -> Examples:
+    return Examples(
+        [c for p in parts for c in p.customer_ids],
+        np.concatenate([p.origin for p in parts]),
+        Inputs(np.concatenate([p.inputs.seq for p in parts]),
+               np.concatenate([p.inputs.static for p in parts])),
+        np.concatenate([p.y for p in parts]),
+        np.concatenate([p.rfm for p in parts]),
+    )
+
+
+def _monthly_spend(events: list[TransactionEvent]) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for ev in events:
+        c = contribution(ev)
+        key = (ev.customer_id, c.month)
+        out[key] = out.get(key, 0) + c.spend_cents
+    return out
+
+
+def _labels(spend: dict[tuple[str, int], int], ids: list[str], origin: int, horizon: int) -> np.ndarray:
+    cents = np.array([sum(spend.get((cid, origin + k), 0) for k in range(1, horizon + 1)) for cid in ids])
+    return np.maximum(cents, 0) / 100.0
+
+
+@dataclass
+class Split:
+    train: Examples  # labels that end before the cutoff month
+    valid: Examples  # labels that end with the cutoff month, which no training label reaches
+    scoring: Examples  # every customer at the cutoff; y is the actual horizon spend if known
+
+
+def rolling_split(
+    events: list[TransactionEvent], cutoff: datetime, horizon: int, window: int,
+    max_origins: int = 24, actual_events: list[TransactionEvent] | None = None,
+) -> Split:
+    """Examples from every month end before the cutoff, each labelled with the spend of the
+    next min(horizon, months left before the cutoff) months; that length is an input feature.
+
+    Recent origins with short labels show the model customers as old as the ones it will score,
+    which a full-horizon-only design would never show it. `events` must end at the cutoff;
+    `actual_events` (after it) only label the scoring set.
+    """
+    if any(ev.ts > cutoff for ev in events):
+        raise ValueError("training events must not extend past the cutoff")
+    if not events:
+        raise NotEnoughHistory("no transactions before the cutoff")
+    last = month_of(cutoff)
+    first_origin = max(month_of(events[0].ts), last - max_origins)
+    if last - first_origin < 3:
+        raise NotEnoughHistory("need at least three months of transactions before the cutoff")
+    spend = _monthly_spend(events)
+    origins = [month_end(m) for m in range(first_origin, last)]
+    train: list[Examples] = []
+    valid: list[Examples] = []
+    scoring: Examples | None = None
+    for snap in snapshots(events, [*origins, cutoff], window):
+        ids = list(snap.states)
+        states = list(snap.states.values())
+        as_of = int(snap.cutoff.timestamp())
+        r = np.array([list(vars(rfm(s, as_of)).values()) for s in states], dtype=np.float64)
+        if snap.month == last:
+            y = (_labels(_monthly_spend(actual_events), ids, last, horizon)
+                 if actual_events else np.full(len(ids), np.nan))
+            scoring = Examples(ids, np.full(len(ids), last), build_inputs(states, last, window, horizon), y, r)
+            continue
+        origin = np.full(len(ids), snap.month)
+        k_train = min(horizon, last - 1 - snap.month)  # label ends before the cutoff month
+        if k_train >= 1:
+            train.append(Examples(ids, origin, build_inputs(states, snap.month, window, k_train),
+                                  _labels(spend, ids, snap.month, k_train), r))
+        k_valid = last - snap.month  # label ends with the cutoff month
+        if k_valid <= horizon:
+            valid.append(Examples(ids, origin, build_inputs(states, snap.month, window, k_valid),
+                                  _labels(spend, ids, snap.month, k_valid), r))
+    if scoring is None or not train or not valid:
+        raise NotEnoughHistory("not enough history before the cutoff for training and validation")
+    return Split(_concat(train), _concat(valid), scoring)
+
+
+RFM_FEATURES = ("log_recency_days", "frequency", "log_monetary", "log_tenure_days", "log_total_spend",
+                "active_3m", "active_6m", "active_12m", "log_spend_3m", "log_spend_12m",
+                "horizon_months")
+
+
+def rfm_features(ex: Examples) -> np.ndarray:
+    """Aggregated, non-sequential features for the FFNN and the gradient-boosted trees."""
+    r = ex.rfm
+    seq = ex.inputs.seq
+    active = seq[..., 3]
+    spend = np.expm1(np.abs(seq[..., 0])) * np.sign(seq[..., 0])
+    return np.column_stack([
+        np.log1p(r[:, 0]), r[:, 1], np.sign(r[:, 2]) * np.log1p(np.abs(r[:, 2])), np.log1p(r[:, 3]),
+        np.sign(r[:, 4]) * np.log1p(np.abs(r[:, 4])),
+        active[:, -3:].sum(1), active[:, -6:].sum(1), active[:, -12:].sum(1),
+        np.log1p(np.maximum(spend[:, -3:].sum(1), 0)), np.log1p(np.maximum(spend[:, -12:].sum(1), 0)),
+        ex.inputs.static[:, STATIC_FEATURES.index("horizon_months")],
+    ]).astype(np.float32)

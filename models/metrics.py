@@ -1,0 +1,41 @@
+"""The evaluation metrics of the protocol in DESIGN.md, one function each."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+
+def _gini(actual: np.ndarray, order_by: np.ndarray) -> float:
+    """Area between the Lorenz curve of `actual` ranked by `order_by` (descending) and the diagonal."""
+    order = np.argsort(-order_by, kind="stable")
+    cum = np.cumsum(actual[order]) / actual.sum()
+    n = len(actual)
+    return float(cum.sum() / n - (n + 1) / (2 * n))
+
+
+def normalized_gini(actual: np.ndarray, pred: np.ndarray) -> float:
+    return _gini(actual, pred) / _gini(actual, actual)
+
+
+def top_share(actual: np.ndarray, pred: np.ndarray, fraction: float = 0.1) -> float:
+    k = max(1, int(round(len(actual) * fraction)))
+    top = np.argsort(-pred, kind="stable")[:k]
+    return float(actual[top].sum() / actual.sum())
+
+
+def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) -> dict[str, float | None]:
+    err = pred - actual
+    auc = None
+    if p_purchase is not None and 0 < (actual > 0).sum() < len(actual):
+        auc = float(roc_auc_score(actual > 0, p_purchase))
+    return {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "spearman": float(spearmanr(actual, pred).statistic),
+        "norm_gini": normalized_gini(actual, pred),
+        "top10_share": top_share(actual, pred),
+        "total_bias": float(pred.sum() / actual.sum() - 1),
+        "auc": auc,
+    }

@@ -1,0 +1,56 @@
+"""The sequence model (GRU over monthly steps) and the non-sequential comparison (FFNN)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models import ziln
+
+
+class GRUModel(nn.Module):
+    """GRU over the monthly window; its last state and the static features feed a ZILN head.
+
+    `forward` returns (clv, p_purchase): the exported graph serves exactly what the worker needs.
+    The initial hidden state is an input so its batch axis is dynamic in ONNX too.
+    """
+
+    def __init__(self, n_seq: int, n_static: int, hidden: int = 48, layers: int = 2,
+                 dropout: float = 0.1, max_log: float = ziln.MAX_LOG) -> None:
+        super().__init__()
+        self.hidden, self.layers = hidden, layers
+        self.register_buffer("max_log", torch.tensor(max_log))
+        self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True,
+                          dropout=dropout if layers > 1 else 0.0)
+        self.head = nn.Sequential(
+            nn.Linear(hidden + n_static, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 3)
+        )
+
+    def raw(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(seq, h0)
+        return self.head(torch.cat([h[-1], static], dim=-1))
+
+    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor):
+        return ziln.predict(self.raw(seq, static, h0), self.max_log)
+
+    def h0(self, batch: int) -> torch.Tensor:
+        return torch.zeros(self.layers, batch, self.hidden)
+
+
+class FFNNModel(nn.Module):
+    """A feed-forward network on aggregated RFM-style features, with the same ZILN head."""
+
+    def __init__(self, n_features: int, hidden: int = 64, dropout: float = 0.1,
+                 max_log: float = ziln.MAX_LOG) -> None:
+        super().__init__()
+        self.register_buffer("max_log", torch.tensor(max_log))
+        self.net = nn.Sequential(
+            nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3),
+        )
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor):
+        return ziln.predict(self.raw(x), self.max_log)

@@ -1,0 +1,70 @@
+"""Counters and histograms rendered in the Prometheus text format (no client library needed)."""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+
+class Histogram:
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.buckets = name, doc, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, n in zip(self.buckets, self.counts):
+            cumulative += n
+            out.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
+        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        out += [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    """What an operator watches: intake, dead letters by reason, rescoring, freshness, lag."""
+
+    def __init__(self) -> None:
+        self.events_in = 0
+        self.events_applied = 0
+        self.events_skipped: dict[str, int] = defaultdict(int)
+        self.dlq: dict[str, int] = defaultdict(int)
+        self.rescored = 0
+        self.lag: dict[int, int] = {}
+        self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
+                                    (1, 8, 32, 128, 512, 1024, 2048, 4096))
+        self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds per micro-batch (score+publish)",
+                                       (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.freshness = Histogram("clv_event_to_publish_seconds",
+                                   "seconds from receiving an event to publishing its customer's score",
+                                   (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+
+    def render(self) -> str:
+        out = [
+            "# HELP clv_events_in_total transaction messages received",
+            "# TYPE clv_events_in_total counter", f"clv_events_in_total {self.events_in}",
+            "# HELP clv_events_applied_total events folded into customer state",
+            "# TYPE clv_events_applied_total counter", f"clv_events_applied_total {self.events_applied}",
+            "# HELP clv_events_skipped_total events already applied (redelivered or re-published)",
+            "# TYPE clv_events_skipped_total counter",
+        ]
+        out += [f'clv_events_skipped_total{{reason="{r}"}} {n}' for r, n in sorted(self.events_skipped.items())]
+        out += ["# HELP clv_dlq_total events sent to the dead-letter topic",
+                "# TYPE clv_dlq_total counter"]
+        out += [f'clv_dlq_total{{reason="{r}"}} {n}' for r, n in sorted(self.dlq.items())]
+        out += ["# HELP clv_rescored_customers_total customer scores published",
+                "# TYPE clv_rescored_customers_total counter", f"clv_rescored_customers_total {self.rescored}",
+                "# HELP clv_consumer_lag messages behind the end of each transactions partition",
+                "# TYPE clv_consumer_lag gauge"]
+        out += [f'clv_consumer_lag{{partition="{p}"}} {n}' for p, n in sorted(self.lag.items())]
+        for h in (self.batch_size, self.batch_latency, self.freshness):
+            out += h.render()
+        return "\n".join(out) + "\n"

@@ -1,0 +1,340 @@
+"""The faust worker: validate, fold into per-customer state, rescore in micro-batches, publish.
+
+Exactness: every customer state lives in a changelog-backed table co-partitioned with
+`transactions` and remembers the highest offset (and, for the window's months, the event ids) it
+has applied, so a redelivered event changes nothing. Events are acknowledged only after the
+scores of the customers they touched have been handed to the producer, and faust flushes the
+producer before it commits offsets: a crash before that point redelivers the events, which mark
+their customers dirty again (even when already applied), so no score is lost either.
+
+Time: each partition keeps an event-time clock (its newest event). Scores are as of that clock.
+When it enters a new month every customer of the partition is rescored, in batches, between
+events. On (re)assignment a partition's clock is rebuilt from its states and all its customers
+are rescored once, which also republishes them under the model the worker now runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any
+
+import faust
+from faust.serializers import codecs
+
+from export_onnx.artifact import Artifact
+from features.aggregate import Applied, CustomerState, Folder, contribution, month_of
+from features.contract import Invalid, Reason, TransactionEvent, validate
+from state.segments import segment
+from stream.metrics import Metrics
+from stream.scoring import score_states
+from stream.settings import Settings
+
+log = logging.getLogger("clv.worker")
+SCORE_SCHEMA_VERSION = 1
+
+
+class StateCodec(codecs.Codec):
+    """Customer states travel through the changelog as compact JSON."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        return json.dumps(obj.to_dict(), separators=(",", ":")).encode()
+
+    def _loads(self, s: bytes) -> Any:
+        return CustomerState.from_dict(json.loads(s))
+
+
+codecs.register("clv_state", StateCodec())
+
+
+def _credentials(settings: Settings) -> Any:
+    if settings.sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.sasl_username, password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=settings.kafka_client_options().get("ssl_context"),
+        )
+    if settings.security_protocol == "SSL":
+        return faust.SSLCredentials(settings.kafka_client_options()["ssl_context"])
+    return None
+
+
+class Rescorer:
+    """Dirty customers per partition, flushed at `batch_size` customers or `batch_wait_ms`."""
+
+    def __init__(self, app: faust.App, settings: Settings, artifact: Artifact, table: Any,
+                 metrics: Metrics) -> None:
+        self.app, self.settings, self.artifact, self.table = app, settings, artifact, table
+        self.metrics = metrics
+        self.folders: dict[int, Folder] = {}
+        self.clock_ts: dict[int, int] = {}
+        self.members: dict[int, set[str]] = {}
+        self.dirty: dict[int, dict[str, float]] = {}  # partition -> customer -> first dirty time
+        self.backlog: dict[int, deque[str]] = {}  # month-turn / assignment rescoring, in chunks
+        self.pending_acks: list[Any] = []
+        self.position: dict[int, int] = {}  # next offset to process, per partition (for lag)
+        self.oldest_dirty: float | None = None
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.lock = asyncio.Lock()
+        self.stream: Any = None
+
+    # -- partitions -----------------------------------------------------------------------
+    def folder(self, partition: int) -> Folder:
+        """The partition's folder, rebuilt from its states the first time it is seen."""
+        folder = self.folders.get(partition)
+        if folder is None:
+            members = {cid for cid, s in self.table.items() if s.partition == partition}
+            newest = max((self.table[c].newest_ts or 0 for c in members), default=0)
+            self.members[partition] = members
+            self.clock_ts[partition] = newest
+            clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
+            folder = self.folders[partition] = Folder(self.artifact.window, self.table, clock)
+            if members:
+                log.info("partition %d: %d customers recovered, clock %s; rescoring all",
+                         partition, len(members), self._as_of(partition).isoformat())
+                self.backlog.setdefault(partition, deque()).extend(sorted(members))
+        return folder
+
+    def forget(self, partitions: set[int]) -> None:
+        """Revoked partitions: their unacked events go to the new owner, which rescores them."""
+        for p in partitions:
+            for d in (self.folders, self.clock_ts, self.members, self.dirty, self.backlog):
+                d.pop(p, None)
+
+    def _as_of(self, partition: int) -> datetime:
+        return datetime.fromtimestamp(self.clock_ts.get(partition, 0), timezone.utc)
+
+    # -- intake -----------------------------------------------------------------------------
+    def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
+        folder = self.folder(partition)
+        before = folder.clock
+        outcome = folder.add(event.customer_id, contribution(event), partition, offset)
+        if outcome == Applied.TOO_LATE:
+            return outcome
+        ts = int(event.ts.timestamp())
+        if ts > self.clock_ts.get(partition, 0):
+            self.clock_ts[partition] = ts
+        self.members.setdefault(partition, set()).add(event.customer_id)
+        if before is not None and folder.clock is not None and folder.clock > before:
+            log.info("partition %d entered %s: rescoring its %d customers", partition,
+                     self._as_of(partition).strftime("%Y-%m"), len(self.members[partition]))
+            self.backlog.setdefault(partition, deque()).extend(sorted(self.members[partition]))
+        # Applied or not (a redelivered event), its customer's score may not be out yet.
+        self.mark(partition, event.customer_id)
+        return outcome
+
+    def mark(self, partition: int, customer_id: str) -> None:
+        now = time.monotonic()
+        self.dirty.setdefault(partition, {}).setdefault(customer_id, now)
+        if self.oldest_dirty is None:
+            self.oldest_dirty = now
+
+    def dirty_count(self) -> int:
+        return sum(len(d) for d in self.dirty.values())
+
+    def due(self) -> bool:
+        if self.dirty_count() >= self.settings.batch_size:
+            return True
+        return (self.oldest_dirty is not None and
+                (time.monotonic() - self.oldest_dirty) * 1000 >= self.settings.batch_wait_ms)
+
+    # -- scoring ----------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Score and publish every dirty customer, then acknowledge the events behind them."""
+        async with self.lock:
+            dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
+            acks, self.pending_acks = self.pending_acks, []
+            for partition, customers in dirty.items():
+                if partition in self.folders:
+                    await self._publish(partition, customers)
+            for event in acks:
+                await self.stream.ack(event)
+
+    async def drain_backlog(self) -> None:
+        """One chunk of month-turn/assignment rescoring per call, so intake keeps going."""
+        for partition, queue in list(self.backlog.items()):
+            if not queue:
+                self.backlog.pop(partition, None)
+                continue
+            chunk = [queue.popleft() for _ in range(min(self.settings.batch_size, len(queue)))]
+            async with self.lock:
+                if partition in self.folders:
+                    await self._publish(partition, {c: None for c in chunk})
+            return
+
+    async def _publish(self, partition: int, customers: dict[str, float | None]) -> None:
+        started = time.perf_counter()
+        ids = list(customers)
+        states = [self.table[c] for c in ids]
+        as_of = self._as_of(partition)
+        scores = score_states(self.artifact, states, as_of)
+        scored_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        quantiles = self.artifact.meta["clv_quantiles"]
+        now = time.monotonic()
+        for score, cid in zip(scores, ids):
+            msg = {
+                "schema_version": SCORE_SCHEMA_VERSION,
+                **score.as_dict(),
+                "segment": segment(score.clv, score.p_purchase, score.frequency, score.recency_days,
+                                   score.tenure_days, quantiles),
+                "horizon_months": self.artifact.horizon_months,
+                "model_version": self.artifact.version,
+                "as_of": as_of.isoformat(),
+                "scored_at": scored_at,
+            }
+            self.latest[cid] = msg
+            await self.app.producer.send(
+                self.settings.scores_topic, cid.encode(), json.dumps(msg).encode(), None, None, None
+            )
+            since = customers[cid]
+            if since is not None:
+                self.metrics.freshness.observe(now - since)
+        self.metrics.rescored += len(ids)
+        self.metrics.batch_size.observe(len(ids))
+        self.metrics.batch_latency.observe(time.perf_counter() - started)
+
+
+def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App:
+    """The faust app with its topics, table, agent, timer and web views."""
+    artifact = artifact or Artifact.load(settings.model_dir or None)
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{h.strip()}" for h in settings.bootstrap_servers.split(",")],
+        broker_credentials=_credentials(settings),
+        store=settings.store,
+        datadir=settings.data_dir,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        # Unacknowledged events are redelivered after a restart, so shutdown need not wait.
+        stream_wait_empty=False,
+    )
+    transactions = app.topic(settings.transactions_topic, key_type=bytes, value_type=bytes,
+                             key_serializer="raw", value_serializer="raw",
+                             partitions=settings.partitions)
+    app.topic(settings.scores_topic, key_serializer="raw", value_serializer="raw",
+              partitions=settings.partitions, compacting=True)
+    app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw",
+              partitions=settings.partitions)
+    changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="json",
+                          value_serializer="clv_state", partitions=settings.partitions,
+                          compacting=True)
+    table = app.Table("customer-state", default=None, partitions=settings.partitions,
+                      changelog_topic=changelog)
+    table.value_serializer = "clv_state"  # faust takes serializers from model types only
+    metrics = Metrics()
+    rescorer = Rescorer(app, settings, artifact, table, metrics)
+    app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
+    ready = asyncio.Event()
+
+    async def dead_letter(raw: bytes, key: bytes | None, reason: str, detail: str,
+                          partition: int, offset: int) -> None:
+        metrics.dlq[reason] += 1
+        headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
+                   ("source_partition", str(partition).encode()),
+                   ("source_offset", str(offset).encode()),
+                   ("source_topic", settings.transactions_topic.encode())]
+        await app.producer.send(settings.dlq_topic, key, raw, None, None, headers)
+        log.warning("dead letter %s at %s[%d]@%d: %s", reason, settings.transactions_topic,
+                    partition, offset, detail)
+
+    @app.agent(transactions)
+    async def process(stream: Any) -> None:
+        stream = stream.noack()
+        rescorer.stream = stream
+        async for event in stream.events():
+            ready.set()
+            msg = event.message
+            metrics.events_in += 1
+            rescorer.position[msg.partition] = msg.offset + 1
+            raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
+            parsed = validate(raw)
+            if not isinstance(parsed, Invalid) and msg.key is not None and msg.key.decode(
+                    "utf-8", "replace") != parsed.customer_id:
+                parsed = Invalid(Reason.KEY_MISMATCH,
+                                 f"message key {msg.key[:40]!r} is not customer_id {parsed.customer_id!r}")
+            if isinstance(parsed, Invalid):
+                await dead_letter(raw, msg.key, parsed.reason, parsed.detail, msg.partition, msg.offset)
+                rescorer.pending_acks.append(event)
+            else:
+                outcome = rescorer.apply(parsed, msg.partition, msg.offset)
+                if outcome == Applied.TOO_LATE:
+                    await dead_letter(raw, msg.key, Reason.TOO_LATE,
+                                      "older than the state window of its customer's partition",
+                                      msg.partition, msg.offset)
+                elif outcome == Applied.APPLIED:
+                    metrics.events_applied += 1
+                else:
+                    metrics.events_skipped[outcome] += 1
+                rescorer.pending_acks.append(event)
+            if rescorer.due():
+                await rescorer.flush()
+
+    @app.timer(interval=max(settings.batch_wait_ms / 1000.0 / 2, 0.005))
+    async def tick() -> None:
+        if rescorer.due() or (rescorer.pending_acks and not rescorer.dirty_count()):
+            await rescorer.flush()
+        await rescorer.drain_backlog()
+        for tp in app.consumer.assignment():
+            if tp.topic == settings.transactions_topic:
+                high = app.consumer.highwater(tp)
+                if high is not None:
+                    metrics.lag[tp.partition] = max(0, high - rescorer.position.get(tp.partition, 0))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
+        await rescorer.flush()
+        rescorer.forget({tp.partition for tp in revoked if tp.topic == settings.transactions_topic})
+
+    @app.on_rebalance_complete.connect
+    async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
+        ready.set()
+
+    @app.page("/health")
+    async def health(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok", "model_version": artifact.version})
+
+    @app.page("/ready")
+    async def is_ready(web: Any, request: Any) -> Any:
+        recovered = app.tables.recovery.completed.is_set() and not app.rebalancing
+        status = 200 if recovered and ready.is_set() else 503
+        return web.json({"ready": status == 200}, status=status)
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/customers/{customer_id}")
+    async def customer(web: Any, request: Any, customer_id: str) -> Any:
+        state = table.get(customer_id)
+        if state is None:
+            return web.json({"error": f"customer {customer_id} not on this worker"}, status=404)
+        spend, units, invoices = state.totals()
+        return web.json({
+            "customer_id": customer_id,
+            "aggregates": {
+                "months": {str(m): {"spend": a.spend_cents / 100, "units": a.units,
+                                    "invoices": a.n_invoices} for m, a in sorted(state.months.items())},
+                "lifetime_spend": spend / 100, "lifetime_units": units, "lifetime_invoices": invoices,
+                "partition": state.partition, "offset": state.offset,
+            },
+            "score": rescorer.latest.get(customer_id),
+        })
+
+    @app.service
+    class FlushOnStop(faust.Service):  # type: ignore[misc]
+        async def on_stop(self) -> None:
+            log.info("stopping: flushing %d dirty customers", rescorer.dirty_count())
+            if rescorer.stream is not None:
+                await rescorer.flush()
+
+    return app
