@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test install install-dev
+.PHONY: demo test install install-dev model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Rebuild the model that ships in export_onnx/shipped (CDNOW, all data, 6-month horizon).
+model: install-dev
+	$(BIN)/clv train $$($(BIN)/python -c 'from features.loaders import vendored_cdnow; print(vendored_cdnow())') \
+		--cutoff 1998-06-30 --horizon-months 6 --out export_onnx/shipped

@@ -12,7 +12,7 @@ import torch
 
 from export_onnx.artifact import META_FILE, MODEL_FILE, Artifact
 from features.sequences import Inputs
-from models.networks import GRUModel
+from models.networks import GRUEnsemble
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4  # relative, on clv and p_purchase
@@ -22,7 +22,7 @@ class ParityError(RuntimeError):
     pass
 
 
-def export(model: GRUModel, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
+def export(model: GRUEnsemble, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
     """Write model.onnx + metadata.json; refuse (ParityError) if onnxruntime disagrees with torch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -45,7 +45,7 @@ def export(model: GRUModel, out_dir: Path, meta: dict[str, Any], check: list[Inp
     return parity
 
 
-def parity_check(model: GRUModel, artifact: Artifact, batches: list[Inputs]) -> dict[str, float]:
+def parity_check(model: GRUEnsemble, artifact: Artifact, batches: list[Inputs]) -> dict[str, float]:
     """Max abs/relative difference of onnxruntime vs torch on the given (unscaled) batches."""
     worst_abs = worst_rel = 0.0
     for inputs in batches:

@@ -44,25 +44,34 @@ def build_inputs(
     from recent origins)."""
     n = len(states)
     start = as_of_month - window + 1
-    spend = np.zeros((n, window))
-    invoices = np.zeros((n, window))
-    units = np.zeros((n, window))
-    past = np.zeros((n, 4))  # spend cents, units, invoices, active months before the window
-    first = np.full(n, as_of_month, dtype=np.int64)
-    last = np.full(n, as_of_month, dtype=np.int64)
+    past_rows = np.empty((n, 4))  # spend cents, units, invoices, active months before the window
+    first = np.empty(n, dtype=np.int64)
+    last = np.empty(n, dtype=np.int64)
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[tuple[int, int, int]] = []
     for i, s in enumerate(states):
-        past[i] = (s.past_spend_cents, s.past_units, s.past_invoices, s.past_active_months)
-        if s.months and max(s.months) > as_of_month:
-            raise ValueError(f"customer {s.customer_id} has events after the as-of month")
+        past = [s.past_spend_cents, s.past_units, s.past_invoices, s.past_active_months]
         for m, agg in s.months.items():
+            if m > as_of_month:
+                raise ValueError(f"customer {s.customer_id} has events after the as-of month")
             if m < start:
-                past[i] += (agg.spend_cents, agg.units, agg.n_invoices, agg.n_invoices > 0)
+                past[0] += agg.spend_cents
+                past[1] += agg.units
+                past[2] += agg.n_invoices
+                past[3] += agg.n_invoices > 0
             else:
-                t = m - start
-                spend[i, t], units[i, t], invoices[i, t] = agg.spend_cents, agg.units, agg.n_invoices
-        if s.first_month is not None:
-            first[i] = s.first_month
+                rows.append(i)
+                cols.append(m - start)
+                values.append((agg.spend_cents, agg.units, agg.n_invoices))
+        past_rows[i] = past
+        first[i] = as_of_month if s.first_month is None else s.first_month
         last[i] = first[i] if s.last_purchase_month is None else s.last_purchase_month
+    cells = np.zeros((n, window, 3))
+    if values:
+        cells[rows, cols] = values
+    spend, units, invoices = cells[..., 0], cells[..., 1], cells[..., 2]
+    past = past_rows
 
     months = start + np.arange(window)
     moy = 2 * np.pi * (months % 12) / 12

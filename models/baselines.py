@@ -12,6 +12,7 @@ import pandas as pd
 from features.aggregate import contribution
 from features.contract import TransactionEvent
 from models.dataset import Examples, rfm_features
+from models.metrics import calibration
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ def bgnbd_gamma_gamma(
     return purchases * spend, 1 - p_none
 
 
-def gradient_boosted(train: Examples, scoring: Examples, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's histogram GBT on RFM features: Poisson loss for spend, a classifier for p."""
+def gradient_boosted(train: Examples, valid: Examples, scoring: Examples,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's histogram GBT on RFM features: Poisson loss for spend, a classifier for p;
+    calibrated on the validation period like the networks, so the comparison is fair."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
     x, xs = rfm_features(train), rfm_features(scoring)
@@ -70,6 +73,7 @@ def gradient_boosted(train: Examples, scoring: Examples, seed: int) -> tuple[np.
     clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, early_stopping=True,
                                          random_state=seed)
     clf.fit(x, train.y > 0)
-    return reg.predict(xs), clf.predict_proba(xs)[:, 1]
+    factor = calibration(valid.y, reg.predict(rfm_features(valid)))
+    return reg.predict(xs) * factor, clf.predict_proba(xs)[:, 1]
 
 

@@ -69,7 +69,7 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     preds["naive"] = baselines.naive(split.scoring, days)
     if with_bgnbd:
         preds["bgnbd_gg"] = baselines.bgnbd_gamma_gamma(events, split.scoring, cut, days)
-    preds["gbt"] = baselines.gradient_boosted(split.train, split.scoring, cfg.seed)
+    preds["gbt"] = baselines.gradient_boosted(split.train, split.valid, split.scoring, cfg.seed)
     return Run(
         customers=len(actual),
         models={name: report(actual, clv, p) for name, (clv, p) in preds.items()},

@@ -37,6 +37,22 @@ class GRUModel(nn.Module):
         return torch.zeros(self.layers, batch, self.hidden)
 
 
+class GRUEnsemble(nn.Module):
+    """The mean of several GRUs trained from different seeds: one ONNX graph, steadier scores."""
+
+    def __init__(self, members: list[GRUModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.hidden, self.layers = members[0].hidden, members[0].layers
+
+    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor):
+        outs = [m(seq, static, h0) for m in self.members]
+        return (torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0))
+
+    def h0(self, batch: int) -> torch.Tensor:
+        return self.members[0].h0(batch)
+
+
 class FFNNModel(nn.Module):
     """A feed-forward network on aggregated RFM-style features, with the same ZILN head."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
 from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models.dataset import Split, rfm_features
-from models.networks import FFNNModel, GRUModel
+from models.metrics import calibration
+from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -31,33 +32,33 @@ def _ffnn_raw(model: FFNNModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor
     return model.raw(batch[0])
 
 
-def calibration(y_valid: np.ndarray, pred_valid: np.ndarray) -> float:
-    """One factor that makes the validation period's total come out right: the labels of the
-    newest period carry the level the customer base spends at now."""
-    return float(y_valid.sum() / max(float(pred_valid.sum()), 1e-9))
-
-
 def max_log(split: Split) -> float:
     """Cap for the conditional spend: e times the largest horizon spend seen in training."""
     return float(np.log(max(split.train.y.max(), 1.0)) + 1.0)
 
 
-def train_gru(split: Split, cfg: TrainConfig, calendar: bool) -> tuple[GRUModel, Scaler, dict[str, Any]]:
+def train_gru(split: Split, cfg: TrainConfig, calendar: bool) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
     """`calendar=False` masks the month-of-year features: with under two years of history each
     calendar month is seen once, so they would only alias with customer age."""
     scaler = Scaler.fit(split.train.inputs, SEQ_FEATURES, STATIC_FEATURES,
                         set() if calendar else CALENDAR)
     tr, va = scaler.transform(split.train.inputs), scaler.transform(split.valid.inputs)
-    torch.manual_seed(cfg.seed)
-    model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), max_log=max_log(split))
-    model, info = fit(model, _gru_raw, (tr.seq, tr.static), split.train.y,
-                      (va.seq, va.static), split.valid.y, cfg, name="gru")
-    v_clv, _ = predict_gru(model, scaler, split.valid.inputs)
-    return model, scaler, {**info, "calibration": calibration(split.valid.y, v_clv),
-                           "calendar_features": calendar}
+    members, runs = [], []
+    for k in range(cfg.ensemble):
+        member_cfg = replace(cfg, seed=cfg.seed + k)
+        torch.manual_seed(member_cfg.seed)
+        model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), max_log=max_log(split))
+        model, info = fit(model, _gru_raw, (tr.seq, tr.static), split.train.y,
+                          (va.seq, va.static), split.valid.y, member_cfg, name=f"gru[{k}]")
+        members.append(model)
+        runs.append(info)
+    ensemble = GRUEnsemble(members).eval()
+    v_clv, _ = predict_gru(ensemble, scaler, split.valid.inputs)
+    return ensemble, scaler, {"members": runs, "calibration": calibration(split.valid.y, v_clv),
+                              "calendar_features": calendar}
 
 
-def predict_gru(model: GRUModel, scaler: Scaler, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
     s = scaler.transform(inputs)
     with torch.no_grad():
         clv, p = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)))
@@ -79,7 +80,7 @@ def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def export_artifact(
-    model: GRUModel, scaler: Scaler, split: Split, events: list[Any], cutoff: datetime,
+    model: GRUEnsemble, scaler: Scaler, split: Split, events: list[Any], cutoff: datetime,
     horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
 ) -> dict[str, Any]:
     fp = fingerprint(events)

@@ -39,6 +39,8 @@ class Metrics:
         self.dlq: dict[str, int] = defaultdict(int)
         self.rescored = 0
         self.lag: dict[int, int] = {}
+        self.dirty = 0  # customers waiting to be rescored (event-driven)
+        self.backlog = 0  # customers waiting for a month-turn/assignment rescore
         self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
                                     (1, 8, 32, 128, 512, 1024, 2048, 4096))
         self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds per micro-batch (score+publish)",
@@ -62,6 +64,10 @@ class Metrics:
         out += [f'clv_dlq_total{{reason="{r}"}} {n}' for r, n in sorted(self.dlq.items())]
         out += ["# HELP clv_rescored_customers_total customer scores published",
                 "# TYPE clv_rescored_customers_total counter", f"clv_rescored_customers_total {self.rescored}",
+                "# HELP clv_dirty_customers customers waiting for an event-driven rescore",
+                "# TYPE clv_dirty_customers gauge", f"clv_dirty_customers {self.dirty}",
+                "# HELP clv_backlog_customers customers waiting for a month-turn or recovery rescore",
+                "# TYPE clv_backlog_customers gauge", f"clv_backlog_customers {self.backlog}",
                 "# HELP clv_consumer_lag messages behind the end of each transactions partition",
                 "# TYPE clv_consumer_lag gauge"]
         out += [f'clv_consumer_lag{{partition="{p}"}} {n}' for p, n in sorted(self.lag.items())]

@@ -36,6 +36,6 @@ def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: dat
     out = []
     for s, c, pp in zip(states, clv.tolist(), p.tolist()):
         r = rfm(s, as_of_ts)
-        out.append(Score(s.customer_id, round(c, 4), round(pp, 6), r.recency_days, r.frequency,
+        out.append(Score(s.customer_id, c, pp, r.recency_days, r.frequency,
                          r.monetary, r.tenure_days, r.total_spend))
     return out

@@ -284,11 +284,17 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         if rescorer.due() or (rescorer.pending_acks and not rescorer.dirty_count()):
             await rescorer.flush()
         await rescorer.drain_backlog()
+        metrics.dirty = rescorer.dirty_count()
+        metrics.backlog = sum(len(q) for q in rescorer.backlog.values())
+        lag = {}
         for tp in app.consumer.assignment():
             if tp.topic == settings.transactions_topic:
                 high = app.consumer.highwater(tp)
-                if high is not None:
-                    metrics.lag[tp.partition] = max(0, high - rescorer.position.get(tp.partition, 0))
+                pos = rescorer.position.get(tp.partition)
+                if pos is None:  # nothing consumed here since assignment: the fetch position
+                    pos = await app.consumer.position(tp)
+                lag[tp.partition] = max(0, (high or 0) - (pos or 0))
+        metrics.lag = lag
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:

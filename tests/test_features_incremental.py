@@ -88,8 +88,8 @@ def test_incremental_equals_batch(events, data):
     ids = sorted(batch)
     for cid in ids:
         assert batch[cid].canonical(start) == live[cid].canonical(start)
-    a = build_inputs([batch[c] for c in ids], as_of, WINDOW)
-    b = build_inputs([live[c] for c in ids], as_of, WINDOW)
+    a = build_inputs([batch[c] for c in ids], as_of, WINDOW, 6)
+    b = build_inputs([live[c] for c in ids], as_of, WINDOW, 6)
     assert np.array_equal(a.seq, b.seq) and np.array_equal(a.static, b.static)
 
 

@@ -37,7 +37,7 @@ def clv(*args, env=None, pre=""):
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     data = cdnow_slice(d / "cdnow.txt")
-    res = clv("train", data, "--cutoff", CUTOFF, "--epochs", "2", "--out", d / "artifact")
+    res = clv("train", data, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", d / "artifact")
     assert res.returncode == 0, res.stderr
     return d, data
 
@@ -103,7 +103,7 @@ def test_training_never_reads_after_the_cutoff(trained, tmp_path):
     """Training on the whole file and on the file cut at the cutoff gives the same model."""
     d, _ = trained
     truncated = cdnow_slice(tmp_path / "cut.txt", until=CUTOFF.replace("-", ""))
-    res = clv("train", truncated, "--cutoff", CUTOFF, "--epochs", "2", "--out", tmp_path / "a2")
+    res = clv("train", truncated, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", tmp_path / "a2")
     assert res.returncode == 0, res.stderr
     m1 = json.loads((d / "artifact" / "metadata.json").read_text())
     m2 = json.loads((tmp_path / "a2" / "metadata.json").read_text())
