@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export_onnx import ArtifactError
+from export_onnx.calibration import Calibration
 from features.scaling import Scaler
 from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 
@@ -39,6 +40,7 @@ class Artifact:
     meta: dict[str, Any]
     session: ort.InferenceSession
     scaler: Scaler
+    calibration: Calibration
 
     @property
     def version(self) -> str:
@@ -68,10 +70,16 @@ class Artifact:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        return cls(path, meta, session, Scaler.from_dict(meta["scaler"]))
+        return cls(path, meta, session, Scaler.from_dict(meta["scaler"]),
+                   Calibration.from_dict(meta["training"].get("calibration")))
 
     def predict(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
         """(clv dollars, p_purchase) per customer, from unscaled inputs."""
+        clv, p = self.raw_predict(inputs)
+        return self.calibration.apply(clv), p
+
+    def raw_predict(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        """The ONNX graph's own output, before calibration."""
         n = inputs.seq.shape[0]
         if n == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -79,8 +87,5 @@ class Artifact:
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
         clv, p = self.session.run(["clv", "p_purchase"],
                                   {"seq": scaled.seq, "static": scaled.static, "h0": h0})
-        return clv * self.calibration, p
+        return clv, p
 
-    @property
-    def calibration(self) -> float:
-        return float(self.meta["training"].get("calibration", 1.0))

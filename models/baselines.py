@@ -11,8 +11,8 @@ import pandas as pd
 
 from features.aggregate import contribution
 from features.contract import TransactionEvent
+from export_onnx.calibration import Calibration
 from models.dataset import Examples, rfm_features
-from models.metrics import calibration
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def gradient_boosted(train: Examples, valid: Examples, scoring: Examples,
     clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, early_stopping=True,
                                          random_state=seed)
     clf.fit(x, train.y > 0)
-    factor = calibration(valid.y, reg.predict(rfm_features(valid)))
-    return reg.predict(xs) * factor, clf.predict_proba(xs)[:, 1]
+    cal = Calibration.fit(reg.predict(rfm_features(valid)), valid.y)
+    return cal.apply(reg.predict(xs)), clf.predict_proba(xs)[:, 1]
 
 

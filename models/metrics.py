@@ -25,12 +25,6 @@ def top_share(actual: np.ndarray, pred: np.ndarray, fraction: float = 0.1) -> fl
     return float(actual[top].sum() / actual.sum())
 
 
-def calibration(y_valid: np.ndarray, pred_valid: np.ndarray) -> float:
-    """One factor that makes the validation period's total come out right: the labels of the
-    newest period carry the level the customer base spends at now."""
-    return float(y_valid.sum() / max(float(pred_valid.sum()), 1e-9))
-
-
 def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) -> dict[str, float | None]:
     err = pred - actual
     auc = None

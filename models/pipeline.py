@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from export_onnx.artifact import fingerprint
+from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
 from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models.dataset import Split, rfm_features
-from models.metrics import calibration
 from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
 
@@ -54,7 +54,8 @@ def train_gru(split: Split, cfg: TrainConfig, calendar: bool) -> tuple[GRUEnsemb
         runs.append(info)
     ensemble = GRUEnsemble(members).eval()
     v_clv, _ = predict_gru(ensemble, scaler, split.valid.inputs)
-    return ensemble, scaler, {"members": runs, "calibration": calibration(split.valid.y, v_clv),
+    return ensemble, scaler, {"members": runs,
+                              "calibration": Calibration.fit(v_clv, split.valid.y).to_dict(),
                               "calendar_features": calendar}
 
 
@@ -76,7 +77,7 @@ def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         v_clv, _ = model(torch.from_numpy(((x_va - mu) / sd).astype(np.float32)))
         clv, p = model(torch.from_numpy(((x_sc - mu) / sd).astype(np.float32)))
-    return clv.numpy() * calibration(split.valid.y, v_clv.numpy()), p.numpy()
+    return Calibration.fit(v_clv.numpy(), split.valid.y).apply(clv.numpy()), p.numpy()
 
 
 def export_artifact(
@@ -85,7 +86,7 @@ def export_artifact(
 ) -> dict[str, Any]:
     fp = fingerprint(events)
     cohort_clv, _ = predict_gru(model, scaler, split.scoring.inputs)
-    cohort_clv = cohort_clv * info["calibration"]
+    cohort_clv = Calibration.from_dict(info["calibration"]).apply(cohort_clv)
     meta = {
         "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
