@@ -68,4 +68,3 @@ def clv_env(kafka_bootstrap, topic_names, tmp_path):
     return env
 
 
-CLV = [sys.executable, "-m", "stream.cli"]

@@ -21,9 +21,9 @@ from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from stream.broker import free_port
 
-from .conftest import CLV
+CLV = [sys.executable, "-m", "stream.cli"]
 
-pytestmark = pytest.mark.worker
+
 
 
 class Worker:
