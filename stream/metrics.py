@@ -41,6 +41,7 @@ class Metrics:
         self.lag: dict[int, int] = {}
         self.dirty = 0  # customers waiting to be rescored (event-driven)
         self.backlog = 0  # customers waiting for a month-turn/assignment rescore
+        self.partitions = 0  # transactions partitions recovered and owned
         self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
                                     (1, 8, 32, 128, 512, 1024, 2048, 4096))
         self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds per micro-batch (score+publish)",
@@ -66,6 +67,8 @@ class Metrics:
                 "# TYPE clv_rescored_customers_total counter", f"clv_rescored_customers_total {self.rescored}",
                 "# HELP clv_dirty_customers customers waiting for an event-driven rescore",
                 "# TYPE clv_dirty_customers gauge", f"clv_dirty_customers {self.dirty}",
+                "# HELP clv_partitions_owned transactions partitions this worker has recovered and owns",
+                "# TYPE clv_partitions_owned gauge", f"clv_partitions_owned {self.partitions}",
                 "# HELP clv_backlog_customers customers waiting for a month-turn or recovery rescore",
                 "# TYPE clv_backlog_customers gauge", f"clv_backlog_customers {self.backlog}",
                 "# HELP clv_consumer_lag messages behind the end of each transactions partition",

@@ -40,6 +40,8 @@ class Settings:
     data_dir: str = field(default="var/worker", metadata=_meta("worker state directory"))
     batch_size: int = field(default=1024, metadata=_meta("rescoring micro-batch: flush at N customers"))
     batch_wait_ms: int = field(default=50, metadata=_meta("rescoring micro-batch: flush after T ms"))
+    session_timeout_s: float = field(default=30.0, metadata=_meta(
+        "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
     web_host: str = field(default="127.0.0.1", metadata=_meta("worker HTTP bind address"))
     snapshot_path: str = field(default="var/clv.duckdb", metadata=_meta(

@@ -9,8 +9,9 @@ their customers dirty again (even when already applied), so no score is lost eit
 
 Time: each partition keeps an event-time clock (its newest event). Scores are as of that clock.
 When it enters a new month every customer of the partition is rescored, in batches, between
-events. On (re)assignment a partition's clock is rebuilt from its states and all its customers
-are rescored once, which also republishes them under the model the worker now runs.
+events. On (re)assignment, once its table partition is recovered, a partition's clock is rebuilt from
+its states and all its customers are rescored once: scores a stopped or crashed owner had not
+published yet come out, and every customer is republished under the model the worker now runs.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Rescorer:
         self.latest: dict[str, dict[str, Any]] = {}
         self.lock = asyncio.Lock()
         self.stream: Any = None
+        self.stopping = False  # set at shutdown: nothing is acknowledged after the final flush
 
     # -- partitions -----------------------------------------------------------------------
     def folder(self, partition: int) -> Folder:
@@ -145,6 +147,8 @@ class Rescorer:
     # -- scoring ----------------------------------------------------------------------------
     async def flush(self) -> None:
         """Score and publish every dirty customer, then acknowledge the events behind them."""
+        if self.stopping:
+            return
         async with self.lock:
             dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
             acks, self.pending_acks = self.pending_acks, []
@@ -211,6 +215,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         topic_replication_factor=1,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,
@@ -252,6 +258,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         stream = stream.noack()
         rescorer.stream = stream
         async for event in stream.events():
+            if rescorer.stopping:
+                continue  # unacknowledged: redelivered to whoever owns the partition next
             ready.set()
             msg = event.message
             metrics.events_in += 1
@@ -286,6 +294,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         await rescorer.drain_backlog()
         metrics.dirty = rescorer.dirty_count()
         metrics.backlog = sum(len(q) for q in rescorer.backlog.values())
+        metrics.partitions = len(rescorer.folders)
         lag = {}
         for tp in app.consumer.assignment():
             if tp.topic == settings.transactions_topic:
@@ -303,6 +312,11 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
 
     @app.on_rebalance_complete.connect
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
+        # Tables are recovered by now: take over every assigned partition at once (clock, and a
+        # rescore of its customers), not only when its next event arrives, which may be never.
+        for tp in app.consumer.assignment():
+            if tp.topic == settings.transactions_topic:
+                rescorer.folder(tp.partition)
         ready.set()
 
     @app.page("/health")
@@ -336,11 +350,15 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             "score": rescorer.latest.get(customer_id),
         })
 
-    @app.service
-    class FlushOnStop(faust.Service):  # type: ignore[misc]
-        async def on_stop(self) -> None:
-            log.info("stopping: flushing %d dirty customers", rescorer.dirty_count())
-            if rescorer.stream is not None:
-                await rescorer.flush()
+    @app.on_before_shutdown.connect
+    async def on_shutdown(sender: Any, **kwargs: Any) -> None:
+        """Consumer flow is stopped, the producer still runs: publish and acknowledge what is
+        pending, then acknowledge nothing more (the producer flush that follows is the last one,
+        so later events are left for redelivery)."""
+        log.info("stopping: publishing %d dirty customers before the final commit",
+                 rescorer.dirty_count())
+        if rescorer.stream is not None:
+            await rescorer.flush()
+        rescorer.stopping = True
 
     return app

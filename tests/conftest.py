@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -64,7 +63,8 @@ def topic_names():
 @pytest.fixture
 def clv_env(kafka_bootstrap, topic_names, tmp_path):
     env = {**os.environ, **topic_names, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "CLV_DATA_DIR": str(tmp_path / "worker"), "PYTHONUNBUFFERED": "1"}
+           "CLV_DATA_DIR": str(tmp_path / "worker"), "PYTHONUNBUFFERED": "1",
+           "CLV_SESSION_TIMEOUT_S": "6"}
     return env
 
 
