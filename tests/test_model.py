@@ -61,8 +61,8 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
 
     d, _ = trained
     art = Artifact.load(d / "artifact")
-    # Rebuild the torch model from the ONNX initialisers is not possible; instead export a fresh
-    # model and check the parity function itself catches a real mismatch.
+    # A torch model with other weights than the artifact's must fail the parity check; a fresh
+    # export of it must pass, at any batch size.
     model = GRUModel(len(art.meta["seq_features"]), len(art.meta["static_features"]),
                      hidden=art.meta["hidden"], layers=art.meta["layers"])
     rng = np.random.default_rng(1)
@@ -77,13 +77,15 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     parity = export(model, out, {**art.meta, "version": "fresh"}, [batch])
     assert parity["max_rel_diff"] < 1e-4
     for n in (1, 7, 300):  # dynamic batch axis
-        clv_o, p_o = Artifact.load(out).predict(Inputs(batch.seq[:1].repeat(n, 0), batch.static[:1].repeat(n, 0)))
+        clv_o, p_o = Artifact.load(out).raw_predict(Inputs(batch.seq[:1].repeat(n, 0), batch.static[:1].repeat(n, 0)))
         assert clv_o.shape == (n,) and np.allclose(clv_o, clv_o[0])
     with torch.no_grad():
         s = Artifact.load(out).scaler.transform(batch)
         t_clv, _ = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(64))
-    o_clv, _ = Artifact.load(out).predict(batch)
+    o_clv, _ = Artifact.load(out).raw_predict(batch)
     assert np.allclose(t_clv.numpy(), o_clv, rtol=1e-4, atol=1e-6)
+    calibrated, _ = Artifact.load(out).predict(batch)
+    assert np.allclose(calibrated, o_clv * Artifact.load(out).calibration.factor)
 
 
 def test_score_runs_without_torch(trained, tmp_path):
@@ -125,7 +127,7 @@ def test_rolling_split_refuses_future_rows():
 def test_train_bad_arguments_exit_2(tmp_path):
     data = cdnow_slice(tmp_path / "c.txt", customers=50)
     res = clv("train", data, "--cutoff", "1997-02-01", "--out", tmp_path / "x")
-    assert res.returncode == 2 and "history" in res.stderr
+    assert res.returncode == 2 and "months of transactions" in res.stderr
     res = clv("train", data, "--cutoff", "31/12/1997", "--out", tmp_path / "x")
     assert res.returncode == 2 and "not a date" in res.stderr
     res = clv("score", data, "--model", tmp_path, "--out", tmp_path / "s.csv")
