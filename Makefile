@@ -22,13 +22,19 @@ $(VENV)/.dev-$(HASH): $(BIN)/python pyproject.toml
 install: $(VENV)/.core-$(HASH)
 install-dev: $(VENV)/.dev-$(HASH)
 
+CDNOW = $$($(BIN)/python -c 'from features.loaders import vendored_cdnow; print(vendored_cdnow())')
+
+# Until the streaming demo lands: profile the shipped CDNOW data and score it with the shipped model.
 demo: install
-	$(BIN)/clv demo $(DEMO_ARGS)
+	mkdir -p var
+	$(BIN)/clv inspect $(CDNOW)
+	$(BIN)/clv score $(CDNOW) --out var/cdnow-scores.csv
+	@echo "top 10 customers by predicted 6-month CLV:"
+	@sort -t, -k2 -g -r var/cdnow-scores.csv | head -10
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Rebuild the model that ships in export_onnx/shipped (CDNOW, all data, 6-month horizon).
 model: install-dev
-	$(BIN)/clv train $$($(BIN)/python -c 'from features.loaders import vendored_cdnow; print(vendored_cdnow())') \
-		--cutoff 1998-06-30 --horizon-months 6 --out export_onnx/shipped
+	$(BIN)/clv train $(CDNOW) --cutoff 1998-06-30 --horizon-months 6 --out export_onnx/shipped

@@ -12,8 +12,6 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
 from features.aggregate import CustomerState, Folder, contribution, month_of
 from features.cleaning import CleaningPolicy, CleaningReport, clean
 from features.contract import TransactionEvent
@@ -61,19 +59,3 @@ def snapshots(
             folder.add(events[i].customer_id, contribution(events[i]))
             i += 1
         yield Snapshot(cutoff, month_of(cutoff), folder.states)
-
-
-def horizon_spend(
-    events: Sequence[TransactionEvent], customer_ids: Sequence[str], after_month: int, horizon: int
-) -> np.ndarray:
-    """Net spend (dollars, floored at 0) of each customer in the `horizon` months after a month."""
-    index = {cid: k for k, cid in enumerate(customer_ids)}
-    cents = np.zeros(len(customer_ids), dtype=np.int64)
-    for ev in events:
-        k = index.get(ev.customer_id)
-        if k is None:
-            continue
-        c = contribution(ev)
-        if after_month < c.month <= after_month + horizon:
-            cents[k] += c.spend_cents
-    return np.maximum(cents, 0) / 100.0

@@ -122,13 +122,10 @@ def rolling_split(
     return Split(_concat(train), _concat(valid), scoring)
 
 
-RFM_FEATURES = ("log_recency_days", "frequency", "log_monetary", "log_tenure_days", "log_total_spend",
-                "active_3m", "active_6m", "active_12m", "log_spend_3m", "log_spend_12m",
-                "horizon_months")
-
-
 def rfm_features(ex: Examples) -> np.ndarray:
-    """Aggregated, non-sequential features for the FFNN and the gradient-boosted trees."""
+    """Aggregated, non-sequential features for the FFNN and the gradient-boosted trees: log
+    recency and tenure (days), frequency, log monetary and total spend, active months in the
+    last 3/6/12, log spend in the last 3/12 months, and the horizon length."""
     r = ex.rfm
     seq = ex.inputs.seq
     active = seq[..., 3]

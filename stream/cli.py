@@ -216,7 +216,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    for name, env, default, doc in Settings.describe():
+    for name, env, _default, doc in Settings.describe():
         print(f"{name:<22}{getattr(settings, name)!r:<28}{env:<40}{doc}")
     return 0
 
