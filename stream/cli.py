@@ -217,7 +217,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     for name, env, _default, doc in Settings.describe():
-        print(f"{name:<22}{getattr(settings, name)!r:<28}{env:<40}{doc}")
+        value = getattr(settings, name)
+        shown = "***" if "password" in name and value else repr(value)
+        print(f"{name:<22}{shown:<28}{env:<50}{doc}")
     return 0
 
 

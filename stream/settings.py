@@ -44,11 +44,6 @@ class Settings:
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
     web_host: str = field(default="127.0.0.1", metadata=_meta("worker HTTP bind address"))
-    snapshot_path: str = field(default="var/clv.duckdb", metadata=_meta(
-        "DuckDB snapshot the sink publishes and analysts read"))
-    snapshot_interval_s: float = field(default=10.0, metadata=_meta("seconds between snapshots"))
-    api_port: int = field(default=8080, metadata=_meta("analyst API port"))
-    api_token: str = field(default="", metadata=_meta("bearer token for the analyst API; empty: none"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
 
     @classmethod
@@ -73,8 +68,6 @@ class Settings:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if self.store.split("://")[0] not in ("memory", "rocksdb"):
             raise SettingsError(f"store must be memory:// or rocksdb://, got {self.store!r}")
-        if self.snapshot_interval_s <= 0:
-            raise SettingsError("snapshot_interval_s must be positive")
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in aiokafka's names, passed through unchanged."""
