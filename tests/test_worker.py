@@ -32,7 +32,7 @@ class Worker:
         self.log = tmp / f"{name}.log"
         self.proc = subprocess.Popen(
             [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", "20"],
-            env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "CLV_DATA_DIR": str(tmp / f"{name}-state")},  # one state dir per worker stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def get(self, path: str) -> tuple[int, str]:
@@ -68,13 +68,14 @@ class Worker:
         return bool(m) and lag == 0 and m.get("clv_dirty_customers") == 0 and m.get("clv_backlog_customers") == 0
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
+        try:
             os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            self.proc.wait(30)
+        except ProcessLookupError:
+            pass  # already gone
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
 
 def wait_idle(workers: list[Worker], events: int, timeout: float = 300) -> None:
