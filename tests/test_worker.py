@@ -32,7 +32,8 @@ class Worker:
         self.log = tmp / f"{name}.log"
         self.proc = subprocess.Popen(
             [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", "20"],
-            env={**env, "CLV_DATA_DIR": str(tmp / f"{name}-state")},  # one state dir per worker stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "CLV_DATA_DIR": str(tmp / f"{name}-state")},  # one state dir per worker
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def get(self, path: str) -> tuple[int, str]:
