@@ -134,8 +134,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import csv
 
     from export_onnx.artifact import Artifact
-    from features.aggregate import Folder, contribution
-    from features.batch import end_of, read_history
+    from features.batch import end_of, read_history, snapshots
     from stream.scoring import Score, score_states
 
     artifact = Artifact.load(args.model)
@@ -143,11 +142,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not history.events:
         raise UsageError(f"{args.file}: no transactions left after cleaning")
     as_of = end_of(args.as_of) if args.as_of else history.events[-1].ts
-    folder = Folder(artifact.window)
-    for ev in history.events:
-        if ev.ts <= as_of:
-            folder.add(ev.customer_id, contribution(ev))
-    scores = score_states(artifact, list(folder.states.values()), as_of)
+    snapshot = next(snapshots(history.events, [as_of], artifact.window))
+    scores = score_states(artifact, list(snapshot.states.values()), as_of)
     with open(args.out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(Score.__dataclass_fields__))
         writer.writeheader()

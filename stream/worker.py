@@ -89,8 +89,12 @@ class Rescorer:
         """The partition's folder, rebuilt from its states the first time it is seen."""
         folder = self.folders.get(partition)
         if folder is None:
-            members = {cid for cid, s in self.table.items() if s.partition == partition}
-            newest = max((self.table[c].newest_ts or 0 for c in members), default=0)
+            members: set[str] = set()
+            newest = 0
+            for cid, s in self.table.items():  # one pass: members and the partition's clock
+                if s.partition == partition:
+                    members.add(cid)
+                    newest = max(newest, s.newest_ts or 0)
             self.members[partition] = members
             self.clock_ts[partition] = newest
             clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
