@@ -24,13 +24,10 @@ install-dev: $(VENV)/.dev-$(HASH)
 
 CDNOW = $$($(BIN)/python -c 'from features.loaders import vendored_cdnow; print(vendored_cdnow())')
 
-# Until the streaming demo lands: profile the shipped CDNOW data and score it with the shipped model.
+# The product end to end on an embedded broker: worker, snapshot sink and API, CDNOW replayed.
+# DEMO_ARGS="--exit" stops after the results; "--customers 2000" makes it shorter.
 demo: install
-	mkdir -p var
-	$(BIN)/clv inspect $(CDNOW)
-	$(BIN)/clv score $(CDNOW) --out var/cdnow-scores.csv
-	@echo "top 10 customers by predicted 6-month CLV:"
-	@sort -t, -k2 -g -r var/cdnow-scores.csv | head -10
+	$(BIN)/clv demo $(DEMO_ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from export_onnx import ArtifactError
 from features.loaders import FORMATS, LoadError
+from state.queries import QueryError
 from stream.settings import Settings, SettingsError
 
 
@@ -210,11 +211,150 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", default=None, help="DuckDB snapshot file (default var/clv.duckdb)")
+
+
+def _snapshot(args: argparse.Namespace):
+    from state.queries import Snapshot
+
+    return Snapshot(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from state.sink import run
+
+    return run(_settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval))
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str] | None = None) -> None:
+    from state.queries import render_table
+
+    print(json.dumps(rows, indent=2) if as_json else render_table(rows, list(columns) if columns else None))
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    snap = _snapshot(args)
+    if args.what == "top":
+        rows = snap.top(args.n, args.segment)
+        _print_rows(rows, args.json, None if args.json else
+                    ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
+                     "recency_days", "total_spend"])
+    elif args.what == "segments":
+        _print_rows(snap.segments(), args.json)
+        if not args.json:
+            print()
+            _print_rows(snap.tiers(), False)
+    elif args.what == "customer":
+        row = snap.customer(args.arg)
+        if row is None:
+            raise UsageError(f"customer {args.arg!r} is not in the snapshot")
+        print(json.dumps(row, indent=2))
+    elif args.what == "summary":
+        print(json.dumps(snap.summary(), indent=2))
+    else:
+        columns, rows = snap.sql(args.arg)
+        _print_rows([dict(zip(columns, r)) for r in rows], args.json, columns)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from state.queries import export
+
+    n = export(_snapshot(args), Path(args.out), args.segment)
+    print(f"exported {n:,} customers to {args.out}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from state.api import serve
+
+    return serve(Settings.from_env(snapshot_path=args.snapshot, api_host=args.host,
+                                   api_port=args.port))
+
+
+def cmd_rescore_all(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from stream.control import rescore_all
+
+    n = asyncio.run(rescore_all(_settings(args)))
+    print(f"rescore-all sent to the owners of {n} partitions of {_settings(args).control_topic}; "
+          "watch clv_backlog_customers on the workers' /metrics")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stream.broker import BrokerError
+    from stream.demo import DemoError, DemoOptions, run
+
+    opts = DemoOptions(data=args.file, customers=args.customers, rate=args.rate, model=args.model,
+                       train=args.train, workdir=Path(args.workdir), exit_after=args.exit)
+    try:
+        return run(opts)
+    except (DemoError, BrokerError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stream import bench
+
+    workdir = bench.workdir_for(args.workdir)
+    bootstrap = args.bootstrap
+    if args.what == "throughput":
+        result = bench.throughput(args.invoices, args.customers, args.partitions, args.repeats,
+                                  bootstrap, workdir)
+        med, lines = result["median_messages_per_s"], result["median_lines_per_s"]
+        print(f"{args.invoices:,} invoices ({result['lines']:,} lines), {args.customers:,} customers, "
+              f"{args.partitions} partitions; median of {args.repeats} runs each")
+        for key, name in (("raw", "raw aiokafka (ceiling)"), ("bare", "bare faust agent (floor cost)"),
+                          ("full", "full worker path")):
+            print(f"  {name:<32}{med[key]:>12,.0f} msg/s {lines[key]:>12,.0f} lines/s")
+        print(f"  full/bare {result['full_over_bare']:.2f}   full/raw {result['full_over_raw']:.3f}")
+    elif args.what == "latency":
+        max_rate = args.max_rate
+        rates = args.rate
+        if not rates:
+            if max_rate is None:
+                print("measuring the worker's maximum rate first (bench throughput, 1 run)...", flush=True)
+                max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap,
+                                            workdir)["median_messages_per_s"]["full"]
+            rates = [round(max_rate * 0.25), round(max_rate * 0.5)]
+        result = bench.latency(rates, max_rate, args.seconds, bootstrap, workdir)
+        print(f"event time -> score readable on the scores topic, {args.seconds:.0f}s per rate"
+              + (f" (max rate {max_rate:,.0f}/s)" if max_rate else ""))
+        for rate, r in result["rates"].items():
+            print(f"  {float(rate):>8,.0f}/s  p50 {r.get('p50_ms')} ms  p95 {r.get('p95_ms')} ms  "
+                  f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)")
+    elif args.what == "scoring":
+        result = bench.scoring(args.batch_sizes, args.seconds, args.model)
+        print(f"{result['model']}: customers/s by batch size (2 threads); torch: {result['torch']}")
+        for row in result["rows"]:
+            torch_rate = f"{row['torch_per_s']:>12,.0f}" if "torch_per_s" in row else "           -"
+            print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
+        print(f"  best batched / one at a time: {result['batched_over_single']}x; "
+              f"the worker flushes at {result['worker_batch_size']} customers")
+    else:
+        result = bench.state(args.customers, args.stores, bootstrap, workdir)
+        for store, r in result["stores"].items():
+            print(f"  {store:<12} {r['mb_per_100k_customers']:>8.1f} MB per 100k customers "
+                  f"(RSS {r['rss_base_mb']} -> {r['rss_held_mb']} MB), recovery of "
+                  f"{args.customers:,} customers {r['recovery_seconds']:.1f}s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     for name, env, _default, doc in Settings.describe():
         value = getattr(settings, name)
-        shown = "***" if "password" in name and value else repr(value)
+        shown = "***" if ("password" in name or "token" in name) and value else repr(value)
         print(f"{name:<22}{shown:<28}{env:<50}{doc}")
     return 0
 
@@ -271,6 +411,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser("demo", help="the whole product on an embedded broker, with CDNOW replayed")
+    p.add_argument("file", nargs="?", default=None, help="transaction file (default: vendored CDNOW)")
+    p.add_argument("--customers", type=_positive_int, default=None, help="replay only the first N customers")
+    p.add_argument("--rate", type=float, default=1500.0, help="invoices per second (default 1500)")
+    p.add_argument("--model", default=None, help="model artifact directory (default: the shipped model)")
+    p.add_argument("--train", action="store_true", help="train a model on the file first (needs the train extra)")
+    p.add_argument("--workdir", default="var/demo", help="logs, state and the DuckDB file (default var/demo)")
+    p.add_argument("--exit", action="store_true", help="stop after printing the results (non-interactive)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="throughput, latency, scoring and state benchmarks")
+    bench_sub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    for name, doc in (("throughput", "raw aiokafka vs bare faust agent vs the full worker path"),
+                      ("latency", "event time to score readable, at steady publish rates"),
+                      ("scoring", "onnxruntime (and torch) customers/s by batch size"),
+                      ("state", "memory per customer held and recovery time, per store")):
+        b = bench_sub.add_parser(name, help=doc)
+        b.add_argument("--json", default=None, help="write the figures as JSON here")
+        b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
+        b.add_argument("--bootstrap", default=None, help="Kafka to use (default: the embedded broker)")
+        b.set_defaults(func=cmd_bench)
+        if name in ("throughput", "latency"):
+            b.add_argument("--invoices", type=_positive_int, default=100_000, help="invoice events (default 100000)")
+            b.add_argument("--customers", type=_positive_int, default=20_000, help="customers (default 20000)")
+        if name == "throughput":
+            b.add_argument("--partitions", type=_positive_int, default=4, help="partitions (default 4)")
+            b.add_argument("--repeats", type=_positive_int, default=3, help="runs of each path (default 3)")
+        if name == "latency":
+            b.add_argument("--rate", type=float, nargs="+", default=None,
+                           help="events/s to hold (default: 25%% and 50%% of the measured maximum)")
+            b.add_argument("--max-rate", type=float, default=None, help="skip measuring the maximum")
+            b.add_argument("--seconds", type=float, default=20.0, help="seconds per rate (default 20)")
+        if name == "scoring":
+            b.add_argument("--batch-sizes", type=_positive_int, nargs="+",
+                           default=[1, 8, 64, 256, 1024, 4096], help="batch sizes")
+            b.add_argument("--seconds", type=float, default=1.0, help="seconds per measurement (default 1)")
+            b.add_argument("--model", default=None, help="artifact directory (default: shipped)")
+        if name == "state":
+            b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
+            b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
+
+    p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")
+    _kafka_args(p)
+    p.set_defaults(func=cmd_rescore_all)
+
+    p = sub.add_parser("snapshot", help="consume clv-scores and publish DuckDB snapshots")
+    _kafka_args(p)
+    _snapshot_args(p)
+    p.add_argument("--interval", type=float, default=None, help="seconds between snapshots (default 10)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("query", help="ask the snapshot: top, segments, customer ID, summary, sql TEXT")
+    p.add_argument("what", choices=("top", "segments", "customer", "summary", "sql"))
+    p.add_argument("arg", nargs="?", default=None, help="customer id (customer) or SQL text (sql)")
+    p.add_argument("--n", type=_positive_int, default=20, help="top: how many (default 20)")
+    p.add_argument("--segment", default=None, help="top: only this segment or value tier")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _snapshot_args(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("export", help="write the snapshot's customers to CSV or Parquet")
+    p.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+    p.add_argument("--segment", default=None, help="only this segment or value tier")
+    _snapshot_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("api", help="serve top-N, segments, customers, exports and SQL over HTTP")
+    _snapshot_args(p)
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=None, help="port (default 8080)")
+    p.set_defaults(func=cmd_api)
+
     p = sub.add_parser("config", help="print resolved settings with their environment variables")
     p.set_defaults(func=cmd_config)
     return parser
@@ -280,13 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "what", None) in ("customer", "sql") and not args.arg:
+            raise UsageError(f"query {args.what} needs its argument (a customer id or SQL text)")
         settings = Settings.from_env(log_level=args.log_level)
         logging.basicConfig(
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         return args.func(args)
-    except (UsageError, LoadError, SettingsError, ArtifactError) as exc:
+    except (UsageError, LoadError, SettingsError, ArtifactError, QueryError) as exc:
         print(f"clv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

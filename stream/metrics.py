@@ -77,3 +77,28 @@ class Metrics:
         for h in (self.batch_size, self.batch_latency, self.freshness):
             out += h.render()
         return "\n".join(out) + "\n"
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """A worker's /metrics as {series: value}; empty when it does not answer (yet)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def idle(values: dict[str, float]) -> bool:
+    """Nothing left to consume, score or publish."""
+    lag = sum(v for k, v in values.items() if k.startswith("clv_consumer_lag"))
+    return bool(values) and lag == 0 and values.get("clv_dirty_customers") == 0 \
+        and values.get("clv_backlog_customers") == 0

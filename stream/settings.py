@@ -31,6 +31,8 @@ class Settings:
     transactions_topic: str = field(default="transactions", metadata=_meta("input topic"))
     scores_topic: str = field(default="clv-scores", metadata=_meta("output topic (compacted)"))
     dlq_topic: str = field(default="transactions-dlq", metadata=_meta("dead-letter topic"))
+    control_topic: str = field(default="clv-control", metadata=_meta(
+        "operator commands to the workers (clv rescore-all)"))
     partitions: int = field(default=4, metadata=_meta(
         "partitions of the transactions topic (and of the state changelog)"))
     model_dir: str = field(default="", metadata=_meta(
@@ -44,6 +46,14 @@ class Settings:
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
     web_host: str = field(default="127.0.0.1", metadata=_meta("worker HTTP bind address"))
+    snapshot_path: str = field(default="var/clv.duckdb", metadata=_meta(
+        "DuckDB snapshot the sink publishes and analysts read"))
+    snapshot_interval_s: float = field(default=10.0, metadata=_meta(
+        "seconds between snapshots (one more is written on shutdown)"))
+    api_host: str = field(default="127.0.0.1", metadata=_meta("analyst API bind address"))
+    api_port: int = field(default=8080, metadata=_meta("analyst API port"))
+    api_token: str = field(default="", metadata=_meta(
+        "bearer token the analyst API requires; required when api_host is not loopback"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
 
     @classmethod
@@ -63,7 +73,7 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("partitions", "batch_size", "batch_wait_ms"):
+        for name in ("partitions", "batch_size", "batch_wait_ms", "snapshot_interval_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if self.store.split("://")[0] not in ("memory", "rocksdb"):

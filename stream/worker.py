@@ -9,9 +9,14 @@ their customers dirty again (even when already applied), so no score is lost eit
 
 Time: each partition keeps an event-time clock (its newest event). Scores are as of that clock.
 When it enters a new month every customer of the partition is rescored, in batches, between
-events. On (re)assignment, once its table partition is recovered, a partition's clock is rebuilt from
-its states and all its customers are rescored once: scores a stopped or crashed owner had not
-published yet come out, and every customer is republished under the model the worker now runs.
+events.
+
+Taking over a partition (after its table partition is recovered): the clock is rebuilt from its
+states, and the latest-score table is rebuilt from the compacted `clv-scores` partition (the
+table's changelog, in effect). Customers with no score, or a score as of an earlier month than
+the clock (a month-turn rescoring the previous owner did not finish), are rescored. Customers
+scored by another model version are left alone: a new model reaches them lazily with their
+next event, or all at once with `clv rescore-all` (a command per partition on the control topic).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.serializers import codecs
 
 from export_onnx.artifact import Artifact
@@ -34,6 +40,7 @@ from state.segments import segment
 from stream.metrics import Metrics
 from stream.scoring import score_states
 from stream.settings import Settings
+from stream.state_writes import WriteBehindStates
 
 log = logging.getLogger("clv.worker")
 SCORE_SCHEMA_VERSION = 1
@@ -67,9 +74,9 @@ def _credentials(settings: Settings) -> Any:
 class Rescorer:
     """Dirty customers per partition, flushed at `batch_size` customers or `batch_wait_ms`."""
 
-    def __init__(self, app: faust.App, settings: Settings, artifact: Artifact, table: Any,
-                 metrics: Metrics) -> None:
-        self.app, self.settings, self.artifact, self.table = app, settings, artifact, table
+    def __init__(self, app: faust.App, settings: Settings, artifact: Artifact,
+                 states: WriteBehindStates, metrics: Metrics) -> None:
+        self.app, self.settings, self.artifact, self.states = app, settings, artifact, states
         self.metrics = metrics
         self.folders: dict[int, Folder] = {}
         self.clock_ts: dict[int, int] = {}
@@ -79,7 +86,8 @@ class Rescorer:
         self.pending_acks: list[Any] = []
         self.position: dict[int, int] = {}  # next offset to process, per partition (for lag)
         self.oldest_dirty: float | None = None
-        self.latest: dict[str, dict[str, Any]] = {}
+        self.latest: dict[str, dict[str, Any]] = {}  # the latest-score table, per customer
+        self.taken: set[int] = set()  # partitions whose takeover has run
         self.lock = asyncio.Lock()
         self.stream: Any = None
         self.stopping = False  # set at shutdown: nothing is acknowledged after the final flush
@@ -91,25 +99,91 @@ class Rescorer:
         if folder is None:
             members: set[str] = set()
             newest = 0
-            for cid, s in self.table.items():  # one pass: members and the partition's clock
+            for cid, s in self.states.items():  # one pass: members and the partition's clock
                 if s.partition == partition:
                     members.add(cid)
                     newest = max(newest, s.newest_ts or 0)
             self.members[partition] = members
             self.clock_ts[partition] = newest
             clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
-            folder = self.folders[partition] = Folder(self.artifact.window, self.table, clock)
-            if members:
-                log.info("partition %d: %d customers recovered, clock %s; rescoring all",
-                         partition, len(members), self._as_of(partition).isoformat())
-                self.backlog.setdefault(partition, deque()).extend(sorted(members))
+            folder = self.folders[partition] = Folder(self.artifact.window, self.states, clock)
         return folder
+
+    async def take_over(self, partition: int) -> None:
+        """Rebuild the partition's clock and latest scores; rescore only customers whose score
+        is missing or older than the clock's month."""
+        if partition in self.taken:
+            return
+        self.taken.add(partition)
+        folder = self.folder(partition)
+        loaded = await self._load_scores(partition)
+        members = self.members[partition]
+        stale, other_model = [], 0
+        for cid in members:
+            msg = self.latest.get(cid)
+            if msg is None or folder.clock is None or month_of(
+                    datetime.fromisoformat(msg["as_of"])) < folder.clock:
+                stale.append(cid)
+            elif msg["model_version"] != self.artifact.version:
+                other_model += 1
+        self.backlog.setdefault(partition, deque()).extend(sorted(stale))
+        log.info("partition %d taken over: %d customers, clock %s, %d scores read back; rescoring "
+                 "%d without a current score%s", partition, len(members),
+                 self._as_of(partition).isoformat(), loaded, len(stale),
+                 f"; {other_model} carry another model version (rescored on their next event or "
+                 f"by `clv rescore-all`)" if other_model else "")
+
+    async def _load_scores(self, partition: int) -> int:
+        """Newest score per customer from the compacted scores topic, up to its current end."""
+        tp = TopicPartition(self.settings.scores_topic, partition)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+                                    group_id=None, enable_auto_commit=False,
+                                    **self.settings.kafka_client_options())
+        await consumer.start()
+        n = 0
+        try:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            await consumer.seek_to_beginning(tp)
+            found: dict[str, dict[str, Any]] = {}
+            while end and await consumer.position(tp) < end:
+                for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                    for rec in records:
+                        if rec.offset >= end:
+                            break
+                        n += 1
+                        if rec.key is None:
+                            continue
+                        cid = rec.key.decode("utf-8", "replace")
+                        if rec.value is None:  # tombstone: the customer's score was deleted
+                            found.pop(cid, None)
+                            continue
+                        try:
+                            found[cid] = json.loads(rec.value)
+                        except ValueError:
+                            log.warning("unreadable score at %s[%d]@%d", tp.topic, partition, rec.offset)
+        finally:
+            await consumer.stop()
+        for cid, msg in found.items():  # scores published since the takeover began are newer
+            self.latest.setdefault(cid, msg)
+        return n
+
+    def rescore_all(self, partition: int) -> int:
+        """Queue every customer of the partition (a model rollout)."""
+        if partition not in self.folders:
+            return 0
+        members = sorted(self.members.get(partition, ()))
+        self.backlog.setdefault(partition, deque()).extend(members)
+        return len(members)
 
     def forget(self, partitions: set[int]) -> None:
         """Revoked partitions: their unacked events go to the new owner, which rescores them."""
         for p in partitions:
+            for cid in self.members.get(p, ()):
+                self.latest.pop(cid, None)
             for d in (self.folders, self.clock_ts, self.members, self.dirty, self.backlog):
                 d.pop(p, None)
+            self.taken.discard(p)
 
     def _as_of(self, partition: int) -> datetime:
         return datetime.fromtimestamp(self.clock_ts.get(partition, 0), timezone.utc)
@@ -156,6 +230,7 @@ class Rescorer:
         async with self.lock:
             dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
             acks, self.pending_acks = self.pending_acks, []
+            await self.states.flush()  # changelog first: offsets commit only after all of it
             for partition, customers in dirty.items():
                 if partition in self.folders:
                     await self._publish(partition, customers)
@@ -177,7 +252,7 @@ class Rescorer:
     async def _publish(self, partition: int, customers: dict[str, float | None]) -> None:
         started = time.perf_counter()
         ids = list(customers)
-        states = [self.table[c] for c in ids]
+        states = [self.states[c] for c in ids]
         as_of = self._as_of(partition)
         scores = score_states(self.artifact, states, as_of)
         scored_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -235,6 +310,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
               partitions=settings.partitions, compacting=True)
     app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw",
               partitions=settings.partitions)
+    control = app.topic(settings.control_topic, key_type=bytes, value_type=bytes,
+                        key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
     changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="json",
                           value_serializer="clv_state", partitions=settings.partitions,
                           compacting=True)
@@ -242,7 +319,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                       changelog_topic=changelog)
     table.value_serializer = "clv_state"  # faust takes serializers from model types only
     metrics = Metrics()
-    rescorer = Rescorer(app, settings, artifact, table, metrics)
+    states = WriteBehindStates(table, app, changelog.get_topic_name(), "clv_state")
+    rescorer = Rescorer(app, settings, artifact, states, metrics)
     app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
     ready = asyncio.Event()
 
@@ -291,6 +369,25 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             if rescorer.due():
                 await rescorer.flush()
 
+    @app.agent(control)
+    async def commands(stream: Any) -> None:
+        """Operator commands, one message per partition (co-partitioned with transactions, so
+        each reaches the worker that owns that partition)."""
+        async for event in stream.events():
+            msg, partition = event.value, event.message.partition
+            try:
+                command = json.loads(msg).get("command")
+            except (ValueError, AttributeError):
+                command = None
+            if command == "rescore_all":
+                await rescorer.take_over(partition)
+                n = rescorer.rescore_all(partition)
+                log.info("partition %d: rescore-all requested; %d customers queued for model %s",
+                         partition, n, artifact.version)
+            else:
+                log.warning("ignored control message at %s[%d]@%d: %r", settings.control_topic,
+                            partition, event.message.offset, msg[:200])
+
     @app.timer(interval=max(settings.batch_wait_ms / 1000.0 / 2, 0.005))
     async def tick() -> None:
         if rescorer.due() or (rescorer.pending_acks and not rescorer.dirty_count()):
@@ -320,7 +417,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         # rescore of its customers), not only when its next event arrives, which may be never.
         for tp in app.consumer.assignment():
             if tp.topic == settings.transactions_topic:
-                rescorer.folder(tp.partition)
+                await rescorer.take_over(tp.partition)
         ready.set()
 
     @app.page("/health")

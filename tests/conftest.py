@@ -6,9 +6,12 @@ the embedded Tansu broker on a free loopback port.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -48,9 +51,8 @@ def kafka_bootstrap(tmp_path_factory):
             proc.kill()
 
 
-@pytest.fixture
-def topic_names():
-    """Fresh topic and group names per test, so tests sharing the broker never see each other."""
+def fresh_topics() -> dict[str, str]:
+    """Fresh topic and group names, so tests sharing the broker never see each other."""
     tag = uuid.uuid4().hex[:8]
     return {
         "CLV_TRANSACTIONS_TOPIC": f"tx-{tag}",
@@ -61,10 +63,70 @@ def topic_names():
 
 
 @pytest.fixture
+def topic_names():
+    return fresh_topics()
+
+
+def make_env(bootstrap: str, topics: dict[str, str], tmp: Path) -> dict[str, str]:
+    return {**os.environ, **topics, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "CLV_DATA_DIR": str(tmp / "worker"), "CLV_SNAPSHOT_PATH": str(tmp / "clv.duckdb"),
+            "PYTHONUNBUFFERED": "1", "CLV_SESSION_TIMEOUT_S": "6"}
+
+
+@pytest.fixture
 def clv_env(kafka_bootstrap, topic_names, tmp_path):
-    env = {**os.environ, **topic_names, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "CLV_DATA_DIR": str(tmp_path / "worker"), "PYTHONUNBUFFERED": "1",
-           "CLV_SESSION_TIMEOUT_S": "6"}
-    return env
+    return make_env(kafka_bootstrap, topic_names, tmp_path)
+
+
+@dataclass
+class LiveRun:
+    env: dict[str, str]
+    tmp: Path
+    snapshot: Path
+    worker_log: str
+    customer_page: tuple[int, str]  # the worker's /customers/00001 before it stopped
+    reader: dict  # what a process reading the snapshot in a tight loop saw during the replay
+
+
+@pytest.fixture(scope="session")
+def cdnow_live(kafka_bootstrap, tmp_path_factory) -> LiveRun:
+    """All of vendored CDNOW replayed once per session through a worker and the snapshot sink,
+    while another process reads the snapshot in a tight loop. The worker and sink are stopped
+    (SIGTERM) before the tests look at the results."""
+    from features.loaders import vendored_cdnow
+    from harness import CLV, Process, Worker, replay, wait_idle, wait_snapshot_caught_up
+
+    tmp = tmp_path_factory.mktemp("cdnow-live")
+    env = make_env(kafka_bootstrap, fresh_topics(), tmp)
+    env["CLV_SNAPSHOT_INTERVAL_S"] = "0.5"
+    snapshot = Path(env["CLV_SNAPSHOT_PATH"])
+    stop_reader, reader_out = tmp / "stop-reader", tmp / "reader.json"
+    worker = Worker(env, tmp)
+    sink = Process(["snapshot"], env, tmp / "sink.log")
+    reader = subprocess.Popen([CLV[0], str(Path(__file__).parent / "snapshot_reader.py"),
+                               str(snapshot), str(stop_reader), str(reader_out)])
+    try:
+        worker.wait_ready()
+        rep = replay(env, vendored_cdnow())
+        assert rep.wait(300) == 0, rep.stderr.read()
+        wait_idle([worker], 69_659, timeout=600)
+        wait_snapshot_caught_up(snapshot, kafka_bootstrap, env["CLV_SCORES_TOPIC"])
+        page = worker.get("/customers/00001")
+    finally:
+        stop_reader.touch()
+        reader.wait(60)
+        worker.stop()
+        assert sink.stop() == 0, sink.output()[-3000:]
+    return LiveRun(env, tmp, snapshot, worker.log.read_text(errors="replace"), page,
+                   json.loads(reader_out.read_text()))
+
+
+@pytest.fixture(scope="session")
+def cdnow_batch(tmp_path_factory) -> dict[str, dict]:
+    """`clv score` of vendored CDNOW with the shipped model: what the stream must agree with."""
+    from features.loaders import vendored_cdnow
+    from harness import batch_scores
+
+    return batch_scores(tmp_path_factory.mktemp("cdnow-batch"), vendored_cdnow())
 
 

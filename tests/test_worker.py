@@ -7,6 +7,7 @@ import asyncio
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,136 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
-from stream.broker import free_port
-
-CLV = [sys.executable, "-m", "stream.cli"]
-
-
-
-
-class Worker:
-    def __init__(self, env: dict, tmp: Path, name: str = "w1") -> None:
-        self.port = free_port()
-        self.log = tmp / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", "20"],
-            env={**env, "CLV_DATA_DIR": str(tmp / f"{name}-state")},  # one state dir per worker
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
-
-    def metrics(self) -> dict[str, float]:
-        status, text = self.get("/metrics")
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
-            if self.get("/ready")[0] == 200:
-                return
-            time.sleep(0.3)
-        raise AssertionError("worker never became ready\n" + self.log.read_text(errors="replace")[-3000:])
-
-    def idle(self) -> bool:
-        m = self.metrics()
-        lag = sum(v for k, v in m.items() if k.startswith("clv_consumer_lag"))
-        return bool(m) and lag == 0 and m.get("clv_dirty_customers") == 0 and m.get("clv_backlog_customers") == 0
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(30)
-        except ProcessLookupError:
-            pass  # already gone
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-def wait_idle(workers: list[Worker], events: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    stable = 0
-    while time.monotonic() < deadline:
-        seen = sum(w.metrics().get("clv_events_in_total", 0) for w in workers)
-        if seen >= events and all(w.idle() for w in workers):
-            stable += 1
-            if stable >= 3:
-                return
-        else:
-            stable = 0
-        time.sleep(0.5)
-    raise AssertionError(f"workers not idle after {timeout}s: {[w.metrics() for w in workers]}")
-
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    async def run() -> list:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                    enable_auto_commit=False, group_id=None)
-        await consumer.start()
-        out = []
-        try:
-            while True:
-                batch = await consumer.getmany(timeout_ms=2000, max_records=10000)
-                if not batch:
-                    break
-                for records in batch.values():
-                    out.extend(records)
-        finally:
-            await consumer.stop()
-        return out
-
-    return asyncio.run(run())
-
-
-def last_scores(bootstrap: str, topic: str) -> dict[str, dict]:
-    latest: dict[str, dict] = {}
-    # One key always lands in one partition, so offset order is publish order.
-    for rec in sorted(read_topic(bootstrap, topic), key=lambda r: (r.partition, r.offset)):
-        latest[rec.key.decode()] = json.loads(rec.value)
-    return latest
-
-
-def batch_scores(tmp: Path, data: Path) -> dict[str, dict]:
-    out = tmp / "batch.csv"
-    res = subprocess.run([*CLV, "score", str(data), "--model", str(shipped_model_dir()), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return {r["customer_id"]: r for r in csv.DictReader(out.open())}
-
-
-def replay(env: dict, data: Path, rate: float | None = None) -> subprocess.Popen:
-    args = [*CLV, "replay", str(data), "--quiet"] + (["--rate", str(rate)] if rate else [])
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> None:
-    assert set(live) == set(batch)
-    worst = 0.0
-    for cid, b in batch.items():
-        a = live[cid]
-        assert a["frequency"] == int(b["frequency"]), cid
-        assert abs(a["total_spend"] - float(b["total_spend"])) < 1e-9, cid
-        rel = abs(a["clv"] - float(b["clv"])) / max(abs(float(b["clv"])), 1e-9)
-        worst = max(worst, rel)
-    assert worst < 1e-5, worst
+from harness import Worker, assert_exact, batch_scores, last_scores, read_topic, replay, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -158,21 +34,13 @@ def cdnow_slice(tmp_path_factory) -> Path:
     return path
 
 
-def test_end_to_end_cdnow_matches_batch(clv_env, kafka_bootstrap, tmp_path):
-    data = vendored_cdnow()
-    worker = Worker(clv_env, tmp_path)
-    try:
-        worker.wait_ready()
-        rep = replay(clv_env, data)
-        assert rep.wait(300) == 0, rep.stderr.read()
-        wait_idle([worker], 69_659, timeout=600)
-        status, body = worker.get("/customers/00001")
-        assert status == 200 and json.loads(body)["score"]["customer_id"] == "00001"
-    finally:
-        worker.stop()
-    live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
+def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap):
+    """The session's full CDNOW replay (conftest.cdnow_live)."""
+    live = last_scores(kafka_bootstrap, cdnow_live.env["CLV_SCORES_TOPIC"])
     assert len(live) == 23_570
-    assert_exact(live, batch_scores(tmp_path, data))
+    assert_exact(live, cdnow_batch)
+    status, body = cdnow_live.customer_page
+    assert status == 200 and json.loads(body)["score"]["customer_id"] == "00001"
     sample = next(iter(live.values()))
     for field in ("customer_id", "clv", "p_purchase", "segment", "horizon_months", "model_version",
                   "as_of", "scored_at", "recency_days", "frequency", "monetary"):
@@ -283,3 +151,59 @@ def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bo
         b.stop()
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
     assert_exact(live, batch_scores(tmp_path, cdnow_slice))
+
+
+def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+    from features.batch import read_history
+    from harness import CLV, end_offsets
+
+    model_b = tmp_path / "model-b"
+    shutil.copytree(shipped_model_dir(), model_b)
+    meta = json.loads((model_b / "metadata.json").read_text())
+    old, new = meta["version"], meta["version"] + "-next"
+    (model_b / "metadata.json").write_text(json.dumps({**meta, "version": new}))
+    scores = clv_env["CLV_SCORES_TOPIC"]
+
+    first = Worker(clv_env, tmp_path, "old-model")
+    try:
+        first.wait_ready()
+        assert replay(clv_env, cdnow_slice).wait(120) == 0
+        wait_idle([first], 1, timeout=300)
+    finally:
+        first.stop()
+    published = sum(end_offsets(kafka_bootstrap, scores).values())
+
+    second = Worker({**clv_env, "CLV_MODEL_DIR": str(model_b)}, tmp_path, "new-model")
+    try:
+        second.wait_ready()
+        wait_idle([second], 0, timeout=120)
+        time.sleep(2)
+        assert sum(end_offsets(kafka_bootstrap, scores).values()) == published  # lazy: nothing yet
+        assert "carry another model version" in second.log.read_text(errors="replace")
+
+        # The customer's last invoice again (same event id: no state change) touches them.
+        last = [e for e in read_history(str(cdnow_slice)).events if e.customer_id == "00007"][-1]
+
+        async def touch() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+            await producer.start()
+            try:
+                await producer.send_and_wait(clv_env["CLV_TRANSACTIONS_TOPIC"], last.to_json(), key=b"00007")
+            finally:
+                await producer.stop()
+
+        asyncio.run(touch())
+        wait_idle([second], 1, timeout=60)
+        live = last_scores(kafka_bootstrap, scores)
+        assert live["00007"]["model_version"] == new
+        assert {v["model_version"] for c, v in live.items() if c != "00007"} == {old}
+
+        res = subprocess.run([*CLV, "rescore-all"], env=clv_env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        deadline = time.monotonic() + 120
+        while {v["model_version"] for v in last_scores(kafka_bootstrap, scores).values()} != {new}:
+            assert time.monotonic() < deadline, "rescore-all never reached every customer"
+            time.sleep(1)
+    finally:
+        second.stop()
+    assert_exact(last_scores(kafka_bootstrap, scores), batch_scores(tmp_path, cdnow_slice))

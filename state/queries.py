@@ -1,0 +1,153 @@
+"""The questions analysts ask of a snapshot, for `clv query`, `clv export` and the API.
+
+Every call opens the published file read-only, with file access and configuration changes
+disabled, and closes it: a call sees one whole snapshot even while the sink swaps in a new one,
+and nothing sent through `sql` can write, attach, read files or re-enable either.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pandas as pd
+
+from state.segments import SEGMENTS
+from state.snapshot import TIERS
+
+MAX_SQL_ROWS = 10_000
+
+
+class QueryError(ValueError):
+    """A refused or failed query, or no snapshot yet: shown to the user as one line."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value
+
+
+class Snapshot:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        try:
+            return duckdb.connect(str(self.path), read_only=True, config={
+                "enable_external_access": False, "lock_configuration": True,
+                "threads": 2, "memory_limit": "1GB"})
+        except duckdb.IOException as exc:
+            if not self.path.exists():
+                raise QueryError(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
+            raise QueryError(f"cannot open {self.path}: {exc}") from None
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        con = self.connect()
+        try:
+            cur = con.execute(sql, params or [])
+            cols = [d[0] for d in cur.description]
+            return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+        finally:
+            con.close()
+
+    @staticmethod
+    def _filter(segment: str | None) -> tuple[str, list[Any]]:
+        if segment is None:
+            return "", []
+        if segment in SEGMENTS:
+            return " WHERE segment = ?", [segment]
+        if segment in TIERS:
+            return " WHERE value_tier = ?", [segment]
+        raise QueryError(f"unknown segment {segment!r}; segments: {', '.join(SEGMENTS)}; "
+                         f"value tiers: {', '.join(TIERS)}")
+
+    def top(self, n: int = 20, segment: str | None = None) -> list[dict[str, Any]]:
+        if n <= 0:
+            raise QueryError(f"n must be positive, got {n}")
+        where, params = self._filter(segment)
+        return self._rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
+                          f"LIMIT ?", [*params, n])
+
+    def segments(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM segment_summary")
+
+    def tiers(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM tier_summary")
+
+    def customer(self, customer_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+        return rows[0] if rows else None
+
+    def summary(self) -> dict[str, Any]:
+        con = self.connect()
+        try:
+            cur = con.execute("SELECT * FROM snapshot_meta")
+            cols = [d[0] for d in cur.description]
+            meta = dict(zip(cols, cur.fetchone()))
+            totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
+                                 "FROM customer_scores").fetchone()
+        finally:
+            con.close()
+        out = {k: _plain(v) for k, v in meta.items()}
+        out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
+        out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
+                   mean_p_purchase=_plain(totals[3]))
+        return out
+
+    def sql(self, text: str, limit: int = MAX_SQL_ROWS) -> tuple[list[str], list[list[Any]]]:
+        """Any read-only SQL; writes, file access and settings changes are refused by DuckDB."""
+        con = self.connect()
+        try:
+            cur = con.execute(text)
+            if cur.description is None:
+                return [], []
+            cols = [d[0] for d in cur.description]
+            return cols, [[_plain(v) for v in row] for row in cur.fetchmany(limit)]
+        except duckdb.Error as exc:
+            raise QueryError(f"query refused: {str(exc).splitlines()[0]}") from None
+        finally:
+            con.close()
+
+    def frame(self, segment: str | None = None) -> pd.DataFrame:
+        where, params = self._filter(segment)
+        con = self.connect()
+        try:
+            return con.execute(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id",
+                               params).df()
+        finally:
+            con.close()
+
+    def csv_chunks(self, segment: str | None = None, size: int = 50_000) -> Iterator[str]:
+        """The export as CSV text in chunks, header first, for streaming over HTTP."""
+        frame = self.frame(segment)
+        for start in range(0, max(len(frame), 1), size):
+            yield frame.iloc[start:start + size].to_csv(index=False, header=start == 0)
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows as an aligned text table for terminals, money and rates with two decimals."""
+    if not rows:
+        return "(no rows)"
+    frame = pd.DataFrame(rows, columns=columns or list(rows[0]))
+    return frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
+
+
+def export(snap: Snapshot, out: Path, segment: str | None = None) -> int:
+    """CSV or Parquet by the file's extension; returns rows written."""
+    frame = snap.frame(segment)
+    suffix = out.suffix.lower()
+    if suffix == ".csv":
+        frame.to_csv(out, index=False)
+    elif suffix == ".parquet":
+        duckdb.connect().from_df(frame).write_parquet(str(out))
+    else:
+        raise QueryError(f"--out must end in .csv or .parquet, got {out.name!r}")
+    return len(frame)

@@ -1,0 +1,422 @@
+"""`clv bench`: throughput, freshness, scoring and state figures, measured against the limits of
+the machine and the framework in the same run. Medians of repeated runs where it is cheap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from features.contract import Line, TransactionEvent, stable_event_id
+from stream.broker import free_port, start
+from stream.metrics import idle, scrape
+from stream.replay import all_topics, ensure_topics, publish
+from stream.settings import Settings
+
+CLV = [sys.executable, "-m", "stream.cli"]
+
+
+class BenchError(RuntimeError):
+    """A measurement could not finish; the message says which process and where its log is."""
+
+
+@dataclass
+class Rate:
+    path: str
+    messages: int
+    lines: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "messages_per_s": round(self.per_second, 1),
+                "lines_per_s": round(self.lines / self.seconds, 1) if self.seconds else 0.0}
+
+
+def synthetic_events(invoices: int, customers: int, seed: int = 7, start_at: datetime | None = None,
+                     span_days: float = 75.0) -> list[TransactionEvent]:
+    """Invoices in time order over `customers` customers (1-6 lines each); the span crosses
+    month ends, so the worker also does its month-turn rescoring."""
+    rng = np.random.default_rng(seed)
+    start_at = start_at or datetime(2011, 1, 10, tzinfo=timezone.utc)
+    offsets = np.sort(rng.uniform(0, span_days * 86400, invoices))
+    who = rng.integers(0, customers, invoices)
+    n_lines = rng.integers(1, 7, invoices)
+    events = []
+    for i in range(invoices):
+        cid = f"b{who[i]:07d}"
+        lines = tuple(Line(f"S{rng.integers(0, 500)}", int(rng.integers(1, 12)),
+                           float(round(rng.uniform(0.5, 20.0), 2))) for _ in range(n_lines[i]))
+        inv = f"I{i:08d}"
+        events.append(TransactionEvent(stable_event_id(cid, inv), cid, inv,
+                                       start_at + timedelta(seconds=float(offsets[i])), lines))
+    return events
+
+
+@contextmanager
+def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
+    """The given Kafka, or the embedded broker on a free port for the duration."""
+    if bootstrap:
+        yield bootstrap
+        return
+    port = free_port()
+    proc = start(port, workdir / "broker.log")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def fresh_settings(bootstrap: str, partitions: int) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings.from_env({}, bootstrap_servers=bootstrap, partitions=partitions,
+                             transactions_topic=f"bench-tx-{tag}", scores_topic=f"bench-scores-{tag}",
+                             dlq_topic=f"bench-dlq-{tag}", control_topic=f"bench-control-{tag}",
+                             app_id=f"bench-{tag}")
+
+
+def worker_env(settings: Settings, workdir: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+           "CLV_PARTITIONS": str(settings.partitions), "CLV_APP_ID": settings.app_id,
+           "CLV_TRANSACTIONS_TOPIC": settings.transactions_topic,
+           "CLV_SCORES_TOPIC": settings.scores_topic, "CLV_DLQ_TOPIC": settings.dlq_topic,
+           "CLV_CONTROL_TOPIC": settings.control_topic, "CLV_LOG_LEVEL": "warning",
+           "CLV_DATA_DIR": str(workdir / f"state-{settings.app_id}"), "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        self.proc = subprocess.Popen([*CLV, "worker", "--web-port", str(self.port)], env=env,
+                                     stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def metrics(self) -> dict[str, float]:
+        if self.proc.poll() is not None:
+            raise BenchError(f"worker exited with {self.proc.returncode}; see {self.log}")
+        return scrape(self.port)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def wait_ready(self, timeout: float = 300) -> float:
+        started = time.perf_counter()
+        import urllib.request
+
+        while time.perf_counter() - started < timeout:
+            self.metrics()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - started
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise BenchError(f"worker not ready after {timeout}s; see {self.log}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+# -- throughput ---------------------------------------------------------------------------
+async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
+    """aiokafka alone, json.loads of every value: the ceiling of broker + client."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, max_poll_records=5000)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.transactions_topic, p)
+               for p in consumer.partitions_for_topic(settings.transactions_topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen, first = 0, None
+        while seen < n:
+            for records in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
+                if first is None:
+                    first = time.perf_counter()
+                for rec in records:
+                    json.loads(rec.value)
+                seen += len(records)
+        return Rate("raw aiokafka", seen, lines, time.perf_counter() - first)
+    finally:
+        await consumer.stop()
+
+
+def bare_faust(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
+    out = workdir / f"bare-{uuid.uuid4().hex[:6]}.json"
+    log = workdir / "bare-agent.log"
+    res = subprocess.run([sys.executable, "-m", "stream.bench_agent", settings.bootstrap_servers,
+                          settings.transactions_topic, str(n), f"{settings.app_id}-bare-{out.stem}",
+                          str(out), str(settings.partitions)],
+                         stdout=log.open("wb"), stderr=subprocess.STDOUT, timeout=1800,
+                         cwd=workdir)
+    if not out.exists():
+        raise BenchError(f"bare faust agent failed ({res.returncode}); see {log}")
+    got = json.loads(out.read_text())
+    return Rate("bare faust agent", got["messages"], lines, got["seconds"])
+
+
+def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int) -> Rate:
+    """`clv worker` on the preloaded topic: from its first event to every score published."""
+    app = f"{settings.app_id}-full{run}"
+    env = worker_env(settings, workdir, CLV_APP_ID=app,
+                     CLV_SCORES_TOPIC=f"{settings.scores_topic}-{run}",
+                     CLV_DATA_DIR=str(workdir / f"state-{app}"))
+    worker = WorkerProcess(env, workdir / f"worker-{run}.log")
+    try:
+        first = None
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            m = worker.metrics()
+            seen = m.get("clv_events_in_total", 0)
+            if first is None and seen > 0:
+                first = time.perf_counter()
+            if seen >= n and idle(m):
+                return Rate("full worker", n, lines, time.perf_counter() - first)
+            time.sleep(0.05)
+        raise BenchError(f"worker did not finish; see {worker.log}")
+    finally:
+        worker.stop()
+
+
+def throughput(invoices: int, customers: int, partitions: int, repeats: int,
+               bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+    events = synthetic_events(invoices, customers)
+    lines = sum(len(e.lines) for e in events)
+    with broker(bootstrap, workdir) as servers:
+        settings = fresh_settings(servers, partitions)
+        asyncio.run(publish(settings, events, len(events), progress=False))
+        runs: dict[str, list[Rate]] = {"raw": [], "bare": [], "full": []}
+        for r in range(repeats):  # interleaved, so drift on a shared machine hits all three
+            runs["raw"].append(asyncio.run(raw_consume(settings, invoices, lines)))
+            runs["bare"].append(bare_faust(settings, invoices, lines, workdir))
+            runs["full"].append(full_worker(settings, invoices, lines, workdir, r))
+    med = {k: statistics.median(x.per_second for x in v) for k, v in runs.items()}
+    return {
+        "invoices": invoices, "customers": customers, "partitions": partitions,
+        "lines": lines, "repeats": repeats,
+        "runs": {k: [x.as_dict() for x in v] for k, v in runs.items()},
+        "median_messages_per_s": {k: round(v, 1) for k, v in med.items()},
+        "median_lines_per_s": {k: round(v * lines / invoices, 1) for k, v in med.items()},
+        "full_over_bare": round(med["full"] / med["bare"], 3),
+        "full_over_raw": round(med["full"] / med["raw"], 3),
+    }
+
+
+# -- latency ------------------------------------------------------------------------------
+async def _steady(settings: Settings, rate: float, seconds: float, tag: str) -> list[float]:
+    """Publish at `rate` with event time = now, one new customer per event; latency = when its
+    score is readable on the scores topic minus the event time."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(settings.scores_topic, bootstrap_servers=settings.bootstrap_servers,
+                                group_id=None, auto_offset_reset="latest")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0)
+    await consumer.start()
+    await producer.start()
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    total = int(rate * seconds)
+
+    async def read() -> None:
+        while len(latencies) < total:
+            batch = await consumer.getmany(timeout_ms=200)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    t = sent.pop(rec.key.decode(), None)
+                    if t is not None:
+                        latencies.append(now - t)
+
+    try:
+        await asyncio.sleep(1.0)  # the consumer holds its position before we publish
+        reader = asyncio.create_task(read())
+        started = time.monotonic()
+        for i in range(total):
+            ahead = i / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            cid = f"{tag}{i:08d}"
+            now = datetime.now(timezone.utc)
+            ev = TransactionEvent(stable_event_id(cid, "1"), cid, "1", now, (Line("S1", 1, 9.99),))
+            sent[cid] = now.timestamp()
+            await producer.send(settings.transactions_topic, ev.to_json(), key=cid.encode())
+        try:
+            await asyncio.wait_for(reader, timeout=60)
+        except asyncio.TimeoutError:
+            reader.cancel()
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return latencies
+
+
+def _percentiles(values: list[float], sent: int) -> dict[str, Any]:
+    ms = np.array(values) * 1000
+    return {"events": sent, "scored": len(values),
+            **({f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}
+               if len(ms) else {}),
+            "max_ms": round(float(ms.max()), 1) if len(ms) else None}
+
+
+def latency(rates: list[float], max_rate: float | None, seconds: float, bootstrap: str | None,
+            workdir: Path) -> dict[str, Any]:
+    with broker(bootstrap, workdir) as servers:
+        settings = fresh_settings(servers, 4)
+        asyncio.run(ensure_topics(settings, all_topics(settings)))
+        worker = WorkerProcess(worker_env(settings, workdir), workdir / "latency-worker.log")
+        try:
+            worker.wait_ready()
+            asyncio.run(_steady(settings, 50, 2, "warm"))  # first batch, JIT-free but cold caches
+            out = {}
+            for rate in rates:
+                values = asyncio.run(_steady(settings, rate, seconds, f"r{int(rate)}-"))
+                out[str(rate)] = _percentiles(values, int(rate * seconds))
+        finally:
+            worker.stop()
+    return {"max_rate": max_rate, "seconds_per_rate": seconds, "rates": out}
+
+
+# -- scoring ------------------------------------------------------------------------------
+def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[str, Any]:
+    """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs
+    with the same architecture when the train extra is installed."""
+    from export_onnx.artifact import Artifact
+    from features.batch import read_history, snapshots
+    from features.loaders import vendored_cdnow
+    from features.sequences import Inputs, build_inputs
+
+    artifact = Artifact.load(model)
+    events = read_history(str(vendored_cdnow())).events
+    snap = next(snapshots(events, [events[-1].ts], artifact.window))
+    states = list(snap.states.values())
+    inputs = build_inputs(states, snap.month, artifact.window, artifact.horizon_months)
+    scaled = artifact.scaler.transform(inputs)
+    torch_model = _torch_twin(artifact)
+
+    def rate(fn: Any, size: int) -> float:
+        runs = []
+        for r in range(3):
+            done, started = 0, time.perf_counter()
+            i = r * 97
+            while time.perf_counter() - started < seconds:
+                idx = np.arange(i, i + size) % len(states)
+                fn(Inputs(inputs.seq[idx], inputs.static[idx]), idx)
+                done += size
+                i += size
+            runs.append(done / (time.perf_counter() - started))
+        return statistics.median(runs)
+
+    def ort_fn(batch: Any, idx: Any) -> None:
+        artifact.predict(batch)
+
+    def torch_fn(batch: Any, idx: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch_model(torch.from_numpy(scaled.seq[idx]), torch.from_numpy(scaled.static[idx]),
+                        torch_model.h0(len(idx)))
+
+    rows = []
+    for size in batch_sizes:
+        row = {"batch": size, "onnxruntime_per_s": round(rate(ort_fn, size), 1)}
+        if torch_model is not None:
+            row["torch_per_s"] = round(rate(torch_fn, size), 1)
+        rows.append(row)
+    one = next((r["onnxruntime_per_s"] for r in rows if r["batch"] == 1), None)
+    best = max(rows, key=lambda r: r["onnxruntime_per_s"])
+    return {"model": artifact.version, "threads": 2, "rows": rows,
+            "worker_batch_size": Settings().batch_size,
+            "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
+            "torch": "same architecture, random weights (speed does not depend on them)"
+                     if torch_model is not None else "not installed (pip install -e '.[train]')"}
+
+
+def _torch_twin(artifact: Any) -> Any:
+    try:
+        import torch
+
+        from models.networks import GRUModel
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    return GRUModel(len(artifact.meta["seq_features"]), len(artifact.meta["static_features"]),
+                    hidden=artifact.meta["hidden"], layers=artifact.meta["layers"]).eval()
+
+
+# -- state --------------------------------------------------------------------------------
+def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+    """RSS growth per 100k customers held, and how long a restarted worker takes to recover
+    that state from the changelog, per table store."""
+    events = synthetic_events(customers, customers, seed=11, span_days=20)
+    out: dict[str, Any] = {"customers": customers, "stores": {}}
+    with broker(bootstrap, workdir) as servers:
+        for store in stores:
+            settings = fresh_settings(servers, 4)
+            asyncio.run(ensure_topics(settings, all_topics(settings)))
+            env = worker_env(settings, workdir, CLV_STORE=store)
+            worker = WorkerProcess(env, workdir / f"state-{store.split(':')[0]}-1.log")
+            try:
+                worker.wait_ready()
+                time.sleep(2)
+                base = worker.rss_mb()
+                asyncio.run(publish(settings, events, len(events), progress=False))
+                deadline = time.monotonic() + 1800
+                while not (worker.metrics().get("clv_events_in_total", 0) >= customers
+                           and idle(worker.metrics())):
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"worker did not finish; see {worker.log}")
+                    time.sleep(0.2)
+                held = worker.rss_mb()
+            finally:
+                worker.stop()
+            # A new process with an empty state directory: everything comes from the changelog.
+            env2 = {**env, "CLV_DATA_DIR": env["CLV_DATA_DIR"] + "-restart"}
+            again = WorkerProcess(env2, workdir / f"state-{store.split(':')[0]}-2.log")
+            try:
+                recovery = again.wait_ready(timeout=1800)
+            finally:
+                again.stop()
+            out["stores"][store] = {
+                "rss_base_mb": round(base, 1), "rss_held_mb": round(held, 1),
+                "mb_per_100k_customers": round((held - base) * 100_000 / customers, 1),
+                "recovery_seconds": round(recovery, 2),
+            }
+    return out
+
+
+def workdir_for(path: str | None) -> Path:
+    return Path(path) if path else Path(tempfile.mkdtemp(prefix="clv-bench-"))

@@ -1,0 +1,188 @@
+"""Helpers shared by the tests that run the product's processes against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer
+
+from export_onnx.artifact import shipped_model_dir
+from stream.broker import free_port
+from stream.metrics import idle, scrape
+
+CLV = [sys.executable, "-m", "stream.cli"]
+
+
+class Worker:
+    def __init__(self, env: dict, tmp: Path, name: str = "w1") -> None:
+        self.port = free_port()
+        self.log = tmp / f"{name}.log"
+        self.proc = subprocess.Popen(
+            [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", "20"],
+            env={**env, "CLV_DATA_DIR": str(tmp / f"{name}-state")},  # one state dir per worker
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.port)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
+            if self.get("/ready")[0] == 200:
+                return
+            time.sleep(0.3)
+        raise AssertionError("worker never became ready\n" + self.log.read_text(errors="replace")[-3000:])
+
+    def idle(self) -> bool:
+        return idle(self.metrics())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(30)
+        except ProcessLookupError:
+            pass  # already gone
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def wait_idle(workers: list[Worker], events: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    stable = 0
+    while time.monotonic() < deadline:
+        seen = sum(w.metrics().get("clv_events_in_total", 0) for w in workers)
+        if seen >= events and all(w.idle() for w in workers):
+            stable += 1
+            if stable >= 3:
+                return
+        else:
+            stable = 0
+        time.sleep(0.5)
+    raise AssertionError(f"workers not idle after {timeout}s: {[w.metrics() for w in workers]}")
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    async def run() -> list:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        out = []
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=2000, max_records=10000)
+                if not batch:
+                    break
+                for records in batch.values():
+                    out.extend(records)
+        finally:
+            await consumer.stop()
+        return out
+
+    return asyncio.run(run())
+
+
+def last_scores(bootstrap: str, topic: str) -> dict[str, dict]:
+    latest: dict[str, dict] = {}
+    # One key always lands in one partition, so offset order is publish order.
+    for rec in sorted(read_topic(bootstrap, topic), key=lambda r: (r.partition, r.offset)):
+        latest[rec.key.decode()] = json.loads(rec.value)
+    return latest
+
+
+def batch_scores(tmp: Path, data: Path) -> dict[str, dict]:
+    out = tmp / "batch.csv"
+    res = subprocess.run([*CLV, "score", str(data), "--model", str(shipped_model_dir()), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return {r["customer_id"]: r for r in csv.DictReader(out.open())}
+
+
+def replay(env: dict, data: Path, rate: float | None = None) -> subprocess.Popen:
+    args = [*CLV, "replay", str(data), "--quiet"] + (["--rate", str(rate)] if rate else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> None:
+    assert set(live) == set(batch)
+    worst = 0.0
+    for cid, b in batch.items():
+        a = live[cid]
+        assert a["frequency"] == int(b["frequency"]), cid
+        assert abs(a["total_spend"] - float(b["total_spend"])) < 1e-9, cid
+        rel = abs(a["clv"] - float(b["clv"])) / max(abs(float(b["clv"])), 1e-9)
+        worst = max(worst, rel)
+    assert worst < 1e-5, worst
+
+
+class Process:
+    """Any long-running `clv` command, in its own session so it can be stopped with its children."""
+
+    def __init__(self, args: list[str], env: dict, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([*CLV, *args], env=env, stdout=log.open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        try:
+            os.killpg(self.proc.pid, sig)
+            return self.proc.wait(timeout)
+        except ProcessLookupError:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    from stream.replay import end_offsets as ends
+    from stream.settings import Settings
+
+    return asyncio.run(ends(Settings.from_env({}, bootstrap_servers=bootstrap), topic))
+
+
+def snapshot_offsets(path: Path) -> dict[int, int]:
+    import duckdb
+
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error:
+        return {}
+    try:
+        return {int(k): int(v) for k, v in con.execute("SELECT offsets FROM snapshot_meta").fetchone()[0].items()}
+    finally:
+        con.close()
+
+
+def wait_snapshot_caught_up(path: Path, bootstrap: str, topic: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    want = {p: o for p, o in end_offsets(bootstrap, topic).items() if o > 0}
+    while time.monotonic() < deadline:
+        have = snapshot_offsets(path)
+        if all(have.get(p, 0) >= o for p, o in want.items()):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"snapshot never caught up with {topic}: {want} vs {snapshot_offsets(path)}")

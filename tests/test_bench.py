@@ -1,0 +1,52 @@
+"""The bench commands at tiny sizes: they run end to end and report sane figures. No timing
+assertions: figures are for BENCHMARKS.md, measured on a quiet machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from harness import CLV
+
+
+def bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    res = subprocess.run([*CLV, "bench", *args, "--json", str(out), "--workdir", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_throughput_small(tmp_path, kafka_bootstrap):
+    r = bench(tmp_path, "throughput", "--invoices", "400", "--customers", "100", "--repeats", "1",
+              "--bootstrap", kafka_bootstrap)
+    for path in ("raw", "bare", "full"):
+        assert r["median_messages_per_s"][path] > 0
+        assert r["runs"][path][0]["messages"] == 400
+    assert r["full_over_bare"] > 0 and r["lines"] >= 400
+
+
+def test_bench_latency_small(tmp_path, kafka_bootstrap):
+    r = bench(tmp_path, "latency", "--rate", "40", "--seconds", "2", "--max-rate", "80",
+              "--bootstrap", kafka_bootstrap)
+    got = r["rates"]["40.0"]
+    assert got["scored"] == got["events"] == 80
+    assert 0 < got["p50_ms"] <= got["p99_ms"] <= got["max_ms"]
+
+
+def test_bench_scoring_small(tmp_path):
+    r = bench(tmp_path, "scoring", "--batch-sizes", "1", "64", "--seconds", "0.05")
+    assert [row["batch"] for row in r["rows"]] == [1, 64]
+    assert all(row["onnxruntime_per_s"] > 0 for row in r["rows"])
+    assert "torch_per_s" in r["rows"][0]  # the dev install has torch
+
+
+def test_bench_state_small(tmp_path, kafka_bootstrap):
+    r = bench(tmp_path, "state", "--customers", "300", "--bootstrap", kafka_bootstrap)
+    mem = r["stores"]["memory://"]
+    assert mem["recovery_seconds"] > 0 and mem["rss_held_mb"] > 0
+
+
+def test_bench_bad_argument_is_one_line(tmp_path):
+    res = subprocess.run([*CLV, "bench", "throughput", "--invoices", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("clv: error:") and len(res.stderr.splitlines()) == 1

@@ -1,0 +1,258 @@
+"""DuckDB snapshots for analysts: consistent under swaps, intact after a kill mid-write, exact
+top-N, read-only queries, the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from harness import CLV, Process, wait_snapshot_caught_up
+from state.segments import SEGMENTS
+from stream.broker import free_port
+
+
+def clv(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLV, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_readers_never_see_a_partial_or_locked_snapshot(cdnow_live):
+    seen = cdnow_live.reader
+    assert seen["n_errors"] == 0, seen["errors"]
+    assert seen["inconsistent"] == []
+    assert seen["reads"] > 100 and seen["snapshots_seen"] >= 3, seen  # swaps happened underneath
+
+
+def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
+    con = duckdb.connect(str(cdnow_live.snapshot), read_only=True)
+    try:
+        rows = con.execute("SELECT count(*), count(DISTINCT customer_id) FROM customer_scores").fetchone()
+        meta = con.execute("SELECT customers, newest_event_time, offsets, model_versions, source_topic "
+                           "FROM snapshot_meta").fetchone()
+        tiers = dict(con.execute("SELECT value_tier, customers FROM tier_summary").fetchall())
+        segs = con.execute("SELECT segment, share_of_value FROM segment_summary").fetchall()
+    finally:
+        con.close()
+    assert rows == (23_570, 23_570) and meta[0] == 23_570
+    assert meta[1].year == 1998 and meta[1].month == 6
+    ends = _end(kafka_bootstrap, cdnow_live)
+    assert set(meta[2]) == set(ends) and all(meta[2][p] >= ends[p] > 0 for p in ends)  # read it all
+    assert len(meta[3]) == 1 and meta[3][0].startswith("gru-")
+    assert meta[4] == cdnow_live.env["CLV_SCORES_TOPIC"]
+    assert set(tiers) == {"low", "medium", "high"} and sum(tiers.values()) == 23_570
+    assert {s for s, _ in segs} <= set(SEGMENTS)
+    assert abs(sum(share for _, share in segs) - 1) < 1e-9
+
+
+def _end(bootstrap: str, live) -> dict[int, int]:
+    from harness import end_offsets
+
+    return end_offsets(bootstrap, live.env["CLV_SCORES_TOPIC"])
+
+
+def test_query_top_matches_batch_scores(cdnow_live, cdnow_batch):
+    res = clv("query", "top", "--n", "10", "--json", env=cdnow_live.env)
+    assert res.returncode == 0, res.stderr
+    top = json.loads(res.stdout)
+    want = sorted(cdnow_batch.values(), key=lambda r: -float(r["clv"]))[:10]
+    assert [r["customer_id"] for r in top] == [r["customer_id"] for r in want]
+    for got, exp in zip(top, want):
+        assert abs(got["clv"] - float(exp["clv"])) <= 1e-5 * abs(float(exp["clv"]))
+
+
+def test_query_commands(cdnow_live, tmp_path):
+    env = cdnow_live.env
+    res = clv("query", "segments", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    segs = json.loads(res.stdout)
+    assert sum(s["customers"] for s in segs) == 23_570
+    assert {"segment", "customers", "total_clv", "mean_clv", "share_of_value"} <= set(segs[0])
+    res = clv("query", "segments", env=env)
+    assert res.returncode == 0 and "share_of_value" in res.stdout and "value_tier" in res.stdout
+    vip = json.loads(clv("query", "top", "--n", "5", "--segment", "vip", "--json", env=env).stdout)
+    assert vip and all(r["segment"] == "vip" for r in vip)
+    one = json.loads(clv("query", "customer", "00001", env=env).stdout)
+    assert one["customer_id"] == "00001" and one["value_tier"] in ("low", "medium", "high")
+    res = clv("query", "sql", "SELECT segment, count(*) AS n FROM customer_scores GROUP BY 1", "--json",
+              env=env)
+    assert res.returncode == 0 and sum(r["n"] for r in json.loads(res.stdout)) == 23_570
+    res = clv("export", "--out", str(tmp_path / "vip.csv"), "--segment", "vip", env=env)
+    assert res.returncode == 0, res.stderr
+    assert len((tmp_path / "vip.csv").read_text().splitlines()) == 1 + sum(
+        s["customers"] for s in segs if s["segment"] == "vip")
+    res = clv("export", "--out", str(tmp_path / "all.parquet"), env=env)
+    assert res.returncode == 0, res.stderr
+    assert duckdb.connect().execute(f"SELECT count(*) FROM '{tmp_path / 'all.parquet'}'").fetchone()[0] == 23_570
+    for bad in (["query", "top", "--segment", "nobody"], ["query", "customer"],
+                ["export", "--out", str(tmp_path / "x.txt")], ["query", "customer", "no-such-id"]):
+        res = clv(*bad, env=env)
+        assert res.returncode == 2 and res.stderr.startswith("clv: error:") and len(res.stderr.splitlines()) == 1, bad
+    res = clv("query", "top", "--snapshot", str(tmp_path / "none.duckdb"), env=env)
+    assert res.returncode == 2 and "no snapshot" in res.stderr
+
+
+INJECTIONS = [
+    "DROP TABLE customer_scores",
+    "DELETE FROM customer_scores",
+    "UPDATE customer_scores SET clv = 0",
+    "SELECT 1; DROP TABLE customer_scores",
+    "CREATE TABLE evil AS SELECT 1",
+    "COPY customer_scores TO '/tmp/clv-stolen.csv'",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "ATTACH '/tmp/clv-other.duckdb' AS other",
+    "SET enable_external_access = true",
+    "INSTALL httpfs",
+]
+
+
+@pytest.mark.parametrize("sql", INJECTIONS)
+def test_sql_cannot_write_or_escape(cdnow_live, sql):
+    res = clv("query", "sql", sql, env=cdnow_live.env)
+    assert res.returncode == 2, res.stdout
+    assert res.stderr.startswith("clv: error: query refused") and len(res.stderr.splitlines()) == 1
+    assert not Path("/tmp/clv-stolen.csv").exists()
+
+
+def test_customer_lookup_is_not_injectable(cdnow_live):
+    res = clv("query", "customer", "x' OR '1'='1", env=cdnow_live.env)
+    assert res.returncode == 2 and "not in the snapshot" in res.stderr
+
+
+class Api:
+    def __init__(self, env: dict, tmp: Path, token: str = "") -> None:
+        self.port = free_port()
+        self.token = token
+        self.proc = Process(["api", "--port", str(self.port)], {**env, "CLV_API_TOKEN": token},
+                            tmp / f"api-{self.port}.log")
+        deadline = time.monotonic() + 30
+        while self.get("/health")[0] != 200:
+            assert self.proc.proc.poll() is None and time.monotonic() < deadline, self.proc.output()
+            time.sleep(0.2)
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
+        token = self.token if token is None else token
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+
+def test_http_api_serves_the_snapshot(cdnow_live, cdnow_batch, tmp_path):
+    api = Api(cdnow_live.env, tmp_path)
+    try:
+        status, body = api.get("/top?n=10")
+        assert status == 200
+        want = sorted(cdnow_batch.values(), key=lambda r: -float(r["clv"]))[:10]
+        assert [r["customer_id"] for r in json.loads(body)] == [r["customer_id"] for r in want]
+        status, body = api.get("/segments")
+        assert status == 200 and sum(s["customers"] for s in json.loads(body)) == 23_570
+        status, body = api.get("/summary")
+        assert status == 200 and json.loads(body)["customers"] == 23_570
+        assert api.get("/customers/00001")[0] == 200
+        assert api.get("/customers/x'%20OR%20'1'='1")[0] == 404
+        status, body = api.get("/export.csv?segment=vip")
+        assert status == 200 and body.decode().startswith("customer_id,clv,")
+        assert api.get("/export.csv")[1].count(b"\n") == 23_571
+        status, body = api.get("/openapi.json")
+        assert status == 200 and "/top" in json.loads(body)["paths"]
+        assert api.get("/top?n=abc")[0] == 400 and api.get("/top?segment=nobody")[0] == 400
+        status, body = api.get("/sql?q=" + urllib.request.quote("SELECT count(*) AS n FROM customer_scores"))
+        assert status == 200 and json.loads(body)["rows"] == [[23_570]]
+        for sql in INJECTIONS:
+            status, body = api.get("/sql?q=" + urllib.request.quote(sql))
+            assert status == 400 and "refused" in json.loads(body)["error"], sql
+    finally:
+        api.proc.stop()
+    con = duckdb.connect(str(cdnow_live.snapshot), read_only=True)
+    assert con.execute("SELECT count(*) FROM customer_scores").fetchone()[0] == 23_570
+    con.close()
+
+
+def test_http_api_token(cdnow_live, tmp_path):
+    api = Api(cdnow_live.env, tmp_path, token="s3cret")
+    try:
+        assert api.get("/top", token="")[0] == 401
+        assert api.get("/top", token="wrong")[0] == 401
+        assert api.get("/top")[0] == 200
+        assert api.get("/health", token="")[0] == 200
+    finally:
+        api.proc.stop()
+    res = clv("api", "--host", "0.0.0.0", "--port", str(free_port()), env=cdnow_live.env)
+    assert res.returncode == 2 and "CLV_API_TOKEN" in res.stderr
+
+
+def _publish_scores(bootstrap: str, topic: str, template: dict, n: int, tag: str) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        await producer.start()
+        try:
+            for i in range(n):
+                cid = f"{tag}-{i:06d}"
+                await producer.send(topic, json.dumps({**template, "customer_id": cid, "clv": float(i)}).encode(),
+                                    key=cid.encode())
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap, clv_env, tmp_path):
+    """A sink fed new scores continuously is killed with SIGKILL while a snapshot is being
+    written (its temporary file exists); the published snapshot must be the previous one."""
+    env = {**clv_env, "CLV_SNAPSHOT_INTERVAL_S": "0.2"}
+    published = Path(env["CLV_SNAPSHOT_PATH"])
+    template = {"schema_version": 1, "p_purchase": 0.5, "recency_days": 10.0, "frequency": 2,
+                "monetary": 20.0, "tenure_days": 100.0, "total_spend": 40.0, "segment": "regular",
+                "horizon_months": 6, "model_version": "gru-test", "as_of": "2011-12-01T00:00:00+00:00",
+                "scored_at": "2026-11-22T00:00:00+00:00"}
+    _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], template, 20_000, "base")
+    sink = Process(["snapshot"], env, tmp_path / "sink.log")
+    killed_during_write = False
+    try:
+        wait_snapshot_caught_up(published, kafka_bootstrap, env["CLV_SCORES_TOPIC"])
+        for round_ in range(30):
+            _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], template, 2000, f"k{round_}")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if any(published.parent.glob(".clv.duckdb.tmp-*")):
+                    before = hashlib.sha256(published.read_bytes()).hexdigest()
+                    sink.stop(signal.SIGKILL)
+                    killed_during_write = any(published.parent.glob(".clv.duckdb.tmp-*"))
+                    break
+                time.sleep(0.001)
+            if killed_during_write or sink.proc.poll() is not None:
+                break
+        assert killed_during_write, "never caught the sink writing"
+    finally:
+        sink.stop()
+    assert hashlib.sha256(published.read_bytes()).hexdigest() == before  # the previous one, untouched
+    con = duckdb.connect(str(published), read_only=True)
+    rows, meta = con.execute("SELECT (SELECT count(*) FROM customer_scores), customers FROM snapshot_meta").fetchone()
+    con.close()
+    assert rows == meta >= 20_000
+    again = Process(["snapshot"], env, tmp_path / "sink2.log")
+    try:
+        wait_snapshot_caught_up(published, kafka_bootstrap, env["CLV_SCORES_TOPIC"])
+    finally:
+        assert again.stop() == 0
+    assert "left by a sink stopped mid-write" in again.output()
+    assert not any(published.parent.glob(".clv.duckdb.tmp-*"))
+    con = duckdb.connect(str(published), read_only=True)
+    assert con.execute("SELECT count(*) FROM customer_scores WHERE customer_id LIKE 'k%'").fetchone()[0] > 0
+    con.close()
