@@ -23,7 +23,8 @@ from features.loaders import vendored_cdnow
 from state.queries import QueryError, Snapshot, render_table
 from stream.broker import free_port, start
 from stream.metrics import idle, scrape
-from stream.replay import end_offsets, publish
+from stream.kafka_io import end_offsets
+from stream.replay import publish
 from stream.settings import Settings
 
 CLV = [sys.executable, "-m", "stream.cli"]

@@ -99,16 +99,3 @@ async def publish(settings: Settings, events: Iterable[TransactionEvent], total:
         await producer.stop()
     return ReplaySummary(n, lines, len(customers), time.monotonic() - started, first, last)
 
-
-async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    """The next offset of every partition of `topic`: how far a reader must get to be current."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                                **settings.kafka_client_options())
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await consumer.stop()

@@ -30,13 +30,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from faust.serializers import codecs
 
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, CustomerState, Folder, contribution, month_of
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from state.segments import segment
+from stream.kafka_io import read_partition
 from stream.metrics import Metrics
 from stream.scoring import score_states
 from stream.settings import Settings
@@ -44,6 +45,7 @@ from stream.state_writes import WriteBehindStates
 
 log = logging.getLogger("clv.worker")
 SCORE_SCHEMA_VERSION = 1
+CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
 
 
 class StateCodec(codecs.Codec):
@@ -88,6 +90,7 @@ class Rescorer:
         self.oldest_dirty: float | None = None
         self.latest: dict[str, dict[str, Any]] = {}  # the latest-score table, per customer
         self.taken: set[int] = set()  # partitions whose takeover has run
+        self.taking: dict[int, asyncio.Future[None]] = {}
         self.lock = asyncio.Lock()
         self.stream: Any = None
         self.stopping = False  # set at shutdown: nothing is acknowledged after the final flush
@@ -110,11 +113,26 @@ class Rescorer:
         return folder
 
     async def take_over(self, partition: int) -> None:
-        """Rebuild the partition's clock and latest scores; rescore only customers whose score
-        is missing or older than the clock's month."""
+        """Once per assignment, before any event of the partition is applied: complete the
+        table partition, rebuild the clock and latest scores, queue customers whose score is
+        missing or older than the clock's month."""
         if partition in self.taken:
             return
-        self.taken.add(partition)
+        task = self.taking.get(partition)
+        if task is None:
+            task = self.taking[partition] = asyncio.ensure_future(self._take_over(partition))
+        try:
+            await asyncio.shield(task)
+        finally:
+            self.taking.pop(partition, None)
+
+    async def _take_over(self, partition: int) -> None:
+        recovered_to = self.app.tables.recovery.active_offsets.get(
+            TopicPartition(self.states.topic, partition), -1)
+        # Re-applying records recovery already applied is harmless (in order, newest wins); start
+        # well before its end so the records of the last producer batch are surely included.
+        caught_up = await self.states.catch_up(self.settings, partition,
+                                               recovered_to - CATCH_UP_MARGIN)
         folder = self.folder(partition)
         loaded = await self._load_scores(partition)
         members = self.members[partition]
@@ -127,43 +145,31 @@ class Rescorer:
             elif msg["model_version"] != self.artifact.version:
                 other_model += 1
         self.backlog.setdefault(partition, deque()).extend(sorted(stale))
-        log.info("partition %d taken over: %d customers, clock %s, %d scores read back; rescoring "
-                 "%d without a current score%s", partition, len(members),
-                 self._as_of(partition).isoformat(), loaded, len(stale),
+        self.taken.add(partition)
+        log.info("partition %d taken over: %d customers (%d changelog records re-read after "
+                 "recovery), clock %s, %d scores read back; rescoring %d without a current "
+                 "score%s", partition, len(members), caught_up, self._as_of(partition).isoformat(),
+                 loaded, len(stale),
                  f"; {other_model} carry another model version (rescored on their next event or "
                  f"by `clv rescore-all`)" if other_model else "")
 
     async def _load_scores(self, partition: int) -> int:
         """Newest score per customer from the compacted scores topic, up to its current end."""
-        tp = TopicPartition(self.settings.scores_topic, partition)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
-                                    group_id=None, enable_auto_commit=False,
-                                    **self.settings.kafka_client_options())
-        await consumer.start()
         n = 0
-        try:
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            await consumer.seek_to_beginning(tp)
-            found: dict[str, dict[str, Any]] = {}
-            while end and await consumer.position(tp) < end:
-                for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                    for rec in records:
-                        if rec.offset >= end:
-                            break
-                        n += 1
-                        if rec.key is None:
-                            continue
-                        cid = rec.key.decode("utf-8", "replace")
-                        if rec.value is None:  # tombstone: the customer's score was deleted
-                            found.pop(cid, None)
-                            continue
-                        try:
-                            found[cid] = json.loads(rec.value)
-                        except ValueError:
-                            log.warning("unreadable score at %s[%d]@%d", tp.topic, partition, rec.offset)
-        finally:
-            await consumer.stop()
+        found: dict[str, dict[str, Any]] = {}
+        async for records in read_partition(self.settings, self.settings.scores_topic, partition):
+            for rec in records:
+                n += 1
+                if rec.key is None:
+                    continue
+                cid = rec.key.decode("utf-8", "replace")
+                if rec.value is None:  # tombstone: the customer's score was deleted
+                    found.pop(cid, None)
+                    continue
+                try:
+                    found[cid] = json.loads(rec.value)
+                except ValueError:
+                    log.warning("unreadable score at %s[%d]@%d", rec.topic, partition, rec.offset)
         for cid, msg in found.items():  # scores published since the takeover began are newer
             self.latest.setdefault(cid, msg)
         return n
@@ -344,6 +350,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                 continue  # unacknowledged: redelivered to whoever owns the partition next
             ready.set()
             msg = event.message
+            await rescorer.take_over(msg.partition)  # no-op once the partition is taken over
             metrics.events_in += 1
             rescorer.position[msg.partition] = msg.offset + 1
             raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")

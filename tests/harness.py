@@ -158,7 +158,7 @@ class Process:
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    from stream.replay import end_offsets as ends
+    from stream.kafka_io import end_offsets as ends
     from stream.settings import Settings
 
     return asyncio.run(ends(Settings.from_env({}, bootstrap_servers=bootstrap), topic))

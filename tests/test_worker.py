@@ -124,9 +124,6 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
     assert scores["c3"]["frequency"] == 1
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug under investigation: after the eager rebalance that follows one worker stopping, "
-    "the surviving worker can miss one invoice of a customer on a partition it kept"))
 def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
     a, b = Worker(clv_env, tmp_path, "a"), Worker(clv_env, tmp_path, "b")
     try:
