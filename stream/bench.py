@@ -419,4 +419,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
 
 
 def workdir_for(path: str | None) -> Path:
-    return Path(path) if path else Path(tempfile.mkdtemp(prefix="clv-bench-"))
+    if not path:
+        return Path(tempfile.mkdtemp(prefix="clv-bench-"))
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)

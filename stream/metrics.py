@@ -44,8 +44,11 @@ class Metrics:
         self.partitions = 0  # transactions partitions recovered and owned
         self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
                                     (1, 8, 32, 128, 512, 1024, 2048, 4096))
-        self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds per micro-batch (score+publish)",
+        self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds to score a micro-batch",
                                        (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.publish_latency = Histogram("clv_publish_seconds",
+                                         "seconds until the broker acknowledged a flush's scores and state",
+                                         (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.freshness = Histogram("clv_event_to_publish_seconds",
                                    "seconds from receiving an event to publishing its customer's score",
                                    (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
@@ -74,7 +77,7 @@ class Metrics:
                 "# HELP clv_consumer_lag messages behind the end of each transactions partition",
                 "# TYPE clv_consumer_lag gauge"]
         out += [f'clv_consumer_lag{{partition="{p}"}} {n}' for p, n in sorted(self.lag.items())]
-        for h in (self.batch_size, self.batch_latency, self.freshness):
+        for h in (self.batch_size, self.batch_latency, self.publish_latency, self.freshness):
             out += h.render()
         return "\n".join(out) + "\n"
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
+import numpy as np
+
 from export_onnx.artifact import Artifact
 from features.aggregate import CustomerState, month_of
-from features.sequences import build_inputs, rfm
+from features.sequences import RFM, Inputs, build_inputs, rfm
 
 
 @dataclass(frozen=True)
@@ -23,19 +25,25 @@ class Score:
     total_spend: float
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return dict(self.__dict__)  # dataclasses.asdict deep-copies: too slow per score
+
+
+def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> tuple[Inputs, list[RFM]]:
+    """Everything that reads the states: model inputs and RFM fields, as of `as_of`."""
+    inputs = build_inputs(states, month_of(as_of), artifact.window, artifact.horizon_months)
+    as_of_ts = int(as_of.astimezone(timezone.utc).timestamp())
+    return inputs, [rfm(s, as_of_ts) for s in states]
+
+
+def assemble(states: Sequence[CustomerState], fields: list[RFM], clv: np.ndarray, p: np.ndarray) -> list[Score]:
+    return [Score(s.customer_id, c, pp, r.recency_days, r.frequency, r.monetary, r.tenure_days,
+                  r.total_spend) for s, r, c, pp in zip(states, fields, clv.tolist(), p.tolist())]
 
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[Score]:
     """Score many customers in one onnxruntime call, as of the month of `as_of`."""
     if not states:
         return []
-    inputs = build_inputs(states, month_of(as_of), artifact.window, artifact.horizon_months)
+    inputs, fields = prepare(artifact, states, as_of)
     clv, p = artifact.predict(inputs)
-    as_of_ts = int(as_of.astimezone(timezone.utc).timestamp())
-    out = []
-    for s, c, pp in zip(states, clv.tolist(), p.tolist()):
-        r = rfm(s, as_of_ts)
-        out.append(Score(s.customer_id, c, pp, r.recency_days, r.frequency,
-                         r.monetary, r.tenure_days, r.total_spend))
-    return out
+    return assemble(states, fields, clv, p)

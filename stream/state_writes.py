@@ -2,10 +2,9 @@
 
 Faust writes a changelog record on every table assignment, which costs more than the rest of an
 event's processing. Here an assignment updates the store only and remembers the customer; the
-flush that precedes publishing scores and acknowledging events writes each changed customer's
-newest state once, in faust's own record format, to the partition the customer lives in (the
-table is co-partitioned with `transactions`). Offsets are committed only after the producer is
-flushed, so no committed event's effect can be missing from the changelog; a crash before that
+flush writes each changed customer's newest state once, in faust's own record format, to the
+partition the customer lives in (the table is co-partitioned with `transactions`), together with
+the scores, and acknowledges the events only after the broker has both. A crash before that
 redelivers the events, which the offset watermark in each state makes harmless.
 """
 
@@ -14,17 +13,44 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+import json
+
 from faust.serializers import codecs
 
 from features.aggregate import CustomerState
 
+STATE_CODEC = "clv_state"
+
+
+def encode_key(customer_id: str) -> bytes:
+    return json.dumps(customer_id).encode()  # what faust's "json" key serializer writes
+
+
+def encode_state(state: CustomerState) -> bytes:
+    return json.dumps(state.to_dict(), separators=(",", ":")).encode()
+
+
+def decode_state(data: bytes) -> CustomerState:
+    return CustomerState.from_dict(json.loads(data))
+
+
+class StateCodec(codecs.Codec):
+    """Customer states travel through the changelog as compact JSON."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        return encode_state(obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return decode_state(s)
+
+
+codecs.register(STATE_CODEC, StateCodec())
+
 
 class WriteBehindStates(MutableMapping[str, CustomerState]):
-    def __init__(self, table: Any, app: Any, changelog_topic: str, value_codec: str) -> None:
+    def __init__(self, table: Any, changelog_topic: str) -> None:
         self.store = table.data  # the table's store: recovery fills it from the changelog
-        self.app = app
         self.topic = changelog_topic
-        self.value_codec = value_codec
         self.pending: dict[str, CustomerState] = {}
 
     def __getitem__(self, customer_id: str) -> CustomerState:
@@ -58,14 +84,13 @@ class WriteBehindStates(MutableMapping[str, CustomerState]):
         async for records in read_partition(settings, self.topic, partition, start):
             for rec in records:
                 if rec.key is not None and rec.value is not None:
-                    self.store[codecs.loads("json", rec.key)] = codecs.loads(self.value_codec, rec.value)
+                    self.store[json.loads(rec.key)] = decode_state(rec.value)
                     n += 1
         return n
 
-    async def flush(self) -> int:
-        """Hand every changed state to the producer; returns how many."""
+    def take_records(self) -> list[tuple[str, int, bytes, bytes]]:
+        """The changelog records of every state changed since the last call, one per customer,
+        to the partition the customer lives in."""
         pending, self.pending = self.pending, {}
-        for cid, state in pending.items():
-            await self.app.producer.send(self.topic, codecs.dumps("json", cid),
-                                     codecs.dumps(self.value_codec, state), state.partition, None, None)
-        return len(pending)
+        return [(self.topic, state.partition, encode_key(cid), encode_state(state))
+                for cid, state in pending.items()]

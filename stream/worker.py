@@ -31,7 +31,6 @@ from typing import Any
 
 import faust
 from aiokafka import TopicPartition
-from faust.serializers import codecs
 
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, CustomerState, Folder, contribution, month_of
@@ -39,26 +38,16 @@ from features.contract import Invalid, Reason, TransactionEvent, validate
 from state.segments import segment
 from stream.kafka_io import read_partition
 from stream.metrics import Metrics
-from stream.scoring import score_states
+from stream.scoring import assemble, prepare
+from stream.publisher import BatchPublisher, Record
 from stream.settings import Settings
-from stream.state_writes import WriteBehindStates
+from stream.state_writes import STATE_CODEC, WriteBehindStates
 
 log = logging.getLogger("clv.worker")
 SCORE_SCHEMA_VERSION = 1
 CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
 
 
-class StateCodec(codecs.Codec):
-    """Customer states travel through the changelog as compact JSON."""
-
-    def _dumps(self, obj: Any) -> bytes:
-        return json.dumps(obj.to_dict(), separators=(",", ":")).encode()
-
-    def _loads(self, s: bytes) -> Any:
-        return CustomerState.from_dict(json.loads(s))
-
-
-codecs.register("clv_state", StateCodec())
 
 
 def _credentials(settings: Settings) -> Any:
@@ -79,6 +68,7 @@ class Rescorer:
     def __init__(self, app: faust.App, settings: Settings, artifact: Artifact,
                  states: WriteBehindStates, metrics: Metrics) -> None:
         self.app, self.settings, self.artifact, self.states = app, settings, artifact, states
+        self.publisher = BatchPublisher(settings)
         self.metrics = metrics
         self.folders: dict[int, Folder] = {}
         self.clock_ts: dict[int, int] = {}
@@ -91,6 +81,7 @@ class Rescorer:
         self.latest: dict[str, dict[str, Any]] = {}  # the latest-score table, per customer
         self.taken: set[int] = set()  # partitions whose takeover has run
         self.taking: dict[int, asyncio.Future[None]] = {}
+        self.flushing: asyncio.Future[None] | None = None
         self.lock = asyncio.Lock()
         self.stream: Any = None
         self.stopping = False  # set at shutdown: nothing is acknowledged after the final flush
@@ -230,18 +221,26 @@ class Rescorer:
 
     # -- scoring ----------------------------------------------------------------------------
     async def flush(self) -> None:
-        """Score and publish every dirty customer, then acknowledge the events behind them."""
+        """Score every dirty customer; publish the scores with the changelog records of the
+        states behind them and wait for the broker; then acknowledge the events."""
         if self.stopping:
             return
         async with self.lock:
             dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
             acks, self.pending_acks = self.pending_acks, []
-            await self.states.flush()  # changelog first: offsets commit only after all of it
+            records = self.states.take_records()
             for partition, customers in dirty.items():
                 if partition in self.folders:
-                    await self._publish(partition, customers)
+                    records += await self._score(partition, customers)
+            await self._send(records, dirty)
             for event in acks:
                 await self.stream.ack(event)
+
+    def flush_soon(self) -> None:
+        """Start a flush unless one is running (the running one is followed by the next tick's)."""
+        if not self.lock.locked() and (self.flushing is None or self.flushing.done()):
+            self.flushing = asyncio.ensure_future(self.flush())
+            self.flushing.add_done_callback(_log_failure)
 
     async def drain_backlog(self) -> None:
         """One chunk of month-turn/assignment rescoring per call, so intake keeps going."""
@@ -252,39 +251,58 @@ class Rescorer:
             chunk = [queue.popleft() for _ in range(min(self.settings.batch_size, len(queue)))]
             async with self.lock:
                 if partition in self.folders:
-                    await self._publish(partition, {c: None for c in chunk})
+                    await self._send(await self._score(partition, dict.fromkeys(chunk)), {})
             return
 
-    async def _publish(self, partition: int, customers: dict[str, float | None]) -> None:
+    async def _send(self, records: list[Record], dirty: dict[int, dict[str, float]]) -> None:
+        started = time.perf_counter()
+        await self.publisher.publish(records)
+        now = time.monotonic()
+        for customers in dirty.values():
+            for since in customers.values():
+                self.metrics.freshness.observe(now - since)
+        self.metrics.publish_latency.observe(time.perf_counter() - started)
+
+    async def _score(self, partition: int, customers: dict[str, float | None]) -> list[Record]:
+        """Score records for the customers, to the partition they live in (so `clv-scores` is
+        co-partitioned with `transactions` whatever partitioner the publishers use). The model
+        runs in a thread (onnxruntime releases the GIL), so intake goes on meanwhile."""
         started = time.perf_counter()
         ids = list(customers)
         states = [self.states[c] for c in ids]
-        as_of = self._as_of(partition)
-        scores = score_states(self.artifact, states, as_of)
+        inputs, fields = prepare(self.artifact, states, self._as_of(partition))
+        clv, p = await asyncio.to_thread(self.artifact.predict, inputs)
+        scores = assemble(states, fields, clv, p)
+        as_of = self._as_of(partition).isoformat()
         scored_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         quantiles = self.artifact.meta["clv_quantiles"]
-        now = time.monotonic()
+        topic, version, horizon = self.settings.scores_topic, self.artifact.version, self.artifact.horizon_months
+        records: list[Record] = []
         for score, cid in zip(scores, ids):
             msg = {
                 "schema_version": SCORE_SCHEMA_VERSION,
                 **score.as_dict(),
                 "segment": segment(score.clv, score.p_purchase, score.frequency, score.recency_days,
                                    score.tenure_days, quantiles),
-                "horizon_months": self.artifact.horizon_months,
-                "model_version": self.artifact.version,
-                "as_of": as_of.isoformat(),
+                "horizon_months": horizon,
+                "model_version": version,
+                "as_of": as_of,
                 "scored_at": scored_at,
             }
             self.latest[cid] = msg
-            await self.app.producer.send(
-                self.settings.scores_topic, cid.encode(), json.dumps(msg).encode(), None, None, None
-            )
-            since = customers[cid]
-            if since is not None:
-                self.metrics.freshness.observe(now - since)
+            records.append((topic, partition, cid.encode(), json.dumps(msg).encode()))
         self.metrics.rescored += len(ids)
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
+        return records
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    """A background flush that failed leaves its events unacknowledged (redelivered on restart);
+    say so loudly, since nothing awaits it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background flush failed; its events stay unacknowledged",
+                  exc_info=task.exception())
 
 
 def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App:
@@ -319,13 +337,13 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     control = app.topic(settings.control_topic, key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
     changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="json",
-                          value_serializer="clv_state", partitions=settings.partitions,
+                          value_serializer=STATE_CODEC, partitions=settings.partitions,
                           compacting=True)
     table = app.Table("customer-state", default=None, partitions=settings.partitions,
                       changelog_topic=changelog)
-    table.value_serializer = "clv_state"  # faust takes serializers from model types only
+    table.value_serializer = STATE_CODEC  # faust takes serializers from model types only
     metrics = Metrics()
-    states = WriteBehindStates(table, app, changelog.get_topic_name(), "clv_state")
+    states = WriteBehindStates(table, changelog.get_topic_name())
     rescorer = Rescorer(app, settings, artifact, states, metrics)
     app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
     ready = asyncio.Event()
@@ -374,7 +392,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                     metrics.events_skipped[outcome] += 1
                 rescorer.pending_acks.append(event)
             if rescorer.due():
-                await rescorer.flush()
+                rescorer.flush_soon()  # in the background: intake goes on while the broker acks
 
     @app.agent(control)
     async def commands(stream: Any) -> None:
@@ -427,6 +445,13 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                 await rescorer.take_over(tp.partition)
         ready.set()
 
+    @app.task
+    async def quiet_client_logs() -> None:
+        """The Kafka client logs every produced message at debug level: costly even unprinted."""
+        level = max(logging.INFO, logging.getLevelName(settings.log_level.upper()))
+        for name in ("aiokafka", "kafka"):
+            logging.getLogger(name).setLevel(level)
+
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "model_version": artifact.version})
@@ -468,5 +493,6 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         if rescorer.stream is not None:
             await rescorer.flush()
         rescorer.stopping = True
+        await rescorer.publisher.close()
 
     return app

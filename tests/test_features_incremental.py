@@ -122,3 +122,19 @@ def test_returns_reduce_spend_but_are_not_invoices():
     for ev in (buy, ret):
         folder.add("c1", contribution(ev))
     assert folder.states["c1"].totals() == (400, 2, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1000, 1000).filter(bool),
+                          st.floats(0, 10_000, allow_nan=False).map(lambda v: round(v, 3))),
+                min_size=1, max_size=20))
+def test_contribution_rounds_like_the_vectorised_cleaning(lines):
+    """The stream's per-invoice sum (plain Python) equals `line_cents` over arrays (numpy)."""
+    from features.aggregate import line_cents
+
+    ev = TransactionEvent("e", "c", "i", datetime(2011, 1, 1, tzinfo=timezone.utc),
+                          tuple(Line("s", q, p) for q, p in lines))
+    q = np.array([q for q, _ in lines], dtype=np.float64)
+    p = np.array([p for _, p in lines], dtype=np.float64)
+    assert contribution(ev).spend_cents == int(line_cents(q, p).sum())
+    assert contribution(ev).units == int(q.sum())
