@@ -107,6 +107,10 @@ class _NonFinite(ValueError):
     pass
 
 
+# One decoder for every message: json.loads with options builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_ts(value: Any) -> datetime | Invalid:
     """ISO-8601 with an explicit zone; a zone-less time is ambiguous across regions."""
     if not isinstance(value, str):
@@ -151,6 +155,9 @@ class _Bad(Exception):
         self.detail = detail
 
 
+_NUMBERS = (int, float)  # exact types: JSON booleans are not quantities
+
+
 def _line(raw: Any, i: int) -> Line:
     if not isinstance(raw, dict):
         raise _Bad(Reason.WRONG_TYPE, f"lines[{i}] must be an object")
@@ -159,8 +166,10 @@ def _line(raw: Any, i: int) -> Line:
         raise _Bad(Reason.MISSING_FIELD, f"lines[{i}].stock_code is missing")
     if not isinstance(code, (str, int)) or isinstance(code, bool):
         raise _Bad(Reason.WRONG_TYPE, f"lines[{i}].stock_code must be a string")
-    qty = _field(raw, "quantity", (int, float))
-    price = _field(raw, "unit_price", (int, float))
+    qty, price = raw.get("quantity"), raw.get("unit_price")
+    if type(qty) not in _NUMBERS or type(price) not in _NUMBERS:  # the common case costs 2 lookups
+        qty = _field(raw, "quantity", (int, float))  # raises with the reason
+        price = _field(raw, "unit_price", (int, float))
     if not math.isfinite(qty) or not math.isfinite(price):
         raise _Bad(Reason.NON_FINITE, f"lines[{i}] has a non-finite number")
     if qty != int(qty):
@@ -207,7 +216,7 @@ def validate_dict(obj: Any, now: datetime | None = None) -> TransactionEvent | I
 def validate(raw: bytes | str, now: datetime | None = None) -> TransactionEvent | Invalid:
     """Decode and check one message value; never raises."""
     try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
+        obj = _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
     except _NonFinite as exc:
         return Invalid(Reason.NON_FINITE, f"{exc} is not a finite number")
     except (ValueError, TypeError, RecursionError) as exc:

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import faust
+from faust.exceptions import NotReady
 from aiokafka import TopicPartition
 
 from export_onnx.artifact import Artifact
@@ -368,7 +369,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                 continue  # unacknowledged: redelivered to whoever owns the partition next
             ready.set()
             msg = event.message
-            await rescorer.take_over(msg.partition)  # no-op once the partition is taken over
+            if msg.partition not in rescorer.taken:
+                await rescorer.take_over(msg.partition)
             metrics.events_in += 1
             rescorer.position[msg.partition] = msg.offset + 1
             raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
@@ -418,11 +420,18 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         if rescorer.due() or (rescorer.pending_acks and not rescorer.dirty_count()):
             await rescorer.flush()
         await rescorer.drain_backlog()
+
+    async def refresh_gauges() -> None:
+        """Gauges are read when scraped, not kept current on every tick."""
         metrics.dirty = rescorer.dirty_count()
         metrics.backlog = sum(len(q) for q in rescorer.backlog.values())
         metrics.partitions = len(rescorer.folders)
         lag = {}
-        for tp in app.consumer.assignment():
+        try:
+            assignment = app.consumer.assignment()
+        except NotReady:  # scraped before the consumer started
+            assignment = set()
+        for tp in assignment:
             if tp.topic == settings.transactions_topic:
                 high = app.consumer.highwater(tp)
                 pos = rescorer.position.get(tp.partition)
@@ -464,6 +473,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
+        await refresh_gauges()
         return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/customers/{customer_id}")
