@@ -95,6 +95,7 @@ class Sink:
                                     group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_poll_records=10000,
                                     metadata_max_age_ms=5000,  # notices added partitions
+                                    fetch_max_wait_ms=self.settings.fetch_wait_ms,
                                     **self.settings.kafka_client_options())
         await consumer.start()
         try:

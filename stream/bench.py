@@ -155,7 +155,8 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, max_poll_records=5000)
+                                enable_auto_commit=False, max_poll_records=5000,
+                                fetch_max_wait_ms=settings.fetch_wait_ms)
     await consumer.start()
     try:
         tps = [TopicPartition(settings.transactions_topic, p)
@@ -243,7 +244,8 @@ async def _steady(settings: Settings, rate: float, seconds: float, tag: str) -> 
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     consumer = AIOKafkaConsumer(settings.scores_topic, bootstrap_servers=settings.bootstrap_servers,
-                                group_id=None, auto_offset_reset="latest")
+                                group_id=None, auto_offset_reset="latest",
+                                fetch_max_wait_ms=10)  # the reader adds ~nothing to the figure
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0)
     await consumer.start()
     await producer.start()
@@ -292,6 +294,20 @@ def _percentiles(values: list[float], sent: int) -> dict[str, Any]:
             "max_ms": round(float(ms.max()), 1) if len(ms) else None}
 
 
+def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The worker's own view over one run: mean micro-batch size, scoring and publish times,
+    and receive-to-publish time, from its histogram sums and counts."""
+    out = {}
+    for name, key in (("batch_customers", "clv_rescore_batch_customers"),
+                      ("score_ms", "clv_rescore_batch_seconds"), ("publish_ms", "clv_publish_seconds"),
+                      ("receive_to_publish_ms", "clv_event_to_publish_seconds")):
+        n = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
+        total = after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)
+        scale = 1 if name == "batch_customers" else 1000
+        out[name] = round(total / n * scale, 1) if n else None
+    return out
+
+
 def latency(rates: list[float], max_rate: float | None, seconds: float, bootstrap: str | None,
             workdir: Path) -> dict[str, Any]:
     with broker(bootstrap, workdir) as servers:
@@ -303,8 +319,10 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, bootstra
             asyncio.run(_steady(settings, 50, 2, "warm"))  # first batch, JIT-free but cold caches
             out = {}
             for rate in rates:
+                before = worker.metrics()
                 values = asyncio.run(_steady(settings, rate, seconds, f"r{int(rate)}-"))
-                out[str(rate)] = _percentiles(values, int(rate * seconds))
+                out[str(rate)] = {**_percentiles(values, int(rate * seconds)),
+                                  "worker": _means(before, worker.metrics())}
         finally:
             worker.stop()
     return {"max_rate": max_rate, "seconds_per_rate": seconds, "rates": out}

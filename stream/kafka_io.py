@@ -17,7 +17,8 @@ from stream.settings import Settings
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                            enable_auto_commit=False, **settings.kafka_client_options())
+                            enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
+                            **settings.kafka_client_options())
 
 
 async def read_partition(settings: Settings, topic: str, partition: int,

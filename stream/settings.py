@@ -42,6 +42,9 @@ class Settings:
     data_dir: str = field(default="var/worker", metadata=_meta("worker state directory"))
     batch_size: int = field(default=1024, metadata=_meta("rescoring micro-batch: flush at N customers"))
     batch_wait_ms: int = field(default=50, metadata=_meta("rescoring micro-batch: flush after T ms"))
+    fetch_wait_ms: int = field(default=50, metadata=_meta(
+        "longest a consumer fetch waits for new data (brokers that hold a fetch for its whole "
+        "wait, like the embedded one, add it to every event's latency)"))
     session_timeout_s: float = field(default=30.0, metadata=_meta(
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
@@ -73,7 +76,7 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("partitions", "batch_size", "batch_wait_ms", "snapshot_interval_s"):
+        for name in ("partitions", "batch_size", "batch_wait_ms", "snapshot_interval_s", "fetch_wait_ms"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if self.store.split("://")[0] not in ("memory", "rocksdb"):

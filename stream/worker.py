@@ -22,6 +22,7 @@ next event, or all at once with `clv rescore-all` (a command per partition on th
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -306,9 +307,31 @@ def _log_failure(task: asyncio.Future[None]) -> None:
                   exc_info=task.exception())
 
 
+def _set_fetch_wait(ms: int) -> None:
+    """faust builds its Kafka consumer with a fixed 1.5 s fetch wait; on a broker that holds a
+    fetch for its whole wait (the embedded one) that wait lands on every event's latency."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
+                     AIOKafkaConsumerThread._create_worker_consumer)
+
+    def with_fetch_wait(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = ms  # read when the consumer starts its fetcher
+        return consumer
+
+    with_fetch_wait.__wrapped__ = create  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait
+
+
 def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App:
     """The faust app with its topics, table, agent, timer and web views."""
     artifact = artifact or Artifact.load(settings.model_dir or None)
+    _set_fetch_wait(settings.fetch_wait_ms)
+    # Customer states are many long-lived objects: with the default thresholds the collector
+    # keeps rescanning them, in pauses that land on event latency. Collect young objects less
+    # often and the old generation rarely.
+    gc.set_threshold(20_000, 50, 100)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{h.strip()}" for h in settings.bootstrap_servers.split(",")],
