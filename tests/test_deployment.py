@@ -145,3 +145,9 @@ def test_compose_commands_and_environment_match_the_code(compose):
     assert "CLV_API_TOKEN" in _env(api)  # not loopback: the API refuses to start without a token
     replay = compose["services"]["replay"]["command"]
     assert Path(replay[1]).name == "CDNOW_master.txt.gz" and (ROOT / "features/data/CDNOW_master.txt.gz").exists()
+
+
+def test_readme_configuration_table_matches_the_settings():
+    readme = (ROOT / "README.md").read_text()
+    for name, env, default, doc in Settings.describe():
+        assert f"| `{name}` | `{env}` | `{default}` | {doc} |" in readme, name
