@@ -51,12 +51,15 @@ class Rate:
 
 def synthetic_events(invoices: int, customers: int, seed: int = 7, start_at: datetime | None = None,
                      span_days: float = 75.0) -> list[TransactionEvent]:
-    """Invoices in time order over `customers` customers (1-6 lines each); the span crosses
-    month ends, so the worker also does its month-turn rescoring."""
+    """Invoices in time order over `customers` customers (1-6 lines each), every customer at
+    least once when there are enough invoices; the span crosses month ends, so the worker also
+    does its month-turn rescoring."""
     rng = np.random.default_rng(seed)
     start_at = start_at or datetime(2011, 1, 10, tzinfo=timezone.utc)
     offsets = np.sort(rng.uniform(0, span_days * 86400, invoices))
     who = rng.integers(0, customers, invoices)
+    first = min(invoices, customers)
+    who[rng.permutation(invoices)[:first]] = rng.permutation(customers)[:first]
     n_lines = rng.integers(1, 7, invoices)
     events = []
     for i in range(invoices):
@@ -342,7 +345,6 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
     snap = next(snapshots(events, [events[-1].ts], artifact.window))
     states = list(snap.states.values())
     inputs = build_inputs(states, snap.month, artifact.window, artifact.horizon_months)
-    scaled = artifact.scaler.transform(inputs)
     torch_model = _torch_twin(artifact)
 
     def rate(fn: Any, size: int) -> float:
@@ -361,12 +363,12 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
     def ort_fn(batch: Any, idx: Any) -> None:
         artifact.predict(batch)
 
-    def torch_fn(batch: Any, idx: Any) -> None:
+    def torch_fn(batch: Any, idx: Any) -> None:  # the same preprocessing as the ONNX path
         import torch
 
+        s = artifact.scaler.transform(batch)
         with torch.no_grad():
-            torch_model(torch.from_numpy(scaled.seq[idx]), torch.from_numpy(scaled.static[idx]),
-                        torch_model.h0(len(idx)))
+            torch_model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch_model.h0(len(idx)))
 
     rows = []
     for size in batch_sizes:

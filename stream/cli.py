@@ -303,6 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from stream import bench
 
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # figures, not client chatter
     workdir = bench.workdir_for(args.workdir)
     bootstrap = args.bootstrap
     if args.what == "throughput":
