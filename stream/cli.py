@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the streaming CLV worker (faust)")
     _kafka_args(p)
     p.add_argument("--model", default=None, help="model artifact directory (default: shipped model)")
-    p.add_argument("--store", default=None, help="table store: memory:// (default; rocksdb:// not supported yet)")
+    p.add_argument("--store", default=None, help="table store: memory:// (default) or rocksdb://")
     p.add_argument("--web-port", type=_positive_int, default=None, help="HTTP port (default 6066)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
     p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 50)")

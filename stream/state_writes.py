@@ -48,10 +48,46 @@ codecs.register(STATE_CODEC, StateCodec())
 
 
 class WriteBehindStates(MutableMapping[str, CustomerState]):
+    """Mapping access (`states[cid]`) is for event processing, where a partitioned store (rocksdb)
+    finds the partition from the event being processed; `read`, `put` and `partition_items` name
+    the partition, for flushes and takeovers, which run outside event processing."""
+
     def __init__(self, table: Any, changelog_topic: str) -> None:
         self.store = table.data  # the table's store: recovery fills it from the changelog
         self.topic = changelog_topic
         self.pending: dict[str, CustomerState] = {}
+        # faust's rocksdb store keeps one database per partition (`_db_for_partition`).
+        self.partitioned = hasattr(self.store, "_db_for_partition")
+
+    def requeue(self, customer_id: str) -> None:
+        """Write the customer's current state to the changelog with the next batch."""
+        state = self.get(customer_id)
+        if state is not None:
+            self.pending[customer_id] = state
+
+    def read(self, partition: int, customer_id: str) -> CustomerState:
+        if not self.partitioned:
+            return self.store[customer_id]
+        raw = self.store._db_for_partition(partition).get(self.store._encode_key(customer_id))
+        if raw is None:
+            raise KeyError(customer_id)
+        return self.store._decode_value(raw)
+
+    def put(self, partition: int, customer_id: str, state: CustomerState) -> None:
+        """Store without queueing a changelog record (the state came from the changelog)."""
+        if not self.partitioned:
+            self.store[customer_id] = state
+            return
+        self.store._db_for_partition(partition).put(self.store._encode_key(customer_id),
+                                                    self.store._encode_value(state))
+
+    def partition_items(self, partition: int) -> Iterator[tuple[str, CustomerState]]:
+        if not self.partitioned:
+            yield from ((c, s) for c, s in self.store.items() if s.partition == partition)
+            return
+        db = self.store._db_for_partition(partition)
+        for key, value in self.store._visible_items(db):
+            yield self.store._decode_key(key), self.store._decode_value(value)
 
     def __getitem__(self, customer_id: str) -> CustomerState:
         return self.store[customer_id]
@@ -84,7 +120,7 @@ class WriteBehindStates(MutableMapping[str, CustomerState]):
         async for records in read_partition(settings, self.topic, partition, start):
             for rec in records:
                 if rec.key is not None and rec.value is not None:
-                    self.store[json.loads(rec.key)] = decode_state(rec.value)
+                    self.put(partition, json.loads(rec.key), decode_state(rec.value))
                     n += 1
         return n
 

@@ -95,10 +95,9 @@ class Rescorer:
         if folder is None:
             members: set[str] = set()
             newest = 0
-            for cid, s in self.states.items():  # one pass: members and the partition's clock
-                if s.partition == partition:
-                    members.add(cid)
-                    newest = max(newest, s.newest_ts or 0)
+            for cid, s in self.states.partition_items(partition):  # members and the clock
+                members.add(cid)
+                newest = max(newest, s.newest_ts or 0)
             self.members[partition] = members
             self.clock_ts[partition] = newest
             clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
@@ -202,7 +201,11 @@ class Rescorer:
             log.info("partition %d entered %s: rescoring its %d customers", partition,
                      self._as_of(partition).strftime("%Y-%m"), len(self.members[partition]))
             self.backlog.setdefault(partition, deque()).extend(sorted(self.members[partition]))
-        # Applied or not (a redelivered event), its customer's score may not be out yet.
+        if outcome != Applied.APPLIED:
+            # Redelivered after a crash: a persistent store may hold its effect while the
+            # changelog does not yet; write the state again with this batch.
+            self.states.requeue(event.customer_id)
+        # Applied or not, its customer's score may not be out yet.
         self.mark(partition, event.customer_id)
         return outcome
 
@@ -271,7 +274,7 @@ class Rescorer:
         runs in a thread (onnxruntime releases the GIL), so intake goes on meanwhile."""
         started = time.perf_counter()
         ids = list(customers)
-        states = [self.states[c] for c in ids]
+        states = [self.states.read(partition, c) for c in ids]
         inputs, fields = prepare(self.artifact, states, self._as_of(partition))
         clv, p = await asyncio.to_thread(self.artifact.predict, inputs)
         scores = assemble(states, fields, clv, p)

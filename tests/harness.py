@@ -23,12 +23,12 @@ CLV = [sys.executable, "-m", "stream.cli"]
 
 
 class Worker:
-    def __init__(self, env: dict, tmp: Path, name: str = "w1") -> None:
+    def __init__(self, env: dict, tmp: Path, name: str = "w1", state: str | None = None) -> None:
         self.port = free_port()
         self.log = tmp / f"{name}.log"
         self.proc = subprocess.Popen(
             [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", "20"],
-            env={**env, "CLV_DATA_DIR": str(tmp / f"{name}-state")},  # one state dir per worker
+            env={**env, "CLV_DATA_DIR": str(tmp / f"{state or name}-state")},  # per worker
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
