@@ -35,7 +35,7 @@ from faust.exceptions import NotReady
 from aiokafka import TopicPartition
 
 from export_onnx.artifact import Artifact
-from features.aggregate import Applied, CustomerState, Folder, contribution, month_of
+from features.aggregate import Applied, Folder, contribution, month_of
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from state.segments import segment
 from stream.kafka_io import read_partition

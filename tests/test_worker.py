@@ -4,15 +4,11 @@ and across a rebalance. Workers run as separate processes, as in production."""
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
