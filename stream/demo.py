@@ -113,6 +113,9 @@ def _model_dir(opts: DemoOptions, data: str) -> str | None:
 
 
 def run(opts: DemoOptions) -> int:
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # results, not client chatter
     data = opts.data or str(vendored_cdnow())
     opts.workdir.mkdir(parents=True, exist_ok=True)
     model = _model_dir(opts, data)
@@ -152,7 +155,7 @@ def run(opts: DemoOptions) -> int:
         print("waiting for the worker to score everyone and the snapshot to catch up...", flush=True)
         _wait("worker idle", lambda: idle(scrape(web_port)), children, 600)
         _wait("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), children, 120)
-        _report(Snapshot(snapshot), snapshot, api_port)
+        _report(Snapshot(snapshot), snapshot, api_port, serving=not opts.exit_after)
         if not opts.exit_after:
             print("\nserving; Ctrl-C stops everything", flush=True)
             while True:
@@ -182,8 +185,10 @@ def _snapshot_complete(settings: Settings, snapshot: Path) -> bool:
     return all(have.get(p, 0) >= o for p, o in want.items() if o)
 
 
-def _report(snap: Snapshot, path: Path, api_port: int) -> None:
+def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     summary = snap.summary()
+    installed = Path(sys.executable).parent / "clv"  # the commands as this install names them
+    clv = str(installed) if installed.exists() else "clv"
     print(f"\n{summary['customers']:,} customers scored by {', '.join(summary['model_versions'])}, "
           f"as of {summary['newest_event_time']}")
     print("\nTop 10 customers by predicted 6-month CLV")
@@ -197,11 +202,12 @@ def _report(snap: Snapshot, path: Path, api_port: int) -> None:
                                       "share_of_value"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
-  clv query top --n 20 --snapshot {path}
-  clv query segments --snapshot {path}
-  clv query sql "SELECT segment, count(*) FROM customer_scores GROUP BY 1" --snapshot {path}
-  clv export --out top.csv --segment vip --snapshot {path}
-  duckdb -readonly {path} "SELECT * FROM segment_summary"
-API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /customers/ID, /summary, /export.csv, /openapi.json)""",
+  {clv} query top --n 20 --snapshot {path}
+  {clv} query segments --snapshot {path}
+  {clv} query sql "SELECT segment, count(*) FROM customer_scores GROUP BY 1" --snapshot {path}
+  {clv} export --out top.csv --segment vip --snapshot {path}
+  duckdb -readonly {path} "SELECT * FROM segment_summary"   (with the DuckDB CLI)
+API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /customers/ID, /summary, /export.csv, /openapi.json)"""
+          + ("" if serving else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file)"),
           flush=True)
 
