@@ -102,7 +102,7 @@ class Sink:
             assigned = await self._assign(consumer, stop)
             next_write = time.monotonic() + self.settings.snapshot_interval_s
             while not stop.is_set():
-                if await self._grew(consumer, assigned):
+                if self._grew(consumer, assigned):
                     assigned = await self._assign(consumer, stop)
                 batch = await consumer.getmany(timeout_ms=200, max_records=10000)
                 for records in batch.values():
@@ -133,7 +133,7 @@ class Sink:
                 await consumer.seek_to_beginning(tp)
         return partitions
 
-    async def _grew(self, consumer: AIOKafkaConsumer, assigned: set[int]) -> bool:
+    def _grew(self, consumer: AIOKafkaConsumer, assigned: set[int]) -> bool:
         """Partitions added to the scores topic while running (scaling out)."""
         now = consumer.partitions_for_topic(self.settings.scores_topic) or set()
         return bool(set(now) - assigned)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -127,8 +129,6 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 300) -> float:
         started = time.perf_counter()
-        import urllib.request
-
         while time.perf_counter() - started < timeout:
             self.metrics()
             try:
@@ -141,8 +141,6 @@ class WorkerProcess:
         raise BenchError(f"worker not ready after {timeout}s; see {self.log}")
 
     def stop(self) -> None:
-        import signal
-
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
