@@ -112,8 +112,17 @@ def _model_dir(opts: DemoOptions, data: str) -> str | None:
     return str(out)
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both end in the clean shutdown below, even when the demo was started
+    by a script: shells start background jobs with SIGINT ignored, and Python keeps that."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def run(opts: DemoOptions) -> int:
     import logging
+
+    _stop_on_signals()
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # results, not client chatter
     data = opts.data or str(vendored_cdnow())
