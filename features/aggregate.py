@@ -153,11 +153,14 @@ class CustomerState:
         invoices = self.past_invoices + sum(a.n_invoices for a in self.months.values())
         return spend, units, invoices
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, canonical: bool = True) -> dict[str, Any]:
+        """`canonical=False` skips sorting the id sets and months: the same state, in an order
+        that differs between equal states (the changelog codec, which only has to round-trip)."""
+        order = sorted if canonical else list
         return {
             "c": self.customer_id, "p": self.partition, "o": self.offset,
-            "m": [[m, a.spend_cents, a.units, sorted(a.invoices), sorted(a.events)]
-                  for m, a in sorted(self.months.items())],
+            "m": [[m, a.spend_cents, a.units, order(a.invoices), order(a.events)]
+                  for m, a in order(self.months.items())],
             "past": [self.past_spend_cents, self.past_units, self.past_invoices,
                      self.past_active_months],
             "ts": [self.first_ts, self.last_purchase_ts, self.newest_ts],

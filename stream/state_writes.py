@@ -11,9 +11,8 @@ redelivers the events, which the offset watermark in each state makes harmless.
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
-from typing import Any
-
 import json
+from typing import Any
 
 from faust.serializers import codecs
 
@@ -26,8 +25,11 @@ def encode_key(customer_id: str) -> bytes:
     return json.dumps(customer_id).encode()  # what faust's "json" key serializer writes
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 def encode_state(state: CustomerState) -> bytes:
-    return json.dumps(state.to_dict(), separators=(",", ":")).encode()
+    return _ENCODE(state.to_dict(canonical=False)).encode()
 
 
 def decode_state(data: bytes) -> CustomerState:
