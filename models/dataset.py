@@ -122,6 +122,11 @@ def rolling_split(
     return Split(_concat(train), _concat(valid), scoring)
 
 
+def horizons(inputs: Inputs) -> np.ndarray:
+    """The horizon (months) each example is labelled over."""
+    return inputs.static[:, STATIC_FEATURES.index("horizon_months")]
+
+
 def rfm_features(ex: Examples) -> np.ndarray:
     """Aggregated, non-sequential features for the FFNN and the gradient-boosted trees: log
     recency and tenure (days), frequency, log monetary and total spend, active months in the
@@ -135,5 +140,5 @@ def rfm_features(ex: Examples) -> np.ndarray:
         np.sign(r[:, 4]) * np.log1p(np.abs(r[:, 4])),
         active[:, -3:].sum(1), active[:, -6:].sum(1), active[:, -12:].sum(1),
         np.log1p(np.maximum(spend[:, -3:].sum(1), 0)), np.log1p(np.maximum(spend[:, -12:].sum(1), 0)),
-        ex.inputs.static[:, STATIC_FEATURES.index("horizon_months")],
+        horizons(ex.inputs),
     ]).astype(np.float32)

@@ -40,7 +40,7 @@ def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
     cut = end_of(cutoff)
     events = history_until(history.events, cut)
     split = rolling_split(events, cut, horizon, window)
-    model, scaler, info = train_gru(split, cfg, calendar=_calendar_learnable(events, cut))
+    model, scaler, info = train_gru(split, cfg, horizon, calendar=_calendar_learnable(events, cut))
     return export_artifact(model, scaler, split, events, cut, horizon, window, out, info, cfg)
 
 
@@ -61,7 +61,7 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     actual = split.scoring.y
     days = baselines.horizon_days(cut, horizon)
     preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    model, scaler, info = train_gru(split, cfg, calendar=_calendar_learnable(events, cut))
+    model, scaler, info = train_gru(split, cfg, horizon, calendar=_calendar_learnable(events, cut))
     with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
         export_artifact(model, scaler, split, events, cut, horizon, window, Path(tmp), info, cfg)
         preds["gru"] = Artifact.load(tmp).predict(split.scoring.inputs)

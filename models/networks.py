@@ -11,27 +11,32 @@ from models import ziln
 class GRUModel(nn.Module):
     """GRU over the monthly window; its last state and the static features feed a ZILN head.
 
-    `forward` returns (clv, p_purchase): the exported graph serves exactly what the worker needs.
-    The initial hidden state is an input so its batch axis is dynamic in ONNX too.
+    `forward` returns (clv, p_purchase) over the served horizon: the exported graph serves exactly
+    what the worker needs. Training passes each example's own horizon. The initial hidden state
+    is an input so its batch axis is dynamic in ONNX too.
     """
 
-    def __init__(self, n_seq: int, n_static: int, hidden: int = 48, layers: int = 2,
+    def __init__(self, n_seq: int, n_static: int, horizon: int, hidden: int = 48, layers: int = 2,
                  dropout: float = 0.1, max_log: float = ziln.MAX_LOG) -> None:
         super().__init__()
         self.hidden, self.layers = hidden, layers
         self.register_buffer("max_log", torch.tensor(max_log))
+        self.register_buffer("horizon", torch.tensor(float(horizon)))
         self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Sequential(
-            nn.Linear(hidden + n_static, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 3)
+            nn.Linear(hidden + n_static, 64), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(64, ziln.RAW_OUTPUTS),
         )
 
     def raw(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         _, h = self.gru(seq, h0)
         return self.head(torch.cat([h[-1], static], dim=-1))
 
-    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor):
-        return ziln.predict(self.raw(seq, static, h0), self.max_log)
+    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
+                horizon: torch.Tensor | None = None):
+        h = self.horizon if horizon is None else horizon
+        return ziln.predict(self.raw(seq, static, h0), h, self.max_log)
 
     def h0(self, batch: int) -> torch.Tensor:
         return torch.zeros(self.layers, batch, self.hidden)
@@ -45,8 +50,9 @@ class GRUEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.hidden, self.layers = members[0].hidden, members[0].layers
 
-    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor):
-        outs = [m(seq, static, h0) for m in self.members]
+    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
+                horizon: torch.Tensor | None = None):
+        outs = [m(seq, static, h0, horizon) for m in self.members]
         return (torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0))
 
     def h0(self, batch: int) -> torch.Tensor:
@@ -62,11 +68,11 @@ class FFNNModel(nn.Module):
         self.register_buffer("max_log", torch.tensor(max_log))
         self.net = nn.Sequential(
             nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, ziln.RAW_OUTPUTS),
         )
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def forward(self, x: torch.Tensor):
-        return ziln.predict(self.raw(x), self.max_log)
+    def forward(self, x: torch.Tensor, horizon: torch.Tensor):
+        return ziln.predict(self.raw(x), horizon, self.max_log)

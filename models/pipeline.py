@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
 from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
-from models.dataset import Split, rfm_features
+from models.dataset import Split, horizons, rfm_features
 from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
 
@@ -37,19 +38,23 @@ def max_log(split: Split) -> float:
     return float(np.log(max(split.train.y.max(), 1.0)) + 1.0)
 
 
-def train_gru(split: Split, cfg: TrainConfig, calendar: bool) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
+def train_gru(split: Split, cfg: TrainConfig, horizon: int,
+              calendar: bool) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
     """`calendar=False` masks the month-of-year features: with under two years of history each
     calendar month is seen once, so they would only alias with customer age."""
+    # The horizon reaches the head in closed form (models.ziln), not through the network.
     scaler = Scaler.fit(split.train.inputs, SEQ_FEATURES, STATIC_FEATURES,
-                        set() if calendar else CALENDAR)
+                        {"horizon_months"} | (set() if calendar else CALENDAR))
     tr, va = scaler.transform(split.train.inputs), scaler.transform(split.valid.inputs)
     members, runs = [], []
     for k in range(cfg.ensemble):
         member_cfg = replace(cfg, seed=cfg.seed + k)
         torch.manual_seed(member_cfg.seed)
-        model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), max_log=max_log(split))
+        model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), horizon=horizon,
+                         max_log=max_log(split))
         model, info = fit(model, _gru_raw, (tr.seq, tr.static), split.train.y,
-                          (va.seq, va.static), split.valid.y, member_cfg, name=f"gru[{k}]")
+                          horizons(split.train.inputs), (va.seq, va.static), split.valid.y,
+                          horizons(split.valid.inputs), member_cfg, name=f"gru[{k}]")
         members.append(model)
         runs.append(info)
     ensemble = GRUEnsemble(members).eval()
@@ -62,22 +67,33 @@ def train_gru(split: Split, cfg: TrainConfig, calendar: bool) -> tuple[GRUEnsemb
 def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
     s = scaler.transform(inputs)
     with torch.no_grad():
-        clv, p = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)))
+        clv, p = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)),
+                       torch.from_numpy(horizons(inputs)))
     return clv.numpy(), p.numpy()
 
 
 def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Fit on aggregated features and return (clv, p) for the scoring set."""
-    x_tr, x_va, x_sc = (rfm_features(e) for e in (split.train, split.valid, split.scoring))
+    # The last feature is the horizon: the head takes it in closed form, like the GRU's.
+    x_tr, x_va, x_sc = (rfm_features(e)[:, :-1] for e in (split.train, split.valid, split.scoring))
+    h_tr, h_va, h_sc = (horizons(e.inputs) for e in (split.train, split.valid, split.scoring))
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     torch.manual_seed(cfg.seed)
     model = FFNNModel(x_tr.shape[1], max_log=max_log(split))
-    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd,), split.train.y,
-                   ((x_va - mu) / sd,), split.valid.y, cfg, name="ffnn")
+    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd,), split.train.y, h_tr,
+                   ((x_va - mu) / sd,), split.valid.y, h_va, cfg, name="ffnn")
     with torch.no_grad():
-        v_clv, _ = model(torch.from_numpy(((x_va - mu) / sd).astype(np.float32)))
-        clv, p = model(torch.from_numpy(((x_sc - mu) / sd).astype(np.float32)))
+        v_clv, _ = model(torch.from_numpy(((x_va - mu) / sd).astype(np.float32)), torch.from_numpy(h_va))
+        clv, p = model(torch.from_numpy(((x_sc - mu) / sd).astype(np.float32)), torch.from_numpy(h_sc))
     return Calibration.fit(v_clv.numpy(), split.valid.y).apply(clv.numpy()), p.numpy()
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().numpy().tobytes())
+    return digest.hexdigest()[:6]
 
 
 def export_artifact(
@@ -88,7 +104,8 @@ def export_artifact(
     cohort_clv, _ = predict_gru(model, scaler, split.scoring.inputs)
     cohort_clv = Calibration.from_dict(info["calibration"]).apply(cohort_clv)
     meta = {
-        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}",
+        # Data and weights: a retrained model on the same data is a new version to subscribers.
+        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-{_weights_digest(model)}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "window": window,
         "horizon_months": horizon,

@@ -394,7 +394,8 @@ def _torch_twin(artifact: Any) -> Any:
         return None
     torch.set_num_threads(2)
     return GRUModel(len(artifact.meta["seq_features"]), len(artifact.meta["static_features"]),
-                    hidden=artifact.meta["hidden"], layers=artifact.meta["layers"]).eval()
+                    horizon=artifact.horizon_months, hidden=artifact.meta["hidden"],
+                    layers=artifact.meta["layers"]).eval()
 
 
 # -- state --------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     # A torch model with other weights than the artifact's must fail the parity check; a fresh
     # export of it must pass, at any batch size.
     model = GRUModel(len(art.meta["seq_features"]), len(art.meta["static_features"]),
-                     hidden=art.meta["hidden"], layers=art.meta["layers"])
+                     horizon=art.horizon_months, hidden=art.meta["hidden"], layers=art.meta["layers"])
     rng = np.random.default_rng(1)
     batch = Inputs(rng.normal(size=(64, art.window, len(art.meta["seq_features"]))).astype(np.float32),
                    rng.normal(size=(64, len(art.meta["static_features"]))).astype(np.float32))
