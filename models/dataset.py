@@ -79,7 +79,8 @@ def rolling_split(
     max_origins: int = 24, actual_events: list[TransactionEvent] | None = None,
 ) -> Split:
     """Examples from every month end before the cutoff, each labelled with the spend of the
-    next min(horizon, months left before the cutoff) months; that length is an input feature.
+    next min(horizon, months left before the cutoff) months; that length travels with the inputs
+    (`horizons`): the GBT baseline reads it as a feature, the networks' head in closed form.
 
     Recent origins with short labels show the model customers as old as the ones it will score,
     which a full-horizon-only design would never show it. `events` must end at the cutoff;
