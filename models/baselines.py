@@ -12,7 +12,7 @@ import pandas as pd
 from features.aggregate import contribution
 from features.contract import TransactionEvent
 from export_onnx.calibration import Calibration
-from models.dataset import Examples, rfm_features
+from models.dataset import Examples, horizons, rfm_features
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,17 @@ def gradient_boosted(train: Examples, valid: Examples, scoring: Examples,
     calibrated on the validation period like the networks, so the comparison is fair."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-    x, xs = rfm_features(train), rfm_features(scoring)
+    def features(ex: Examples) -> np.ndarray:  # the horizon is a plain feature for the trees
+        return np.column_stack([rfm_features(ex), horizons(ex.inputs)])
+
+    x, xs = features(train), features(scoring)
     reg = HistGradientBoostingRegressor(loss="poisson", max_iter=300, learning_rate=0.05,
                                         early_stopping=True, random_state=seed)
     reg.fit(x, train.y)
     clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, early_stopping=True,
                                          random_state=seed)
     clf.fit(x, train.y > 0)
-    cal = Calibration.fit(reg.predict(rfm_features(valid)), valid.y)
+    cal = Calibration.fit(reg.predict(features(valid)), valid.y)
     return cal.apply(reg.predict(xs)), clf.predict_proba(xs)[:, 1]
 
 

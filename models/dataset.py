@@ -131,7 +131,8 @@ def horizons(inputs: Inputs) -> np.ndarray:
 def rfm_features(ex: Examples) -> np.ndarray:
     """Aggregated, non-sequential features for the FFNN and the gradient-boosted trees: log
     recency and tenure (days), frequency, log monetary and total spend, active months in the
-    last 3/6/12, log spend in the last 3/12 months, and the horizon length."""
+    last 3/6/12, log spend in the last 3/12 months. The horizon is not among them: the FFNN's
+    head takes it in closed form, the trees as one more feature."""
     r = ex.rfm
     seq = ex.inputs.seq
     active = seq[..., 3]
@@ -141,5 +142,4 @@ def rfm_features(ex: Examples) -> np.ndarray:
         np.sign(r[:, 4]) * np.log1p(np.abs(r[:, 4])),
         active[:, -3:].sum(1), active[:, -6:].sum(1), active[:, -12:].sum(1),
         np.log1p(np.maximum(spend[:, -3:].sum(1), 0)), np.log1p(np.maximum(spend[:, -12:].sum(1), 0)),
-        horizons(ex.inputs),
     ]).astype(np.float32)

@@ -74,8 +74,7 @@ def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> tuple[np.
 
 def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Fit on aggregated features and return (clv, p) for the scoring set."""
-    # The last feature is the horizon: the head takes it in closed form, like the GRU's.
-    x_tr, x_va, x_sc = (rfm_features(e)[:, :-1] for e in (split.train, split.valid, split.scoring))
+    x_tr, x_va, x_sc = (rfm_features(e) for e in (split.train, split.valid, split.scoring))
     h_tr, h_va, h_sc = (horizons(e.inputs) for e in (split.train, split.valid, split.scoring))
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     torch.manual_seed(cfg.seed)

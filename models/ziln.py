@@ -48,10 +48,11 @@ def over_horizon(out: torch.Tensor, horizon: torch.Tensor) -> tuple[torch.Tensor
 
 def loss(out: torch.Tensor, y: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
     p, log_mean, sigma = over_horizon(out, horizon)
+    log_p = torch.log(p)
     positive = (y > 0).float()
-    bce = -(positive * torch.log(p) + (1 - positive) * torch.log1p(-p)).mean()
+    bce = -(positive * log_p + (1 - positive) * torch.log1p(-p)).mean()
     # The spend of buyers: lognormal with the conditional mean E[spend] / p.
-    mu = log_mean - torch.log(p) - 0.5 * sigma**2
+    mu = log_mean - log_p - 0.5 * sigma**2
     safe_y = torch.where(y > 0, y, torch.ones_like(y))
     log_y = torch.log(safe_y)
     nll = log_y + torch.log(sigma) + 0.5 * math.log(2 * math.pi) + 0.5 * ((log_y - mu) / sigma) ** 2

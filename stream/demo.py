@@ -9,6 +9,7 @@ right after the results. Every child is stopped on the way out, whatever happens
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -120,8 +121,6 @@ def _stop_on_signals() -> None:
 
 
 def run(opts: DemoOptions) -> int:
-    import logging
-
     _stop_on_signals()
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # results, not client chatter
