@@ -66,11 +66,17 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path):
     assert _processes_using(workdir) == []
 
 
+def _as_a_background_job() -> None:
+    """Start SIGINT ignored, as a shell starts the background jobs of a script."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_demo_ctrl_c_stops_everything(tmp_path):
     workdir = tmp_path / "demo"
     proc = subprocess.Popen([*CLV, "demo", "--customers", "100", "--rate", "3000", "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""})
+                            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""},
+                            preexec_fn=_as_a_background_job)
     lines = []
     deadline = time.monotonic() + 300
     for line in proc.stdout:

@@ -132,3 +132,36 @@ def test_train_bad_arguments_exit_2(tmp_path):
     assert res.returncode == 2 and "not a date" in res.stderr
     res = clv("score", data, "--model", tmp_path, "--out", tmp_path / "s.csv")
     assert res.returncode == 2 and "not a model directory" in res.stderr
+
+
+def test_head_closed_forms_match_the_retention_process():
+    """p_purchase and expected spend over H months equal an enumeration of the process the head
+    describes: alive each month with survival s (once gone, gone), buying while alive with l."""
+    import itertools
+
+    import torch
+
+    from models import ziln
+
+    out = torch.tensor([[0.3, -0.4, 3.0, 0.2], [-1.0, 1.5, 2.0, -0.5], [2.5, -2.0, 4.0, 1.0]],
+                       dtype=torch.float64)
+    s = torch.sigmoid(out[:, 0] + 2.0)
+    lam = torch.sigmoid(out[:, 1] - 2.0)
+    sigma = 0.05 + 2.95 * torch.sigmoid(out[:, 3])
+    month_spend = torch.exp(out[:, 2] + 0.5 * sigma**2)
+    for h in (1, 2, 6):
+        p, log_mean, _ = ziln.over_horizon(out, torch.full((3,), float(h), dtype=torch.float64))
+        p_none = torch.zeros(3, dtype=torch.float64)
+        buying_months = torch.zeros(3, dtype=torch.float64)
+        for alive in range(h + 1):  # months alive before leaving (h: alive throughout)
+            p_alive = s**alive * ((1 - s) if alive < h else 1)
+            for buys in itertools.product((0, 1), repeat=alive):
+                p_path = p_alive * torch.prod(torch.stack([lam if b else 1 - lam for b in buys]), 0) \
+                    if buys else p_alive
+                buying_months += p_path * sum(buys)
+                if not any(buys):
+                    p_none += p_path
+        assert torch.allclose(p, 1 - p_none, rtol=1e-9), h
+        assert torch.allclose(torch.exp(log_mean), buying_months * month_spend, rtol=1e-9), h
+        expected, p_pred = ziln.predict(out, torch.full((3,), float(h), dtype=torch.float64))
+        assert torch.allclose(expected, buying_months * month_spend, rtol=1e-9) and torch.equal(p_pred, p)
