@@ -241,15 +241,17 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
 
 
 # -- latency ------------------------------------------------------------------------------
-async def _steady(settings: Settings, rate: float, seconds: float, tag: str) -> list[float]:
+async def _steady(settings: Settings, rate: float, seconds: float, tag: str,
+                  linger_ms: int) -> list[float]:
     """Publish at `rate` with event time = now, one new customer per event; latency = when its
-    score is readable on the scores topic minus the event time."""
+    score is readable on the scores topic minus the event time (so the publisher's linger
+    counts)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     consumer = AIOKafkaConsumer(settings.scores_topic, bootstrap_servers=settings.bootstrap_servers,
                                 group_id=None, auto_offset_reset="latest",
                                 fetch_max_wait_ms=10)  # the reader adds ~nothing to the figure
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=linger_ms)
     await consumer.start()
     await producer.start()
     sent: dict[str, float] = {}
@@ -311,24 +313,25 @@ def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return out
 
 
-def latency(rates: list[float], max_rate: float | None, seconds: float, bootstrap: str | None,
-            workdir: Path) -> dict[str, Any]:
+def latency(rates: list[float], max_rate: float | None, seconds: float, linger_ms: int,
+            bootstrap: str | None, workdir: Path) -> dict[str, Any]:
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, 4)
         asyncio.run(ensure_topics(settings, all_topics(settings)))
         worker = WorkerProcess(worker_env(settings, workdir), workdir / "latency-worker.log")
         try:
             worker.wait_ready()
-            asyncio.run(_steady(settings, 50, 2, "warm"))  # first batch, JIT-free but cold caches
+            asyncio.run(_steady(settings, 50, 2, "warm", linger_ms))  # first batch, JIT-free but cold caches
             out = {}
             for rate in rates:
                 before = worker.metrics()
-                values = asyncio.run(_steady(settings, rate, seconds, f"r{int(rate)}-"))
+                values = asyncio.run(_steady(settings, rate, seconds, f"r{int(rate)}-", linger_ms))
                 out[str(rate)] = {**_percentiles(values, int(rate * seconds)),
                                   "worker": _means(before, worker.metrics())}
         finally:
             worker.stop()
-    return {"max_rate": max_rate, "seconds_per_rate": seconds, "rates": out}
+    return {"max_rate": max_rate, "seconds_per_rate": seconds, "publisher_linger_ms": linger_ms,
+            "rates": out}
 
 
 # -- scoring ------------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
         rows.append(row)
     one = next((r["onnxruntime_per_s"] for r in rows if r["batch"] == 1), None)
     best = max(rows, key=lambda r: r["onnxruntime_per_s"])
-    return {"model": artifact.version, "threads": 2, "rows": rows,
+    return {"model": artifact.version, "threads": 1, "rows": rows,
             "worker_batch_size": Settings().batch_size,
             "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
             "torch": "same architecture, random weights (speed does not depend on them)"
@@ -392,7 +395,7 @@ def _torch_twin(artifact: Any) -> Any:
         from models.networks import GRUModel
     except ImportError:
         return None
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the same CPU as the worker's onnxruntime session
     return GRUModel(len(artifact.meta["seq_features"]), len(artifact.meta["static_features"]),
                     horizon=artifact.horizon_months, hidden=artifact.meta["hidden"],
                     layers=artifact.meta["layers"]).eval()

@@ -32,14 +32,22 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}: {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _file_args(p: argparse.ArgumentParser) -> None:
@@ -325,7 +333,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap,
                                             workdir)["median_messages_per_s"]["full"]
             rates = [round(max_rate * 0.25), round(max_rate * 0.5)]
-        result = bench.latency(rates, max_rate, args.seconds, bootstrap, workdir)
+        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir)
         print(f"event time -> score readable on the scores topic, {args.seconds:.0f}s per rate"
               + (f" (max rate {max_rate:,.0f}/s)" if max_rate else ""))
         for rate, r in result["rates"].items():
@@ -333,7 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)")
     elif args.what == "scoring":
         result = bench.scoring(args.batch_sizes, args.seconds, args.model)
-        print(f"{result['model']}: customers/s by batch size (2 threads); torch: {result['torch']}")
+        print(f"{result['model']}: customers/s by batch size (1 thread); torch: {result['torch']}")
         for row in result["rows"]:
             torch_rate = f"{row['torch_per_s']:>12,.0f}" if "torch_per_s" in row else "           -"
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
@@ -444,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="events/s to hold (default: 25%% and 50%% of the measured maximum)")
             b.add_argument("--max-rate", type=float, default=None, help="skip measuring the maximum")
             b.add_argument("--seconds", type=float, default=20.0, help="seconds per rate (default 20)")
+            b.add_argument("--linger-ms", type=_non_negative_int, default=5,
+                           help="the publisher's linger (default 5, the Java client's and "
+                                "librdkafka's default)")
         if name == "scoring":
             b.add_argument("--batch-sizes", type=_positive_int, nargs="+",
                            default=[1, 8, 64, 256, 1024, 4096], help="batch sizes")
