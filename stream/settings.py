@@ -41,7 +41,7 @@ class Settings:
         "table store: memory:// or rocksdb:// (rocksdict, in data_dir)"))
     data_dir: str = field(default="var/worker", metadata=_meta("worker state directory"))
     batch_size: int = field(default=1024, metadata=_meta("rescoring micro-batch: flush at N customers"))
-    batch_wait_ms: int = field(default=50, metadata=_meta("rescoring micro-batch: flush after T ms"))
+    batch_wait_ms: int = field(default=20, metadata=_meta("rescoring micro-batch: flush after T ms"))
     fetch_wait_ms: int = field(default=50, metadata=_meta(
         "longest a consumer fetch waits for new data (brokers that hold a fetch for its whole "
         "wait, like the embedded one, add it to every event's latency)"))

@@ -48,6 +48,7 @@ from stream.state_writes import STATE_CODEC, WriteBehindStates
 log = logging.getLogger("clv.worker")
 SCORE_SCHEMA_VERSION = 1
 CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
+INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
 
 
 
@@ -270,13 +271,17 @@ class Rescorer:
 
     async def _score(self, partition: int, customers: dict[str, float | None]) -> list[Record]:
         """Score records for the customers, to the partition they live in (so `clv-scores` is
-        co-partitioned with `transactions` whatever partitioner the publishers use). The model
-        runs in a thread (onnxruntime releases the GIL), so intake goes on meanwhile."""
+        co-partitioned with `transactions` whatever partitioner the publishers use). A large
+        batch runs the model in a thread (onnxruntime releases the GIL), so intake goes on
+        meanwhile; a small one (a few ms) runs inline, cheaper than the hand-off."""
         started = time.perf_counter()
         ids = list(customers)
         states = [self.states.read(partition, c) for c in ids]
         inputs, fields = prepare(self.artifact, states, self._as_of(partition))
-        clv, p = await asyncio.to_thread(self.artifact.predict, inputs)
+        if len(ids) >= INLINE_SCORING_LIMIT:
+            clv, p = await asyncio.to_thread(self.artifact.predict, inputs)
+        else:
+            clv, p = self.artifact.predict(inputs)
         scores = assemble(states, fields, clv, p)
         as_of = self._as_of(partition).isoformat()
         scored_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
