@@ -148,9 +148,11 @@ class CustomerState:
 
     def totals(self) -> tuple[int, int, int]:
         """Lifetime (spend cents, units, invoices)."""
-        spend = self.past_spend_cents + sum(a.spend_cents for a in self.months.values())
-        units = self.past_units + sum(a.units for a in self.months.values())
-        invoices = self.past_invoices + sum(a.n_invoices for a in self.months.values())
+        spend, units, invoices = self.past_spend_cents, self.past_units, self.past_invoices
+        for a in self.months.values():  # one pass: every rescoring reads these
+            spend += a.spend_cents
+            units += a.units
+            invoices += len(a.invoices)
         return spend, units, invoices
 
     def to_dict(self, canonical: bool = True) -> dict[str, Any]:

@@ -159,6 +159,17 @@ _NUMBERS = (int, float)  # exact types: JSON booleans are not quantities
 
 
 def _line(raw: Any, i: int) -> Line:
+    """The common line (string code, whole quantity, price in range) in a few checks; anything
+    else goes through every check, which names what is wrong."""
+    if type(raw) is dict:
+        code, qty, price = raw.get("stock_code"), raw.get("quantity"), raw.get("unit_price")
+        if (type(code) is str and type(qty) is int and 0 < abs(qty) <= MAX_ABS_QUANTITY
+                and type(price) in _NUMBERS and 0 <= price <= MAX_UNIT_PRICE):
+            return Line(code.strip(), qty, float(price))
+    return _checked_line(raw, i)
+
+
+def _checked_line(raw: Any, i: int) -> Line:
     if not isinstance(raw, dict):
         raise _Bad(Reason.WRONG_TYPE, f"lines[{i}] must be an object")
     code = raw.get("stock_code")
@@ -166,10 +177,8 @@ def _line(raw: Any, i: int) -> Line:
         raise _Bad(Reason.MISSING_FIELD, f"lines[{i}].stock_code is missing")
     if not isinstance(code, (str, int)) or isinstance(code, bool):
         raise _Bad(Reason.WRONG_TYPE, f"lines[{i}].stock_code must be a string")
-    qty, price = raw.get("quantity"), raw.get("unit_price")
-    if type(qty) not in _NUMBERS or type(price) not in _NUMBERS:  # the common case costs 2 lookups
-        qty = _field(raw, "quantity", (int, float))  # raises with the reason
-        price = _field(raw, "unit_price", (int, float))
+    qty = _field(raw, "quantity", (int, float))
+    price = _field(raw, "unit_price", (int, float))
     if not math.isfinite(qty) or not math.isfinite(price):
         raise _Bad(Reason.NON_FINITE, f"lines[{i}] has a non-finite number")
     if qty != int(qty):

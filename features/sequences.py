@@ -44,9 +44,10 @@ def build_inputs(
     from recent origins)."""
     n = len(states)
     start = as_of_month - window + 1
-    past_rows = np.empty((n, 4))  # spend cents, units, invoices, active months before the window
-    first = np.empty(n, dtype=np.int64)
-    last = np.empty(n, dtype=np.int64)
+    # Python lists, converted once: element-wise numpy writes cost more than the loop itself.
+    past_rows: list[list[int]] = []  # spend cents, units, invoices, active months before the window
+    firsts: list[int] = []
+    lasts: list[int] = []
     rows: list[int] = []
     cols: list[int] = []
     values: list[tuple[int, int, int]] = []
@@ -55,23 +56,27 @@ def build_inputs(
         for m, agg in s.months.items():
             if m > as_of_month:
                 raise ValueError(f"customer {s.customer_id} has events after the as-of month")
+            n_invoices = len(agg.invoices)
             if m < start:
                 past[0] += agg.spend_cents
                 past[1] += agg.units
-                past[2] += agg.n_invoices
-                past[3] += agg.n_invoices > 0
+                past[2] += n_invoices
+                past[3] += n_invoices > 0
             else:
                 rows.append(i)
                 cols.append(m - start)
-                values.append((agg.spend_cents, agg.units, agg.n_invoices))
-        past_rows[i] = past
-        first[i] = as_of_month if s.first_month is None else s.first_month
-        last[i] = first[i] if s.last_purchase_month is None else s.last_purchase_month
+                values.append((agg.spend_cents, agg.units, n_invoices))
+        past_rows.append(past)
+        f = as_of_month if s.first_month is None else s.first_month
+        firsts.append(f)
+        lasts.append(f if s.last_purchase_month is None else s.last_purchase_month)
+    past = np.array(past_rows, dtype=np.float64).reshape(n, 4)
+    first = np.array(firsts, dtype=np.int64)
+    last = np.array(lasts, dtype=np.int64)
     cells = np.zeros((n, window, 3))
     if values:
         cells[rows, cols] = values
     spend, units, invoices = cells[..., 0], cells[..., 1], cells[..., 2]
-    past = past_rows
 
     months = start + np.arange(window)
     moy = 2 * np.pi * (months % 12) / 12
