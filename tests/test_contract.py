@@ -67,3 +67,29 @@ def test_cancellation_is_valid():
     ev = validate(with_(invoice_no="C536379", lines=[{"stock_code": "D", "quantity": -1, "unit_price": 27.5}]))
     assert isinstance(ev, TransactionEvent) and ev.lines[0].quantity == -1
     assert not math.isnan(ev.lines[0].unit_price)
+
+
+def test_the_quick_line_check_agrees_with_the_full_one():
+    """Lines take a short path when they look ordinary; on every kind of value it must accept and
+    reject exactly what the full check does, with the same reason."""
+    import itertools
+
+    from features import contract
+
+    big_q, big_p = contract.MAX_ABS_QUANTITY, contract.MAX_UNIT_PRICE
+    codes = ["85123A", " POST ", "", 22423, True, None, 1.5, ...]
+    quantities = [6, -1, 0, big_q, -big_q, big_q + 1, 2.0, 1.5, True, "6", None, float("inf"), ...]
+    prices = [2.55, 0, 0.0, 3, big_p, big_p + 0.01, -0.01, float("inf"), True, "1", None, ...]
+
+    def outcome(check, raw):
+        try:
+            return check(raw, 0)
+        except contract._Bad as bad:
+            return bad.reason
+
+    raws = [7, "x", None]
+    for code, qty, price in itertools.product(codes, quantities, prices):
+        raws.append({k: v for k, v in (("stock_code", code), ("quantity", qty),
+                                       ("unit_price", price)) if v is not ...})
+    for raw in raws:
+        assert outcome(contract._line, raw) == outcome(contract._checked_line, raw), raw
