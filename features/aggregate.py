@@ -152,7 +152,7 @@ class CustomerState:
         for a in self.months.values():  # one pass: every rescoring reads these
             spend += a.spend_cents
             units += a.units
-            invoices += len(a.invoices)
+            invoices += a.n_invoices
         return spend, units, invoices
 
     def to_dict(self, canonical: bool = True) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def build_inputs(
         for m, agg in s.months.items():
             if m > as_of_month:
                 raise ValueError(f"customer {s.customer_id} has events after the as-of month")
-            n_invoices = len(agg.invoices)
+            n_invoices = agg.n_invoices
             if m < start:
                 past[0] += agg.spend_cents
                 past[1] += agg.units
