@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +19,17 @@ from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metadata.json"
+OUTPUTS = ("clv", "p_purchase", "expected_clv")  # the graph's outputs, in `Prediction`'s order
+
+
+class Prediction(NamedTuple):
+    """Per customer over the horizon: `clv`, the point forecast (least expected absolute error
+    for a cohort total equal to the expected total), `p_purchase`, and `expected_clv`, the
+    expected spend (what segment totals and budgets add up)."""
+
+    clv: np.ndarray
+    p_purchase: np.ndarray
+    expected_clv: np.ndarray
 
 
 def shipped_model_dir() -> Path:
@@ -73,22 +84,24 @@ class Artifact:
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        if tuple(o.name for o in session.get_outputs()) != OUTPUTS:
+            raise ArtifactError(f"{path}: model {meta.get('version')} does not output "
+                                f"{', '.join(OUTPUTS)}; retrain it with `clv train`")
         return cls(path, meta, session, Scaler.from_dict(meta["scaler"]),
                    Calibration.from_dict(meta["training"].get("calibration")))
 
-    def predict(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-        """(clv dollars, p_purchase) per customer, from unscaled inputs."""
-        clv, p = self.raw_predict(inputs)
-        return self.calibration.apply(clv), p
+    def predict(self, inputs: Inputs) -> Prediction:
+        """Dollars and probabilities per customer, from unscaled inputs."""
+        clv, p, expected = self.raw_predict(inputs)
+        return Prediction(self.calibration.apply(clv), p, self.calibration.apply(expected))
 
-    def raw_predict(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-        """The ONNX graph's own output, before calibration."""
+    def raw_predict(self, inputs: Inputs) -> Prediction:
+        """The ONNX graph's own outputs, before calibration."""
         n = inputs.seq.shape[0]
         if n == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+            return Prediction(*(np.zeros(0, np.float32) for _ in OUTPUTS))
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
-        clv, p = self.session.run(["clv", "p_purchase"],
-                                  {"seq": scaled.seq, "static": scaled.static, "h0": h0})
-        return clv, p
+        return Prediction(*self.session.run(list(OUTPUTS),
+                                            {"seq": scaled.seq, "static": scaled.static, "h0": h0}))
 

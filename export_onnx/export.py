@@ -10,12 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.artifact import META_FILE, MODEL_FILE, Artifact
+from export_onnx.artifact import META_FILE, MODEL_FILE, OUTPUTS, Artifact
 from features.sequences import Inputs
 from models.networks import GRUEnsemble
 
 log = logging.getLogger(__name__)
-PARITY_TOLERANCE = 1e-4  # relative, on clv and p_purchase
+# Relative, per output. The point forecast is a quantile: where it sits just above the
+# no-purchase mass its slope in p_purchase is steep (1 / normal density), so it magnifies the
+# float32 differences between the two GRU implementations (shipped model's check batches:
+# clv 7.7e-5 where p_purchase differs by 2.0e-5); 1e-3 is a tenth of a cent per dollar.
+PARITY_TOLERANCE = {"clv": 1e-3, "p_purchase": 1e-4, "expected_clv": 1e-4}
 
 
 class ParityError(RuntimeError):
@@ -31,9 +35,9 @@ def export(model: GRUEnsemble, out_dir: Path, meta: dict[str, Any], check: list[
     tmp = out_dir / (MODEL_FILE + ".tmp")
     torch.onnx.export(
         model, dummy, str(tmp), input_names=["seq", "static", "h0"],
-        output_names=["clv", "p_purchase"],
+        output_names=list(OUTPUTS),
         dynamic_axes={"seq": {0: "batch"}, "static": {0: "batch"}, "h0": {1: "batch"},
-                      "clv": {0: "batch"}, "p_purchase": {0: "batch"}},
+                      **{name: {0: "batch"} for name in OUTPUTS}},
         opset_version=17, dynamo=False,
     )
     tmp.replace(out_dir / MODEL_FILE)
@@ -45,20 +49,27 @@ def export(model: GRUEnsemble, out_dir: Path, meta: dict[str, Any], check: list[
     return parity
 
 
-def parity_check(model: GRUEnsemble, artifact: Artifact, batches: list[Inputs]) -> dict[str, float]:
-    """Max abs/relative difference of onnxruntime vs torch on the given (unscaled) batches."""
-    worst_abs = worst_rel = 0.0
+def parity_check(model: GRUEnsemble, artifact: Artifact,
+                 batches: list[Inputs]) -> dict[str, dict[str, float]]:
+    """Max abs/relative difference of onnxruntime vs torch per output on the given (unscaled)
+    batches; raises ParityError if any output's relative difference exceeds its tolerance."""
+    worst = {name: {"max_abs_diff": 0.0, "max_rel_diff": 0.0} for name in OUTPUTS}
     for inputs in batches:
         scaled = artifact.scaler.transform(inputs)
         with torch.no_grad():
-            t_clv, t_p = model(torch.from_numpy(scaled.seq), torch.from_numpy(scaled.static),
-                               model.h0(len(scaled.seq)))
-        o_clv, o_p = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
-        for t, o in ((t_clv.numpy(), o_clv), (t_p.numpy(), o_p)):
+            torch_out = model(torch.from_numpy(scaled.seq), torch.from_numpy(scaled.static),
+                              model.h0(len(scaled.seq)))
+        onnx_out = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
+        for name, t, o in zip(OUTPUTS, (t.numpy() for t in torch_out), onnx_out):
             diff = np.abs(t - o)
-            worst_abs = max(worst_abs, float(diff.max(initial=0)))
-            worst_rel = max(worst_rel, float((diff / np.maximum(np.abs(t), 1e-3)).max(initial=0)))
-    log.info("ONNX parity: max abs diff %.3g, max rel diff %.3g", worst_abs, worst_rel)
-    if worst_rel > PARITY_TOLERANCE:
-        raise ParityError(f"onnxruntime differs from torch by {worst_rel:.3g} (> {PARITY_TOLERANCE})")
-    return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
+            w = worst[name]
+            w["max_abs_diff"] = max(w["max_abs_diff"], float(diff.max(initial=0)))
+            w["max_rel_diff"] = max(w["max_rel_diff"],
+                                    float((diff / np.maximum(np.abs(t), 1e-3)).max(initial=0)))
+    log.info("ONNX parity (max abs / rel diff): %s", ", ".join(
+        f"{name} {w['max_abs_diff']:.3g} / {w['max_rel_diff']:.3g}" for name, w in worst.items()))
+    for name, w in worst.items():
+        if w["max_rel_diff"] > PARITY_TOLERANCE[name]:
+            raise ParityError(f"onnxruntime differs from torch on {name} by {w['max_rel_diff']:.3g} "
+                              f"(> {PARITY_TOLERANCE[name]})")
+    return worst

@@ -22,7 +22,6 @@ from models.pipeline import export_artifact, train_ffnn, train_gru
 from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
-MODELS = ("gru", "ffnn", "naive", "bgnbd_gg", "gbt")
 
 
 @dataclass
@@ -64,7 +63,10 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     model, scaler, info = train_gru(split, cfg, horizon, calendar=_calendar_learnable(events, cut))
     with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
         export_artifact(model, scaler, split, events, cut, horizon, window, Path(tmp), info, cfg)
-        preds["gru"] = Artifact.load(tmp).predict(split.scoring.inputs)
+        gru = Artifact.load(tmp).predict(split.scoring.inputs)
+    preds["gru"] = gru.clv, gru.p_purchase
+    # The same model's expectation, for comparison with the baselines' expectations.
+    preds["gru_expected"] = gru.expected_clv, gru.p_purchase
     preds["ffnn"] = train_ffnn(split, cfg)
     preds["naive"] = baselines.naive(split.scoring, days)
     if with_bgnbd:
@@ -79,12 +81,12 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
 
 
 def render(run: Run) -> str:
-    head = f"{'model':<10}{'MAE $':>9}{'RMSE $':>9}{'Spearman':>10}{'normGini':>10}{'top10%':>8}{'bias':>8}{'AUC':>7}"
+    head = f"{'model':<13}{'MAE $':>9}{'RMSE $':>9}{'Spearman':>10}{'normGini':>10}{'top10%':>8}{'bias':>8}{'AUC':>7}"
     rows = [f"customers scored: {run.customers:,}", head]
     for name, m in run.models.items():
         auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
         rows.append(
-            f"{name:<10}{m['mae']:>9.2f}{m['rmse']:>9.2f}{m['spearman']:>10.3f}{m['norm_gini']:>10.3f}"
+            f"{name:<13}{m['mae']:>9.2f}{m['rmse']:>9.2f}{m['spearman']:>10.3f}{m['norm_gini']:>10.3f}"
             f"{m['top10_share']:>8.1%}{m['total_bias']:>+8.1%}{auc:>7}"
         )
     return "\n".join(rows)

@@ -11,9 +11,9 @@ from models import ziln
 class GRUModel(nn.Module):
     """GRU over the monthly window; its last state and the static features feed a ZILN head.
 
-    `forward` returns (clv, p_purchase) over the served horizon: the exported graph serves exactly
-    what the worker needs. Training passes each example's own horizon. The initial hidden state
-    is an input so its batch axis is dynamic in ONNX too.
+    `forward` returns (clv point forecast, p_purchase, expected spend) over the served horizon:
+    the exported graph serves exactly what the worker needs. Training passes each example's own
+    horizon. The initial hidden state is an input so its batch axis is dynamic in ONNX too.
     """
 
     def __init__(self, n_seq: int, n_static: int, horizon: int, hidden: int = 48, layers: int = 2,
@@ -22,6 +22,7 @@ class GRUModel(nn.Module):
         self.hidden, self.layers = hidden, layers
         self.register_buffer("max_log", torch.tensor(max_log))
         self.register_buffer("horizon", torch.tensor(float(horizon)))
+        self.register_buffer("point_quantile", torch.tensor(0.5))  # set by ziln.fit_quantile
         self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Sequential(
@@ -36,14 +37,16 @@ class GRUModel(nn.Module):
     def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
                 horizon: torch.Tensor | None = None):
         h = self.horizon if horizon is None else horizon
-        return ziln.predict(self.raw(seq, static, h0), h, self.max_log)
+        return ziln.forecast(self.raw(seq, static, h0), h, self.point_quantile, self.max_log)
 
     def h0(self, batch: int) -> torch.Tensor:
         return torch.zeros(self.layers, batch, self.hidden)
 
 
 class GRUEnsemble(nn.Module):
-    """The mean of several GRUs trained from different seeds: one ONNX graph, steadier scores."""
+    """The mean of several GRUs trained from different seeds: one ONNX graph, steadier scores.
+    Expectations and probabilities average as a mixture; point forecasts (quantiles) average
+    quantile by quantile."""
 
     def __init__(self, members: list[GRUModel]) -> None:
         super().__init__()
@@ -53,7 +56,7 @@ class GRUEnsemble(nn.Module):
     def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
                 horizon: torch.Tensor | None = None):
         outs = [m(seq, static, h0, horizon) for m in self.members]
-        return (torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0))
+        return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
 
     def h0(self, batch: int) -> torch.Tensor:
         return self.members[0].h0(batch)
@@ -66,6 +69,7 @@ class FFNNModel(nn.Module):
                  max_log: float = ziln.MAX_LOG) -> None:
         super().__init__()
         self.register_buffer("max_log", torch.tensor(max_log))
+        self.register_buffer("point_quantile", torch.tensor(0.5))  # set by ziln.fit_quantile
         self.net = nn.Sequential(
             nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, ziln.RAW_OUTPUTS),
@@ -75,4 +79,4 @@ class FFNNModel(nn.Module):
         return self.net(x)
 
     def forward(self, x: torch.Tensor, horizon: torch.Tensor):
-        return ziln.predict(self.raw(x), horizon, self.max_log)
+        return ziln.forecast(self.raw(x), horizon, self.point_quantile, self.max_log)

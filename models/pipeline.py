@@ -17,6 +17,7 @@ from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
 from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
+from models import ziln
 from models.dataset import Split, horizons, rfm_features
 from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
@@ -58,22 +59,42 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int,
         members.append(model)
         runs.append(info)
     ensemble = GRUEnsemble(members).eval()
-    v_clv, _ = predict_gru(ensemble, scaler, split.valid.inputs)
+    sc = scaler.transform(split.scoring.inputs)
+    with torch.no_grad():
+        raws = [m.raw(torch.from_numpy(sc.seq), torch.from_numpy(sc.static), m.h0(len(sc.seq)))
+                for m in members]
+    q = _set_point_quantile(members, raws, torch.from_numpy(horizons(split.scoring.inputs)))
+    _, _, v_expected = predict_gru(ensemble, scaler, split.valid.inputs)
     return ensemble, scaler, {"members": runs,
-                              "calibration": Calibration.fit(v_clv, split.valid.y).to_dict(),
+                              "calibration": Calibration.fit(v_expected, split.valid.y).to_dict(),
+                              "point_quantile": q,
                               "calendar_features": calendar}
 
 
-def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+def _set_point_quantile(models: list[GRUModel] | list[FFNNModel], raws: list[torch.Tensor],
+                        horizon: torch.Tensor) -> float:
+    """Fit the point forecast's quantile on the cohort the model will score (no labels needed:
+    it only makes the cohort's total of point forecasts equal its expected total)."""
+    q = ziln.fit_quantile(raws, horizon, models[0].max_log)
+    for m in models:
+        m.point_quantile.fill_(q)
+    log.info("point forecast: quantile %.4f of each customer's horizon spend", q)
+    return q
+
+
+def predict_gru(model: GRUEnsemble, scaler: Scaler,
+                inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(point forecast, p_purchase, expected spend), before calibration."""
     s = scaler.transform(inputs)
     with torch.no_grad():
-        clv, p = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)),
-                       torch.from_numpy(horizons(inputs)))
-    return clv.numpy(), p.numpy()
+        out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)),
+                    torch.from_numpy(horizons(inputs)))
+    return tuple(t.numpy() for t in out)  # type: ignore[return-value]
 
 
 def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Fit on aggregated features and return (clv, p) for the scoring set."""
+    """Fit on aggregated features and return (point forecast, p) for the scoring set: the same
+    head and the same point forecast as the GRU."""
     x_tr, x_va, x_sc = (rfm_features(e) for e in (split.train, split.valid, split.scoring))
     h_tr, h_va, h_sc = (horizons(e.inputs) for e in (split.train, split.valid, split.scoring))
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -81,10 +102,12 @@ def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     model = FFNNModel(x_tr.shape[1], max_log=max_log(split))
     model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd,), split.train.y, h_tr,
                    ((x_va - mu) / sd,), split.valid.y, h_va, cfg, name="ffnn")
+    scoring, valid = (torch.from_numpy(((x - mu) / sd).astype(np.float32)) for x in (x_sc, x_va))
     with torch.no_grad():
-        v_clv, _ = model(torch.from_numpy(((x_va - mu) / sd).astype(np.float32)), torch.from_numpy(h_va))
-        clv, p = model(torch.from_numpy(((x_sc - mu) / sd).astype(np.float32)), torch.from_numpy(h_sc))
-    return Calibration.fit(v_clv.numpy(), split.valid.y).apply(clv.numpy()), p.numpy()
+        _set_point_quantile([model], [model.raw(scoring)], torch.from_numpy(h_sc))
+        _, _, v_expected = model(valid, torch.from_numpy(h_va))
+        clv, p, _ = model(scoring, torch.from_numpy(h_sc))
+    return Calibration.fit(v_expected.numpy(), split.valid.y).apply(clv.numpy()), p.numpy()
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -100,7 +123,7 @@ def export_artifact(
     horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
 ) -> dict[str, Any]:
     fp = fingerprint(events)
-    cohort_clv, _ = predict_gru(model, scaler, split.scoring.inputs)
+    cohort_clv, _, _ = predict_gru(model, scaler, split.scoring.inputs)
     cohort_clv = Calibration.from_dict(info["calibration"]).apply(cohort_clv)
     meta = {
         # Data and weights: a retrained model on the same data is a new version to subscribers.

@@ -92,13 +92,13 @@ class Snapshot:
             cur = con.execute("SELECT * FROM snapshot_meta")
             cols = [d[0] for d in cur.description]
             meta = dict(zip(cols, cur.fetchone()))
-            totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
+            totals = con.execute("SELECT count(*), sum(expected_clv), avg(clv), avg(p_purchase) "
                                  "FROM customer_scores").fetchone()
         finally:
             con.close()
         out = {k: _plain(v) for k, v in meta.items()}
         out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
-        out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
+        out.update(rows=totals[0], total_expected_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
                    mean_p_purchase=_plain(totals[3]))
         return out
 

@@ -24,8 +24,8 @@ from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
 
 log = logging.getLogger("clv.snapshot")
-_NUMBERS = ("clv", "p_purchase", "recency_days", "frequency", "monetary", "tenure_days",
-            "total_spend", "horizon_months")
+_NUMBERS = ("clv", "p_purchase", "expected_clv", "recency_days", "frequency", "monetary",
+            "tenure_days", "total_spend", "horizon_months")
 
 
 def parse_score(value: bytes | None) -> dict[str, Any] | str:

@@ -6,7 +6,8 @@ Tables:
 - `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier.
 - `snapshot_meta`: one row: when it was written, newest event time, row count, offsets per
   partition of the scores topic (the sink resumes from them), model versions.
-Views: `segment_summary`, `tier_summary`.
+Views: `segment_summary`, `tier_summary`. Totals and shares add `expected_clv` (expected spend);
+`clv`, the per-customer point forecast, ranks customers and sets the value tiers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import duckdb
 import pandas as pd
 
 # Fields of a `clv-scores` message kept per customer, in table order.
-SCORE_COLUMNS = ("customer_id", "clv", "p_purchase", "recency_days", "frequency", "monetary",
-                 "tenure_days", "total_spend", "segment", "horizon_months", "model_version",
-                 "as_of", "scored_at")
+SCORE_COLUMNS = ("customer_id", "clv", "p_purchase", "expected_clv", "recency_days", "frequency",
+                 "monetary", "tenure_days", "total_spend", "segment", "horizon_months",
+                 "model_version", "as_of", "scored_at")
 TIERS = ("low", "medium", "high")
 
 _CREATE = """
@@ -32,6 +33,7 @@ WITH cut AS (
     SELECT quantile_cont(clv, 1 / 3) AS q1, quantile_cont(clv, 2 / 3) AS q2 FROM rows
 )
 SELECT customer_id, clv::DOUBLE AS clv, p_purchase::DOUBLE AS p_purchase,
+       expected_clv::DOUBLE AS expected_clv,
        recency_days::DOUBLE AS recency_days, frequency::INTEGER AS frequency,
        monetary::DOUBLE AS monetary, tenure_days::DOUBLE AS tenure_days,
        total_spend::DOUBLE AS total_spend, segment,
@@ -44,16 +46,19 @@ FROM rows, cut
 ORDER BY customer_id;
 
 CREATE VIEW segment_summary AS
-SELECT segment, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
-       sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
+SELECT segment, count(*) AS customers, sum(expected_clv) AS total_expected_clv,
+       avg(expected_clv) AS mean_expected_clv, avg(clv) AS mean_clv,
+       sum(expected_clv) / nullif((SELECT sum(expected_clv) FROM customer_scores), 0)
+           AS share_of_value,
        avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
        avg(frequency) AS mean_frequency
-FROM customer_scores GROUP BY segment ORDER BY total_clv DESC;
+FROM customer_scores GROUP BY segment ORDER BY total_expected_clv DESC;
 
 CREATE VIEW tier_summary AS
 SELECT value_tier, count(*) AS customers, min(clv) AS min_clv, max(clv) AS max_clv,
-       sum(clv) AS total_clv, avg(clv) AS mean_clv,
-       sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value
+       sum(expected_clv) AS total_expected_clv, avg(expected_clv) AS mean_expected_clv,
+       sum(expected_clv) / nullif((SELECT sum(expected_clv) FROM customer_scores), 0)
+           AS share_of_value
 FROM customer_scores GROUP BY value_tier
 ORDER BY CASE value_tier WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END;
 """

@@ -114,8 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      _train_config(args), **file_options(args))
     except NotEnoughHistory as exc:
         raise UsageError(str(exc)) from None
-    print(f"model {meta['version']} written to {args.out} "
-          f"(ONNX parity max abs diff {meta['parity']['max_abs_diff']:.2e})")
+    parity = ", ".join(f"{name} {d['max_rel_diff']:.1e}" for name, d in meta["parity"].items())
+    print(f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity})")
     return 0
 
 

@@ -203,10 +203,10 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     print(render_table(snap.top(10), ["customer_id", "clv", "p_purchase", "segment", "value_tier",
                                       "frequency", "recency_days", "total_spend"]))
     print("\nSegments")
-    print(render_table(snap.segments(), ["segment", "customers", "total_clv", "mean_clv",
+    print(render_table(snap.segments(), ["segment", "customers", "total_expected_clv", "mean_clv",
                                          "share_of_value", "mean_p_purchase"]))
     print("\nValue tiers (CLV terciles)")
-    print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv", "total_clv",
+    print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv", "total_expected_clv",
                                       "share_of_value"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)

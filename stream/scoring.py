@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
-import numpy as np
 
-from export_onnx.artifact import Artifact
+from export_onnx.artifact import Artifact, Prediction
 from features.aggregate import CustomerState, month_of
 from features.sequences import RFM, Inputs, build_inputs, rfm
 
@@ -18,6 +17,7 @@ class Score:
     customer_id: str
     clv: float
     p_purchase: float
+    expected_clv: float
     recency_days: float
     frequency: int
     monetary: float
@@ -35,9 +35,11 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
     return inputs, [rfm(s, as_of_ts) for s in states]
 
 
-def assemble(states: Sequence[CustomerState], fields: list[RFM], clv: np.ndarray, p: np.ndarray) -> list[Score]:
-    return [Score(s.customer_id, c, pp, r.recency_days, r.frequency, r.monetary, r.tenure_days,
-                  r.total_spend) for s, r, c, pp in zip(states, fields, clv.tolist(), p.tolist())]
+def assemble(states: Sequence[CustomerState], fields: list[RFM], pred: Prediction) -> list[Score]:
+    return [Score(s.customer_id, c, pp, e, r.recency_days, r.frequency, r.monetary, r.tenure_days,
+                  r.total_spend)
+            for s, r, c, e, pp in zip(states, fields, pred.clv.tolist(), pred.expected_clv.tolist(),
+                                      pred.p_purchase.tolist())]
 
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[Score]:
@@ -45,5 +47,4 @@ def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: dat
     if not states:
         return []
     inputs, fields = prepare(artifact, states, as_of)
-    clv, p = artifact.predict(inputs)
-    return assemble(states, fields, clv, p)
+    return assemble(states, fields, artifact.predict(inputs))

@@ -46,7 +46,7 @@ from stream.settings import Settings
 from stream.state_writes import STATE_CODEC, WriteBehindStates
 
 log = logging.getLogger("clv.worker")
-SCORE_SCHEMA_VERSION = 1
+SCORE_SCHEMA_VERSION = 2  # 2: clv is the point forecast, expected_clv added
 CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
 
@@ -279,10 +279,10 @@ class Rescorer:
         states = [self.states.read(partition, c) for c in ids]
         inputs, fields = prepare(self.artifact, states, self._as_of(partition))
         if len(ids) >= INLINE_SCORING_LIMIT:
-            clv, p = await asyncio.to_thread(self.artifact.predict, inputs)
+            pred = await asyncio.to_thread(self.artifact.predict, inputs)
         else:
-            clv, p = self.artifact.predict(inputs)
-        scores = assemble(states, fields, clv, p)
+            pred = self.artifact.predict(inputs)
+        scores = assemble(states, fields, pred)
         as_of = self._as_of(partition).isoformat()
         scored_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         quantiles = self.artifact.meta["clv_quantiles"]

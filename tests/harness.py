@@ -130,8 +130,9 @@ def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> None:
         a = live[cid]
         assert a["frequency"] == int(b["frequency"]), cid
         assert abs(a["total_spend"] - float(b["total_spend"])) < 1e-9, cid
-        rel = abs(a["clv"] - float(b["clv"])) / max(abs(float(b["clv"])), 1e-9)
-        worst = max(worst, rel)
+        for field in ("clv", "expected_clv"):
+            rel = abs(a[field] - float(b[field])) / max(abs(float(b[field])), 1e-9)
+            worst = max(worst, rel)
     assert worst < 1e-5, worst
 
 

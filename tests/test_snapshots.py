@@ -76,7 +76,7 @@ def test_query_commands(cdnow_live, tmp_path):
     assert res.returncode == 0, res.stderr
     segs = json.loads(res.stdout)
     assert sum(s["customers"] for s in segs) == 23_570
-    assert {"segment", "customers", "total_clv", "mean_clv", "share_of_value"} <= set(segs[0])
+    assert {"segment", "customers", "total_expected_clv", "mean_clv", "share_of_value"} <= set(segs[0])
     res = clv("query", "segments", env=env)
     assert res.returncode == 0 and "share_of_value" in res.stdout and "value_tier" in res.stdout
     vip = json.loads(clv("query", "top", "--n", "5", "--segment", "vip", "--json", env=env).stdout)
@@ -217,7 +217,7 @@ def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap,
     written (its temporary file exists); the published snapshot must be the previous one."""
     env = {**clv_env, "CLV_SNAPSHOT_INTERVAL_S": "0.2"}
     published = Path(env["CLV_SNAPSHOT_PATH"])
-    template = {"schema_version": 1, "p_purchase": 0.5, "recency_days": 10.0, "frequency": 2,
+    template = {"schema_version": 2, "p_purchase": 0.5, "expected_clv": 5.0, "recency_days": 10.0, "frequency": 2,
                 "monetary": 20.0, "tenure_days": 100.0, "total_spend": 40.0, "segment": "regular",
                 "horizon_months": 6, "model_version": "gru-test", "as_of": "2011-12-01T00:00:00+00:00",
                 "scored_at": "2026-11-22T00:00:00+00:00"}

@@ -38,7 +38,7 @@ def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap
     status, body = cdnow_live.customer_page
     assert status == 200 and json.loads(body)["score"]["customer_id"] == "00001"
     sample = next(iter(live.values()))
-    for field in ("customer_id", "clv", "p_purchase", "segment", "horizon_months", "model_version",
+    for field in ("customer_id", "clv", "p_purchase", "expected_clv", "segment", "horizon_months", "model_version",
                   "as_of", "scored_at", "recency_days", "frequency", "monetary"):
         assert field in sample
     assert sample["as_of"].startswith("1998-06")
