@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.artifact import fingerprint
+from export_onnx.artifact import Prediction, fingerprint
 from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
@@ -64,7 +64,7 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int,
         raws = [m.raw(torch.from_numpy(sc.seq), torch.from_numpy(sc.static), m.h0(len(sc.seq)))
                 for m in members]
     q = _set_point_quantile(members, raws, torch.from_numpy(horizons(split.scoring.inputs)))
-    _, _, v_expected = predict_gru(ensemble, scaler, split.valid.inputs)
+    v_expected = predict_gru(ensemble, scaler, split.valid.inputs).expected_clv
     return ensemble, scaler, {"members": runs,
                               "calibration": Calibration.fit(v_expected, split.valid.y).to_dict(),
                               "point_quantile": q,
@@ -82,14 +82,13 @@ def _set_point_quantile(models: list[GRUModel] | list[FFNNModel], raws: list[tor
     return q
 
 
-def predict_gru(model: GRUEnsemble, scaler: Scaler,
-                inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(point forecast, p_purchase, expected spend), before calibration."""
+def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Prediction:
+    """The torch model's outputs, before calibration (the artifact's `raw_predict` in ONNX)."""
     s = scaler.transform(inputs)
     with torch.no_grad():
         out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)),
                     torch.from_numpy(horizons(inputs)))
-    return tuple(t.numpy() for t in out)  # type: ignore[return-value]
+    return Prediction(*(t.numpy() for t in out))
 
 
 def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +122,8 @@ def export_artifact(
     horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
 ) -> dict[str, Any]:
     fp = fingerprint(events)
-    cohort_clv, _, _ = predict_gru(model, scaler, split.scoring.inputs)
-    cohort_clv = Calibration.from_dict(info["calibration"]).apply(cohort_clv)
+    cohort_clv = Calibration.from_dict(info["calibration"]).apply(
+        predict_gru(model, scaler, split.scoring.inputs).clv)
     meta = {
         # Data and weights: a retrained model on the same data is a new version to subscribers.
         "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-{_weights_digest(model)}",

@@ -17,6 +17,7 @@ carries over to the full horizon the model serves, instead of being extrapolated
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -60,13 +61,30 @@ def loss(out: torch.Tensor, y: torch.Tensor, horizon: torch.Tensor) -> torch.Ten
     return bce + (positive * nll).mean()
 
 
+class _Spend(NamedTuple):
+    """Each customer's horizon spend: no purchase with 1 - p, else lognormal with this mean."""
+
+    p: torch.Tensor
+    log_buyer_mean: torch.Tensor  # log E[spend | any purchase], capped at max_log
+    sigma: torch.Tensor
+
+
+def _spend(out: torch.Tensor, horizon: torch.Tensor, max_log: torch.Tensor | float) -> _Spend:
+    """The conditional mean is capped at exp(max_log), so an unusual customer cannot get a
+    prediction far beyond any seen in training."""
+    p, log_mean, sigma = over_horizon(out, horizon)
+    return _Spend(p, torch.clamp(log_mean - torch.log(p), max=max_log), sigma)
+
+
+def _expected(d: _Spend) -> torch.Tensor:
+    return d.p * torch.exp(d.log_buyer_mean)
+
+
 def predict(out: torch.Tensor, horizon: torch.Tensor,
             max_log: torch.Tensor | float = MAX_LOG) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected spend and probability of any purchase; the conditional mean is capped at
-    exp(max_log), so an unusual customer cannot get a prediction far beyond any seen in training."""
-    p, log_mean, _sigma = over_horizon(out, horizon)
-    expected = p * torch.exp(torch.clamp(log_mean - torch.log(p), max=max_log))
-    return expected, p
+    """Expected spend and probability of any purchase."""
+    d = _spend(out, horizon, max_log)
+    return _expected(d), d.p
 
 
 # Acklam's rational approximation of the standard normal quantile (relative error < 1.2e-9),
@@ -98,15 +116,18 @@ def ndtri(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u < _TAIL, tail, torch.where(u > 1 - _TAIL, -tail, mid))
 
 
+def _quantile(d: _Spend, q: torch.Tensor | float) -> torch.Tensor:
+    u = (q - (1 - d.p)) / d.p
+    z = ndtri(u.clamp(1e-6, 1 - 1e-6))
+    mu = d.log_buyer_mean - 0.5 * d.sigma**2
+    return torch.where(u > 0, torch.exp(mu + d.sigma * z), torch.zeros_like(d.p))
+
+
 def quantile(out: torch.Tensor, horizon: torch.Tensor, q: torch.Tensor | float,
              max_log: torch.Tensor | float = MAX_LOG) -> torch.Tensor:
     """The q-quantile of the horizon spend: zero while q is within the probability of no purchase,
     else the lognormal quantile of a buyer's spend (mean capped as in `predict`) at the rest."""
-    p, log_mean, sigma = over_horizon(out, horizon)
-    mu = torch.clamp(log_mean - torch.log(p), max=max_log) - 0.5 * sigma**2
-    u = (q - (1 - p)) / p
-    z = ndtri(u.clamp(1e-6, 1 - 1e-6))
-    return torch.where(u > 0, torch.exp(mu + sigma * z), torch.zeros_like(p))
+    return _quantile(_spend(out, horizon, max_log), q)
 
 
 def forecast(out: torch.Tensor, horizon: torch.Tensor, q: torch.Tensor | float,
@@ -118,9 +139,10 @@ def forecast(out: torch.Tensor, horizon: torch.Tensor, q: torch.Tensor | float,
     spend distribution (Lagrange: 2 F_i(c_i) - 1 is equal for all i); `fit_quantile` finds q.
     A share POINT_WEIGHT of the expectation is blended in so that customers whose quantile is
     zero still rank by their expected spend (both parts have the same total)."""
-    expected, p = predict(out, horizon, max_log)
-    point = (1 - POINT_WEIGHT) * quantile(out, horizon, q, max_log) + POINT_WEIGHT * expected
-    return point, p, expected
+    d = _spend(out, horizon, max_log)
+    expected = _expected(d)
+    point = (1 - POINT_WEIGHT) * _quantile(d, q) + POINT_WEIGHT * expected
+    return point, d.p, expected
 
 
 def fit_quantile(outs: list[torch.Tensor], horizon: torch.Tensor,
@@ -128,10 +150,11 @@ def fit_quantile(outs: list[torch.Tensor], horizon: torch.Tensor,
     """The q at which the cohort's total of q-quantiles equals its expected total, for the
     raw outputs of each member of an ensemble over the same customers (quantiles averaged)."""
     with torch.no_grad():
-        target = sum(float(predict(o, horizon, max_log)[0].sum()) for o in outs)
+        spends = [_spend(o, horizon, max_log) for o in outs]
+        target = sum(float(_expected(d).sum()) for d in spends)
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            total = sum(float(quantile(o, horizon, mid, max_log).sum()) for o in outs)
+            total = sum(float(_quantile(d, mid).sum()) for d in spends)
             lo, hi = (mid, hi) if total < target else (lo, mid)
     return (lo + hi) / 2

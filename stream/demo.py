@@ -206,8 +206,8 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     print(render_table(snap.segments(), ["segment", "customers", "total_expected_clv", "mean_clv",
                                          "share_of_value", "mean_p_purchase"]))
     print("\nValue tiers (CLV terciles)")
-    print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv", "total_expected_clv",
-                                      "share_of_value"]))
+    print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
+                                      "total_expected_clv", "share_of_value"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {clv} query top --n 20 --snapshot {path}

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
-
 from export_onnx.artifact import Artifact, Prediction
 from features.aggregate import CustomerState, month_of
 from features.sequences import RFM, Inputs, build_inputs, rfm
