@@ -19,17 +19,15 @@ from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metadata.json"
-OUTPUTS = ("clv", "p_purchase", "expected_clv")  # the graph's outputs, in `Prediction`'s order
+OUTPUTS = ("clv", "p_purchase")  # the graph's outputs, in `Prediction`'s order
 
 
 class Prediction(NamedTuple):
-    """Per customer over the horizon: `clv`, the point forecast (least expected absolute error
-    for a cohort total equal to the expected total), `p_purchase`, and `expected_clv`, the
-    expected spend (what segment totals and budgets add up)."""
+    """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets
+    use; it adds up over customers), and `p_purchase`, the probability of any purchase."""
 
     clv: np.ndarray
     p_purchase: np.ndarray
-    expected_clv: np.ndarray
 
 
 def shipped_model_dir() -> Path:
@@ -92,8 +90,8 @@ class Artifact:
 
     def predict(self, inputs: Inputs) -> Prediction:
         """Dollars and probabilities per customer, from unscaled inputs."""
-        clv, p, expected = self.raw_predict(inputs)
-        return Prediction(self.calibration.apply(clv), p, self.calibration.apply(expected))
+        clv, p = self.raw_predict(inputs)
+        return Prediction(self.calibration.apply(clv), p)
 
     def raw_predict(self, inputs: Inputs) -> Prediction:
         """The ONNX graph's own outputs, before calibration."""

@@ -65,8 +65,6 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
         export_artifact(model, scaler, split, events, cut, horizon, window, Path(tmp), info, cfg)
         gru = Artifact.load(tmp).predict(split.scoring.inputs)
     preds["gru"] = gru.clv, gru.p_purchase
-    # The same model's expectation, for comparison with the baselines' expectations.
-    preds["gru_expected"] = gru.expected_clv, gru.p_purchase
     preds["ffnn"] = train_ffnn(split, cfg)
     preds["naive"] = baselines.naive(split.scoring, days)
     if with_bgnbd:

@@ -11,7 +11,7 @@ from models import ziln
 class GRUModel(nn.Module):
     """GRU over the monthly window; its last state and the static features feed a ZILN head.
 
-    `forward` returns (clv point forecast, p_purchase, expected spend) over the served horizon:
+    `forward` returns (expected spend, p_purchase) over the served horizon:
     the exported graph serves exactly what the worker needs. Training passes each example's own
     horizon. The initial hidden state is an input so its batch axis is dynamic in ONNX too.
     """
@@ -22,7 +22,6 @@ class GRUModel(nn.Module):
         self.hidden, self.layers = hidden, layers
         self.register_buffer("max_log", torch.tensor(max_log))
         self.register_buffer("horizon", torch.tensor(float(horizon)))
-        self.register_buffer("point_quantile", torch.tensor(0.5))  # set by ziln.fit_quantile
         self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Sequential(
@@ -37,7 +36,7 @@ class GRUModel(nn.Module):
     def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
                 horizon: torch.Tensor | None = None):
         h = self.horizon if horizon is None else horizon
-        return ziln.forecast(self.raw(seq, static, h0), h, self.point_quantile, self.max_log)
+        return ziln.predict(self.raw(seq, static, h0), h, self.max_log)
 
     def h0(self, batch: int) -> torch.Tensor:
         return torch.zeros(self.layers, batch, self.hidden)
@@ -45,8 +44,7 @@ class GRUModel(nn.Module):
 
 class GRUEnsemble(nn.Module):
     """The mean of several GRUs trained from different seeds: one ONNX graph, steadier scores.
-    Expectations and probabilities average as a mixture; point forecasts (quantiles) average
-    quantile by quantile."""
+    Expectations and probabilities average as a mixture."""
 
     def __init__(self, members: list[GRUModel]) -> None:
         super().__init__()
@@ -69,7 +67,6 @@ class FFNNModel(nn.Module):
                  max_log: float = ziln.MAX_LOG) -> None:
         super().__init__()
         self.register_buffer("max_log", torch.tensor(max_log))
-        self.register_buffer("point_quantile", torch.tensor(0.5))  # set by ziln.fit_quantile
         self.net = nn.Sequential(
             nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, ziln.RAW_OUTPUTS),
@@ -79,4 +76,4 @@ class FFNNModel(nn.Module):
         return self.net(x)
 
     def forward(self, x: torch.Tensor, horizon: torch.Tensor):
-        return ziln.forecast(self.raw(x), horizon, self.point_quantile, self.max_log)
+        return ziln.predict(self.raw(x), horizon, self.max_log)

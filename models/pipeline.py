@@ -59,27 +59,10 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int,
         members.append(model)
         runs.append(info)
     ensemble = GRUEnsemble(members).eval()
-    sc = scaler.transform(split.scoring.inputs)
-    with torch.no_grad():
-        raws = [m.raw(torch.from_numpy(sc.seq), torch.from_numpy(sc.static), m.h0(len(sc.seq)))
-                for m in members]
-    q = _set_point_quantile(members, raws, torch.from_numpy(horizons(split.scoring.inputs)))
-    v_expected = predict_gru(ensemble, scaler, split.valid.inputs).expected_clv
+    v_expected = predict_gru(ensemble, scaler, split.valid.inputs).clv
     return ensemble, scaler, {"members": runs,
                               "calibration": Calibration.fit(v_expected, split.valid.y).to_dict(),
-                              "point_quantile": q,
                               "calendar_features": calendar}
-
-
-def _set_point_quantile(models: list[GRUModel] | list[FFNNModel], raws: list[torch.Tensor],
-                        horizon: torch.Tensor) -> float:
-    """Fit the point forecast's quantile on the cohort the model will score (no labels needed:
-    it only makes the cohort's total of point forecasts equal its expected total)."""
-    q = ziln.fit_quantile(raws, horizon, models[0].max_log)
-    for m in models:
-        m.point_quantile.fill_(q)
-    log.info("point forecast: quantile %.4f of each customer's horizon spend", q)
-    return q
 
 
 def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Prediction:
@@ -92,8 +75,8 @@ def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Predictio
 
 
 def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Fit on aggregated features and return (point forecast, p) for the scoring set: the same
-    head and the same point forecast as the GRU."""
+    """Fit on aggregated features and return (expected spend, p) for the scoring set: the same
+    head and the same calibration as the GRU."""
     x_tr, x_va, x_sc = (rfm_features(e) for e in (split.train, split.valid, split.scoring))
     h_tr, h_va, h_sc = (horizons(e.inputs) for e in (split.train, split.valid, split.scoring))
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -103,9 +86,8 @@ def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
                    ((x_va - mu) / sd,), split.valid.y, h_va, cfg, name="ffnn")
     scoring, valid = (torch.from_numpy(((x - mu) / sd).astype(np.float32)) for x in (x_sc, x_va))
     with torch.no_grad():
-        _set_point_quantile([model], [model.raw(scoring)], torch.from_numpy(h_sc))
-        _, _, v_expected = model(valid, torch.from_numpy(h_va))
-        clv, p, _ = model(scoring, torch.from_numpy(h_sc))
+        v_expected, _ = model(valid, torch.from_numpy(h_va))
+        clv, p = model(scoring, torch.from_numpy(h_sc))
     return Calibration.fit(v_expected.numpy(), split.valid.y).apply(clv.numpy()), p.numpy()
 
 

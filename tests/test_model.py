@@ -80,18 +80,17 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     parity = export(model, out, {**art.meta, "version": "fresh"}, [batch])
     assert all(parity[name]["max_rel_diff"] < tol for name, tol in PARITY_TOLERANCE.items())
     for n in (1, 7, 300):  # dynamic batch axis
-        clv_o, _, expected_o = Artifact.load(out).raw_predict(Inputs(batch.seq[:1].repeat(n, 0), batch.static[:1].repeat(n, 0)))
-        assert clv_o.shape == expected_o.shape == (n,) and np.allclose(clv_o, clv_o[0])
+        clv_o, p_o = Artifact.load(out).raw_predict(Inputs(batch.seq[:1].repeat(n, 0), batch.static[:1].repeat(n, 0)))
+        assert clv_o.shape == p_o.shape == (n,) and np.allclose(clv_o, clv_o[0])
     with torch.no_grad():
         s = Artifact.load(out).scaler.transform(batch)
         torch_out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(64))
     onnx_out = Artifact.load(out).raw_predict(batch)
-    for t, o in zip(torch_out, onnx_out):  # point forecast, p_purchase, expected spend
+    for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase
         assert np.allclose(t.numpy(), o, rtol=1e-4, atol=1e-6)
     calibrated = Artifact.load(out).predict(batch)
     factor = Artifact.load(out).calibration.factor
     assert np.allclose(calibrated.clv, onnx_out.clv * factor)
-    assert np.allclose(calibrated.expected_clv, onnx_out.expected_clv * factor)
     assert np.array_equal(calibrated.p_purchase, onnx_out.p_purchase)
 
 
@@ -172,37 +171,3 @@ def test_head_closed_forms_match_the_retention_process():
         assert torch.allclose(torch.exp(log_mean), buying_months * month_spend, rtol=1e-9), h
         expected, p_pred = ziln.predict(out, torch.full((3,), float(h), dtype=torch.float64))
         assert torch.allclose(expected, buying_months * month_spend, rtol=1e-9) and torch.equal(p_pred, p)
-
-
-def test_point_forecast_is_the_common_quantile_with_the_expected_total():
-    """The head's point forecast: the same quantile q of every customer's spend distribution
-    (zero-inflated lognormal), q fitted so that the cohort's total equals its expected total,
-    plus a small share of the expectation that orders customers whose quantile is zero."""
-    import torch
-    from scipy.special import ndtri
-    from scipy.stats import norm
-
-    from models import ziln
-
-    u = torch.linspace(1e-6, 1 - 1e-6, 20001, dtype=torch.float64)
-    assert float((ziln.ndtri(u) - torch.from_numpy(ndtri(u.numpy()))).abs().max()) < 1e-8
-
-    gen = torch.Generator().manual_seed(3)
-    out = torch.randn(2000, 4, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 1.5, 1.0, 1.0], dtype=torch.float64)
-    h = torch.full((2000,), 6.0, dtype=torch.float64)
-    p, log_mean, sigma = ziln.over_horizon(out, h)
-    mu = log_mean - torch.log(p) - 0.5 * sigma**2  # no cap reached at MAX_LOG
-    for q in (0.3, 0.7, 0.95):
-        c = ziln.quantile(out, h, q).numpy()
-        zero = c == 0
-        assert np.array_equal(zero, (1 - p).numpy() >= q)  # no purchase is at least that likely
-        cdf = (1 - p + p * torch.from_numpy(norm.cdf((np.log(np.where(zero, 1, c)) - mu.numpy()) / sigma.numpy())))
-        assert np.allclose(cdf.numpy()[~zero], q, atol=1e-7)
-
-    q = ziln.fit_quantile([out], h)
-    point, p_f, expected = ziln.forecast(out, h, q)
-    assert torch.equal(p_f, p)
-    assert abs(float(point.sum()) / float(expected.sum()) - 1) < 1e-6
-    assert bool((point > 0).all())  # ranked by expectation where the quantile is zero
-    zero = ziln.quantile(out, h, q) == 0
-    assert torch.allclose(point[zero], ziln.POINT_WEIGHT * expected[zero])
