@@ -15,10 +15,11 @@ import onnxruntime as ort
 from export_onnx import ArtifactError
 from export_onnx.calibration import Calibration
 from features.scaling import Scaler
-from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
+from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metadata.json"
+INPUTS = ("seq", "static", "classic", "h0")
 OUTPUTS = ("clv", "p_purchase")  # the graph's outputs, in `Prediction`'s order
 
 
@@ -70,7 +71,8 @@ class Artifact:
         if not meta_path.is_file() or not model_path.is_file():
             raise ArtifactError(f"{path}: not a model directory (needs {MODEL_FILE} and {META_FILE})")
         meta = json.loads(meta_path.read_text())
-        if tuple(meta["seq_features"]) != SEQ_FEATURES or tuple(meta["static_features"]) != STATIC_FEATURES:
+        if (tuple(meta["seq_features"]) != SEQ_FEATURES or tuple(meta["static_features"]) != STATIC_FEATURES
+                or tuple(meta.get("classic_features", ())) != CLASSIC_FEATURES):
             raise ArtifactError(
                 f"{path}: model {meta.get('version')} was trained on other features than this "
                 "release builds; retrain it with `clv train`"
@@ -82,9 +84,10 @@ class Artifact:
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        if tuple(o.name for o in session.get_outputs()) != OUTPUTS:
-            raise ArtifactError(f"{path}: model {meta.get('version')} does not output "
-                                f"{', '.join(OUTPUTS)}; retrain it with `clv train`")
+        if (tuple(o.name for o in session.get_outputs()) != OUTPUTS
+                or tuple(i.name for i in session.get_inputs()) != INPUTS):
+            raise ArtifactError(f"{path}: model {meta.get('version')} does not map "
+                                f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`")
         return cls(path, meta, session, Scaler.from_dict(meta["scaler"]),
                    Calibration.from_dict(meta["training"].get("calibration")))
 
@@ -100,6 +103,6 @@ class Artifact:
             return Prediction(*(np.zeros(0, np.float32) for _ in OUTPUTS))
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
-        return Prediction(*self.session.run(list(OUTPUTS),
-                                            {"seq": scaled.seq, "static": scaled.static, "h0": h0}))
+        feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
+        return Prediction(*self.session.run(list(OUTPUTS), feeds))
 

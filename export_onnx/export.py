@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.artifact import META_FILE, MODEL_FILE, OUTPUTS, Artifact
+from export_onnx.artifact import INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
 from features.sequences import Inputs
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,14 @@ def export(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: l
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     n_seq, n_static = len(meta["seq_features"]), len(meta["static_features"])
-    dummy = (torch.zeros(2, meta["window"], n_seq), torch.zeros(2, n_static), model.h0(2))
+    n_classic = len(meta["classic_features"])
+    dummy = (torch.zeros(2, meta["window"], n_seq), torch.zeros(2, n_static),
+             torch.ones(2, n_classic), model.h0(2))
     tmp = out_dir / (MODEL_FILE + ".tmp")
     torch.onnx.export(
-        model, dummy, str(tmp), input_names=["seq", "static", "h0"],
+        model, dummy, str(tmp), input_names=list(INPUTS),
         output_names=list(OUTPUTS),
-        dynamic_axes={"seq": {0: "batch"}, "static": {0: "batch"}, "h0": {1: "batch"},
+        dynamic_axes={"seq": {0: "batch"}, "static": {0: "batch"}, "classic": {0: "batch"}, "h0": {1: "batch"},
                       **{name: {0: "batch"} for name in OUTPUTS}},
         opset_version=17, dynamo=False,
     )
@@ -54,7 +56,7 @@ def parity_check(model: torch.nn.Module, artifact: Artifact,
         scaled = artifact.scaler.transform(inputs)
         with torch.no_grad():
             torch_out = model(torch.from_numpy(scaled.seq), torch.from_numpy(scaled.static),
-                              model.h0(len(scaled.seq)))
+                              torch.from_numpy(scaled.classic), model.h0(len(scaled.seq)))
         onnx_out = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
         for name, t, o in zip(OUTPUTS, (t.numpy() for t in torch_out), onnx_out):
             diff = np.abs(t - o)

@@ -48,6 +48,7 @@ class Scaler:
         return Inputs(
             ((inputs.seq - self.seq_center) / self.seq_scale * self.seq_mask).astype(np.float32),
             ((inputs.static - self.static_center) / self.static_scale * self.static_mask).astype(np.float32),
+            inputs.classic,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from features.aggregate import CustomerState
+from features.aggregate import CustomerState, month_start
 
 SEQ_FEATURES = (
     "log_spend", "log_invoices", "log_units", "active", "moy_sin", "moy_cos", "before_first",
@@ -23,6 +23,11 @@ STATIC_FEATURES = (
     "log_order_value", "log_invoices_before_window", "log_active_months", "asof_moy_sin",
     "asof_moy_cos", "horizon_months",
 )
+# The classic model's sufficient statistics (BG/NBD, Gamma-Gamma), unscaled: purchase invoices,
+# days from the first event to the last purchase and to the end of the as-of month, and mean
+# spend per purchase invoice. The model's head turns them into the classic per-customer
+# quantities it corrects (models.ziln).
+CLASSIC_FEATURES = ("purchases", "purchase_span_days", "age_days", "order_value")
 
 
 def slog1p(x: np.ndarray) -> np.ndarray:
@@ -34,6 +39,10 @@ def slog1p(x: np.ndarray) -> np.ndarray:
 class Inputs:
     seq: np.ndarray  # customers x window x len(SEQ_FEATURES), float32
     static: np.ndarray  # customers x len(STATIC_FEATURES), float32
+    classic: np.ndarray  # customers x len(CLASSIC_FEATURES), float32, never scaled
+
+    def take(self, idx: np.ndarray) -> "Inputs":
+        return Inputs(self.seq[idx], self.static[idx], self.classic[idx])
 
 
 def build_inputs(
@@ -48,6 +57,8 @@ def build_inputs(
     past_rows: list[list[int]] = []  # spend cents, units, invoices, active months before the window
     firsts: list[int] = []
     lasts: list[int] = []
+    spans: list[tuple[float, float]] = []  # (last purchase - first event, as-of end - first event), seconds
+    end_ts = month_start(as_of_month + 1).timestamp()
     rows: list[int] = []
     cols: list[int] = []
     values: list[tuple[int, int, int]] = []
@@ -70,6 +81,9 @@ def build_inputs(
         f = as_of_month if s.first_month is None else s.first_month
         firsts.append(f)
         lasts.append(f if s.last_purchase_month is None else s.last_purchase_month)
+        first_ts = end_ts if s.first_ts is None else s.first_ts
+        last_ts = first_ts if s.last_purchase_ts is None else s.last_purchase_ts
+        spans.append((last_ts - first_ts, end_ts - first_ts))
     past = np.array(past_rows, dtype=np.float64).reshape(n, 4)
     first = np.array(firsts, dtype=np.int64)
     last = np.array(lasts, dtype=np.int64)
@@ -104,7 +118,13 @@ def build_inputs(
     static[:, 7] = np.sin(asof)
     static[:, 8] = np.cos(asof)
     static[:, 9] = horizon
-    return Inputs(seq, static)
+    span = np.array(spans, dtype=np.float64).reshape(n, 2) / 86400.0
+    classic = np.empty((n, len(CLASSIC_FEATURES)), dtype=np.float32)
+    classic[:, 0] = total_invoices
+    classic[:, 1] = span[:, 0]
+    classic[:, 2] = span[:, 1]
+    classic[:, 3] = np.maximum(total_spend, 0) / np.maximum(total_invoices, 1)
+    return Inputs(seq, static, classic)
 
 
 @dataclass(frozen=True)

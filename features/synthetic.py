@@ -35,18 +35,25 @@ class Truth:
 def generate(
     n_customers: int = 2000, n_invoices: int = 20000, seed: int = 7,
     start: str = "2009-12-01", end: str = "2011-12-09", layout: str = "online-retail",
+    wholesale_share: float = 0.03,
 ) -> tuple[pd.DataFrame, Truth]:
-    """A line-level frame in the UCI layout (`online-retail` or `online-retail-ii`)."""
+    """A line-level frame in the UCI layout (`online-retail` or `online-retail-ii`).
+
+    Customers differ in purchase rate (a few buy often, most once or twice), arrive over the
+    first 80% of the period and leave after an exponential lifetime; `wholesale_share` of them
+    order 10-60 times the usual quantities, the heavy tail of real retail files."""
     rng = np.random.default_rng(seed)
     t0, t1 = pd.Timestamp(start), pd.Timestamp(end)
     customer_ids = np.arange(12346, 12346 + n_customers)
-    # Heterogeneous buyers: a few wholesalers buy often, most buy once or twice.
     rate = rng.gamma(0.6, 1.0, n_customers)
     born = rng.uniform(0, 0.8, n_customers)
+    gone = np.minimum(1.0, born + rng.exponential(0.6, n_customers))
+    basket = np.where(rng.uniform(size=n_customers) < wholesale_share,
+                      np.exp(rng.uniform(np.log(10), np.log(60), n_customers)), 1.0)
     buyer = rng.choice(n_customers, size=n_invoices, p=rate / rate.sum())
 
     days = (t1 - t0).days
-    span = rng.uniform(born[buyer], 1.0) * days
+    span = rng.uniform(born[buyer], gone[buyer]) * days
     month_weight = SEASON[(t0 + pd.to_timedelta(span, unit="D")).month.to_numpy() - 1]
     keep = rng.uniform(0, SEASON.max(), n_invoices) < month_weight
     buyer, span = buyer[keep], span[keep]
@@ -67,7 +74,7 @@ def generate(
         "InvoiceNo": inv_no[idx],
         "StockCode": (85000 + item).astype(str),
         "Description": "ITEM " + item.astype(str) + " ",
-        "Quantity": rng.geometric(1 / 6, n),
+        "Quantity": np.minimum(np.ceil(rng.geometric(1 / 6, n) * basket[buyer[idx]]), 9999).astype(np.int64),
         "InvoiceDate": inv_ts[idx],
         "UnitPrice": item_price[item],
         "CustomerID": customer_ids[buyer[idx]].astype(float).astype(object),

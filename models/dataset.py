@@ -46,8 +46,7 @@ def _concat(parts: list[Examples]) -> Examples:
     return Examples(
         [c for p in parts for c in p.customer_ids],
         np.concatenate([p.origin for p in parts]),
-        Inputs(np.concatenate([p.inputs.seq for p in parts]),
-               np.concatenate([p.inputs.static for p in parts])),
+        Inputs(*(np.concatenate([getattr(p.inputs, f) for p in parts]) for f in ("seq", "static", "classic"))),
         np.concatenate([p.y for p in parts]),
         np.concatenate([p.rfm for p in parts]),
     )

@@ -5,97 +5,172 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from export_onnx.artifact import Artifact
 from features.aggregate import month_of
 from features.batch import end_of, read_history
-from models import baselines
-from models.dataset import NotEnoughHistory, history_until, rolling_split
+from features.contract import TransactionEvent
+from models import baselines, classic
+from models.dataset import NotEnoughHistory, Split, history_until, rolling_split
 from models.metrics import report
-from models.pipeline import export_artifact, train_ffnn, train_gru
+from models.pipeline import export_artifact, fit_classic, level, train_ffnn, train_gru
+from models.classic import ClassicParams
 from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Run:
-    customers: int
+class SeedRun:
+    """Every model's metrics and predictions for one training seed."""
+
+    seed: int
     models: dict[str, dict[str, Any]]
     predictions: dict[str, np.ndarray]
+
+
+@dataclass
+class Run:
+    customers: int
     actual: np.ndarray
+    seeds: list[SeedRun]
 
 
-def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
-          cfg: TrainConfig = TrainConfig(), **file_opts: Any) -> dict[str, Any]:
-    """Train on everything up to the cutoff and write the artifact."""
-    history = read_history(file, **file_opts)
-    cut = end_of(cutoff)
-    events = history_until(history.events, cut)
-    split = rolling_split(events, cut, horizon, window)
-    model, scaler, info = train_gru(split, cfg, horizon, calendar=_calendar_learnable(events, cut))
-    return export_artifact(model, scaler, split, events, cut, horizon, window, out, info, cfg)
+@dataclass
+class _Prepared:
+    """What training and evaluation share: the split, the classic model on it, the calendar."""
+
+    events: list[TransactionEvent]
+    cutoff: datetime
+    split: Split
+    params: ClassicParams
+    classic: tuple[np.ndarray, np.ndarray]  # textbook BG/NBD + Gamma-Gamma: (expected spend, p)
+    calendar: bool
+
+    @property
+    def total(self) -> float:
+        return float(self.classic[0].sum())
 
 
-def _calendar_learnable(events: list, cutoff: datetime) -> bool:
-    """Month-of-year effects need every calendar month seen at least twice."""
-    return month_of(cutoff) - month_of(events[0].ts) + 1 >= 24
-
-
-def evaluate(file: str, cutoff: date, horizon: int, window: int,
-             cfg: TrainConfig = TrainConfig(), with_bgnbd: bool = True, **file_opts: Any) -> Run:
+def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
+             file_opts: dict[str, Any]) -> _Prepared:
     history = read_history(file, **file_opts)
     cut = end_of(cutoff)
     events = history_until(history.events, cut)
     after = [ev for ev in history.events if ev.ts > cut]
-    if not after:
+    if labelled and not after:
         raise NotEnoughHistory(f"no transactions after the cutoff {cutoff}: nothing to evaluate against")
-    split = rolling_split(events, cut, horizon, window, actual_events=after)
+    split = rolling_split(events, cut, horizon, window, actual_events=after if labelled else None)
+    textbook = classic.bgnbd_gamma_gamma(events, split.scoring.customer_ids, cut,
+                                         classic.horizon_days(cut, horizon))
+    # Month-of-year effects need every calendar month seen at least twice.
+    calendar = month_of(cut) - month_of(events[0].ts) + 1 >= 24
+    return _Prepared(events, cut, split, fit_classic(split), textbook, calendar)
+
+
+def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
+          cfg: TrainConfig = TrainConfig(), discount_rate: float = 0.0,
+          **file_opts: Any) -> dict[str, Any]:
+    """Train on everything up to the cutoff and write the artifact; `discount_rate` (annual)
+    makes `clv` the discounted expected spend."""
+    prep = _prepare(file, cutoff, horizon, window, False, file_opts)
+    model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total)
+    return export_artifact(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, out,
+                           info, cfg, discount_rate)
+
+
+def evaluate(file: str, cutoff: date, horizon: int, window: int,
+             cfg: TrainConfig = TrainConfig(), seeds: Sequence[int] | None = None,
+             **file_opts: Any) -> Run:
+    """Every model on the same split, once per training seed; the models without a seed (naive,
+    BG/NBD + Gamma-Gamma) are fitted once and reported with every seed. Every other model gets
+    the level the shipped one gets (`models.pipeline.level`)."""
+    prep = _prepare(file, cutoff, horizon, window, True, file_opts)
+    split, params, total = prep.split, prep.params, prep.total
     actual = split.scoring.y
-    days = baselines.horizon_days(cut, horizon)
-    preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    model, scaler, info = train_gru(split, cfg, horizon, calendar=_calendar_learnable(events, cut))
-    with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
-        export_artifact(model, scaler, split, events, cut, horizon, window, Path(tmp), info, cfg)
-        gru = Artifact.load(tmp).predict(split.scoring.inputs)
-    preds["gru"] = gru.clv, gru.p_purchase
-    preds["ffnn"] = train_ffnn(split, cfg)
-    preds["naive"] = baselines.naive(split.scoring, days)
-    if with_bgnbd:
-        preds["bgnbd_gg"] = baselines.bgnbd_gamma_gamma(events, split.scoring, cut, days)
-    preds["gbt"] = baselines.gradient_boosted(split.train, split.valid, split.scoring, cfg.seed)
-    return Run(
-        customers=len(actual),
-        models={name: report(actual, clv, p) for name, (clv, p) in preds.items()},
-        predictions={name: clv for name, (clv, _p) in preds.items()},
-        actual=actual,
-    )
+    fixed = {"naive": baselines.naive(split.scoring, classic.horizon_days(prep.cutoff, horizon)),
+             "bgnbd_gg": prep.classic}
+
+    def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return level(pred, total).apply(pred), p
+
+    runs = []
+    for seed in seeds or [cfg.seed]:
+        seed_cfg = replace(cfg, seed=seed)
+        preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total)
+        with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
+            export_artifact(model, scaler, split, prep.events, prep.cutoff, horizon, window, Path(tmp),
+                            info, seed_cfg)
+            gru = Artifact.load(tmp).predict(split.scoring.inputs)
+        preds["gru"] = gru.clv, gru.p_purchase
+        preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
+        preds["gbt"] = leveled(*baselines.gradient_boosted(split.train, split.scoring, params, seed))
+        preds["rf"] = leveled(*baselines.random_forest(split.train, split.scoring, params, seed))
+        preds.update(fixed)
+        runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
+                            {name: clv for name, (clv, _p) in preds.items()}))
+    return Run(len(actual), actual, runs)
+
+
+_COLUMNS = (("mae", "MAE $", "{:.2f}"), ("rmse", "RMSE $", "{:.2f}"), ("spearman", "Spearman", "{:.3f}"),
+            ("norm_gini", "normGini", "{:.3f}"), ("top10_share", "top10%", "{:.1%}"),
+            ("total_bias", "bias", "{:+.1%}"), ("auc", "AUC", "{:.3f}"))
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def summary(run: Run) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and standard deviation over seeds of every model's metrics."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in run.seeds[0].models:
+        out[name] = {}
+        for key, _, _ in _COLUMNS:
+            values = [r.models[name][key] for r in run.seeds if r.models[name][key] is not None]
+            if values:
+                out[name][key] = {"mean": float(np.mean(values)), "sd": float(np.std(values))}
+    return out
 
 
 def render(run: Run) -> str:
-    head = f"{'model':<13}{'MAE $':>9}{'RMSE $':>9}{'Spearman':>10}{'normGini':>10}{'top10%':>8}{'bias':>8}{'AUC':>7}"
+    widths = [10, 9, 10, 10, 8, 9, 7]
+    head = f"{'model':<10}{'seed':>6}" + "".join(
+        f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, widths))
     rows = [f"customers scored: {run.customers:,}", head]
-    for name, m in run.models.items():
-        auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
-        rows.append(
-            f"{name:<13}{m['mae']:>9.2f}{m['rmse']:>9.2f}{m['spearman']:>10.3f}{m['norm_gini']:>10.3f}"
-            f"{m['top10_share']:>8.1%}{m['total_bias']:>+8.1%}{auc:>7}"
-        )
+    for r in run.seeds:
+        for name, m in r.models.items():
+            rows.append(f"{name:<10}{r.seed:>6}" + "".join(
+                f"{_cell(m[key], fmt):>{w}}" for (key, _, fmt), w in zip(_COLUMNS, widths)))
+    if len(run.seeds) > 1:
+        rows += ["", f"mean +- sd over seeds {', '.join(str(r.seed) for r in run.seeds)}", head]
+        for name, metrics in summary(run).items():
+            rows.append(f"{name:<10}{'all':>6}" + "".join(
+                f"{_cell(metrics[key]['mean'], fmt) + ' +-' + _cell(metrics[key]['sd'], fmt).lstrip('+'):>{w + 10}}"
+                if key in metrics else f"{'-':>{w + 10}}" for (key, _, fmt), w in zip(_COLUMNS, widths)))
     return "\n".join(rows)
 
 
 def write_json(run: Run, path: Path) -> None:
-    path.write_text(json.dumps({"customers": run.customers, "models": run.models}, indent=2))
+    """One seed: {"customers", "models"}; several: that per seed under "seeds", plus "summary"."""
+    per_seed = {str(r.seed): {"customers": run.customers, "models": r.models} for r in run.seeds}
+    if len(run.seeds) == 1:
+        doc: dict[str, Any] = next(iter(per_seed.values()))
+    else:
+        doc = {"customers": run.customers, "seeds": per_seed, "summary": summary(run)}
+    path.write_text(json.dumps(doc, indent=2))
 
 
 def write_plots(run: Run, out: Path) -> list[Path]:
-    """Lorenz/gains curves of every model and predicted vs actual by decile."""
+    """Lorenz/gains curves of every model and mean predicted vs actual spend per decile of the
+    prediction (log axis: the deciles span cents to hundreds of dollars), for the first seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +180,8 @@ def write_plots(run: Run, out: Path) -> list[Path]:
     actual = run.actual
     fig, ax = plt.subplots(figsize=(6, 5))
     x = np.arange(1, len(actual) + 1) / len(actual)
-    for name, pred in {**run.predictions, "perfect": actual}.items():
+    predictions = run.seeds[0].predictions
+    for name, pred in {**predictions, "perfect": actual}.items():
         order = np.argsort(-pred, kind="stable")
         ax.plot(x, np.cumsum(actual[order]) / actual.sum(), label=name,
                 linestyle="--" if name == "perfect" else "-")
@@ -117,14 +193,13 @@ def write_plots(run: Run, out: Path) -> list[Path]:
     fig.savefig(gains, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    names = list(run.predictions)
+    names = list(predictions)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True)
     for ax, name in zip(np.atleast_1d(axes), names):
-        pred = run.predictions[name]
-        deciles = np.array_split(np.argsort(pred, kind="stable"), 10)
-        ax.bar(np.arange(1, 11) - 0.2, [pred[d].mean() for d in deciles], 0.4, label="predicted")
-        ax.bar(np.arange(1, 11) + 0.2, [actual[d].mean() for d in deciles], 0.4, label="actual")
-        ax.set(title=name, xlabel="decile of prediction")
+        table = run.seeds[0].models[name]["deciles"]
+        ax.plot(np.arange(1, 11), [d["predicted"] for d in table], "o-", label="predicted")
+        ax.plot(np.arange(1, 11), [d["actual"] for d in table], "s--", label="actual")
+        ax.set(title=name, xlabel="decile of prediction", yscale="log")
     np.atleast_1d(axes)[0].set_ylabel("mean horizon spend $")
     np.atleast_1d(axes)[0].legend()
     deciles_png = out / "deciles.png"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
@@ -25,7 +27,14 @@ def top_share(actual: np.ndarray, pred: np.ndarray, fraction: float = 0.1) -> fl
     return float(actual[top].sum() / actual.sum())
 
 
-def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) -> dict[str, float | None]:
+def deciles(actual: np.ndarray, pred: np.ndarray) -> list[dict[str, float]]:
+    """Mean predicted and mean actual spend per decile of the prediction, lowest first: a
+    calibrated expectation has the two equal in every decile."""
+    groups = np.array_split(np.argsort(pred, kind="stable"), 10)
+    return [{"predicted": float(pred[g].mean()), "actual": float(actual[g].mean())} for g in groups]
+
+
+def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) -> dict[str, Any]:
     err = pred - actual
     auc = None
     if p_purchase is not None and 0 < (actual > 0).sum() < len(actual):
@@ -38,4 +47,5 @@ def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) 
         "top10_share": top_share(actual, pred),
         "total_bias": float(pred.sum() / actual.sum() - 1),
         "auc": auc,
+        "deciles": deciles(actual, pred),
     }

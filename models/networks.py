@@ -1,4 +1,5 @@
-"""The sequence model (GRU over monthly steps) and the non-sequential comparison (FFNN)."""
+"""The sequence model (GRU over monthly steps) and the non-sequential comparison (FFNN), both
+correcting the classic model through the head in `models.ziln`."""
 
 from __future__ import annotations
 
@@ -6,37 +7,68 @@ import torch
 from torch import nn
 
 from models import ziln
+from models.classic import ClassicParams
 
 
-class GRUModel(nn.Module):
-    """GRU over the monthly window; its last state and the static features feed a ZILN head.
+def _correction_layer(n_in: int) -> nn.Linear:
+    """The head's last layer starts at zero: an untrained model is the classic model."""
+    layer = nn.Linear(n_in, ziln.RAW_OUTPUTS)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
-    `forward` returns (expected spend, p_purchase) over the served horizon:
-    the exported graph serves exactly what the worker needs. Training passes each example's own
-    horizon. The initial hidden state is an input so its batch axis is dynamic in ONNX too.
-    """
 
-    def __init__(self, n_seq: int, n_static: int, horizon: int, hidden: int = 48, layers: int = 2,
-                 dropout: float = 0.1, max_log: float = ziln.MAX_LOG) -> None:
+class _Head(nn.Module):
+    """What both networks share: the classic parameters, the served horizon and discount, and
+    the closed forms from raw outputs to (expected spend, p_purchase)."""
+
+    def __init__(self, params: ClassicParams, horizon: int) -> None:
         super().__init__()
-        self.hidden, self.layers = hidden, layers
-        self.register_buffer("max_log", torch.tensor(max_log))
+        self.max_horizon = horizon
+        self.register_buffer("classic_params", torch.tensor(params.to_list()))
         self.register_buffer("horizon", torch.tensor(float(horizon)))
+        self.register_buffer("monthly_discount", torch.tensor(1.0))  # set at export
+
+    def base(self, classic: torch.Tensor) -> ziln.Base:
+        return ziln.classic_base(classic, self.classic_params)
+
+    def distribution(self, out: torch.Tensor, base: ziln.Base,
+                     horizon: torch.Tensor | None, discount: bool) -> ziln.Horizon:
+        h = self.horizon.expand(out.shape[:-1]) if horizon is None else horizon
+        return ziln.over_horizon(out, base, h, self.max_horizon,
+                                 self.monthly_discount if discount else 1.0)
+
+    def predict(self, out: torch.Tensor, base: ziln.Base, horizon: torch.Tensor | None):
+        """(expected spend, discounted as set for serving, p_purchase)."""
+        d = self.distribution(out, base, horizon, discount=True)
+        return torch.exp(d.log_expected), d.p
+
+
+class GRUModel(_Head):
+    """GRU over the monthly window; its last state, the static features and the classic
+    quantities feed the correction head. The initial hidden state is an input so its batch
+    axis is dynamic in ONNX too."""
+
+    def __init__(self, n_seq: int, n_static: int, params: ClassicParams, horizon: int,
+                 hidden: int = 48, layers: int = 2, dropout: float = 0.1) -> None:
+        super().__init__(params, horizon)
+        self.hidden, self.layers = hidden, layers
         self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Sequential(
-            nn.Linear(hidden + n_static, 64), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(64, ziln.RAW_OUTPUTS),
+            nn.Linear(hidden + n_static + ziln.CONTEXT_FEATURES, 64), nn.ReLU(), nn.Dropout(dropout),
+            _correction_layer(64),
         )
 
-    def raw(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    def raw(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
+            h0: torch.Tensor) -> tuple[torch.Tensor, ziln.Base]:
+        base = self.base(classic)
         _, h = self.gru(seq, h0)
-        return self.head(torch.cat([h[-1], static], dim=-1))
+        return self.head(torch.cat([h[-1], static, ziln.context(base)], dim=-1)), base
 
-    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
-                horizon: torch.Tensor | None = None):
-        h = self.horizon if horizon is None else horizon
-        return ziln.predict(self.raw(seq, static, h0), h, self.max_log)
+    def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
+                h0: torch.Tensor, horizon: torch.Tensor | None = None):
+        return self.predict(*self.raw(seq, static, classic, h0), horizon)
 
     def h0(self, batch: int) -> torch.Tensor:
         return torch.zeros(self.layers, batch, self.hidden)
@@ -51,29 +83,33 @@ class GRUEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.hidden, self.layers = members[0].hidden, members[0].layers
 
-    def forward(self, seq: torch.Tensor, static: torch.Tensor, h0: torch.Tensor,
-                horizon: torch.Tensor | None = None):
-        outs = [m(seq, static, h0, horizon) for m in self.members]
+    def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
+                h0: torch.Tensor, horizon: torch.Tensor | None = None):
+        outs = [m(seq, static, classic, h0, horizon) for m in self.members]
         return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
 
     def h0(self, batch: int) -> torch.Tensor:
         return self.members[0].h0(batch)
 
+    def set_discount(self, annual_rate: float) -> None:
+        for m in self.members:
+            m.monthly_discount.fill_(ziln.monthly_discount(annual_rate))
 
-class FFNNModel(nn.Module):
-    """A feed-forward network on aggregated RFM-style features, with the same ZILN head."""
 
-    def __init__(self, n_features: int, hidden: int = 64, dropout: float = 0.1,
-                 max_log: float = ziln.MAX_LOG) -> None:
-        super().__init__()
-        self.register_buffer("max_log", torch.tensor(max_log))
+class FFNNModel(_Head):
+    """A feed-forward network on aggregated RFM-style features, with the same head."""
+
+    def __init__(self, n_features: int, params: ClassicParams, horizon: int, hidden: int = 64,
+                 dropout: float = 0.1) -> None:
+        super().__init__(params, horizon)
         self.net = nn.Sequential(
-            nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, ziln.RAW_OUTPUTS),
+            nn.Linear(n_features + ziln.CONTEXT_FEATURES, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(), _correction_layer(hidden),
         )
 
-    def raw(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def raw(self, x: torch.Tensor, classic: torch.Tensor) -> tuple[torch.Tensor, ziln.Base]:
+        base = self.base(classic)
+        return self.net(torch.cat([x, ziln.context(base)], dim=-1)), base
 
-    def forward(self, x: torch.Tensor, horizon: torch.Tensor):
-        return ziln.predict(self.raw(x), horizon, self.max_log)
+    def forward(self, x: torch.Tensor, classic: torch.Tensor, horizon: torch.Tensor | None = None):
+        return self.predict(*self.raw(x, classic), horizon)

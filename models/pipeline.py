@@ -16,8 +16,9 @@ from export_onnx.artifact import Prediction, fingerprint
 from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
-from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
-from models import ziln
+from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
+from models import classic, ziln
+from models.classic import ClassicParams
 from models.dataset import Split, horizons, rfm_features
 from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
@@ -25,24 +26,27 @@ from models.training import TrainConfig, fit
 log = logging.getLogger(__name__)
 
 
-def _gru_raw(model: GRUModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    seq, static = batch
-    return model.raw(seq, static, model.h0(len(seq)))
+def _gru_raw(model: GRUModel, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ziln.Base]:
+    seq, static, classic_stats = batch
+    return model.raw(seq, static, classic_stats, model.h0(len(seq)))
 
 
-def _ffnn_raw(model: FFNNModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return model.raw(batch[0])
+def _ffnn_raw(model: FFNNModel, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ziln.Base]:
+    return model.raw(*batch)
 
 
-def max_log(split: Split) -> float:
-    """Cap for the conditional spend: e times the largest horizon spend seen in training."""
-    return float(np.log(max(split.train.y.max(), 1.0)) + 1.0)
+def fit_classic(split: Split) -> ClassicParams:
+    """The head's classic parameters, on the cohort at the cutoff."""
+    params = classic.fit(split.scoring.inputs.classic)
+    log.info("classic model: %s", ", ".join(f"{k} {v:.4g}" for k, v in params.to_dict().items()))
+    return params
 
 
-def train_gru(split: Split, cfg: TrainConfig, horizon: int,
-              calendar: bool) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
+def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, params: ClassicParams,
+              total: float) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
     """`calendar=False` masks the month-of-year features: with under two years of history each
-    calendar month is seen once, so they would only alias with customer age."""
+    calendar month is seen once, so they would only alias with customer age. `total` is the
+    classic model's expected total of the cohort at the cutoff (see `level`)."""
     # The horizon reaches the head in closed form (models.ziln), not through the network.
     scaler = Scaler.fit(split.train.inputs, SEQ_FEATURES, STATIC_FEATURES,
                         {"horizon_months"} | (set() if calendar else CALENDAR))
@@ -51,17 +55,19 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int,
     for k in range(cfg.ensemble):
         member_cfg = replace(cfg, seed=cfg.seed + k)
         torch.manual_seed(member_cfg.seed)
-        model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), horizon=horizon,
-                         max_log=max_log(split))
-        model, info = fit(model, _gru_raw, (tr.seq, tr.static), split.train.y,
-                          horizons(split.train.inputs), (va.seq, va.static), split.valid.y,
-                          horizons(split.valid.inputs), member_cfg, name=f"gru[{k}]")
+        model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), params, horizon)
+        model, info = fit(model, _gru_raw, (tr.seq, tr.static, tr.classic), split.train.y,
+                          horizons(split.train.inputs), (va.seq, va.static, va.classic),
+                          split.valid.y, horizons(split.valid.inputs), member_cfg,
+                          name=f"gru[{k}]")
         members.append(model)
         runs.append(info)
     ensemble = GRUEnsemble(members).eval()
-    v_expected = predict_gru(ensemble, scaler, split.valid.inputs).clv
+    cohort = predict_gru(ensemble, scaler, split.scoring.inputs).clv
     return ensemble, scaler, {"members": runs,
-                              "calibration": Calibration.fit(v_expected, split.valid.y).to_dict(),
+                              "classic": params.to_dict(),
+                              "calibration": level(cohort, total).to_dict(),
+                              "classic_total": total,
                               "calendar_features": calendar}
 
 
@@ -69,26 +75,33 @@ def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Predictio
     """The torch model's outputs, before calibration (the artifact's `raw_predict` in ONNX)."""
     s = scaler.transform(inputs)
     with torch.no_grad():
-        out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(len(s.seq)),
-                    torch.from_numpy(horizons(inputs)))
+        out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
+                    model.h0(len(s.seq)), torch.from_numpy(horizons(inputs)))
     return Prediction(*(t.numpy() for t in out))
 
 
-def train_ffnn(split: Split, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Fit on aggregated features and return (expected spend, p) for the scoring set: the same
-    head and the same calibration as the GRU."""
+def level(cohort_pred: np.ndarray, total: float) -> Calibration:
+    """The level every model of the comparison gets: one factor that makes its expected total of
+    the cohort at the cutoff the classic model's (export_onnx.calibration says why)."""
+    return Calibration.to_total(cohort_pred, total)
+
+
+def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
+               params: ClassicParams) -> tuple[np.ndarray, np.ndarray]:
+    """Fit on aggregated features with the GRU's head; (expected spend, p) of the scoring set,
+    before the level is set."""
     x_tr, x_va, x_sc = (rfm_features(e) for e in (split.train, split.valid, split.scoring))
+    c_tr, c_va, c_sc = (e.inputs.classic for e in (split.train, split.valid, split.scoring))
     h_tr, h_va, h_sc = (horizons(e.inputs) for e in (split.train, split.valid, split.scoring))
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     torch.manual_seed(cfg.seed)
-    model = FFNNModel(x_tr.shape[1], max_log=max_log(split))
-    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd,), split.train.y, h_tr,
-                   ((x_va - mu) / sd,), split.valid.y, h_va, cfg, name="ffnn")
-    scoring, valid = (torch.from_numpy(((x - mu) / sd).astype(np.float32)) for x in (x_sc, x_va))
+    model = FFNNModel(x_tr.shape[1], params, horizon)
+    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd, c_tr), split.train.y, h_tr,
+                   ((x_va - mu) / sd, c_va), split.valid.y, h_va, cfg, name="ffnn")
+    scoring = torch.from_numpy(((x_sc - mu) / sd).astype(np.float32))
     with torch.no_grad():
-        v_expected, _ = model(valid, torch.from_numpy(h_va))
-        clv, p = model(scoring, torch.from_numpy(h_sc))
-    return Calibration.fit(v_expected.numpy(), split.valid.y).apply(clv.numpy()), p.numpy()
+        clv, p = model(scoring, torch.from_numpy(c_sc), torch.from_numpy(h_sc))
+    return clv.numpy(), p.numpy()
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
@@ -102,8 +115,11 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def export_artifact(
     model: GRUEnsemble, scaler: Scaler, split: Split, events: list[Any], cutoff: datetime,
     horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
+    discount_rate: float = 0.0,
 ) -> dict[str, Any]:
+    """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`."""
     fp = fingerprint(events)
+    model.set_discount(discount_rate)
     cohort_clv = Calibration.from_dict(info["calibration"]).apply(
         predict_gru(model, scaler, split.scoring.inputs).clv)
     meta = {
@@ -115,6 +131,8 @@ def export_artifact(
         "cutoff": cutoff.isoformat(),
         "seq_features": list(SEQ_FEATURES),
         "static_features": list(STATIC_FEATURES),
+        "classic_features": list(CLASSIC_FEATURES),
+        "discount_rate": discount_rate,
         "scaler": scaler.to_dict(),
         "training_data_sha256": fp,
         "training_examples": int(len(split.train.y)),
@@ -126,10 +144,11 @@ def export_artifact(
     }
     rng = np.random.default_rng(0)
     real = split.scoring.inputs
-    take = rng.choice(len(real.seq), size=min(512, len(real.seq)), replace=False)
+    sample = real.take(rng.choice(len(real.seq), size=min(512, len(real.seq)), replace=False))
     random_batch = Inputs(
-        (real.seq[take] + rng.normal(0, 1, real.seq[take].shape)).astype(np.float32),
-        (real.static[take] + rng.normal(0, 1, real.static[take].shape)).astype(np.float32),
+        (sample.seq + rng.normal(0, 1, sample.seq.shape)).astype(np.float32),
+        (sample.static + rng.normal(0, 1, sample.static.shape)).astype(np.float32),
+        (sample.classic * np.exp(rng.normal(0, 0.5, sample.classic.shape))).astype(np.float32),
     )
-    meta["parity"] = export(model, out_dir, meta, [Inputs(real.seq[take], real.static[take]), random_batch])
+    meta["parity"] = export(model, out_dir, meta, [sample, random_batch])
     return meta

@@ -37,13 +37,13 @@ def seed_everything(seed: int) -> None:
 
 def fit(
     model: nn.Module,
-    forward_raw: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+    forward_raw: Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ziln.Base]],
     train: tuple[np.ndarray, ...], y_train: np.ndarray, h_train: np.ndarray,
     valid: tuple[np.ndarray, ...], y_valid: np.ndarray, h_valid: np.ndarray,
     cfg: TrainConfig, name: str = "model",
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Minimise the ZILN loss (each example over its own horizon `h_*`); keep the weights of the
-    best validation epoch."""
+    """Minimise the ZILN loss (each example over its own horizon `h_*`, undiscounted); keep the
+    weights of the best validation epoch."""
     seed_everything(cfg.seed)
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in train]
     y = torch.from_numpy(y_train.astype(np.float32))
@@ -62,14 +62,16 @@ def fit(
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             opt.zero_grad()
-            loss = ziln.loss(forward_raw(model, tuple(t[idx] for t in tensors)), y[idx], h[idx])
+            out, base = forward_raw(model, tuple(t[idx] for t in tensors))
+            loss = ziln.loss(model.distribution(out, base, h[idx], discount=False), y[idx])
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             total += loss.item() * len(idx)
         model.eval()
         with torch.no_grad():
-            v_loss = ziln.loss(forward_raw(model, tuple(v_tensors)), v_y, v_h).item()
+            out, base = forward_raw(model, tuple(v_tensors))
+            v_loss = ziln.loss(model.distribution(out, base, v_h, discount=False), v_y).item()
         log.info("%s epoch %d train %.4f valid %.4f", name, epoch + 1, total / n, v_loss)
         if v_loss < best - 1e-4:
             best, best_state, best_epoch, stale = v_loss, copy.deepcopy(model.state_dict()), epoch + 1, 0

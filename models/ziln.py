@@ -1,17 +1,21 @@
-"""Zero-inflated lognormal head and loss (Wang, Liu & Miao 2019), spread over the horizon by a
-retention process.
+"""The head: the classic model's per-customer quantities, corrected by the network, spread over
+the horizon by a retention process, with a zero-inflated lognormal likelihood (Wang, Liu & Miao
+2019).
 
-Most customers spend nothing in the horizon and a few spend a lot: a probability says whether a
-customer buys at all, a lognormal says how much if they do; the mean of that mixture is the CLV.
+The classic model (BG/NBD for purchases, Gamma-Gamma for spend; population parameters from
+`models.classic`) gives each customer, from four statistics and seven numbers:
+  P(alive now)                     BG/NBD's P(alive | x, t_x, T)
+  purchases per month while alive  the posterior rate (r + x) / (alpha + T)
+  monthly dropout hazard           that rate times the posterior dropout chance a / (a + b + x)
+  spend per purchase               the Gamma-Gamma conditional mean (own orders, shrunk)
+The network outputs one bounded log-scale correction for each (its last layer starts at zero,
+so training starts from the classic model) and the spread of a buying customer's spend. The
+horizon H enters in closed form: alive in month k with probability s^k, buying in it with
+1 - exp(-rate), so what is learned from short labels carries to the served horizon.
 
-The horizon is not a free input of the network. The network gives, per customer, a monthly
-survival s, a monthly purchase probability while alive l, and the lognormal of a buying month's
-spend (mu, sigma); the horizon H enters through closed forms, in the spirit of BG/NBD:
-  expected buying months  l * (s + s^2 + ... + s^H)
-  P(no purchase in H)     sum over the months survived j of P(j) * (1 - l)^j
-Training examples from recent origins have short horizons and old customers, early origins the
-reverse; with the horizon in closed form, what the network learns about ageing from short labels
-carries over to the full horizon the model serves, instead of being extrapolated by an MLP.
+Expected spend over the horizon is an expectation by construction; with an annual discount rate
+d, month k is weighted (1 + d)^(-k/12), as pymc-marketing's `customer_lifetime_value` discounts
+each future month.
 """
 
 from __future__ import annotations
@@ -21,66 +25,109 @@ from typing import NamedTuple
 
 import torch
 
-MAX_LOG = 20.0  # exp(20) dollars: far above any customer, keeps exp finite
-RAW_OUTPUTS = 4  # survival logit, purchase logit, mu, raw sigma
+RAW_OUTPUTS = 5  # corrections of alive, rate, hazard, spend; raw sigma
+CONTEXT_FEATURES = 3  # classic quantities the network reads beside its own inputs
+DAYS_PER_MONTH = 365.25 / 12
+MAX_CORRECTION = 3.0  # a correction moves a classic quantity by at most e^3 (20x) either way
+MAX_LOGIT = 12.0
 _EPS = 1e-6
 
 
-def _parts(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    s_logit, l_logit, mu, raw_sigma = out.unbind(-1)
-    s = torch.sigmoid(s_logit + 2.0).clamp(max=1 - 1e-4)  # starts near 0.88 a month
-    lam = torch.sigmoid(l_logit - 2.0).clamp(min=_EPS)  # starts near 0.12 a month
-    # A bounded spread: sigma > 3 would let exp(mu + sigma^2 / 2) explode for unusual customers.
-    sigma = 0.05 + 2.95 * torch.sigmoid(raw_sigma)
-    return s, lam, mu, sigma
+class Base(NamedTuple):
+    """The classic model's quantities per customer."""
+
+    logit_alive: torch.Tensor
+    rate: torch.Tensor  # purchases per month while alive
+    hazard: torch.Tensor  # monthly dropout hazard while alive
+    order_value: torch.Tensor  # expected spend per purchase
 
 
-def over_horizon(out: torch.Tensor, horizon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw head output (..., 4) and horizon months -> (p_purchase, log expected spend, sigma)."""
-    s, lam, mu, sigma = _parts(out)
-    h = horizon.to(out.dtype)
-    survived = s * (1 - s.pow(h)) / (1 - s)  # s + s^2 + ... + s^H
-    r = s * (1 - lam)
-    p_none = (1 - s) * (1 - r.pow(h)) / (1 - r) + r.pow(h)
-    p = (1 - p_none).clamp(_EPS, 1 - _EPS)
-    log_mean = torch.log(lam) + torch.log(survived) + mu + 0.5 * sigma**2
-    return p, log_mean, sigma
+def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
+    """`classic`: (..., 4) statistics of `features.sequences.CLASSIC_FEATURES`; `params`: (7,)
+    r, alpha, a, b, p, q, gamma."""
+    n, t_x, age, m = classic.unbind(-1)
+    r, alpha, a, b, p, q, gamma = params.unbind(-1)
+    n = n.clamp(min=0)
+    x = (n - 1).clamp(min=0)
+    t_x = torch.minimum(t_x.clamp(min=0), age)
+    rate_day = (r + x) / (alpha + age)
+    log_odds_gone = (torch.log(a) - torch.log((b + x - 1).clamp(min=_EPS))
+                     + (r + x) * (torch.log(alpha + age) - torch.log(alpha + t_x)))
+    logit_alive = torch.where(x > 0, -log_odds_gone, torch.full_like(x, MAX_LOGIT))
+    order_value = p * (gamma + n * m.clamp(min=0)) / (p * n + q - 1)
+    return Base(logit_alive.clamp(-MAX_LOGIT, MAX_LOGIT), rate_day * DAYS_PER_MONTH,
+                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value)
 
 
-def loss(out: torch.Tensor, y: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
-    p, log_mean, sigma = over_horizon(out, horizon)
-    log_p = torch.log(p)
-    positive = (y > 0).float()
-    bce = -(positive * log_p + (1 - positive) * torch.log1p(-p)).mean()
-    # The spend of buyers: lognormal with the conditional mean E[spend] / p.
-    mu = log_mean - log_p - 0.5 * sigma**2
-    safe_y = torch.where(y > 0, y, torch.ones_like(y))
-    log_y = torch.log(safe_y)
-    nll = log_y + torch.log(sigma) + 0.5 * math.log(2 * math.pi) + 0.5 * ((log_y - mu) / sigma) ** 2
-    return bce + (positive * nll).mean()
+def context(base: Base) -> torch.Tensor:
+    """The classic quantities as network inputs, on a scale near unit."""
+    return torch.stack([base.logit_alive / 4, torch.log(base.rate) + 2,
+                        (torch.log(base.order_value) - 3) / 2], dim=-1)
 
 
-class _Spend(NamedTuple):
-    """Each customer's horizon spend: no purchase with 1 - p, else lognormal with this mean."""
+def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(z)) from exp and log: onnxruntime's Sigmoid is accurate in absolute terms
+    only, so far in the tail its relative error reaches 1e-3 (seen at z = -12)."""
+    return -(torch.relu(-z) + torch.log(1 + torch.exp(-z.abs())))
+
+
+def _bounded(d: torch.Tensor) -> torch.Tensor:
+    return MAX_CORRECTION * torch.tanh(d / MAX_CORRECTION)
+
+
+class Horizon(NamedTuple):
+    """A customer's spend over the horizon: none with 1 - p, else lognormal (mean E / p)."""
 
     p: torch.Tensor
-    log_buyer_mean: torch.Tensor  # log E[spend | any purchase], capped at max_log
+    log_expected: torch.Tensor
     sigma: torch.Tensor
 
 
-def _spend(out: torch.Tensor, horizon: torch.Tensor, max_log: torch.Tensor | float) -> _Spend:
-    """The conditional mean is capped at exp(max_log), so an unusual customer cannot get a
-    prediction far beyond any seen in training."""
-    p, log_mean, sigma = over_horizon(out, horizon)
-    return _Spend(p, torch.clamp(log_mean - torch.log(p), max=max_log), sigma)
+def over_horizon(out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horizon: int,
+                 monthly_discount: torch.Tensor | float = 1.0) -> Horizon:
+    """Raw network output (..., 5), the classic base and each example's horizon (months, at most
+    `max_horizon`) -> p_purchase, log expected (discounted) spend, sigma."""
+    d_alive, d_rate, d_hazard, d_spend, raw_sigma = out.unbind(-1)
+    logit_alive = base.logit_alive + _bounded(d_alive)
+    rate = base.rate * torch.exp(_bounded(d_rate))
+    s = torch.exp(-base.hazard * torch.exp(_bounded(d_hazard)))
+    no_buy = torch.exp(-rate)  # P(no purchase in a month while alive): Poisson purchases
+    h = horizon.to(out.dtype)
+    # Month by month (H is small): survival into month k is s^k; no purchase through month k
+    # while alive is (s * no_buy)^k; leaving after k - 1 months without a purchase: (1 - s).
+    s_disc = s * monthly_discount
+    alive_k = torch.ones_like(s)
+    quiet_k = torch.ones_like(s)
+    months = torch.zeros_like(s)
+    p_none = torch.zeros_like(s)
+    for k in range(1, max_horizon + 1):
+        on = (h >= k).to(out.dtype)
+        p_none = p_none + on * quiet_k * (1 - s)
+        quiet_k = torch.where(on > 0, quiet_k * s * no_buy, quiet_k)
+        alive_k = alive_k * s_disc
+        months = months + on * alive_k
+    p_none = p_none + quiet_k
+    log_alive = _log_sigmoid(logit_alive)
+    p = (torch.exp(log_alive) * (1 - p_none)).clamp(_EPS, 1 - _EPS)
+    log_expected = (log_alive + torch.log(rate)
+                    + torch.log(base.order_value) + _bounded(d_spend)
+                    + torch.log(months.clamp(min=_EPS)))
+    sigma = 0.05 + 2.95 * torch.sigmoid(raw_sigma)
+    return Horizon(p, log_expected, sigma)
 
 
-def _expected(d: _Spend) -> torch.Tensor:
-    return d.p * torch.exp(d.log_buyer_mean)
+def loss(d: Horizon, y: torch.Tensor) -> torch.Tensor:
+    """Bernoulli for any purchase, lognormal for the spend of buyers (mean E[spend] / p)."""
+    log_p = torch.log(d.p)
+    positive = (y > 0).float()
+    bce = -(positive * log_p + (1 - positive) * torch.log1p(-d.p)).mean()
+    mu = d.log_expected - log_p - 0.5 * d.sigma**2
+    log_y = torch.log(torch.where(y > 0, y, torch.ones_like(y)))
+    nll = (log_y + torch.log(d.sigma) + 0.5 * math.log(2 * math.pi)
+           + 0.5 * ((log_y - mu) / d.sigma) ** 2)
+    return bce + (positive * nll).mean()
 
 
-def predict(out: torch.Tensor, horizon: torch.Tensor,
-            max_log: torch.Tensor | float = MAX_LOG) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected spend and probability of any purchase."""
-    d = _spend(out, horizon, max_log)
-    return _expected(d), d.p
+def monthly_discount(annual_rate: float) -> float:
+    """The weight of one month later at an annual discount rate."""
+    return (1.0 + annual_rate) ** (-1.0 / 12.0)

@@ -42,6 +42,16 @@ def _whole_number(text: str, least: int) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 up to 1 (0.1 is 10% a year): {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
@@ -111,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
-                     _train_config(args), **file_options(args))
+                     _train_config(args), args.discount_rate, **file_options(args))
     except NotEnoughHistory as exc:
         raise UsageError(str(exc)) from None
     parity = ", ".join(f"{name} {d['max_rel_diff']:.1e}" for name, d in meta["parity"].items())
@@ -127,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, _train_config(args),
-                       with_bgnbd=not args.no_bgnbd, **file_options(args))
+                       seeds=args.seeds, **file_options(args))
     except NotEnoughHistory as exc:
         raise UsageError(str(exc)) from None
     print(render(run))
@@ -382,14 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(p)
     _model_args(p)
     p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--discount-rate", type=_rate, default=0.0,
+                   help="annual discount rate: clv becomes the discounted expected spend, month k "
+                        "weighted (1 + rate)^(-k/12) (default 0)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma and GBT on a holdout")
+    p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma, GBT and random forest on a holdout")
     _file_args(p)
     _model_args(p)
-    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train and report every seeded model once per seed, with mean +- sd "
+                        "(default: --seed alone)")
+    p.add_argument("--json", default=None, help="write the metrics as JSON here (one seed: "
+                   '{"customers", "models"}; several: that per seed under "seeds", and "summary")')
     p.add_argument("--plots", default=None, help="write gains and decile PNGs into this directory")
-    p.add_argument("--no-bgnbd", action="store_true", help="skip the pymc-marketing baseline")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="batch-score every customer of a file with an ONNX model")

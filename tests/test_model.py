@@ -66,11 +66,18 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     art = Artifact.load(d / "artifact")
     # A torch model with other weights than the artifact's must fail the parity check; a fresh
     # export of it must pass, at any batch size.
+    from models.classic import ClassicParams
+
     model = GRUModel(len(art.meta["seq_features"]), len(art.meta["static_features"]),
-                     horizon=art.horizon_months, hidden=art.meta["hidden"], layers=art.meta["layers"])
+                     ClassicParams.from_dict(art.meta["training"]["classic"]), art.horizon_months,
+                     hidden=art.meta["hidden"], layers=art.meta["layers"])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.3)  # a network that corrects the classic model
     rng = np.random.default_rng(1)
+    classic = np.column_stack([rng.integers(0, 30, 64), rng.uniform(0, 200, 64), rng.uniform(200, 400, 64),
+                               rng.lognormal(3, 1, 64)]).astype(np.float32)
     batch = Inputs(rng.normal(size=(64, art.window, len(art.meta["seq_features"]))).astype(np.float32),
-                   rng.normal(size=(64, len(art.meta["static_features"]))).astype(np.float32))
+                   rng.normal(size=(64, len(art.meta["static_features"]))).astype(np.float32), classic)
     from export_onnx.export import PARITY_TOLERANCE, ParityError
     with pytest.raises(ParityError):
         parity_check(model, art, [batch])  # untrained torch weights != the artifact's
@@ -80,11 +87,12 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     parity = export(model, out, {**art.meta, "version": "fresh"}, [batch])
     assert all(parity[name]["max_rel_diff"] < tol for name, tol in PARITY_TOLERANCE.items())
     for n in (1, 7, 300):  # dynamic batch axis
-        clv_o, p_o = Artifact.load(out).raw_predict(Inputs(batch.seq[:1].repeat(n, 0), batch.static[:1].repeat(n, 0)))
+        clv_o, p_o = Artifact.load(out).raw_predict(batch.take(np.zeros(n, dtype=int)))
         assert clv_o.shape == p_o.shape == (n,) and np.allclose(clv_o, clv_o[0])
     with torch.no_grad():
         s = Artifact.load(out).scaler.transform(batch)
-        torch_out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), model.h0(64))
+        torch_out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
+                          model.h0(64))
     onnx_out = Artifact.load(out).raw_predict(batch)
     for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase
         assert np.allclose(t.numpy(), o, rtol=1e-4, atol=1e-6)
@@ -140,34 +148,97 @@ def test_train_bad_arguments_exit_2(tmp_path):
     assert res.returncode == 2 and "not a model directory" in res.stderr
 
 
+def _head_inputs(n=3):
+    import torch
+
+    from models import ziln
+
+    params = torch.tensor([0.25, 30.0, 0.6, 2.0, 9.0, 3.4, 8.0], dtype=torch.float64)
+    classic = torch.tensor([[1, 0, 40], [4, 200, 300], [12, 330, 360]], dtype=torch.float64)
+    classic = torch.cat([classic, torch.tensor([[20.0], [55.0], [140.0]], dtype=torch.float64)], 1)[:n]
+    return ziln.classic_base(classic, params), classic, params
+
+
 def test_head_closed_forms_match_the_retention_process():
     """p_purchase and expected spend over H months equal an enumeration of the process the head
-    describes: alive each month with survival s (once gone, gone), buying while alive with l."""
+    describes: alive now with P(alive), then in each month alive with survival s (once gone,
+    gone) and buying, while alive, a Poisson number of times."""
     import itertools
+    import math
 
     import torch
 
     from models import ziln
 
-    out = torch.tensor([[0.3, -0.4, 3.0, 0.2], [-1.0, 1.5, 2.0, -0.5], [2.5, -2.0, 4.0, 1.0]],
-                       dtype=torch.float64)
-    s = torch.sigmoid(out[:, 0] + 2.0)
-    lam = torch.sigmoid(out[:, 1] - 2.0)
-    sigma = 0.05 + 2.95 * torch.sigmoid(out[:, 3])
-    month_spend = torch.exp(out[:, 2] + 0.5 * sigma**2)
+    base, _, _ = _head_inputs()
+    out = torch.tensor([[0.3, -0.4, 0.5, 0.2, 0.1], [-1.0, 1.5, -2.0, -0.5, 0.0],
+                        [2.5, -2.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
+    alive = torch.sigmoid(base.logit_alive + 3 * torch.tanh(out[:, 0] / 3))
+    rate = base.rate * torch.exp(3 * torch.tanh(out[:, 1] / 3))
+    s = torch.exp(-base.hazard * torch.exp(3 * torch.tanh(out[:, 2] / 3)))
+    order = base.order_value * torch.exp(3 * torch.tanh(out[:, 3] / 3))
+    buy = 1 - torch.exp(-rate)
     for h in (1, 2, 6):
-        p, log_mean, _ = ziln.over_horizon(out, torch.full((3,), float(h), dtype=torch.float64))
+        d = ziln.over_horizon(out, base, torch.full((3,), float(h), dtype=torch.float64), 6)
         p_none = torch.zeros(3, dtype=torch.float64)
-        buying_months = torch.zeros(3, dtype=torch.float64)
-        for alive in range(h + 1):  # months alive before leaving (h: alive throughout)
-            p_alive = s**alive * ((1 - s) if alive < h else 1)
-            for buys in itertools.product((0, 1), repeat=alive):
-                p_path = p_alive * torch.prod(torch.stack([lam if b else 1 - lam for b in buys]), 0) \
-                    if buys else p_alive
-                buying_months += p_path * sum(buys)
+        months_alive = torch.zeros(3, dtype=torch.float64)
+        for stay in range(h + 1):  # months alive before leaving (h: alive throughout)
+            p_stay = s**stay * ((1 - s) if stay < h else 1)
+            months_alive += p_stay * stay
+            for buys in itertools.product((0, 1), repeat=stay):
                 if not any(buys):
-                    p_none += p_path
-        assert torch.allclose(p, 1 - p_none, rtol=1e-9), h
-        assert torch.allclose(torch.exp(log_mean), buying_months * month_spend, rtol=1e-9), h
-        expected, p_pred = ziln.predict(out, torch.full((3,), float(h), dtype=torch.float64))
-        assert torch.allclose(expected, buying_months * month_spend, rtol=1e-9) and torch.equal(p_pred, p)
+                    p_none += p_stay * (1 - buy) ** stay
+                    break
+        assert torch.allclose(d.p, alive * (1 - p_none), rtol=1e-9), h
+        assert torch.allclose(torch.exp(d.log_expected), alive * months_alive * rate * order, rtol=1e-9), h
+        # A discount weighs month k by delta^k: with s = 1 that is delta + ... + delta^h.
+        delta = ziln.monthly_discount(0.1)
+        flat = ziln.over_horizon(out, base._replace(hazard=torch.zeros(3, dtype=torch.float64)),
+                                 torch.full((3,), float(h), dtype=torch.float64), 6, delta)
+        undiscounted = ziln.over_horizon(out, base._replace(hazard=torch.zeros(3, dtype=torch.float64)),
+                                         torch.full((3,), float(h), dtype=torch.float64), 6)
+        weight = sum(delta**k for k in range(1, h + 1)) / h
+        assert torch.allclose(torch.exp(flat.log_expected - undiscounted.log_expected),
+                              torch.full((3,), weight, dtype=torch.float64), rtol=1e-9)
+        assert math.isclose(delta**12, 1 / 1.1, rel_tol=1e-12)
+
+
+def test_uncorrected_head_is_the_classic_model():
+    """With every correction at zero the head is BG/NBD's P(alive) and posterior purchase rate
+    and the Gamma-Gamma conditional mean of spend per purchase (Fader, Hardie & Lee 2005)."""
+    import torch
+
+    base, classic, params = _head_inputs()
+    r, alpha, a, b, p, q, gamma = params.tolist()
+    for row, logit, rate, order in zip(classic.tolist(), base.logit_alive, base.rate, base.order_value):
+        n, t_x, age, m = row
+        x = n - 1
+        p_alive = 1.0 if x == 0 else 1 / (1 + a / (b + x - 1) * ((alpha + age) / (alpha + t_x)) ** (r + x))
+        assert abs(float(torch.sigmoid(logit)) - p_alive) < 1e-5 or (x == 0 and float(torch.sigmoid(logit)) > 0.9999)
+        assert abs(float(rate) - (r + x) / (alpha + age) * 365.25 / 12) < 1e-9
+        assert abs(float(order) - p * (gamma + n * m) / (p * n + q - 1)) < 1e-9
+
+
+def test_model_keeps_the_scale_of_a_customers_own_spending(trained):
+    """A customer who orders ten times the amount, with the same dates, is worth about ten times
+    as much: no common ceiling for the largest spenders (wholesale tails)."""
+    from datetime import datetime, timezone
+
+    from features.aggregate import Folder, contribution, month_of
+    from features.contract import Line, TransactionEvent
+    from features.sequences import build_inputs
+
+    d, _ = trained
+    art = Artifact.load(d / "artifact")
+    values = []
+    for unit_price in (10.0, 100.0, 1_000.0, 10_000.0, 100_000.0):
+        folder = Folder(art.window)
+        for k in range(8):
+            ts = datetime(1997, 2 + k, 10, tzinfo=timezone.utc)
+            ev = TransactionEvent(f"e{k}", "c1", f"i{k}", ts, (Line("x", 1, unit_price),))
+            folder.add("c1", contribution(ev))
+        as_of = month_of(datetime(1997, 12, 31, tzinfo=timezone.utc))
+        inputs = build_inputs([folder.states["c1"]], as_of, art.window, art.horizon_months)
+        values.append(float(art.predict(inputs).clv[0]))
+    ratios = np.array(values[1:]) / np.array(values[:-1])
+    assert (ratios > 7).all() and (ratios < 13).all(), values
