@@ -242,3 +242,22 @@ def test_model_keeps_the_scale_of_a_customers_own_spending(trained):
         values.append(float(art.predict(inputs).clv[0]))
     ratios = np.array(values[1:]) / np.array(values[:-1])
     assert (ratios > 7).all() and (ratios < 13).all(), values
+
+
+def test_cohort_total_is_the_classic_models(trained):
+    """The level: the cohort's expected total at the cutoff, as the exported graph computes it,
+    is the textbook BG/NBD + Gamma-Gamma total the factor was fitted to."""
+    from datetime import date
+
+    from features.batch import end_of, read_history, snapshots
+    from features.sequences import build_inputs
+    from models.dataset import history_until
+
+    d, data = trained
+    art = Artifact.load(d / "artifact")
+    cut = end_of(date.fromisoformat(CUTOFF))
+    [snap] = snapshots(history_until(read_history(data).events, cut), [cut], art.window)
+    inputs = build_inputs(list(snap.states.values()), snap.month, art.window, art.horizon_months)
+    total = float(art.predict(inputs).clv.astype(np.float64).sum())
+    classic_total = art.meta["training"]["classic_total"]
+    assert classic_total > 0 and abs(total / classic_total - 1) < 1e-4
