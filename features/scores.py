@@ -54,9 +54,9 @@ class ScoreRecord:
     segment: str = _doc("named segment (`clv query segments` lists them with their playbooks)")
     horizon_months: int = _doc("months the forecast covers", run=True)
     model_version: str = _doc("the model that produced the score", run=True)
-    as_of: IsoTime = _doc("event time of the newest event the worker had seen on the customer's "
-                          "partition (the stream's clock)", run=True)
-    scored_at: IsoTime = _doc("wall-clock time the score was computed", run=True)
+    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on the "
+                          "customer's partition: the stream's clock", run=True)
+    scored_at: IsoTime = _doc("wall-clock time (UTC) the score was computed", run=True)
 
 
 FIELDS = tuple(f.name for f in fields(ScoreRecord))
@@ -79,13 +79,14 @@ def as_dict(record: ScoreRecord) -> dict[str, Any]:
 
 def encode_score(record: ScoreRecord) -> bytes:
     """The message value the worker publishes."""
-    return _encode(dict(zip(FIELDS, _values(record)))).encode()
+    return _encode(as_dict(record)).encode()
 
 
-# Per readable schema version: (record field, message field, type) for every field but the version.
+# Per readable schema version, the message field and type of each record field after the version.
 _SOURCES = {
-    3: tuple((name, name, FIELD_TYPES[name]) for name in FIELDS[1:]),
-    2: tuple((name, LEGACY_CLV if name == "clv" else name, FIELD_TYPES[name]) for name in FIELDS[1:]),
+    3: tuple((name, FIELD_TYPES[name]) for name in FIELDS if name != "schema_version"),
+    2: tuple((LEGACY_CLV if name == "clv" else name, FIELD_TYPES[name])
+             for name in FIELDS if name != "schema_version"),
 }
 
 
@@ -107,16 +108,15 @@ def parse_score(value: bytes | str) -> ScoreRecord | str:
     if version not in READABLE_SCHEMA_VERSIONS:
         return Reason.UNKNOWN_SCHEMA_VERSION
     values: list[Any] = [SCORE_SCHEMA_VERSION]
-    for _, source, kind in _SOURCES[version]:
+    for source, kind in _SOURCES[version]:
         if source not in obj:
             return f"{Reason.MISSING_FIELD}:{source}"
         try:
             values.append(_checked(obj[source], kind))
         except _Unusable as bad:
             return f"{bad.reason}:{source}"
-    if not values[1].strip():
-        return f"{Reason.EMPTY_FIELD}:customer_id"
-    return ScoreRecord(*values)
+    record = ScoreRecord(*values)
+    return record if record.customer_id.strip() else f"{Reason.EMPTY_FIELD}:customer_id"
 
 
 class _Unusable(Exception):

@@ -20,6 +20,9 @@ from features.segments import PLAYBOOKS, SEGMENTS, Playbook
 from state.snapshot import TIERS
 
 MAX_SQL_ROWS = 10_000
+# What a terminal shows of a top list; JSON and exports carry every column.
+TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
+               "recency_days", "total_spend"]
 
 
 class QueryError(ValueError):

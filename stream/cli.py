@@ -262,12 +262,12 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from state.queries import TOP_COLUMNS
+
     snap = _snapshot(args)
     if args.what == "top":
         rows = snap.top(args.n, args.segment)
-        _print_rows(rows, args.json, None if args.json else
-                    ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
-                     "recency_days", "total_spend"])
+        _print_rows(rows, args.json, None if args.json else TOP_COLUMNS)
     elif args.what == "segments" and args.json:
         _print_rows(snap.segments(), True)
     elif args.what == "segments":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from features.batch import read_history
 from features.loaders import vendored_cdnow
-from state.queries import QueryError, Snapshot, render_segments, render_table
+from state.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
 from stream.broker import free_port, start
 from stream.metrics import idle, scrape
 from stream.kafka_io import end_offsets
@@ -202,8 +202,7 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     top = snap.top(10)
     horizon = f"{top[0]['horizon_months']}-month " if top else ""
     print(f"\nTop 10 customers by expected {horizon}CLV (expected spend)")
-    print(render_table(top, ["customer_id", "clv", "p_purchase", "segment", "value_tier",
-                             "frequency", "recency_days", "total_spend"]))
+    print(render_table(top, TOP_COLUMNS))
     print("\nSegments")
     print(render_segments(snap.segments(), ["segment", "customers", "total_clv", "mean_clv",
                                             "share_of_value", "mean_p_purchase"]))
