@@ -124,7 +124,10 @@ def parse_ts(value: Any) -> datetime | Invalid:
         return Invalid(Reason.BAD_TIMESTAMP, f"ts {value[:40]!r} is not ISO-8601")
     if ts.tzinfo is None or ts.utcoffset() is None:
         return Invalid(Reason.NAIVE_TIMESTAMP, f"ts {value[:40]!r} has no time zone")
-    return ts.astimezone(timezone.utc)
+    try:
+        return ts.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00: before the first representable UTC time
+        return Invalid(Reason.ABSURD_VALUE, f"ts {value[:40]!r} is out of range")
 
 
 def _field(obj: dict, name: str, kind: type | tuple[type, ...]) -> Any:
@@ -222,12 +225,18 @@ def validate_dict(obj: Any, now: datetime | None = None) -> TransactionEvent | I
     return TransactionEvent(event_id, customer_id, invoice_no, ts, lines, country, version)
 
 
-def validate(raw: bytes | str, now: datetime | None = None) -> TransactionEvent | Invalid:
-    """Decode and check one message value; never raises."""
+def decode(raw: bytes | str) -> Any:
+    """One JSON message value, or `Invalid` (malformed, or a NaN/Infinity literal); never raises.
+    Shared by every topic's contract, so all of them refuse the same non-JSON."""
     try:
-        obj = _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        return _DECODER.decode(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
     except _NonFinite as exc:
         return Invalid(Reason.NON_FINITE, f"{exc} is not a finite number")
     except (ValueError, TypeError, RecursionError) as exc:
         return Invalid(Reason.MALFORMED_JSON, str(exc)[:200])
-    return validate_dict(obj, now)
+
+
+def validate(raw: bytes | str, now: datetime | None = None) -> TransactionEvent | Invalid:
+    """Decode and check one message value; never raises."""
+    obj = decode(raw)
+    return obj if isinstance(obj, Invalid) else validate_dict(obj, now)

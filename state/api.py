@@ -14,8 +14,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from features.segments import SEGMENTS
 from state.queries import QueryError, Snapshot
-from state.segments import SEGMENTS
 from state.snapshot import TIERS
 from stream.settings import Settings, SettingsError
 
@@ -57,13 +57,14 @@ def openapi() -> dict[str, Any]:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
         "paths": {
-            "/top": op("Customers with the highest predicted CLV", [
+            "/top": op("Customers with the highest expected CLV (expected spend over the horizon)", [
                 {"name": "n", "in": "query", "schema": {"type": "integer", "default": 20,
                                                         "minimum": 1, "maximum": 10000}},
                 _segment_param()], schema=rows),
-            "/segments": op("Per segment: customers, total and mean CLV, share of predicted value",
-                            schema=rows),
-            "/tiers": op("Per value tier (CLV terciles): customers, CLV range and totals", schema=rows),
+            "/segments": op("Per segment: customers, total and mean expected CLV, share of the "
+                            "total, and its playbook (who, what to do)", schema=rows),
+            "/tiers": op("Per value tier (terciles of expected CLV): customers, CLV range, totals "
+                         "and shares", schema=rows),
             "/customers/{customer_id}": op("One customer's newest score and RFM fields", [
                 {"name": "customer_id", "in": "path", "required": True, "schema": {"type": "string"}}]),
             "/summary": op("Snapshot metadata and totals"),

@@ -8,6 +8,7 @@ and nothing sent through `sql` can write, attach, read files or re-enable either
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,10 +16,13 @@ from typing import Any, Iterator
 import duckdb
 import pandas as pd
 
-from state.segments import SEGMENTS
+from features.segments import PLAYBOOKS, SEGMENTS, Playbook
 from state.snapshot import TIERS
 
 MAX_SQL_ROWS = 10_000
+# What a terminal shows of a top list; JSON and exports carry every column.
+TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
+               "recency_days", "total_spend"]
 
 
 class QueryError(ValueError):
@@ -92,13 +96,13 @@ class Snapshot:
             cur = con.execute("SELECT * FROM snapshot_meta")
             cols = [d[0] for d in cur.description]
             meta = dict(zip(cols, cur.fetchone()))
-            totals = con.execute("SELECT count(*), sum(expected_clv), avg(clv), avg(p_purchase) "
+            totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
                                  "FROM customer_scores").fetchone()
         finally:
             con.close()
         out = {k: _plain(v) for k, v in meta.items()}
         out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
-        out.update(rows=totals[0], total_expected_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
+        out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
                    mean_p_purchase=_plain(totals[3]))
         return out
 
@@ -138,6 +142,17 @@ def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
         return "(no rows)"
     frame = pd.DataFrame(rows, columns=columns or list(rows[0]))
     return frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
+
+
+def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """The segment table, then the playbook of each segment shown, one line each: too long for
+    table columns."""
+    text = {f.name for f in fields(Playbook)}
+    table = render_table(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
+    shown = {r["segment"] for r in rows}
+    books = [f"  {name}: {book.who} -> {book.what_to_do}" for name, book in PLAYBOOKS.items()
+             if name in shown]
+    return "\n".join([table, "", "Playbooks (who -> what to do)", *books] if books else [table])
 
 
 def export(snap: Snapshot, out: Path, segment: str | None = None) -> int:

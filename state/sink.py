@@ -9,41 +9,20 @@ matches the offsets it names.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from features.scores import parse_score
 from state import snapshot
-from state.snapshot import SCORE_COLUMNS, SnapshotState
+from state.snapshot import SnapshotState
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
 
 log = logging.getLogger("clv.snapshot")
-_NUMBERS = ("clv", "p_purchase", "expected_clv", "recency_days", "frequency", "monetary",
-            "tenure_days", "total_spend", "horizon_months")
-
-
-def parse_score(value: bytes | None) -> dict[str, Any] | str:
-    """A score message, or the reason it cannot be used."""
-    try:
-        msg = json.loads(value) if value is not None else None
-    except (ValueError, UnicodeDecodeError):
-        return "malformed_json"
-    if not isinstance(msg, dict):
-        return "not_an_object"
-    missing = [c for c in SCORE_COLUMNS if c not in msg]
-    if missing:
-        return f"missing_field:{missing[0]}"
-    for name in _NUMBERS:
-        v = msg[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"wrong_type:{name}"
-    return msg
 
 
 class Sink:
@@ -62,16 +41,16 @@ class Sink:
             if rec.value is None and key is not None:  # tombstone: the customer was deleted
                 self.changed |= self.state.rows.pop(key, None) is not None
                 continue
-            msg = parse_score(rec.value)
-            if isinstance(msg, str):
+            score = parse_score(rec.value)
+            if isinstance(score, str):
                 self.bad += 1
                 log.warning("skipped unusable score at %s[%d]@%d: %s", rec.topic, rec.partition,
-                            rec.offset, msg)
+                            rec.offset, score)
                 continue
-            self.state.rows[msg["customer_id"]] = (
-                *(msg[c] for c in SCORE_COLUMNS), rec.partition, rec.offset)
-            if self.state.newest_event_time is None or msg["as_of"] > self.state.newest_event_time:
-                self.state.newest_event_time = msg["as_of"]
+            self.state.rows[score.customer_id] = snapshot.row(score, rec.partition, rec.offset)
+            # Times are UTC ISO-8601 (`iso_time`), whose text orders as the instants do.
+            if self.state.newest_event_time is None or score.as_of > self.state.newest_event_time:
+                self.state.newest_event_time = score.as_of
             self.changed = True
 
     def publish(self) -> None:

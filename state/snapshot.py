@@ -6,69 +6,78 @@ Tables:
 - `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier.
 - `snapshot_meta`: one row: when it was written, newest event time, row count, offsets per
   partition of the scores topic (the sink resumes from them), model versions.
-Views: `segment_summary`, `tier_summary`. Totals and shares add `expected_clv` (expected spend);
-`clv`, the per-customer point forecast, ranks customers and sets the value tiers.
+- `segment_playbook`: per segment, who is in it and what to do (from `features.segments`).
+Views: `segment_summary`, `tier_summary`: customers, totals, means and shares of `clv`, the
+expected spend, which adds up over customers; `clv` also sets the value tiers.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from datetime import datetime, timezone
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pandas as pd
 
-# Fields of a `clv-scores` message kept per customer, in table order.
-SCORE_COLUMNS = ("customer_id", "clv", "p_purchase", "expected_clv", "recency_days", "frequency",
-                 "monetary", "tenure_days", "total_spend", "segment", "horizon_months",
-                 "model_version", "as_of", "scored_at")
-TIERS = ("low", "medium", "high")
+from features.scores import FIELD_TYPES, FIELDS, LEGACY_CLV, IsoTime, ScoreRecord, iso_time
+from features.segments import PLAYBOOKS, Playbook
 
-_CREATE = """
+# Per customer, the fields of its newest score, in message order (the schema version describes
+# a message, not a customer).
+COLUMNS = tuple(name for name in FIELDS if name != "schema_version")
+TIERS = ("low", "medium", "high")
+_SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ"}
+_TIMES = tuple(name for name in COLUMNS if FIELD_TYPES[name] is IsoTime)
+_PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
+_columns = attrgetter(*COLUMNS)
+
+_CREATE = f"""
 CREATE TABLE customer_scores AS
 WITH cut AS (
     SELECT quantile_cont(clv, 1 / 3) AS q1, quantile_cont(clv, 2 / 3) AS q2 FROM rows
 )
-SELECT customer_id, clv::DOUBLE AS clv, p_purchase::DOUBLE AS p_purchase,
-       expected_clv::DOUBLE AS expected_clv,
-       recency_days::DOUBLE AS recency_days, frequency::INTEGER AS frequency,
-       monetary::DOUBLE AS monetary, tenure_days::DOUBLE AS tenure_days,
-       total_spend::DOUBLE AS total_spend, segment,
+SELECT {", ".join(f"{name}::{_SQL_TYPES[FIELD_TYPES[name]]} AS {name}" for name in COLUMNS)},
        CASE WHEN clv >= cut.q2 THEN 'high' WHEN clv >= cut.q1 THEN 'medium' ELSE 'low' END
            AS value_tier,
-       horizon_months::INTEGER AS horizon_months, model_version,
-       as_of::TIMESTAMPTZ AS as_of, scored_at::TIMESTAMPTZ AS scored_at,
        source_partition::INTEGER AS source_partition, source_offset::BIGINT AS source_offset
 FROM rows, cut
 ORDER BY customer_id;
 
+CREATE TABLE segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
+
 CREATE VIEW segment_summary AS
-SELECT segment, count(*) AS customers, sum(expected_clv) AS total_expected_clv,
-       avg(expected_clv) AS mean_expected_clv, avg(clv) AS mean_clv,
-       sum(expected_clv) / nullif((SELECT sum(expected_clv) FROM customer_scores), 0)
-           AS share_of_value,
-       avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
-       avg(frequency) AS mean_frequency
-FROM customer_scores GROUP BY segment ORDER BY total_expected_clv DESC;
+SELECT * FROM (
+    SELECT segment, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
+           sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
+           avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
+           avg(frequency) AS mean_frequency
+    FROM customer_scores GROUP BY segment
+) LEFT JOIN segment_playbook USING (segment)
+ORDER BY total_clv DESC;
 
 CREATE VIEW tier_summary AS
 SELECT value_tier, count(*) AS customers, min(clv) AS min_clv, max(clv) AS max_clv,
-       sum(expected_clv) AS total_expected_clv, avg(expected_clv) AS mean_expected_clv,
-       sum(expected_clv) / nullif((SELECT sum(expected_clv) FROM customer_scores), 0)
-           AS share_of_value
+       sum(clv) AS total_clv, avg(clv) AS mean_clv,
+       sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value
 FROM customer_scores GROUP BY value_tier
 ORDER BY CASE value_tier WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END;
 """
+
+
+def row(score: ScoreRecord, partition: int, offset: int) -> tuple[Any, ...]:
+    """A customer's row as the sink holds it: its score's columns, then where it was read."""
+    return (*_columns(score), partition, offset)
 
 
 @dataclass
 class SnapshotState:
     """What the sink holds between snapshots: newest score per customer and where it read to."""
 
-    rows: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # SCORE_COLUMNS + partition, offset
+    rows: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # see `row`
     offsets: dict[int, int] = field(default_factory=dict)  # next offset to read, per partition
     newest_event_time: str | None = None
 
@@ -83,10 +92,12 @@ def write(path: Path, state: SnapshotState, source_topic: str) -> int:
     tmp = temp_path(path)
     tmp.unlink(missing_ok=True)
     rows = pd.DataFrame.from_records(  # noqa: F841  (read by DuckDB by name)
-        list(state.rows.values()), columns=[*SCORE_COLUMNS, "source_partition", "source_offset"])
+        list(state.rows.values()), columns=[*COLUMNS, "source_partition", "source_offset"])
     con = duckdb.connect(str(tmp))
     try:
         con.execute(_CREATE)
+        con.executemany(f"INSERT INTO segment_playbook VALUES ({', '.join('?' * len(_PLAYBOOK_COLUMNS))})",
+                        [[name, *astuple(book)] for name, book in PLAYBOOKS.items()])
         con.execute(
             "CREATE TABLE snapshot_meta AS SELECT ?::TIMESTAMPTZ AS snapshot_at, "
             "?::TIMESTAMPTZ AS newest_event_time, (SELECT count(*) FROM customer_scores) AS customers, "
@@ -119,20 +130,21 @@ def load(path: Path) -> SnapshotState:
     try:
         meta = con.execute("SELECT offsets, newest_event_time FROM snapshot_meta").fetchone()
         state.offsets = {int(k): int(v) for k, v in meta[0].items()}
-        state.newest_event_time = _utc_iso(meta[1]) if meta[1] is not None else None
+        state.newest_event_time = iso_time(meta[1]) if meta[1] is not None else None
+        have = {c for (c,) in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = 'customer_scores'").fetchall()}
+        # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
+        # expectation, today's `clv`, is in its LEGACY_CLV column.
+        select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have else c for c in COLUMNS]
         frame = con.execute(
-            f"SELECT {', '.join(SCORE_COLUMNS)}, source_partition, source_offset FROM customer_scores"
+            f"SELECT {', '.join(select)}, source_partition, source_offset FROM customer_scores"
         ).df()
     finally:
         con.close()
-    for col in ("as_of", "scored_at"):
-        frame[col] = frame[col].map(_utc_iso)
+    for col in _TIMES:
+        frame[col] = frame[col].map(iso_time)
     state.rows = {r[0]: tuple(r) for r in frame.itertuples(index=False, name=None)}
     return state
-
-
-def _utc_iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat()
 
 
 def remove_leftovers(path: Path) -> list[Path]:

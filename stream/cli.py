@@ -151,10 +151,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     import csv
+    from operator import attrgetter
 
     from export_onnx.artifact import Artifact
     from features.batch import end_of, read_history, snapshots
-    from stream.scoring import Score, score_states
+    from features.scores import CUSTOMER_FIELDS
+    from stream.scoring import score_states
 
     artifact = Artifact.load(args.model)
     history = read_history(args.file, **file_options(args))
@@ -163,11 +165,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     as_of = end_of(args.as_of) if args.as_of else history.events[-1].ts
     snapshot = next(snapshots(history.events, [as_of], artifact.window))
     scores = score_states(artifact, list(snapshot.states.values()), as_of)
+    columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) are printed
     with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(Score.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(s.as_dict() for s in scores)
+        writer = csv.writer(fh)
+        writer.writerow(CUSTOMER_FIELDS)
+        writer.writerows(columns(s) for s in scores)
     print(f"scored {len(scores):,} customers as of {as_of.isoformat()} with {artifact.version} -> {args.out}")
+    return 0
+
+
+def cmd_score_schema(args: argparse.Namespace) -> int:
+    from features.scores import score_schema_json
+
+    sys.stdout.write(score_schema_json())
     return 0
 
 
@@ -252,17 +262,20 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from state.queries import TOP_COLUMNS
+
     snap = _snapshot(args)
     if args.what == "top":
         rows = snap.top(args.n, args.segment)
-        _print_rows(rows, args.json, None if args.json else
-                    ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
-                     "recency_days", "total_spend"])
+        _print_rows(rows, args.json, None if args.json else TOP_COLUMNS)
+    elif args.what == "segments" and args.json:
+        _print_rows(snap.segments(), True)
     elif args.what == "segments":
-        _print_rows(snap.segments(), args.json)
-        if not args.json:
-            print()
-            _print_rows(snap.tiers(), False)
+        from state.queries import render_segments
+
+        print(render_segments(snap.segments()))
+        print()
+        _print_rows(snap.tiers(), False)
     elif args.what == "customer":
         row = snap.customer(args.arg)
         if row is None:
@@ -414,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", type=_date, default=None, help="score as of the end of this day (default: newest event)")
     p.add_argument("--out", required=True, help="CSV to write")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("score-schema", help="print the JSON Schema of a clv-scores message")
+    p.set_defaults(func=cmd_score_schema)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (loopback, in memory)")
     p.add_argument("--port", type=_positive_int, default=9092, help="port (default 9092)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from features.batch import read_history
 from features.loaders import vendored_cdnow
-from state.queries import QueryError, Snapshot, render_table
+from state.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
 from stream.broker import free_port, start
 from stream.metrics import idle, scrape
 from stream.kafka_io import end_offsets
@@ -199,15 +199,16 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     clv = str(installed) if installed.exists() else "clv"
     print(f"\n{summary['customers']:,} customers scored by {', '.join(summary['model_versions'])}, "
           f"as of {summary['newest_event_time']}")
-    print("\nTop 10 customers by predicted 6-month CLV")
-    print(render_table(snap.top(10), ["customer_id", "clv", "p_purchase", "segment", "value_tier",
-                                      "frequency", "recency_days", "total_spend"]))
+    top = snap.top(10)
+    horizon = f"{top[0]['horizon_months']}-month " if top else ""
+    print(f"\nTop 10 customers by expected {horizon}CLV (expected spend)")
+    print(render_table(top, TOP_COLUMNS))
     print("\nSegments")
-    print(render_table(snap.segments(), ["segment", "customers", "total_expected_clv", "mean_clv",
-                                         "share_of_value", "mean_p_purchase"]))
-    print("\nValue tiers (CLV terciles)")
+    print(render_segments(snap.segments(), ["segment", "customers", "total_clv", "mean_clv",
+                                            "share_of_value", "mean_p_purchase"]))
+    print("\nValue tiers (terciles of expected CLV)")
     print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
-                                      "total_expected_clv", "share_of_value"]))
+                                      "total_clv", "share_of_value"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {clv} query top --n 20 --snapshot {path}

@@ -1,30 +1,16 @@
-"""Customer states to CLV scores with the ONNX model: shared by `clv score` and the worker."""
+"""Customer states to `clv-scores` records with the ONNX model: shared by `clv score` and the
+worker, so a file and the stream agree field for field."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
 from export_onnx.artifact import Artifact, Prediction
 from features.aggregate import CustomerState, month_of
+from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, iso_time
+from features.segments import segment
 from features.sequences import RFM, Inputs, build_inputs, rfm
-
-
-@dataclass(frozen=True)
-class Score:
-    customer_id: str
-    clv: float
-    p_purchase: float
-    expected_clv: float
-    recency_days: float
-    frequency: int
-    monetary: float
-    tenure_days: float
-    total_spend: float
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)  # dataclasses.asdict deep-copies: too slow per score
 
 
 def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> tuple[Inputs, list[RFM]]:
@@ -34,16 +20,25 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
     return inputs, [rfm(s, as_of_ts) for s in states]
 
 
-def assemble(states: Sequence[CustomerState], fields: list[RFM], pred: Prediction) -> list[Score]:
-    return [Score(s.customer_id, c, pp, e, r.recency_days, r.frequency, r.monetary, r.tenure_days,
-                  r.total_spend)
-            for s, r, c, e, pp in zip(states, fields, pred.clv.tolist(), pred.expected_clv.tolist(),
-                                      pred.p_purchase.tolist())]
+def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
+             pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
+    """One record per customer: the model's expected spend and purchase probability, RFM
+    fields and segment, stamped with the run's model, horizon, as-of and scoring times."""
+    quantiles = artifact.meta["clv_quantiles"]
+    version, horizon = artifact.version, artifact.horizon_months
+    as_of_text, scored_at = iso_time(as_of), iso_time(datetime.now(timezone.utc))
+    return [ScoreRecord(
+        schema_version=SCORE_SCHEMA_VERSION, customer_id=s.customer_id, clv=clv, p_purchase=p,
+        recency_days=r.recency_days, frequency=r.frequency, monetary=r.monetary,
+        tenure_days=r.tenure_days, total_spend=r.total_spend,
+        segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
+        horizon_months=horizon, model_version=version, as_of=as_of_text, scored_at=scored_at)
+        for s, r, clv, p in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist())]
 
 
-def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[Score]:
+def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:
     """Score many customers in one onnxruntime call, as of the month of `as_of`."""
     if not states:
         return []
     inputs, fields = prepare(artifact, states, as_of)
-    return assemble(states, fields, artifact.predict(inputs))
+    return assemble(artifact, states, fields, artifact.predict(inputs), as_of)

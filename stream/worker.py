@@ -37,7 +37,7 @@ from aiokafka import TopicPartition
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, Folder, contribution, month_of
 from features.contract import Invalid, Reason, TransactionEvent, validate
-from state.segments import segment
+from features.scores import ScoreRecord, as_dict, encode_score, parse_score
 from stream.kafka_io import read_partition
 from stream.metrics import Metrics
 from stream.scoring import assemble, prepare
@@ -46,11 +46,8 @@ from stream.settings import Settings
 from stream.state_writes import STATE_CODEC, WriteBehindStates
 
 log = logging.getLogger("clv.worker")
-SCORE_SCHEMA_VERSION = 2  # 2: clv is the point forecast, expected_clv added
 CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
-
-
 
 
 def _credentials(settings: Settings) -> Any:
@@ -81,7 +78,7 @@ class Rescorer:
         self.pending_acks: list[Any] = []
         self.position: dict[int, int] = {}  # next offset to process, per partition (for lag)
         self.oldest_dirty: float | None = None
-        self.latest: dict[str, dict[str, Any]] = {}  # the latest-score table, per customer
+        self.latest: dict[str, ScoreRecord] = {}  # the latest-score table, per customer
         self.taken: set[int] = set()  # partitions whose takeover has run
         self.taking: dict[int, asyncio.Future[None]] = {}
         self.flushing: asyncio.Future[None] | None = None
@@ -131,11 +128,11 @@ class Rescorer:
         members = self.members[partition]
         stale, other_model = [], 0
         for cid in members:
-            msg = self.latest.get(cid)
-            if msg is None or folder.clock is None or month_of(
-                    datetime.fromisoformat(msg["as_of"])) < folder.clock:
+            score = self.latest.get(cid)
+            if score is None or folder.clock is None or month_of(
+                    datetime.fromisoformat(score.as_of)) < folder.clock:
                 stale.append(cid)
-            elif msg["model_version"] != self.artifact.version:
+            elif score.model_version != self.artifact.version:
                 other_model += 1
         self.backlog.setdefault(partition, deque()).extend(sorted(stale))
         self.taken.add(partition)
@@ -149,7 +146,7 @@ class Rescorer:
     async def _load_scores(self, partition: int) -> int:
         """Newest score per customer from the compacted scores topic, up to its current end."""
         n = 0
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, ScoreRecord] = {}
         async for records in read_partition(self.settings, self.settings.scores_topic, partition):
             for rec in records:
                 n += 1
@@ -159,12 +156,15 @@ class Rescorer:
                 if rec.value is None:  # tombstone: the customer's score was deleted
                     found.pop(cid, None)
                     continue
-                try:
-                    found[cid] = json.loads(rec.value)
-                except ValueError:
-                    log.warning("unreadable score at %s[%d]@%d", rec.topic, partition, rec.offset)
-        for cid, msg in found.items():  # scores published since the takeover began are newer
-            self.latest.setdefault(cid, msg)
+                score = parse_score(rec.value)
+                if isinstance(score, str):  # rescored as if it had none
+                    log.warning("unusable score at %s[%d]@%d: %s", rec.topic, partition,
+                                rec.offset, score)
+                    found.pop(cid, None)
+                else:
+                    found[cid] = score
+        for cid, score in found.items():  # scores published since the takeover began are newer
+            self.latest.setdefault(cid, score)
         return n
 
     def rescore_all(self, partition: int) -> int:
@@ -282,25 +282,12 @@ class Rescorer:
             pred = await asyncio.to_thread(self.artifact.predict, inputs)
         else:
             pred = self.artifact.predict(inputs)
-        scores = assemble(states, fields, pred)
-        as_of = self._as_of(partition).isoformat()
-        scored_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        quantiles = self.artifact.meta["clv_quantiles"]
-        topic, version, horizon = self.settings.scores_topic, self.artifact.version, self.artifact.horizon_months
+        scores = assemble(self.artifact, states, fields, pred, self._as_of(partition))
+        topic = self.settings.scores_topic
         records: list[Record] = []
         for score, cid in zip(scores, ids):
-            msg = {
-                "schema_version": SCORE_SCHEMA_VERSION,
-                **score.as_dict(),
-                "segment": segment(score.clv, score.p_purchase, score.frequency, score.recency_days,
-                                   score.tenure_days, quantiles),
-                "horizon_months": horizon,
-                "model_version": version,
-                "as_of": as_of,
-                "scored_at": scored_at,
-            }
-            self.latest[cid] = msg
-            records.append((topic, partition, cid.encode(), json.dumps(msg).encode()))
+            self.latest[cid] = score
+            records.append((topic, partition, cid.encode(), encode_score(score)))
         self.metrics.rescored += len(ids)
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
@@ -521,7 +508,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                 "lifetime_spend": spend / 100, "lifetime_units": units, "lifetime_invoices": invoices,
                 "partition": state.partition, "offset": state.offset,
             },
-            "score": rescorer.latest.get(customer_id),
+            "score": as_dict(score) if (score := rescorer.latest.get(customer_id)) else None,
         })
 
     @app.on_before_shutdown.connect

@@ -42,6 +42,7 @@ def test_valid_event_round_trips():
     (with_(ts="2010-12-01T08:26:00"), Reason.NAIVE_TIMESTAMP),
     (with_(ts="1960-01-01T00:00:00Z"), Reason.ABSURD_VALUE),
     (with_(ts="2999-01-01T00:00:00Z"), Reason.ABSURD_VALUE),
+    (with_(ts="0001-01-01T00:00:00+01:00"), Reason.ABSURD_VALUE),  # no UTC time that early
     (b'{"schema_version":1,"event_id":"e","customer_id":"c","invoice_no":"i","ts":"2010-12-01T08:26:00Z",'
      b'"lines":[{"stock_code":"A","quantity":1,"unit_price":NaN}]}', Reason.NON_FINITE),
     (b'{"schema_version":1,"event_id":"e","customer_id":"c","invoice_no":"i","ts":"2010-12-01T08:26:00Z",'

@@ -1,6 +1,6 @@
 import pytest
 
-from state.segments import SEGMENTS, segment
+from features.segments import PLAYBOOKS, SEGMENTS, segment
 
 Q = {"p50": 10.0, "p75": 30.0, "p90": 80.0, "p99": 400.0}
 
@@ -16,3 +16,8 @@ Q = {"p50": 10.0, "p75": 30.0, "p90": 80.0, "p99": 400.0}
 def test_rules_first_match_wins(kw, expected):
     assert segment(**kw, clv_quantiles=Q) == expected
     assert expected in SEGMENTS
+
+
+def test_every_segment_has_a_playbook():
+    assert SEGMENTS == tuple(PLAYBOOKS) and len(SEGMENTS) == 6
+    assert all(book.who and book.what_to_do for book in PLAYBOOKS.values())

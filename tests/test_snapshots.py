@@ -16,9 +16,14 @@ from pathlib import Path
 import duckdb
 import pytest
 from aiokafka import AIOKafkaProducer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from features.scores import LEGACY_CLV, ScoreRecord, parse_score
+from features.segments import PLAYBOOKS, SEGMENTS
 from harness import CLV, Process, wait_snapshot_caught_up
-from state.segments import SEGMENTS
+from score_messages import near_valid
+from state import snapshot
 from stream.broker import free_port
 
 
@@ -40,7 +45,8 @@ def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
         meta = con.execute("SELECT customers, newest_event_time, offsets, model_versions, source_topic "
                            "FROM snapshot_meta").fetchone()
         tiers = dict(con.execute("SELECT value_tier, customers FROM tier_summary").fetchall())
-        segs = con.execute("SELECT segment, share_of_value FROM segment_summary").fetchall()
+        segs = con.execute("SELECT segment, share_of_value, total_clv, who FROM segment_summary").fetchall()
+        total = con.execute("SELECT sum(clv) FROM customer_scores").fetchone()[0]
     finally:
         con.close()
     assert rows == (23_570, 23_570) and meta[0] == 23_570
@@ -50,8 +56,10 @@ def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
     assert len(meta[3]) == 1 and meta[3][0].startswith("gru-")
     assert meta[4] == cdnow_live.env["CLV_SCORES_TOPIC"]
     assert set(tiers) == {"low", "medium", "high"} and sum(tiers.values()) == 23_570
-    assert {s for s, _ in segs} <= set(SEGMENTS)
-    assert abs(sum(share for _, share in segs) - 1) < 1e-9
+    assert {s for s, *_ in segs} <= set(SEGMENTS)
+    assert abs(sum(share for _, share, _, _ in segs) - 1) < 1e-9
+    assert abs(sum(t for *_, t, _ in segs) / total - 1) < 1e-9  # totals add the expectation
+    assert all(who == PLAYBOOKS[s].who for s, _, _, who in segs)
 
 
 def _end(bootstrap: str, live) -> dict[int, int]:
@@ -76,9 +84,10 @@ def test_query_commands(cdnow_live, tmp_path):
     assert res.returncode == 0, res.stderr
     segs = json.loads(res.stdout)
     assert sum(s["customers"] for s in segs) == 23_570
-    assert {"segment", "customers", "total_expected_clv", "mean_clv", "share_of_value"} <= set(segs[0])
+    assert {"segment", "customers", "total_clv", "mean_clv", "share_of_value", "who", "what_to_do"} <= set(segs[0])
     res = clv("query", "segments", env=env)
     assert res.returncode == 0 and "share_of_value" in res.stdout and "value_tier" in res.stdout
+    assert "Playbooks" in res.stdout and PLAYBOOKS["vip"].what_to_do in res.stdout
     vip = json.loads(clv("query", "top", "--n", "5", "--segment", "vip", "--json", env=env).stdout)
     assert vip and all(r["segment"] == "vip" for r in vip)
     one = json.loads(clv("query", "customer", "00001", env=env).stdout)
@@ -196,15 +205,13 @@ def test_http_api_token(cdnow_live, tmp_path):
     assert res.returncode == 2 and "CLV_API_TOKEN" in res.stderr
 
 
-def _publish_scores(bootstrap: str, topic: str, template: dict, n: int, tag: str) -> None:
+def _publish(bootstrap: str, topic: str, messages: list[tuple[str, bytes]]) -> None:
     async def run() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
         await producer.start()
         try:
-            for i in range(n):
-                cid = f"{tag}-{i:06d}"
-                await producer.send(topic, json.dumps({**template, "customer_id": cid, "clv": float(i)}).encode(),
-                                    key=cid.encode())
+            for key, value in messages:
+                await producer.send(topic, value, key=key.encode())
             await producer.flush()
         finally:
             await producer.stop()
@@ -212,22 +219,30 @@ def _publish_scores(bootstrap: str, topic: str, template: dict, n: int, tag: str
     asyncio.run(run())
 
 
+def _publish_scores(bootstrap: str, topic: str, template: dict, n: int, tag: str) -> None:
+    _publish(bootstrap, topic, [
+        (cid, json.dumps({**template, "customer_id": cid, "clv": float(i)}).encode())
+        for i, cid in ((i, f"{tag}-{i:06d}") for i in range(n))])
+
+
+TEMPLATE = {"schema_version": 3, "p_purchase": 0.5, "recency_days": 10.0, "frequency": 2,
+            "monetary": 20.0, "tenure_days": 100.0, "total_spend": 40.0, "segment": "regular",
+            "horizon_months": 6, "model_version": "gru-test", "as_of": "2011-12-01T00:00:00+00:00",
+            "scored_at": "2026-11-22T00:00:00+00:00"}
+
+
 def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap, clv_env, tmp_path):
     """A sink fed new scores continuously is killed with SIGKILL while a snapshot is being
     written (its temporary file exists); the published snapshot must be the previous one."""
     env = {**clv_env, "CLV_SNAPSHOT_INTERVAL_S": "0.2"}
     published = Path(env["CLV_SNAPSHOT_PATH"])
-    template = {"schema_version": 2, "p_purchase": 0.5, "expected_clv": 5.0, "recency_days": 10.0, "frequency": 2,
-                "monetary": 20.0, "tenure_days": 100.0, "total_spend": 40.0, "segment": "regular",
-                "horizon_months": 6, "model_version": "gru-test", "as_of": "2011-12-01T00:00:00+00:00",
-                "scored_at": "2026-11-22T00:00:00+00:00"}
-    _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], template, 20_000, "base")
+    _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], TEMPLATE, 20_000, "base")
     sink = Process(["snapshot"], env, tmp_path / "sink.log")
     killed_during_write = False
     try:
         wait_snapshot_caught_up(published, kafka_bootstrap, env["CLV_SCORES_TOPIC"])
         for round_ in range(30):
-            _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], template, 2000, f"k{round_}")
+            _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], TEMPLATE, 2000, f"k{round_}")
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if any(published.parent.glob(".clv.duckdb.tmp-*")):
@@ -256,3 +271,75 @@ def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap,
     con = duckdb.connect(str(published), read_only=True)
     assert con.execute("SELECT count(*) FROM customer_scores WHERE customer_id LIKE 'k%'").fetchone()[0] > 0
     con.close()
+
+
+def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tmp_path):
+    """Old workers publish schema 2 while new ones publish 3: the sink keeps both, with the
+    expectation as `clv`, and skips (and logs) what neither contract accepts."""
+    def message(**changes) -> bytes:
+        return json.dumps({**TEMPLATE, **changes}).encode()
+
+    _publish(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"], [
+        ("old", message(customer_id="old", schema_version=2, clv=1.0, **{LEGACY_CLV: 7.5})),
+        ("new", message(customer_id="new", clv=9.25)),
+        ("moved", message(customer_id="moved", schema_version=2, clv=1.0, **{LEGACY_CLV: 2.0})),
+        ("moved", message(customer_id="moved", clv=3.5)),  # rescored by a new worker: newest wins
+        ("v1", message(customer_id="v1", schema_version=1)),
+        ("half", message(customer_id="half", schema_version=2)),  # schema 2 without its expectation
+        ("nan", message(customer_id="nan").replace(b'"p_purchase": 0.5', b'"p_purchase": NaN')),
+    ])
+    sink = Process(["snapshot"], clv_env, tmp_path / "sink.log")
+    try:
+        wait_snapshot_caught_up(Path(clv_env["CLV_SNAPSHOT_PATH"]), kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
+    finally:
+        assert sink.stop() == 0
+    con = duckdb.connect(clv_env["CLV_SNAPSHOT_PATH"], read_only=True)
+    try:
+        rows = dict(con.execute("SELECT customer_id, clv FROM customer_scores").fetchall())
+        total = con.execute("SELECT sum(total_clv) FROM segment_summary").fetchone()[0]
+    finally:
+        con.close()
+    assert rows == {"old": 7.5, "new": 9.25, "moved": 3.5} and total == 7.5 + 9.25 + 3.5
+    log = sink.output()
+    for reason in ("unknown_schema_version", "missing_field:expected_clv", "non_finite"):
+        assert f": {reason}" in log, reason
+
+
+def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_path):
+    """A schema-2 sink's snapshot holds quantiles in `clv` and the expectation in `expected_clv`;
+    the upgraded sink resumes from it with the expectation as `clv`."""
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(f"CREATE TABLE customer_scores AS SELECT 'c1' AS customer_id, 1.0 AS clv, 0.5 AS p_purchase, "
+                f"7.5 AS {LEGACY_CLV}, 3.0 AS recency_days, 2 AS frequency, 10.0 AS monetary, "
+                f"40.0 AS tenure_days, 20.0 AS total_spend, 'regular' AS segment, 'low' AS value_tier, "
+                f"6 AS horizon_months, 'gru-old' AS model_version, "
+                f"TIMESTAMPTZ '2011-12-01 00:00:00+00' AS as_of, TIMESTAMPTZ '2026-11-22 00:00:00+00' AS scored_at, "
+                f"0 AS source_partition, 41 AS source_offset")
+    con.execute("CREATE TABLE snapshot_meta AS SELECT TIMESTAMPTZ '2011-12-01 00:00:00+00' AS newest_event_time, "
+                "MAP([0], [42]) AS offsets")
+    con.close()
+    state = snapshot.load(path)
+    assert state.offsets == {0: 42}
+    (row,) = state.rows.values()
+    assert dict(zip([*snapshot.COLUMNS, "source_partition", "source_offset"], row))["clv"] == 7.5
+
+
+@st.composite
+def _accepted(draw) -> list[ScoreRecord]:
+    parsed = [parse_score(draw(near_valid())) for _ in range(draw(st.integers(1, 12)))]
+    return [p for p in parsed if isinstance(p, ScoreRecord)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_accepted())
+def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scores):
+    """The sink writes and reloads every score `parse_score` lets through (a value DuckDB cannot
+    hold would stop the sink)."""
+    path = tmp_path_factory.mktemp("fuzz") / "clv.duckdb"
+    state = snapshot.SnapshotState(offsets={0: len(scores)})
+    for i, score in enumerate(scores):
+        state.rows[score.customer_id] = snapshot.row(score, 0, i)
+    assert snapshot.write(path, state, "scores") == len(state.rows)
+    again = snapshot.load(path)
+    assert again.offsets == state.offsets and again.rows == state.rows

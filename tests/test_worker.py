@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
+from features.scores import SCORE_SCHEMA_VERSION
 from harness import Worker, assert_exact, batch_scores, last_scores, read_topic, replay, wait_idle
 
 
@@ -34,14 +35,11 @@ def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap
     """The session's full CDNOW replay (conftest.cdnow_live)."""
     live = last_scores(kafka_bootstrap, cdnow_live.env["CLV_SCORES_TOPIC"])
     assert len(live) == 23_570
-    assert_exact(live, cdnow_batch)
+    assert len(assert_exact(live, cdnow_batch)) == 23_570  # every partition's clock ends with the file
     status, body = cdnow_live.customer_page
     assert status == 200 and json.loads(body)["score"]["customer_id"] == "00001"
     sample = next(iter(live.values()))
-    for field in ("customer_id", "clv", "p_purchase", "expected_clv", "segment", "horizon_months", "model_version",
-                  "as_of", "scored_at", "recency_days", "frequency", "monetary"):
-        assert field in sample
-    assert sample["as_of"].startswith("1998-06")
+    assert sample["schema_version"] == SCORE_SCHEMA_VERSION and sample["as_of"].startswith("1998-06")
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])

@@ -1,0 +1,179 @@
+"""The `clv-scores` message contract: its record, JSON encoding, parser and JSON Schema.
+
+One definition for the worker that publishes scores, the snapshot sink that reads them, `clv
+score` files and the schema subscribers get (`clv score-schema`): a field added here reaches the
+messages, snapshot columns, files and API without another list to keep in step.
+
+`clv` is the customer's expected spend over the horizon, an expectation: it adds up over
+customers, and rankings, tiers and segments use it. Schema history: in 1 `clv` was the
+expectation; 2 made `clv` a quantile point forecast and carried the expectation as
+`expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`. `parse_score` reads
+2 as well, so the sink keeps working while workers are upgraded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from operator import attrgetter
+from typing import Any, NewType, get_type_hints
+
+from features.contract import Invalid, Reason, decode, parse_ts
+
+SCORE_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (2, 3)
+LEGACY_CLV = "expected_clv"  # schema 2's name for the expectation schema 3 calls `clv`
+MAX_INT = 2**31 - 1  # whole-number fields are 32-bit columns in the snapshot
+
+IsoTime = NewType("IsoTime", str)
+"""An instant as ISO-8601 in UTC (`iso_time`), so that equal instants are equal strings."""
+
+
+def _doc(text: str, run: bool = False) -> Any:
+    """A field's description for subscribers; `run` marks the fields every score of one scoring
+    run shares (the rest describe the customer, and make up `clv score` files)."""
+    return field(metadata={"doc": text, "run": run})
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRecord:
+    """One `clv-scores` message: a customer's current score (the newest per key wins)."""
+
+    schema_version: int = _doc("version of this message layout", run=True)
+    customer_id: str = _doc("the customer; also the message key")
+    clv: float = _doc("expected spend over the next horizon_months calendar months after the "
+                      "as_of month; an expectation, so it adds up over customers")
+    p_purchase: float = _doc("probability of any purchase in those months")
+    recency_days: float = _doc("days from the last purchase to as_of")
+    frequency: int = _doc("purchase invoices over the customer's life")
+    monetary: float = _doc("mean spend per purchase invoice")
+    tenure_days: float = _doc("days from the first purchase to as_of")
+    total_spend: float = _doc("spend over the customer's life, returns deducted")
+    segment: str = _doc("named segment (`clv query segments` lists them with their playbooks)")
+    horizon_months: int = _doc("months the forecast covers", run=True)
+    model_version: str = _doc("the model that produced the score", run=True)
+    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on the "
+                          "customer's partition: the stream's clock", run=True)
+    scored_at: IsoTime = _doc("wall-clock time (UTC) the score was computed", run=True)
+
+
+FIELDS = tuple(f.name for f in fields(ScoreRecord))
+CUSTOMER_FIELDS = tuple(f.name for f in fields(ScoreRecord) if not f.metadata["run"])
+FIELD_TYPES: dict[str, Any] = get_type_hints(ScoreRecord)  # int, float, str or IsoTime
+
+_values = attrgetter(*FIELDS)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def iso_time(t: datetime) -> IsoTime:
+    """How the contract writes an instant: UTC, ISO-8601."""
+    return IsoTime(t.astimezone(timezone.utc).isoformat())
+
+
+def as_dict(record: ScoreRecord) -> dict[str, Any]:
+    """The message as a JSON object (dataclasses.asdict deep-copies: too slow per score)."""
+    return dict(zip(FIELDS, _values(record)))
+
+
+def encode_score(record: ScoreRecord) -> bytes:
+    """The message value the worker publishes."""
+    return _encode(as_dict(record)).encode()
+
+
+# Per readable schema version, the message field and type of each record field after the version.
+_SOURCES = {
+    3: tuple((name, FIELD_TYPES[name]) for name in FIELDS if name != "schema_version"),
+    2: tuple((LEGACY_CLV if name == "clv" else name, FIELD_TYPES[name])
+             for name in FIELDS if name != "schema_version"),
+}
+
+
+def parse_score(value: bytes | str) -> ScoreRecord | str:
+    """The record a message stands for, or why it is unusable (`reason` or `reason:field`, with
+    the transaction contract's reason codes); never raises. A schema-2 message becomes the
+    schema-3 record it implies: its `expected_clv` is the `clv`, its quantile `clv` is dropped.
+    Times come back as `iso_time` writes them."""
+    obj = decode(value)
+    if isinstance(obj, Invalid):
+        return obj.reason
+    if type(obj) is not dict:
+        return Reason.NOT_AN_OBJECT
+    if "schema_version" not in obj:
+        return f"{Reason.MISSING_FIELD}:schema_version"
+    version = obj["schema_version"]
+    if type(version) is not int:
+        return f"{Reason.WRONG_TYPE}:schema_version"
+    if version not in READABLE_SCHEMA_VERSIONS:
+        return Reason.UNKNOWN_SCHEMA_VERSION
+    values: list[Any] = [SCORE_SCHEMA_VERSION]
+    for source, kind in _SOURCES[version]:
+        if source not in obj:
+            return f"{Reason.MISSING_FIELD}:{source}"
+        try:
+            values.append(_checked(obj[source], kind))
+        except _Unusable as bad:
+            return f"{bad.reason}:{source}"
+    record = ScoreRecord(*values)
+    return record if record.customer_id.strip() else f"{Reason.EMPTY_FIELD}:customer_id"
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _checked(value: Any, kind: Any) -> Any:
+    """The value as the record holds it; raises `_Unusable` with the reason it cannot be."""
+    t = type(value)
+    if kind is float:
+        if t is not float and t is not int:  # exact types: JSON booleans are not amounts
+            raise _Unusable(Reason.WRONG_TYPE)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number beyond any float
+            raise _Unusable(Reason.NON_FINITE) from None
+        if not math.isfinite(value):
+            raise _Unusable(Reason.NON_FINITE)
+        return value
+    if t is not (int if kind is int else str):
+        raise _Unusable(Reason.WRONG_TYPE)
+    if kind is int:
+        if not -MAX_INT - 1 <= value <= MAX_INT:
+            raise _Unusable(Reason.ABSURD_VALUE)
+        return value
+    if kind is IsoTime:
+        ts = parse_ts(value)
+        if isinstance(ts, Invalid):
+            raise _Unusable(ts.reason)
+        return iso_time(ts)
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate escape: no column or file can hold it
+        raise _Unusable(Reason.WRONG_TYPE) from None
+    return value
+
+
+def score_schema() -> dict[str, Any]:
+    """JSON Schema of a schema-3 message, from the record (`clv score-schema` prints it)."""
+    json_types = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+                  IsoTime: {"type": "string", "format": "date-time"}}
+    properties = {f.name: {**json_types[FIELD_TYPES[f.name]], "description": f.metadata["doc"]}
+                  for f in fields(ScoreRecord)}
+    properties["schema_version"]["const"] = SCORE_SCHEMA_VERSION
+    properties["customer_id"]["minLength"] = 1
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "clv-scores message",
+        "description": ScoreRecord.__doc__,
+        "type": "object",
+        "properties": properties,
+        "required": list(FIELDS),
+    }
+
+
+def score_schema_json() -> str:
+    """`score_schema` as the text of `features/score.schema.json`."""
+    return json.dumps(score_schema(), indent=2) + "\n"
