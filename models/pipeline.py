@@ -139,7 +139,7 @@ def export_artifact(
         "validation_examples": int(len(split.valid.y)),
         "train_config": asdict(cfg),
         "training": info,
-        # Segment thresholds (state.segments): the cohort's predicted CLV at the cutoff.
+        # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)},
     }
     rng = np.random.default_rng(0)

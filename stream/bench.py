@@ -341,7 +341,7 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
     from export_onnx.artifact import Artifact
     from features.batch import read_history, snapshots
     from features.loaders import vendored_cdnow
-    from features.sequences import Inputs, build_inputs
+    from features.sequences import build_inputs
 
     artifact = Artifact.load(model)
     events = read_history(str(vendored_cdnow())).events
@@ -357,7 +357,7 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
             i = r * 97
             while time.perf_counter() - started < seconds:
                 idx = np.arange(i, i + size) % len(states)
-                fn(Inputs(inputs.seq[idx], inputs.static[idx]), idx)
+                fn(inputs.take(idx), idx)
                 done += size
                 i += size
             runs.append(done / (time.perf_counter() - started))
@@ -371,7 +371,8 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
 
         s = artifact.scaler.transform(batch)
         with torch.no_grad():
-            torch_model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch_model.h0(len(idx)))
+            torch_model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
+                        torch_model.h0(len(idx)))
 
     rows = []
     for size in batch_sizes:
@@ -392,13 +393,17 @@ def _torch_twin(artifact: Any) -> Any:
     try:
         import torch
 
-        from models.networks import GRUModel
+        from models.classic import ClassicParams
+        from models.networks import GRUEnsemble, GRUModel
     except ImportError:
         return None
     torch.set_num_threads(1)  # the same CPU as the worker's onnxruntime session
-    return GRUModel(len(artifact.meta["seq_features"]), len(artifact.meta["static_features"]),
-                    horizon=artifact.horizon_months, hidden=artifact.meta["hidden"],
-                    layers=artifact.meta["layers"]).eval()
+    meta = artifact.meta
+    members = [GRUModel(len(meta["seq_features"]), len(meta["static_features"]),
+                        ClassicParams.from_dict(meta["training"]["classic"]), artifact.horizon_months,
+                        hidden=meta["hidden"], layers=meta["layers"])
+               for _ in range(meta["train_config"]["ensemble"])]
+    return GRUEnsemble(members).eval()
 
 
 # -- state --------------------------------------------------------------------------------

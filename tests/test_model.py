@@ -261,3 +261,28 @@ def test_cohort_total_is_the_classic_models(trained):
     total = float(art.predict(inputs).clv.astype(np.float64).sum())
     classic_total = art.meta["training"]["classic_total"]
     assert classic_total > 0 and abs(total / classic_total - 1) < 1e-4
+
+
+def test_evaluate_reports_every_model_per_seed_with_mean_and_sd(tmp_path):
+    data = cdnow_slice(tmp_path / "cdnow.txt", customers=800)
+    out = tmp_path / "eval.json"
+    res = clv("evaluate", data, "--cutoff", CUTOFF, "--epochs", "1", "--ensemble", "1",
+              "--seeds", "1", "2", "--json", out, "--plots", tmp_path / "plots")
+    assert res.returncode == 0, res.stderr
+    assert "mean +- sd over seeds 1, 2" in res.stdout
+    doc = json.loads(out.read_text())
+    models = {"gru", "ffnn", "gbt", "rf", "naive", "bgnbd_gg"}
+    assert set(doc["seeds"]) == {"1", "2"} and doc["customers"] == 800
+    for run in doc["seeds"].values():  # each seed in the shape of a one-seed run
+        assert run["customers"] == 800 and set(run["models"]) == models
+        for m in run["models"].values():
+            assert {"mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc"} <= set(m)
+            assert len(m["deciles"]) == 10
+            predicted = [d["predicted"] for d in m["deciles"]]
+            assert predicted == sorted(predicted)  # deciles of the prediction, lowest first
+    # Every seeded model has the classic model's total; the unseeded ones do not vary.
+    for name in ("gru", "ffnn", "gbt", "rf"):
+        for run in doc["seeds"].values():
+            assert abs(run["models"][name]["total_bias"] - run["models"]["bgnbd_gg"]["total_bias"]) < 1e-4
+    assert doc["summary"]["bgnbd_gg"]["rmse"]["sd"] == 0 and set(doc["summary"]) == models
+    assert (tmp_path / "plots" / "deciles.png").is_file() and (tmp_path / "plots" / "gains.png").is_file()
