@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +25,48 @@ class ParityError(RuntimeError):
 
 
 def export(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
-    """Write model.onnx + metadata.json; refuse (ParityError) if onnxruntime disagrees with torch."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write model.onnx + metadata.json into `out_dir`, only once onnxruntime agrees with torch
+    (ParityError otherwise): the artifact is built in a directory beside it and renamed into
+    place, so a failed export leaves no model a worker would load, and keeps the previous one."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        parity = _write(model, staging, meta, check)
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return parity
+
+
+def _write(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
     model.eval()
     n_seq, n_static = len(meta["seq_features"]), len(meta["static_features"])
     n_classic = len(meta["classic_features"])
     dummy = (torch.zeros(2, meta["window"], n_seq), torch.zeros(2, n_static),
              torch.ones(2, n_classic), model.h0(2))
-    tmp = out_dir / (MODEL_FILE + ".tmp")
     torch.onnx.export(
-        model, dummy, str(tmp), input_names=list(INPUTS),
+        model, dummy, str(out_dir / MODEL_FILE), input_names=list(INPUTS),
         output_names=list(OUTPUTS),
         dynamic_axes={"seq": {0: "batch"}, "static": {0: "batch"}, "classic": {0: "batch"}, "h0": {1: "batch"},
                       **{name: {0: "batch"} for name in OUTPUTS}},
         opset_version=17, dynamo=False,
     )
-    tmp.replace(out_dir / MODEL_FILE)
     meta = {**meta, "layers": model.layers, "hidden": model.hidden}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    parity = parity_check(model, Artifact.load(out_dir), check)
-    meta["parity"] = parity
+    meta["parity"] = parity_check(model, Artifact.load(out_dir), check)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    return parity
+    return meta["parity"]
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, the old `target` aside first (a directory cannot be renamed over
+    a non-empty one): a reader sees the old artifact or the new one, or for an instant none."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def parity_check(model: torch.nn.Module, artifact: Artifact,

@@ -286,3 +286,39 @@ def test_evaluate_reports_every_model_per_seed_with_mean_and_sd(tmp_path):
             assert abs(run["models"][name]["total_bias"] - run["models"]["bgnbd_gg"]["total_bias"]) < 1e-4
     assert doc["summary"]["bgnbd_gg"]["rmse"]["sd"] == 0 and set(doc["summary"]) == models
     assert (tmp_path / "plots" / "deciles.png").is_file() and (tmp_path / "plots" / "gains.png").is_file()
+
+
+def test_failed_parity_leaves_the_previous_artifact(trained, tmp_path, monkeypatch):
+    """`clv train` writes nothing a worker would load unless onnxruntime agrees with torch."""
+    import shutil
+
+    import torch
+
+    from export_onnx import export as export_module
+    from models.classic import ClassicParams
+    from models.networks import GRUModel
+
+    d, _ = trained
+    art = Artifact.load(d / "artifact")
+    target = tmp_path / "model"
+    shutil.copytree(d / "artifact", target)
+    before = (target / "model.onnx").read_bytes()
+    model = GRUModel(len(art.meta["seq_features"]), len(art.meta["static_features"]),
+                     ClassicParams.from_dict(art.meta["training"]["classic"]), art.horizon_months,
+                     hidden=art.meta["hidden"], layers=art.meta["layers"])
+    rng = np.random.default_rng(2)
+    from features.sequences import Inputs
+    batch = Inputs(rng.normal(size=(8, art.window, len(art.meta["seq_features"]))).astype(np.float32),
+                   rng.normal(size=(8, len(art.meta["static_features"]))).astype(np.float32),
+                   np.tile(np.array([[3, 50, 300, 40]], dtype=np.float32), (8, 1)))
+    torch.nn.init.normal_(model.head[-1].weight, std=0.3)
+
+    def disagreeing(model, artifact, batches):  # the check fails after the graph is written
+        raise export_module.ParityError("injected disagreement")
+
+    monkeypatch.setattr(export_module, "parity_check", disagreeing)
+    with pytest.raises(export_module.ParityError):
+        export_module.export(model, target, {**art.meta, "version": "broken"}, [batch])
+    assert (target / "model.onnx").read_bytes() == before
+    assert Artifact.load(target).version == art.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
