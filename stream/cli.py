@@ -284,8 +284,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.what == "summary":
         print(json.dumps(snap.summary(), indent=2))
     else:
-        columns, rows = snap.sql(args.arg)
-        _print_rows([dict(zip(columns, r)) for r in rows], args.json, columns)
+        answer = snap.sql(args.arg)
+        _print_rows([dict(zip(answer.columns, r)) for r in answer.rows], args.json, answer.columns)
+        if answer.truncated:
+            print(f"(the first {len(answer.rows):,} rows only)", file=sys.stderr)
     return 0
 
 
