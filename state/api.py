@@ -208,6 +208,25 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return web.json_response({"error": exc.reason}, status=exc.status, headers=allow)
 
 
+def checked_params(spec: dict[str, Any]) -> Middleware:
+    """Refuses query parameters the description does not list: a misspelt `segmnet` would
+    otherwise answer for every customer."""
+    taken = {(method.upper(), path): sorted(p["name"] for p in op["parameters"] if p["in"] == "query")
+             for path, ops in spec["paths"].items() for method, op in ops.items()}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        names = taken.get((request.method, resource.canonical if resource else ""))
+        unknown = sorted(set(request.query) - set(names or ())) if names is not None else []
+        if unknown:
+            raise QueryError(f"unknown parameter {', '.join(unknown)}; {request.path} takes "
+                             f"{', '.join(names or ()) or 'none'}")
+        return await handler(request)
+
+    return middleware
+
+
 async def _settled(fn: Callable[..., T], *args: Any) -> T:
     """`fn` on the default thread pool, waited for even if the request is cancelled (its client
     left): what runs next may close the connection `fn` is still reading."""
@@ -286,16 +305,18 @@ class Handlers:
                 await resp.write(text.encode())
                 request["rows"] += rows
                 chunk = await _settled(next, chunks, None)
-            await resp.write_eof()
-            return resp
         finally:
             await _settled(chunks.close)
+        await resp.write_eof()  # last: a client that has it all may hang up at once
+        return resp
 
     async def sql(self, request: web.Request) -> web.Response:
-        text = request.query.get("q") or (
-            (await request.read()).decode("utf-8", "replace") if request.method == "POST" else "")
+        if request.method == "POST":
+            text = (await request.read()).decode("utf-8", "replace")
+        else:
+            text = request.query.get("q", "")
         if not text.strip():
-            raise QueryError("q (the SQL text) is required")
+            raise QueryError("the SQL text is required: in q, or as the body of a POST")
         answer = await self.sql_pool.run(partial(self.snap.sql, text, self.max_rows))
         return _rows(request, answer._asdict(), len(answer.rows))
 
@@ -314,7 +335,7 @@ def build(settings: Settings) -> web.Application:
     middlewares = [audited(audit), identified(settings.api_token)]
     if settings.api_rate_limit_per_min:
         middlewares.append(limited(RateLimit(settings.api_rate_limit_per_min)))
-    app = web.Application(middlewares=[*middlewares, answer_errors])
+    app = web.Application(middlewares=[*middlewares, answer_errors, checked_params(openapi())])
     app.add_routes(Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows).routes())
     app.on_shutdown.append(sql_pool.close)  # before the grace period: running queries end now
     app.on_cleanup.append(audit.close)
@@ -340,6 +361,7 @@ _JSON_TYPES: dict[Any, dict[str, str]] = {
     int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
     IsoTime: {"type": "string", "format": "date-time"}}
 _TEXT = {"type": "string"}
+_SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv FROM customer_scores GROUP BY 1"
 
 
 def _customer_schema() -> dict[str, Any]:
@@ -399,12 +421,6 @@ def _segment_param() -> dict[str, Any]:
             "description": "a named segment or a value tier; another value is answered 400"}
 
 
-def _q_param(required: bool) -> dict[str, Any]:
-    return {"name": "q", "in": "query", "required": required,
-            "schema": {"type": "string", "minLength": 1},
-            "description": "the SQL text; missing or blank is answered 400"}
-
-
 def openapi() -> dict[str, Any]:
     rows = {"type": "array", "items": {"type": "object"}}
     read = "400 401 429 503"
@@ -444,10 +460,14 @@ def openapi() -> dict[str, Any]:
             "/export.csv": {"get": _op("Every customer (or one segment or tier) as CSV, streamed",
                                        _TEXT, read, [_segment_param()], content="text/csv")},
             "/sql": {
-                "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "400 401 408 429 503", [_q_param(True)]),
-                "post": _op(sql_summary + "; the SQL in the body, or in q", _ref("schemas", "SqlAnswer"),
-                            "400 401 408 413 429 503", [_q_param(False)],
-                            requestBody={"required": False, "content": {"text/plain": {"schema": _TEXT}}}),
+                "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "400 401 408 429 503", [
+                    {"name": "q", "in": "query", "required": True, "example": _SQL_EXAMPLE,
+                     "schema": {"type": "string", "minLength": 1},
+                     "description": "the SQL text; missing or blank is answered 400"}]),
+                "post": _op(sql_summary + "; the SQL text is the body (blank is answered 400)",
+                            _ref("schemas", "SqlAnswer"), "400 401 408 413 429 503",
+                            requestBody={"required": True, "content": {"text/plain": {
+                                "schema": {"type": "string", "minLength": 1}, "example": _SQL_EXAMPLE}}}),
             },
             "/health": {"get": _op("Liveness: never needs a token, never rate-limited",
                                    _object(status=_TEXT, snapshot=_TEXT, snapshot_exists={"type": "boolean"}),
