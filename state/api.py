@@ -26,7 +26,7 @@ from features.scores import FIELD_TYPES, IsoTime
 from features.segments import SEGMENTS
 from state.queries import Interrupt, QueryError, QueryStopped, Snapshot, SnapshotUnavailable
 from state.snapshot import COLUMNS, TIERS
-from stream.auth import Handler, accepts, require_token, token_id, unauthorized
+from stream.auth import Handler, accepts, guard, require_token, token_id
 from stream.settings import Settings
 
 log = logging.getLogger("clv.api")
@@ -165,17 +165,14 @@ def audited(audit: AuditLog) -> Middleware:
 
 
 def identified(token: str) -> Middleware:
-    """Names the client (its token, else its address) and refuses requests without the token."""
+    """Names the client for the rate limit and the audit log: the token when it is the API's,
+    else the peer address (so guesses at the token are limited too)."""
     holder = token_id(token)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and accepts(request.headers.get("Authorization", ""), token):
-            request["client"] = holder
-        else:
-            request["client"] = request.remote or "unknown"
-            if token and request.path not in OPEN_PATHS:
-                return unauthorized()
+        valid = token and accepts(request.headers.get("Authorization", ""), token)
+        request["client"] = holder if valid else request.remote or "unknown"
         return await handler(request)
 
     return middleware
@@ -335,6 +332,8 @@ def build(settings: Settings) -> web.Application:
     middlewares = [audited(audit), identified(settings.api_token)]
     if settings.api_rate_limit_per_min:
         middlewares.append(limited(RateLimit(settings.api_rate_limit_per_min)))
+    if settings.api_token:
+        middlewares.append(guard(settings.api_token, OPEN_PATHS))
     app = web.Application(middlewares=[*middlewares, answer_errors, checked_params(openapi())])
     app.add_routes(Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows).routes())
     app.on_shutdown.append(sql_pool.close)  # before the grace period: running queries end now

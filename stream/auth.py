@@ -50,11 +50,6 @@ def token_id(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
-def unauthorized() -> web.Response:
-    return web.json_response({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                             status=401, headers={"WWW-Authenticate": "Bearer"})
-
-
 def guard(token: str, open_paths: frozenset[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """aiohttp middleware: every path but `open_paths` needs the token."""
 
@@ -62,6 +57,7 @@ def guard(token: str, open_paths: frozenset[str]) -> Callable[[web.Request, Hand
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in open_paths or accepts(request.headers.get("Authorization", ""), token):
             return await handler(request)
-        return unauthorized()
+        return web.json_response({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                                 status=401, headers={"WWW-Authenticate": "Bearer"})
 
     return check

@@ -48,7 +48,8 @@ class Settings:
     session_timeout_s: float = field(default=30.0, metadata=_meta(
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
-    web_host: str = field(default="127.0.0.1", metadata=_meta("worker HTTP bind address"))
+    web_host: str = field(default="127.0.0.1", metadata=_meta(
+        "worker HTTP bind address; on any other than loopback its endpoints need api_token"))
     snapshot_path: str = field(default="var/clv.duckdb", metadata=_meta(
         "DuckDB snapshot the sink publishes and analysts read"))
     snapshot_interval_s: float = field(default=10.0, metadata=_meta(

@@ -183,6 +183,8 @@ def test_the_eleventh_request_in_a_minute_over_a_limit_of_10_gets_429(snapshot_p
         assert 1 <= int(headers["Retry-After"]) <= 60 and "api_rate_limit_per_min" in json.loads(body)["error"]
         assert api.call("/summary")[0] == 429  # the client, not the path, is limited
         assert api.call("/health")[0] == 200  # probes are not
+        guesses = [api.call("/top?n=1", "Bearer guess")[0] for _ in range(11)]
+        assert guesses == [401] * 10 + [429]  # without the token, the address is the client
     finally:
         assert api.proc.stop() == 0
 
