@@ -46,7 +46,7 @@ class TimedOut(QueryError):
     """A query ran past its deadline and was stopped."""
 
 
-# Most specific first; any other QueryError is the question's fault (400).
+# Errors that are not the question's fault; any other QueryError is (400).
 STATUS: dict[type[QueryError], int] = {TimedOut: 408, Busy: 503, QueryStopped: 503, SnapshotUnavailable: 503}
 
 
@@ -70,13 +70,11 @@ class SqlPool:
         try:
             return await asyncio.wait_for(asyncio.shield(job), self.timeout_s)
         except TimeoutError:
-            await self._stop(job, interrupt)
-            raise TimedOut(f"query stopped after {self.timeout_s:g} s (api_sql_timeout_s): narrow it, "
-                           "or run it with `clv query sql`") from None
+            await asyncio.shield(self._stop(job, interrupt))
+            raise TimedOut(f"query stopped after {self.timeout_s:g} s (api_sql_timeout_s): "
+                           "narrow it down, or aggregate") from None
         except asyncio.CancelledError:  # the client left
-            stop = asyncio.ensure_future(self._stop(job, interrupt))
-            self.stopping.add(stop)
-            stop.add_done_callback(self.stopping.discard)
+            self._stop(job, interrupt)
             raise
 
     def _finished(self, job: asyncio.Future[Any]) -> None:
@@ -84,9 +82,17 @@ class SqlPool:
         if not job.cancelled():
             job.exception()  # retrieved here too: its request may be gone
 
+    def _stop(self, job: asyncio.Future[Any], interrupt: Interrupt) -> asyncio.Task[None]:
+        """Interrupts the query until its thread is free, in a task of its own, so a request
+        cancelled meanwhile cannot leave it running."""
+        stop = asyncio.ensure_future(self._interrupt_until_done(job, interrupt))
+        self.stopping.add(stop)
+        stop.add_done_callback(self.stopping.discard)
+        return stop
+
     @staticmethod
-    async def _stop(job: asyncio.Future[Any], interrupt: Interrupt) -> None:
-        """An interrupt reaches only a query already executing, so repeat it until the thread is free."""
+    async def _interrupt_until_done(job: asyncio.Future[Any], interrupt: Interrupt) -> None:
+        """An interrupt reaches only a query already executing, hence the repeats."""
         while not job.done():
             interrupt()
             await asyncio.wait([job], timeout=0.05)
@@ -171,7 +177,7 @@ def identified(token: str) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        valid = token and accepts(request.headers.get("Authorization", ""), token)
+        valid = bool(token) and accepts(request.headers.get("Authorization", ""), token)
         request["client"] = holder if valid else request.remote or "unknown"
         return await handler(request)
 
@@ -215,10 +221,9 @@ def checked_params(spec: dict[str, Any]) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         names = taken.get((request.method, resource.canonical if resource else ""))
-        unknown = sorted(set(request.query) - set(names or ())) if names is not None else []
-        if unknown:
+        if names is not None and (unknown := sorted(set(request.query) - set(names))):
             raise QueryError(f"unknown parameter {', '.join(unknown)}; {request.path} takes "
-                             f"{', '.join(names or ()) or 'none'}")
+                             f"{', '.join(names) or 'none'}")
         return await handler(request)
 
     return middleware
@@ -393,8 +398,9 @@ def _error_response(description: str, **headers: dict[str, Any]) -> dict[str, An
 
 _RETRY = _header("seconds to wait before trying again", {"type": "integer", "minimum": 1})
 _ERRORS = {
-    "400": _error_response("a bad parameter (n, segment), a missing or empty q, or SQL that DuckDB "
-                           "refuses (writes, file access, settings, syntax)"),
+    "400": _error_response("a bad parameter (n, segment), a parameter the path does not take, "
+                           "missing or blank SQL, or SQL that DuckDB refuses (writes, file access, "
+                           "settings, syntax)"),
     "401": _error_response("a missing or wrong token, or one not sent as `Authorization: Bearer <token>`",
                            WWW_Authenticate=_header("the scheme to use: Bearer", _TEXT)),
     "404": _error_response("no customer with this id in the snapshot"),
@@ -409,8 +415,9 @@ _ERRORS = {
 
 def _op(summary: str, ok: dict[str, Any], errors: str, params: list[dict[str, Any]] | None = None,
         content: str = "application/json", **extra: Any) -> dict[str, Any]:
+    """An operation answering 200, 400 (any path refuses parameters it does not take) and `errors`."""
     responses = {"200": {"description": "OK", "content": {content: {"schema": ok}}}}
-    responses.update({code: _ref("responses", code) for code in errors.split()})
+    responses.update({code: _ref("responses", code) for code in ["400", *errors.split()]})
     return {"summary": summary, "parameters": params or [], "responses": responses, **extra}
 
 
@@ -422,7 +429,7 @@ def _segment_param() -> dict[str, Any]:
 
 def openapi() -> dict[str, Any]:
     rows = {"type": "array", "items": {"type": "object"}}
-    read = "400 401 429 503"
+    read = "401 429 503"
     sql_summary = ("Read-only SQL over the snapshot (writes, file access and settings refused); "
                    "stopped after api_sql_timeout_s, at most api_sql_max_rows rows")
     return {
@@ -449,22 +456,22 @@ def openapi() -> dict[str, Any]:
                  "schema": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_TOP}},
                 _segment_param()])},
             "/segments": {"get": _op("Per segment: customers, total and mean expected CLV, share of "
-                                     "the total, and its playbook (who, what to do)", rows, "401 429 503")},
+                                     "the total, and its playbook (who, what to do)", rows, read)},
             "/tiers": {"get": _op("Per value tier (terciles of expected CLV): customers, CLV range, "
-                                  "totals and shares", rows, "401 429 503")},
+                                  "totals and shares", rows, read)},
             "/customers/{customer_id}": {"get": _op(
                 "One customer's newest score and RFM fields", _ref("schemas", "Customer"), "401 404 429 503",
                 [{"name": "customer_id", "in": "path", "required": True, "schema": _TEXT}])},
-            "/summary": {"get": _op("Snapshot metadata and totals", {"type": "object"}, "401 429 503")},
+            "/summary": {"get": _op("Snapshot metadata and totals", {"type": "object"}, read)},
             "/export.csv": {"get": _op("Every customer (or one segment or tier) as CSV, streamed",
                                        _TEXT, read, [_segment_param()], content="text/csv")},
             "/sql": {
-                "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "400 401 408 429 503", [
+                "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "401 408 429 503", [
                     {"name": "q", "in": "query", "required": True, "example": _SQL_EXAMPLE,
                      "schema": {"type": "string", "minLength": 1},
                      "description": "the SQL text; missing or blank is answered 400"}]),
                 "post": _op(sql_summary + "; the SQL text is the body (blank is answered 400)",
-                            _ref("schemas", "SqlAnswer"), "400 401 408 413 429 503",
+                            _ref("schemas", "SqlAnswer"), "401 408 413 429 503",
                             requestBody={"required": True, "content": {"text/plain": {
                                 "schema": {"type": "string", "minLength": 1}, "example": _SQL_EXAMPLE}}}),
             },

@@ -113,6 +113,13 @@ def test_token_only_as_a_bearer_credential(api, authorization, status):
     assert api.call("/health", "")[0] == 200  # probes need no token
 
 
+def test_a_parameter_the_path_does_not_take_is_refused(api):
+    status, _, body = api.call("/top?segmnet=vip")  # not silently every segment
+    assert status == 400 and json.loads(body)["error"] == "unknown parameter segmnet; /top takes n, segment"
+    assert api.call("/segments?n=1")[0] == 400 and api.call("/health?verbose=1", "")[0] == 400
+    assert api.call("/sql?q=SELECT%201", data=b"SELECT 1")[0] == 400  # a POST's SQL is its body
+
+
 def test_slow_sql_is_stopped_while_cheap_endpoints_answer(api):
     """Four endless queries at once: two run (api_sql_concurrency) and are stopped at the
     deadline with 408, two are refused at once with 503; /health, /top and /summary answer
