@@ -8,10 +8,11 @@ and nothing sent through `sql` can write, attach, read files or re-enable either
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import duckdb
 import pandas as pd
@@ -27,6 +28,39 @@ TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "fre
 
 class QueryError(ValueError):
     """A refused or failed query, or no snapshot yet: shown to the user as one line."""
+
+
+class SnapshotUnavailable(QueryError):
+    """No snapshot yet, or one that cannot be opened: the server's state, not the question's fault."""
+
+
+class QueryStopped(QueryError):
+    """A query stopped from another thread (its deadline passed, its client left, shutdown)."""
+
+
+class Interrupt:
+    """Lets another thread stop the query a call is running: DuckDB's `interrupt()` on its
+    connection. It stops only a query already executing, so callers repeat it until the call
+    returns."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    def attach(self, con: duckdb.DuckDBPyConnection | None) -> None:
+        with self._lock:  # never interrupt a connection being closed
+            self._con = con
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.interrupt()
+
+
+class SqlAnswer(NamedTuple):
+    columns: list[str]
+    rows: list[list[Any]]
+    truncated: bool  # more rows than the limit; only the first `limit` are in `rows`
 
 
 def _plain(value: Any) -> Any:
@@ -50,8 +84,8 @@ class Snapshot:
                 "threads": 2, "memory_limit": "1GB"})
         except duckdb.IOException as exc:
             if not self.path.exists():
-                raise QueryError(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
-            raise QueryError(f"cannot open {self.path}: {exc}") from None
+                raise SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
+            raise SnapshotUnavailable(f"cannot open {self.path}: {exc}") from None
 
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         con = self.connect()
@@ -106,34 +140,51 @@ class Snapshot:
                    mean_p_purchase=_plain(totals[3]))
         return out
 
-    def sql(self, text: str, limit: int = MAX_SQL_ROWS) -> tuple[list[str], list[list[Any]]]:
-        """Any read-only SQL; writes, file access and settings changes are refused by DuckDB."""
+    def sql(self, text: str, limit: int = MAX_SQL_ROWS, interrupt: Interrupt | None = None) -> SqlAnswer:
+        """Any read-only SQL; writes, file access and settings changes are refused by DuckDB.
+        Rows are streamed from DuckDB, so a huge result costs only the `limit` rows kept."""
+        interrupt = interrupt or Interrupt()
         con = self.connect()
+        interrupt.attach(con)
         try:
             cur = con.execute(text)
             if cur.description is None:
-                return [], []
-            cols = [d[0] for d in cur.description]
-            return cols, [[_plain(v) for v in row] for row in cur.fetchmany(limit)]
+                return SqlAnswer([], [], False)
+            rows = cur.fetchmany(limit + 1)
+            return SqlAnswer([d[0] for d in cur.description],
+                             [[_plain(v) for v in row] for row in rows[:limit]], len(rows) > limit)
+        except duckdb.InterruptException:
+            raise QueryStopped("query stopped before it finished") from None
         except duckdb.Error as exc:
             raise QueryError(f"query refused: {str(exc).splitlines()[0]}") from None
         finally:
+            interrupt.attach(None)
             con.close()
 
-    def frame(self, segment: str | None = None) -> pd.DataFrame:
+    def _export_query(self, segment: str | None) -> tuple[str, list[Any]]:
         where, params = self._filter(segment)
+        return f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id", params
+
+    def frame(self, segment: str | None = None) -> pd.DataFrame:
         con = self.connect()
         try:
-            return con.execute(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id",
-                               params).df()
+            return con.execute(*self._export_query(segment)).df()
         finally:
             con.close()
 
-    def csv_chunks(self, segment: str | None = None, size: int = 50_000) -> Iterator[str]:
-        """The export as CSV text in chunks, header first, for streaming over HTTP."""
-        frame = self.frame(segment)
-        for start in range(0, max(len(frame), 1), size):
-            yield frame.iloc[start:start + size].to_csv(index=False, header=start == 0)
+    def csv_chunks(self, segment: str | None = None, vectors: int = 25) -> Iterator[tuple[str, int]]:
+        """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
+        rows at a time, so an export over HTTP never holds the whole snapshot in memory. The
+        connection stays open (on the snapshot it opened) until the iterator ends or is closed."""
+        con = self.connect()
+        try:
+            cur = con.execute(*self._export_query(segment))
+            header = True
+            while not (frame := cur.fetch_df_chunk(vectors)).empty or header:
+                yield frame.to_csv(index=False, header=header), len(frame)
+                header = False
+        finally:
+            con.close()
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -284,8 +284,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.what == "summary":
         print(json.dumps(snap.summary(), indent=2))
     else:
-        columns, rows = snap.sql(args.arg)
-        _print_rows([dict(zip(columns, r)) for r in rows], args.json, columns)
+        answer = snap.sql(args.arg)
+        _print_rows([dict(zip(answer.columns, r)) for r in answer.rows], args.json, answer.columns)
+        if answer.truncated:
+            print(f"(the first {len(answer.rows):,} rows only)", file=sys.stderr)
     return 0
 
 
@@ -303,7 +305,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     from state.api import serve
 
     return serve(Settings.from_env(snapshot_path=args.snapshot, api_host=args.host,
-                                   api_port=args.port))
+                                   api_port=args.port, api_sql_timeout_s=args.sql_timeout_s,
+                                   api_sql_max_rows=args.sql_max_rows,
+                                   api_rate_limit_per_min=args.rate_limit_per_min,
+                                   api_audit_log=args.audit_log))
 
 
 def cmd_rescore_all(args: argparse.Namespace) -> int:
@@ -387,7 +392,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     for name, env, _default, doc in Settings.describe():
         value = getattr(settings, name)
         shown = "***" if ("password" in name or "token" in name) and value else repr(value)
-        print(f"{name:<22}{shown:<28}{env:<50}{doc}")
+        print(f"{name:<24}{shown:<28}{env:<50}{doc}")
     return 0
 
 
@@ -525,6 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     _snapshot_args(p)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=None, help="port (default 8080)")
+    p.add_argument("--sql-timeout-s", type=float, default=None,
+                   help="stop a /sql query after this many seconds (default 10)")
+    p.add_argument("--sql-max-rows", type=_positive_int, default=None,
+                   help="most rows a /sql answer carries (default 10000)")
+    p.add_argument("--rate-limit-per-min", type=_non_negative_int, default=None,
+                   help="requests a client may make a minute (default 300; 0: no limit)")
+    p.add_argument("--audit-log", default=None,
+                   help="file to append a JSON line per request to (default -: stderr)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("config", help="print resolved settings with their environment variables")

@@ -48,7 +48,8 @@ class Settings:
     session_timeout_s: float = field(default=30.0, metadata=_meta(
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
-    web_host: str = field(default="127.0.0.1", metadata=_meta("worker HTTP bind address"))
+    web_host: str = field(default="127.0.0.1", metadata=_meta(
+        "worker HTTP bind address; on any other than loopback its endpoints need api_token"))
     snapshot_path: str = field(default="var/clv.duckdb", metadata=_meta(
         "DuckDB snapshot the sink publishes and analysts read"))
     snapshot_interval_s: float = field(default=10.0, metadata=_meta(
@@ -56,7 +57,18 @@ class Settings:
     api_host: str = field(default="127.0.0.1", metadata=_meta("analyst API bind address"))
     api_port: int = field(default=8080, metadata=_meta("analyst API port"))
     api_token: str = field(default="", metadata=_meta(
-        "bearer token the analyst API requires; required when api_host is not loopback"))
+        "bearer token the analyst API requires; required when api_host is not loopback, and for "
+        "the worker's endpoints when web_host is not loopback"))
+    api_sql_timeout_s: float = field(default=10.0, metadata=_meta(
+        "longest an API /sql query runs; then it is stopped and answered 408"))
+    api_sql_max_rows: int = field(default=10_000, metadata=_meta(
+        "most rows an API /sql answer carries (it says truncated when there were more)"))
+    api_sql_concurrency: int = field(default=2, metadata=_meta(
+        "API /sql queries running at once, each on its own thread; one more is answered 503"))
+    api_rate_limit_per_min: int = field(default=300, metadata=_meta(
+        "API requests a client (its token, else its address) may make a minute before 429; 0: no limit"))
+    api_audit_log: str = field(default="-", metadata=_meta(
+        "file the API appends a JSON line per request to; -: stderr"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
 
     @classmethod
@@ -76,9 +88,13 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("partitions", "batch_size", "batch_wait_ms", "snapshot_interval_s", "fetch_wait_ms"):
+        for name in ("partitions", "batch_size", "batch_wait_ms", "snapshot_interval_s", "fetch_wait_ms",
+                     "api_sql_timeout_s", "api_sql_max_rows", "api_sql_concurrency"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.api_rate_limit_per_min < 0:
+            raise SettingsError(f"api_rate_limit_per_min must be 0 (no limit) or positive, "
+                                f"got {self.api_rate_limit_per_min}")
         if self.store.split("://")[0] not in ("memory", "rocksdb"):
             raise SettingsError(f"store must be memory:// or rocksdb://, got {self.store!r}")
 

@@ -38,6 +38,7 @@ from export_onnx.artifact import Artifact
 from features.aggregate import Applied, Folder, contribution, month_of
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from features.scores import ScoreRecord, as_dict, encode_score, parse_score
+from stream.auth import guard, is_loopback, require_token
 from stream.kafka_io import read_partition
 from stream.metrics import Metrics
 from stream.scoring import assemble, prepare
@@ -47,6 +48,7 @@ from stream.state_writes import STATE_CODEC, WriteBehindStates
 
 log = logging.getLogger("clv.worker")
 CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
+PROBE_PATHS = frozenset({"/health", "/ready"})  # open to orchestrators' probes on any address
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
 
 
@@ -319,8 +321,18 @@ def _set_fetch_wait(ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait
 
 
+def _web_options(settings: Settings) -> dict[str, Any]:
+    """faust's web server also serves its own views (tables, router): off loopback, every path
+    but the probes needs the API's bearer token."""
+    require_token(settings.web_host, settings.api_token, "web_host")
+    if is_loopback(settings.web_host):
+        return {}
+    return {"middlewares": [guard(settings.api_token, PROBE_PATHS)]}
+
+
 def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App:
     """The faust app with its topics, table, agent, timer and web views."""
+    web_options = _web_options(settings)
     artifact = artifact or Artifact.load(settings.model_dir or None)
     _set_fetch_wait(settings.fetch_wait_ms)
     # Customer states are many long-lived objects: with the default thresholds the collector
@@ -343,6 +355,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         web_bind=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
+        web_application_options=web_options,
         # Unacknowledged events are redelivered after a restart, so shutdown need not wait.
         stream_wait_empty=False,
     )

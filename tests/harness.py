@@ -33,9 +33,11 @@ class Worker:
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
-    def get(self, path: str) -> tuple[int, str]:
+    def get(self, path: str, token: str = "") -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
@@ -215,3 +217,42 @@ def wait_snapshot_caught_up(path: Path, bootstrap: str, topic: str, timeout: flo
             return
         time.sleep(0.3)
     raise AssertionError(f"snapshot never caught up with {topic}: {want} vs {snapshot_offsets(path)}")
+
+
+class Api:
+    """`clv api` on a free loopback port; `token` is its CLV_API_TOKEN, sent by `get` unless told
+    otherwise, and `settings` more CLV_* variables."""
+
+    def __init__(self, env: dict, tmp: Path, token: str = "", **settings: str) -> None:
+        self.port = free_port()
+        self.token = token
+        self.proc = Process(["api", "--port", str(self.port)], {**env, "CLV_API_TOKEN": token, **settings},
+                            tmp / f"api-{self.port}.log")
+        deadline = time.monotonic() + 30
+        while self.get("/health")[0] != 200:
+            assert self.proc.proc.poll() is None and time.monotonic() < deadline, self.proc.output()
+            time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, path: str, authorization: str | None = None, data: bytes | None = None
+             ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); `authorization` is the whole header (default: the token's)."""
+        if authorization is None and self.token:
+            authorization = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Authorization": authorization} if authorization else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+        except OSError:
+            return 0, {}, b""
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
+        token = self.token if token is None else token
+        status, _, body = self.call(path, f"Bearer {token}" if token else "")
+        return status, body

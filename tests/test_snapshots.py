@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from features.scores import LEGACY_CLV, ScoreRecord, parse_score
 from features.segments import PLAYBOOKS, SEGMENTS
-from harness import CLV, Process, wait_snapshot_caught_up
+from harness import CLV, Api, Process, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
 from stream.broker import free_port
@@ -135,30 +135,6 @@ def test_sql_cannot_write_or_escape(cdnow_live, sql):
 def test_customer_lookup_is_not_injectable(cdnow_live):
     res = clv("query", "customer", "x' OR '1'='1", env=cdnow_live.env)
     assert res.returncode == 2 and "not in the snapshot" in res.stderr
-
-
-class Api:
-    def __init__(self, env: dict, tmp: Path, token: str = "") -> None:
-        self.port = free_port()
-        self.token = token
-        self.proc = Process(["api", "--port", str(self.port)], {**env, "CLV_API_TOKEN": token},
-                            tmp / f"api-{self.port}.log")
-        deadline = time.monotonic() + 30
-        while self.get("/health")[0] != 200:
-            assert self.proc.proc.poll() is None and time.monotonic() < deadline, self.proc.output()
-            time.sleep(0.2)
-
-    def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
-        token = self.token if token is None else token
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
-                                     headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except OSError:
-            return 0, b""
 
 
 def test_http_api_serves_the_snapshot(cdnow_live, cdnow_batch, tmp_path):

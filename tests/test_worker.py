@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
-from harness import Worker, assert_exact, batch_scores, last_scores, read_topic, replay, wait_idle
+from harness import CLV, Worker, assert_exact, batch_scores, last_scores, read_topic, replay, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,22 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
     finally:
         second.stop()
     assert_exact(last_scores(kafka_bootstrap, scores), batch_scores(tmp_path, cdnow_slice))
+
+
+def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
+    """Bound to another address than loopback, the worker starts only with a token, and all
+    but the probes (faust's own table views included) need it."""
+    res = subprocess.run([*CLV, "worker"], env={**clv_env, "CLV_WEB_HOST": "0.0.0.0", "CLV_API_TOKEN": ""},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "CLV_API_TOKEN" in res.stderr, res.stderr
+    worker = Worker({**clv_env, "CLV_WEB_HOST": "0.0.0.0", "CLV_API_TOKEN": "s3cret"}, tmp_path)
+    try:
+        worker.wait_ready()  # /ready is open to probes
+        assert worker.get("/health")[0] == 200
+        for path in ("/metrics", "/customers/00001", "/table/customer-state/"):
+            assert worker.get(path)[0] == 401, path
+            assert worker.get(path, token="wrong")[0] == 401, path
+        assert worker.get("/metrics", token="s3cret")[0] == 200
+        assert worker.get("/customers/00001", token="s3cret")[0] == 404  # not on this worker
+    finally:
+        worker.stop()

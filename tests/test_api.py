@@ -1,0 +1,258 @@
+"""The analyst API under bad input: strict bearer tokens, SQL stopped at its deadline while the
+cheap endpoints keep answering, a per-client rate limit, an audit line per request, a streamed
+export, SIGTERM, and the OpenAPI description fuzzed against the running API. Real snapshot files
+(written as the sink writes them, no broker), `clv api` processes, HTTP over loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (content_type_conformance, ignored_auth, negative_data_rejection,
+                                 not_a_server_error, response_headers_conformance,
+                                 response_schema_conformance, status_code_conformance)
+
+from features.scores import parse_score
+from features.segments import SEGMENTS
+from harness import Api
+from score_messages import GOOD
+from state import snapshot
+from state.api import openapi
+from state.queries import Snapshot
+
+TOKEN = "s3cret-token"
+CUSTOMERS = 5_000
+TIMEOUT_S = 2.0
+SLOW = "/sql?q=" + urllib.parse.quote("SELECT sum(hash(range)) FROM range(100000000000)")
+AUDIT_FIELDS = {"time", "client", "method", "path", "status", "rows", "duration_ms"}
+
+
+def write_snapshot(path: Path, customers: int) -> Path:
+    """A snapshot as the sink writes it, of `customers` customers in every segment."""
+    base = parse_score(json.dumps(GOOD))
+    state = snapshot.SnapshotState(offsets={0: customers}, newest_event_time=base.as_of)
+    for i in range(customers):
+        score = replace(base, customer_id=f"c{i:06d}", clv=(i * 7919 % 1000) / 4,
+                        segment=SEGMENTS[i % len(SEGMENTS)])
+        state.rows[score.customer_id] = snapshot.row(score, 0, i)
+    assert snapshot.write(path, state, "clv-scores") == customers
+    return path
+
+
+@pytest.fixture(scope="module")
+def snapshot_path(tmp_path_factory) -> Path:
+    return write_snapshot(tmp_path_factory.mktemp("api") / "clv.duckdb", CUSTOMERS)
+
+
+def api_env(snapshot_path: Path) -> dict[str, str]:
+    return {**os.environ, "CLV_SNAPSHOT_PATH": str(snapshot_path),
+            "CLV_API_SQL_TIMEOUT_S": str(TIMEOUT_S), "CLV_API_RATE_LIMIT_PER_MIN": "0"}
+
+
+@pytest.fixture(scope="module")
+def audit_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def api(snapshot_path, audit_path, tmp_path_factory):
+    """One API for the tests that need no settings of their own: a token, SQL stopped after
+    TIMEOUT_S, no rate limit, the audit log in a file."""
+    server = Api(api_env(snapshot_path), tmp_path_factory.mktemp("api-log"), token=TOKEN,
+                 CLV_API_AUDIT_LOG=str(audit_path))
+    yield server
+    assert server.proc.stop() == 0, server.proc.output()
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, float, Any]:
+    """(start, seconds, fn's result), by the monotonic clock."""
+    start = time.monotonic()
+    out = fn(*args)
+    return start, time.monotonic() - start, out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_over(api: Api, seconds: float) -> float:
+    before = cpu_seconds(api.proc.proc.pid)
+    time.sleep(seconds)
+    return cpu_seconds(api.proc.proc.pid) - before
+
+
+@pytest.mark.parametrize("authorization, status", [
+    (TOKEN, 401),  # a bare token
+    (f"Bearer {TOKEN}", 200),
+    (f"bearer {TOKEN}", 200),  # the scheme is case-insensitive (RFC 7235)
+    (f"BEARER   {TOKEN}", 200),
+    (f"Basic {TOKEN}", 401),
+    ("Bearer wrong", 401),
+    ("Bearer", 401),
+    ("", 401),  # no header at all
+])
+def test_token_only_as_a_bearer_credential(api, authorization, status):
+    got, headers, body = api.call("/top?n=1", authorization)
+    assert got == status, body
+    if status == 401:
+        assert headers["WWW-Authenticate"] == "Bearer" and "Bearer <token>" in json.loads(body)["error"]
+    assert api.call("/health", "")[0] == 200  # probes need no token
+
+
+def test_a_parameter_the_path_does_not_take_is_refused(api):
+    status, _, body = api.call("/top?segmnet=vip")  # not silently every segment
+    assert status == 400 and json.loads(body)["error"] == "unknown parameter segmnet; /top takes n, segment"
+    assert api.call("/segments?n=1")[0] == 400 and api.call("/health?verbose=1", "")[0] == 400
+    assert api.call("/sql?q=SELECT%201", data=b"SELECT 1")[0] == 400  # a POST's SQL is its body
+
+
+def test_slow_sql_is_stopped_while_cheap_endpoints_answer(api):
+    """Four endless queries at once: two run (api_sql_concurrency) and are stopped at the
+    deadline with 408, two are refused at once with 503; /health, /top and /summary answer
+    within a second meanwhile. Afterwards the process is idle: the queries were stopped, not
+    abandoned on their threads."""
+    with ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(timed, api.call, SLOW) for _ in range(4)]
+        time.sleep(0.3)
+        cheap = [timed(api.call, path) for _ in range(3) for path in ("/health", "/top?n=50", "/summary")]
+        ended = [f.result() for f in slow]
+    statuses = sorted(status for *_, (status, _, _) in ended)
+    assert statuses == [408, 408, 503, 503], [body for *_, (_, _, body) in ended]
+    assert all(seconds < TIMEOUT_S + 1.5 for _, seconds, _ in ended)
+    stopped_at = max(start + seconds for start, seconds, _ in ended)
+    assert all(status == 200 for *_, (status, _, _) in cheap)
+    assert max(seconds for _, seconds, _ in cheap) < 1.0, [seconds for _, seconds, _ in cheap]
+    assert max(start + seconds for start, seconds, _ in cheap) < stopped_at  # while they ran
+    for _, _, (status, headers, body) in ended:
+        error = json.loads(body)["error"]
+        assert ("api_sql_timeout_s" in error) if status == 408 else (
+            "api_sql_concurrency" in error and headers["Retry-After"] == "1")
+    assert cpu_over(api, 1.0) < 0.3
+    assert api.call("/sql?q=SELECT%2042")[0] == 200  # the threads are free again
+
+
+def test_a_client_that_leaves_stops_its_query(api, audit_path):
+    with socket.create_connection(("127.0.0.1", api.port)) as conn:
+        conn.sendall(f"GET {SLOW} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        time.sleep(0.5)
+    time.sleep(0.3)
+    assert cpu_over(api, 1.0) < 0.3
+    last = json.loads(audit_path.read_text().splitlines()[-1])
+    assert (last["path"], last["status"]) == ("/sql", 499) and last["duration_ms"] < 1000 * TIMEOUT_S
+
+
+def test_long_sql_answers_are_cut_at_the_row_cap(snapshot_path, tmp_path):
+    api = Api(api_env(snapshot_path), tmp_path, CLV_API_SQL_MAX_ROWS="100")
+    try:
+        status, _, body = api.call("/sql?q=" + urllib.parse.quote("SELECT * FROM range(1000000000000)"))
+        answer = json.loads(body)
+        assert status == 200 and len(answer["rows"]) == 100 and answer["truncated"] is True
+        status, _, body = api.call("/sql", data=b"SELECT customer_id FROM customer_scores LIMIT 100")
+        assert status == 200 and json.loads(body)["truncated"] is False
+        assert api.call("/sql?q=%20")[0] == 400 and api.call("/sql", data=b"")[0] == 400
+    finally:
+        assert api.proc.stop() == 0
+
+
+def test_sigterm_stops_the_api_while_queries_run(snapshot_path, tmp_path):
+    api = Api({**api_env(snapshot_path), "CLV_API_SQL_TIMEOUT_S": "600"}, tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(api.call, SLOW) for _ in range(2)]
+        time.sleep(0.5)
+        _, seconds, code = timed(api.proc.stop, signal.SIGTERM)
+        answers = [f.result() for f in slow]
+    assert code == 0 and seconds < 3.0, api.proc.output()
+    assert [status for status, _, _ in answers] == [503, 503]
+    assert all("stopped" in json.loads(body)["error"] for _, _, body in answers)
+
+
+def test_the_eleventh_request_in_a_minute_over_a_limit_of_10_gets_429(snapshot_path, tmp_path):
+    api = Api({**api_env(snapshot_path), "CLV_API_RATE_LIMIT_PER_MIN": "10"}, tmp_path, token=TOKEN)
+    try:
+        answers = [api.call("/top?n=1") for _ in range(11)]
+        assert [status for status, _, _ in answers] == [200] * 10 + [429]
+        _, headers, body = answers[-1]
+        assert 1 <= int(headers["Retry-After"]) <= 60 and "api_rate_limit_per_min" in json.loads(body)["error"]
+        assert api.call("/summary")[0] == 429  # the client, not the path, is limited
+        assert api.call("/health")[0] == 200  # probes are not
+        guesses = [api.call("/top?n=1", "Bearer guess")[0] for _ in range(11)]
+        assert guesses == [401] * 10 + [429]  # without the token, the address is the client
+    finally:
+        assert api.proc.stop() == 0
+
+
+def test_every_request_is_in_the_audit_log(api, audit_path, snapshot_path):
+    vip = sum(1 for i in range(CUSTOMERS) if SEGMENTS[i % len(SEGMENTS)] == "vip")
+    mine, address = "token:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:8], "127.0.0.1"
+    calls = [  # path, authorization (None: the token), then what the log must say
+        ("/top?n=5", None, "GET", "/top", 200, 5, mine),
+        ("/customers/c000001", None, "GET", "/customers/c000001", 200, 1, mine),
+        ("/customers/nobody", None, "GET", "/customers/nobody", 404, 0, mine),
+        ("/top?n=0", None, "GET", "/top", 400, 0, mine),
+        ("/top", "Bearer wrong", "GET", "/top", 401, 0, address),
+        ("/sql?q=" + urllib.parse.quote("SELECT 1 UNION ALL SELECT 2"), None, "GET", "/sql", 200, 2, mine),
+        ("/export.csv?segment=vip", None, "GET", "/export.csv", 200, vip, mine),
+        ("/health", "", "GET", "/health", 200, 0, address),
+    ]
+    seen = len(audit_path.read_text().splitlines())
+    for path, authorization, *_ in calls:
+        api.call(path, authorization)
+    api.call("/sql", data=b"SELECT 7")
+    deadline = time.monotonic() + 5
+    while len(lines := audit_path.read_text().splitlines()[seen:]) < len(calls) + 1:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    entries = [json.loads(line) for line in lines]
+    assert all(set(e) == AUDIT_FIELDS for e in entries)
+    # A streamed answer's line is written when its last chunk has gone: order aside.
+    assert sorted((e["method"], e["path"], e["status"], e["rows"], e["client"]) for e in entries) == sorted(
+        [call[2:] for call in calls] + [("POST", "/sql", 200, 1, mine)])
+    assert all(e["duration_ms"] >= 0 and e["time"].endswith("+00:00") for e in entries)
+    assert TOKEN not in audit_path.read_text()
+
+
+def test_export_streams_the_rows_of_the_export_query(tmp_path):
+    """Over 51,200 rows (25 DuckDB vectors, one chunk): the export is read and sent in chunks."""
+    snap = Snapshot(write_snapshot(tmp_path / "big.duckdb", 60_000))
+    assert [rows for _, rows in snap.csv_chunks()] == [51_200, 8_800]
+    api = Api(api_env(snap.path), tmp_path)
+    try:
+        for segment in (None, "vip", "high"):
+            status, headers, body = api.call("/export.csv" + (f"?segment={segment}" if segment else ""))
+            assert status == 200 and headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
+            assert body.decode() == snap.frame(segment).to_csv(index=False), segment
+        status, _, body = api.call("/export.csv?segment=nobody")
+        assert status == 400 and "unknown segment" in json.loads(body)["error"]
+    finally:
+        assert api.proc.stop() == 0
+
+
+SCHEMA = schemathesis.openapi.from_dict(openapi())
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance, response_headers_conformance, negative_data_rejection,
+          ignored_auth]
+
+
+@SCHEMA.parametrize()
+@settings(max_examples=50, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                 HealthCheck.function_scoped_fixture])
+def test_the_api_answers_as_its_openapi_description_says(case, api):
+    """Generated from the API's own description: no 500, and only the statuses, content types,
+    headers and bodies it describes, for valid and invalid input, with and without the token."""
+    case.call_and_validate(base_url=api.url, headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
