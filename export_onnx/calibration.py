@@ -24,8 +24,10 @@ class Calibration:
     @classmethod
     def to_total(cls, pred: np.ndarray, total: float) -> "Calibration":
         """The factor that makes the predictions add up to `total`."""
-        current = float(np.sum(pred))
-        return cls(total / current if current > 0 and total > 0 else 1.0)
+        current = float(np.sum(pred, dtype=np.float64))
+        if not (np.isfinite(current) and np.isfinite(total) and current > 0 and total > 0):
+            raise ValueError(f"cannot set the level: predicted total {current}, target {total}")
+        return cls(total / current)
 
     def apply(self, pred: np.ndarray) -> np.ndarray:
         return (np.asarray(pred) * self.factor).astype(np.float32)

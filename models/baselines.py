@@ -36,16 +36,17 @@ def _trees(regressor: Any, classifier: Any, train: Examples, scoring: Examples,
     """Trees that correct the classic model like the networks do: each example's target is its
     spend over the classic expectation for its own horizon, weighted by that expectation (for
     Poisson deviance, the same fit as an offset), so the served horizon enters through the classic
-    model's closed form. Returns (expected spend, p) of the scoring set."""
+    model's closed form. The classifier for p reads the horizon as a feature. Returns (expected
+    spend, p) of the scoring set."""
     def base(ex: Examples) -> np.ndarray:
         return np.maximum(classic.expected_spend(params, ex.inputs.classic, horizons(ex.inputs)), 1e-6)
 
     b_tr = base(train)
-    regressor.fit(_tree_features(train, params), train.y / b_tr, sample_weight=b_tr)
-    classifier.fit(_tree_features(train, params), train.y > 0)
-    x_sc = _tree_features(scoring, params)
+    x_tr, x_sc = _tree_features(train, params), _tree_features(scoring, params)
+    regressor.fit(x_tr, train.y / b_tr, sample_weight=b_tr)
+    classifier.fit(np.column_stack([x_tr, horizons(train.inputs)]), train.y > 0)
     pred = base(scoring) * np.maximum(regressor.predict(x_sc), 0)
-    return pred, classifier.predict_proba(x_sc)[:, 1]
+    return pred, classifier.predict_proba(np.column_stack([x_sc, horizons(scoring.inputs)]))[:, 1]
 
 
 def gradient_boosted(train: Examples, scoring: Examples, params: ClassicParams,

@@ -4,7 +4,7 @@ parameters the network's head starts from.
 
 The classic model is data-efficient: seven numbers fitted on one cohort already rank customers
 and set the cohort's total well on short histories. Two fits, for two jobs:
-- `bgnbd_gamma_gamma`: the textbook model on daily purchases (lifetimes' and pymc-marketing's
+- `bgnbd_gamma_gamma`: the textbook model on daily transactions (lifetimes' and pymc-marketing's
   `rfm_summary`), Gamma-Gamma on repeat purchases. Its cohort total is the level of every
   forecast the product ships (`models.pipeline.level`).
 - `fit`: the parameters of the network's head, on the statistics the worker keeps per customer
@@ -16,6 +16,7 @@ and set the cohort's total well on short histories. Two fits, for two jobs:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -26,6 +27,10 @@ import pandas as pd
 
 from features.aggregate import contribution
 from features.contract import TransactionEvent
+
+
+log = logging.getLogger(__name__)
+MIN_Q = 1.01  # Gamma-Gamma's conditional mean needs q > 1
 
 
 @dataclass(frozen=True)
@@ -69,19 +74,28 @@ def fit(stats: np.ndarray) -> ClassicParams:
     spenders = (n > 0) & (m > 0)
     gg = _map(GammaGammaModel(data=pd.DataFrame({
         "customer_id": ids[spenders], "frequency": n[spenders], "monetary_value": m[spenders]})))
-    return ClassicParams(bg["r"], bg["alpha"], bg["a"], bg["b"], gg["p"], gg["q"], gg["v"])
+    q = gg["q"]
+    if q <= MIN_Q:  # a heavier tail than Gamma-Gamma has a mean for (wholesale spend)
+        log.warning("Gamma-Gamma fitted q %.3g <= 1 (mean spend unbounded); using q = %.2f", q, MIN_Q)
+        q = MIN_Q
+    return ClassicParams(bg["r"], bg["alpha"], bg["a"], bg["b"], gg["p"], q, gg["v"])
 
 
-def horizon_days(cutoff: datetime, horizon_months: int) -> int:
-    """Days from the cutoff to the end of the horizon's last calendar month."""
-    end = (pd.Timestamp(cutoff).normalize() + pd.offsets.MonthEnd(horizon_months))
-    return int((end - pd.Timestamp(cutoff).normalize()).days)
+def label_window(cutoff: datetime, horizon_months: int) -> tuple[int, int]:
+    """Days from the cutoff day to the start and to the end of what the labels cover: the
+    `horizon_months` calendar months after the cutoff's month (a cutoff inside a month leaves
+    the rest of that month out, as the model's features and labels do)."""
+    day = pd.Timestamp(cutoff.date())
+    start = day + pd.offsets.MonthEnd(0)
+    end = start + pd.offsets.MonthEnd(horizon_months)
+    return int((start - day).days), int((end - day).days)
 
 
 def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], cutoff: datetime,
-                      days: int) -> tuple[np.ndarray, np.ndarray]:
-    """The textbook model's (expected spend, P(any purchase)) over the next `days` for each
-    customer, from daily purchases up to the cutoff."""
+                      window: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The textbook model's expected spend of each customer in the `label_window` (days after
+    the cutoff), from daily transactions up to the cutoff, and P(any purchase) from the cutoff to
+    the window's end."""
     from pymc_marketing.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 
     tx = pd.DataFrame({
@@ -102,8 +116,11 @@ def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], c
     _map(gg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        purchases = bg.expected_purchases(future_t=days).values.reshape(-1)
-        p_none = bg.expected_probability_no_purchase(t=days).values.reshape(-1)
+        start, end = window
+        purchases = bg.expected_purchases(future_t=end).values.reshape(-1)
+        if start > 0:
+            purchases = purchases - bg.expected_purchases(future_t=start).values.reshape(-1)
+        p_none = bg.expected_probability_no_purchase(t=end).values.reshape(-1)
         spend = gg.expected_customer_spend(
             data=summary[["customer_id", "frequency", "monetary_value"]]).values.reshape(-1)
     return purchases * spend, 1 - p_none

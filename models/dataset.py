@@ -79,7 +79,7 @@ def rolling_split(
 ) -> Split:
     """Examples from every month end before the cutoff, each labelled with the spend of the
     next min(horizon, months left before the cutoff) months; that length travels with the inputs
-    (`horizons`): the GBT baseline reads it as a feature, the networks' head in closed form.
+    (`horizons`): the head reads it in closed form, the trees through the classic expectation.
 
     Recent origins with short labels show the model customers as old as the ones it will score,
     which a full-horizon-only design would never show it. `events` must end at the cutoff;
@@ -131,7 +131,7 @@ def rfm_features(ex: Examples) -> np.ndarray:
     """Aggregated, non-sequential features for the FFNN and the gradient-boosted trees: log
     recency and tenure (days), frequency, log monetary and total spend, active months in the
     last 3/6/12, log spend in the last 3/12 months. The horizon is not among them: the FFNN's
-    head takes it in closed form, the trees as one more feature."""
+    head takes it in closed form, the trees through the classic expectation."""
     r = ex.rfm
     seq = ex.inputs.seq
     active = seq[..., 3]

@@ -68,7 +68,7 @@ def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
         raise NotEnoughHistory(f"no transactions after the cutoff {cutoff}: nothing to evaluate against")
     split = rolling_split(events, cut, horizon, window, actual_events=after if labelled else None)
     textbook = classic.bgnbd_gamma_gamma(events, split.scoring.customer_ids, cut,
-                                         classic.horizon_days(cut, horizon))
+                                         classic.label_window(cut, horizon))
     # Month-of-year effects need every calendar month seen at least twice.
     calendar = month_of(cut) - month_of(events[0].ts) + 1 >= 24
     return _Prepared(events, cut, split, fit_classic(split), textbook, calendar)
@@ -94,14 +94,15 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     prep = _prepare(file, cutoff, horizon, window, True, file_opts)
     split, params, total = prep.split, prep.params, prep.total
     actual = split.scoring.y
-    fixed = {"naive": baselines.naive(split.scoring, classic.horizon_days(prep.cutoff, horizon)),
+    start, end = classic.label_window(prep.cutoff, horizon)
+    fixed = {"naive": baselines.naive(split.scoring, end - start),
              "bgnbd_gg": prep.classic}
 
     def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return level(pred, total).apply(pred), p
 
     runs = []
-    for seed in seeds or [cfg.seed]:
+    for seed in dict.fromkeys(seeds or [cfg.seed]):  # a seed given twice runs once
         seed_cfg = replace(cfg, seed=seed)
         preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total)
@@ -129,14 +130,15 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def summary(run: Run) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean and standard deviation over seeds of every model's metrics."""
+    """Mean and sample standard deviation over seeds of every model's metrics."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name in run.seeds[0].models:
         out[name] = {}
         for key, _, _ in _COLUMNS:
             values = [r.models[name][key] for r in run.seeds if r.models[name][key] is not None]
             if values:
-                out[name][key] = {"mean": float(np.mean(values)), "sd": float(np.std(values))}
+                sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                out[name][key] = {"mean": float(np.mean(values)), "sd": sd}
     return out
 
 
@@ -150,11 +152,15 @@ def render(run: Run) -> str:
             rows.append(f"{name:<10}{r.seed:>6}" + "".join(
                 f"{_cell(m[key], fmt):>{w}}" for (key, _, fmt), w in zip(_COLUMNS, widths)))
     if len(run.seeds) > 1:
-        rows += ["", f"mean +- sd over seeds {', '.join(str(r.seed) for r in run.seeds)}", head]
+        wide = [w + 9 for w in widths]
+        rows += ["", f"mean +- sd over seeds {', '.join(str(r.seed) for r in run.seeds)}",
+                 f"{'model':<16}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, wide))]
         for name, metrics in summary(run).items():
-            rows.append(f"{name:<10}{'all':>6}" + "".join(
-                f"{_cell(metrics[key]['mean'], fmt) + ' +-' + _cell(metrics[key]['sd'], fmt).lstrip('+'):>{w + 10}}"
-                if key in metrics else f"{'-':>{w + 10}}" for (key, _, fmt), w in zip(_COLUMNS, widths)))
+            cells = [f"{_cell(metrics[key]['mean'], fmt)} +-{_cell(metrics[key]['sd'], fmt).lstrip('+')}"
+                     if key in metrics else "-" for key, _, fmt in _COLUMNS]
+            rows.append(f"{name:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, wide)))
+    rows.append("gru, ffnn, gbt and rf have the cohort total of bgnbd_gg by construction "
+                "(the level of the shipped model), so their bias is that model's.")
     return "\n".join(rows)
 
 
@@ -199,7 +205,8 @@ def write_plots(run: Run, out: Path) -> list[Path]:
         table = run.seeds[0].models[name]["deciles"]
         ax.plot(np.arange(1, 11), [d["predicted"] for d in table], "o-", label="predicted")
         ax.plot(np.arange(1, 11), [d["actual"] for d in table], "s--", label="actual")
-        ax.set(title=name, xlabel="decile of prediction", yscale="log")
+        ax.set(title=name, xlabel="decile of prediction")
+        ax.set_yscale("symlog", linthresh=0.1)  # log above 10 cents; deciles at $0 stay visible
     np.atleast_1d(axes)[0].set_ylabel("mean horizon spend $")
     np.atleast_1d(axes)[0].legend()
     deciles_png = out / "deciles.png"

@@ -24,6 +24,8 @@ from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
 
 log = logging.getLogger(__name__)
+# Ensemble member k trains from seed + 1000 k, so the ensembles of nearby seeds share no member.
+MEMBER_SEED_STEP = 1000
 
 
 def _gru_raw(model: GRUModel, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ziln.Base]:
@@ -53,7 +55,7 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, para
     tr, va = scaler.transform(split.train.inputs), scaler.transform(split.valid.inputs)
     members, runs = [], []
     for k in range(cfg.ensemble):
-        member_cfg = replace(cfg, seed=cfg.seed + k)
+        member_cfg = replace(cfg, seed=cfg.seed + MEMBER_SEED_STEP * k)
         torch.manual_seed(member_cfg.seed)
         model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), params, horizon)
         model, info = fit(model, _gru_raw, (tr.seq, tr.static, tr.classic), split.train.y,

@@ -25,7 +25,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     patience: int = 4
     seed: int = 42
-    ensemble: int = 3  # GRUs averaged in one graph, from seeds seed, seed+1, ...: one seed alone
+    ensemble: int = 3  # GRUs averaged in one graph (member seeds: models.pipeline): one seed alone
     # can fit the validation months too closely (CDNOW seed 44 alone: Gini 0.722, seeds 42-43: 0.757)
 
 

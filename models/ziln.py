@@ -8,14 +8,15 @@ The classic model (BG/NBD for purchases, Gamma-Gamma for spend; population param
   purchases per month while alive  the posterior rate (r + x) / (alpha + T)
   monthly dropout hazard           that rate times the posterior dropout chance a / (a + b + x)
   spend per purchase               the Gamma-Gamma conditional mean (own orders, shrunk)
-The network outputs one bounded log-scale correction for each (its last layer starts at zero,
+The network outputs one bounded correction for each (on the logit of P(alive), the log of
+the others) (its last layer starts at zero,
 so training starts from the classic model) and the spread of a buying customer's spend. The
 horizon H enters in closed form: alive in month k with probability s^k, buying in it with
 1 - exp(-rate), so what is learned from short labels carries to the served horizon.
 
 Expected spend over the horizon is an expectation by construction; with an annual discount rate
-d, month k is weighted (1 + d)^(-k/12), as pymc-marketing's `customer_lifetime_value` discounts
-each future month.
+d, month k is weighted (1 + d)^(-k/12), the weighting of pymc-marketing's `customer_lifetime_value`
+(whose `discount_rate` is the monthly rate (1 + d)^(1/12) - 1).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
     r, alpha, a, b, p, q, gamma."""
     n, t_x, age, m = classic.unbind(-1)
     r, alpha, a, b, p, q, gamma = params.unbind(-1)
-    n = n.clamp(min=0)
     x = (n - 1).clamp(min=0)
+    n = n.clamp(min=1)  # a customer with returns only: one purchase worth nothing
     t_x = torch.minimum(t_x.clamp(min=0), age)
     rate_day = (r + x) / (alpha + age)
     log_odds_gone = (torch.log(a) - torch.log((b + x - 1).clamp(min=_EPS))
@@ -91,24 +92,26 @@ def over_horizon(out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horiz
     logit_alive = base.logit_alive + _bounded(d_alive)
     rate = base.rate * torch.exp(_bounded(d_rate))
     s = torch.exp(-base.hazard * torch.exp(_bounded(d_hazard)))
-    no_buy = torch.exp(-rate)  # P(no purchase in a month while alive): Poisson purchases
+    # P(a purchase in a month while alive), Poisson purchases: 1 - exp(-rate), by its series
+    # where that difference would lose float32 precision (ONNX has no expm1).
+    buy = torch.where(rate < 1e-2, rate * (1 - rate / 2 + rate * rate / 6), 1 - torch.exp(-rate))
     h = horizon.to(out.dtype)
-    # Month by month (H is small): survival into month k is s^k; no purchase through month k
-    # while alive is (s * no_buy)^k; leaving after k - 1 months without a purchase: (1 - s).
+    # Month by month (H is small): alive in month k with s^k; the first purchase falls in month
+    # k after k - 1 alive months without one: (s * (1 - buy))^(k - 1) * s * buy. Summed directly,
+    # not as 1 - P(none), which would cancel for customers unlikely to buy.
     s_disc = s * monthly_discount
     alive_k = torch.ones_like(s)
     quiet_k = torch.ones_like(s)
     months = torch.zeros_like(s)
-    p_none = torch.zeros_like(s)
+    p_buy = torch.zeros_like(s)
     for k in range(1, max_horizon + 1):
         on = (h >= k).to(out.dtype)
-        p_none = p_none + on * quiet_k * (1 - s)
-        quiet_k = torch.where(on > 0, quiet_k * s * no_buy, quiet_k)
+        p_buy = p_buy + on * quiet_k * s * buy
+        quiet_k = quiet_k * s * (1 - buy)
         alive_k = alive_k * s_disc
         months = months + on * alive_k
-    p_none = p_none + quiet_k
     log_alive = _log_sigmoid(logit_alive)
-    p = (torch.exp(log_alive) * (1 - p_none)).clamp(_EPS, 1 - _EPS)
+    p = (torch.exp(log_alive) * p_buy).clamp(_EPS, 1 - _EPS)
     log_expected = (log_alive + torch.log(rate)
                     + torch.log(base.order_value) + _bounded(d_spend)
                     + torch.log(months.clamp(min=_EPS)))
