@@ -30,6 +30,7 @@ def export(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: l
     place, so a failed export leaves no model a worker would load, and keeps the previous one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a worker run as another user
     try:
         parity = _write(model, staging, meta, check)
         _replace_dir(staging, out_dir)

@@ -322,3 +322,8 @@ def test_failed_parity_leaves_the_previous_artifact(trained, tmp_path, monkeypat
     assert (target / "model.onnx").read_bytes() == before
     assert Artifact.load(target).version == art.version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
+
+
+def test_artifact_directory_is_readable_by_other_users(trained):
+    d, _ = trained
+    assert (d / "artifact").stat().st_mode & 0o755 == 0o755
