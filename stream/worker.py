@@ -279,12 +279,15 @@ class Rescorer:
         started = time.perf_counter()
         ids = list(customers)
         states = [self.states.read(partition, c) for c in ids]
-        inputs, fields = prepare(self.artifact, states, self._as_of(partition))
+        # One clock for the batch: the partition's clock moves on while the model runs in a
+        # thread, and a score must carry the as_of its fields were measured at.
+        as_of = self._as_of(partition)
+        inputs, fields = prepare(self.artifact, states, as_of)
         if len(ids) >= INLINE_SCORING_LIMIT:
             pred = await asyncio.to_thread(self.artifact.predict, inputs)
         else:
             pred = self.artifact.predict(inputs)
-        scores = assemble(self.artifact, states, fields, pred, self._as_of(partition))
+        scores = assemble(self.artifact, states, fields, pred, as_of)
         topic = self.settings.scores_topic
         records: list[Record] = []
         for score, cid in zip(scores, ids):

@@ -161,7 +161,7 @@ def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> list[str]:
                 want = float(b[f])
                 worst[f] = max(worst[f], abs(a[f] - want) / max(abs(want), 1e-9))
             else:
-                assert a[f] == b[f], (cid, f, a[f], b[f])
+                assert a[f] == b[f], (cid, f, a, b)
     assert max(worst.values()) < 1e-5, worst
     return whole
 
