@@ -25,9 +25,7 @@ def _tree_features(ex: Examples, params: ClassicParams) -> np.ndarray:
     from models import ziln
 
     with torch.no_grad():
-        base = ziln.classic_base(torch.from_numpy(ex.inputs.classic.astype(np.float64)),
-                                 torch.tensor(params.to_list(), dtype=torch.float64))
-        context = ziln.context(base).numpy()
+        context = ziln.context(classic.base(params, ex.inputs.classic)).numpy()
     return np.column_stack([rfm_features(ex), context])
 
 

@@ -20,13 +20,16 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from features.aggregate import contribution
 from features.contract import TransactionEvent
+
+if TYPE_CHECKING:
+    from models import ziln
 
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,16 @@ def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], c
     return purchases * spend, 1 - p_none
 
 
+def base(params: ClassicParams, stats: np.ndarray) -> "ziln.Base":
+    """The head's classic quantities of each customer (rows of CLASSIC_FEATURES), in float64."""
+    import torch
+
+    from models import ziln
+
+    return ziln.classic_base(torch.from_numpy(stats.astype(np.float64)),
+                             torch.tensor(params.to_list(), dtype=torch.float64))
+
+
 def expected_spend(params: ClassicParams, stats: np.ndarray, horizons: np.ndarray) -> np.ndarray:
     """The head's classic model alone (every correction at zero): each customer's expected spend
     over its horizon (months)."""
@@ -134,9 +147,7 @@ def expected_spend(params: ClassicParams, stats: np.ndarray, horizons: np.ndarra
     from models import ziln
 
     with torch.no_grad():
-        base = ziln.classic_base(torch.from_numpy(stats.astype(np.float64)),
-                                 torch.tensor(params.to_list(), dtype=torch.float64))
         h = torch.from_numpy(horizons.astype(np.float64))
         zero = torch.zeros(len(stats), ziln.RAW_OUTPUTS, dtype=torch.float64)
-        d = ziln.over_horizon(zero, base, h, int(horizons.max(initial=1)))
+        d = ziln.over_horizon(zero, base(params, stats), h, int(horizons.max(initial=1)))
         return torch.exp(d.log_expected).numpy()
