@@ -6,13 +6,24 @@ so its features) are identical offline and online. Money is held in integer cent
 depend on the order events arrive in.
 
 Exactness under redelivery: a state remembers the highest source offset applied from its
-partition (a redelivered message is at or below it) and, for the months in the window, the event
-ids applied (a re-published invoice carries the same id). Months older than the window are
-folded into `past_*` totals, which keeps a state bounded; an event for such a month is too late.
+partition (a redelivered message is at or below it). Re-published duplicates (the same event id
+sent again) and invoices split over several events are recognised by 64-bit keys of the ids
+(`id_key`) kept per month. Months older than the window are folded into `past_*` totals and
+their keys dropped, which keeps a state bounded; an event for such a month is too late.
+
+The id bound: a state keeps at most `MAX_IDS` keys over its window's months. Beyond it (a
+customer with thousands of invoices in the window) the oldest keys are forgotten first (the
+oldest month's, alternating event and invoice keys) and `ids_forgotten` counts them. Every
+event still counts and every invoice arriving in one event still counts once, so invoice counts
+stay exact for any volume; what the bound gives up is recognising a re-published duplicate whose
+key was forgotten, and an invoice whose events are that far apart (both are then counted again).
+Below the bound (every customer of every data set we have) nothing is forgotten and the fold does
+not depend on event order at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, MutableMapping
@@ -20,6 +31,8 @@ from typing import Any, MutableMapping
 import numpy as np
 
 from features.contract import TransactionEvent
+
+MAX_IDS = 4096  # event and invoice keys a state keeps over its window (8 bytes each encoded)
 
 
 def month_of(ts: datetime) -> int:
@@ -37,12 +50,18 @@ def line_cents(quantity: Any, unit_price: Any) -> Any:
     return np.rint(np.multiply(quantity, unit_price) * 100.0)
 
 
+def id_key(text: str) -> int:
+    """The 64-bit key a state remembers an event or invoice id by: the same in every process
+    (unlike `hash`), and with a 4,096-key state a chance of two ids colliding near 1e-12."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 @dataclass(frozen=True, slots=True)
 class Contribution:
     """What one invoice adds to its customer's month."""
 
-    event_id: str
-    invoice_no: str
+    event_key: int  # id_key(event_id)
+    invoice_key: int  # id_key(invoice_no)
     month: int
     ts: int  # epoch seconds
     spend_cents: int
@@ -58,8 +77,8 @@ def contribution(event: TransactionEvent) -> Contribution:
     # Per line exactly `line_cents` (float64 product, x100, round half to even), in plain Python:
     # numpy's per-call overhead dominates for a handful of lines.
     return Contribution(
-        event_id=event.event_id,
-        invoice_no=event.invoice_no,
+        event_key=id_key(event.event_id),
+        invoice_key=id_key(event.invoice_no),
         month=month_of(event.ts),
         ts=int(event.ts.timestamp()),
         spend_cents=sum(round(ln.quantity * ln.unit_price * 100.0) for ln in event.lines),
@@ -80,12 +99,9 @@ class Applied:
 class MonthAgg:
     spend_cents: int = 0
     units: int = 0
-    invoices: set[str] = field(default_factory=set)
-    events: set[str] = field(default_factory=set)
-
-    @property
-    def n_invoices(self) -> int:
-        return len(self.invoices)
+    n_invoices: int = 0  # distinct purchase invoices counted (exact, see the module docstring)
+    invoices: dict[int, None] = field(default_factory=dict)  # invoice keys kept, oldest first
+    events: dict[int, None] = field(default_factory=dict)  # event keys kept, oldest first
 
 
 @dataclass(slots=True)
@@ -103,28 +119,33 @@ class CustomerState:
     first_month: int | None = None
     last_purchase_month: int | None = None
     newest_ts: int | None = None
+    ids_forgotten: int = 0  # keys dropped at the MAX_IDS bound, over the customer's life
+    n_ids: int = field(default=0, compare=False)  # keys held now (derived, not encoded)
 
     def apply(
         self, c: Contribution, window_start: int, partition: int = -1, offset: int = -1
     ) -> str:
-        """Fold one invoice in; returns an `Applied` code. Idempotent for redelivery."""
+        """Fold one invoice in; returns an `Applied` code. Idempotent for redelivery; a state
+        is changed only when the outcome is APPLIED."""
         if offset >= 0 and partition == self.partition and offset <= self.offset:
             return Applied.REDELIVERED
         if c.month < window_start:
             return Applied.TOO_LATE
+        agg = self.months.get(c.month)
+        if agg is not None and c.event_key in agg.events:
+            return Applied.DUPLICATE
         if offset >= 0:
             self.partition, self.offset = partition, offset
         self.trim(window_start)
-        agg = self.months.get(c.month)
         if agg is None:
             agg = self.months[c.month] = MonthAgg()
-        elif c.event_id in agg.events:
-            return Applied.DUPLICATE
-        agg.events.add(c.event_id)
+        self._remember(agg.events, c.event_key)
         agg.spend_cents += c.spend_cents
         agg.units += c.units
         if c.is_purchase:
-            agg.invoices.add(c.invoice_no)
+            if c.invoice_key not in agg.invoices:
+                agg.n_invoices += 1
+                self._remember(agg.invoices, c.invoice_key)
             if self.last_purchase_ts is None or c.ts > self.last_purchase_ts:
                 self.last_purchase_ts = c.ts
             if self.last_purchase_month is None or c.month > self.last_purchase_month:
@@ -137,14 +158,32 @@ class CustomerState:
             self.newest_ts = c.ts
         return Applied.APPLIED
 
+    def _remember(self, keys: dict[int, None], key: int) -> None:
+        keys[key] = None
+        self.n_ids += 1
+        self.keep_within_bound()
+
+    def keep_within_bound(self) -> None:
+        while self.n_ids > MAX_IDS:
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        """Drop one key of the oldest month holding any: its event and invoice keys in turn."""
+        agg = self.months[min(m for m, a in self.months.items() if a.events or a.invoices)]
+        keys = agg.events if len(agg.events) >= len(agg.invoices) else agg.invoices
+        del keys[next(iter(keys))]
+        self.n_ids -= 1
+        self.ids_forgotten += 1
+
     def trim(self, window_start: int) -> None:
-        """Fold months before the window into the past totals (their id sets are dropped)."""
+        """Fold months before the window into the past totals (their keys are dropped)."""
         for month in [m for m in self.months if m < window_start]:
             agg = self.months.pop(month)
             self.past_spend_cents += agg.spend_cents
             self.past_units += agg.units
             self.past_invoices += agg.n_invoices
             self.past_active_months += agg.n_invoices > 0
+            self.n_ids -= len(agg.events) + len(agg.invoices)
 
     def totals(self) -> tuple[int, int, int]:
         """Lifetime (spend cents, units, invoices)."""
@@ -155,38 +194,19 @@ class CustomerState:
             invoices += a.n_invoices
         return spend, units, invoices
 
-    def to_dict(self, canonical: bool = True) -> dict[str, Any]:
-        """`canonical=False` skips sorting the id sets and months: the same state, in an order
-        that differs between equal states (the changelog codec, which only has to round-trip)."""
-        order = sorted if canonical else list
-        return {
-            "c": self.customer_id, "p": self.partition, "o": self.offset,
-            "m": [[m, a.spend_cents, a.units, order(a.invoices), order(a.events)]
-                  for m, a in order(self.months.items())],
-            "past": [self.past_spend_cents, self.past_units, self.past_invoices,
-                     self.past_active_months],
-            "ts": [self.first_ts, self.last_purchase_ts, self.newest_ts],
-            "mo": [self.first_month, self.last_purchase_month],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CustomerState":
-        state = cls(d["c"], d["p"], d["o"])
-        state.months = {m: MonthAgg(s, u, set(inv), set(ev)) for m, s, u, inv, ev in d["m"]}
-        (state.past_spend_cents, state.past_units, state.past_invoices,
-         state.past_active_months) = d["past"]
-        state.first_ts, state.last_purchase_ts, state.newest_ts = d["ts"]
-        state.first_month, state.last_purchase_month = d["mo"]
-        return state
-
     def canonical(self, window_start: int) -> dict[str, Any]:
-        """The aggregates as of one window, without offsets or id sets: equal for equal histories."""
-        trimmed = CustomerState.from_dict(self.to_dict())
-        trimmed.trim(window_start)
-        out = trimmed.to_dict()
-        del out["p"], out["o"]
-        out["m"] = [row[:4] for row in out["m"]]
-        return out
+        """The aggregates as of one window, without offsets or keys: equal for equal histories."""
+        past = [self.past_spend_cents, self.past_units, self.past_invoices, self.past_active_months]
+        months = []
+        for m, a in sorted(self.months.items()):
+            if m < window_start:
+                past = [past[0] + a.spend_cents, past[1] + a.units, past[2] + a.n_invoices,
+                        past[3] + (a.n_invoices > 0)]
+            else:
+                months.append([m, a.spend_cents, a.units, a.n_invoices])
+        return {"c": self.customer_id, "m": months, "past": past,
+                "ts": [self.first_ts, self.last_purchase_ts, self.newest_ts],
+                "mo": [self.first_month, self.last_purchase_month]}
 
 
 def window_start_for(clock_month: int, window: int) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 from faust.serializers import codecs
 
 from features.aggregate import CustomerState
+from features.state_record import decode_state, encode_state
 
 STATE_CODEC = "clv_state"
 
@@ -25,19 +26,8 @@ def encode_key(customer_id: str) -> bytes:
     return json.dumps(customer_id).encode()  # what faust's "json" key serializer writes
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-
-
-def encode_state(state: CustomerState) -> bytes:
-    return _ENCODE(state.to_dict(canonical=False)).encode()
-
-
-def decode_state(data: bytes) -> CustomerState:
-    return CustomerState.from_dict(json.loads(data))
-
-
 class StateCodec(codecs.Codec):
-    """Customer states travel through the changelog as compact JSON."""
+    """Customer states travel through the changelog as `features.state_record` records."""
 
     def _dumps(self, obj: Any) -> bytes:
         return encode_state(obj)

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.aggregate import Applied, CustomerState, Folder, contribution, month_of
+from features.aggregate import Applied, Folder, contribution, month_of
 from features.contract import Line, TransactionEvent, stable_event_id
 from features.sequences import build_inputs
 
@@ -94,11 +94,13 @@ def test_incremental_equals_batch(events, data):
 
 
 def test_state_round_trips_through_its_changelog_encoding():
+    from features.state_record import decode_state, encode_state
+
     folder = Folder(WINDOW)
     ev = TransactionEvent("e1", "c1", "I1", T0, (Line("A", 2, 2.55),))
     folder.add("c1", contribution(ev), partition=0, offset=7)
     state = folder.states["c1"]
-    assert CustomerState.from_dict(state.to_dict()) == state
+    assert decode_state(encode_state(state)) == state
 
 
 def test_too_late_and_window_trimming_bound_state():

@@ -64,7 +64,7 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     batch = batch_scores(tmp_path, cdnow_slice)
     assert_exact(live, batch)
     # The changelog alone (what any other worker would recover) holds every invoice exactly once.
-    from stream.state_writes import decode_state
+    from features.state_record import decode_state
 
     states = {}
     for rec in sorted(read_topic(kafka_bootstrap, f"{clv_env['CLV_APP_ID']}-customer-state-changelog"),

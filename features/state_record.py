@@ -1,0 +1,111 @@
+"""A customer state as bytes: the record of the state changelog and of every store.
+
+Format 1 is one version byte (0x01) followed by a MessagePack array:
+
+    [customer_id, partition, offset, past_spend_cents, past_units, past_invoices,
+     past_active_months, first_ts, last_purchase_ts, newest_ts, first_month,
+     last_purchase_month, ids_forgotten,
+     [[month, spend_cents, units, n_invoices, invoice_keys, event_keys], ...]]
+
+Money in integer cents, times in epoch seconds, months as `features.aggregate.month_of`; key
+lists are packed little-endian unsigned 64-bit integers, oldest first. A typical customer (a few
+invoices over the window) takes 100-300 bytes. Bound: the state keeps at most `MAX_IDS` keys and
+at most `window` months, so a record is at most `record_bound(window)` bytes plus its customer
+id's UTF-8 length: 33,445 + len(id) for the shipped 13-month window.
+
+Records written before format 1 are JSON objects (first byte `{`, with every event and invoice id
+in full); they are still read, their ids turned into keys, so a changelog written by an older
+worker recovers into the new format.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import msgspec
+
+from features.aggregate import MAX_IDS, CustomerState, MonthAgg, id_key
+
+FORMAT = 1
+_HEADER = bytes([FORMAT])
+_MONTH_FIXED = 1 + 5 + 3 * 9 + 2 * 5  # array header, month, three int64s, two bin headers
+_STATE_FIXED = 1 + 1 + 5 + 12 * 9 + 3  # version, array header, id header, twelve ints, month list
+
+
+class StateDecodeError(ValueError):
+    """Bytes that are not a customer state record (of any format this code reads)."""
+
+
+def record_bound(window: int) -> int:
+    """Most bytes a record takes, besides its customer id, for a `window`-month state."""
+    return _STATE_FIXED + window * _MONTH_FIXED + 8 * MAX_IDS
+
+
+def _pack(keys: dict[int, None]) -> bytes:
+    return struct.pack(f"<{len(keys)}Q", *keys)
+
+
+def _unpack(blob: bytes) -> dict[int, None]:
+    if len(blob) % 8:
+        raise StateDecodeError(f"key list of {len(blob)} bytes is not a whole number of keys")
+    return dict.fromkeys(struct.unpack(f"<{len(blob) // 8}Q", blob))
+
+
+_encoder = msgspec.msgpack.Encoder()
+_Month = tuple[int, int, int, int, bytes, bytes]
+_decoder = msgspec.msgpack.Decoder(tuple[str, int, int, int, int, int, int, int | None, int | None,
+                                         int | None, int | None, int | None, int, list[_Month]])
+
+
+def encode_state(state: CustomerState) -> bytes:
+    return _HEADER + _encoder.encode((
+        state.customer_id, state.partition, state.offset, state.past_spend_cents,
+        state.past_units, state.past_invoices, state.past_active_months, state.first_ts,
+        state.last_purchase_ts, state.newest_ts, state.first_month, state.last_purchase_month,
+        state.ids_forgotten,
+        [(m, a.spend_cents, a.units, a.n_invoices, _pack(a.invoices), _pack(a.events))
+         for m, a in state.months.items()]))
+
+
+def decode_state(data: bytes) -> CustomerState:
+    """The state in `data` (format 1 or the JSON records before it); anything else raises
+    `StateDecodeError`, never another exception."""
+    if data[:1] == _HEADER:
+        try:
+            (cid, partition, offset, past_spend, past_units, past_invoices, past_active, first_ts,
+             last_ts, newest_ts, first_month, last_month, forgotten, months) = _decoder.decode(
+                memoryview(data)[1:])
+        except msgspec.MsgspecError as exc:
+            raise StateDecodeError(f"not a format-{FORMAT} state record: {exc}") from None
+        state = CustomerState(cid, partition, offset, {}, past_spend, past_units, past_invoices,
+                              past_active, first_ts, last_ts, first_month, last_month, newest_ts,
+                              forgotten)
+        for m, spend, units, n_invoices, invoices, events in months:
+            agg = state.months[m] = MonthAgg(spend, units, n_invoices, _unpack(invoices),
+                                             _unpack(events))
+            state.n_ids += len(agg.invoices) + len(agg.events)
+        return state
+    if data[:1] == b"{":
+        return _decode_json(data)
+    raise StateDecodeError(f"unknown state record format (first byte {data[:1]!r})")
+
+
+def _decode_json(data: bytes) -> CustomerState:
+    """The JSON record of workers before format 1: ids in full, turned into keys here."""
+    try:
+        d = json.loads(data)
+        state = CustomerState(d["c"], d["p"], d["o"])
+        for m, spend, units, invoices, events in d["m"]:
+            state.months[m] = MonthAgg(spend, units, len(invoices),
+                                       dict.fromkeys(id_key(i) for i in invoices),
+                                       dict.fromkeys(id_key(e) for e in events))
+            state.n_ids += len(state.months[m].invoices) + len(state.months[m].events)
+        state.keep_within_bound()  # old records kept every id
+        (state.past_spend_cents, state.past_units, state.past_invoices,
+         state.past_active_months) = d["past"]
+        state.first_ts, state.last_purchase_ts, state.newest_ts = d["ts"]
+        state.first_month, state.last_purchase_month = d["mo"]
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise StateDecodeError(f"not a JSON state record: {exc!r}"[:300]) from None
+    return state

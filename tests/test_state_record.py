@@ -1,0 +1,112 @@
+"""The state record: round trip, its size bound, a customer far past the bound, old records,
+and a decoder that refuses garbage with one clear error."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from features.aggregate import MAX_IDS, Applied, Folder, contribution, month_of
+from features.contract import Line, TransactionEvent, stable_event_id
+from features.state_record import StateDecodeError, decode_state, encode_state, record_bound
+
+WINDOW = 13
+T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
+
+
+def event(cid: str, invoice: str, ts: datetime, qty: int = 2, price: float = 2.55) -> TransactionEvent:
+    return TransactionEvent(stable_event_id(cid, invoice), cid, invoice, ts, (Line("A", qty, price),))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 400), st.integers(-3, 9).filter(bool), st.integers(0, 60)),
+                min_size=1, max_size=60))
+def test_round_trip_keeps_every_field(rows):
+    folder = Folder(WINDOW)
+    for k, (day, qty, inv) in enumerate(rows):
+        folder.add("c1", contribution(event("c1", f"I{inv}", T0 + timedelta(days=day), qty)),
+                   partition=1, offset=k)
+    state = folder.states["c1"]
+    again = decode_state(encode_state(state))
+    assert again == state and again.n_ids == state.n_ids
+    assert again.canonical(folder.window_start) == state.canonical(folder.window_start)
+
+
+def test_typical_customer_is_small():
+    folder = Folder(WINDOW)
+    for k in range(8):
+        folder.add("12347", contribution(event("12347", f"5{k:05d}", T0 + timedelta(days=40 * k))))
+    assert len(encode_state(folder.states["12347"])) < 300
+
+
+def test_full_state_stays_under_the_bound():
+    """Every month of the window present, every key slot used, every integer at its widest."""
+    folder = Folder(WINDOW)
+    per_month = MAX_IDS // WINDOW + 50
+    for m in range(WINDOW):
+        for k in range(per_month):
+            ts = T0 + timedelta(days=31 * m, seconds=k)
+            folder.add("c", contribution(event("c", f"{m}-{k}", ts, qty=999_999, price=999_999.0)))
+    state = folder.states["c"]
+    state.offset = state.partition = state.ids_forgotten = 2**63 - 1
+    state.past_spend_cents = -(2**63)
+    assert len(state.months) == WINDOW and state.n_ids == MAX_IDS
+    assert len(encode_state(state)) <= record_bound(WINDOW) + len("c")
+
+
+def test_thirty_thousand_invoices_in_a_month_count_exactly_within_the_bound():
+    folder = Folder(WINDOW)
+    cid = "B2B-0001"
+    events = [event(cid, f"INV{k:06d}", T0 + timedelta(seconds=60 * k)) for k in range(30_000)]
+    for k, ev in enumerate(events):
+        assert folder.add(cid, contribution(ev), partition=0, offset=k) == Applied.APPLIED
+    state = folder.states[cid]
+    assert state.totals() == (30_000 * 510, 60_000, 30_000)
+    assert state.n_ids == MAX_IDS and state.ids_forgotten == 2 * 30_000 - MAX_IDS
+    size = len(encode_state(state))
+    assert size <= record_bound(WINDOW) + len(cid) and size < 40_000  # Kafka's limit is 1 MB
+    # A re-published duplicate among its newest ids is still recognised.
+    assert folder.add(cid, contribution(events[-1]), partition=0, offset=30_001) == Applied.DUPLICATE
+    assert decode_state(encode_state(state)).totals() == state.totals()
+
+
+def test_records_of_earlier_workers_are_read():
+    """The JSON record workers wrote before format 1 (ids in full)."""
+    old = {"c": "00042", "p": 3, "o": 917,
+           "m": [[month_of(T0), 1250, 3, ["I1", "I2"], ["e1", "e2", "e3"]],
+                 [month_of(T0) + 1, -500, -1, [], ["e4"]]],
+           "past": [10000, 7, 4, 2], "ts": [1600000000, 1672600000, 1675300000], "mo": [24247, 24276]}
+    state = decode_state(json.dumps(old).encode())
+    assert state.totals() == (10000 + 1250 - 500, 9, 6)
+    assert (state.partition, state.offset, state.n_ids) == (3, 917, 6)
+    assert decode_state(encode_state(state)) == state
+    c = contribution(TransactionEvent("e2", "00042", "I2", T0 + timedelta(days=1), (Line("A", 1, 1.0),)))
+    assert state.apply(c, month_of(T0) - 5) == Applied.DUPLICATE  # its old ids still count
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.binary(max_size=300),
+                 st.binary(max_size=300).map(lambda b: b"\x01" + b),
+                 st.binary(max_size=300).map(lambda b: b"{" + b),
+                 st.text(max_size=100).map(lambda t: ("{" + t).encode()),
+                 st.recursive(st.none() | st.integers() | st.text(max_size=5),
+                              lambda c: st.lists(c, max_size=5) | st.dictionaries(st.sampled_from("cpomts"), c),
+                              max_leaves=20).map(lambda v: json.dumps({"c": "x", "m": v}).encode())))
+def test_garbage_raises_only_a_decode_error(data):
+    try:
+        decode_state(data)
+    except StateDecodeError:
+        pass
+
+
+def test_truncated_and_mangled_records_raise_a_decode_error():
+    folder = Folder(WINDOW)
+    folder.add("c1", contribution(event("c1", "I1", T0)))
+    good = encode_state(folder.states["c1"])
+    for bad in [good[:cut] for cut in range(len(good))] + [b"\x02" + good[1:], b"[1,2]"]:
+        with pytest.raises(StateDecodeError, match="state record"):
+            decode_state(bad)
