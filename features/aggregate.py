@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, MutableMapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -209,6 +209,14 @@ class CustomerState:
                 "mo": [self.first_month, self.last_purchase_month]}
 
 
+class StateMap(Protocol):
+    """Where a `Folder` keeps its states: a dict in batch, the worker's store for a partition."""
+
+    def get(self, customer_id: str, default: None = None) -> CustomerState | None: ...
+
+    def __setitem__(self, customer_id: str, state: CustomerState) -> None: ...
+
+
 def window_start_for(clock_month: int, window: int) -> int:
     return clock_month - window + 1
 
@@ -219,10 +227,10 @@ class Folder:
     The batch path keeps one for a whole file; the worker one per partition, over its table.
     """
 
-    def __init__(self, window: int, states: MutableMapping[str, CustomerState] | None = None,
+    def __init__(self, window: int, states: StateMap | None = None,
                  clock: int | None = None) -> None:
         self.window = window
-        self.states: MutableMapping[str, CustomerState] = {} if states is None else states
+        self.states: StateMap = {} if states is None else states
         self.clock = clock
 
     @property

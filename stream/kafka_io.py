@@ -15,16 +15,21 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from stream.settings import Settings
 
 
-def _consumer(settings: Settings) -> AIOKafkaConsumer:
+def _consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                             enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
-                            **settings.kafka_client_options())
+                            **options, **settings.kafka_client_options())
+
+
+BULK_FETCH_BYTES = 32 << 20  # per fetch when reading a whole partition (the client's default: 1 MB)
 
 
 async def read_partition(settings: Settings, topic: str, partition: int,
                          start: int = 0) -> AsyncIterator[list[Any]]:
-    """Batches of records of one partition from `start` to its end as of the first fetch."""
-    consumer = _consumer(settings)
+    """Batches of records of one partition from `start` to its end as of the first fetch, in
+    large fetches (a recovery reads whole partitions)."""
+    consumer = _consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
+                         fetch_max_bytes=BULK_FETCH_BYTES)
     await consumer.start()
     tp = TopicPartition(topic, partition)
     try:
@@ -32,7 +37,7 @@ async def read_partition(settings: Settings, topic: str, partition: int,
         consumer.seek(tp, max(start, 0))
         end = None
         while True:
-            records = (await consumer.getmany(tp, timeout_ms=500, max_records=10000)).get(tp, [])
+            records = (await consumer.getmany(tp, timeout_ms=500, max_records=100_000)).get(tp, [])
             if end is None:
                 end = consumer.highwater(tp)
             if records:

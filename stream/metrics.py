@@ -42,6 +42,10 @@ class Metrics:
         self.dirty = 0  # customers waiting to be rescored (event-driven)
         self.backlog = 0  # customers waiting for a month-turn/assignment rescore
         self.partitions = 0  # transactions partitions recovered and owned
+        self.recovered_records = 0  # state changelog records read by recoveries
+        self.recovery_seconds = 0.0  # time spent reading them
+        self.near_bound = 0  # customers whose state holds nearly its bound of ids
+        self.largest_record = 0  # bytes of the largest state record written
         self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
                                     (1, 8, 32, 128, 512, 1024, 2048, 4096))
         self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds to score a micro-batch",
@@ -74,6 +78,17 @@ class Metrics:
                 "# TYPE clv_partitions_owned gauge", f"clv_partitions_owned {self.partitions}",
                 "# HELP clv_backlog_customers customers waiting for a month-turn or recovery rescore",
                 "# TYPE clv_backlog_customers gauge", f"clv_backlog_customers {self.backlog}",
+                "# HELP clv_state_recovered_records_total state changelog records read by recoveries",
+                "# TYPE clv_state_recovered_records_total counter",
+                f"clv_state_recovered_records_total {self.recovered_records}",
+                "# HELP clv_state_recovery_seconds_total seconds spent recovering state from the changelog",
+                "# TYPE clv_state_recovery_seconds_total counter",
+                f"clv_state_recovery_seconds_total {self.recovery_seconds}",
+                "# HELP clv_state_near_bound_customers customers holding 90% or more of the state's id bound",
+                "# TYPE clv_state_near_bound_customers gauge",
+                f"clv_state_near_bound_customers {self.near_bound}",
+                "# HELP clv_state_record_max_bytes largest state record written since start",
+                "# TYPE clv_state_record_max_bytes gauge", f"clv_state_record_max_bytes {self.largest_record}",
                 "# HELP clv_consumer_lag messages behind the end of each transactions partition",
                 "# TYPE clv_consumer_lag gauge"]
         out += [f'clv_consumer_lag{{partition="{p}"}} {n}' for p, n in sorted(self.lag.items())]

@@ -32,27 +32,33 @@ class BatchPublisher:
             self.producer = producer
         return self.producer
 
-    async def publish(self, records: Iterable[Record]) -> int:
-        """Send and wait for the broker's acknowledgement of every record; returns how many."""
+    async def publish(self, records: Iterable[Record]) -> dict[tuple[str, int], int]:
+        """Send and wait for the broker's acknowledgement of every record; returns the offset of
+        the last record per topic partition (-1 where the broker did not say)."""
         by_partition: dict[tuple[str, int], list[tuple[bytes, bytes]]] = defaultdict(list)
-        n = 0
         for topic, partition, key, value in records:
             by_partition[(topic, partition)].append((key, value))
-            n += 1
-        if not n:
-            return 0
+        if not by_partition:
+            return {}
         producer = await self._started()
-        pending: list[Any] = []
+        pending: list[tuple[tuple[str, int], int, Any]] = []  # (tp, records in batch, future)
         for (topic, partition), items in by_partition.items():
-            batch = producer.create_batch()
+            batch, n = producer.create_batch(), 0
             for key, value in items:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
-                    pending.append(await producer.send_batch(batch, topic, partition=partition))
-                    batch = producer.create_batch()
+                    pending.append(((topic, partition), n,
+                                    await producer.send_batch(batch, topic, partition=partition)))
+                    batch, n = producer.create_batch(), 0
                     batch.append(key=key, value=value, timestamp=None)
-            pending.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*pending)
-        return n
+                n += 1
+            pending.append(((topic, partition), n,
+                            await producer.send_batch(batch, topic, partition=partition)))
+        acked = await asyncio.gather(*(future for _, _, future in pending))
+        last: dict[tuple[str, int], int] = {}
+        for (tp, n, _), meta in zip(pending, acked):
+            base = getattr(meta, "offset", -1)
+            last[tp] = max(last.get(tp, -1), base + n - 1 if base is not None and base >= 0 else -1)
+        return last
 
     async def close(self) -> None:
         if self.producer is not None:

@@ -1,124 +1,202 @@
-"""Customer states kept in the table's store, written to its changelog once per micro-batch.
+"""Customer states of the partitions a worker owns, over its store, written to the state changelog
+once per micro-batch.
 
-Faust writes a changelog record on every table assignment, which costs more than the rest of an
-event's processing. Here an assignment updates the store only and remembers the customer; the
-flush writes each changed customer's newest state once, in faust's own record format, to the
-partition the customer lives in (the table is co-partitioned with `transactions`), together with
-the scores, and acknowledges the events only after the broker has both. A crash before that
-redelivers the events, which the offset watermark in each state makes harmless.
+Reads: a state changed since the last flush is held as an object until the broker has its
+changelog record; any other is decoded from the store when needed. No other per-customer object is
+kept, so memory does not grow with customers beyond what the store itself holds (bytes for
+`memory://`, nothing resident for `rocksdb://`).
+
+A flush: `take` encodes each changed state once, with the partition's own record
+(`PartitionMeta`), as changelog records to the partition the customer lives in (the changelog is
+co-partitioned with `transactions`); the worker publishes them with the scores, and once the broker
+has acknowledged them `written` puts the same bytes into the store with their changelog offset
+(one atomic write: see `stream.stores`). A failed publish puts the states back (`restore`), to go
+out with the next flush. The events behind them are acknowledged only after all that, so a crash
+anywhere redelivers them, which the offset watermark in each state makes harmless.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
 import json
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import Iterator
 
-from faust.serializers import codecs
+import msgspec
 
-from features.aggregate import CustomerState
-from features.state_record import decode_state, encode_state
+from features.aggregate import MAX_IDS, CustomerState
+from features.state_record import StateDecodeError, decode_state, encode_state
+from stream.stores import META_KEY, Store
 
-STATE_CODEC = "clv_state"
+log = logging.getLogger("clv.state")
+Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
+NEAR_BOUND = MAX_IDS * 9 // 10  # ids held from which a customer counts as near the state bound
+NEAR_BOUND_TRACKED = 10_000  # most customers the near-bound gauge remembers
 
 
 def encode_key(customer_id: str) -> bytes:
-    return json.dumps(customer_id).encode()  # what faust's "json" key serializer writes
+    return json.dumps(customer_id).encode()  # what faust's "json" key serializer wrote
 
 
-class StateCodec(codecs.Codec):
-    """Customer states travel through the changelog as `features.state_record` records."""
+@dataclass
+class PartitionMeta:
+    """The partition's own changelog record. `clock_ts` is its event-time clock (newest event);
+    every customer of the partition has a published score as of `scored_month` or later, from
+    model `model` or a later one. A takeover reads these instead of every score of the partition."""
 
-    def _dumps(self, obj: Any) -> bytes:
-        return encode_state(obj)
-
-    def _loads(self, s: bytes) -> Any:
-        return decode_state(s)
-
-
-codecs.register(STATE_CODEC, StateCodec())
+    clock_ts: int = 0
+    scored_month: int | None = None
+    model: str = ""
 
 
-class WriteBehindStates(MutableMapping[str, CustomerState]):
-    """Mapping access (`states[cid]`) is for event processing, where a partitioned store (rocksdb)
-    finds the partition from the event being processed; `read`, `put` and `partition_items` name
-    the partition, for flushes and takeovers, which run outside event processing."""
+_meta_decoder = msgspec.msgpack.Decoder(tuple[int, int | None, str])
 
-    def __init__(self, table: Any, changelog_topic: str) -> None:
-        self.store = table.data  # the table's store: recovery fills it from the changelog
-        self.topic = changelog_topic
-        self.pending: dict[str, CustomerState] = {}
-        # faust's rocksdb store keeps one database per partition (`_db_for_partition`).
-        self.partitioned = hasattr(self.store, "_db_for_partition")
 
-    def requeue(self, customer_id: str) -> None:
-        """Write the customer's current state to the changelog with the next batch."""
-        state = self.get(customer_id)
+def encode_meta(meta: PartitionMeta) -> bytes:
+    return b"\x01" + msgspec.msgpack.encode((meta.clock_ts, meta.scored_month, meta.model))
+
+
+def decode_meta(data: bytes) -> PartitionMeta:
+    if data[:1] != b"\x01":
+        raise StateDecodeError(f"unknown partition record format (first byte {data[:1]!r})")
+    try:
+        return PartitionMeta(*_meta_decoder.decode(memoryview(data)[1:]))
+    except msgspec.MsgspecError as exc:
+        raise StateDecodeError(f"not a partition record: {exc}") from None
+
+
+class PartitionStates:
+    """One partition's states, as the mapping its `Folder` folds into (`get` and assignment)."""
+
+    def __init__(self, store: Store, partition: int) -> None:
+        self.store, self.partition = store, partition
+        self.dirty: dict[str, CustomerState] = {}
+        self.inflight: list[tuple[bytes, bytes]] = []  # records taken, not yet acknowledged
+        self.held: dict[str, CustomerState] = {}  # the states behind them
+        self.meta_inflight = False
+        raw = store.get(partition, META_KEY)
+        self.meta = decode_meta(raw) if raw is not None else None
+        self.meta_dirty = False
+
+    def get(self, customer_id: str, default: None = None) -> CustomerState | None:
+        state = self.dirty.get(customer_id) or self.held.get(customer_id)
         if state is not None:
-            self.pending[customer_id] = state
-
-    def read(self, partition: int, customer_id: str) -> CustomerState:
-        if not self.partitioned:
-            return self.store[customer_id]
-        raw = self.store._db_for_partition(partition).get(self.store._encode_key(customer_id))
-        if raw is None:
-            raise KeyError(customer_id)
-        return self.store._decode_value(raw)
-
-    def put(self, partition: int, customer_id: str, state: CustomerState) -> None:
-        """Store without queueing a changelog record (the state came from the changelog)."""
-        if not self.partitioned:
-            self.store[customer_id] = state
-            return
-        self.store._db_for_partition(partition).put(self.store._encode_key(customer_id),
-                                                    self.store._encode_value(state))
-
-    def partition_items(self, partition: int) -> Iterator[tuple[str, CustomerState]]:
-        if not self.partitioned:
-            yield from ((c, s) for c, s in self.store.items() if s.partition == partition)
-            return
-        db = self.store._db_for_partition(partition)
-        for key, value in self.store._visible_items(db):
-            yield self.store._decode_key(key), self.store._decode_value(value)
+            return state
+        raw = self.store.get(self.partition, encode_key(customer_id))
+        return default if raw is None else decode_state(raw)
 
     def __getitem__(self, customer_id: str) -> CustomerState:
-        return self.store[customer_id]
+        state = self.get(customer_id)
+        if state is None:
+            raise KeyError(customer_id)
+        return state
 
     def __setitem__(self, customer_id: str, state: CustomerState) -> None:
-        self.store[customer_id] = state
-        self.pending[customer_id] = state
+        self.dirty[customer_id] = state
 
-    def __delitem__(self, customer_id: str) -> None:
-        raise TypeError("customer states are never deleted by the stream")
+    def customers(self) -> Iterator[str]:
+        """Every customer in the store, lazily (a new one is there after its first flush)."""
+        return (json.loads(k) for k in self.store.customer_keys(self.partition))
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.store.keys())
+    def set_meta(self, **changes: object) -> PartitionMeta:
+        meta = self.meta or PartitionMeta()
+        for name, value in changes.items():
+            setattr(meta, name, value)
+        self.meta, self.meta_dirty = meta, True
+        return meta
 
-    def __len__(self) -> int:
-        return len(self.store)
+    def take(self, topic: str) -> list[Record]:
+        records = []
+        for cid, state in self.dirty.items():
+            key, value = encode_key(cid), encode_state(state)
+            self.inflight.append((key, value))
+            self.held[cid] = state
+            records.append((topic, self.partition, key, value))
+        self.dirty = {}
+        if self.meta_dirty and self.meta is not None:
+            value = encode_meta(self.meta)
+            self.inflight.append((META_KEY, value))
+            records.append((topic, self.partition, META_KEY, value))
+            self.meta_dirty, self.meta_inflight = False, True
+        return records
 
-    def get(self, customer_id: str, default: Any = None) -> Any:
-        try:
-            return self.store[customer_id]
-        except KeyError:
-            return default
+    def written(self, offset: int) -> None:
+        """The taken records are in the changelog, the last at `offset`: store them."""
+        self.store.write(self.partition, self.inflight, offset)
+        self.inflight.clear()
+        self.held.clear()
+        self.meta_inflight = False
 
-    async def catch_up(self, settings: Any, partition: int, start: int) -> int:
-        """Apply changelog records from `start` to the partition's true end (faust's recovery
-        trusts ListOffsets, which the embedded broker can report short; a no-op on Kafka)."""
-        from stream.kafka_io import read_partition
+    def restore(self) -> None:
+        """The taken records may not be in the changelog: take them again next time."""
+        for cid, state in self.held.items():
+            self.dirty.setdefault(cid, state)
+        self.meta_dirty = self.meta_dirty or self.meta_inflight
+        self.inflight.clear()
+        self.held.clear()
+        self.meta_inflight = False
 
-        n = 0
-        async for records in read_partition(settings, self.topic, partition, start):
-            for rec in records:
-                if rec.key is not None and rec.value is not None:
-                    self.put(partition, json.loads(rec.key), decode_state(rec.value))
-                    n += 1
-        return n
 
-    def take_records(self) -> list[tuple[str, int, bytes, bytes]]:
-        """The changelog records of every state changed since the last call, one per customer,
-        to the partition the customer lives in."""
-        pending, self.pending = self.pending, {}
-        return [(self.topic, state.partition, encode_key(cid), encode_state(state))
-                for cid, state in pending.items()]
+class States:
+    """The partitions' states of one worker, over one store and one changelog topic."""
+
+    def __init__(self, store: Store, topic: str) -> None:
+        self.store, self.topic = store, topic
+        self.partitions: dict[int, PartitionStates] = {}
+        self.near_bound: set[str] = set()
+        self.largest_record = 0
+
+    def open(self, partition: int) -> PartitionStates:
+        """The partition's states, once the store holds its changelog (after recovery)."""
+        states = self.partitions.get(partition)
+        if states is None:
+            states = self.partitions[partition] = PartitionStates(self.store, partition)
+        return states
+
+    def forget(self, partition: int) -> None:
+        """A revoked partition: its changes were flushed; the store keeps its records until the
+        rebalance says whether the partition stays (`close_unowned`)."""
+        self.partitions.pop(partition, None)
+
+    def close_unowned(self, owned: set[int]) -> None:
+        for partition in self.store.opened() - owned:
+            self.store.close(partition)
+
+    def take(self) -> list[Record]:
+        records: list[Record] = []
+        for states in self.partitions.values():
+            for cid, state in states.dirty.items():
+                self._watch(cid, state)
+            records += states.take(self.topic)
+        for _topic, _p, _key, value in records:
+            self.largest_record = max(self.largest_record, len(value))
+        return records
+
+    def written(self, offsets: dict[int, int]) -> None:
+        for partition, states in self.partitions.items():
+            if states.inflight:
+                states.written(offsets.get(partition, -1))
+
+    def restore(self) -> None:
+        for states in self.partitions.values():
+            states.restore()
+
+    def find(self, customer_id: str) -> tuple[int, CustomerState] | None:
+        """The customer's partition and state, in whichever owned partition holds it."""
+        for partition, states in self.partitions.items():
+            state = states.get(customer_id)
+            if state is not None:
+                return partition, state
+        return None
+
+    def _watch(self, customer_id: str, state: CustomerState) -> None:
+        """Customers near the id bound: counted for the gauge, each logged once."""
+        if state.n_ids < NEAR_BOUND:
+            self.near_bound.discard(customer_id)
+        elif customer_id not in self.near_bound and len(self.near_bound) < NEAR_BOUND_TRACKED:
+            self.near_bound.add(customer_id)
+            log.warning("customer %s holds %d event and invoice ids, near the state bound of %d: "
+                        "past it the oldest are forgotten (%d so far), so a re-published duplicate "
+                        "or a split invoice older than the newest %d ids would count again; "
+                        "invoices arriving in one event each still count exactly", customer_id,
+                        state.n_ids, MAX_IDS, state.ids_forgotten, MAX_IDS)

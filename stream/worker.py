@@ -1,8 +1,8 @@
 """The faust worker: validate, fold into per-customer state, rescore in micro-batches, publish.
 
-Exactness: every customer state lives in a changelog-backed table co-partitioned with
-`transactions` and remembers the highest offset (and, for the window's months, the event ids) it
-has applied, so a redelivered event changes nothing. Events are acknowledged only after the
+Exactness: every customer state lives in a store backed by a changelog co-partitioned with
+`transactions` (stream.state_writes, stream.stores) and remembers the highest offset (and keys of
+the window's event ids) it has applied, so a redelivered event changes nothing. Events are acknowledged only after the
 scores of the customers they touched have been handed to the producer, and faust flushes the
 producer before it commits offsets: a crash before that point redelivers the events, which mark
 their customers dirty again (even when already applied), so no score is lost either.
@@ -11,12 +11,14 @@ Time: each partition keeps an event-time clock (its newest event). Scores are as
 When it enters a new month every customer of the partition is rescored, in batches, between
 events.
 
-Taking over a partition (after its table partition is recovered): the clock is rebuilt from its
-states, and the latest-score table is rebuilt from the compacted `clv-scores` partition (the
-table's changelog, in effect). Customers with no score, or a score as of an earlier month than
-the clock (a month-turn rescoring the previous owner did not finish), are rescored. Customers
-scored by another model version are left alone: a new model reaches them lazily with their
-next event, or all at once with `clv rescore-all` (a command per partition on the control topic).
+Taking over a partition: its store is brought up to the changelog (stream.recovery: the whole
+partition into an empty store, only the tail into a rocksdb directory of its own), then the
+partition's own changelog record gives the clock and the month every customer has a score for;
+when that month is earlier than the clock (a month-turn rescoring the previous owner did not
+finish), every customer of the partition is rescored. Nothing is read from `clv-scores`.
+Customers scored by another model version are left alone: a new model reaches them lazily with
+their next event, or all at once with `clv rescore-all` (a command per partition on the control
+topic).
 """
 
 from __future__ import annotations
@@ -24,30 +26,30 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import itertools
 import logging
 import time
-from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 import faust
 from faust.exceptions import NotReady
-from aiokafka import TopicPartition
 
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, Folder, contribution, month_of
 from features.contract import Invalid, Reason, TransactionEvent, validate
-from features.scores import ScoreRecord, as_dict, encode_score, parse_score
+from features.scores import as_dict, encode_score
 from stream.auth import guard, is_loopback, require_token
-from stream.kafka_io import read_partition
 from stream.metrics import Metrics
-from stream.scoring import assemble, prepare
+from stream.scoring import assemble, prepare, score_states
 from stream.publisher import BatchPublisher, Record
+from stream.recovery import recover
 from stream.settings import Settings
-from stream.state_writes import STATE_CODEC, WriteBehindStates
+from stream.state_writes import PartitionStates, States
+from stream.stores import open_store
 
 log = logging.getLogger("clv.worker")
-CATCH_UP_MARGIN = 10_000  # changelog records re-read before recovery's end (many producer batches)
 PROBE_PATHS = frozenset({"/health", "/ready"})  # open to orchestrators' probes on any address
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
 
@@ -64,23 +66,31 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
+@dataclass
+class Rescan:
+    """A rescoring of every customer of a partition (month turn, takeover, rescore-all), walked
+    from the store in chunks so intake goes on meanwhile and no list of customers is held."""
+
+    month: int | None  # every customer is scored as of this month or later once it is done
+    customers: Iterator[str]
+    remaining: int  # an estimate, for the backlog gauge
+
+
 class Rescorer:
     """Dirty customers per partition, flushed at `batch_size` customers or `batch_wait_ms`."""
 
     def __init__(self, app: faust.App, settings: Settings, artifact: Artifact,
-                 states: WriteBehindStates, metrics: Metrics) -> None:
+                 states: States, metrics: Metrics) -> None:
         self.app, self.settings, self.artifact, self.states = app, settings, artifact, states
         self.publisher = BatchPublisher(settings)
         self.metrics = metrics
         self.folders: dict[int, Folder] = {}
         self.clock_ts: dict[int, int] = {}
-        self.members: dict[int, set[str]] = {}
         self.dirty: dict[int, dict[str, float]] = {}  # partition -> customer -> first dirty time
-        self.backlog: dict[int, deque[str]] = {}  # month-turn / assignment rescoring, in chunks
+        self.backlog: dict[int, Rescan] = {}  # month-turn / takeover / rescore-all rescoring
         self.pending_acks: list[Any] = []
         self.position: dict[int, int] = {}  # next offset to process, per partition (for lag)
         self.oldest_dirty: float | None = None
-        self.latest: dict[str, ScoreRecord] = {}  # the latest-score table, per customer
         self.taken: set[int] = set()  # partitions whose takeover has run
         self.taking: dict[int, asyncio.Future[None]] = {}
         self.flushing: asyncio.Future[None] | None = None
@@ -89,25 +99,10 @@ class Rescorer:
         self.stopping = False  # set at shutdown: nothing is acknowledged after the final flush
 
     # -- partitions -----------------------------------------------------------------------
-    def folder(self, partition: int) -> Folder:
-        """The partition's folder, rebuilt from its states the first time it is seen."""
-        folder = self.folders.get(partition)
-        if folder is None:
-            members: set[str] = set()
-            newest = 0
-            for cid, s in self.states.partition_items(partition):  # members and the clock
-                members.add(cid)
-                newest = max(newest, s.newest_ts or 0)
-            self.members[partition] = members
-            self.clock_ts[partition] = newest
-            clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
-            folder = self.folders[partition] = Folder(self.artifact.window, self.states, clock)
-        return folder
-
     async def take_over(self, partition: int) -> None:
-        """Once per assignment, before any event of the partition is applied: complete the
-        table partition, rebuild the clock and latest scores, queue customers whose score is
-        missing or older than the clock's month."""
+        """Once per assignment, before any event of the partition is applied: recover its
+        states, set its clock, queue a rescoring when the partition's scores are older than it.
+        Returns quietly when the partition is revoked meanwhile."""
         if partition in self.taken:
             return
         task = self.taking.get(partition)
@@ -115,75 +110,63 @@ class Rescorer:
             task = self.taking[partition] = asyncio.ensure_future(self._take_over(partition))
         try:
             await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # we were cancelled, not the takeover
         finally:
-            self.taking.pop(partition, None)
+            if task.done():
+                self.taking.pop(partition, None)
 
     async def _take_over(self, partition: int) -> None:
-        recovered_to = self.app.tables.recovery.active_offsets.get(
-            TopicPartition(self.states.topic, partition), -1)
-        # Re-applying records recovery already applied is harmless (in order, newest wins); start
-        # well before its end so the records of the last producer batch are surely included.
-        caught_up = await self.states.catch_up(self.settings, partition,
-                                               recovered_to - CATCH_UP_MARGIN)
-        folder = self.folder(partition)
-        loaded = await self._load_scores(partition)
-        members = self.members[partition]
-        stale, other_model = [], 0
-        for cid in members:
-            score = self.latest.get(cid)
-            if score is None or folder.clock is None or month_of(
-                    datetime.fromisoformat(score.as_of)) < folder.clock:
-                stale.append(cid)
-            elif score.model_version != self.artifact.version:
-                other_model += 1
-        self.backlog.setdefault(partition, deque()).extend(sorted(stale))
+        got = await recover(self.states.store, self.settings, self.states.topic, partition)
+        self.metrics.recovered_records += got.records
+        self.metrics.recovery_seconds += got.seconds
+        states = self.states.open(partition)
+        meta = states.meta
+        customers = self.states.store.count(partition)
+        if meta is None:  # a changelog written before partition records: read every state
+            newest = max((s.newest_ts or 0 for s in map(states.__getitem__, states.customers())),
+                         default=0)
+            scored_month, model = None, ""
+        else:
+            newest, scored_month, model = meta.clock_ts, meta.scored_month, meta.model
+        self.clock_ts[partition] = newest
+        clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
+        self.folders[partition] = Folder(self.artifact.window, states, clock)
+        stale = clock is not None and customers > 0 and (scored_month is None or scored_month < clock)
+        if stale:
+            self._rescan(partition, clock)
         self.taken.add(partition)
-        log.info("partition %d taken over: %d customers (%d changelog records re-read after "
-                 "recovery), clock %s, %d scores read back; rescoring %d without a current "
-                 "score%s", partition, len(members), caught_up, self._as_of(partition).isoformat(),
-                 loaded, len(stale),
-                 f"; {other_model} carry another model version (rescored on their next event or "
-                 f"by `clv rescore-all`)" if other_model else "")
+        log.info("partition %d taken over: %d customers, %d changelog records from offset %d in "
+                 "%.2fs (%.0f/s), clock %s; %s%s", partition, customers, got.records, got.start,
+                 got.seconds, got.per_second, self._as_of(partition).isoformat(),
+                 f"rescoring all, their scores being as of {scored_month} before month {clock}"
+                 if stale else "scores current",
+                 f"; its customers carry another model version ({model}; rescored on their next "
+                 f"event or by `clv rescore-all`)" if model and model != self.artifact.version
+                 else "")
 
-    async def _load_scores(self, partition: int) -> int:
-        """Newest score per customer from the compacted scores topic, up to its current end."""
-        n = 0
-        found: dict[str, ScoreRecord] = {}
-        async for records in read_partition(self.settings, self.settings.scores_topic, partition):
-            for rec in records:
-                n += 1
-                if rec.key is None:
-                    continue
-                cid = rec.key.decode("utf-8", "replace")
-                if rec.value is None:  # tombstone: the customer's score was deleted
-                    found.pop(cid, None)
-                    continue
-                score = parse_score(rec.value)
-                if isinstance(score, str):  # rescored as if it had none
-                    log.warning("unusable score at %s[%d]@%d: %s", rec.topic, partition,
-                                rec.offset, score)
-                    found.pop(cid, None)
-                else:
-                    found[cid] = score
-        for cid, score in found.items():  # scores published since the takeover began are newer
-            self.latest.setdefault(cid, score)
+    def _rescan(self, partition: int, month: int | None) -> int:
+        """Queue every customer of the partition for rescoring (replacing a rescan under way)."""
+        states = self.states.open(partition)
+        n = self.states.store.count(partition)
+        self.backlog[partition] = Rescan(month, states.customers(), n)
         return n
 
     def rescore_all(self, partition: int) -> int:
         """Queue every customer of the partition (a model rollout)."""
-        if partition not in self.folders:
-            return 0
-        members = sorted(self.members.get(partition, ()))
-        self.backlog.setdefault(partition, deque()).extend(members)
-        return len(members)
+        folder = self.folders.get(partition)
+        return 0 if folder is None else self._rescan(partition, folder.clock)
 
     def forget(self, partitions: set[int]) -> None:
         """Revoked partitions: their unacked events go to the new owner, which rescores them."""
         for p in partitions:
-            for cid in self.members.get(p, ()):
-                self.latest.pop(cid, None)
-            for d in (self.folders, self.clock_ts, self.members, self.dirty, self.backlog):
+            task = self.taking.pop(p, None)
+            if task is not None:
+                task.cancel()
+            for d in (self.folders, self.clock_ts, self.dirty, self.backlog):
                 d.pop(p, None)
+            self.states.forget(p)
             self.taken.discard(p)
 
     def _as_of(self, partition: int) -> datetime:
@@ -191,23 +174,22 @@ class Rescorer:
 
     # -- intake -----------------------------------------------------------------------------
     def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
-        folder = self.folder(partition)
+        folder = self.folders[partition]
         before = folder.clock
         outcome = folder.add(event.customer_id, contribution(event), partition, offset)
         if outcome == Applied.TOO_LATE:
             return outcome
         ts = int(event.ts.timestamp())
+        states: PartitionStates = folder.states  # type: ignore[assignment]
         if ts > self.clock_ts.get(partition, 0):
             self.clock_ts[partition] = ts
-        self.members.setdefault(partition, set()).add(event.customer_id)
-        if before is not None and folder.clock is not None and folder.clock > before:
+            states.set_meta(clock_ts=ts)
+        if before is None:  # the partition's first event: no customer has an older score
+            states.set_meta(scored_month=folder.clock, model=self.artifact.version)
+        elif folder.clock is not None and folder.clock > before:
+            n = self._rescan(partition, folder.clock)
             log.info("partition %d entered %s: rescoring its %d customers", partition,
-                     self._as_of(partition).strftime("%Y-%m"), len(self.members[partition]))
-            self.backlog.setdefault(partition, deque()).extend(sorted(self.members[partition]))
-        if outcome != Applied.APPLIED:
-            # Redelivered after a crash: a persistent store may hold its effect while the
-            # changelog does not yet; write the state again with this batch.
-            self.states.requeue(event.customer_id)
+                     self._as_of(partition).strftime("%Y-%m"), n)
         # Applied or not, its customer's score may not be out yet.
         self.mark(partition, event.customer_id)
         return outcome
@@ -236,11 +218,16 @@ class Rescorer:
         async with self.lock:
             dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
             acks, self.pending_acks = self.pending_acks, []
-            records = self.states.take_records()
-            for partition, customers in dirty.items():
-                if partition in self.folders:
-                    records += await self._score(partition, customers)
-            await self._send(records, dirty)
+            records = self.states.take()
+            try:
+                for partition, customers in dirty.items():
+                    if partition in self.folders:
+                        records += await self._score(partition, customers)
+                offsets = await self._send(records, dirty)
+            except BaseException:
+                self.states.restore()  # their changelog records go out with the next flush
+                raise
+            self.states.written({p: o for (t, p), o in offsets.items() if t == self.states.topic})
             for event in acks:
                 await self.stream.ack(event)
 
@@ -251,25 +238,30 @@ class Rescorer:
             self.flushing.add_done_callback(_log_failure)
 
     async def drain_backlog(self) -> None:
-        """One chunk of month-turn/assignment rescoring per call, so intake keeps going."""
-        for partition, queue in list(self.backlog.items()):
-            if not queue:
-                self.backlog.pop(partition, None)
-                continue
-            chunk = [queue.popleft() for _ in range(min(self.settings.batch_size, len(queue)))]
+        """One chunk of month-turn/takeover rescoring per call, so intake keeps going; a rescan
+        done is recorded in the partition's changelog record with the next flush."""
+        for partition, rescan in list(self.backlog.items()):
+            chunk = list(itertools.islice(rescan.customers, self.settings.batch_size))
+            rescan.remaining = max(rescan.remaining - len(chunk), 1)
             async with self.lock:
-                if partition in self.folders:
+                if chunk and partition in self.folders:
                     await self._send(await self._score(partition, dict.fromkeys(chunk)), {})
+            if len(chunk) < self.settings.batch_size and self.backlog.get(partition) is rescan:
+                del self.backlog[partition]
+                self.states.open(partition).set_meta(scored_month=rescan.month,
+                                                     model=self.artifact.version)
             return
 
-    async def _send(self, records: list[Record], dirty: dict[int, dict[str, float]]) -> None:
+    async def _send(self, records: list[Record],
+                    dirty: dict[int, dict[str, float]]) -> dict[tuple[str, int], int]:
         started = time.perf_counter()
-        await self.publisher.publish(records)
+        offsets = await self.publisher.publish(records)
         now = time.monotonic()
         for customers in dirty.values():
             for since in customers.values():
                 self.metrics.freshness.observe(now - since)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
+        return offsets
 
     async def _score(self, partition: int, customers: dict[str, float | None]) -> list[Record]:
         """Score records for the customers, to the partition they live in (so `clv-scores` is
@@ -278,7 +270,7 @@ class Rescorer:
         meanwhile; a small one (a few ms) runs inline, cheaper than the hand-off."""
         started = time.perf_counter()
         ids = list(customers)
-        states = [self.states.read(partition, c) for c in ids]
+        states = [self.states.open(partition)[c] for c in ids]
         # One clock for the batch: the partition's clock moves on while the model runs in a
         # thread, and a score must carry the as_of its fields were measured at.
         as_of = self._as_of(partition)
@@ -291,7 +283,6 @@ class Rescorer:
         topic = self.settings.scores_topic
         records: list[Record] = []
         for score, cid in zip(scores, ids):
-            self.latest[cid] = score
             records.append((topic, partition, cid.encode(), encode_score(score)))
         self.metrics.rescored += len(ids)
         self.metrics.batch_size.observe(len(ids))
@@ -334,7 +325,7 @@ def _web_options(settings: Settings) -> dict[str, Any]:
 
 
 def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App:
-    """The faust app with its topics, table, agent, timer and web views."""
+    """The faust app with its topics, state store, agent, timer and web views."""
     web_options = _web_options(settings)
     artifact = artifact or Artifact.load(settings.model_dir or None)
     _set_fetch_wait(settings.fetch_wait_ms)
@@ -346,7 +337,6 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         settings.app_id,
         broker=[f"kafka://{h.strip()}" for h in settings.bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
-        store=settings.store,
         datadir=settings.data_dir,
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
@@ -371,14 +361,13 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
               partitions=settings.partitions)
     control = app.topic(settings.control_topic, key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
-    changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="json",
-                          value_serializer=STATE_CODEC, partitions=settings.partitions,
-                          compacting=True)
-    table = app.Table("customer-state", default=None, partitions=settings.partitions,
-                      changelog_topic=changelog)
-    table.value_serializer = STATE_CODEC  # faust takes serializers from model types only
+    # The state changelog keeps the name and key encoding of the faust table it replaces, so a
+    # changelog written by an earlier worker recovers into the new store.
+    changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="raw",
+                          value_serializer="raw", partitions=settings.partitions, compacting=True)
     metrics = Metrics()
-    states = WriteBehindStates(table, changelog.get_topic_name())
+    states = States(open_store(settings.store, settings.data_dir, changelog.get_topic_name()),
+                    changelog.get_topic_name())
     rescorer = Rescorer(app, settings, artifact, states, metrics)
     app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
     ready = asyncio.Event()
@@ -405,6 +394,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             msg = event.message
             if msg.partition not in rescorer.taken:
                 await rescorer.take_over(msg.partition)
+                if msg.partition not in rescorer.taken:
+                    continue  # revoked meanwhile: left unacknowledged for its next owner
             metrics.events_in += 1
             rescorer.position[msg.partition] = msg.offset + 1
             raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
@@ -458,7 +449,9 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     async def refresh_gauges() -> None:
         """Gauges are read when scraped, not kept current on every tick."""
         metrics.dirty = rescorer.dirty_count()
-        metrics.backlog = sum(len(q) for q in rescorer.backlog.values())
+        metrics.backlog = sum(r.remaining for r in rescorer.backlog.values())
+        metrics.near_bound = len(states.near_bound)
+        metrics.largest_record = states.largest_record
         metrics.partitions = len(rescorer.folders)
         lag = {}
         try:
@@ -481,11 +474,14 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
 
     @app.on_rebalance_complete.connect
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
-        # Tables are recovered by now: take over every assigned partition at once (clock, and a
-        # rescore of its customers), not only when its next event arrives, which may be never.
-        for tp in app.consumer.assignment():
-            if tp.topic == settings.transactions_topic:
-                await rescorer.take_over(tp.partition)
+        # Sent before faust resumes the partitions: recover and take over every assigned
+        # partition now (as faust recovers its tables), not only when its next event arrives,
+        # which may be never. Partitions this worker no longer owns release their store.
+        await changelog.maybe_declare()
+        owned = {tp.partition for tp in app.consumer.assignment()
+                 if tp.topic == settings.transactions_topic}
+        states.close_unowned(owned)
+        await asyncio.gather(*(rescorer.take_over(p) for p in owned))
         ready.set()
 
     @app.task
@@ -512,10 +508,12 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
 
     @app.page("/customers/{customer_id}")
     async def customer(web: Any, request: Any, customer_id: str) -> Any:
-        state = table.get(customer_id)
-        if state is None:
+        found = states.find(customer_id)
+        if found is None:
             return web.json({"error": f"customer {customer_id} not on this worker"}, status=404)
+        partition, state = found
         spend, units, invoices = state.totals()
+        score = score_states(artifact, [state], rescorer._as_of(partition))[0]
         return web.json({
             "customer_id": customer_id,
             "aggregates": {
@@ -523,8 +521,9 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                                     "invoices": a.n_invoices} for m, a in sorted(state.months.items())},
                 "lifetime_spend": spend / 100, "lifetime_units": units, "lifetime_invoices": invoices,
                 "partition": state.partition, "offset": state.offset,
+                "ids_held": state.n_ids, "ids_forgotten": state.ids_forgotten,
             },
-            "score": as_dict(score) if (score := rescorer.latest.get(customer_id)) else None,
+            "score": as_dict(score),  # as of the partition's clock: what it publishes next
         })
 
     @app.on_before_shutdown.connect
@@ -538,5 +537,6 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             await rescorer.flush()
         rescorer.stopping = True
         await rescorer.publisher.close()
+        states.store.close_all()  # rocksdb: a restart on this directory replays only the tail
 
     return app
