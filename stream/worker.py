@@ -37,7 +37,7 @@ import faust
 from faust.exceptions import NotReady
 
 from export_onnx.artifact import Artifact
-from features.aggregate import Applied, Folder, contribution, month_of
+from features.aggregate import Applied, Folder, contribution, month_of, month_start
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from features.scores import as_dict, encode_score
 from stream.auth import guard, is_loopback, require_token
@@ -139,9 +139,9 @@ class Rescorer:
         self.taken.add(partition)
         log.info("partition %d taken over: %d customers, %d changelog records from offset %d in "
                  "%.2fs (%.0f/s), clock %s; %s%s", partition, customers, got.records, got.start,
-                 got.seconds, got.per_second, self._as_of(partition).isoformat(),
-                 f"rescoring all, their scores being as of {scored_month} before month {clock}"
-                 if stale else "scores current",
+                 got.seconds, got.per_second, self._as_of(partition).isoformat() if newest else "unset",
+                 f"rescoring all, their scores being as of {_month_text(scored_month)}, before "
+                 f"{_month_text(clock)}" if stale else "scores current",
                  f"; its customers carry another model version ({model}; rescored on their next "
                  f"event or by `clv rescore-all`)" if model and model != self.artifact.version
                  else "")
@@ -288,6 +288,10 @@ class Rescorer:
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         return records
+
+
+def _month_text(month: int | None) -> str:
+    return "no month" if month is None else month_start(month).strftime("%Y-%m")
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
