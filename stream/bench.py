@@ -407,44 +407,150 @@ def _torch_twin(artifact: Any) -> Any:
 
 
 # -- state --------------------------------------------------------------------------------
+STATE_HISTORY = ("2009-12-01", "2011-12-09")  # two years of the synthetic generator's shop
+STATE_CUTOFF = datetime(2011, 12, 4, tzinfo=timezone.utc)  # history before, live traffic after
+
+
+def state_history(customers: int, window: int, partitions: int, seed: int = 11
+                  ) -> tuple[dict[int, list[Any]], list[TransactionEvent]]:
+    """Two years of invoices of the first `customers` customers to buy (features.synthetic),
+    folded with the stream's own fold up to STATE_CUTOFF into the changelog a worker would leave
+    (one record per customer, and each partition's own record, on the partition the customer's
+    key maps to); and the invoices after the cutoff (same month: no month turn), to publish live."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from features.aggregate import Folder, contribution, month_of
+    from features.state_record import encode_state
+    from features.synthetic import invoice_events
+    from stream.state_writes import PartitionMeta, encode_key, encode_meta
+    from stream.stores import META_KEY
+
+    folder = Folder(window)
+    live: list[TransactionEvent] = []
+    kept: set[str] = set()
+    for ev in invoice_events(customers * 8 // 5, customers * 8, seed, *STATE_HISTORY):
+        if ev.customer_id not in kept:
+            if len(kept) >= customers:
+                continue
+            kept.add(ev.customer_id)
+        if ev.ts > STATE_CUTOFF:
+            live.append(ev)
+        else:
+            folder.add(ev.customer_id, contribution(ev))
+    partitioner = DefaultPartitioner()
+    every = list(range(partitions))
+    records: dict[int, list[Any]] = {p: [] for p in every}
+    clock = {p: 0 for p in every}
+    for cid, st in folder.states.items():  # type: ignore[attr-defined]
+        p = partitioner(cid.encode(), every, every)
+        records[p].append((encode_key(cid), encode_state(st)))
+        clock[p] = max(clock[p], st.newest_ts or 0)
+    for p in every:
+        month = month_of(datetime.fromtimestamp(clock[p], timezone.utc))
+        records[p].append((META_KEY, encode_meta(PartitionMeta(clock[p], month, ""))))
+    return records, live
+
+
+def _state_worker(env: dict[str, str], log: Path) -> tuple[WorkerProcess, float, dict[str, float]]:
+    worker = WorkerProcess(env, log)
+    try:
+        ready = worker.wait_ready(timeout=1800)
+        return worker, ready, worker.metrics()
+    except BaseException:
+        worker.stop()
+        raise
+
+
 def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path) -> dict[str, Any]:
-    """RSS growth per 100k customers held, and how long a restarted worker takes to recover
-    that state from the changelog, per table store."""
-    events = synthetic_events(customers, customers, seed=11, span_days=20)
-    out: dict[str, Any] = {"customers": customers, "stores": {}}
+    """Per store: resident memory per 100k customers held (recovered from a changelog of
+    realistic histories, then live traffic), recovery into a new process with an empty state
+    directory, and a restart on its own directory after a clean stop."""
+    from export_onnx.artifact import Artifact
+    from stream.publisher import BatchPublisher
+
+    partitions = 4
+    records, live = state_history(customers, Artifact.load(None).window, partitions)
+    n_records = sum(len(r) for r in records.values())
+    out: dict[str, Any] = {"customers": customers, "changelog_records": n_records,
+                           "history": f"{STATE_HISTORY[0]}..{STATE_CUTOFF.date()}",
+                           "live_events": len(live), "stores": {}}
     with broker(bootstrap, workdir) as servers:
         for store in stores:
-            settings = fresh_settings(servers, 4)
-            asyncio.run(ensure_topics(settings, all_topics(settings)))
-            env = worker_env(settings, workdir, CLV_STORE=store)
-            worker = WorkerProcess(env, workdir / f"state-{store.split(':')[0]}-1.log")
+            name = store.split(":")[0]
+            # The same worker holding nothing, on topics of its own, fed the same live invoices
+            # (so the model's and the clients' own memory is in both figures).
+            empty = fresh_settings(servers, partitions)
+            asyncio.run(ensure_topics(empty, all_topics(empty)))
+            worker, _, _ = _state_worker(_state_env(empty, workdir, store, "-empty"),
+                                         workdir / f"state-{name}-empty.log")
             try:
-                worker.wait_ready()
-                time.sleep(2)
-                base = worker.rss_mb()
-                asyncio.run(publish(settings, events, len(events), progress=False))
-                deadline = time.monotonic() + 1800
-                while not (worker.metrics().get("clv_events_in_total", 0) >= customers
-                           and idle(worker.metrics())):
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"worker did not finish; see {worker.log}")
-                    time.sleep(0.2)
-                held = worker.rss_mb()
+                base = _feed(worker, empty, live)
             finally:
                 worker.stop()
-            # A new process with an empty state directory: everything comes from the changelog.
-            env2 = {**env, "CLV_DATA_DIR": env["CLV_DATA_DIR"] + "-restart"}
-            again = WorkerProcess(env2, workdir / f"state-{store.split(':')[0]}-2.log")
+            settings = fresh_settings(servers, partitions)
+            changelog = f"{settings.app_id}-customer-state-changelog"
+            asyncio.run(ensure_topics(settings, {**all_topics(settings),
+                                                 changelog: {"cleanup.policy": "compact"}}))
+            asyncio.run(_publish_records(BatchPublisher(settings), changelog, records))
+            env = _state_env(settings, workdir, store)
+            worker, recovery, m = _state_worker(env, workdir / f"state-{name}-recover.log")
             try:
-                recovery = again.wait_ready(timeout=1800)
+                recovered = m.get("clv_state_recovered_records_total", 0)
+                took = m.get("clv_state_takeover_seconds", 0)
+                held = _feed(worker, settings, live)
             finally:
+                worker.stop()
+            # A clean stop, then the same directory again (memory:// has nothing to reopen), twice:
+            # the embedded broker numbers a group's first generation 0, for which the client does
+            # not send LeaveGroup, so the first restart also waits out the old member's session
+            # (Kafka starts at 1: every clean stop leaves the group). The second is the figure.
+            restarts = []
+            for k in (1, 2):
+                again, restart, m2 = _state_worker(env, workdir / f"state-{name}-restart{k}.log")
                 again.stop()
+                restarts.append(restart)
             out["stores"][store] = {
                 "rss_base_mb": round(base, 1), "rss_held_mb": round(held, 1),
                 "mb_per_100k_customers": round((held - base) * 100_000 / customers, 1),
                 "recovery_seconds": round(recovery, 2),
+                "recovered_records": int(recovered),
+                "recovery_records_per_s": round(recovered / took) if took else None,
+                "records_per_s_to_ready": round(recovered / recovery) if recovery else None,
+                "restart_seconds": round(restart, 2),
+                "first_restart_seconds": round(restarts[0], 2),
+                "restart_records": int(m2.get("clv_state_recovered_records_total", 0)),
+                "restart_takeover_seconds": round(m2.get("clv_state_takeover_seconds", 0), 2),
             }
     return out
+
+
+def _state_env(settings: Settings, workdir: Path, store: str, tag: str = "") -> dict[str, str]:
+    # The embedded broker holds a JoinGroup for half the session timeout, which would be most
+    # of every start at the default 30 s: the figures here are about state.
+    return worker_env(settings, workdir, CLV_STORE=store, CLV_SESSION_TIMEOUT_S="10",
+                      CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"))
+
+
+def _feed(worker: WorkerProcess, settings: Settings, live: list[TransactionEvent]) -> float:
+    """Publish the live invoices, wait until the worker has scored them; its RSS then, in MB."""
+    asyncio.run(publish(settings, live, len(live), progress=False))
+    deadline = time.monotonic() + 1800
+    while not (worker.metrics().get("clv_events_in_total", 0) >= len(live)
+               and idle(worker.metrics())):
+        if time.monotonic() > deadline:
+            raise BenchError(f"worker did not finish; see {worker.log}")
+        time.sleep(0.2)
+    time.sleep(1)
+    return worker.rss_mb()
+
+
+async def _publish_records(publisher: Any, topic: str, records: dict[int, list[Any]]) -> None:
+    try:
+        for p, items in records.items():
+            for i in range(0, len(items), 20_000):
+                await publisher.publish((topic, p, k, v) for k, v in items[i:i + 20_000])
+    finally:
+        await publisher.close()
 
 
 def workdir_for(path: str | None) -> Path:

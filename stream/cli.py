@@ -377,10 +377,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"the worker flushes at {result['worker_batch_size']} customers")
     else:
         result = bench.state(args.customers, args.stores, bootstrap, workdir)
+        print(f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
+              f"(history {result['history']}), then {result['live_events']:,} live invoices")
         for store, r in result["stores"].items():
             print(f"  {store:<12} {r['mb_per_100k_customers']:>8.1f} MB per 100k customers "
-                  f"(RSS {r['rss_base_mb']} -> {r['rss_held_mb']} MB), recovery of "
-                  f"{args.customers:,} customers {r['recovery_seconds']:.1f}s")
+                  f"(RSS {r['rss_base_mb']} -> {r['rss_held_mb']} MB); new process, empty "
+                  f"directory: ready in {r['recovery_seconds']:.1f}s, recovery "
+                  f"{r['recovery_records_per_s'] or 0:,.0f} records/s; restart on its own "
+                  f"directory: ready in {r['restart_seconds']:.1f}s ({r['restart_records']:,} "
+                  f"records replayed)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -472,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, doc in (("throughput", "raw aiokafka vs bare faust agent vs the full worker path"),
                       ("latency", "event time to score readable, at steady publish rates"),
                       ("scoring", "onnxruntime (and torch) customers/s by batch size"),
-                      ("state", "memory per customer held and recovery time, per store")):
+                      ("state", "memory per customer held, recovery and restart time, per store")):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")

@@ -43,7 +43,8 @@ class Metrics:
         self.backlog = 0  # customers waiting for a month-turn/assignment rescore
         self.partitions = 0  # transactions partitions recovered and owned
         self.recovered_records = 0  # state changelog records read by recoveries
-        self.recovery_seconds = 0.0  # time spent reading them
+        self.recovery_seconds = 0.0  # time spent reading them, summed over partitions
+        self.takeover_seconds = 0.0  # wall time of the last rebalance's takeovers (recoveries)
         self.near_bound = 0  # customers whose state holds nearly its bound of ids
         self.largest_record = 0  # bytes of the largest state record written
         self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
@@ -84,6 +85,8 @@ class Metrics:
                 "# HELP clv_state_recovery_seconds_total seconds spent recovering state from the changelog",
                 "# TYPE clv_state_recovery_seconds_total counter",
                 f"clv_state_recovery_seconds_total {self.recovery_seconds}",
+                "# HELP clv_state_takeover_seconds wall time the last rebalance's takeovers took",
+                "# TYPE clv_state_takeover_seconds gauge", f"clv_state_takeover_seconds {self.takeover_seconds}",
                 "# HELP clv_state_near_bound_customers customers holding 90% or more of the state's id bound",
                 "# TYPE clv_state_near_bound_customers gauge",
                 f"clv_state_near_bound_customers {self.near_bound}",

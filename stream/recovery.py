@@ -46,6 +46,8 @@ async def recover(store: Store, settings: Settings, topic: str, partition: int) 
                         partition, start - 1, end)
             store.wipe(partition)
             start = 0
+        elif start == end:  # nothing written since (a restart after a clean stop)
+            return Recovered(partition, start, 0, time.perf_counter() - started)
     n = 0
     async for records in read_partition(settings, topic, partition, start):
         if records:

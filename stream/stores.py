@@ -26,9 +26,9 @@ CUSTOMER_PREFIX = b'"'  # customer keys are JSON strings (what faust's "json" ke
 
 # rocksdb memory, shared by all partitions of a worker: write buffers (memtables) and the block
 # cache each have one fixed budget, whatever the number of partitions or customers.
-ROCKSDB_WRITE_BUFFERS = 16 << 20
-ROCKSDB_BLOCK_CACHE = 8 << 20
-ROCKSDB_MEMTABLE = 4 << 20
+ROCKSDB_WRITE_BUFFERS = 8 << 20
+ROCKSDB_BLOCK_CACHE = 4 << 20
+ROCKSDB_MEMTABLE = 2 << 20
 
 
 class Store(Protocol):

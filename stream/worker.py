@@ -485,7 +485,10 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         owned = {tp.partition for tp in app.consumer.assignment()
                  if tp.topic == settings.transactions_topic}
         states.close_unowned(owned)
-        await asyncio.gather(*(rescorer.take_over(p) for p in owned))
+        started = time.perf_counter()
+        for partition in sorted(owned):  # one at a time: recovery's fetch buffers are large
+            await rescorer.take_over(partition)
+        metrics.takeover_seconds = time.perf_counter() - started
         ready.set()
 
     @app.task

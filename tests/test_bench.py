@@ -42,9 +42,13 @@ def test_bench_scoring_small(tmp_path):
 
 
 def test_bench_state_small(tmp_path, kafka_bootstrap):
-    r = bench(tmp_path, "state", "--customers", "300", "--bootstrap", kafka_bootstrap)
+    r = bench(tmp_path, "state", "--customers", "300", "--stores", "memory://", "rocksdb://",
+              "--bootstrap", kafka_bootstrap)
     mem = r["stores"]["memory://"]
     assert mem["recovery_seconds"] > 0 and mem["rss_held_mb"] > 0
+    assert mem["recovered_records"] == r["changelog_records"] > 300  # customers and partition records
+    assert mem["restart_records"] >= r["changelog_records"]  # memory: everything again
+    assert r["stores"]["rocksdb://"]["restart_records"] == 0  # a clean stop leaves no tail
 
 
 def test_bench_bad_argument_is_one_line(tmp_path):
