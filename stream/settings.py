@@ -38,7 +38,7 @@ class Settings:
     model_dir: str = field(default="", metadata=_meta(
         "model artifact directory; empty: the model shipped with the package"))
     store: str = field(default="memory://", metadata=_meta(
-        "table store: memory:// or rocksdb:// (rocksdict, in data_dir)"))
+        "state store: memory:// or rocksdb:// (rocksdict, in data_dir)"))
     data_dir: str = field(default="var/worker", metadata=_meta("worker state directory"))
     batch_size: int = field(default=1024, metadata=_meta("rescoring micro-batch: flush at N customers"))
     batch_wait_ms: int = field(default=20, metadata=_meta("rescoring micro-batch: flush after T ms"))
