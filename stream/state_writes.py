@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import msgspec
 
@@ -98,7 +98,7 @@ class PartitionStates:
         """Every customer in the store, lazily (a new one is there after its first flush)."""
         return (json.loads(k) for k in self.store.customer_keys(self.partition))
 
-    def set_meta(self, **changes: object) -> PartitionMeta:
+    def set_meta(self, **changes: Any) -> PartitionMeta:
         meta = self.meta or PartitionMeta()
         for name, value in changes.items():
             setattr(meta, name, value)

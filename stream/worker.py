@@ -2,8 +2,8 @@
 
 Exactness: every customer state lives in a store backed by a changelog co-partitioned with
 `transactions` (stream.state_writes, stream.stores) and remembers the highest offset (and keys of
-the window's event ids) it has applied, so a redelivered event changes nothing. Events are acknowledged only after the
-scores of the customers they touched have been handed to the producer, and faust flushes the
+the window's event ids) it has applied, so a redelivered event changes nothing. Events are
+acknowledged only after the scores of the customers they touched have been handed to the producer, and faust flushes the
 producer before it commits offsets: a crash before that point redelivers the events, which mark
 their customers dirty again (even when already applied), so no score is lost either.
 
@@ -29,12 +29,13 @@ import json
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import faust
 from faust.exceptions import NotReady
+from faust.types import TP as TopicPartition
 
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, Folder, contribution, month_of, month_start
@@ -51,6 +52,7 @@ from stream.stores import open_store
 
 log = logging.getLogger("clv.worker")
 PROBE_PATHS = frozenset({"/health", "/ready"})  # open to orchestrators' probes on any address
+RESCAN_DEFER_S = 60.0  # longest a rescan waits for its partition to catch up
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
 
 
@@ -74,6 +76,7 @@ class Rescan:
     month: int | None  # every customer is scored as of this month or later once it is done
     customers: Iterator[str]
     remaining: int  # an estimate, for the backlog gauge
+    queued: float = field(default_factory=time.monotonic)
 
 
 class Rescorer:
@@ -133,7 +136,7 @@ class Rescorer:
         self.clock_ts[partition] = newest
         clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
         self.folders[partition] = Folder(self.artifact.window, states, clock)
-        stale = clock is not None and customers > 0 and (scored_month is None or scored_month < clock)
+        stale = clock is not None and (scored_month is None or scored_month < clock)
         if stale:
             self._rescan(partition, clock)
         self.taken.add(partition)
@@ -180,12 +183,11 @@ class Rescorer:
         if outcome == Applied.TOO_LATE:
             return outcome
         ts = int(event.ts.timestamp())
-        states: PartitionStates = folder.states  # type: ignore[assignment]
         if ts > self.clock_ts.get(partition, 0):
             self.clock_ts[partition] = ts
-            states.set_meta(clock_ts=ts)
+            self._record(partition)
         if before is None:  # the partition's first event: no customer has an older score
-            states.set_meta(scored_month=folder.clock, model=self.artifact.version)
+            self._record(partition, scored_month=folder.clock, model=self.artifact.version)
         elif folder.clock is not None and folder.clock > before:
             n = self._rescan(partition, folder.clock)
             log.info("partition %d entered %s: rescoring its %d customers", partition,
@@ -239,8 +241,14 @@ class Rescorer:
 
     async def drain_backlog(self) -> None:
         """One chunk of month-turn/takeover rescoring per call, so intake keeps going; a rescan
-        done is recorded in the partition's changelog record with the next flush."""
+        done is recorded in the partition's changelog record with the next flush. A partition
+        with events still to process waits (up to RESCAN_DEFER_S): its clock is about to move on
+        (catching up on history, every month would otherwise be rescored), so its customers are
+        rescored once, as of the clock it caught up to."""
+        now = time.monotonic()
         for partition, rescan in list(self.backlog.items()):
+            if self._behind(partition) and now - rescan.queued < RESCAN_DEFER_S:
+                continue
             chunk = list(itertools.islice(rescan.customers, self.settings.batch_size))
             rescan.remaining = max(rescan.remaining - len(chunk), 1)
             async with self.lock:
@@ -248,9 +256,22 @@ class Rescorer:
                     await self._send(await self._score(partition, dict.fromkeys(chunk)), {})
             if len(chunk) < self.settings.batch_size and self.backlog.get(partition) is rescan:
                 del self.backlog[partition]
-                self.states.open(partition).set_meta(scored_month=rescan.month,
-                                                     model=self.artifact.version)
+                self._record(partition, scored_month=rescan.month, model=self.artifact.version)
             return
+
+    def _behind(self, partition: int) -> int:
+        """Events of the partition received by the consumer but not yet processed (0 unknown)."""
+        try:
+            high = self.app.consumer.highwater(TopicPartition(self.settings.transactions_topic,
+                                                              partition))
+        except NotReady:
+            return 0
+        return max(0, (high or 0) - self.position.get(partition, high or 0))
+
+    def _record(self, partition: int, **changes: Any) -> None:
+        """Update the partition's own changelog record (written with the next flush)."""
+        states: PartitionStates = self.folders[partition].states  # type: ignore[assignment]
+        states.set_meta(clock_ts=self.clock_ts.get(partition, 0), **changes)
 
     async def _send(self, records: list[Record],
                     dirty: dict[int, dict[str, float]]) -> dict[tuple[str, int], int]:
