@@ -26,10 +26,10 @@ import msgspec
 
 from features.aggregate import MAX_IDS, CustomerState
 from features.state_record import StateDecodeError, decode_state, encode_state
+from stream.publisher import Record
 from stream.stores import META_KEY, Store
 
 log = logging.getLogger("clv.state")
-Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
 NEAR_BOUND = MAX_IDS * 9 // 10  # ids held from which a customer counts as near the state bound
 NEAR_BOUND_TRACKED = 10_000  # most customers the near-bound gauge remembers
 

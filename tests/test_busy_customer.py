@@ -7,11 +7,11 @@ import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 
-from aiokafka import AIOKafkaProducer
-
 from features.aggregate import MAX_IDS
 from features.contract import Line, TransactionEvent, stable_event_id
 from features.state_record import decode_state, record_bound
+from stream.replay import publish
+from stream.settings import Settings
 from harness import Worker, last_scores, read_topic, wait_idle
 
 T0 = datetime(2011, 3, 1, tzinfo=timezone.utc)
@@ -24,27 +24,12 @@ def test_thirty_thousand_invoices_of_one_customer_stay_bounded(clv_env, kafka_bo
     after = [TransactionEvent(stable_event_id(f"c{k}", "1"), f"c{k}", "1", T0 + timedelta(days=25),
                               (Line("A", 2, 5.0),)) for k in range(50)]
 
-    async def produce() -> None:
-        from stream.replay import all_topics, ensure_topics
-        from stream.settings import Settings
-
-        settings = Settings.from_env(clv_env)
-        await ensure_topics(settings, all_topics(settings))
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
-        await producer.start()
-        try:
-            for ev in [*busy, busy[-1], *after]:  # the newest invoice re-published once
-                await producer.send(clv_env["CLV_TRANSACTIONS_TOPIC"], ev.to_json(),
-                                    key=ev.customer_id.encode())
-            await producer.flush()
-        finally:
-            await producer.stop()
-
     worker = Worker(clv_env, tmp_path)
     try:
         worker.wait_ready()
-        asyncio.run(produce())
-        wait_idle([worker], len(busy) + 1 + len(after), timeout=300)
+        events = [*busy, busy[-1], *after]  # the newest invoice re-published once
+        asyncio.run(publish(Settings.from_env(clv_env), events, len(events), progress=False))
+        wait_idle([worker], len(events), timeout=300)
         m = worker.metrics()
     finally:
         worker.stop()
