@@ -12,6 +12,8 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import pandas as pd
+
 from features.aggregate import CustomerState, Folder, contribution, month_of
 from features.cleaning import CleaningPolicy, CleaningReport, clean
 from features.contract import TransactionEvent
@@ -25,12 +27,21 @@ class History:
     report: CleaningReport
 
 
+def read_lines(
+    path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None,
+    **policy: object,
+) -> tuple[pd.DataFrame, CleaningReport]:
+    """A file's cleaned lines and the report of what cleaning dropped: where every file path
+    (inspect, score, replay, bootstrap) starts, so all of them see the same lines."""
+    loaded = load(path, fmt, mapping)
+    return clean(loaded, CleaningPolicy.for_format(loaded.format, **policy))
+
+
 def read_history(
     path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None,
     **policy: object,
 ) -> History:
-    loaded = load(path, fmt, mapping)
-    lines, report = clean(loaded, CleaningPolicy.for_format(loaded.format, **policy))
+    lines, report = read_lines(path, fmt, mapping, **policy)
     return History(list(events_from_lines(lines)), report)
 
 

@@ -23,8 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from features.contract import Line, TransactionEvent, stable_event_id
+from stream.bootstrap import write
 from stream.broker import free_port, start
 from stream.metrics import idle, scrape
+from stream.publisher import Record
 from stream.replay import all_topics, ensure_topics, publish
 from stream.settings import Settings
 
@@ -411,19 +413,17 @@ STATE_HISTORY = ("2009-12-01", "2011-12-09")  # two years of the synthetic gener
 STATE_CUTOFF = datetime(2011, 12, 4, tzinfo=timezone.utc)  # history before, live traffic after
 
 
-def state_history(customers: int, window: int, partitions: int, seed: int = 11
-                  ) -> tuple[dict[int, list[Any]], list[TransactionEvent]]:
+def state_history(customers: int, window: int, settings: Settings, seed: int = 11
+                  ) -> tuple[list[Record], list[TransactionEvent]]:
     """Two years of invoices of the first `customers` customers to buy (features.synthetic),
     folded with the stream's own fold up to STATE_CUTOFF into the changelog a worker would leave
-    (one record per customer, and each partition's own record, on the partition the customer's
-    key maps to); and the invoices after the cutoff (same month: no month turn), to publish live."""
-    from aiokafka.partitioner import DefaultPartitioner
-
+    (`stream.bootstrap.state_records`: one record per customer on the partition its key maps to,
+    and each partition's own record); and the invoices after the cutoff (same month: no month
+    turn), to publish live."""
     from features.aggregate import Folder, contribution, month_of
-    from features.state_record import encode_state
     from features.synthetic import invoice_events
-    from stream.state_writes import PartitionMeta, encode_key, encode_meta
-    from stream.stores import META_KEY
+    from stream.bootstrap import state_records
+    from stream.state_writes import PartitionMeta
 
     folder = Folder(window)
     live: list[TransactionEvent] = []
@@ -437,18 +437,11 @@ def state_history(customers: int, window: int, partitions: int, seed: int = 11
             live.append(ev)
         else:
             folder.add(ev.customer_id, contribution(ev))
-    partitioner = DefaultPartitioner()
-    every = list(range(partitions))
-    records: dict[int, list[Any]] = {p: [] for p in every}
-    clock = {p: 0 for p in every}
-    for cid, st in folder.states.items():  # type: ignore[attr-defined]
-        p = partitioner(cid.encode(), every, every)
-        records[p].append((encode_key(cid), encode_state(st)))
-        clock[p] = max(clock[p], st.newest_ts or 0)
-    for p in every:
-        month = month_of(datetime.fromtimestamp(clock[p], timezone.utc))
-        records[p].append((META_KEY, encode_meta(PartitionMeta(clock[p], month, ""))))
-    return records, live
+    states = folder.states.values()  # type: ignore[attr-defined]
+    clock = max(s.newest_ts or 0 for s in states)
+    month = month_of(datetime.fromtimestamp(clock, timezone.utc))
+    records, metas = state_records(states, settings, PartitionMeta(clock, month, ""))
+    return records + metas, live
 
 
 def _state_worker(env: dict[str, str], log: Path) -> tuple[WorkerProcess, float, dict[str, float]]:
@@ -466,11 +459,11 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     realistic histories, then live traffic), recovery into a new process with an empty state
     directory, and a restart on its own directory after a clean stop."""
     from export_onnx.artifact import Artifact
-    from stream.publisher import BatchPublisher
 
     partitions = 4
-    records, live = state_history(customers, Artifact.load(None).window, partitions)
-    n_records = sum(len(r) for r in records.values())
+    records, live = state_history(customers, Artifact.load(None).window,
+                                  Settings(partitions=partitions, app_id="bench"))
+    n_records = len(records)
     out: dict[str, Any] = {"customers": customers, "changelog_records": n_records,
                            "history": f"{STATE_HISTORY[0]}..{STATE_CUTOFF.date()}",
                            "live_events": len(live), "stores": {}}
@@ -488,10 +481,10 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             finally:
                 worker.stop()
             settings = fresh_settings(servers, partitions)
-            changelog = f"{settings.app_id}-customer-state-changelog"
+            changelog = settings.changelog_topic
             asyncio.run(ensure_topics(settings, {**all_topics(settings),
                                                  changelog: {"cleanup.policy": "compact"}}))
-            asyncio.run(_publish_records(BatchPublisher(settings), changelog, records))
+            asyncio.run(write(settings, [(changelog, p, k, v) for _t, p, k, v in records]))
             env = _state_env(settings, workdir, store)
             worker, recovery, m = _state_worker(env, workdir / f"state-{name}-recover.log")
             try:
@@ -544,13 +537,68 @@ def _feed(worker: WorkerProcess, settings: Settings, live: list[TransactionEvent
     return worker.rss_mb()
 
 
-async def _publish_records(publisher: Any, topic: str, records: dict[int, list[Any]]) -> None:
-    try:
-        for p, items in records.items():
-            for i in range(0, len(items), 20_000):
-                await publisher.publish((topic, p, k, v) for k, v in items[i:i + 20_000])
-    finally:
-        await publisher.close()
+# -- bootstrap ----------------------------------------------------------------------------
+def bootstrap_file(lines: int, workdir: Path, seed: int = 5) -> Path:
+    """A synthetic Online Retail file of exactly `lines` rows (its first, in time order): two
+    years, about 100 lines per customer, the defects cleaning counts included."""
+    from features.synthetic import generate, write as write_file
+
+    path = workdir / f"history-{lines}.csv"
+    if not path.exists():
+        frame, _ = generate(max(lines // 100, 10), max(lines // 4, 10), seed)
+        write_file(frame.head(lines), path)
+    return path
+
+
+def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[str, Any]:
+    """`clv bootstrap` of a synthetic file, timed from the command's start to its exit (file to
+    topics); then every score it wrote, read back from the topic, against `clv score` of the
+    same file."""
+    import csv
+
+    from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, as_dict, parse_score
+    from stream.kafka_io import read_partition
+
+    path = bootstrap_file(lines, workdir)
+    with broker(bootstrap_servers, workdir) as servers:
+        settings = fresh_settings(servers, 4)
+        env = worker_env(settings, workdir)
+        started = time.perf_counter()
+        done = subprocess.run([*CLV, "bootstrap", str(path), "--quiet"], env=env,
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            raise BenchError(f"clv bootstrap failed: {done.stderr.strip()[-2000:]}")
+
+        async def scores() -> dict[str, dict[str, Any]]:
+            out = {}
+            for p in range(settings.partitions):
+                async for records in read_partition(settings, settings.scores_topic, p):
+                    out.update((r.key.decode(), as_dict(parse_score(r.value))) for r in records)
+            return out
+
+        written = asyncio.run(scores())
+    batch_csv = workdir / "bootstrap-batch.csv"
+    started = time.perf_counter()
+    subprocess.run([*CLV, "score", str(path), "--out", str(batch_csv)], check=True,
+                   capture_output=True)
+    score_seconds = time.perf_counter() - started
+    worst = 0.0
+    with batch_csv.open() as fh:
+        batch = {row["customer_id"]: row for row in csv.DictReader(fh)}
+    same = set(batch) == set(written)
+    for cid, row in batch.items():
+        got = written.get(cid, {})
+        for name in CUSTOMER_FIELDS:
+            if FIELD_TYPES[name] in (int, float):
+                want = float(row[name])
+                worst = max(worst, abs(got.get(name, float("inf")) - want) / max(abs(want), 1e-9))
+            else:
+                same = same and got.get(name) == row[name]
+    return {"lines": lines, "file": str(path), "customers": len(written), "seconds": round(seconds, 2),
+            "lines_per_s": round(lines / seconds, 1), "summary": done.stdout.strip(),
+            "score_seconds": round(score_seconds, 2), "max_rel_diff": worst,
+            "exact": bool(same and worst <= 1e-5)}
 
 
 def workdir_for(path: str | None) -> Path:

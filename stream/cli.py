@@ -86,13 +86,10 @@ def file_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from features.cleaning import CleaningPolicy, clean
-    from features.loaders import load
+    from features.batch import read_lines
     from features.profile import profile, render
 
-    opts = file_options(args)
-    loaded = load(args.file, opts.pop("fmt"), opts.pop("mapping"))
-    lines, report = clean(loaded, CleaningPolicy.for_format(loaded.format, **opts))
+    lines, report = read_lines(args.file, **file_options(args))
     p = profile(lines, report)
     print(json.dumps(p, indent=2) if args.json else render(p))
     return 0
@@ -239,6 +236,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from stream.bootstrap import BootstrapError, bootstrap
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its errors come back as ours
+    try:
+        summary = bootstrap(args.file, file_options(args), _settings(args, model_dir=args.model),
+                            force=args.force, progress=not args.quiet)
+    except BootstrapError as exc:
+        raise UsageError(str(exc)) from None
+    print(summary.render())
+    return 0
+
+
 def _snapshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", default=None, help="DuckDB snapshot file (default var/clv.duckdb)")
 
@@ -375,6 +385,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
         print(f"  best batched / one at a time: {result['batched_over_single']}x; "
               f"the worker flushes at {result['worker_batch_size']} customers")
+    elif args.what == "bootstrap":
+        result = bench.bootstrap(args.lines, bootstrap, workdir)
+        print(f"clv bootstrap of {result['lines']:,} lines ({result['customers']:,} customers): "
+              f"{result['seconds']:.1f}s end to end, {result['lines_per_s']:,.0f} lines/s; "
+              f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
+              f"{result['max_rel_diff']:.1e})")
     else:
         result = bench.state(args.customers, args.stores, bootstrap, workdir)
         print(f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
@@ -462,6 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser("bootstrap", help="every customer's state and first score from a history "
+                       "file, written to the state changelog and clv-scores (instead of a replay)")
+    _file_args(p)
+    _kafka_args(p)
+    p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
+    p.add_argument("--force", action="store_true",
+                   help="write even if the state changelog or clv-scores is not empty (to finish "
+                        "a bootstrap whose write failed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bootstrap)
+
     p = sub.add_parser("demo", help="the whole product on an embedded broker, with CDNOW replayed")
     p.add_argument("file", nargs="?", default=None, help="transaction file (default: vendored CDNOW)")
     p.add_argument("--customers", type=_positive_int, default=None, help="replay only the first N customers")
@@ -477,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, doc in (("throughput", "raw aiokafka vs bare faust agent vs the full worker path"),
                       ("latency", "event time to score readable, at steady publish rates"),
                       ("scoring", "onnxruntime (and torch) customers/s by batch size"),
-                      ("state", "memory per customer held, recovery and restart time, per store")):
+                      ("state", "memory per customer held, recovery and restart time, per store"),
+                      ("bootstrap", "clv bootstrap of a synthetic file: lines/s end to end, and "
+                       "whether its scores equal clv score's")):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
@@ -502,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                            default=[1, 8, 64, 256, 1024, 4096], help="batch sizes")
             b.add_argument("--seconds", type=float, default=1.0, help="seconds per measurement (default 1)")
             b.add_argument("--model", default=None, help="artifact directory (default: shipped)")
+        if name == "bootstrap":
+            b.add_argument("--lines", type=_positive_int, default=2_000_000,
+                           help="lines in the history file (default 2000000)")
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")

@@ -15,10 +15,17 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from stream.settings import Settings
 
 
-def _consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                            enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
-                            **options, **settings.kafka_client_options())
+async def _consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+    """A started consumer; one that cannot start (no broker) is closed before the error rises."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
+                                **options, **settings.kafka_client_options())
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
 
 
 BULK_FETCH_BYTES = 1 << 20  # per partition fetch; 4 and 32 MB raised peak memory, not the rate
@@ -28,9 +35,8 @@ async def read_partition(settings: Settings, topic: str, partition: int,
                          start: int = 0) -> AsyncIterator[list[Any]]:
     """Batches of up to 10,000 records of one partition from `start` to its end as of the
     first fetch (a recovery reads whole partitions)."""
-    consumer = _consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
-                         fetch_max_bytes=BULK_FETCH_BYTES)
-    await consumer.start()
+    consumer = await _consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
+                               fetch_max_bytes=BULK_FETCH_BYTES)
     tp = TopicPartition(topic, partition)
     try:
         consumer.assign([tp])
@@ -53,8 +59,7 @@ async def read_partition(settings: Settings, topic: str, partition: int,
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The next offset of every partition of `topic`: how far a reader must get to be current."""
-    consumer = _consumer(settings)
-    await consumer.start()
+    consumer = await _consumer(settings)
     try:
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         listed = await consumer.end_offsets(tps)

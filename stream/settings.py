@@ -71,6 +71,12 @@ class Settings:
         "file the API appends a JSON line per request to; -: stderr"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
 
+    @property
+    def changelog_topic(self) -> str:
+        """The state changelog: the name of the faust table it replaced, so older changelogs
+        recover into the store."""
+        return f"{self.app_id}-customer-state-changelog"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
         """Defaults < CLV_<NAME> (or the documented alias) < explicit overrides (CLI flags)."""
