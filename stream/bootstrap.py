@@ -17,9 +17,9 @@ is too late for the partition's clock (dead-lettered as `too_late`, already in t
 The one gap is the state's key bound: a customer past `MAX_IDS` keys has forgotten its oldest ones,
 and those invoices would count again if replayed (see `features.aggregate`).
 
-Nothing half-written: the file is read and checked and the broker asked (reachable, topics
-co-partitioned, changelog and `clv-scores` empty unless `force`) before anything is built; all
-records are built before the first write; topics are created only then. The partition records go
+Nothing half-written: the broker is asked first (reachable, topics co-partitioned, changelog and
+`clv-scores` empty unless `force`; nothing written), then the file is read and checked, and every
+record is built before the first write; topics are created only then. The partition records go
 out last, after every state and score is acknowledged. A write that fails part-way is reported
 (exit 2, the records written so far) and is re-run with `--force`: the same file gives the same
 records, and compaction keeps one per key.
@@ -153,11 +153,11 @@ def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings
 
     started = time.perf_counter()
     artifact = Artifact.load(settings.model_dir or None)
+    asyncio.run(_preflight(settings, force))  # first: a broker that will refuse fails fast
     lines, report = read_lines(file, **file_options)
     if lines.empty:
         raise BootstrapError(f"{file}: no transactions left after cleaning "
                              f"({report.rows_read:,} lines read)")
-    asyncio.run(_preflight(settings, force))
     records, events, customers, as_of = build(lines, artifact, settings)
     with tqdm(total=len(records), unit="rec", disable=not progress, mininterval=0.5,
               desc="writing") as bar:
