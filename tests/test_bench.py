@@ -54,3 +54,9 @@ def test_bench_state_small(tmp_path, kafka_bootstrap):
 def test_bench_bad_argument_is_one_line(tmp_path):
     res = subprocess.run([*CLV, "bench", "throughput", "--invoices", "0"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("clv: error:") and len(res.stderr.splitlines()) == 1
+
+
+def test_bench_bootstrap_small(tmp_path, kafka_bootstrap):
+    r = bench(tmp_path, "bootstrap", "--lines", "3000", "--bootstrap", kafka_bootstrap)
+    assert r["exact"] is True and r["max_rel_diff"] <= 1e-5
+    assert r["customers"] > 10 and r["lines_per_s"] > 0 and "3,000 lines read" in r["summary"]
