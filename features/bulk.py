@@ -40,10 +40,9 @@ class BulkFold:
 def invoice_frame(lines: pd.DataFrame) -> pd.DataFrame:
     """One row per (customer, invoice) in the order `events_from_lines` yields them: stamped with
     the earliest line time, with spend in cents and units summed over the lines."""
-    customer = lines["customer_id"].to_numpy(object)
-    invoice = lines["invoice_no"].to_numpy(object)
-    cust_code, customers = pd.factorize(customer)
-    inv_code, _ = pd.factorize(invoice)
+    # Codes straight from the (Arrow) string columns; Python strings only for the events.
+    cust_code, customers = pd.factorize(lines["customer_id"])
+    inv_code, invoices = pd.factorize(lines["invoice_no"])
     pair = cust_code.astype(np.int64) * (int(inv_code.max(initial=0)) + 1) + inv_code
     ns = pd.DatetimeIndex(lines["ts"]).as_unit("ns").asi8
     qty = lines["quantity"].to_numpy(np.int64)
@@ -55,8 +54,8 @@ def invoice_frame(lines: pd.DataFrame) -> pd.DataFrame:
     events = pd.DataFrame({"ns": g["ns"].min(), "units": g["units"].sum(),
                            "cents": g["cents"].sum(), "line": g["line"].first()})
     first = events["line"].to_numpy()
-    events["customer"] = customer[first]
-    events["invoice"] = invoice[first]
+    events["customer"] = np.asarray(customers, dtype=object)[cust_code[first]]
+    events["invoice"] = np.asarray(invoices, dtype=object)[inv_code[first]]
     events["code"] = cust_code[first]
     order = np.lexsort((events["invoice"].to_numpy().astype(str),
                         events["customer"].to_numpy().astype(str), events["ns"].to_numpy()))

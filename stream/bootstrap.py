@@ -116,19 +116,22 @@ async def write(settings: Settings, records: Sequence[Record], progress: Any = N
 
 async def _preflight(settings: Settings, force: bool) -> None:
     """Reachable broker, co-partitioned topics, and an empty changelog and `clv-scores`."""
-    try:
-        for topic in (settings.transactions_topic, settings.changelog_topic, settings.scores_topic):
-            ends = await end_offsets(settings, topic)
-            if ends and len(ends) != settings.partitions:
-                raise BootstrapError(f"topic {topic} has {len(ends)} partitions, not "
-                                     f"{settings.partitions}: pass --partitions {len(ends)}")
-            if topic != settings.transactions_topic and any(ends.values()) and not force:
-                raise BootstrapError(f"topic {topic} is not empty ({sum(ends.values()):,} records "
-                                     "written to it): a bootstrap starts workers from nothing; "
-                                     "--force writes over it (to finish a bootstrap that failed)")
-    except KafkaError as exc:
-        raise BootstrapError(f"cannot use the broker at {settings.bootstrap_servers}: "
-                             f"{exc}") from None
+    topics = (settings.transactions_topic, settings.changelog_topic, settings.scores_topic)
+    answers = await asyncio.gather(*(end_offsets(settings, t) for t in topics),
+                                   return_exceptions=True)
+    for topic, ends in zip(topics, answers):
+        if isinstance(ends, KafkaError):
+            raise BootstrapError(f"cannot use the broker at {settings.bootstrap_servers}: "
+                                 f"{ends}") from None
+        if isinstance(ends, BaseException):
+            raise ends
+        if ends and len(ends) != settings.partitions:
+            raise BootstrapError(f"topic {topic} has {len(ends)} partitions, not "
+                                 f"{settings.partitions}: pass --partitions {len(ends)}")
+        if topic != settings.transactions_topic and any(ends.values()) and not force:
+            raise BootstrapError(f"topic {topic} is not empty ({sum(ends.values()):,} records "
+                                 "written to it): a bootstrap starts workers from nothing; "
+                                 "--force writes over it (to finish a bootstrap that failed)")
 
 
 def build(lines: Any, artifact: Artifact, settings: Settings) -> tuple[list[Record], int, int, datetime]:
