@@ -101,10 +101,10 @@ def clean(loaded: Loaded, policy: CleaningPolicy | None = None) -> tuple[pd.Data
     qty_ok = qty_f.notna() & np.isfinite(qty_f) & (qty_f == qty_f.round())
     price_ok = price.notna() & np.isfinite(price)
 
-    reason = pd.Series("", index=raw.index, dtype=object)
+    reason = np.zeros(n, dtype=np.int8)  # 0 kept, else 1 + the index of its DROP_REASONS entry
 
     def mark(name: str, mask: pd.Series) -> None:
-        reason[(reason == "") & mask.fillna(False).astype(bool)] = name
+        reason[(reason == 0) & mask.fillna(False).to_numpy(bool)] = DROP_REASONS.index(name) + 1
 
     mark("no_customer", customer.isin(["", "nan", "NaN", "None"]))
     mark("unparseable_date", ts.isna())
@@ -127,17 +127,17 @@ def clean(loaded: Loaded, policy: CleaningPolicy | None = None) -> tuple[pd.Data
         "unit_price": price,
         "country": raw["country"].astype(str).str.strip().replace("", None),
     })
-    candidate = reason == ""
+    candidate = reason == 0
     dupes = lines[candidate].duplicated(keep="first")
     duplicate_lines = int(dupes.sum())
     if policy.duplicates == "drop":
         mark("duplicate", dupes.reindex(raw.index, fill_value=False))
 
-    kept = lines[reason == ""].copy()
+    kept = lines[reason == 0].copy()
     kept["quantity"] = kept["quantity"].astype("int64")
     kept["unit_price"] = kept["unit_price"].astype("float64")
-    counts = reason[reason != ""].value_counts()
-    dropped = {name: int(counts.get(name, 0)) for name in DROP_REASONS}
+    counts = np.bincount(reason, minlength=len(DROP_REASONS) + 1)
+    dropped = {name: int(counts[i + 1]) for i, name in enumerate(DROP_REASONS)}
     report = CleaningReport(
         format=loaded.format,
         rows_read=n,

@@ -388,7 +388,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "bootstrap":
         result = bench.bootstrap(args.lines, bootstrap, workdir)
         print(f"clv bootstrap of {result['lines']:,} lines ({result['customers']:,} customers): "
-              f"{result['seconds']:.1f}s end to end, {result['lines_per_s']:,.0f} lines/s; "
+              f"{result['seconds']:.1f}s end to end, {result['lines_per_s']:,.0f} lines/s "
+              f"({result['cpu_seconds']:.1f} CPU s); "
               f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
               f"{result['max_rel_diff']:.1e})")
     else:
