@@ -3,9 +3,10 @@
 Exactness: every customer state lives in a store backed by a changelog co-partitioned with
 `transactions` (stream.state_writes, stream.stores) and remembers the highest offset (and keys of
 the window's event ids) it has applied, so a redelivered event changes nothing. Events are
-acknowledged only after the scores of the customers they touched have been handed to the producer, and faust flushes the
-producer before it commits offsets: a crash before that point redelivers the events, which mark
-their customers dirty again (even when already applied), so no score is lost either.
+acknowledged only after the scores of the customers they touched have been handed to the
+producer, and faust flushes the producer before it commits offsets: a crash before that point
+redelivers the events, which mark their customers dirty again (even when already applied), so no
+score is lost either.
 
 Time: each partition keeps an event-time clock (its newest event). Scores are as of that clock.
 When it enters a new month every customer of the partition is rescored, in batches, between
