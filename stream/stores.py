@@ -124,7 +124,7 @@ class RocksStore:
         self.options.create_if_missing(True)
         self.options.set_block_based_table_factory(table)
         buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
-            ROCKSDB_WRITE_BUFFERS, False, cache)  # memtables charged to the same cache budget
+            ROCKSDB_WRITE_BUFFERS, False, cache)  # memtables counted in the block cache
         self.options.set_write_buffer_manager(buffers)
         self.options.set_write_buffer_size(ROCKSDB_MEMTABLE)
         self.options.set_max_write_buffer_number(2)
