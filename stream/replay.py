@@ -34,13 +34,15 @@ class ReplaySummary:
 
 
 async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -> None:
-    """Create missing topics with the configured partition count (and their configs)."""
+    """Create missing topics with the configured partition count, replication factor and
+    min.insync.replicas (and their own configs). Existing topics are left as they are."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
                                 **settings.kafka_client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, settings.partitions, 1, topic_configs=cfg)
+        new = [NewTopic(name, settings.partitions, settings.replication_factor,
+                        topic_configs={**settings.topic_configs(), **cfg})
                for name, cfg in topics.items() if name not in existing]
         if new:
             try:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,10 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
 
 
 def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_path):
+    """Every kind of bad event reaches the DLQ with its reason (an unkeyed one, one stamped a
+    week ahead of the wall clock among them); an event on another partition than its key's is
+    routed there; a partition that receives nothing after January still ages into February."""
+    week_ahead = (datetime.now(timezone.utc) + timedelta(days=7)).isoformat()
     good = {"schema_version": 1, "event_id": "g1", "customer_id": "c1", "invoice_no": "1",
             "ts": "2011-01-05T10:00:00+00:00", "lines": [{"stock_code": "A", "quantity": 2, "unit_price": 5.0}]}
     poison = [
@@ -88,10 +93,14 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
                 b'"lines":[{"stock_code":"A","quantity":1,"unit_price":NaN}]}', "non_finite"),
         (b"c2", json.dumps({**good, "customer_id": "c2", "event_id": "p5", "schema_version": 7}).encode(), "unknown_schema_version"),
         (b"zz", json.dumps({**good, "event_id": "p6"}).encode(), "key_mismatch"),
+        (None, json.dumps({**good, "customer_id": "c4", "event_id": "p7"}).encode(), "missing_key"),
+        (b"c1", json.dumps({**good, "event_id": "p8", "invoice_no": "8", "ts": week_ahead}).encode(), "from_future"),
     ]
-    valid = [(b"c1", json.dumps(good).encode()),
-             (b"c1", json.dumps({**good, "event_id": "g2", "invoice_no": "2", "ts": "2011-02-07T10:00:00+00:00"}).encode()),
-             (b"c3", json.dumps({**good, "customer_id": "c3", "event_id": "g3", "invoice_no": "3"}).encode())]
+    # c1 lives on partition 3 and c3 on 1 under murmur2 (of 4); c5 (3) is published to 0.
+    valid = [(b"c1", json.dumps(good).encode(), None),
+             (b"c1", json.dumps({**good, "event_id": "g2", "invoice_no": "2", "ts": "2011-02-07T10:00:00+00:00"}).encode(), None),
+             (b"c3", json.dumps({**good, "customer_id": "c3", "event_id": "g3", "invoice_no": "3"}).encode(), None),
+             (b"c5", json.dumps({**good, "customer_id": "c5", "event_id": "g5", "invoice_no": "5"}).encode(), 0)]
 
     async def produce() -> None:
         from stream.replay import all_topics, ensure_topics
@@ -101,9 +110,11 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
         await producer.start()
         try:
-            mixed = [valid[0], *[(k, v) for k, v, _ in poison[:4]], valid[1], *[(k, v) for k, v, _ in poison[4:]], valid[2]]
-            for key, value in mixed:
-                await producer.send_and_wait(clv_env["CLV_TRANSACTIONS_TOPIC"], value, key=key)
+            mixed = [valid[0], *[(k, v, None) for k, v, _ in poison[:4]], valid[2], valid[3],
+                     *[(k, v, None) for k, v, _ in poison[4:]], valid[1]]
+            for key, value, partition in mixed:
+                await producer.send_and_wait(clv_env["CLV_TRANSACTIONS_TOPIC"], value, key=key,
+                                             partition=partition)
         finally:
             await producer.stop()
 
@@ -111,7 +122,7 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
     try:
         worker.wait_ready()
         asyncio.run(produce())
-        wait_idle([worker], len(valid) + len(poison), timeout=120)
+        wait_idle([worker], len(valid) + len(poison) + 1, timeout=120)  # + c5 once routed
         pid_before = worker.proc.pid
         assert worker.proc.poll() is None and worker.proc.pid == pid_before
         m = worker.metrics()
@@ -126,10 +137,20 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
         assert {"source_partition", "source_offset", "detail"} <= set(h)
     for _, _, reason in poison:
         assert m[f'clv_dlq_total{{reason="{reason}"}}'] >= 1
+    assert m["clv_events_routed_total"] == 1
     scores = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    assert set(scores) == {"c1", "c3"}
-    assert scores["c1"]["frequency"] == 2 and scores["c1"]["total_spend"] == 20.0
-    assert scores["c3"]["frequency"] == 1
+    assert set(scores) == {"c1", "c3", "c5"}
+    moved = [r for r in read_topic(kafka_bootstrap, clv_env["CLV_TRANSACTIONS_TOPIC"]) if r.key == b"c5"]
+    assert sorted(r.partition for r in moved) == [0, 3]  # as published, then where it belongs
+    assert {r.partition for r in read_topic(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]) if r.key == b"c5"} == {3}
+    # What was accepted, scored by `clv score`: the same on every field, c3 and c5 included,
+    # although their partitions saw nothing after January (the worker's clock aged them).
+    accepted = tmp_path / "accepted.csv"
+    accepted.write_text("InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+                        + "".join(f"{e['invoice_no']},A,x,2,{e['ts'][:19].replace('T', ' ')},5.0,{e['customer_id']},UK\n"
+                                  for e in (json.loads(v) for _, v, _ in valid)))
+    assert len(assert_exact(scores, batch_scores(tmp_path, accepted))) == 3
+    assert scores["c3"]["as_of"] == "2011-02-07T10:00:00+00:00"
 
 
 def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
