@@ -153,6 +153,55 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
     assert scores["c3"]["as_of"] == "2011-02-07T10:00:00+00:00"
 
 
+def test_backfill_then_live_events_from_librdkafka_default_partitioner(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+    """History backfilled with `clv replay` (murmur2, as the Java client and aiokafka), then the
+    rest published live with confluent-kafka at its defaults (librdkafka's CRC32-based
+    partitioner puts most customers on another partition): the worker routes those events to
+    their customers' partitions and ends exactly where `clv score` of the whole file is."""
+    import zlib
+
+    from aiokafka.partitioner import murmur2
+    from confluent_kafka import Producer
+
+    from features.batch import read_history
+
+    lines = cdnow_slice.read_text().splitlines()
+    history = tmp_path / "history.txt"
+    history.write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split()[1] < "19980101"]) + "\n")
+    live = [e for e in read_history(str(cdnow_slice)).events if e.ts.year >= 1998]
+    home = lambda key: (murmur2(key) & 0x7FFFFFFF) % 4  # noqa: E731
+    assert sum(home(e.customer_id.encode()) != zlib.crc32(e.customer_id.encode()) % 4 for e in live) > len(live) / 2
+
+    worker = Worker(clv_env, tmp_path)
+    try:
+        worker.wait_ready()
+        rep = replay(clv_env, history)
+        assert rep.wait(120) == 0, rep.stderr.read()
+        n_history = len(history.read_text().splitlines()) - 1
+        wait_idle([worker], n_history, timeout=300)
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})  # librdkafka's defaults
+        for e in live:
+            producer.produce(clv_env["CLV_TRANSACTIONS_TOPIC"], e.to_json(), key=e.customer_id.encode())
+            producer.poll(0)
+        assert producer.flush(60) == 0
+        deadline = time.monotonic() + 300
+        while True:  # every event once, and the routed ones again on their own partition
+            m = worker.metrics()
+            if m.get("clv_events_in_total", 0) >= n_history + len(live) + m.get("clv_events_routed_total", 0):
+                break
+            assert time.monotonic() < deadline and worker.proc.poll() is None, m
+            time.sleep(0.5)
+        wait_idle([worker], 1, timeout=300)
+        m = worker.metrics()
+    finally:
+        worker.stop()
+    assert m["clv_events_routed_total"] > len(live) / 2 and not m.get("clv_scoring_errors_total")
+    assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
+    published = read_topic(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
+    assert all(r.partition == home(r.key) for r in published)  # no second copy anywhere
+    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, cdnow_slice))
+
+
 def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
     a, b = Worker(clv_env, tmp_path, "a"), Worker(clv_env, tmp_path, "b")
     try:
@@ -252,3 +301,27 @@ def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
         assert worker.get("/customers/00001", token="s3cret")[0] == 404  # not on this worker
     finally:
         worker.stop()
+
+
+def test_one_customer_that_cannot_be_scored_does_not_fail_the_others():
+    """A batch the model cannot take (here one state holds a month after the clock's) is scored
+    customer by customer: the others get exactly their batch scores, the culprit its error."""
+    from export_onnx.artifact import Artifact
+    from features.aggregate import Folder, contribution
+    from features.contract import Line, TransactionEvent
+    from stream.scoring import score_separately, score_states
+
+    artifact = Artifact.load(None)
+    folder = Folder(artifact.window)
+    for i, (cid, day) in enumerate((("a", 3), ("b", 9), ("late", 20))):
+        ts = datetime(2011, 3 if cid == "late" else 1, day, tzinfo=timezone.utc)
+        folder.add(cid, contribution(TransactionEvent(f"e{i}", cid, str(i), ts, (Line("A", 2, 5.0),))))
+    as_of = datetime(2011, 1, 31, tzinfo=timezone.utc)  # before "late"'s March purchase
+    states = [folder.states[c] for c in ("a", "late", "b")]
+    with pytest.raises(ValueError, match="after the as-of month"):
+        score_states(artifact, states, as_of)
+    a, late, b = score_separately(artifact, states, as_of)
+    assert isinstance(late, ValueError) and "late" in str(late)
+    for got, want in zip((a, b), score_states(artifact, [states[0], states[2]], as_of)):
+        assert got.customer_id == want.customer_id and got.frequency == want.frequency == 1
+        assert got.clv == pytest.approx(want.clv, rel=1e-5) and got.as_of == want.as_of
