@@ -431,6 +431,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
         print(f"  best batched / one at a time: {result['batched_over_single']}x; "
               f"the worker flushes at {result['worker_batch_size']} customers")
+    elif args.what == "sink":
+        from state.sink import bench as bench_sink
+
+        result = bench_sink(args.customers, workdir, _settings(args))
+        print(f"snapshot sink, {result['customers']:,} customers: folds {result['fold_messages_per_s']:,} "
+              f"score messages/s; snapshot {result['first_snapshot_seconds']:.2f}s, again after a "
+              f"tenth rescored {result['snapshot_seconds']:.2f}s ({result['snapshot_mb']} MB file); "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
+              f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)")
     else:
         result = bench.state(args.customers, args.stores, bootstrap, workdir)
         for store, r in result["stores"].items():
@@ -528,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, doc in (("throughput", "raw aiokafka vs bare faust agent vs the full worker path"),
                       ("latency", "event time to score readable, at steady publish rates"),
                       ("scoring", "onnxruntime (and torch) customers/s by batch size"),
-                      ("state", "memory per customer held and recovery time, per store")):
+                      ("state", "memory per customer held and recovery time, per store"),
+                      ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)")):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
@@ -555,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--model", default=None, help="artifact directory (default: shipped)")
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
+        if name == "sink":
+            b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
 
     p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")

@@ -62,6 +62,8 @@ class Settings:
         "DuckDB snapshot the sink publishes and analysts read"))
     snapshot_interval_s: float = field(default=10.0, metadata=_meta(
         "seconds between snapshots (one more is written on shutdown)"))
+    snapshot_memory_mb: int = field(default=256, metadata=_meta(
+        "memory the snapshot sink's DuckDB may use; beyond it, it works from its file on disk"))
     api_host: str = field(default="127.0.0.1", metadata=_meta("analyst API bind address"))
     api_port: int = field(default=8080, metadata=_meta("analyst API port"))
     api_token: str = field(default="", metadata=_meta(
@@ -97,7 +99,8 @@ class Settings:
 
     def check(self) -> None:
         for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
-                     "batch_wait_ms", "snapshot_interval_s", "fetch_wait_ms", "api_sql_timeout_s",
+                     "batch_wait_ms", "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms",
+                     "api_sql_timeout_s",
                      "api_sql_max_rows", "api_sql_concurrency"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
