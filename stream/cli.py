@@ -303,9 +303,17 @@ def _snapshot(args: argparse.Namespace):
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from state.sink import run
 
-    return run(_settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval))
+    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval)
+    try:  # the snapshot's directory is created, as the default var/ is
+        Path(settings.snapshot_path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--snapshot {settings.snapshot_path!r}: {exc.strerror}") from None
+    _output(settings.snapshot_path, "--snapshot")
+    return run(settings)
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str] | None = None) -> None:

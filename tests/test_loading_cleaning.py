@@ -114,6 +114,8 @@ def test_bad_cli_arguments_exit_2(tmp_path):
     (["export", "--out", "{tmp}"], "is a directory"),
     (["replay", "{cdnow}", "--rate", "-5"], "positive"),
     (["snapshot", "--interval", "nan"], "positive"),
+    (["snapshot", "--snapshot", "{tmp}/file/clv.duckdb"], "--snapshot"),
+    (["snapshot", "--snapshot", "{tmp}"], "is a directory"),
     (["bench", "state", "--json", "{tmp}/missing/out.json"], "does not exist"),
 ])
 def test_bad_output_paths_and_numbers_exit_2_before_any_work(tmp_path, args, fragment):

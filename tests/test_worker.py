@@ -18,7 +18,8 @@ from aiokafka import AIOKafkaProducer
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
-from harness import CLV, Worker, assert_exact, batch_scores, last_scores, read_topic, replay, wait_idle
+from harness import (CLV, Worker, assert_exact, batch_scores, last_scores, read_topic, replay, topic_layout,
+                     wait_idle)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,12 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
                                   for e in (json.loads(v) for _, v, _ in valid)))
     assert len(assert_exact(scores, batch_scores(tmp_path, accepted))) == 3
     assert scores["c3"]["as_of"] == "2011-02-07T10:00:00+00:00"
+    # Every topic the worker created carries the replication settings (1 and 1 by default).
+    for topic in ("CLV_TRANSACTIONS_TOPIC", "CLV_SCORES_TOPIC", "CLV_DLQ_TOPIC"):
+        configs, replicas = topic_layout(kafka_bootstrap, clv_env[topic])
+        assert configs["min.insync.replicas"] == "1" and replicas == [1] * 4, topic
+    configs, _ = topic_layout(kafka_bootstrap, f"{clv_env['CLV_APP_ID']}-customer-state-changelog")
+    assert configs["min.insync.replicas"] == "1" and configs["cleanup.policy"] == "compact"
 
 
 def test_backfill_then_live_events_from_librdkafka_default_partitioner(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
