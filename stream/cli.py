@@ -244,7 +244,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def _reachable(settings: Settings) -> None:
     """Create the product's topics (partitions, replication, min.insync.replicas from the
-    settings), or a UsageError when the broker does not answer."""
+    settings), or a UsageError when the broker does not answer or `transactions` has another
+    partition count than the settings (the state, the scores and routing follow it)."""
     import asyncio
 
     from aiokafka.errors import KafkaError
@@ -255,12 +256,16 @@ def _reachable(settings: Settings) -> None:
     level = client_log.level
     client_log.setLevel(logging.CRITICAL)  # the error below says it in one line
     try:
-        asyncio.run(ensure_topics(settings, all_topics(settings)))
+        partitions = asyncio.run(ensure_topics(settings, all_topics(settings)))
     except (KafkaError, OSError) as exc:
         raise UsageError(f"cannot create the topics on Kafka at {settings.bootstrap_servers}: "
                          f"{exc}") from None
     finally:
         client_log.setLevel(level)
+    have = partitions.get(settings.transactions_topic)
+    if have != settings.partitions:
+        raise UsageError(f"topic {settings.transactions_topic} has {have} partitions but "
+                         f"partitions is {settings.partitions}: set CLV_PARTITIONS={have}")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -33,9 +33,10 @@ class ReplaySummary:
                 f"in {self.seconds:.1f}s ({rate:,.0f}/s); event time {self.first_ts} .. {self.last_ts}")
 
 
-async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -> None:
+async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -> dict[str, int]:
     """Create missing topics with the configured partition count, replication factor and
-    min.insync.replicas (and their own configs). Existing topics are left as they are."""
+    min.insync.replicas (and their own configs). Existing topics are left as they are. Returns
+    the partition count of each topic, as the broker describes it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
                                 **settings.kafka_client_options())
     await admin.start()
@@ -49,6 +50,7 @@ async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(topics))}
     finally:
         await admin.close()
 

@@ -8,9 +8,11 @@ producer before it commits offsets: a crash before that point redelivers the eve
 their customers dirty again (even when already applied), so no score is lost either.
 
 Time: the worker's clock is the newest event time it has seen on any of its partitions; each
-partition also keeps its own newest event. Scores are as of the later of the two, so a partition
+partition also keeps its own newest event. Scores are as of the worker's clock, so a partition
 that receives nothing still ages: when the worker's clock enters a new month every customer of
-every partition it owns is rescored, in batches, between events.
+every partition it owns is rescored, in batches, between events. What is too late (older than
+the window) follows the partition's own clock: a partition that lags the others (taken over with
+a backlog) applies its backlog instead of refusing it.
 
 Routing: an event keyed by its customer but on another partition than murmur2 maps the key to
 (a publisher with another partitioner) is re-published to the customer's partition and applied
@@ -105,13 +107,14 @@ class Rescorer:
             for cid, s in self.states.partition_items(partition):  # members and the clock
                 members.add(cid)
                 newest = max(newest, s.newest_ts or 0)
+            if newest > self.group_ts:  # the partitions already owned age to it
+                self._age(newest)
             self.members[partition] = members
             self.clock_ts[partition] = newest
-            now = max(newest, self.group_ts)  # a partition taken over ages to the worker's clock
-            clock = month_of(datetime.fromtimestamp(now, timezone.utc)) if now else None
+            # The window (what is too late) follows the partition's own events: the worker's
+            # clock may be ahead of events still waiting on this partition.
+            clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
             folder = self.folders[partition] = Folder(self.artifact.window, self.states, clock)
-            if newest > self.group_ts:
-                self._age(newest)
         return folder
 
     async def take_over(self, partition: int) -> None:
@@ -139,10 +142,11 @@ class Rescorer:
         loaded = await self._load_scores(partition)
         members = self.members[partition]
         stale, other_model = [], 0
+        month = month_of(self._as_of(partition))
         for cid in members:
             score = self.latest.get(cid)
             if score is None or folder.clock is None or month_of(
-                    datetime.fromisoformat(score.as_of)) < folder.clock:
+                    datetime.fromisoformat(score.as_of)) < month:
                 stale.append(cid)
             elif score.model_version != self.artifact.version:
                 other_model += 1
@@ -203,25 +207,23 @@ class Rescorer:
                                       timezone.utc)
 
     def _age(self, ts: int) -> None:
-        """Move the worker's clock to `ts`; when it enters a new month, every partition whose
-        clock is behind enters it too and queues its customers for rescoring."""
-        self.group_ts = ts
+        """Move the worker's clock to `ts`; when it enters a new month, every customer of every
+        partition the worker owns is queued for rescoring, whether its partition saw the event
+        or not (scores are as of the worker's clock; see `_as_of`)."""
+        before, self.group_ts = self.group_ts, ts
         month = month_of(datetime.fromtimestamp(ts, timezone.utc))
-        for partition, folder in self.folders.items():
-            if folder.clock is None or folder.clock < month:
-                folder.clock = month
-                if not self.members.get(partition):
-                    continue
-                log.info("partition %d entered %s: rescoring its %d customers", partition,
-                         self._as_of(partition).strftime("%Y-%m"),
-                         len(self.members.get(partition, ())))
-                self.backlog.setdefault(partition, deque()).extend(
-                    sorted(self.members.get(partition, ())))
+        if not before or month_of(datetime.fromtimestamp(before, timezone.utc)) >= month:
+            return
+        for partition in self.folders:
+            members = self.members.get(partition)
+            if members:
+                log.info("entered %s: rescoring the %d customers of partition %d",
+                         self._as_of(partition).strftime("%Y-%m"), len(members), partition)
+                self.backlog.setdefault(partition, deque()).extend(sorted(members))
 
     # -- intake -----------------------------------------------------------------------------
     def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
         folder = self.folder(partition)
-        before = folder.clock
         outcome = folder.add(event.customer_id, contribution(event), partition, offset)
         if outcome == Applied.TOO_LATE:
             return outcome
@@ -229,10 +231,6 @@ class Rescorer:
         if ts > self.clock_ts.get(partition, 0):
             self.clock_ts[partition] = ts
         self.members.setdefault(partition, set()).add(event.customer_id)
-        if before is not None and folder.clock is not None and folder.clock > before:
-            log.info("partition %d entered %s: rescoring its %d customers", partition,
-                     self._as_of(partition).strftime("%Y-%m"), len(self.members[partition]))
-            self.backlog.setdefault(partition, deque()).extend(sorted(self.members[partition]))
         if ts > self.group_ts:
             self._age(ts)
         if outcome != Applied.APPLIED:

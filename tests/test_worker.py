@@ -233,6 +233,8 @@ def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bo
         b.stop()
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
     assert_exact(live, batch_scores(tmp_path, cdnow_slice))
+    # The partitions taken over lag the survivor's clock; their backlog is applied, not too late.
+    assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
 
 
 def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
@@ -289,6 +291,20 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
     finally:
         second.stop()
     assert_exact(last_scores(kafka_bootstrap, scores), batch_scores(tmp_path, cdnow_slice))
+
+
+def test_a_worker_configured_for_another_partition_count_refuses_to_start(clv_env):
+    """Customers' partitions (state, scores, routing) follow the topic's partition count: a
+    worker told another count stops at once, saying which to set."""
+    from stream.replay import all_topics, ensure_topics
+    from stream.settings import Settings
+
+    two = Settings.from_env(clv_env, partitions=2)
+    asyncio.run(ensure_topics(two, all_topics(two)))
+    res = subprocess.run([*CLV, "worker"], env={**clv_env, "CLV_PARTITIONS": "4"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "has 2 partitions" in res.stderr and "CLV_PARTITIONS=2" in res.stderr
 
 
 def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
