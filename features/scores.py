@@ -54,8 +54,8 @@ class ScoreRecord:
     segment: str = _doc("named segment (`clv query segments` lists them with their playbooks)")
     horizon_months: int = _doc("months the forecast covers", run=True)
     model_version: str = _doc("the model that produced the score", run=True)
-    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on the "
-                          "customer's partition: the stream's clock", run=True)
+    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on any "
+                          "partition it owns: the stream's clock", run=True)
     scored_at: IsoTime = _doc("wall-clock time (UTC) the score was computed", run=True)
 
 

@@ -47,7 +47,8 @@ class Store(Protocol):
 
     def get(self, partition: int, key: bytes) -> bytes | None: ...
 
-    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]], offset: int) -> None:
+    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]],
+              offset: int) -> None:
         """Put (or, for None, delete) the items and record `offset`, all or nothing."""
 
     def customer_keys(self, partition: int) -> Iterator[bytes]:
@@ -82,7 +83,8 @@ class MemoryStore:
     def get(self, partition: int, key: bytes) -> bytes | None:
         return self.data[partition].get(key)
 
-    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]], offset: int) -> None:
+    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]],
+              offset: int) -> None:
         data = self.data[partition]
         for key, value in items:
             if value is None:
@@ -121,8 +123,9 @@ class RocksStore:
         self.options = rocksdict.Options(raw_mode=True)
         self.options.create_if_missing(True)
         self.options.set_block_based_table_factory(table)
-        self.options.set_write_buffer_manager(rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
-            ROCKSDB_WRITE_BUFFERS, False, cache))
+        buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
+            ROCKSDB_WRITE_BUFFERS, False, cache)  # memtables counted in the block cache
+        self.options.set_write_buffer_manager(buffers)
         self.options.set_write_buffer_size(ROCKSDB_MEMTABLE)
         self.options.set_max_write_buffer_number(2)
         self.options.set_max_open_files(64)
@@ -153,7 +156,8 @@ class RocksStore:
     def get(self, partition: int, key: bytes) -> bytes | None:
         return self.dbs[partition].get(key)
 
-    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]], offset: int) -> None:
+    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]],
+              offset: int) -> None:
         batch = self.rocksdict.WriteBatch(raw_mode=True)
         for key, value in items:
             if value is None:

@@ -3,13 +3,21 @@
 Exactness: every customer state lives in a store backed by a changelog co-partitioned with
 `transactions` (stream.state_writes, stream.stores) and remembers the highest offset (and keys of
 the window's event ids) it has applied, so a redelivered event changes nothing. Events are
-acknowledged only after the scores of the customers they touched have been handed to the producer, and faust flushes the
-producer before it commits offsets: a crash before that point redelivers the events, which mark
-their customers dirty again (even when already applied), so no score is lost either.
+acknowledged only after the scores of the customers they touched have been handed to the
+producer, and faust flushes the producer before it commits offsets: a crash before that point
+redelivers the events, which mark their customers dirty again (even when already applied), so no
+score is lost either.
 
-Time: each partition keeps an event-time clock (its newest event). Scores are as of that clock.
-When it enters a new month every customer of the partition is rescored, in batches, between
-events.
+Time: the worker's clock is the newest event time it has seen on any of its partitions; each
+partition also keeps its own newest event. Scores are as of the worker's clock, so a partition
+that receives nothing still ages: when the worker's clock enters a new month every customer of
+every partition it owns is rescored, in batches, between events. What is too late (older than
+the window) follows the partition's own clock: a partition that lags the others (taken over with
+a backlog) applies its backlog instead of refusing it.
+
+Routing: an event keyed by its customer but on another partition than murmur2 maps the key to
+(a publisher with another partitioner) is re-published to the customer's partition and applied
+there, never folded into a second copy of the customer on the wrong one.
 
 Taking over a partition: its store is brought up to the changelog (stream.recovery: the whole
 partition into an empty store, only the tail into a rocksdb directory of its own), then the
@@ -30,20 +38,21 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 import faust
+from aiokafka.partitioner import murmur2
 from faust.exceptions import NotReady
 from faust.types import TP as TopicPartition
 
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, Folder, contribution, month_of, month_start
 from features.contract import Invalid, Reason, TransactionEvent, validate
-from features.scores import as_dict, encode_score
+from features.scores import ScoreRecord, as_dict, encode_score
 from stream.auth import guard, is_loopback, require_token
 from stream.metrics import Metrics
-from stream.scoring import assemble, prepare, score_states
+from stream.scoring import assemble, prepare, score_separately, score_states
 from stream.publisher import BatchPublisher, Record
 from stream.recovery import recover
 from stream.settings import Settings
@@ -89,6 +98,7 @@ class Rescorer:
         self.metrics = metrics
         self.folders: dict[int, Folder] = {}
         self.clock_ts: dict[int, int] = {}
+        self.group_ts = 0  # newest event time on any partition this worker has owned
         self.dirty: dict[int, dict[str, float]] = {}  # partition -> customer -> first dirty time
         self.backlog: dict[int, Rescan] = {}  # month-turn / takeover / rescore-all rescoring
         self.pending_acks: list[Any] = []
@@ -133,18 +143,23 @@ class Rescorer:
             scored_month, model = None, ""
         else:
             newest, scored_month, model = meta.clock_ts, meta.scored_month, meta.model
+        if newest > self.group_ts:  # the partitions already owned age to it
+            self._age(newest)
         self.clock_ts[partition] = newest
+        # The window (what is too late) follows the partition's own events: the worker's clock
+        # may be ahead of events still waiting on this partition.
         clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
         self.folders[partition] = Folder(self.artifact.window, states, clock)
-        stale = clock is not None and (scored_month is None or scored_month < clock)
+        month = month_of(self._as_of(partition)) if newest or self.group_ts else None
+        stale = month is not None and customers > 0 and (scored_month is None or scored_month < month)
         if stale:
-            self._rescan(partition, clock)
+            self._rescan(partition, month)
         self.taken.add(partition)
         log.info("partition %d taken over: %d customers, %d changelog records from offset %d in "
                  "%.2fs (%.0f/s), clock %s; %s%s", partition, customers, got.records, got.start,
-                 got.seconds, got.per_second, self._as_of(partition).isoformat() if newest else "unset",
+                 got.seconds, got.per_second, _month_text(clock),
                  f"rescoring all, their scores being as of {_month_text(scored_month)}, before "
-                 f"{_month_text(clock)}" if stale else "scores current",
+                 f"{_month_text(month)}" if stale else "scores current",
                  f"; its customers carry another model version ({model}; rescored on their next "
                  f"event or by `clv rescore-all`)" if model and model != self.artifact.version
                  else "")
@@ -158,8 +173,9 @@ class Rescorer:
 
     def rescore_all(self, partition: int) -> int:
         """Queue every customer of the partition (a model rollout)."""
-        folder = self.folders.get(partition)
-        return 0 if folder is None else self._rescan(partition, folder.clock)
+        if partition not in self.folders:
+            return 0
+        return self._rescan(partition, month_of(self._as_of(partition)))
 
     def forget(self, partitions: set[int]) -> None:
         """Revoked partitions: their unacked events go to the new owner, which rescores them."""
@@ -173,7 +189,23 @@ class Rescorer:
             self.taken.discard(p)
 
     def _as_of(self, partition: int) -> datetime:
-        return datetime.fromtimestamp(self.clock_ts.get(partition, 0), timezone.utc)
+        """The clock a partition's scores are as of: its own newest event, or the worker's when
+        that is later (a quiet partition ages with the others)."""
+        return datetime.fromtimestamp(max(self.clock_ts.get(partition, 0), self.group_ts),
+                                      timezone.utc)
+
+    def _age(self, ts: int) -> None:
+        """Move the worker's clock to `ts`; when it enters a new month, every customer of every
+        partition the worker owns is queued for rescoring, whether its partition saw the event
+        or not (scores are as of the worker's clock; see `_as_of`)."""
+        before, self.group_ts = self.group_ts, ts
+        month = month_of(datetime.fromtimestamp(ts, timezone.utc))
+        if not before or month_of(datetime.fromtimestamp(before, timezone.utc)) >= month:
+            return
+        for partition in self.folders:
+            n = self._rescan(partition, month)
+            log.info("entered %s: rescoring the %d customers of partition %d",
+                     self._as_of(partition).strftime("%Y-%m"), n, partition)
 
     # -- intake -----------------------------------------------------------------------------
     def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
@@ -187,11 +219,10 @@ class Rescorer:
             self.clock_ts[partition] = ts
             self._record(partition)
         if before is None:  # the partition's first event: no customer has an older score
-            self._record(partition, scored_month=folder.clock, model=self.artifact.version)
-        elif folder.clock is not None and folder.clock > before:
-            n = self._rescan(partition, folder.clock)
-            log.info("partition %d entered %s: rescoring its %d customers", partition,
-                     self._as_of(partition).strftime("%Y-%m"), n)
+            self._record(partition, scored_month=month_of(self._as_of(partition)),
+                         model=self.artifact.version)
+        if ts > self.group_ts:
+            self._age(ts)
         # Applied or not, its customer's score may not be out yet.
         self.mark(partition, event.customer_id)
         return outcome
@@ -295,17 +326,27 @@ class Rescorer:
         # One clock for the batch: the partition's clock moves on while the model runs in a
         # thread, and a score must carry the as_of its fields were measured at.
         as_of = self._as_of(partition)
-        inputs, fields = prepare(self.artifact, states, as_of)
-        if len(ids) >= INLINE_SCORING_LIMIT:
-            pred = await asyncio.to_thread(self.artifact.predict, inputs)
-        else:
-            pred = self.artifact.predict(inputs)
-        scores = assemble(self.artifact, states, fields, pred, as_of)
+        try:
+            inputs, fields = prepare(self.artifact, states, as_of)
+            if len(ids) >= INLINE_SCORING_LIMIT:
+                pred = await asyncio.to_thread(self.artifact.predict, inputs)
+            else:
+                pred = self.artifact.predict(inputs)
+            scores: list[ScoreRecord | Exception] = list(
+                assemble(self.artifact, states, fields, pred, as_of))
+        except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
+            scores = score_separately(self.artifact, states, as_of)
         topic = self.settings.scores_topic
         records: list[Record] = []
         for score, cid in zip(scores, ids):
+            if isinstance(score, Exception):
+                self.metrics.scoring_errors += 1
+                log.error("customer %s of partition %d not scored as of %s: %s: %s; its state is "
+                          "kept, and it is scored again on its next event or month turn", cid,
+                          partition, as_of.isoformat(), type(score).__name__, score)
+                continue
             records.append((topic, partition, cid.encode(), encode_score(score)))
-        self.metrics.rescored += len(ids)
+        self.metrics.rescored += len(records)
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         return records
@@ -364,7 +405,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         broker_credentials=_credentials(settings),
         datadir=settings.data_dir,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication_factor,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
@@ -389,13 +430,15 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     # The state changelog keeps the name and key encoding of the faust table it replaces, so a
     # changelog written by an earlier worker recovers into the new store.
     changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="raw",
-                          value_serializer="raw", partitions=settings.partitions, compacting=True)
+                          value_serializer="raw", partitions=settings.partitions, compacting=True,
+                          replicas=settings.replication_factor, config=settings.topic_configs())
     metrics = Metrics()
     states = States(open_store(settings.store, settings.data_dir, changelog.get_topic_name()),
                     changelog.get_topic_name())
     rescorer = Rescorer(app, settings, artifact, states, metrics)
     app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
     ready = asyncio.Event()
+    max_future = timedelta(minutes=settings.max_future_minutes)
 
     async def dead_letter(raw: bytes, key: bytes | None, reason: str, detail: str,
                           partition: int, offset: int) -> None:
@@ -407,6 +450,33 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         await app.producer.send(settings.dlq_topic, key, raw, None, None, headers)
         log.warning("dead letter %s at %s[%d]@%d: %s", reason, settings.transactions_topic,
                     partition, offset, detail)
+
+    async def route(raw: bytes, msg: Any, home: int) -> None:
+        """Re-publish an event to its customer's partition; it is applied when it arrives there.
+        Re-published twice (a crash before the commit), it carries the same event_id: once."""
+        metrics.routed += 1
+        headers = [*(msg.headers or ()), ("routed_from_partition", str(msg.partition).encode()),
+                   ("routed_from_offset", str(msg.offset).encode())]
+        await app.producer.send(settings.transactions_topic, msg.key, raw, home, None, headers)
+        if metrics.routed == 1 or metrics.routed % 10_000 == 0:
+            log.warning("%d events so far arrived on another partition than their key's under "
+                        "murmur2 and were re-published to it (latest: %s[%d]@%d, key %r, "
+                        "partition %d): set the publishers' partitioner to murmur2 (librdkafka: "
+                        "partitioner=murmur2_random)", metrics.routed,
+                        settings.transactions_topic, msg.partition, msg.offset, msg.key[:40], home)
+
+    def checked(raw: bytes, msg: Any) -> TransactionEvent | Invalid:
+        """The event, or why it is a dead letter: its payload, then its key."""
+        parsed = validate(raw, max_future=max_future)
+        if isinstance(parsed, Invalid):
+            return parsed
+        if msg.key is None:
+            return Invalid(Reason.MISSING_KEY, "no message key: events are keyed by customer_id "
+                                               f"({parsed.customer_id!r})")
+        if msg.key.decode("utf-8", "replace") != parsed.customer_id:
+            return Invalid(Reason.KEY_MISMATCH, f"message key {msg.key[:40]!r} is not "
+                                                f"customer_id {parsed.customer_id!r}")
+        return parsed
 
     @app.agent(transactions)
     async def process(stream: Any) -> None:
@@ -424,13 +494,12 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             metrics.events_in += 1
             rescorer.position[msg.partition] = msg.offset + 1
             raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
-            parsed = validate(raw)
-            if not isinstance(parsed, Invalid) and msg.key is not None and msg.key.decode(
-                    "utf-8", "replace") != parsed.customer_id:
-                parsed = Invalid(Reason.KEY_MISMATCH,
-                                 f"message key {msg.key[:40]!r} is not customer_id {parsed.customer_id!r}")
+            parsed = checked(raw, msg)
             if isinstance(parsed, Invalid):
                 await dead_letter(raw, msg.key, parsed.reason, parsed.detail, msg.partition, msg.offset)
+                rescorer.pending_acks.append(event)
+            elif (home := (murmur2(msg.key) & 0x7FFFFFFF) % settings.partitions) != msg.partition:
+                await route(raw, msg, home)
                 rescorer.pending_acks.append(event)
             else:
                 outcome = rescorer.apply(parsed, msg.partition, msg.offset)

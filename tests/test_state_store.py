@@ -82,3 +82,36 @@ def test_a_store_ahead_of_its_changelog_is_rebuilt(changelog, tmp_path):
     assert (got.start, got.records) == (0, 3)
     assert store.get(1, b'"stale"') is None and store.offset(1) == 2
     store.close_all()
+
+
+def test_states_reach_the_store_only_once_the_changelog_has_them(tmp_path):
+    """take -> (publish fails) restore -> take again -> written: the store gets exactly the bytes
+    published, with their offset; a state changed meanwhile stays changed."""
+    from datetime import datetime, timezone
+
+    from features.aggregate import Folder, contribution
+    from features.contract import Line, TransactionEvent
+    from features.state_record import decode_state
+    from stream.state_writes import States, encode_key
+
+    def ev(inv: str) -> TransactionEvent:
+        return TransactionEvent(inv, "c1", inv, datetime(2011, 1, 5, tzinfo=timezone.utc),
+                                (Line("A", 1, 2.0),))
+
+    for store in (MemoryStore(), RocksStore(tmp_path / "db")):
+        store.open(0)
+        states = States(store, "changelog")
+        folder = Folder(13, states.open(0))
+        folder.add("c1", contribution(ev("I1")), partition=0, offset=0)
+        states.open(0).set_meta(clock_ts=1)
+        assert len(states.take()) == 2 and store.get(0, encode_key("c1")) is None
+        states.restore()  # the publish failed
+        records = states.take()
+        folder.add("c1", contribution(ev("I2")), partition=0, offset=1)  # during the publish
+        states.written({0: 41})
+        assert store.offset(0) == 41
+        assert store.get(0, encode_key("c1")) == records[0][3]
+        assert decode_state(records[0][3]).totals() == (200, 1, 1)
+        assert states.open(0).get("c1").totals() == (400, 2, 2)  # still the newer, changed state
+        assert [r[2] for r in states.take()] == [encode_key("c1")]  # and written with the next
+        store.close_all()
