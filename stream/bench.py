@@ -579,6 +579,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
 
         written = asyncio.run(scores())
     batch_csv = workdir / "bootstrap-batch.csv"
+    batch_csv.unlink(missing_ok=True)  # a run before in the same directory
     started = time.perf_counter()
     subprocess.run([*CLV, "score", str(path), "--out", str(batch_csv)], check=True,
                    capture_output=True)

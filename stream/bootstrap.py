@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from export_onnx.artifact import Artifact
 from features.aggregate import CustomerState, month_of
@@ -45,7 +44,7 @@ from features.cleaning import CleaningReport
 from features.scores import encode_score
 from features.state_record import encode_state
 from stream.kafka_io import end_offsets
-from stream.publisher import BatchPublisher, Record
+from stream.publisher import BatchPublisher, Record, home_partition
 from stream.replay import all_topics, ensure_topics
 from stream.scoring import score_states
 from stream.settings import Settings
@@ -84,19 +83,13 @@ class Summary:
                 f"{self.seconds:.1f}s ({rate:,.0f} lines/s)")
 
 
-def partition_of(customer_id: str, partitions: int) -> int:
-    """The partition a customer's key goes to on every co-partitioned topic."""
-    every = list(range(partitions))
-    return DefaultPartitioner()(customer_id.encode(), every, every)
-
-
 def state_records(states: Iterable[CustomerState], settings: Settings,
                   meta: PartitionMeta) -> tuple[list[Record], list[Record]]:
     """The changelog a worker that folded these states would leave: each state on its customer's
     partition, and (second list) every partition's own record."""
     topic = settings.changelog_topic
-    records = [(topic, partition_of(s.customer_id, settings.partitions), encode_key(s.customer_id),
-                encode_state(s)) for s in states]
+    records = [(topic, home_partition(s.customer_id.encode(), settings.partitions),
+                encode_key(s.customer_id), encode_state(s)) for s in states]
     metas = [(topic, p, META_KEY, encode_meta(meta)) for p in range(settings.partitions)]
     return records, metas
 

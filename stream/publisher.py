@@ -12,10 +12,17 @@ from collections import defaultdict
 from typing import Any, Iterable
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from stream.settings import Settings
 
 Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
+
+
+def home_partition(key: bytes, partitions: int) -> int:
+    """The partition a key lives on in every co-partitioned topic: murmur2, as the Java client,
+    librdkafka's murmur2_random and aiokafka (so `clv replay`) place keyed messages."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class BatchPublisher:

@@ -17,6 +17,7 @@ anywhere redelivers them, which the offset watermark in each state makes harmles
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -95,8 +96,12 @@ class PartitionStates:
         self.dirty[customer_id] = state
 
     def customers(self) -> Iterator[str]:
-        """Every customer in the store, lazily (a new one is there after its first flush)."""
-        return (json.loads(k) for k in self.store.customer_keys(self.partition))
+        """Every customer in the store, lazily, and the new ones whose first record is on its way
+        to the changelog (already scored, in the store only once the broker has the record: a
+        month-turn rescan must not miss them). A new customer not flushed yet is left to its
+        flush, which scores it as of the clock then."""
+        new = [c for c in self.held if self.store.get(self.partition, encode_key(c)) is None]
+        return itertools.chain(new, (json.loads(k) for k in self.store.customer_keys(self.partition)))
 
     def set_meta(self, **changes: Any) -> PartitionMeta:
         meta = self.meta or PartitionMeta()

@@ -42,7 +42,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 import faust
-from aiokafka.partitioner import murmur2
 from faust.exceptions import NotReady
 from faust.types import TP as TopicPartition
 
@@ -53,7 +52,7 @@ from features.scores import ScoreRecord, as_dict, encode_score
 from stream.auth import guard, is_loopback, require_token
 from stream.metrics import Metrics
 from stream.scoring import assemble, prepare, score_separately, score_states
-from stream.publisher import BatchPublisher, Record
+from stream.publisher import BatchPublisher, Record, home_partition
 from stream.recovery import recover
 from stream.settings import Settings
 from stream.state_writes import PartitionStates, States
@@ -498,7 +497,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             if isinstance(parsed, Invalid):
                 await dead_letter(raw, msg.key, parsed.reason, parsed.detail, msg.partition, msg.offset)
                 rescorer.pending_acks.append(event)
-            elif (home := (murmur2(msg.key) & 0x7FFFFFFF) % settings.partitions) != msg.partition:
+            elif (home := home_partition(msg.key, settings.partitions)) != msg.partition:
                 await route(raw, msg, home)
                 rescorer.pending_acks.append(event)
             else:
