@@ -17,6 +17,7 @@ anywhere redelivers them, which the offset watermark in each state makes harmles
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -95,8 +96,12 @@ class PartitionStates:
         self.dirty[customer_id] = state
 
     def customers(self) -> Iterator[str]:
-        """Every customer in the store, lazily (a new one is there after its first flush)."""
-        return (json.loads(k) for k in self.store.customer_keys(self.partition))
+        """Every customer of the partition, lazily: those changed or in flight now (a new
+        customer reaches the store only once its record is acknowledged), then the store's
+        (some of the first may come again)."""
+        pending = list(self.held) + [c for c in self.dirty if c not in self.held]
+        stored = (json.loads(k) for k in self.store.customer_keys(self.partition))
+        return itertools.chain(pending, stored)
 
     def set_meta(self, **changes: Any) -> PartitionMeta:
         meta = self.meta or PartitionMeta()
