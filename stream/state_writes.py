@@ -96,12 +96,12 @@ class PartitionStates:
         self.dirty[customer_id] = state
 
     def customers(self) -> Iterator[str]:
-        """Every customer in the store, lazily, and the new ones whose first record is on its way
-        to the changelog (already scored, in the store only once the broker has the record: a
-        month-turn rescan must not miss them). A new customer not flushed yet is left to its
-        flush, which scores it as of the clock then."""
-        new = [c for c in self.held if self.store.get(self.partition, encode_key(c)) is None]
-        return itertools.chain(new, (json.loads(k) for k in self.store.customer_keys(self.partition)))
+        """Every customer of the partition, lazily: those changed or in flight now (a new
+        customer reaches the store only once its record is acknowledged), then the store's
+        (some of the first may come again)."""
+        pending = list(self.held) + [c for c in self.dirty if c not in self.held]
+        stored = (json.loads(k) for k in self.store.customer_keys(self.partition))
+        return itertools.chain(pending, stored)
 
     def set_meta(self, **changes: Any) -> PartitionMeta:
         meta = self.meta or PartitionMeta()

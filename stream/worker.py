@@ -150,7 +150,7 @@ class Rescorer:
         clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
         self.folders[partition] = Folder(self.artifact.window, states, clock)
         month = month_of(self._as_of(partition)) if newest or self.group_ts else None
-        stale = month is not None and customers > 0 and (scored_month is None or scored_month < month)
+        stale = month is not None and customers > 0 and (scored_month or 0) < month
         if stale:
             self._rescan(partition, month)
         self.taken.add(partition)
