@@ -3,7 +3,7 @@ the state changelog and `clv-scores`, so workers start from years of history wit
 
 What it writes is what a worker that had folded the file would leave: one state record per
 customer (`features.bulk`, record for record the stream's fold) on the changelog partition its key
-maps to (murmur2, as `clv replay` and every Kafka producer partition `transactions`), its score on
+maps to (`home_partition`, where `clv replay` and the worker put the customer), its score on
 the same partition of `clv-scores`, and each partition's own record (`PartitionMeta`: clock at the
 file's newest event, every customer scored as of that month by this model). A worker started
 afterwards recovers the states and, finding its scores current, serves them without rescoring.
@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import pandas as pd
 from aiokafka.errors import KafkaError
 
 from export_onnx.artifact import Artifact
@@ -127,7 +128,8 @@ async def _preflight(settings: Settings, force: bool) -> None:
                                  "--force writes over it (to finish a bootstrap that failed)")
 
 
-def build(lines: Any, artifact: Artifact, settings: Settings) -> tuple[list[Record], int, int, datetime]:
+def build(lines: pd.DataFrame, artifact: Artifact, settings: Settings
+          ) -> tuple[list[Record], int, int, datetime]:
     """Every record to write (states, scores, then partition records), the invoices folded, the
     customers and the time scored as of."""
     folded = fold_lines(lines, artifact.window)
