@@ -152,13 +152,19 @@ def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings
     started = time.perf_counter()
     artifact = Artifact.load(settings.model_dir or None)
     asyncio.run(_preflight(settings, force))  # first: a broker that will refuse fails fast
-    lines, report = read_lines(file, **file_options)
-    if lines.empty:
-        raise BootstrapError(f"{file}: no transactions left after cleaning "
-                             f"({report.rows_read:,} lines read)")
-    records, events, customers, as_of = build(lines, artifact, settings)
-    with tqdm(total=len(records), unit="rec", disable=not progress, mininterval=0.5,
-              desc="writing") as bar:
+    with tqdm(total=2, unit="step", disable=not progress, mininterval=0.5, leave=False,
+              desc=f"reading {Path(file).name}") as bar:
+        lines, report = read_lines(file, **file_options)
+        if lines.empty:
+            raise BootstrapError(f"{file}: no transactions left after cleaning "
+                                 f"({report.rows_read:,} lines read)")
+        bar.update()
+        bar.set_description(f"folding and scoring {len(lines):,} lines")
+        records, events, customers, as_of = build(lines, artifact, settings)
+        bar.update()
+        bar.unit = "rec"
+        bar.set_description("writing")
+        bar.reset(total=len(records))
         try:
             asyncio.run(_create_and_write(settings, records, bar))
         except KafkaError as exc:
