@@ -4,6 +4,7 @@ writes nothing. Real files, the real broker, the real worker."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from datetime import timedelta
 
@@ -85,6 +86,12 @@ def test_bootstrap_part_then_replay_the_whole_history(clv_env, kafka_bootstrap, 
         m = worker.metrics()
         assert m["clv_state_recovered_records_total"] == len(part_scores) + 4  # and 4 partition records
         assert m.get("clv_rescored_customers_total", 0) == 0  # the bootstrap's scores are current
+        for cid in list(part_scores)[:5]:  # served from the recovered states, as published
+            status, body = worker.get(f"/customers/{cid}")
+            served = json.loads(body)["score"]
+            assert status == 200 and served["as_of"] == part_scores[cid]["as_of"]
+            want = part_scores[cid]["clv"]
+            assert abs(served["clv"] - want) <= 1e-5 * max(abs(want), 1e-9)
         rep = replay(clv_env, whole)
         assert rep.wait(120) == 0, rep.stderr.read()
         wait_idle([worker], events_whole, timeout=120)
