@@ -112,8 +112,8 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
             gru = Artifact.load(tmp).predict(split.scoring.inputs)
         preds["gru"] = gru.clv, gru.p_purchase
         preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
-        preds["gbt"] = leveled(*baselines.gradient_boosted(split.train, split.scoring, params, seed))
-        preds["rf"] = leveled(*baselines.random_forest(split.train, split.scoring, params, seed))
+        preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
+        preds["rf"] = leveled(*baselines.random_forest(split.labelled, split.scoring, params, seed))
         preds.update(fixed)
         runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
                             {name: clv for name, (clv, _p) in preds.items()}))
