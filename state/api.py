@@ -264,7 +264,8 @@ class Handlers:
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [web.get("/top", self.top), web.get("/segments", self.segments),
-                web.get("/tiers", self.tiers), web.get("/customers/{customer_id}", self.customer),
+                web.get("/tiers", self.tiers), web.get("/clusters", self.clusters),
+                web.get("/customers/{customer_id}", self.customer),
                 web.get("/summary", self.summary), web.get("/export.csv", self.export_csv),
                 web.get("/sql", self.sql), web.post("/sql", self.sql),
                 web.get("/health", self.health), web.get("/openapi.json", self.spec)]
@@ -280,6 +281,10 @@ class Handlers:
 
     async def tiers(self, request: web.Request) -> web.Response:
         rows = await asyncio.to_thread(self.snap.tiers)
+        return _rows(request, rows, len(rows))
+
+    async def clusters(self, request: web.Request) -> web.Response:
+        rows = await asyncio.to_thread(self.snap.clusters)
         return _rows(request, rows, len(rows))
 
     async def customer(self, request: web.Request) -> web.Response:
@@ -456,7 +461,12 @@ def openapi() -> dict[str, Any]:
                  "schema": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_TOP}},
                 _segment_param()])},
             "/segments": {"get": _op("Per segment: customers, total and mean expected CLV, share of "
-                                     "the total, and its playbook (who, what to do)", rows, read)},
+                                     "the total, and its playbook (who, signals, what to do, what "
+                                     "to measure)", rows, read)},
+            "/clusters": {"get": _op("Per behavioral cluster (named by its profile): customers, "
+                                     "total, mean and share of expected CLV, mean p_purchase, "
+                                     "recency, frequency, order value and tenure, and its most "
+                                     "common segment", rows, read)},
             "/tiers": {"get": _op("Per value tier (terciles of expected CLV): customers, CLV range, "
                                   "totals and shares", rows, read)},
             "/customers/{customer_id}": {"get": _op(

@@ -120,6 +120,10 @@ class Snapshot:
     def tiers(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM tier_summary")
 
+    def clusters(self) -> list[dict[str, Any]]:
+        """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
+        return self._rows("SELECT * FROM cluster_summary")
+
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
         return rows[0] if rows else None
@@ -201,9 +205,10 @@ def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None
     text = {f.name for f in fields(Playbook)}
     table = render_table(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
     shown = {r["segment"] for r in rows}
-    books = [f"  {name}: {book.who} -> {book.what_to_do}" for name, book in PLAYBOOKS.items()
-             if name in shown]
-    return "\n".join([table, "", "Playbooks (who -> what to do)", *books] if books else [table])
+    books = [line for name, book in PLAYBOOKS.items() if name in shown
+             for line in (f"  {name}", *(f"    {f.name.replace('_', ' ')}: {getattr(book, f.name)}"
+                                         for f in fields(Playbook)))]
+    return "\n".join([table, "", "Playbooks", *books] if books else [table])
 
 
 def export(snap: Snapshot, out: Path, segment: str | None = None) -> int:

@@ -116,14 +116,21 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from models.clusters import render
     from models.dataset import NotEnoughHistory
-    from models.evaluate import train
+    from models.evaluate import recluster, train
 
     try:
+        if args.clusters_only:
+            meta = recluster(args.file, args.cutoff, Path(args.out), args.seed, **file_options(args))
+            print(render(meta["clustering"]))
+            print(f"clusters of model {meta['version']} refitted in {args.out}")
+            return 0
         meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
                      _train_config(args), args.discount_rate, **file_options(args))
     except NotEnoughHistory as exc:
         raise UsageError(str(exc)) from None
+    print(render(meta["clustering"]))
     parity = ", ".join(f"{name} {d['max_rel_diff']:.1e}" for name, d in meta["parity"].items())
     print(f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity})")
     return 0
@@ -276,6 +283,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(render_segments(snap.segments()))
         print()
         _print_rows(snap.tiers(), False)
+    elif args.what == "clusters":
+        _print_rows(snap.clusters(), args.json)
     elif args.what == "customer":
         row = snap.customer(args.arg)
         if row is None:
@@ -413,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discount-rate", type=_rate, default=0.0,
                    help="annual discount rate: clv becomes the discounted expected spend, month k "
                         "weighted (1 + rate)^(-k/12) (default 0)")
+    p.add_argument("--clusters-only", action="store_true",
+                   help="refit only the behavioral clusters of the model in --out, on the data and "
+                        "cutoff it was trained on (no network training; its version stays)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma, GBT and random forest on a holdout")
@@ -511,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=None, help="seconds between snapshots (default 10)")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("query", help="ask the snapshot: top, segments, customer ID, summary, sql TEXT")
-    p.add_argument("what", choices=("top", "segments", "customer", "summary", "sql"))
+    p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "
+                                     "summary, sql TEXT")
+    p.add_argument("what", choices=("top", "segments", "clusters", "customer", "summary", "sql"))
     p.add_argument("arg", nargs="?", default=None, help="customer id (customer) or SQL text (sql)")
     p.add_argument("--n", type=_positive_int, default=20, help="top: how many (default 20)")
     p.add_argument("--segment", default=None, help="top: only this segment or value tier")

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from export_onnx.artifact import Artifact, Prediction
 from features.aggregate import CustomerState, month_of
+from features.clusters import assign_clusters, behaviour
 from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, iso_time
 from features.segments import segment
 from features.sequences import RFM, Inputs, build_inputs, rfm
@@ -23,8 +24,10 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
 def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
              pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
     """One record per customer: the model's expected spend and purchase probability, RFM
-    fields and segment, stamped with the run's model, horizon, as-of and scoring times."""
+    fields, segment and cluster, stamped with the run's model, horizon, as-of and scoring times."""
     quantiles = artifact.meta["clv_quantiles"]
+    clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window),
+                               artifact.clustering)
     version, horizon = artifact.version, artifact.horizon_months
     as_of_text, scored_at = iso_time(as_of), iso_time(datetime.now(timezone.utc))
     return [ScoreRecord(
@@ -32,8 +35,9 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
         recency_days=r.recency_days, frequency=r.frequency, monetary=r.monetary,
         tenure_days=r.tenure_days, total_spend=r.total_spend,
         segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
-        horizon_months=horizon, model_version=version, as_of=as_of_text, scored_at=scored_at)
-        for s, r, clv, p in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist())]
+        cluster=cluster, horizon_months=horizon, model_version=version, as_of=as_of_text, scored_at=scored_at)
+        for s, r, clv, p, cluster in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist(),
+                                         clusters)]
 
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import astuple, replace
 from pathlib import Path
 
 import duckdb
@@ -319,3 +321,30 @@ def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scor
     assert snapshot.write(path, state, "scores") == len(state.rows)
     again = snapshot.load(path)
     assert again.offsets == state.offsets and again.rows == state.rows
+
+
+def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
+    """`cluster_summary` adds up to the customers and value of `customer_scores`, and
+    `segment_playbook` holds every field of every playbook, as `clv query` shows them."""
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
+    state = snapshot.SnapshotState(offsets={0: 9}, newest_event_time=base.as_of)
+    for i in range(9):
+        score = replace(base, customer_id=f"c{i}", clv=float(i), cluster=f"k{i % 3}",
+                        segment=SEGMENTS[i % 2])
+        state.rows[score.customer_id] = snapshot.row(score, 0, i)
+    path = tmp_path / "clv.duckdb"
+    snapshot.write(path, state, "scores")
+    env = {**os.environ, "CLV_SNAPSHOT_PATH": str(path)}
+    res = clv("query", "clusters", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    rows = {r["cluster"]: r for r in json.loads(res.stdout)}
+    assert {k: (r["customers"], r["total_clv"]) for k, r in rows.items()} == {
+        "k0": (3, 9.0), "k1": (3, 12.0), "k2": (3, 15.0)}
+    assert rows["k1"]["main_segment"] == SEGMENTS[1]
+    assert abs(sum(r["share_of_value"] for r in rows.values()) - 1) < 1e-12
+    con = duckdb.connect(str(path), read_only=True)
+    books = {name: rest for name, *rest in con.execute("SELECT * FROM segment_playbook").fetchall()}
+    con.close()
+    assert books == {name: list(astuple(book)) for name, book in PLAYBOOKS.items()}
+    text = clv("query", "segments", env=env).stdout
+    assert all(part in text for s in SEGMENTS[:2] for part in astuple(PLAYBOOKS[s]))
