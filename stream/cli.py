@@ -157,27 +157,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import csv
-    from operator import attrgetter
-
     from export_onnx.artifact import Artifact
-    from features.batch import end_of, read_history, snapshots
-    from features.scores import CUSTOMER_FIELDS
-    from stream.scoring import score_states
+    from stream.scoring import score_file, write_csv
 
     artifact = Artifact.load(args.model)
-    history = read_history(args.file, **file_options(args))
-    if not history.events:
-        raise UsageError(f"{args.file}: no transactions left after cleaning")
-    as_of = end_of(args.as_of) if args.as_of else history.events[-1].ts
-    snapshot = next(snapshots(history.events, [as_of], artifact.window))
-    scores = score_states(artifact, list(snapshot.states.values()), as_of)
-    columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) are printed
+    scored = score_file(artifact, args.file, args.as_of, **file_options(args))
     with open(args.out, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CUSTOMER_FIELDS)
-        writer.writerows(columns(s) for s in scores)
-    print(f"scored {len(scores):,} customers as of {as_of.isoformat()} with {artifact.version} -> {args.out}")
+        write_csv(scored.scores, fh)
+    print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
+          f"{artifact.version} -> {args.out}")
     return 0
 
 
@@ -317,7 +305,8 @@ def cmd_api(args: argparse.Namespace) -> int:
                                    api_port=args.port, api_sql_timeout_s=args.sql_timeout_s,
                                    api_sql_max_rows=args.sql_max_rows,
                                    api_rate_limit_per_min=args.rate_limit_per_min,
-                                   api_audit_log=args.audit_log))
+                                   api_audit_log=args.audit_log, model_dir=args.model,
+                                   api_score_max_bytes=args.score_max_bytes))
 
 
 def cmd_rescore_all(args: argparse.Namespace) -> int:
@@ -539,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     _snapshot_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("api", help="serve top-N, segments, customers, exports and SQL over HTTP")
+    p = sub.add_parser("api", help="serve top-N, segments, clusters, customers, exports and SQL over "
+                                   "HTTP, and score uploaded files")
     _snapshot_args(p)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=None, help="port (default 8080)")
@@ -551,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests a client may make a minute (default 300; 0: no limit)")
     p.add_argument("--audit-log", default=None,
                    help="file to append a JSON line per request to (default -: stderr)")
+    p.add_argument("--model", default=None,
+                   help="artifact directory POST /score scores with (default: the shipped model)")
+    p.add_argument("--score-max-bytes", type=_positive_int, default=None,
+                   help="largest file POST /score takes; larger is answered 413 (default 50 MiB)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("config", help="print resolved settings with their environment variables")
