@@ -28,7 +28,8 @@ from export_onnx.artifact import Artifact
 from features.loaders import FORMATS, LoadError
 from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, IsoTime
 from features.segments import SEGMENTS
-from state.queries import Interrupt, QueryError, QueryStopped, Snapshot, SnapshotUnavailable
+from state.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
+                           SnapshotUnavailable)
 from state.snapshot import COLUMNS, TIERS
 from state.upload import DUPLICATES, OUTPUTS, PARAMS, TooLarge, receive, score_options
 from stream.auth import Handler, accepts, guard, require_token, token_id
@@ -283,7 +284,7 @@ class Handlers:
 
     async def top(self, request: web.Request) -> web.Response:
         n = _int_param(request, "n", 20, MAX_TOP)
-        rows = await asyncio.to_thread(self.snap.top, n, request.query.get("segment"))
+        rows = await asyncio.to_thread(self.snap.top, n, Selection.of(request.query.get("segment")))
         return _rows(request, rows, len(rows))
 
     async def segments(self, request: web.Request) -> web.Response:
@@ -311,7 +312,7 @@ class Handlers:
     async def export_csv(self, request: web.Request) -> web.StreamResponse:
         """Streamed a chunk at a time; the first chunk is read before the 200 is sent, so an
         unknown segment or a missing snapshot still gets its error status."""
-        chunks = self.snap.csv_chunks(request.query.get("segment"))
+        chunks = self.snap.csv_chunks(Selection.of(request.query.get("segment")))
         request["rows"] = 0
         try:
             chunk = await _settled(next, chunks, None)

@@ -244,6 +244,23 @@ def _snapshot(args: argparse.Namespace):
     return Snapshot(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
 
 
+def _selection_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--segment", action="append", default=None,
+                   help=f"{what}: only this segment or value tier (repeat for several)")
+    p.add_argument("--cluster", action="append", default=None,
+                   help=f"{what}: only this behavioral cluster (repeat for several)")
+    p.add_argument("--min-frequency", type=_non_negative_int, default=0,
+                   help=f"{what}: only customers with at least this many purchases")
+    p.add_argument("--min-clv", type=float, default=None, help=f"{what}: only expected CLV >= this")
+
+
+def _selection(args: argparse.Namespace):
+    from state.queries import Selection
+
+    return Selection(tuple(args.segment or ()), tuple(args.cluster or ()), args.min_frequency,
+                     args.min_clv)
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from state.sink import run
 
@@ -261,7 +278,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     snap = _snapshot(args)
     if args.what == "top":
-        rows = snap.top(args.n, args.segment)
+        rows = snap.top(args.n, _selection(args))
         _print_rows(rows, args.json, None if args.json else TOP_COLUMNS)
     elif args.what == "segments" and args.json:
         _print_rows(snap.segments(), True)
@@ -293,7 +310,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from state.queries import export
 
-    n = export(_snapshot(args), Path(args.out), args.segment)
+    n = export(_snapshot(args), Path(args.out), _selection(args))
     print(f"exported {n:,} customers to {args.out}")
     return 0
 
@@ -307,6 +324,23 @@ def cmd_api(args: argparse.Namespace) -> int:
                                    api_rate_limit_per_min=args.rate_limit_per_min,
                                    api_audit_log=args.audit_log, model_dir=args.model,
                                    api_score_max_bytes=args.score_max_bytes))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from state import dashboard
+    from stream.broker import free_port
+
+    snapshot = Path(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
+    try:
+        if args.screenshot:
+            dashboard.screenshot(snapshot, Path(args.screenshot), args.model, free_port())
+            print(f"wrote {args.screenshot}")
+            return 0
+        return dashboard.serve(snapshot, args.host, args.port, args.model)
+    except dashboard.DashboardError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_rescore_all(args: argparse.Namespace) -> int:
@@ -517,14 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("top", "segments", "clusters", "customer", "summary", "sql"))
     p.add_argument("arg", nargs="?", default=None, help="customer id (customer) or SQL text (sql)")
     p.add_argument("--n", type=_positive_int, default=20, help="top: how many (default 20)")
-    p.add_argument("--segment", default=None, help="top: only this segment or value tier")
+    _selection_args(p, "top")
     p.add_argument("--json", action="store_true", help="print JSON")
     _snapshot_args(p)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("export", help="write the snapshot's customers to CSV or Parquet")
     p.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
-    p.add_argument("--segment", default=None, help="only this segment or value tier")
+    _selection_args(p, "export")
     _snapshot_args(p)
     p.set_defaults(func=cmd_export)
 
@@ -546,6 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-max-bytes", type=_positive_int, default=None,
                    help="largest file POST /score takes; larger is answered 413 (default 50 MiB)")
     p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("dashboard", help="the analysts' dashboard (Streamlit) over the snapshot")
+    _snapshot_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=8501, help="port (default 8501)")
+    p.add_argument("--model", default=None,
+                   help="artifact directory for the model card (default: the shipped model)")
+    p.add_argument("--screenshot", default=None, metavar="OUT.png",
+                   help="photograph the whole page in headless Chromium into OUT.png and stop")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("config", help="print resolved settings with their environment variables")
     p.set_defaults(func=cmd_config)

@@ -38,7 +38,7 @@ from harness import CLV, Api
 from score_messages import GOOD
 from state import snapshot
 from state.api import openapi
-from state.queries import Snapshot
+from state.queries import Selection, Snapshot
 
 TOKEN = "s3cret-token"
 CUSTOMERS = 5_000
@@ -243,7 +243,7 @@ def test_export_streams_the_rows_of_the_export_query(tmp_path):
         for segment in (None, "vip", "high"):
             status, headers, body = api.call("/export.csv" + (f"?segment={segment}" if segment else ""))
             assert status == 200 and headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
-            assert body.decode() == snap.frame(segment).to_csv(index=False), segment
+            assert body.decode() == snap.frame(Selection.of(segment)).to_csv(index=False), segment
         status, _, body = api.call("/export.csv?segment=nobody")
         assert status == 400 and "unknown segment" in json.loads(body)["error"]
     finally:
