@@ -2,8 +2,9 @@
 
 Starts the embedded broker, a worker, the snapshot sink and the analyst API as child processes,
 replays CDNOW at a visible pace, waits until every score is in the snapshot, and prints the top
-customers and the segment table. Interactive runs keep serving until Ctrl-C; `--exit` stops
-right after the results. Every child is stopped on the way out, whatever happens.
+customers and the segment table. Interactive runs also start the dashboard (when the dashboard
+extra is installed) and keep serving until Ctrl-C; `--exit` stops right after the results. Every
+child is stopped on the way out, whatever happens.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from features.batch import read_history
 from features.loaders import vendored_cdnow
+from state import dashboard
 from state.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
 from stream.broker import free_port, start
 from stream.metrics import idle, scrape
@@ -153,6 +155,7 @@ def run(opts: DemoOptions) -> int:
         children.spawn("worker", [*CLV, "worker"], env)
         children.spawn("snapshot", [*CLV, "snapshot"], env)
         children.spawn("api", [*CLV, "api"], env)
+        board = None if opts.exit_after else _start_dashboard(children, snapshot, model, env)
         _wait("worker ready", lambda: _get(f"http://127.0.0.1:{web_port}/ready")[0] == 200,
               children, 120)
         _wait("API up", lambda: _get(f"http://127.0.0.1:{api_port}/health")[0] == 200, children, 60)
@@ -165,6 +168,9 @@ def run(opts: DemoOptions) -> int:
         _wait("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), children, 120)
         _report(Snapshot(snapshot), snapshot, api_port, serving=not opts.exit_after)
         if not opts.exit_after:
+            if board:
+                _wait("dashboard up", lambda: dashboard.healthy(board), children, 60)
+                print(f"Dashboard: {board}", flush=True)
             print("\nserving; Ctrl-C stops everything", flush=True)
             while True:
                 children.check()
@@ -175,6 +181,20 @@ def run(opts: DemoOptions) -> int:
         return 0
     finally:
         children.stop_all()
+
+
+def _start_dashboard(children: Children, snapshot: Path, model: str | None,
+                     env: dict[str, str]) -> str | None:
+    """The dashboard as one more child, on a free loopback port; its URL, or None (with a word
+    on how to get it) when the dashboard extra is not installed."""
+    try:
+        dashboard.require("streamlit")
+    except dashboard.DashboardError as exc:
+        print(f"no dashboard: {exc}", flush=True)
+        return None
+    port = free_port()
+    children.spawn("dashboard", dashboard.command(snapshot, "127.0.0.1", port, model), env)
+    return f"http://127.0.0.1:{port}"
 
 
 async def _create_topics(settings: Settings) -> None:

@@ -68,7 +68,7 @@ class Settings:
     api_rate_limit_per_min: int = field(default=300, metadata=_meta(
         "API requests a client (its token, else its address) may make a minute before 429; 0: no limit"))
     api_score_max_bytes: int = field(default=50 * 2**20, metadata=_meta(
-        "largest transaction file API POST /score takes (after multipart framing); larger is 413"))
+        "largest transaction file API POST /score takes (multipart framing aside); larger is 413"))
     api_audit_log: str = field(default="-", metadata=_meta(
         "file the API appends a JSON line per request to; -: stderr"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))

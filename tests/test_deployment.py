@@ -83,6 +83,7 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest
     out = "".join(lines) + rest
+    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+", out), out[-3000:]  # started with the rest
     assert not [p for p in _ports(out) if _listening(p)]
     assert _processes_using(workdir) == []
 
