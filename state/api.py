@@ -1,4 +1,5 @@
-"""`clv api`: the analyst HTTP API, served from the DuckDB snapshot (never the live worker).
+"""`clv api`: the analyst HTTP API, served from the DuckDB snapshot (never the live worker), and
+`POST /score`, which scores an uploaded transaction file as `clv score` does.
 
 Bearer-token auth is optional on loopback and required on any other bind address. The cheap
 questions run on the default thread pool; SQL runs on a few threads of its own, each query

@@ -229,14 +229,20 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     print("\nValue tiers (terciles of expected CLV)")
     print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
                                       "total_clv", "share_of_value"]))
+    print("\nBehavioral clusters")
+    print(render_table(snap.clusters(), ["cluster", "customers", "total_clv", "share_of_value",
+                                         "mean_recency_days", "mean_frequency", "main_segment"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {clv} query top --n 20 --snapshot {path}
   {clv} query segments --snapshot {path}
+  {clv} query clusters --snapshot {path}
   {clv} query sql "SELECT segment, count(*) FROM customer_scores GROUP BY 1" --snapshot {path}
   {clv} export --out top.csv --segment vip --snapshot {path}
   duckdb -readonly {path} "SELECT * FROM segment_summary"   (with the DuckDB CLI)
-API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /customers/ID, /summary, /export.csv, /openapi.json)"""
-          + ("" if serving else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file)"),
+API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /clusters, /customers/ID, /summary, /export.csv,
+  POST /score, /openapi.json)"""
+          + ("" if serving else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file, "
+                                "`clv dashboard --snapshot PATH` shows it)"),
           flush=True)
 

@@ -49,9 +49,12 @@ def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
         tiers = dict(con.execute("SELECT value_tier, customers FROM tier_summary").fetchall())
         segs = con.execute("SELECT segment, share_of_value, total_clv, who FROM segment_summary").fetchall()
         total = con.execute("SELECT sum(clv) FROM customer_scores").fetchone()[0]
+        clusters = con.execute("SELECT count(DISTINCT cluster), count(*) FILTER (WHERE cluster = '') "
+                               "FROM customer_scores").fetchone()
     finally:
         con.close()
     assert rows == (23_570, 23_570) and meta[0] == 23_570
+    assert clusters[0] >= 3 and clusters[1] == 0  # every customer carries one of the model's clusters
     assert meta[1].year == 1998 and meta[1].month == 6
     ends = _end(kafka_bootstrap, cdnow_live)
     assert set(meta[2]) == set(ends) and all(meta[2][p] >= ends[p] > 0 for p in ends)  # read it all
@@ -150,6 +153,9 @@ def test_http_api_serves_the_snapshot(cdnow_live, cdnow_batch, tmp_path):
         assert status == 200 and sum(s["customers"] for s in json.loads(body)) == 23_570
         status, body = api.get("/summary")
         assert status == 200 and json.loads(body)["customers"] == 23_570
+        status, body = api.get("/clusters")
+        clusters = json.loads(body)
+        assert status == 200 and sum(c["customers"] for c in clusters) == 23_570 and len(clusters) >= 3
         assert api.get("/customers/00001")[0] == 200
         assert api.get("/customers/x'%20OR%20'1'='1")[0] == 404
         status, body = api.get("/export.csv?segment=vip")
