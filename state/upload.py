@@ -10,6 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from features.loaders import FORMATS, LoadError, parse_mapping
 from state.queries import QueryError
@@ -88,7 +89,7 @@ async def receive(request: web.Request, limit: int, into: Path) -> Path:
             while (part := await reader.next()) is not None:
                 if isinstance(part, BodyPartReader) and (part.filename or part.name == "file"):
                     return await _copy(part.read_chunk, limit, into / _name(part.filename))
-        except ValueError as exc:  # aiohttp's word for a broken form
+        except (ValueError, HttpProcessingError) as exc:  # aiohttp's words for a broken form
             raise QueryError(f"unreadable multipart form: {exc}") from None
         raise QueryError("the multipart form has no file part (send the file as `file`)")
     return await _copy(request.content.read, limit, into / "upload")

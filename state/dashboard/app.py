@@ -278,7 +278,10 @@ def model_card(meta: dict[str, Any], versions: list[str]) -> None:
                                 "calinski_harabasz": r["calinski_harabasz"],
                                 "davies_bouldin": r["davies_bouldin"],
                                 "chosen": "yes" if m == c["method"] else ""} for m, r in c["methods"].items()])
+        st.caption("Clustering methods, each at the k with its best silhouette, scored on the "
+                   "nearest-centroid labels subscribers get")
         st.table(shown(scores), hide_index=True)
+        st.caption("Cluster profiles on the training cohort: share, medians, mean return share")
         profiles = pd.DataFrame([{"cluster": name, **p} for name, p in c["profiles"].items()])
         st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)),
                  hide_index=True)
