@@ -2,10 +2,12 @@
 --customers 3000`, opened in headless Chromium (Debian's) through Playwright. What the page shows
 is checked against the snapshot read with DuckDB: the KPI numbers, the segment table, the top-N
 table under a segment filter, the CSV download against `clv export` for the same filter, a
-customer lookup, a new snapshot replacing the shown one, and no page errors throughout."""
+customer lookup, the model card, a new snapshot replacing the shown one, and no page errors
+throughout."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -15,25 +17,45 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
 pytest.importorskip("playwright")
 
+from export_onnx.artifact import shipped_model_dir  # noqa: E402
 from harness import CLV, Process  # noqa: E402
 from state import dashboard, snapshot  # noqa: E402
 from stream.broker import free_port  # noqa: E402
 
 
+def model_with_evaluation(out: Path) -> Path:
+    """The shipped model with a holdout evaluation beside it, written by `clv evaluate`'s own
+    writers (its JSON and its gains and decile plots) from a small made-up holdout."""
+    from models.evaluate import Run, SeedRun, write_json, write_plots
+    from models.metrics import report
+
+    shutil.copytree(shipped_model_dir(), out)
+    rng = np.random.default_rng(0)
+    actual = rng.gamma(0.3, 50.0, 500) * (rng.random(500) < 0.4)
+    preds = {"gru": actual * rng.lognormal(0, 0.5, 500) + 1, "naive": actual.mean() + rng.normal(0, 1, 500)}
+    run = Run(500, actual, [SeedRun(42, {k: report(actual, v, None) for k, v in preds.items()}, preds)])
+    write_json(run, out / "evaluation.json")
+    write_plots(run, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def served(demo_3000, tmp_path_factory):
-    """A copy of the demo's snapshot (the refresh test replaces it) served by `clv dashboard`."""
+    """A copy of the demo's snapshot (the refresh test replaces it) served by `clv dashboard`,
+    with the shipped model and an evaluation beside it for the model card."""
     tmp = tmp_path_factory.mktemp("dashboard")
     path = tmp / "clv.duckdb"
     shutil.copy(demo_3000.snapshot, path)
     port = free_port()
-    proc = Process(["dashboard", "--snapshot", str(path), "--port", str(port)], dict(os.environ),
-                   tmp / "dashboard.log")
+    model = model_with_evaluation(tmp / "model")
+    proc = Process(["dashboard", "--snapshot", str(path), "--port", str(port), "--model", str(model)],
+                   dict(os.environ), tmp / "dashboard.log")
     url = f"http://127.0.0.1:{port}"
     try:
         dashboard.wait_healthy(url, proc.proc)
@@ -73,6 +95,7 @@ def table(page, has: str) -> list[dict[str, str]]:
     """The rows of the first table with a column named `has`, as text."""
     found = page.locator('[data-testid="stTable"]').filter(
         has=page.locator("th", has_text=re.compile(f"^{re.escape(has)}$"))).first
+    found.wait_for(timeout=30_000)  # a widget's rerun may still be drawing it
     head = [th.inner_text().strip() for th in found.locator("thead th").all()]
     return [dict(zip(head, (td.inner_text().strip() for td in tr.locator("th, td").all())))
             for tr in found.locator("tbody tr").all()]
@@ -146,6 +169,23 @@ def test_customer_lookup_shows_the_customers_row(page, served):
     fields = {r["field"]: r["value"] for r in table(page, "field")}
     assert fields["customer_id"] == cid and float(fields["clv"]) == pytest.approx(clv)
     assert (fields["segment"], fields["cluster"]) == (segment, cluster)
+
+
+def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
+    """Version, training window and the clustering scores from the artifact's metadata, and the
+    evaluation kept beside it: its metrics per model and its plots."""
+    meta = json.loads((shipped_model_dir() / "metadata.json").read_text())
+    facts = {r["fact"]: r["value"] for r in table(page, "fact")}
+    assert facts["version"] == meta["version"]
+    assert facts["training window"] == f"{meta['first_event'][:10]} to {meta['cutoff'][:10]}"
+    methods = {r["method"]: r for r in table(page, "davies_bouldin")}
+    assert set(methods) == {"kmeans", "gmm", "ward"}
+    assert methods[meta["clustering"]["method"]]["chosen"] == "yes"
+    assert all(int(r["k"]) == meta["clustering"]["methods"][m]["k"] for m, r in methods.items())
+    models = {r["model"]: r for r in table(page, "norm_gini")}
+    assert set(models) == {"gru", "naive"} and models["naive"]["auc"] == "n/a"
+    images = page.locator('[data-testid="stImage"] img')
+    assert images.count() == 2 and all(images.nth(i).evaluate("i => i.naturalWidth") > 100 for i in range(2))
 
 
 def test_a_new_snapshot_shows_without_reloading(page, served):

@@ -240,7 +240,34 @@ def lookup(path: str) -> None:
                 f"Measure: {book.what_to_measure}.")
 
 
-def model_card(meta: dict[str, Any], versions: list[str]) -> None:
+EVALUATION_FILE = "evaluation.json"  # `clv evaluate --json DIR/evaluation.json --plots DIR`
+METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc")
+
+
+def evaluation(model_dir: Path) -> None:
+    """The holdout evaluation kept beside the model, if any: `clv evaluate`'s metrics per model
+    (mean +- sd over seeds when it ran several) and its gains and decile plots."""
+    path = model_dir / EVALUATION_FILE
+    plots = sorted(model_dir.glob("*.png"))
+    if not path.exists() and not plots:
+        st.caption(f"no holdout evaluation beside this model: `clv evaluate FILE --cutoff D --json "
+                   f"{model_dir}/{EVALUATION_FILE} --plots {model_dir}` puts one here")
+        return
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if "models" in doc:
+            rows = [{"model": name, **{k: "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS}}
+                    for name, m in doc["models"].items()]
+        else:
+            rows = [{"model": name, **{k: f"{m[k]['mean']:.3f} ± {m[k]['sd']:.3f}" if k in m else "n/a"
+                                       for k in METRICS}} for name, m in doc["summary"].items()]
+        st.caption(f"Holdout evaluation ({doc['customers']:,} customers; `clv evaluate`)")
+        st.table(pd.DataFrame(rows), hide_index=True)
+    for col, png in zip(st.columns(max(len(plots), 1)), plots):
+        col.image(str(png), caption=png.stem)
+
+
+def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> None:
     st.header("Model card")
     if meta["version"] not in versions:
         st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
@@ -285,6 +312,7 @@ def model_card(meta: dict[str, Any], versions: list[str]) -> None:
         profiles = pd.DataFrame([{"cluster": name, **p} for name, p in c["profiles"].items()])
         st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)),
                  hide_index=True)
+    evaluation(model_dir)
 
 
 def main() -> None:
@@ -314,7 +342,7 @@ def main() -> None:
     customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
     clusters(data, meta)
     lookup(str(path))
-    model_card(meta, data["summary"]["model_versions"] or [])
+    model_card(meta, data["summary"]["model_versions"] or [], model_dir)
 
 
 def watch(path: Path, shown_stamp: tuple[int, int] | None) -> None:
