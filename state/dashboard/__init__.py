@@ -33,6 +33,7 @@ class DashboardError(RuntimeError):
 
 
 def require(module: str) -> None:
+    """DashboardError naming the extra when `module` is missing, instead of an ImportError."""
     if importlib.util.find_spec(module) is None:
         raise DashboardError(f"{module} is not installed: pip install -e '.[dashboard]'")
 
@@ -48,6 +49,7 @@ def command(snapshot: Path, host: str, port: int, model: str | None) -> list[str
 
 
 def healthy(url: str) -> bool:
+    """Streamlit's own health endpoint answers: the server is up (the page may still load)."""
     try:
         with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
             return r.status == 200
@@ -56,6 +58,7 @@ def healthy(url: str) -> bool:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the server answers; DashboardError as soon as it exits or the time is up."""
     deadline = time.monotonic() + timeout
     while not healthy(url):
         if proc.poll() is not None:

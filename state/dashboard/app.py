@@ -37,6 +37,7 @@ CSS = """<style>
 
 
 def _args() -> argparse.Namespace:
+    """What `clv dashboard` passes after Streamlit's own options."""
     p = argparse.ArgumentParser(prog="clv dashboard")
     p.add_argument("--snapshot", required=True)
     p.add_argument("--model", default=None)
@@ -76,6 +77,7 @@ def model_meta(model: str | None, written: float) -> dict[str, Any]:
 
 
 def money(v: float, cents: bool = False) -> str:
+    """Dollars as the page writes them: whole for totals, cents for means and single customers."""
     return f"${v:,.2f}" if cents else f"${v:,.0f}"
 
 
@@ -87,6 +89,7 @@ def top_share(clv: pd.Series) -> float:
 
 
 def when(text: str | None) -> str:
+    """An instant in UTC to the second: snapshot times are compared with the file's."""
     return pd.Timestamp(text).tz_convert("UTC").strftime("%Y-%m-%d %H:%M:%S UTC") if text else "-"
 
 
@@ -110,6 +113,7 @@ def colours(field: str, names: list[str]) -> alt.Color:
 
 
 def kpis(data: dict[str, Any]) -> None:
+    """The cards: counts and money from the whole snapshot, then when and by what it was scored."""
     s, frame = data["summary"], data["customers"]
     horizon = int(frame["horizon_months"].iloc[0]) if len(frame) else 0
     row1 = st.columns(4)
@@ -127,6 +131,7 @@ def kpis(data: dict[str, Any]) -> None:
 
 
 def segments(data: dict[str, Any]) -> None:
+    """segment_summary, its bars, the playbooks and the value tiers: the whole snapshot."""
     st.header("Segments")
     seg = pd.DataFrame(data["segments"])
     st.table(shown(seg[["segment", "customers", "total_clv", "mean_clv", "share_of_value",
@@ -151,6 +156,7 @@ def segments(data: dict[str, Any]) -> None:
 
 
 def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
+    """cluster_summary, and how the model chose its clusters."""
     st.header("Behavioral clusters")
     rows = pd.DataFrame(data["clusters"])[["cluster", "customers", "total_clv", "mean_clv",
                                            "share_of_value", "mean_recency_days", "mean_frequency",
@@ -165,6 +171,7 @@ def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
+    """The sidebar: a Selection (the flags of `clv export`), the top-N size, the chart colouring."""
     frame = data["customers"]
     side = st.sidebar
     side.header("Filters")
@@ -182,6 +189,7 @@ def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
 
 def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, colour: str,
               all_clusters: list[str]) -> None:
+    """The filtered customers: top-N table, download, distribution and scatter plots."""
     st.header("Customers")
     frame = selected(path, snap_stamp, sel)
     st.caption(f"{len(frame):,} customers match the filters; the top {min(n, len(frame)):,} by expected CLV:")
@@ -219,6 +227,7 @@ def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, co
 
 
 def lookup(path: str) -> None:
+    """One customer's row, read from the snapshot when asked (not from the cached frame)."""
     st.header("Customer lookup")
     cid = st.text_input("Customer id", placeholder="e.g. 00001")
     if not cid:
@@ -268,6 +277,7 @@ def evaluation(model_dir: Path) -> None:
 
 
 def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> None:
+    """What the artifact says of itself, and a warning if it did not score this snapshot."""
     st.header("Model card")
     if meta["version"] not in versions:
         st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
@@ -316,6 +326,7 @@ def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> No
 
 
 def main() -> None:
+    """The page, top to bottom; Streamlit runs it again on every widget change and refresh."""
     args = _args()
     st.set_page_config(page_title="CLV dashboard", layout="wide")
     st.html(CSS)
