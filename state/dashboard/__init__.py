@@ -102,6 +102,11 @@ def settle(page: Any, timeout_s: float = 60) -> None:
 def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
     """Start the dashboard on loopback, photograph the whole page into `out` (PNG), stop it."""
     require("streamlit")
+    require("playwright")
+    if not snapshot.is_file():
+        raise DashboardError(f"no snapshot at {snapshot} to photograph")
+    from playwright.sync_api import Error as BrowserError
+
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(command(snapshot, "127.0.0.1", port, model), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -122,6 +127,8 @@ def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
             settle(page)
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)
+    except BrowserError as exc:
+        raise DashboardError(f"the page did not show {snapshot}: {str(exc).splitlines()[0]}") from None
     finally:
         proc.terminate()
         proc.wait(30)
