@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from stream.auth import is_loopback
+
 APP = Path(__file__).with_name("app.py")
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; the test set-up installs it
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -137,6 +139,9 @@ def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
 def serve(snapshot: Path, host: str, port: int, model: str | None) -> int:
     """Run the dashboard until Ctrl-C or SIGTERM (both stop Streamlit and exit 0)."""
     require("streamlit")
+    if not is_loopback(host):  # Streamlit has no login: say so rather than refuse
+        print(f"warning: the dashboard on {host} answers anyone who can reach it (it has no login); "
+              "keep it on loopback or behind a proxy that authenticates", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     proc = subprocess.Popen(command(snapshot, host, port, model))
     try:
