@@ -25,6 +25,8 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package; the test set-up installs it
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 READY = '[data-testid="stMetricValue"]'  # the KPI cards: the page has read the snapshot
+CHARTS_DRAWN = ("() => [...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
+                ".every(c => c.querySelector('canvas, svg'))")
 # How tall the page's content is: the bottom of Streamlit's block container in its scrolling pane.
 MAIN_HEIGHT = ("(() => { const b = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"
                " return b.getBoundingClientRect().bottom + b.parentElement.scrollTop; })()")
@@ -118,14 +120,15 @@ def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
             open_ready(page, url)
             # The page scrolls inside Streamlit's main pane, not the window: a window as tall as
             # that pane shows all of it, once the pane has stopped growing (charts draw last).
-            height = 0
-            for _ in range(30):
-                page.wait_for_timeout(1000)
-                now = int(page.evaluate(MAIN_HEIGHT))
-                if now == height:
-                    break
-                height = now
-                page.set_viewport_size({"width": page.viewport_size["width"], "height": height + 40})
+            page.wait_for_selector(".st-key-page-end", timeout=60_000)
+            page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+            heights = [0]
+            while len(heights) < 60 and heights[-3:] != [heights[-1]] * 3:
+                page.wait_for_timeout(250)
+                heights.append(int(page.evaluate(MAIN_HEIGHT)))
+                if heights[-1] != heights[-2]:
+                    page.set_viewport_size({"width": page.viewport_size["width"],
+                                            "height": heights[-1] + 40})
             settle(page)
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)

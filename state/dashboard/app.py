@@ -354,6 +354,8 @@ def main() -> None:
     clusters(data, meta)
     lookup(str(path))
     model_card(meta, data["summary"]["model_versions"] or [], model_dir)
+    with st.container(key="page-end"):  # the last element: a browser knows the page is all drawn
+        st.caption(f"clv-stream · snapshot {path} · model card from {model_dir}")
 
 
 def watch(path: Path, shown_stamp: tuple[int, int] | None) -> None:
