@@ -27,7 +27,7 @@ from aiohttp import web
 
 from export_onnx.artifact import Artifact
 from features.loaders import FORMATS, LoadError
-from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, IsoTime
+from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, MAX_INT, IsoTime
 from features.segments import SEGMENTS
 from state.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
                            SnapshotUnavailable)
@@ -249,15 +249,31 @@ async def _settled(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def _int_param(request: web.Request, name: str, default: int, high: int) -> int:
+def _int_param(request: web.Request, name: str, default: int, high: int, low: int = 1) -> int:
     text = request.query.get(name, str(default))
     try:
         value = int(text)
     except ValueError:
         raise QueryError(f"{name} must be a whole number, got {text!r}") from None
-    if not 1 <= value <= high:
-        raise QueryError(f"{name} must be between 1 and {high}, got {value}")
+    if not low <= value <= high:
+        raise QueryError(f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _selection(request: web.Request) -> Selection:
+    """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them."""
+    q = request.query
+    min_clv = q.get("min_clv")
+    try:
+        low = float(min_clv) if min_clv is not None else None
+    except ValueError:
+        low = math.nan
+    if low is not None and not math.isfinite(low):
+        raise QueryError(f"min_clv must be a number, got {min_clv!r}")
+    return Selection(segments=(q["segment"],) if "segment" in q else (),
+                     clusters=(q["cluster"],) if "cluster" in q else (),
+                     min_frequency=_int_param(request, "min_frequency", 0, MAX_INT, low=0),
+                     min_clv=low)
 
 
 def _rows(request: web.Request, body: Any, rows: int) -> web.Response:
@@ -285,7 +301,7 @@ class Handlers:
 
     async def top(self, request: web.Request) -> web.Response:
         n = _int_param(request, "n", 20, MAX_TOP)
-        rows = await asyncio.to_thread(self.snap.top, n, Selection.of(request.query.get("segment")))
+        rows = await asyncio.to_thread(self.snap.top, n, _selection(request))
         return _rows(request, rows, len(rows))
 
     async def segments(self, request: web.Request) -> web.Response:
@@ -313,7 +329,7 @@ class Handlers:
     async def export_csv(self, request: web.Request) -> web.StreamResponse:
         """Streamed a chunk at a time; the first chunk is read before the 200 is sent, so an
         unknown segment or a missing snapshot still gets its error status."""
-        chunks = self.snap.csv_chunks(Selection.of(request.query.get("segment")))
+        chunks = self.snap.csv_chunks(_selection(request))
         request["rows"] = 0
         try:
             chunk = await _settled(next, chunks, None)
@@ -468,10 +484,18 @@ def _op(summary: str, ok: dict[str, Any], errors: str, params: list[dict[str, An
     return {"summary": summary, "parameters": params or [], "responses": responses, **extra}
 
 
-def _segment_param() -> dict[str, Any]:
-    return {"name": "segment", "in": "query", "required": False,
-            "schema": {"type": "string", "enum": [*SEGMENTS, *TIERS]},
-            "description": "a named segment or a value tier; another value is answered 400"}
+def _selection_params() -> list[dict[str, Any]]:
+    """`clv export`'s filters: every one given must hold."""
+    return [{"name": "segment", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": [*SEGMENTS, *TIERS]},
+             "description": "a named segment or a value tier; another value is answered 400"},
+            {"name": "cluster", "in": "query", "required": False, "schema": _TEXT,
+             "description": "a behavioral cluster (`/clusters` lists them)"},
+            {"name": "min_frequency", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "default": 0},
+             "description": "only customers with at least this many purchases"},
+            {"name": "min_clv", "in": "query", "required": False, "schema": {"type": "number"},
+             "description": "only customers with at least this expected CLV"}]
 
 
 def _score_params() -> list[dict[str, Any]]:
@@ -536,7 +560,7 @@ def openapi() -> dict[str, Any]:
                                 {"type": "array", "items": _ref("schemas", "Customer")}, read, [
                 {"name": "n", "in": "query", "required": False,
                  "schema": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_TOP}},
-                _segment_param()])},
+                *_selection_params()])},
             "/segments": {"get": _op("Per segment: customers, total and mean expected CLV, share of "
                                      "the total, and its playbook (who, signals, what to do, what "
                                      "to measure)", rows, read)},
@@ -551,7 +575,7 @@ def openapi() -> dict[str, Any]:
                 [{"name": "customer_id", "in": "path", "required": True, "schema": _TEXT}])},
             "/summary": {"get": _op("Snapshot metadata and totals", {"type": "object"}, read)},
             "/export.csv": {"get": _op("Every customer (or one segment or tier) as CSV, streamed",
-                                       _TEXT, read, [_segment_param()], content="text/csv")},
+                                       _TEXT, read, _selection_params(), content="text/csv")},
             "/sql": {
                 "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "401 408 429 503", [
                     {"name": "q", "in": "query", "required": True, "example": _SQL_EXAMPLE,

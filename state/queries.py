@@ -84,11 +84,6 @@ class Selection:
     min_frequency: int = 0
     min_clv: float | None = None
 
-    @classmethod
-    def of(cls, segment: str | None) -> "Selection":
-        """One segment or tier, or everyone: the API's `segment` parameter."""
-        return cls(segments=(segment,) if segment is not None else ())
-
 
 class Snapshot:
     def __init__(self, path: str | Path) -> None:

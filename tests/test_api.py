@@ -123,7 +123,9 @@ def test_token_only_as_a_bearer_credential(api, authorization, status):
 
 def test_a_parameter_the_path_does_not_take_is_refused(api):
     status, _, body = api.call("/top?segmnet=vip")  # not silently every segment
-    assert status == 400 and json.loads(body)["error"] == "unknown parameter segmnet; /top takes n, segment"
+    assert status == 400 and json.loads(body)["error"] == (
+        "unknown parameter segmnet; /top takes cluster, min_clv, min_frequency, n, segment")
+    assert api.call("/top?min_clv=nan")[0] == 400 and api.call("/top?min_frequency=-1")[0] == 400
     assert api.call("/segments?n=1")[0] == 400 and api.call("/health?verbose=1", "")[0] == 400
     assert api.call("/sql?q=SELECT%201", data=b"SELECT 1")[0] == 400  # a POST's SQL is its body
 
@@ -240,10 +242,15 @@ def test_export_streams_the_rows_of_the_export_query(tmp_path):
     assert [rows for _, rows in snap.csv_chunks()] == [51_200, 8_800]
     api = Api(api_env(snap.path), tmp_path)
     try:
-        for segment in (None, "vip", "high"):
-            status, headers, body = api.call("/export.csv" + (f"?segment={segment}" if segment else ""))
+        for query, sel in (("", Selection()), ("?segment=vip", Selection(("vip",))),
+                           ("?segment=high", Selection(("high",))),
+                           ("?segment=regular&cluster=recent_frequent&min_frequency=34&min_clv=100",
+                            Selection(("regular",), ("recent_frequent",), 34, 100.0)),
+                           ("?cluster=nobody", Selection((), ("nobody",)))):
+            status, headers, body = api.call("/export.csv" + query)
             assert status == 200 and headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
-            assert body.decode() == snap.frame(Selection.of(segment)).to_csv(index=False), segment
+            assert body.decode() == snap.frame(sel).to_csv(index=False), query
+        assert snap.frame(Selection(("regular",), ("recent_frequent",), 34, 100.0)).shape[0] > 1000
         status, _, body = api.call("/export.csv?segment=nobody")
         assert status == 400 and "unknown segment" in json.loads(body)["error"]
     finally:
