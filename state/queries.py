@@ -175,6 +175,8 @@ class Snapshot:
         interrupt.attach(con)
         try:
             cur = con.execute(text)
+            if cur is None:  # DuckDB's answer to text that is only comments
+                raise QueryError("query refused: the SQL text holds no statement")
             if cur.description is None:
                 return SqlAnswer([], [], False)
             rows = cur.fetchmany(limit + 1)

@@ -175,6 +175,8 @@ def test_long_sql_answers_are_cut_at_the_row_cap(snapshot_path, tmp_path):
         status, _, body = api.call("/sql", data=b"SELECT customer_id FROM customer_scores LIMIT 100")
         assert status == 200 and json.loads(body)["truncated"] is False
         assert api.call("/sql?q=%20")[0] == 400 and api.call("/sql", data=b"")[0] == 400
+        status, _, body = api.call("/sql", data=b"--outlier-quantity")  # only a comment
+        assert status == 400 and "no statement" in json.loads(body)["error"]
     finally:
         assert api.proc.stop() == 0
 
