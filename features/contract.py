@@ -23,7 +23,10 @@ MAX_ABS_QUANTITY = 1_000_000
 MAX_UNIT_PRICE = 1_000_000.0
 MAX_LINES = 10_000
 MIN_TS = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MAX_FUTURE = timedelta(days=7)
+# How far ahead of the wall clock an event time may be (clock skew between hosts), unless the
+# caller says otherwise (the worker passes its `max_future_minutes` setting). One event stamped
+# days ahead would move its partition's clock into a month that has not begun.
+MAX_FUTURE = timedelta(minutes=15)
 
 
 class Reason:
@@ -40,13 +43,16 @@ class Reason:
     NON_FINITE = "non_finite"
     ABSURD_VALUE = "absurd_value"
     NO_LINES = "no_lines"
+    FROM_FUTURE = "from_future"
     KEY_MISMATCH = "key_mismatch"
+    MISSING_KEY = "missing_key"
+    WRONG_PARTITION = "wrong_partition"
     TOO_LATE = "too_late"
 
     ALL = (
         MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, EMPTY_FIELD,
         UNKNOWN_SCHEMA_VERSION, BAD_TIMESTAMP, NAIVE_TIMESTAMP, NON_FINITE, ABSURD_VALUE,
-        NO_LINES, KEY_MISMATCH, TOO_LATE,
+        NO_LINES, FROM_FUTURE, KEY_MISMATCH, MISSING_KEY, WRONG_PARTITION, TOO_LATE,
     )
 
 
@@ -194,8 +200,10 @@ def _checked_line(raw: Any, i: int) -> Line:
     return Line(str(code).strip(), qty, float(price))
 
 
-def validate_dict(obj: Any, now: datetime | None = None) -> TransactionEvent | Invalid:
-    """Check a decoded event against the contract; `now` bounds how far in the future ts may be."""
+def validate_dict(obj: Any, now: datetime | None = None,
+                  max_future: timedelta = MAX_FUTURE) -> TransactionEvent | Invalid:
+    """Check a decoded event against the contract; ts may be at most `max_future` after `now`
+    (default: the wall clock)."""
     if not isinstance(obj, dict):
         return Invalid(Reason.NOT_AN_OBJECT, f"event must be a JSON object, got {type(obj).__name__}")
     try:
@@ -208,9 +216,12 @@ def validate_dict(obj: Any, now: datetime | None = None) -> TransactionEvent | I
         ts = parse_ts(_field(obj, "ts", str))
         if isinstance(ts, Invalid):
             return ts
-        limit = (now or datetime.now(timezone.utc)) + MAX_FUTURE
-        if ts < MIN_TS or ts > limit:
-            raise _Bad(Reason.ABSURD_VALUE, f"ts {ts.isoformat()} is outside 1970..now+7d")
+        if ts < MIN_TS:
+            raise _Bad(Reason.ABSURD_VALUE, f"ts {ts.isoformat()} is before 1970")
+        limit = (now or datetime.now(timezone.utc)) + max_future
+        if ts > limit:
+            raise _Bad(Reason.FROM_FUTURE, f"ts {ts.isoformat()} is after the wall clock + "
+                                           f"{max_future.total_seconds() / 60:g} min ({limit.isoformat()})")
         raw_lines = _field(obj, "lines", list)
         if not raw_lines:
             raise _Bad(Reason.NO_LINES, "lines is empty")
@@ -236,7 +247,8 @@ def decode(raw: bytes | str) -> Any:
         return Invalid(Reason.MALFORMED_JSON, str(exc)[:200])
 
 
-def validate(raw: bytes | str, now: datetime | None = None) -> TransactionEvent | Invalid:
+def validate(raw: bytes | str, now: datetime | None = None,
+             max_future: timedelta = MAX_FUTURE) -> TransactionEvent | Invalid:
     """Decode and check one message value; never raises."""
     obj = decode(raw)
-    return obj if isinstance(obj, Invalid) else validate_dict(obj, now)
+    return obj if isinstance(obj, Invalid) else validate_dict(obj, now, max_future)

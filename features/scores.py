@@ -57,8 +57,8 @@ class ScoreRecord:
                         "when the model carries no clusters or the message is of schema 2 or 3")
     horizon_months: int = _doc("months the forecast covers", run=True)
     model_version: str = _doc("the model that produced the score", run=True)
-    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on the "
-                          "customer's partition: the stream's clock", run=True)
+    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on any "
+                          "partition it owns: the stream's clock", run=True)
     scored_at: IsoTime = _doc("wall-clock time (UTC) the score was computed", run=True)
 
 

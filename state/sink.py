@@ -1,15 +1,19 @@
 """`clv snapshot`: consume `clv-scores` and publish DuckDB snapshots every few seconds.
 
 The snapshot is also the sink's checkpoint: it records the next offset of every partition it
-covers, and a restarted sink loads the newest snapshot and reads on from those offsets (from the
-beginning when there is none). No consumer group is needed, and what a snapshot contains always
-matches the offsets it names.
+covers, and a restarted sink starts from the newest snapshot and reads on from those offsets
+(from the beginning when there is none). No consumer group is needed, and what a snapshot
+contains always matches the offsets it names. Between snapshots the newest score per customer
+lives in DuckDB (`state.snapshot.Snapshots`), not in Python, so memory stays bounded whatever
+the customer count. A message the score contract refuses is counted, logged with its partition
+and offset, and skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from features.scores import parse_score
 from state import snapshot
-from state.snapshot import SnapshotState
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
 
@@ -29,17 +32,19 @@ class Sink:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.path = Path(settings.snapshot_path)
-        self.state = SnapshotState()
+        self.store = snapshot.Snapshots(self.path, settings.scores_topic,
+                                        settings.snapshot_memory_mb)
         self.changed = False
         self.bad = 0
         self.snapshots = 0
 
     def fold(self, records: list[Any]) -> None:
         for rec in records:
-            self.state.offsets[rec.partition] = rec.offset + 1
+            self.store.offsets[rec.partition] = rec.offset + 1
             key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
             if rec.value is None and key is not None:  # tombstone: the customer was deleted
-                self.changed |= self.state.rows.pop(key, None) is not None
+                self.store.put(key, None)
+                self.changed = True
                 continue
             score = parse_score(rec.value)
             if isinstance(score, str):
@@ -47,27 +52,33 @@ class Sink:
                 log.warning("skipped unusable score at %s[%d]@%d: %s", rec.topic, rec.partition,
                             rec.offset, score)
                 continue
-            self.state.rows[score.customer_id] = snapshot.row(score, rec.partition, rec.offset)
-            # Times are UTC ISO-8601 (`iso_time`), whose text orders as the instants do.
-            if self.state.newest_event_time is None or score.as_of > self.state.newest_event_time:
-                self.state.newest_event_time = score.as_of
+            self.store.put(score.customer_id, snapshot.row(score, rec.partition, rec.offset))
             self.changed = True
 
-    def publish(self) -> None:
+    def publish(self) -> int:
+        """Publish a snapshot; returns its customers."""
         started = time.perf_counter()
-        rows = snapshot.write(self.path, self.state, self.settings.scores_topic)
+        rows = self.store.publish()
         self.changed = False
         self.snapshots += 1
-        log.info("snapshot %s: %d customers, offsets %s, %.0f ms", self.path, rows,
-                 dict(sorted(self.state.offsets.items())), (time.perf_counter() - started) * 1000)
+        log.info("snapshot %s: %d customers, offsets %s, %.0f ms; %d unusable score messages "
+                 "skipped so far", self.path, rows, dict(sorted(self.store.offsets.items())),
+                 (time.perf_counter() - started) * 1000, self.bad)
+        return rows
 
     async def run(self, stop: asyncio.Event) -> None:
         for tmp in snapshot.remove_leftovers(self.path):
             log.warning("removed %s, left by a sink stopped mid-write", tmp)
-        self.state = snapshot.load(self.path)
-        if self.state.offsets:
-            log.info("resuming from %s: %d customers, offsets %s", self.path,
-                     len(self.state.rows), dict(sorted(self.state.offsets.items())))
+        customers = self.store.open()
+        try:
+            await self._run(stop, customers)
+        finally:
+            self.store.close()
+
+    async def _run(self, stop: asyncio.Event, customers: int) -> None:
+        if self.store.offsets:
+            log.info("resuming from %s: %d customers, offsets %s", self.path, customers,
+                     dict(sorted(self.store.offsets.items())))
         scores = self.settings.scores_topic
         await ensure_topics(self.settings, {scores: all_topics(self.settings)[scores]})
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
@@ -106,8 +117,8 @@ class Sink:
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         for tp in tps:
-            if tp.partition in self.state.offsets:
-                consumer.seek(tp, self.state.offsets[tp.partition])
+            if tp.partition in self.store.offsets:
+                consumer.seek(tp, self.store.offsets[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
         return partitions
@@ -134,3 +145,67 @@ def run(settings: Settings) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000) -> dict[str, Any]:
+    """The sink's own fold and publish for `customers` customers, without the broker: score
+    messages handed over in consumer-sized batches (parsed, merged into DuckDB), a snapshot,
+    then a tenth of the customers rescored and a second snapshot. Peak RSS is the process's."""
+    from dataclasses import replace
+
+    from aiokafka.structs import ConsumerRecord
+
+    from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, encode_score
+    from features.segments import SEGMENTS
+
+    settings = replace(settings, snapshot_path=str(workdir / "clv.duckdb"))
+    for old in Path(workdir).glob("*clv.duckdb*"):
+        old.unlink()
+    sink = Sink(settings)
+    sink.store.open()
+    rss_before = _peak_rss_mb()
+    template = ScoreRecord(SCORE_SCHEMA_VERSION, "", 0.0, 0.4, 30.0, 3, 40.0, 400.0, 120.0,
+                           "regular", 6, "gru-bench", "2011-12-09T12:50:00+00:00",
+                           "2026-12-02T12:00:00+00:00")
+    offsets = [0] * settings.partitions
+
+    def fold(ids: range, clv_scale: float) -> float:
+        """Seconds the sink spent on the messages (not making them)."""
+        spent = 0.0
+        for start in range(0, len(ids), batch):
+            records = []
+            for i in ids[start:start + batch]:
+                cid = f"c{i:08d}"
+                value = encode_score(replace(template, customer_id=cid, clv=(i * 7919 % 10_007) * clv_scale,
+                                             segment=SEGMENTS[i % len(SEGMENTS)]))
+                p = i % settings.partitions
+                records.append(ConsumerRecord(settings.scores_topic, p, offsets[p], 0, 0, cid.encode(),
+                                              value, None, len(cid), len(value), ()))
+                offsets[p] += 1
+            started = time.perf_counter()
+            sink.fold(records)
+            spent += time.perf_counter() - started
+        return spent
+
+    try:
+        first_fold = fold(range(customers), 0.01)
+        started = time.perf_counter()
+        sink.publish()
+        first = time.perf_counter() - started
+        again_fold = fold(range(0, customers, 10), 0.02)
+        started = time.perf_counter()
+        rows = sink.publish()
+        second = time.perf_counter() - started
+    finally:
+        sink.store.close()
+    return {"customers": customers, "rows": rows,
+            "fold_messages_per_s": round((customers + len(range(0, customers, 10)))
+                                         / (first_fold + again_fold)),
+            "first_snapshot_seconds": round(first, 2), "snapshot_seconds": round(second, 2),
+            "snapshot_mb": round(Path(settings.snapshot_path).stat().st_size / 2**20, 1),
+            "rss_before_mb": round(rss_before, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "duckdb_memory_limit_mb": settings.snapshot_memory_mb}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,6 +1,10 @@
-"""The DuckDB snapshot file analysts read: written whole to a temporary file beside the published
-path, then renamed over it. A rename is atomic, so a reader opens either the previous snapshot or
-the new one, never a partial file, and the writer never holds a lock on the published path.
+"""The DuckDB snapshot file analysts read, and the sink's working database it is published from.
+
+The sink folds score messages into a working DuckDB file beside the snapshot (`.NAME.sink`): the
+newest row per customer, merged in batches, so its memory does not grow with the customer count.
+Every interval it copies that table into a temporary file beside the published path and renames
+it over that path. A rename is atomic, so a reader opens either the previous snapshot or the new
+one, never a partial file, and the sink never holds a lock on the published path.
 
 Tables:
 - `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier.
@@ -15,7 +19,7 @@ of `clv`, the expected spend, which adds up over customers; `clv` also sets the 
 from __future__ import annotations
 
 import os
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, fields
 from datetime import datetime, timezone
 from operator import attrgetter
 from pathlib import Path
@@ -33,24 +37,33 @@ from features.segments import PLAYBOOKS, Playbook
 COLUMNS = tuple(name for name in FIELDS if name != "schema_version")
 TIERS = ("low", "medium", "high")
 _SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ"}
-_TIMES = tuple(name for name in COLUMNS if FIELD_TYPES[name] is IsoTime)
+_AS_OF = COLUMNS.index("as_of")
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
 _columns = attrgetter(*COLUMNS)
 
+_SOURCE = ("source_partition", "source_offset")
+_WORKING = ", ".join([*(f"{name} {_SQL_TYPES[FIELD_TYPES[name]]}" for name in COLUMNS),
+                      "source_partition INTEGER", "source_offset BIGINT"])
+_CASTS = ", ".join([*(f"{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in COLUMNS),
+                    "source_partition::INTEGER", "source_offset::BIGINT"])
+MERGE_ROWS = 50_000  # customers held in Python between merges into the working table
+
 _CREATE = f"""
-CREATE TABLE customer_scores AS
+CREATE TABLE clv_next.customer_scores AS
 WITH cut AS (
-    SELECT quantile_cont(clv, 1 / 3) AS q1, quantile_cont(clv, 2 / 3) AS q2 FROM rows
+    SELECT quantile_cont(clv, 1 / 3) AS q1, quantile_cont(clv, 2 / 3) AS q2 FROM scores
 )
-SELECT {", ".join(f"{name}::{_SQL_TYPES[FIELD_TYPES[name]]} AS {name}" for name in COLUMNS)},
+SELECT {", ".join(COLUMNS)},
        CASE WHEN clv >= cut.q2 THEN 'high' WHEN clv >= cut.q1 THEN 'medium' ELSE 'low' END
            AS value_tier,
-       source_partition::INTEGER AS source_partition, source_offset::BIGINT AS source_offset
-FROM rows, cut
+       source_partition, source_offset
+FROM scores, cut
 ORDER BY customer_id;
 
-CREATE TABLE segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
+CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
+"""
 
+_VIEWS = """
 CREATE VIEW segment_summary AS
 SELECT * FROM (
     SELECT segment, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
@@ -84,81 +97,140 @@ def row(score: ScoreRecord, partition: int, offset: int) -> tuple[Any, ...]:
     return (*_columns(score), partition, offset)
 
 
-@dataclass
-class SnapshotState:
-    """What the sink holds between snapshots: newest score per customer and where it read to."""
-
-    rows: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # see `row`
-    offsets: dict[int, int] = field(default_factory=dict)  # next offset to read, per partition
-    newest_event_time: str | None = None
-
-
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write(path: Path, state: SnapshotState, source_topic: str) -> int:
-    """Write the whole snapshot to a temporary file, then rename it over `path`. Returns rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.unlink(missing_ok=True)
-    rows = pd.DataFrame.from_records(  # noqa: F841  (read by DuckDB by name)
-        list(state.rows.values()), columns=[*COLUMNS, "source_partition", "source_offset"])
-    con = duckdb.connect(str(tmp))
-    try:
-        con.execute(_CREATE)
-        con.executemany(f"INSERT INTO segment_playbook VALUES ({', '.join('?' * len(_PLAYBOOK_COLUMNS))})",
-                        [[name, *astuple(book)] for name, book in PLAYBOOKS.items()])
-        con.execute(
-            "CREATE TABLE snapshot_meta AS SELECT ?::TIMESTAMPTZ AS snapshot_at, "
-            "?::TIMESTAMPTZ AS newest_event_time, (SELECT count(*) FROM customer_scores) AS customers, "
-            "?::VARCHAR AS source_topic, MAP(?::INTEGER[], ?::BIGINT[]) AS offsets, "
-            "(SELECT list(DISTINCT model_version ORDER BY model_version) FROM customer_scores) "
-            "AS model_versions",
-            [datetime.now(timezone.utc), state.newest_event_time, source_topic,
-             sorted(state.offsets), [state.offsets[p] for p in sorted(state.offsets)]])
-        count = con.execute("SELECT customers FROM snapshot_meta").fetchone()[0]
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-    return int(count)
+def working_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.sink")
 
 
-def load(path: Path) -> SnapshotState:
-    """The state a published snapshot was written from, so a restarted sink resumes after it."""
-    state = SnapshotState()
-    if not path.exists():
-        return state
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        meta = con.execute("SELECT offsets, newest_event_time FROM snapshot_meta").fetchone()
-        state.offsets = {int(k): int(v) for k, v in meta[0].items()}
-        state.newest_event_time = iso_time(meta[1]) if meta[1] is not None else None
-        have = {c for (c,) in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_name = 'customer_scores'").fetchall()}
-        # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
-        # expectation, today's `clv`, is in its LEGACY_CLV column. Sinks before schema 4 wrote
-        # no cluster: unknown, as in their messages.
-        select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have
-                  else f"'{UNKNOWN}' AS {c}" if c == "cluster" and c not in have else c
-                  for c in COLUMNS]
-        frame = con.execute(
-            f"SELECT {', '.join(select)}, source_partition, source_offset FROM customer_scores"
-        ).df()
-    finally:
-        con.close()
-    for col in _TIMES:
-        frame[col] = frame[col].map(iso_time)
-    state.rows = {r[0]: tuple(r) for r in frame.itertuples(index=False, name=None)}
-    return state
+class Snapshots:
+    """The newest score per customer in a working DuckDB file, and where the sink read to;
+    `publish` writes the snapshot of them. Python holds at most `MERGE_ROWS` customers (those
+    changed since the last merge, `merge_rows`); DuckDB spills the rest to its file."""
+
+    def __init__(self, path: Path, source_topic: str, memory_limit_mb: int = 256,
+                 merge_rows: int = MERGE_ROWS) -> None:
+        self.path, self.source_topic, self.memory_limit_mb = path, source_topic, memory_limit_mb
+        self.merge_rows = merge_rows
+        self.offsets: dict[int, int] = {}  # next offset to read, per partition
+        self.newest_event_time: str | None = None
+        self.pending: dict[str, tuple[Any, ...] | None] = {}  # changed since the merge; None: gone
+        self.con: duckdb.DuckDBPyConnection | None = None
+
+    def open(self) -> int:
+        """Start from the published snapshot (its rows and offsets), or empty; returns customers.
+        The working file is rebuilt every time: the snapshot is the only checkpoint."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        work = working_path(self.path)
+        for leftover in (work, work.with_name(work.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        con = self.con = duckdb.connect(str(work))
+        con.execute(f"SET memory_limit = '{self.memory_limit_mb}MB'")
+        con.execute("SET preserve_insertion_order = false")
+        con.execute(f"CREATE TABLE scores ({_WORKING})")
+        if not self.path.exists():
+            return 0
+        con.execute("ATTACH ? AS clv_previous (READ_ONLY)", [str(self.path)])
+        try:
+            offsets, newest = con.execute(
+                "SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta").fetchone()
+            have = {c for (c,) in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_catalog = 'clv_previous' "
+                "AND table_name = 'customer_scores'").fetchall()}
+            # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
+            # expectation, today's `clv`, is in its LEGACY_CLV column. Sinks before schema 4
+            # wrote no cluster: unknown, as in their messages.
+            select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have
+                      else f"'{UNKNOWN}' AS {c}" if c == "cluster" and c not in have else c
+                      for c in (*COLUMNS, *_SOURCE)]
+            con.execute(f"INSERT INTO scores SELECT {', '.join(select)} FROM clv_previous.customer_scores")
+        finally:
+            con.execute("DETACH clv_previous")
+        self.offsets = {int(k): int(v) for k, v in offsets.items()}
+        self.newest_event_time = iso_time(newest) if newest is not None else None
+        return con.execute("SELECT count(*) FROM scores").fetchone()[0]
+
+    def put(self, customer_id: str, values: tuple[Any, ...] | None) -> None:
+        """The customer's newest row (`row`), or None when it was deleted (a tombstone)."""
+        self.pending[customer_id] = values
+        if values is not None:
+            as_of = values[_AS_OF]
+            # Times are UTC ISO-8601 (`iso_time`), whose text orders as the instants do.
+            if self.newest_event_time is None or as_of > self.newest_event_time:
+                self.newest_event_time = as_of
+        if len(self.pending) >= self.merge_rows:
+            self.merge()
+
+    def merge(self) -> None:
+        """Fold the pending customers into the working table: replace or delete each."""
+        if not self.pending:
+            return
+        con = self._con()
+        keys = pd.DataFrame({"customer_id": list(self.pending)})  # noqa: F841  (read by name)
+        rows = pd.DataFrame.from_records(  # noqa: F841  (read by name)
+            [v for v in self.pending.values() if v is not None], columns=[*COLUMNS, *_SOURCE])
+        con.execute("BEGIN")
+        con.execute("DELETE FROM scores WHERE customer_id IN (SELECT customer_id FROM keys)")
+        con.execute(f"INSERT INTO scores SELECT {_CASTS} FROM rows")
+        con.execute("COMMIT")
+        self.pending.clear()
+
+    def publish(self) -> int:
+        """Write the whole snapshot to a temporary file, rename it over the published path;
+        returns its customers."""
+        self.merge()
+        con = self._con()
+        tmp = temp_path(self.path)
+        tmp.unlink(missing_ok=True)
+        con.execute("ATTACH ? AS clv_next", [str(tmp)])
+        try:
+            con.execute(_CREATE)
+            con.executemany(
+                f"INSERT INTO clv_next.segment_playbook VALUES ({', '.join('?' * len(_PLAYBOOK_COLUMNS))})",
+                [[name, *astuple(book)] for name, book in PLAYBOOKS.items()])
+            con.execute(
+                "CREATE TABLE clv_next.snapshot_meta AS SELECT ?::TIMESTAMPTZ AS snapshot_at, "
+                "?::TIMESTAMPTZ AS newest_event_time, "
+                "(SELECT count(*) FROM clv_next.customer_scores) AS customers, "
+                "?::VARCHAR AS source_topic, MAP(?::INTEGER[], ?::BIGINT[]) AS offsets, "
+                "(SELECT list(DISTINCT model_version ORDER BY model_version) FROM scores) "
+                "AS model_versions",
+                [datetime.now(timezone.utc), self.newest_event_time, self.source_topic,
+                 sorted(self.offsets), [self.offsets[p] for p in sorted(self.offsets)]])
+            count = con.execute("SELECT customers FROM clv_next.snapshot_meta").fetchone()[0]
+        finally:
+            con.execute("DETACH clv_next")
+        views = duckdb.connect(str(tmp))  # views name the tables as a reader of the file sees them
+        try:
+            views.execute(_VIEWS)
+            views.execute("CHECKPOINT")
+        finally:
+            views.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+        return int(count)
+
+    def close(self) -> None:
+        """Drop the working file: the published snapshot is what a restart starts from."""
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        work = working_path(self.path)
+        for leftover in (work, work.with_name(work.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        if self.con is None:
+            raise RuntimeError("Snapshots.open() first")
+        return self.con
 
 
 def remove_leftovers(path: Path) -> list[Path]:

@@ -60,6 +60,32 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _output(path: str, what: str, directory: bool = False) -> None:
+    """A file or directory a command will write (its parent must exist), or a UsageError saying
+    what is wrong: checked before any broker, model or file work starts."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if target.exists() and target.is_dir() != directory:
+        raise UsageError(f"{what} {path!r} is {'not ' if directory else ''}a directory")
+    where = target if target.exists() else target.parent
+    if not where.is_dir():
+        raise UsageError(f"{what} {path!r}: directory {str(target.parent)!r} does not exist")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable")
+
+
 def _file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="transaction file: Online Retail (I/II) CSV or .xlsx, CDNOW, or CSV with --map")
     p.add_argument("--format", default="auto", choices=FORMATS, help="file layout (default: detect)")
@@ -120,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.dataset import NotEnoughHistory
     from models.evaluate import recluster, train
 
+    _output(args.out, "--out", directory=True)
     try:
         if args.clusters_only:
             meta = recluster(args.file, args.cutoff, Path(args.out), args.seed, **file_options(args))
@@ -142,6 +169,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.dataset import NotEnoughHistory
     from models.evaluate import evaluate, render, write_json, write_plots
 
+    if args.json:
+        _output(args.json, "--json")
     try:
         run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, _train_config(args),
                        seeds=args.seeds, **file_options(args))
@@ -160,6 +189,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from export_onnx.artifact import Artifact
     from stream.scoring import score_file, write_csv
 
+    _output(args.out, "--out")
     artifact = Artifact.load(args.model)
     scored = score_file(artifact, args.file, args.as_of, **file_options(args))
     with open(args.out, "w", newline="") as fh:
@@ -207,6 +237,32 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return 0
 
 
+def _reachable(settings: Settings) -> None:
+    """Create the product's topics (partitions, replication, min.insync.replicas from the
+    settings), or a UsageError when the broker does not answer or `transactions` has another
+    partition count than the settings (the state, the scores and routing follow it)."""
+    import asyncio
+
+    from aiokafka.errors import KafkaError
+
+    from stream.replay import all_topics, ensure_topics
+
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)  # the error below says it in one line
+    try:
+        partitions = asyncio.run(ensure_topics(settings, all_topics(settings)))
+    except (KafkaError, OSError) as exc:
+        raise UsageError(f"cannot create the topics on Kafka at {settings.bootstrap_servers}: "
+                         f"{exc}") from None
+    finally:
+        client_log.setLevel(level)
+    have = partitions.get(settings.transactions_topic)
+    if have != settings.partitions:
+        raise UsageError(f"topic {settings.transactions_topic} has {have} partitions but "
+                         f"partitions is {settings.partitions}: set CLV_PARTITIONS={have}")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from faust import Worker
 
@@ -215,6 +271,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, model_dir=args.model, store=args.store, web_port=args.web_port,
                          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
                          data_dir=args.data_dir)
+    _output(settings.data_dir, "--data-dir", directory=True)
+    _reachable(settings)
     app = build_app(settings)
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
@@ -262,9 +320,17 @@ def _selection(args: argparse.Namespace):
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from state.sink import run
 
-    return run(_settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval))
+    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval)
+    try:  # the snapshot's directory is created, as the default var/ is
+        Path(settings.snapshot_path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--snapshot {settings.snapshot_path!r}: {exc.strerror}") from None
+    _output(settings.snapshot_path, "--snapshot")
+    return run(settings)
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str] | None = None) -> None:
@@ -310,6 +376,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from state.queries import export
 
+    _output(args.out, "--out")
     n = export(_snapshot(args), Path(args.out), _selection(args))
     print(f"exported {n:,} customers to {args.out}")
     return 0
@@ -372,6 +439,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stream import bench
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # figures, not client chatter
+    if args.json:
+        _output(args.json, "--json")
     workdir = bench.workdir_for(args.workdir)
     bootstrap = args.bootstrap
     if args.what == "throughput":
@@ -407,6 +476,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
         print(f"  best batched / one at a time: {result['batched_over_single']}x; "
               f"the worker flushes at {result['worker_batch_size']} customers")
+    elif args.what == "sink":
+        from state.sink import bench as bench_sink
+
+        result = bench_sink(args.customers, workdir, _settings(args))
+        print(f"snapshot sink, {result['customers']:,} customers: folds {result['fold_messages_per_s']:,} "
+              f"score messages/s; snapshot {result['first_snapshot_seconds']:.2f}s, again after a "
+              f"tenth rescored {result['snapshot_seconds']:.2f}s ({result['snapshot_mb']} MB file); "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
+              f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)")
     else:
         result = bench.state(args.customers, args.stores, bootstrap, workdir)
         for store, r in result["stores"].items():
@@ -488,14 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="publish a transaction file as invoice events, in time order")
     _file_args(p)
     _kafka_args(p)
-    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="the whole product on an embedded broker, with CDNOW replayed")
     p.add_argument("file", nargs="?", default=None, help="transaction file (default: vendored CDNOW)")
     p.add_argument("--customers", type=_positive_int, default=None, help="replay only the first N customers")
-    p.add_argument("--rate", type=float, default=1500.0, help="invoices per second (default 1500)")
+    p.add_argument("--rate", type=_positive_float, default=1500.0, help="invoices per second (default 1500)")
     p.add_argument("--model", default=None, help="model artifact directory (default: the shipped model)")
     p.add_argument("--train", action="store_true", help="train a model on the file first (needs the train extra)")
     p.add_argument("--workdir", default="var/demo", help="logs, state and the DuckDB file (default var/demo)")
@@ -507,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, doc in (("throughput", "raw aiokafka vs bare faust agent vs the full worker path"),
                       ("latency", "event time to score readable, at steady publish rates"),
                       ("scoring", "onnxruntime (and torch) customers/s by batch size"),
-                      ("state", "memory per customer held and recovery time, per store")):
+                      ("state", "memory per customer held and recovery time, per store"),
+                      ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)")):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
@@ -520,20 +599,22 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--partitions", type=_positive_int, default=4, help="partitions (default 4)")
             b.add_argument("--repeats", type=_positive_int, default=3, help="runs of each path (default 3)")
         if name == "latency":
-            b.add_argument("--rate", type=float, nargs="+", default=None,
+            b.add_argument("--rate", type=_positive_float, nargs="+", default=None,
                            help="events/s to hold (default: 25%% and 50%% of the measured maximum)")
-            b.add_argument("--max-rate", type=float, default=None, help="skip measuring the maximum")
-            b.add_argument("--seconds", type=float, default=20.0, help="seconds per rate (default 20)")
+            b.add_argument("--max-rate", type=_positive_float, default=None, help="skip measuring the maximum")
+            b.add_argument("--seconds", type=_positive_float, default=20.0, help="seconds per rate (default 20)")
             b.add_argument("--linger-ms", type=_non_negative_int, default=5,
                            help="the publisher's linger (default 5, the Java client's and "
                                 "librdkafka's default)")
         if name == "scoring":
             b.add_argument("--batch-sizes", type=_positive_int, nargs="+",
                            default=[1, 8, 64, 256, 1024, 4096], help="batch sizes")
-            b.add_argument("--seconds", type=float, default=1.0, help="seconds per measurement (default 1)")
+            b.add_argument("--seconds", type=_positive_float, default=1.0, help="seconds per measurement (default 1)")
             b.add_argument("--model", default=None, help="artifact directory (default: shipped)")
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
+        if name == "sink":
+            b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
 
     p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")
@@ -543,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("snapshot", help="consume clv-scores and publish DuckDB snapshots")
     _kafka_args(p)
     _snapshot_args(p)
-    p.add_argument("--interval", type=float, default=None, help="seconds between snapshots (default 10)")
+    p.add_argument("--interval", type=_positive_float, default=None, help="seconds between snapshots (default 10)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "
@@ -567,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     _snapshot_args(p)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=None, help="port (default 8080)")
-    p.add_argument("--sql-timeout-s", type=float, default=None,
+    p.add_argument("--sql-timeout-s", type=_positive_float, default=None,
                    help="stop a /sql query after this many seconds (default 10)")
     p.add_argument("--sql-max-rows", type=_positive_int, default=None,
                    help="most rows a /sql answer carries (default 10000)")

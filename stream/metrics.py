@@ -38,6 +38,8 @@ class Metrics:
         self.events_skipped: dict[str, int] = defaultdict(int)
         self.dlq: dict[str, int] = defaultdict(int)
         self.rescored = 0
+        self.routed = 0  # events re-published to their customer's partition
+        self.scoring_errors = 0  # customers a rescoring could not score
         self.lag: dict[int, int] = {}
         self.dirty = 0  # customers waiting to be rescored (event-driven)
         self.backlog = 0  # customers waiting for a month-turn/assignment rescore
@@ -66,7 +68,14 @@ class Metrics:
         out += ["# HELP clv_dlq_total events sent to the dead-letter topic",
                 "# TYPE clv_dlq_total counter"]
         out += [f'clv_dlq_total{{reason="{r}"}} {n}' for r, n in sorted(self.dlq.items())]
-        out += ["# HELP clv_rescored_customers_total customer scores published",
+        out += ["# HELP clv_events_routed_total events re-published to the partition their key "
+                "maps to under murmur2 (a publisher with another partitioner)",
+                "# TYPE clv_events_routed_total counter", f"clv_events_routed_total {self.routed}",
+                "# HELP clv_scoring_errors_total customers a rescoring could not score (logged; "
+                "scored again on their next event or month turn)",
+                "# TYPE clv_scoring_errors_total counter",
+                f"clv_scoring_errors_total {self.scoring_errors}",
+                "# HELP clv_rescored_customers_total customer scores published",
                 "# TYPE clv_rescored_customers_total counter", f"clv_rescored_customers_total {self.rescored}",
                 "# HELP clv_dirty_customers customers waiting for an event-driven rescore",
                 "# TYPE clv_dirty_customers gauge", f"clv_dirty_customers {self.dirty}",

@@ -33,20 +33,24 @@ class ReplaySummary:
                 f"in {self.seconds:.1f}s ({rate:,.0f}/s); event time {self.first_ts} .. {self.last_ts}")
 
 
-async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -> None:
-    """Create missing topics with the configured partition count (and their configs)."""
+async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -> dict[str, int]:
+    """Create missing topics with the configured partition count, replication factor and
+    min.insync.replicas (and their own configs). Existing topics are left as they are. Returns
+    the partition count of each topic, as the broker describes it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
                                 **settings.kafka_client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, settings.partitions, 1, topic_configs=cfg)
+        new = [NewTopic(name, settings.partitions, settings.replication_factor,
+                        topic_configs={**settings.topic_configs(), **cfg})
                for name, cfg in topics.items() if name not in existing]
         if new:
             try:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(topics))}
     finally:
         await admin.close()
 

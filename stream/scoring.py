@@ -84,3 +84,16 @@ def write_csv(scores: Sequence[ScoreRecord], out: TextIO) -> None:
     writer = csv.writer(out)
     writer.writerow(CUSTOMER_FIELDS)
     writer.writerows(_customer_columns(s) for s in scores)
+
+
+def score_separately(artifact: Artifact, states: Sequence[CustomerState],
+                     as_of: datetime) -> list[ScoreRecord | Exception]:
+    """Each customer on its own, its score or what stopped it: after a batch failed, this pins
+    the failure on the customers that cause it, and the others are scored all the same."""
+    out: list[ScoreRecord | Exception] = []
+    for state in states:
+        try:
+            out.append(score_states(artifact, [state], as_of)[0])
+        except Exception as exc:  # noqa: BLE001  any failure is this customer's
+            out.append(exc)
+    return out

@@ -35,6 +35,14 @@ class Settings:
         "operator commands to the workers (clv rescore-all)"))
     partitions: int = field(default=4, metadata=_meta(
         "partitions of the transactions topic (and of the state changelog)"))
+    replication_factor: int = field(default=1, metadata=_meta(
+        "replicas of every topic the product creates (production: 3)"))
+    min_insync_replicas: int = field(default=1, metadata=_meta(
+        "min.insync.replicas of every topic the product creates; with acks=all a write needs that "
+        "many replicas (production: 2)"))
+    max_future_minutes: float = field(default=15.0, metadata=_meta(
+        "how far an event time may be ahead of the worker's wall clock; later events go to the "
+        "DLQ as from_future"))
     model_dir: str = field(default="", metadata=_meta(
         "model artifact directory; empty: the model shipped with the package"))
     store: str = field(default="memory://", metadata=_meta(
@@ -54,6 +62,8 @@ class Settings:
         "DuckDB snapshot the sink publishes and analysts read"))
     snapshot_interval_s: float = field(default=10.0, metadata=_meta(
         "seconds between snapshots (one more is written on shutdown)"))
+    snapshot_memory_mb: int = field(default=256, metadata=_meta(
+        "memory the snapshot sink's DuckDB may use; beyond it, it works from its file on disk"))
     api_host: str = field(default="127.0.0.1", metadata=_meta("analyst API bind address"))
     api_port: int = field(default=8080, metadata=_meta("analyst API port"))
     api_token: str = field(default="", metadata=_meta(
@@ -90,16 +100,26 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("partitions", "batch_size", "batch_wait_ms", "snapshot_interval_s", "fetch_wait_ms",
+        for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
+                     "batch_wait_ms", "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms",
                      "api_sql_timeout_s", "api_sql_max_rows", "api_sql_concurrency",
                      "api_score_max_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.min_insync_replicas > self.replication_factor:
+            raise SettingsError(f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
+                                f"replication_factor ({self.replication_factor}): no write would succeed")
+        if self.max_future_minutes < 0:
+            raise SettingsError(f"max_future_minutes must be 0 or positive, got {self.max_future_minutes}")
         if self.api_rate_limit_per_min < 0:
             raise SettingsError(f"api_rate_limit_per_min must be 0 (no limit) or positive, "
                                 f"got {self.api_rate_limit_per_min}")
         if self.store.split("://")[0] not in ("memory", "rocksdb"):
             raise SettingsError(f"store must be memory:// or rocksdb://, got {self.store!r}")
+
+    def topic_configs(self) -> dict[str, str]:
+        """Broker configs every topic the product creates carries, beside its own."""
+        return {"min.insync.replicas": str(self.min_insync_replicas)}
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Security options in aiokafka's names, passed through unchanged."""

@@ -7,9 +7,16 @@ scores of the customers they touched have been handed to the producer, and faust
 producer before it commits offsets: a crash before that point redelivers the events, which mark
 their customers dirty again (even when already applied), so no score is lost either.
 
-Time: each partition keeps an event-time clock (its newest event). Scores are as of that clock.
-When it enters a new month every customer of the partition is rescored, in batches, between
-events.
+Time: the worker's clock is the newest event time it has seen on any of its partitions; each
+partition also keeps its own newest event. Scores are as of the worker's clock, so a partition
+that receives nothing still ages: when the worker's clock enters a new month every customer of
+every partition it owns is rescored, in batches, between events. What is too late (older than
+the window) follows the partition's own clock: a partition that lags the others (taken over with
+a backlog) applies its backlog instead of refusing it.
+
+Routing: an event keyed by its customer but on another partition than murmur2 maps the key to
+(a publisher with another partitioner) is re-published to the customer's partition and applied
+there, never folded into a second copy of the customer on the wrong one.
 
 Taking over a partition (after its table partition is recovered): the clock is rebuilt from its
 states, and the latest-score table is rebuilt from the compacted `clv-scores` partition (the
@@ -27,12 +34,13 @@ import json
 import logging
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import faust
 from faust.exceptions import NotReady
 from aiokafka import TopicPartition
+from aiokafka.partitioner import murmur2
 
 from export_onnx.artifact import Artifact
 from features.aggregate import Applied, Folder, contribution, month_of
@@ -41,7 +49,7 @@ from features.scores import ScoreRecord, as_dict, encode_score, parse_score
 from stream.auth import guard, is_loopback, require_token
 from stream.kafka_io import read_partition
 from stream.metrics import Metrics
-from stream.scoring import assemble, prepare
+from stream.scoring import assemble, prepare, score_separately
 from stream.publisher import BatchPublisher, Record
 from stream.settings import Settings
 from stream.state_writes import STATE_CODEC, WriteBehindStates
@@ -74,6 +82,7 @@ class Rescorer:
         self.metrics = metrics
         self.folders: dict[int, Folder] = {}
         self.clock_ts: dict[int, int] = {}
+        self.group_ts = 0  # newest event time on any partition this worker has owned
         self.members: dict[int, set[str]] = {}
         self.dirty: dict[int, dict[str, float]] = {}  # partition -> customer -> first dirty time
         self.backlog: dict[int, deque[str]] = {}  # month-turn / assignment rescoring, in chunks
@@ -98,8 +107,12 @@ class Rescorer:
             for cid, s in self.states.partition_items(partition):  # members and the clock
                 members.add(cid)
                 newest = max(newest, s.newest_ts or 0)
+            if newest > self.group_ts:  # the partitions already owned age to it
+                self._age(newest)
             self.members[partition] = members
             self.clock_ts[partition] = newest
+            # The window (what is too late) follows the partition's own events: the worker's
+            # clock may be ahead of events still waiting on this partition.
             clock = month_of(datetime.fromtimestamp(newest, timezone.utc)) if newest else None
             folder = self.folders[partition] = Folder(self.artifact.window, self.states, clock)
         return folder
@@ -129,10 +142,11 @@ class Rescorer:
         loaded = await self._load_scores(partition)
         members = self.members[partition]
         stale, other_model = [], 0
+        month = month_of(self._as_of(partition))
         for cid in members:
             score = self.latest.get(cid)
             if score is None or folder.clock is None or month_of(
-                    datetime.fromisoformat(score.as_of)) < folder.clock:
+                    datetime.fromisoformat(score.as_of)) < month:
                 stale.append(cid)
             elif score.model_version != self.artifact.version:
                 other_model += 1
@@ -187,12 +201,29 @@ class Rescorer:
             self.taken.discard(p)
 
     def _as_of(self, partition: int) -> datetime:
-        return datetime.fromtimestamp(self.clock_ts.get(partition, 0), timezone.utc)
+        """The clock a partition's scores are as of: its own newest event, or the worker's when
+        that is later (a quiet partition ages with the others)."""
+        return datetime.fromtimestamp(max(self.clock_ts.get(partition, 0), self.group_ts),
+                                      timezone.utc)
+
+    def _age(self, ts: int) -> None:
+        """Move the worker's clock to `ts`; when it enters a new month, every customer of every
+        partition the worker owns is queued for rescoring, whether its partition saw the event
+        or not (scores are as of the worker's clock; see `_as_of`)."""
+        before, self.group_ts = self.group_ts, ts
+        month = month_of(datetime.fromtimestamp(ts, timezone.utc))
+        if not before or month_of(datetime.fromtimestamp(before, timezone.utc)) >= month:
+            return
+        for partition in self.folders:
+            members = self.members.get(partition)
+            if members:
+                log.info("entered %s: rescoring the %d customers of partition %d",
+                         self._as_of(partition).strftime("%Y-%m"), len(members), partition)
+                self.backlog.setdefault(partition, deque()).extend(sorted(members))
 
     # -- intake -----------------------------------------------------------------------------
     def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
         folder = self.folder(partition)
-        before = folder.clock
         outcome = folder.add(event.customer_id, contribution(event), partition, offset)
         if outcome == Applied.TOO_LATE:
             return outcome
@@ -200,10 +231,8 @@ class Rescorer:
         if ts > self.clock_ts.get(partition, 0):
             self.clock_ts[partition] = ts
         self.members.setdefault(partition, set()).add(event.customer_id)
-        if before is not None and folder.clock is not None and folder.clock > before:
-            log.info("partition %d entered %s: rescoring its %d customers", partition,
-                     self._as_of(partition).strftime("%Y-%m"), len(self.members[partition]))
-            self.backlog.setdefault(partition, deque()).extend(sorted(self.members[partition]))
+        if ts > self.group_ts:
+            self._age(ts)
         if outcome != Applied.APPLIED:
             # Redelivered after a crash: a persistent store may hold its effect while the
             # changelog does not yet; write the state again with this batch.
@@ -282,18 +311,28 @@ class Rescorer:
         # One clock for the batch: the partition's clock moves on while the model runs in a
         # thread, and a score must carry the as_of its fields were measured at.
         as_of = self._as_of(partition)
-        inputs, fields = prepare(self.artifact, states, as_of)
-        if len(ids) >= INLINE_SCORING_LIMIT:
-            pred = await asyncio.to_thread(self.artifact.predict, inputs)
-        else:
-            pred = self.artifact.predict(inputs)
-        scores = assemble(self.artifact, states, fields, pred, as_of)
+        try:
+            inputs, fields = prepare(self.artifact, states, as_of)
+            if len(ids) >= INLINE_SCORING_LIMIT:
+                pred = await asyncio.to_thread(self.artifact.predict, inputs)
+            else:
+                pred = self.artifact.predict(inputs)
+            scores: list[ScoreRecord | Exception] = list(
+                assemble(self.artifact, states, fields, pred, as_of))
+        except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
+            scores = score_separately(self.artifact, states, as_of)
         topic = self.settings.scores_topic
         records: list[Record] = []
         for score, cid in zip(scores, ids):
+            if isinstance(score, Exception):
+                self.metrics.scoring_errors += 1
+                log.error("customer %s of partition %d not scored as of %s: %s: %s; its state is "
+                          "kept, and it is scored again on its next event or month turn", cid,
+                          partition, as_of.isoformat(), type(score).__name__, score)
+                continue
             self.latest[cid] = score
             records.append((topic, partition, cid.encode(), encode_score(score)))
-        self.metrics.rescored += len(ids)
+        self.metrics.rescored += len(records)
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         return records
@@ -349,7 +388,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         store=settings.store,
         datadir=settings.data_dir,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication_factor,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
@@ -373,7 +412,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                         key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
     changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="json",
                           value_serializer=STATE_CODEC, partitions=settings.partitions,
-                          compacting=True)
+                          compacting=True, replicas=settings.replication_factor,
+                          config=settings.topic_configs())
     table = app.Table("customer-state", default=None, partitions=settings.partitions,
                       changelog_topic=changelog)
     table.value_serializer = STATE_CODEC  # faust takes serializers from model types only
@@ -382,6 +422,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     rescorer = Rescorer(app, settings, artifact, states, metrics)
     app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
     ready = asyncio.Event()
+    max_future = timedelta(minutes=settings.max_future_minutes)
 
     async def dead_letter(raw: bytes, key: bytes | None, reason: str, detail: str,
                           partition: int, offset: int) -> None:
@@ -393,6 +434,33 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         await app.producer.send(settings.dlq_topic, key, raw, None, None, headers)
         log.warning("dead letter %s at %s[%d]@%d: %s", reason, settings.transactions_topic,
                     partition, offset, detail)
+
+    async def route(raw: bytes, msg: Any, home: int) -> None:
+        """Re-publish an event to its customer's partition; it is applied when it arrives there.
+        Re-published twice (a crash before the commit), it carries the same event_id: once."""
+        metrics.routed += 1
+        headers = [*(msg.headers or ()), ("routed_from_partition", str(msg.partition).encode()),
+                   ("routed_from_offset", str(msg.offset).encode())]
+        await app.producer.send(settings.transactions_topic, msg.key, raw, home, None, headers)
+        if metrics.routed == 1 or metrics.routed % 10_000 == 0:
+            log.warning("%d events so far arrived on another partition than their key's under "
+                        "murmur2 and were re-published to it (latest: %s[%d]@%d, key %r, "
+                        "partition %d): set the publishers' partitioner to murmur2 (librdkafka: "
+                        "partitioner=murmur2_random)", metrics.routed,
+                        settings.transactions_topic, msg.partition, msg.offset, msg.key[:40], home)
+
+    def checked(raw: bytes, msg: Any) -> TransactionEvent | Invalid:
+        """The event, or why it is a dead letter: its payload, then its key."""
+        parsed = validate(raw, max_future=max_future)
+        if isinstance(parsed, Invalid):
+            return parsed
+        if msg.key is None:
+            return Invalid(Reason.MISSING_KEY, "no message key: events are keyed by customer_id "
+                                               f"({parsed.customer_id!r})")
+        if msg.key.decode("utf-8", "replace") != parsed.customer_id:
+            return Invalid(Reason.KEY_MISMATCH, f"message key {msg.key[:40]!r} is not "
+                                                f"customer_id {parsed.customer_id!r}")
+        return parsed
 
     @app.agent(transactions)
     async def process(stream: Any) -> None:
@@ -408,13 +476,12 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
             metrics.events_in += 1
             rescorer.position[msg.partition] = msg.offset + 1
             raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
-            parsed = validate(raw)
-            if not isinstance(parsed, Invalid) and msg.key is not None and msg.key.decode(
-                    "utf-8", "replace") != parsed.customer_id:
-                parsed = Invalid(Reason.KEY_MISMATCH,
-                                 f"message key {msg.key[:40]!r} is not customer_id {parsed.customer_id!r}")
+            parsed = checked(raw, msg)
             if isinstance(parsed, Invalid):
                 await dead_letter(raw, msg.key, parsed.reason, parsed.detail, msg.partition, msg.offset)
+                rescorer.pending_acks.append(event)
+            elif (home := (murmur2(msg.key) & 0x7FFFFFFF) % settings.partitions) != msg.partition:
+                await route(raw, msg, home)
                 rescorer.pending_acks.append(event)
             else:
                 outcome = rescorer.apply(parsed, msg.partition, msg.offset)

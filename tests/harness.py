@@ -139,9 +139,9 @@ CLOCK_FIELDS = ("recency_days", "tenure_days", "segment", "cluster")
 def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> list[str]:
     """Every customer field of each newest live score equals `clv score`'s: numbers within 1e-5
     relative (onnxruntime's sums differ with the batch a customer is scored in), text exactly.
-    `clv score` measures from the file's newest event; a partition whose own newest event is
-    older has an earlier clock, so its customers are compared on all but CLOCK_FIELDS. Returns
-    the customers compared on every field."""
+    `clv score` measures from the file's newest event; a customer last scored on an earlier
+    clock (no event of its own and no month turn since) is compared on all but CLOCK_FIELDS.
+    Returns the customers compared on every field."""
     assert set(live) == set(batch)
     newest = max(a["as_of"] for a in live.values())
     numbers = [f for f in CUSTOMER_FIELDS if FIELD_TYPES[f] in (int, float)]
@@ -186,6 +186,25 @@ class Process:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def topic_layout(bootstrap: str, topic: str) -> tuple[dict[str, str], list[int]]:
+    """A topic's configs as the broker describes them, and the replica count of each partition."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    async def run() -> tuple[dict[str, str], list[int]]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (described,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            configs = {e[0]: e[1] for e in described.resources[0][4]}
+            (meta,) = await admin.describe_topics([topic])
+            return configs, [len(p["replicas"]) for p in meta["partitions"]]
+        finally:
+            await admin.close()
+
+    return asyncio.run(run())
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:

@@ -50,12 +50,17 @@ AUDIT_FIELDS = {"time", "client", "method", "path", "status", "rows", "duration_
 def write_snapshot(path: Path, customers: int) -> Path:
     """A snapshot as the sink writes it, of `customers` customers in every segment."""
     base = parse_score(json.dumps(GOOD))
-    state = snapshot.SnapshotState(offsets={0: customers}, newest_event_time=base.as_of)
-    for i in range(customers):
-        score = replace(base, customer_id=f"c{i:06d}", clv=(i * 7919 % 1000) / 4,
-                        segment=SEGMENTS[i % len(SEGMENTS)])
-        state.rows[score.customer_id] = snapshot.row(score, 0, i)
-    assert snapshot.write(path, state, "clv-scores") == customers
+    store = snapshot.Snapshots(path, "clv-scores")
+    try:
+        store.open()
+        for i in range(customers):
+            score = replace(base, customer_id=f"c{i:06d}", clv=(i * 7919 % 1000) / 4,
+                            segment=SEGMENTS[i % len(SEGMENTS)])
+            store.put(score.customer_id, snapshot.row(score, 0, i))
+        store.offsets = {0: customers}
+        assert store.publish() == customers
+    finally:
+        store.close()
     return path
 
 

@@ -47,6 +47,13 @@ def test_bench_state_small(tmp_path, kafka_bootstrap):
     assert mem["recovery_seconds"] > 0 and mem["rss_held_mb"] > 0
 
 
+def test_bench_sink_small(tmp_path):
+    r = bench(tmp_path, "sink", "--customers", "2000")
+    assert r["rows"] == 2000 and r["fold_messages_per_s"] > 0 and r["snapshot_seconds"] > 0
+    assert r["peak_rss_mb"] >= r["rss_before_mb"] > 0
+    assert not any((tmp_path / "work").glob(".clv.duckdb.*"))  # working and temporary files gone
+
+
 def test_bench_bad_argument_is_one_line(tmp_path):
     res = subprocess.run([*CLV, "bench", "throughput", "--invoices", "0"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("clv: error:") and len(res.stderr.splitlines()) == 1

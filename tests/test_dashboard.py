@@ -188,19 +188,32 @@ def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
     assert images.count() == 2 and all(images.nth(i).evaluate("i => i.naturalWidth") > 100 for i in range(2))
 
 
-def test_a_new_snapshot_shows_without_reloading(page, served):
-    """The sink swaps in a snapshot with fewer customers: the page follows within seconds, and
-    again when the original comes back."""
+def test_a_new_snapshot_shows_without_reloading(page, served, tmp_path):
+    """The sink publishes a snapshot without 500 of the customers: the page follows within
+    seconds, and again when the original comes back."""
     path, _ = served
-    state = snapshot.load(path)
-    fewer = snapshot.SnapshotState(dict(list(state.rows.items())[:2500]), state.offsets,
-                                   state.newest_event_time)
-    for want, written in (("2,500", fewer), ("3,000", state)):
-        snapshot.write(path, written, "clv-scores")
-        deadline = time.monotonic() + 30
-        while metrics(page).get("Customers") != want:
-            assert time.monotonic() < deadline, metrics(page)
-            page.wait_for_timeout(250)
+    original = tmp_path / "original.duckdb"
+    shutil.copy(path, original)
+    gone = [c for (c,) in query(path, "SELECT customer_id FROM customer_scores ORDER BY customer_id LIMIT 500")]
+    sink = snapshot.Snapshots(path, "clv-scores")
+    try:
+        sink.open()
+        for cid in gone:
+            sink.put(cid, None)  # tombstones, as a deleted customer reaches the sink
+        assert sink.publish() == 2500
+    finally:
+        sink.close()
+    wait_for_customers(page, "2,500")
+    shutil.copy(original, tmp_path / "back.duckdb")
+    os.replace(tmp_path / "back.duckdb", path)  # swapped in whole, as the sink does
+    wait_for_customers(page, "3,000")
+
+
+def wait_for_customers(page, shown: str) -> None:
+    deadline = time.monotonic() + 30
+    while metrics(page).get("Customers") != shown:
+        assert time.monotonic() < deadline, metrics(page)
+        page.wait_for_timeout(250)
 
 
 def test_screenshot_command_writes_the_whole_page(served, tmp_path):

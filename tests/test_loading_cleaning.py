@@ -106,6 +106,27 @@ def test_bad_cli_arguments_exit_2(tmp_path):
         assert res.stderr.startswith("clv: error:") and res.stderr.count("\n") == 1, res.stderr
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["worker", "--data-dir", "{tmp}/missing/state"], "does not exist"),
+    (["worker", "--data-dir", "{tmp}/file"], "is not a directory"),
+    (["worker", "--bootstrap", "127.0.0.1:1", "--data-dir", "{tmp}"], "cannot create the topics"),
+    (["score", "{cdnow}", "--out", "{tmp}/missing/scores.csv"], "does not exist"),
+    (["export", "--out", "{tmp}"], "is a directory"),
+    (["replay", "{cdnow}", "--rate", "-5"], "positive"),
+    (["snapshot", "--interval", "nan"], "positive"),
+    (["snapshot", "--snapshot", "{tmp}/file/clv.duckdb"], "--snapshot"),
+    (["snapshot", "--snapshot", "{tmp}"], "is a directory"),
+    (["bench", "state", "--json", "{tmp}/missing/out.json"], "does not exist"),
+])
+def test_bad_output_paths_and_numbers_exit_2_before_any_work(tmp_path, args, fragment):
+    """Checked before a broker, model or file is touched: one line, no traceback."""
+    (tmp_path / "file").write_text("")
+    res = run_clv(*[a.format(tmp=tmp_path, cdnow=vendored_cdnow()) for a in args])
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("clv: error:") and res.stderr.count("\n") == 1, res.stderr
+    assert fragment in res.stderr
+
+
 def test_loading_a_million_lines_is_quick(tmp_path):
     """Not a timing assertion: proves the vectorised path handles 1M rows in one go."""
     frame, truth = generate(n_customers=20_000, n_invoices=140_000, seed=11)

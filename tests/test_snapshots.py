@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features.scores import LEGACY_CLV, ScoreRecord, parse_score
+from features.scores import LEGACY_CLV, ScoreRecord, iso_time, parse_score
 from features.segments import PLAYBOOKS, SEGMENTS
-from harness import CLV, Api, Process, wait_snapshot_caught_up
+from harness import CLV, Api, Process, read_topic, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
 from stream.broker import free_port
@@ -259,9 +259,15 @@ def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap,
 
 def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tmp_path):
     """Old workers publish schema 2 while new ones publish 3: the sink keeps both, with the
-    expectation as `clv`, and skips (and logs) what neither contract accepts."""
+    expectation as `clv`. What neither contract accepts (a time that is not one, a null or
+    numeric id, a string amount) is counted, logged with its partition and offset, and skipped:
+    the sink keeps running and a restart does not meet it again."""
     def message(**changes) -> bytes:
         return json.dumps({**TEMPLATE, **changes}).encode()
+
+    unusable = {"v1": "unknown_schema_version", "half": "missing_field:expected_clv",
+                "nan": "non_finite", "when": "bad_timestamp:as_of", "null": "wrong_type:customer_id",
+                "number": "wrong_type:customer_id", "text": "wrong_type:clv"}
 
     _publish(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"], [
         ("old", message(customer_id="old", schema_version=2, clv=1.0, **{LEGACY_CLV: 7.5})),
@@ -271,10 +277,17 @@ def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tm
         ("v1", message(customer_id="v1", schema_version=1)),
         ("half", message(customer_id="half", schema_version=2)),  # schema 2 without its expectation
         ("nan", message(customer_id="nan").replace(b'"p_purchase": 0.5', b'"p_purchase": NaN')),
+        ("when", message(customer_id="when", clv=1.0, as_of="not-a-time")),
+        ("null", message(customer_id=None, clv=1.0)),
+        ("number", message(customer_id=7, clv=1.0)),
+        ("text", message(customer_id="text", clv="12.5")),
+        ("gone", message(customer_id="gone", clv=1.0)),
     ])
+    _publish(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"], [("gone", None)])  # deleted
     sink = Process(["snapshot"], clv_env, tmp_path / "sink.log")
     try:
         wait_snapshot_caught_up(Path(clv_env["CLV_SNAPSHOT_PATH"]), kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
+        assert sink.proc.poll() is None  # still running
     finally:
         assert sink.stop() == 0
     con = duckdb.connect(clv_env["CLV_SNAPSHOT_PATH"], read_only=True)
@@ -285,8 +298,22 @@ def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tm
         con.close()
     assert rows == {"old": 7.5, "new": 9.25, "moved": 3.5} and total == 7.5 + 9.25 + 3.5
     log = sink.output()
-    for reason in ("unknown_schema_version", "missing_field:expected_clv", "non_finite"):
-        assert f": {reason}" in log, reason
+    where = {r.key.decode(): (r.partition, r.offset)  # each message's key names it
+             for r in read_topic(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]) if r.value is not None}
+    for cid, reason in unusable.items():
+        partition, offset = where[cid]
+        assert f"skipped unusable score at {clv_env['CLV_SCORES_TOPIC']}[{partition}]@{offset}: {reason}" in log, cid
+    assert f"{len(unusable)} unusable score messages skipped" in log
+    again = Process(["snapshot"], clv_env, tmp_path / "sink2.log")  # resumes after them
+    try:
+        deadline = time.monotonic() + 60
+        while "resuming from" not in again.output():
+            assert time.monotonic() < deadline and again.proc.poll() is None, again.output()
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        assert again.stop() == 0
+    assert "skipped unusable" not in again.output()
 
 
 def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_path):
@@ -303,10 +330,59 @@ def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_pat
     con.execute("CREATE TABLE snapshot_meta AS SELECT TIMESTAMPTZ '2011-12-01 00:00:00+00' AS newest_event_time, "
                 "MAP([0], [42]) AS offsets")
     con.close()
-    state = snapshot.load(path)
-    assert state.offsets == {0: 42}
-    (row,) = state.rows.values()
-    assert dict(zip([*snapshot.COLUMNS, "source_partition", "source_offset"], row))["clv"] == 7.5
+    store = snapshot.Snapshots(path, "scores")
+    try:
+        assert store.open() == 1 and store.offsets == {0: 42}
+        store.publish()
+    finally:
+        store.close()
+    assert _rows(path)["c1"]["clv"] == 7.5
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    """A published snapshot's customers as the sink holds them (`snapshot.row`), by name."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        cur = con.execute(f"SELECT {', '.join(snapshot.COLUMNS)}, source_partition, source_offset "
+                          "FROM customer_scores")
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+    for r in rows:
+        r["as_of"], r["scored_at"] = iso_time(r["as_of"]), iso_time(r["scored_at"])
+    return {r["customer_id"]: r for r in rows}
+
+
+def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
+    """Customers changed since the last merge are all Python holds: updates replace a row merged
+    earlier, a tombstone deletes it, and a restart starts from the published snapshot."""
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
+    path = tmp_path / "clv.duckdb"
+    store = snapshot.Snapshots(path, "scores", merge_rows=3)
+    try:
+        store.open()
+        for i in range(10):
+            store.put(f"c{i}", snapshot.row(replace(base, customer_id=f"c{i}", clv=float(i)), 0, i))
+            assert len(store.pending) < 3
+        store.put("c1", snapshot.row(replace(base, customer_id="c1", clv=100.0), 0, 10))
+        store.put("c2", None)
+        store.put("c9", None)
+        store.offsets = {0: 13}
+        assert store.publish() == 8
+    finally:
+        store.close()
+    rows = _rows(path)
+    assert {c: r["clv"] for c, r in rows.items()} == {"c0": 0.0, "c1": 100.0, **{f"c{i}": float(i) for i in (3, 4, 5, 6, 7, 8)}}
+    assert rows["c1"]["source_offset"] == 10 and not any(tmp_path.glob(".clv.duckdb.sink*"))
+    again = snapshot.Snapshots(path, "scores")
+    try:
+        assert again.open() == 8 and again.offsets == {0: 13}
+        again.put("c0", None)
+        assert again.publish() == 7
+    finally:
+        again.close()
+    assert "c0" not in _rows(path)
 
 
 @st.composite
@@ -321,25 +397,43 @@ def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scor
     """The sink writes and reloads every score `parse_score` lets through (a value DuckDB cannot
     hold would stop the sink)."""
     path = tmp_path_factory.mktemp("fuzz") / "clv.duckdb"
-    state = snapshot.SnapshotState(offsets={0: len(scores)})
-    for i, score in enumerate(scores):
-        state.rows[score.customer_id] = snapshot.row(score, 0, i)
-    assert snapshot.write(path, state, "scores") == len(state.rows)
-    again = snapshot.load(path)
-    assert again.offsets == state.offsets and again.rows == state.rows
+    store = snapshot.Snapshots(path, "scores")
+    held = {}
+    try:
+        store.open()
+        for i, score in enumerate(scores):
+            store.put(score.customer_id, snapshot.row(score, 0, i))
+            held[score.customer_id] = dict(zip([*snapshot.COLUMNS, "source_partition", "source_offset"],
+                                               snapshot.row(score, 0, i)))
+        store.offsets = {0: len(scores)}
+        assert store.publish() == len(held)
+    finally:
+        store.close()
+    assert _rows(path) == held
+    again = snapshot.Snapshots(path, "scores")  # a restarted sink publishes the same rows
+    try:
+        again.open()
+        assert again.offsets == {0: len(scores)} and again.publish() == len(held)
+    finally:
+        again.close()
+    assert _rows(path) == held
 
 
 def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     """`cluster_summary` adds up to the customers and value of `customer_scores`, and
     `segment_playbook` holds every field of every playbook, as `clv query` shows them."""
     base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
-    state = snapshot.SnapshotState(offsets={0: 9}, newest_event_time=base.as_of)
-    for i in range(9):
-        score = replace(base, customer_id=f"c{i}", clv=float(i), cluster=f"k{i % 3}",
-                        segment=SEGMENTS[i % 2])
-        state.rows[score.customer_id] = snapshot.row(score, 0, i)
     path = tmp_path / "clv.duckdb"
-    snapshot.write(path, state, "scores")
+    store = snapshot.Snapshots(path, "scores")
+    try:
+        store.open()
+        for i in range(9):
+            score = replace(base, customer_id=f"c{i}", clv=float(i), cluster=f"k{i % 3}",
+                            segment=SEGMENTS[i % 2])
+            store.put(score.customer_id, snapshot.row(score, 0, i))
+        store.publish()
+    finally:
+        store.close()
     env = {**os.environ, "CLV_SNAPSHOT_PATH": str(path)}
     res = clv("query", "clusters", "--json", env=env)
     assert res.returncode == 0, res.stderr

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from aiokafka import AIOKafkaProducer
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
-from harness import CLV, Worker, assert_exact, batch_scores, last_scores, read_topic, replay, wait_idle
+from harness import (CLV, Worker, assert_exact, batch_scores, last_scores, read_topic, replay, topic_layout,
+                     wait_idle)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,10 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
 
 
 def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_path):
+    """Every kind of bad event reaches the DLQ with its reason (an unkeyed one, one stamped a
+    week ahead of the wall clock among them); an event on another partition than its key's is
+    routed there; a partition that receives nothing after January still ages into February."""
+    week_ahead = (datetime.now(timezone.utc) + timedelta(days=7)).isoformat()
     good = {"schema_version": 1, "event_id": "g1", "customer_id": "c1", "invoice_no": "1",
             "ts": "2011-01-05T10:00:00+00:00", "lines": [{"stock_code": "A", "quantity": 2, "unit_price": 5.0}]}
     poison = [
@@ -88,10 +94,14 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
                 b'"lines":[{"stock_code":"A","quantity":1,"unit_price":NaN}]}', "non_finite"),
         (b"c2", json.dumps({**good, "customer_id": "c2", "event_id": "p5", "schema_version": 7}).encode(), "unknown_schema_version"),
         (b"zz", json.dumps({**good, "event_id": "p6"}).encode(), "key_mismatch"),
+        (None, json.dumps({**good, "customer_id": "c4", "event_id": "p7"}).encode(), "missing_key"),
+        (b"c1", json.dumps({**good, "event_id": "p8", "invoice_no": "8", "ts": week_ahead}).encode(), "from_future"),
     ]
-    valid = [(b"c1", json.dumps(good).encode()),
-             (b"c1", json.dumps({**good, "event_id": "g2", "invoice_no": "2", "ts": "2011-02-07T10:00:00+00:00"}).encode()),
-             (b"c3", json.dumps({**good, "customer_id": "c3", "event_id": "g3", "invoice_no": "3"}).encode())]
+    # c1 lives on partition 3 and c3 on 1 under murmur2 (of 4); c5 (3) is published to 0.
+    valid = [(b"c1", json.dumps(good).encode(), None),
+             (b"c1", json.dumps({**good, "event_id": "g2", "invoice_no": "2", "ts": "2011-02-07T10:00:00+00:00"}).encode(), None),
+             (b"c3", json.dumps({**good, "customer_id": "c3", "event_id": "g3", "invoice_no": "3"}).encode(), None),
+             (b"c5", json.dumps({**good, "customer_id": "c5", "event_id": "g5", "invoice_no": "5"}).encode(), 0)]
 
     async def produce() -> None:
         from stream.replay import all_topics, ensure_topics
@@ -101,9 +111,11 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
         await producer.start()
         try:
-            mixed = [valid[0], *[(k, v) for k, v, _ in poison[:4]], valid[1], *[(k, v) for k, v, _ in poison[4:]], valid[2]]
-            for key, value in mixed:
-                await producer.send_and_wait(clv_env["CLV_TRANSACTIONS_TOPIC"], value, key=key)
+            mixed = [valid[0], *[(k, v, None) for k, v, _ in poison[:4]], valid[2], valid[3],
+                     *[(k, v, None) for k, v, _ in poison[4:]], valid[1]]
+            for key, value, partition in mixed:
+                await producer.send_and_wait(clv_env["CLV_TRANSACTIONS_TOPIC"], value, key=key,
+                                             partition=partition)
         finally:
             await producer.stop()
 
@@ -111,7 +123,7 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
     try:
         worker.wait_ready()
         asyncio.run(produce())
-        wait_idle([worker], len(valid) + len(poison), timeout=120)
+        wait_idle([worker], len(valid) + len(poison) + 1, timeout=120)  # + c5 once routed
         pid_before = worker.proc.pid
         assert worker.proc.poll() is None and worker.proc.pid == pid_before
         m = worker.metrics()
@@ -126,10 +138,77 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
         assert {"source_partition", "source_offset", "detail"} <= set(h)
     for _, _, reason in poison:
         assert m[f'clv_dlq_total{{reason="{reason}"}}'] >= 1
+    assert m["clv_events_routed_total"] == 1
     scores = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    assert set(scores) == {"c1", "c3"}
-    assert scores["c1"]["frequency"] == 2 and scores["c1"]["total_spend"] == 20.0
-    assert scores["c3"]["frequency"] == 1
+    assert set(scores) == {"c1", "c3", "c5"}
+    moved = [r for r in read_topic(kafka_bootstrap, clv_env["CLV_TRANSACTIONS_TOPIC"]) if r.key == b"c5"]
+    assert sorted(r.partition for r in moved) == [0, 3]  # as published, then where it belongs
+    assert {r.partition for r in read_topic(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]) if r.key == b"c5"} == {3}
+    # What was accepted, scored by `clv score`: the same on every field, c3 and c5 included,
+    # although their partitions saw nothing after January (the worker's clock aged them).
+    accepted = tmp_path / "accepted.csv"
+    accepted.write_text("InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+                        + "".join(f"{e['invoice_no']},A,x,2,{e['ts'][:19].replace('T', ' ')},5.0,{e['customer_id']},UK\n"
+                                  for e in (json.loads(v) for _, v, _ in valid)))
+    assert len(assert_exact(scores, batch_scores(tmp_path, accepted))) == 3
+    assert scores["c3"]["as_of"] == "2011-02-07T10:00:00+00:00"
+    # Every topic the worker created carries the replication settings (1 and 1 by default).
+    for topic in ("CLV_TRANSACTIONS_TOPIC", "CLV_SCORES_TOPIC", "CLV_DLQ_TOPIC"):
+        configs, replicas = topic_layout(kafka_bootstrap, clv_env[topic])
+        assert configs["min.insync.replicas"] == "1" and replicas == [1] * 4, topic
+    configs, _ = topic_layout(kafka_bootstrap, f"{clv_env['CLV_APP_ID']}-customer-state-changelog")
+    assert configs["min.insync.replicas"] == "1" and configs["cleanup.policy"] == "compact"
+
+
+def test_backfill_then_live_events_from_librdkafka_default_partitioner(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+    """History backfilled with `clv replay` (murmur2, as the Java client and aiokafka), then the
+    rest published live with confluent-kafka at its defaults (librdkafka's CRC32-based
+    partitioner puts most customers on another partition): the worker routes those events to
+    their customers' partitions and ends exactly where `clv score` of the whole file is."""
+    import zlib
+
+    from aiokafka.partitioner import murmur2
+    from confluent_kafka import Producer
+
+    from features.batch import read_history
+
+    lines = cdnow_slice.read_text().splitlines()
+    lines = [lines[0]] + [l for l in lines[1:] if int(l.split()[0]) <= 1000]  # 1,000 customers
+    whole, history = tmp_path / "cdnow1000.txt", tmp_path / "history.txt"
+    whole.write_text("\n".join(lines) + "\n")
+    history.write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split()[1] < "19980101"]) + "\n")
+    live = [e for e in read_history(str(whole)).events if e.ts.year >= 1998]
+    home = lambda key: (murmur2(key) & 0x7FFFFFFF) % 4  # noqa: E731
+    assert sum(home(e.customer_id.encode()) != zlib.crc32(e.customer_id.encode()) % 4 for e in live) > len(live) / 2
+
+    worker = Worker(clv_env, tmp_path)
+    try:
+        worker.wait_ready()
+        rep = replay(clv_env, history)
+        assert rep.wait(120) == 0, rep.stderr.read()
+        n_history = len(history.read_text().splitlines()) - 1
+        wait_idle([worker], n_history, timeout=300)
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})  # librdkafka's defaults
+        for e in live:
+            producer.produce(clv_env["CLV_TRANSACTIONS_TOPIC"], e.to_json(), key=e.customer_id.encode())
+            producer.poll(0)
+        assert producer.flush(60) == 0
+        deadline = time.monotonic() + 300
+        while True:  # every event once, and the routed ones again on their own partition
+            m = worker.metrics()
+            if m.get("clv_events_in_total", 0) >= n_history + len(live) + m.get("clv_events_routed_total", 0):
+                break
+            assert time.monotonic() < deadline and worker.proc.poll() is None, m
+            time.sleep(0.5)
+        wait_idle([worker], 1, timeout=300)
+        m = worker.metrics()
+    finally:
+        worker.stop()
+    assert m["clv_events_routed_total"] > len(live) / 2 and not m.get("clv_scoring_errors_total")
+    assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
+    published = read_topic(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
+    assert all(r.partition == home(r.key) for r in published)  # no second copy anywhere
+    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, whole))
 
 
 def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
@@ -156,6 +235,8 @@ def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bo
         b.stop()
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
     assert_exact(live, batch_scores(tmp_path, cdnow_slice))
+    # The partitions taken over lag the survivor's clock; their backlog is applied, not too late.
+    assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
 
 
 def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
@@ -214,6 +295,20 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
     assert_exact(last_scores(kafka_bootstrap, scores), batch_scores(tmp_path, cdnow_slice))
 
 
+def test_a_worker_configured_for_another_partition_count_refuses_to_start(clv_env):
+    """Customers' partitions (state, scores, routing) follow the topic's partition count: a
+    worker told another count stops at once, saying which to set."""
+    from stream.replay import all_topics, ensure_topics
+    from stream.settings import Settings
+
+    two = Settings.from_env(clv_env, partitions=2)
+    asyncio.run(ensure_topics(two, all_topics(two)))
+    res = subprocess.run([*CLV, "worker"], env={**clv_env, "CLV_PARTITIONS": "4"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "has 2 partitions" in res.stderr and "CLV_PARTITIONS=2" in res.stderr
+
+
 def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
     """Bound to another address than loopback, the worker starts only with a token, and all
     but the probes (faust's own table views included) need it."""
@@ -231,3 +326,27 @@ def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
         assert worker.get("/customers/00001", token="s3cret")[0] == 404  # not on this worker
     finally:
         worker.stop()
+
+
+def test_one_customer_that_cannot_be_scored_does_not_fail_the_others():
+    """A batch the model cannot take (here one state holds a month after the clock's) is scored
+    customer by customer: the others get exactly their batch scores, the culprit its error."""
+    from export_onnx.artifact import Artifact
+    from features.aggregate import Folder, contribution
+    from features.contract import Line, TransactionEvent
+    from stream.scoring import score_separately, score_states
+
+    artifact = Artifact.load(None)
+    folder = Folder(artifact.window)
+    for i, (cid, day) in enumerate((("a", 3), ("b", 9), ("late", 20))):
+        ts = datetime(2011, 3 if cid == "late" else 1, day, tzinfo=timezone.utc)
+        folder.add(cid, contribution(TransactionEvent(f"e{i}", cid, str(i), ts, (Line("A", 2, 5.0),))))
+    as_of = datetime(2011, 1, 31, tzinfo=timezone.utc)  # before "late"'s March purchase
+    states = [folder.states[c] for c in ("a", "late", "b")]
+    with pytest.raises(ValueError, match="after the as-of month"):
+        score_states(artifact, states, as_of)
+    a, late, b = score_separately(artifact, states, as_of)
+    assert isinstance(late, ValueError) and "late" in str(late)
+    for got, want in zip((a, b), score_states(artifact, [states[0], states[2]], as_of)):
+        assert got.customer_id == want.customer_id and got.frequency == want.frequency == 1
+        assert got.clv == pytest.approx(want.clv, rel=1e-5) and got.as_of == want.as_of
