@@ -79,7 +79,7 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     target = Path(path)
     if target.exists() and target.is_dir() != directory:
         raise UsageError(f"{what} {path!r} is {'not ' if directory else ''}a directory")
-    where = target if target.exists() else target.parent
+    where = target if directory and target.exists() else target.parent  # a file is replaced there
     if not where.is_dir():
         raise UsageError(f"{what} {path!r}: directory {str(target.parent)!r} does not exist")
     if not os.access(where, os.W_OK | os.X_OK):
