@@ -119,9 +119,10 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def export_artifact(
     model: GRUEnsemble, scaler: Scaler, split: Split, events: list[Any], cutoff: datetime,
     horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
-    discount_rate: float = 0.0,
+    discount_rate: float = 0.0, clustering: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`."""
+    """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`;
+    `clustering` (models.clusters.fit) ships the behavioral clusters the worker assigns."""
     fp = fingerprint(events)
     model.set_discount(discount_rate)
     cohort_clv = Calibration.from_dict(info["calibration"]).apply(
@@ -133,6 +134,7 @@ def export_artifact(
         "window": window,
         "horizon_months": horizon,
         "cutoff": cutoff.isoformat(),
+        "first_event": events[0].ts.isoformat(),  # with the cutoff, the training window
         "seq_features": list(SEQ_FEATURES),
         "static_features": list(STATIC_FEATURES),
         "classic_features": list(CLASSIC_FEATURES),
@@ -146,6 +148,8 @@ def export_artifact(
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)},
     }
+    if clustering is not None:
+        meta["clustering"] = clustering
     rng = np.random.default_rng(0)
     real = split.scoring.inputs
     sample = real.take(rng.choice(len(real.seq), size=min(512, len(real.seq)), replace=False))
