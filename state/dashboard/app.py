@@ -276,6 +276,14 @@ def evaluation(model_dir: Path) -> None:
         col.image(str(png), caption=png.stem)
 
 
+def _examples(meta: dict[str, Any]) -> str:
+    """Models of this release record every labelled example (each network holds out a fold of
+    customers for early stopping); earlier ones a training and a validation count."""
+    if "labelled_examples" in meta:
+        return f"{meta['labelled_examples']:,} (each network holds out one customer in five)"
+    return f"{meta['training_examples']:,} training, {meta['validation_examples']:,} validation"
+
+
 def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> None:
     """What the artifact says of itself, and a warning if it did not score this snapshot."""
     st.header("Model card")
@@ -289,7 +297,7 @@ def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> No
         "horizon": f"{meta['horizon_months']} months after the as-of month",
         "history read": f"{meta['window']} months",
         "trained at": meta.get("created_at", "-"),
-        "training / validation examples": f"{meta['training_examples']:,} / {meta['validation_examples']:,}",
+        "labelled examples": _examples(meta),
         "ensemble": f"{len(training.get('members', []))} GRUs",
         "discount rate": f"{meta.get('discount_rate', 0.0):.0%} a year",
         "ONNX vs torch (max rel. diff)": ", ".join(f"{k} {v['max_rel_diff']:.1e}"
