@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test install install-dev model
+.PHONY: demo test install install-demo install-dev chromium model screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,22 +15,38 @@ $(VENV)/.core-$(HASH): $(BIN)/python pyproject.toml
 	$(PIP) -e .
 	rm -f $(VENV)/.core-*; touch $@
 
+$(VENV)/.demo-$(HASH): $(BIN)/python pyproject.toml
+	$(PIP) -e '.[dashboard]'
+	rm -f $(VENV)/.demo-*; touch $@
+
 $(VENV)/.dev-$(HASH): $(BIN)/python pyproject.toml
 	$(PIP) -e '.[dev]'
-	rm -f $(VENV)/.dev-* $(VENV)/.core-*; touch $@ $(VENV)/.core-$(HASH)
+	rm -f $(VENV)/.dev-* $(VENV)/.core-* $(VENV)/.demo-*
+	touch $@ $(VENV)/.core-$(HASH) $(VENV)/.demo-$(HASH)
+
+# The browser tests and `clv dashboard --screenshot` drive Debian's Chromium (never a downloaded
+# build); installed here when missing (needs root, as on CI).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 install: $(VENV)/.core-$(HASH)
-install-dev: $(VENV)/.dev-$(HASH)
+install-demo: $(VENV)/.demo-$(HASH)
+install-dev: $(VENV)/.dev-$(HASH) chromium
 
 CDNOW = $$($(BIN)/python -c 'from features.loaders import vendored_cdnow; print(vendored_cdnow())')
 
-# The product end to end on an embedded broker: worker, snapshot sink and API, CDNOW replayed.
-# DEMO_ARGS="--exit" stops after the results; "--customers 2000" makes it shorter.
-demo: install
+# The product end to end on an embedded broker: worker, snapshot sink, API and dashboard, CDNOW
+# replayed. DEMO_ARGS="--exit" stops after the results; "--customers 2000" makes it shorter.
+demo: install-demo
 	$(BIN)/clv demo $(DEMO_ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The README's dashboard pictures: the demo's snapshot of 3,000 CDNOW customers, photographed.
+screenshots: install-dev
+	$(BIN)/clv demo --exit --customers 3000 --workdir var/screenshots
+	$(BIN)/clv dashboard --snapshot var/screenshots/clv.duckdb --screenshot docs/dashboard.png
 
 # Rebuild the model that ships in export_onnx/shipped (CDNOW, all data, 6-month horizon).
 model: install-dev

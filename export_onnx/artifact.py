@@ -64,6 +64,12 @@ class Artifact:
     def horizon_months(self) -> int:
         return int(self.meta["horizon_months"])
 
+    @property
+    def clustering(self) -> dict[str, Any] | None:
+        """The behavioral clusters `clv train` chose (features.clusters assigns them); None for
+        a model trained before clusters existed."""
+        return self.meta.get("clustering")
+
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Artifact":
         path = Path(path) if path else shipped_model_dir()

@@ -7,8 +7,9 @@ messages, snapshot columns, files and API without another list to keep in step.
 `clv` is the customer's expected spend over the horizon, an expectation: it adds up over
 customers, and rankings, tiers and segments use it. Schema history: in 1 `clv` was the
 expectation; 2 made `clv` a quantile point forecast and carried the expectation as
-`expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`. `parse_score` reads
-2 as well, so the sink keeps working while workers are upgraded.
+`expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`; 4 adds `cluster`.
+`parse_score` reads 2 and 3 as well (their cluster unknown, ""), so the sink keeps working while
+workers are upgraded.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any, NewType, get_type_hints
 
 from features.contract import Invalid, Reason, decode, parse_ts
 
-SCORE_SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (2, 3)
+SCORE_SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (2, 3, 4)
 LEGACY_CLV = "expected_clv"  # schema 2's name for the expectation schema 3 calls `clv`
 MAX_INT = 2**31 - 1  # whole-number fields are 32-bit columns in the snapshot
 
@@ -52,6 +53,8 @@ class ScoreRecord:
     tenure_days: float = _doc("days from the first purchase to as_of")
     total_spend: float = _doc("spend over the customer's life, returns deducted")
     segment: str = _doc("named segment (`clv query segments` lists them with their playbooks)")
+    cluster: str = _doc("behavioral cluster, named by its profile (`clv query clusters`); empty "
+                        "when the model carries no clusters or the message is of schema 2 or 3")
     horizon_months: int = _doc("months the forecast covers", run=True)
     model_version: str = _doc("the model that produced the score", run=True)
     as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on any "
@@ -82,10 +85,13 @@ def encode_score(record: ScoreRecord) -> bytes:
     return _encode(as_dict(record)).encode()
 
 
-# Per readable schema version, the message field and type of each record field after the version.
+# Per readable schema version, the message field and type of each record field after the version;
+# None: a field the version lacks, read as "" (schemas 2 and 3 have no `cluster`).
 _SOURCES = {
-    3: tuple((name, FIELD_TYPES[name]) for name in FIELDS if name != "schema_version"),
-    2: tuple((LEGACY_CLV if name == "clv" else name, FIELD_TYPES[name])
+    4: tuple((name, FIELD_TYPES[name]) for name in FIELDS if name != "schema_version"),
+    3: tuple((None if name == "cluster" else name, FIELD_TYPES[name])
+             for name in FIELDS if name != "schema_version"),
+    2: tuple((LEGACY_CLV if name == "clv" else None if name == "cluster" else name, FIELD_TYPES[name])
              for name in FIELDS if name != "schema_version"),
 }
 
@@ -93,7 +99,8 @@ _SOURCES = {
 def parse_score(value: bytes | str) -> ScoreRecord | str:
     """The record a message stands for, or why it is unusable (`reason` or `reason:field`, with
     the transaction contract's reason codes); never raises. A schema-2 message becomes the
-    schema-3 record it implies: its `expected_clv` is the `clv`, its quantile `clv` is dropped.
+    current record it implies: its `expected_clv` is the `clv`, its quantile `clv` is dropped;
+    a schema-2 or 3 message has no cluster ("").
     Times come back as `iso_time` writes them."""
     obj = decode(value)
     if isinstance(obj, Invalid):
@@ -109,6 +116,9 @@ def parse_score(value: bytes | str) -> ScoreRecord | str:
         return Reason.UNKNOWN_SCHEMA_VERSION
     values: list[Any] = [SCORE_SCHEMA_VERSION]
     for source, kind in _SOURCES[version]:
+        if source is None:
+            values.append("")
+            continue
         if source not in obj:
             return f"{Reason.MISSING_FIELD}:{source}"
         try:
@@ -157,7 +167,7 @@ def _checked(value: Any, kind: Any) -> Any:
 
 
 def score_schema() -> dict[str, Any]:
-    """JSON Schema of a schema-3 message, from the record (`clv score-schema` prints it)."""
+    """JSON Schema of a current message, from the record (`clv score-schema` prints it)."""
     json_types = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
                   IsoTime: {"type": "string", "format": "date-time"}}
     properties = {f.name: {**json_types[FIELD_TYPES[f.name]], "description": f.metadata["doc"]}

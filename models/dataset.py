@@ -7,6 +7,7 @@ reads a row after it. Only events up to the cutoff are ever passed in (`history_
 from __future__ import annotations
 
 import calendar
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -41,6 +42,10 @@ class Examples:
     y: np.ndarray  # dollars spent in the horizon after the origin (floored at 0)
     rfm: np.ndarray  # recency_days, frequency, monetary, tenure_days, total_spend
 
+    def take(self, mask: np.ndarray) -> "Examples":
+        return Examples([c for c, keep in zip(self.customer_ids, mask) if keep], self.origin[mask],
+                        self.inputs.take(mask), self.y[mask], self.rfm[mask])
+
 
 def _concat(parts: list[Examples]) -> Examples:
     return Examples(
@@ -68,9 +73,9 @@ def _labels(spend: dict[tuple[str, int], int], ids: list[str], origin: int, hori
 
 @dataclass
 class Split:
-    train: Examples  # labels that end before the cutoff month
-    valid: Examples  # labels that end with the cutoff month, which no training label reaches
+    labelled: Examples  # every origin before the cutoff, labelled up to the cutoff month at most
     scoring: Examples  # every customer at the cutoff; y is the actual horizon spend if known
+    last_month: int  # the cutoff's month
 
 
 def rolling_split(
@@ -78,7 +83,7 @@ def rolling_split(
     max_origins: int = 24, actual_events: list[TransactionEvent] | None = None,
 ) -> Split:
     """Examples from every month end before the cutoff, each labelled with the spend of the
-    next min(horizon, months left before the cutoff) months; that length travels with the inputs
+    next min(horizon, months up to the cutoff's) months; that length travels with the inputs
     (`horizons`): the head reads it in closed form, the trees through the classic expectation.
 
     Recent origins with short labels show the model customers as old as the ones it will score,
@@ -95,8 +100,7 @@ def rolling_split(
         raise NotEnoughHistory("need at least three months of transactions before the cutoff")
     spend = _monthly_spend(events)
     origins = [month_end(m) for m in range(first_origin, last)]
-    train: list[Examples] = []
-    valid: list[Examples] = []
+    labelled: list[Examples] = []
     scoring: Examples | None = None
     for snap in snapshots(events, [*origins, cutoff], window):
         ids = list(snap.states)
@@ -108,18 +112,36 @@ def rolling_split(
                  if actual_events else np.full(len(ids), np.nan))
             scoring = Examples(ids, np.full(len(ids), last), build_inputs(states, last, window, horizon), y, r)
             continue
-        origin = np.full(len(ids), snap.month)
-        k_train = min(horizon, last - 1 - snap.month)  # label ends before the cutoff month
-        if k_train >= 1:
-            train.append(Examples(ids, origin, build_inputs(states, snap.month, window, k_train),
-                                  _labels(spend, ids, snap.month, k_train), r))
-        k_valid = last - snap.month  # label ends with the cutoff month
-        if k_valid <= horizon:
-            valid.append(Examples(ids, origin, build_inputs(states, snap.month, window, k_valid),
-                                  _labels(spend, ids, snap.month, k_valid), r))
-    if scoring is None or not train or not valid:
+        k = min(horizon, last - snap.month)
+        labelled.append(Examples(ids, np.full(len(ids), snap.month),
+                                 build_inputs(states, snap.month, window, k),
+                                 _labels(spend, ids, snap.month, k), r))
+    if scoring is None or not labelled:
         raise NotEnoughHistory("not enough history before the cutoff for training and validation")
-    return Split(_concat(train), _concat(valid), scoring)
+    return Split(_concat(labelled), scoring, last)
+
+
+FOLDS = 5  # a network holds out one customer in five for early stopping
+
+
+def customer_folds(customer_ids: list[str]) -> np.ndarray:
+    """A customer's fold, from its id alone: the same in every run and every model."""
+    return np.array([zlib.crc32(c.encode()) % FOLDS for c in customer_ids], dtype=np.int64)
+
+
+def holdout(split: Split, fold: int) -> tuple[Examples, Examples]:
+    """(training, early-stopping) examples of one network: the customers of `fold` are held out
+    whole, and their examples labelled up to the cutoff month judge the epochs.
+
+    Held out by customer, not only by time: a customer's earlier-origin labels overlap the later
+    ones by all but a month, so a network judged on the same customers is rewarded for memorising
+    them. On CDNOW (1997-12-31, 6 months) such a validation loss kept falling for 28 epochs while
+    the cutoff's Gini fell from 0.758 to 0.700; judged on held-out customers it turns up after
+    2-5 epochs, where the cutoff's scores are best."""
+    ex = split.labelled
+    held = customer_folds(ex.customer_ids) == fold % FOLDS
+    newest = ex.origin + horizons(ex.inputs) == split.last_month
+    return ex.take(~held), ex.take(held & newest)
 
 
 def horizons(inputs: Inputs) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import date, datetime
@@ -12,11 +13,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from export_onnx.artifact import Artifact
+from export_onnx.artifact import META_FILE, Artifact, fingerprint
 from features.aggregate import month_of
 from features.batch import end_of, read_history
 from features.contract import TransactionEvent
-from models import baselines, classic
+from models import baselines, classic, clusters
 from models.dataset import NotEnoughHistory, Split, history_until, rolling_split
 from models.metrics import report
 from models.pipeline import export_artifact, fit_classic, level, train_ffnn, train_gru
@@ -80,9 +81,30 @@ def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
     """Train on everything up to the cutoff and write the artifact; `discount_rate` (annual)
     makes `clv` the discounted expected spend."""
     prep = _prepare(file, cutoff, horizon, window, False, file_opts)
+    clustering = clusters.fit(clusters.cohort_features(prep.events, prep.cutoff, window), cfg.seed)
     model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total)
     return export_artifact(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, out,
-                           info, cfg, discount_rate)
+                           info, cfg, discount_rate, clustering)
+
+
+def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -> dict[str, Any]:
+    """Refit only the behavioral clusters of the artifact in `out`, on the data it was trained
+    on (its fingerprint is checked), leaving the network and its version as they are: clusters
+    for a model trained before they existed, or a new seed, without hours of training."""
+    meta_path = out / META_FILE
+    meta = Artifact.load(out).meta  # refuses a directory that holds no model
+    cut = end_of(cutoff)
+    events = history_until(read_history(file, **file_opts).events, cut)
+    if cut.isoformat() != meta["cutoff"] or fingerprint(events) != meta["training_data_sha256"]:
+        raise NotEnoughHistory(f"{file} up to {cutoff} is not the data model {meta['version']} was "
+                               f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)")
+    meta["clustering"] = clusters.fit(clusters.cohort_features(events, cut, meta["window"]), seed)
+    meta["first_event"] = events[0].ts.isoformat()
+    tmp = meta_path.with_name(f".{META_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.chmod(tmp, meta_path.stat().st_mode)
+    os.replace(tmp, meta_path)
+    return meta
 
 
 def evaluate(file: str, cutoff: date, horizon: int, window: int,
@@ -112,8 +134,8 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
             gru = Artifact.load(tmp).predict(split.scoring.inputs)
         preds["gru"] = gru.clv, gru.p_purchase
         preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
-        preds["gbt"] = leveled(*baselines.gradient_boosted(split.train, split.scoring, params, seed))
-        preds["rf"] = leveled(*baselines.random_forest(split.train, split.scoring, params, seed))
+        preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
+        preds["rf"] = leveled(*baselines.random_forest(split.labelled, split.scoring, params, seed))
         preds.update(fixed)
         runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
                             {name: clv for name, (clv, _p) in preds.items()}))

@@ -19,7 +19,7 @@ from features.scaling import CALENDAR, Scaler
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models import classic, ziln
 from models.classic import ClassicParams
-from models.dataset import Split, horizons, rfm_features
+from models.dataset import FOLDS, Split, holdout, horizons, rfm_features
 from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
 
@@ -50,20 +50,21 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, para
     calendar month is seen once, so they would only alias with customer age. `total` is the
     classic model's expected total of the cohort at the cutoff (see `level`)."""
     # The horizon reaches the head in closed form (models.ziln), not through the network.
-    scaler = Scaler.fit(split.train.inputs, SEQ_FEATURES, STATIC_FEATURES,
+    scaler = Scaler.fit(split.labelled.inputs, SEQ_FEATURES, STATIC_FEATURES,
                         {"horizon_months"} | (set() if calendar else CALENDAR))
-    tr, va = scaler.transform(split.train.inputs), scaler.transform(split.valid.inputs)
     members, runs = [], []
-    for k in range(cfg.ensemble):
+    for k in range(cfg.ensemble):  # member k holds out fold k: each customer trains most members
         member_cfg = replace(cfg, seed=cfg.seed + MEMBER_SEED_STEP * k)
+        train, valid = holdout(split, k)
+        tr, va = scaler.transform(train.inputs), scaler.transform(valid.inputs)
         torch.manual_seed(member_cfg.seed)
         model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), params, horizon)
-        model, info = fit(model, _gru_raw, (tr.seq, tr.static, tr.classic), split.train.y,
-                          horizons(split.train.inputs), (va.seq, va.static, va.classic),
-                          split.valid.y, horizons(split.valid.inputs), member_cfg,
-                          name=f"gru[{k}]")
+        model, info = fit(model, _gru_raw, (tr.seq, tr.static, tr.classic), train.y,
+                          horizons(train.inputs), (va.seq, va.static, va.classic),
+                          valid.y, horizons(valid.inputs), member_cfg, name=f"gru[{k}]")
         members.append(model)
-        runs.append(info)
+        runs.append({**info, "held_out_fold": k % FOLDS,
+                     "training_examples": len(train.y), "validation_examples": len(valid.y)})
     ensemble = GRUEnsemble(members).eval()
     cohort = predict_gru(ensemble, scaler, split.scoring.inputs).clv
     return ensemble, scaler, {"members": runs,
@@ -92,14 +93,15 @@ def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
                params: ClassicParams) -> tuple[np.ndarray, np.ndarray]:
     """Fit on aggregated features with the GRU's head; (expected spend, p) of the scoring set,
     before the level is set."""
-    x_tr, x_va, x_sc = (rfm_features(e) for e in (split.train, split.valid, split.scoring))
-    c_tr, c_va, c_sc = (e.inputs.classic for e in (split.train, split.valid, split.scoring))
-    h_tr, h_va, h_sc = (horizons(e.inputs) for e in (split.train, split.valid, split.scoring))
+    train, valid = holdout(split, 0)
+    x_tr, x_va, x_sc = (rfm_features(e) for e in (train, valid, split.scoring))
+    c_tr, c_va, c_sc = (e.inputs.classic for e in (train, valid, split.scoring))
+    h_tr, h_va, h_sc = (horizons(e.inputs) for e in (train, valid, split.scoring))
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     torch.manual_seed(cfg.seed)
     model = FFNNModel(x_tr.shape[1], params, horizon)
-    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd, c_tr), split.train.y, h_tr,
-                   ((x_va - mu) / sd, c_va), split.valid.y, h_va, cfg, name="ffnn")
+    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd, c_tr), train.y, h_tr,
+                   ((x_va - mu) / sd, c_va), valid.y, h_va, cfg, name="ffnn")
     scoring = torch.from_numpy(((x_sc - mu) / sd).astype(np.float32))
     with torch.no_grad():
         clv, p = model(scoring, torch.from_numpy(c_sc), torch.from_numpy(h_sc))
@@ -117,9 +119,10 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def export_artifact(
     model: GRUEnsemble, scaler: Scaler, split: Split, events: list[Any], cutoff: datetime,
     horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
-    discount_rate: float = 0.0,
+    discount_rate: float = 0.0, clustering: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`."""
+    """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`;
+    `clustering` (models.clusters.fit) ships the behavioral clusters the worker assigns."""
     fp = fingerprint(events)
     model.set_discount(discount_rate)
     cohort_clv = Calibration.from_dict(info["calibration"]).apply(
@@ -131,19 +134,22 @@ def export_artifact(
         "window": window,
         "horizon_months": horizon,
         "cutoff": cutoff.isoformat(),
+        "first_event": events[0].ts.isoformat(),  # with the cutoff, the training window
         "seq_features": list(SEQ_FEATURES),
         "static_features": list(STATIC_FEATURES),
         "classic_features": list(CLASSIC_FEATURES),
         "discount_rate": discount_rate,
         "scaler": scaler.to_dict(),
         "training_data_sha256": fp,
-        "training_examples": int(len(split.train.y)),
-        "validation_examples": int(len(split.valid.y)),
+        # Each member trains on the customers outside its held-out fold (training.members).
+        "labelled_examples": int(len(split.labelled.y)),
         "train_config": asdict(cfg),
         "training": info,
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)},
     }
+    if clustering is not None:
+        meta["clustering"] = clustering
     rng = np.random.default_rng(0)
     real = split.scoring.inputs
     sample = real.take(rng.choice(len(real.seq), size=min(512, len(real.seq)), replace=False))

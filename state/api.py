@@ -1,4 +1,5 @@
-"""`clv api`: the analyst HTTP API, served from the DuckDB snapshot (never the live worker).
+"""`clv api`: the analyst HTTP API, served from the DuckDB snapshot (never the live worker), and
+`POST /score`, which scores an uploaded transaction file as `clv score` does.
 
 Bearer-token auth is optional on loopback and required on any other bind address. The cheap
 questions run on the default thread pool; SQL runs on a few threads of its own, each query
@@ -9,10 +10,12 @@ the rest. Every request is rate-limited per client and written to the audit log.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -22,11 +25,16 @@ from typing import Any, Awaitable, Callable, TextIO, TypeVar
 
 from aiohttp import web
 
-from features.scores import FIELD_TYPES, IsoTime
+from export_onnx.artifact import Artifact
+from features.loaders import FORMATS, LoadError
+from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, MAX_INT, IsoTime
 from features.segments import SEGMENTS
-from state.queries import Interrupt, QueryError, QueryStopped, Snapshot, SnapshotUnavailable
+from state.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
+                           SnapshotUnavailable)
 from state.snapshot import COLUMNS, TIERS
+from state.upload import DUPLICATES, OUTPUTS, PARAMS, TooLarge, receive, score_options
 from stream.auth import Handler, accepts, guard, require_token, token_id
+from stream.scoring import ScoredFile, score_file, write_csv
 from stream.settings import Settings
 
 log = logging.getLogger("clv.api")
@@ -47,7 +55,8 @@ class TimedOut(QueryError):
 
 
 # Errors that are not the question's fault; any other QueryError is (400).
-STATUS: dict[type[QueryError], int] = {TimedOut: 408, Busy: 503, QueryStopped: 503, SnapshotUnavailable: 503}
+STATUS: dict[type[QueryError], int] = {TimedOut: 408, TooLarge: 413, Busy: 503, QueryStopped: 503,
+                                       SnapshotUnavailable: 503}
 
 
 class SqlPool:
@@ -240,15 +249,31 @@ async def _settled(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def _int_param(request: web.Request, name: str, default: int, high: int) -> int:
+def _int_param(request: web.Request, name: str, default: int, high: int, low: int = 1) -> int:
     text = request.query.get(name, str(default))
     try:
         value = int(text)
     except ValueError:
         raise QueryError(f"{name} must be a whole number, got {text!r}") from None
-    if not 1 <= value <= high:
-        raise QueryError(f"{name} must be between 1 and {high}, got {value}")
+    if not low <= value <= high:
+        raise QueryError(f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _selection(request: web.Request) -> Selection:
+    """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them."""
+    q = request.query
+    min_clv = q.get("min_clv")
+    try:
+        low = float(min_clv) if min_clv is not None else None
+    except ValueError:
+        low = math.nan
+    if low is not None and not math.isfinite(low):
+        raise QueryError(f"min_clv must be a number, got {min_clv!r}")
+    return Selection(segments=(q["segment"],) if "segment" in q else (),
+                     clusters=(q["cluster"],) if "cluster" in q else (),
+                     min_frequency=_int_param(request, "min_frequency", 0, MAX_INT, low=0),
+                     min_clv=low)
 
 
 def _rows(request: web.Request, body: Any, rows: int) -> web.Response:
@@ -257,21 +282,26 @@ def _rows(request: web.Request, body: Any, rows: int) -> web.Response:
 
 
 class Handlers:
-    """The API's answers, each over one snapshot connection of its own."""
+    """The API's answers, each over one snapshot connection of its own; `POST /score` with the
+    model, one file at a time (scoring takes the CPU a file needs; the next one waits)."""
 
-    def __init__(self, snap: Snapshot, sql_pool: SqlPool, max_rows: int) -> None:
+    def __init__(self, snap: Snapshot, sql_pool: SqlPool, max_rows: int, artifact: Artifact,
+                 score_max_bytes: int) -> None:
         self.snap, self.sql_pool, self.max_rows = snap, sql_pool, max_rows
+        self.artifact, self.score_max_bytes = artifact, score_max_bytes
+        self.scoring = asyncio.Lock()
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [web.get("/top", self.top), web.get("/segments", self.segments),
-                web.get("/tiers", self.tiers), web.get("/customers/{customer_id}", self.customer),
+                web.get("/tiers", self.tiers), web.get("/clusters", self.clusters),
+                web.get("/customers/{customer_id}", self.customer),
                 web.get("/summary", self.summary), web.get("/export.csv", self.export_csv),
-                web.get("/sql", self.sql), web.post("/sql", self.sql),
+                web.get("/sql", self.sql), web.post("/sql", self.sql), web.post("/score", self.score),
                 web.get("/health", self.health), web.get("/openapi.json", self.spec)]
 
     async def top(self, request: web.Request) -> web.Response:
         n = _int_param(request, "n", 20, MAX_TOP)
-        rows = await asyncio.to_thread(self.snap.top, n, request.query.get("segment"))
+        rows = await asyncio.to_thread(self.snap.top, n, _selection(request))
         return _rows(request, rows, len(rows))
 
     async def segments(self, request: web.Request) -> web.Response:
@@ -280,6 +310,10 @@ class Handlers:
 
     async def tiers(self, request: web.Request) -> web.Response:
         rows = await asyncio.to_thread(self.snap.tiers)
+        return _rows(request, rows, len(rows))
+
+    async def clusters(self, request: web.Request) -> web.Response:
+        rows = await asyncio.to_thread(self.snap.clusters)
         return _rows(request, rows, len(rows))
 
     async def customer(self, request: web.Request) -> web.Response:
@@ -295,7 +329,7 @@ class Handlers:
     async def export_csv(self, request: web.Request) -> web.StreamResponse:
         """Streamed a chunk at a time; the first chunk is read before the 200 is sent, so an
         unknown segment or a missing snapshot still gets its error status."""
-        chunks = self.snap.csv_chunks(request.query.get("segment"))
+        chunks = self.snap.csv_chunks(_selection(request))
         request["rows"] = 0
         try:
             chunk = await _settled(next, chunks, None)
@@ -322,6 +356,32 @@ class Handlers:
         answer = await self.sql_pool.run(partial(self.snap.sql, text, self.max_rows))
         return _rows(request, answer._asdict(), len(answer.rows))
 
+    async def score(self, request: web.Request) -> web.Response:
+        """Scores an uploaded file as `clv score` would; a file it cannot read is answered 400
+        with the reason the CLI prints, naming the file as uploaded."""
+        opts, as_of, out = score_options(request.query)
+        with tempfile.TemporaryDirectory(prefix="clv-upload-") as tmp:
+            path = await receive(request, self.score_max_bytes, Path(tmp))
+            try:
+                async with self.scoring:
+                    scored = await _settled(partial(score_file, self.artifact, path, as_of, **opts))
+            except LoadError as exc:
+                raise QueryError(str(exc).replace(f"{tmp}/", "")) from None
+        request["rows"] = len(scored.scores)
+        if out == "csv":
+            text = io.StringIO()
+            write_csv(scored.scores, text)
+            return web.Response(text=text.getvalue(), content_type="text/csv", headers={
+                "X-Model-Version": self.artifact.version, "X-As-Of": scored.as_of.isoformat(),
+                "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":"))})
+        return web.json_response(self._scored(scored))
+
+    def _scored(self, scored: ScoredFile) -> dict[str, Any]:
+        return {"model_version": self.artifact.version, "horizon_months": self.artifact.horizon_months,
+                "as_of": scored.as_of.isoformat(), "customers": len(scored.scores),
+                "cleaning": scored.report.as_dict(),
+                "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores]}
+
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "snapshot": str(self.snap.path),
                                   "snapshot_exists": self.snap.path.exists()})
@@ -340,7 +400,9 @@ def build(settings: Settings) -> web.Application:
     if settings.api_token:
         middlewares.append(guard(settings.api_token, OPEN_PATHS))
     app = web.Application(middlewares=[*middlewares, answer_errors, checked_params(openapi())])
-    app.add_routes(Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows).routes())
+    handlers = Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows,
+                        Artifact.load(settings.model_dir or None), settings.api_score_max_bytes)
+    app.add_routes(handlers.routes())
     app.on_shutdown.append(sql_pool.close)  # before the grace period: running queries end now
     app.on_cleanup.append(audit.close)
     return app
@@ -348,9 +410,9 @@ def build(settings: Settings) -> web.Application:
 
 def serve(settings: Settings) -> int:
     app = build(settings)
-    log.info("analyst API on http://%s:%d (snapshot %s, auth %s, SQL: %d at once, %g s, %d rows; "
-             "%s requests/min per client; audit log %s)", settings.api_host, settings.api_port,
-             settings.snapshot_path, "bearer token" if settings.api_token else "off",
+    log.info("analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
+             "%d rows; %s requests/min per client; audit log %s)", settings.api_host,
+             settings.api_port, settings.snapshot_path, settings.model_dir or "shipped", "bearer token" if settings.api_token else "off",
              settings.api_sql_concurrency, settings.api_sql_timeout_s, settings.api_sql_max_rows,
              settings.api_rate_limit_per_min or "unlimited",
              "stderr" if settings.api_audit_log == "-" else settings.api_audit_log)
@@ -405,7 +467,8 @@ _ERRORS = {
                            WWW_Authenticate=_header("the scheme to use: Bearer", _TEXT)),
     "404": _error_response("no customer with this id in the snapshot"),
     "408": _error_response("the query ran longer than api_sql_timeout_s and was stopped"),
-    "413": _error_response("the SQL text is longer than 1 MiB"),
+    "413": _error_response("the SQL text is longer than 1 MiB, or the uploaded file larger than "
+                           "api_score_max_bytes"),
     "429": _error_response("over api_rate_limit_per_min requests this minute for this client",
                            Retry_After=_RETRY),
     "503": _error_response("no snapshot yet (or it cannot be opened), api_sql_concurrency queries "
@@ -421,10 +484,53 @@ def _op(summary: str, ok: dict[str, Any], errors: str, params: list[dict[str, An
     return {"summary": summary, "parameters": params or [], "responses": responses, **extra}
 
 
-def _segment_param() -> dict[str, Any]:
-    return {"name": "segment", "in": "query", "required": False,
-            "schema": {"type": "string", "enum": [*SEGMENTS, *TIERS]},
-            "description": "a named segment or a value tier; another value is answered 400"}
+def _selection_params() -> list[dict[str, Any]]:
+    """`clv export`'s filters: every one given must hold."""
+    return [{"name": "segment", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": [*SEGMENTS, *TIERS]},
+             "description": "a named segment or a value tier; another value is answered 400"},
+            {"name": "cluster", "in": "query", "required": False, "schema": _TEXT,
+             "description": "a behavioral cluster (`/clusters` lists them)"},
+            {"name": "min_frequency", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "default": 0},
+             "description": "only customers with at least this many purchases"},
+            {"name": "min_clv", "in": "query", "required": False, "schema": {"type": "number"},
+             "description": "only customers with at least this expected CLV"}]
+
+
+def _score_params() -> list[dict[str, Any]]:
+    enums = {"format": list(FORMATS), "duplicates": list(DUPLICATES), "out": list(OUTPUTS)}
+    kinds = {"outlier_quantity": {"type": "integer", "minimum": 0, "maximum": 999_999_999},
+             "as_of": {"type": "string", "format": "date"}}
+    return [{"name": name, "in": "query", "required": False, "description": doc,
+             "schema": {"type": "string", "enum": enums[name]} if name in enums
+             else kinds.get(name, _TEXT)} for name, doc in PARAMS.items()]
+
+
+def _score_op() -> dict[str, Any]:
+    """POST /score: the file as a multipart form's `file`, or as the raw body."""
+    score = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in CUSTOMER_FIELDS}
+    answer = _object(model_version=_TEXT, horizon_months={"type": "integer"},
+                     as_of={"type": "string", "format": "date-time"}, customers={"type": "integer"},
+                     cleaning={"type": "object"},
+                     scores={"type": "array", "items": _object(**score)})
+    op = _op("Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
+             "does: every customer's score as of the newest event (or as_of), with the cleaning "
+             "report. JSON, or with out=csv the CSV `clv score` writes (the report in the "
+             "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
+             "reason `clv score` prints; one over api_score_max_bytes 413",
+             answer, "401 413 429", _score_params(),
+             requestBody={"required": True, "content": {
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                     "file": {"type": "string", "format": "binary"}}}},
+                 "text/csv": {"schema": _TEXT},
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}})
+    op["responses"]["200"]["content"]["text/csv"] = {"schema": _TEXT}
+    op["responses"]["200"]["headers"] = {
+        "X-Model-Version": _header("the model that scored the file (out=csv)", _TEXT),
+        "X-As-Of": _header("the time scores are as of (out=csv)", _TEXT),
+        "X-Cleaning-Report": _header("the cleaning report as one line of JSON (out=csv)", _TEXT)}
+    return op
 
 
 def openapi() -> dict[str, Any]:
@@ -434,7 +540,7 @@ def openapi() -> dict[str, Any]:
                    "stopped after api_sql_timeout_s, at most api_sql_max_rows rows")
     return {
         "openapi": "3.0.3",
-        "info": {"title": "CLV snapshot API", "version": "2",
+        "info": {"title": "CLV snapshot API", "version": "3",
                  "description": "Customer lifetime value scores, segments and exports from the "
                                 "newest DuckDB snapshot. Every error is JSON {\"error\": ...}."},
         "components": {
@@ -454,9 +560,14 @@ def openapi() -> dict[str, Any]:
                                 {"type": "array", "items": _ref("schemas", "Customer")}, read, [
                 {"name": "n", "in": "query", "required": False,
                  "schema": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_TOP}},
-                _segment_param()])},
+                *_selection_params()])},
             "/segments": {"get": _op("Per segment: customers, total and mean expected CLV, share of "
-                                     "the total, and its playbook (who, what to do)", rows, read)},
+                                     "the total, and its playbook (who, signals, what to do, what "
+                                     "to measure)", rows, read)},
+            "/clusters": {"get": _op("Per behavioral cluster (named by its profile): customers, "
+                                     "total, mean and share of expected CLV, mean p_purchase, "
+                                     "recency, frequency, order value and tenure, and its most "
+                                     "common segment", rows, read)},
             "/tiers": {"get": _op("Per value tier (terciles of expected CLV): customers, CLV range, "
                                   "totals and shares", rows, read)},
             "/customers/{customer_id}": {"get": _op(
@@ -464,7 +575,7 @@ def openapi() -> dict[str, Any]:
                 [{"name": "customer_id", "in": "path", "required": True, "schema": _TEXT}])},
             "/summary": {"get": _op("Snapshot metadata and totals", {"type": "object"}, read)},
             "/export.csv": {"get": _op("Every customer (or one segment or tier) as CSV, streamed",
-                                       _TEXT, read, [_segment_param()], content="text/csv")},
+                                       _TEXT, read, _selection_params(), content="text/csv")},
             "/sql": {
                 "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "401 408 429 503", [
                     {"name": "q", "in": "query", "required": True, "example": _SQL_EXAMPLE,
@@ -475,6 +586,7 @@ def openapi() -> dict[str, Any]:
                             requestBody={"required": True, "content": {"text/plain": {
                                 "schema": {"type": "string", "minLength": 1}, "example": _SQL_EXAMPLE}}}),
             },
+            "/score": {"post": _score_op()},
             "/health": {"get": _op("Liveness: never needs a token, never rate-limited",
                                    _object(status=_TEXT, snapshot=_TEXT, snapshot_exists={"type": "boolean"}),
                                    "", security=[])},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -73,6 +73,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which customers a top list or an export covers: every filter must hold. `segments` may
+    name segments and value tiers (a customer in any of the segments named, and in any of the
+    tiers named); `clusters` behavioral clusters; then minimum frequency and expected CLV."""
+
+    segments: tuple[str, ...] = ()
+    clusters: tuple[str, ...] = ()
+    min_frequency: int = 0
+    min_clv: float | None = None
+
+
 class Snapshot:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -97,20 +109,31 @@ class Snapshot:
             con.close()
 
     @staticmethod
-    def _filter(segment: str | None) -> tuple[str, list[Any]]:
-        if segment is None:
-            return "", []
-        if segment in SEGMENTS:
-            return " WHERE segment = ?", [segment]
-        if segment in TIERS:
-            return " WHERE value_tier = ?", [segment]
-        raise QueryError(f"unknown segment {segment!r}; segments: {', '.join(SEGMENTS)}; "
-                         f"value tiers: {', '.join(TIERS)}")
+    def _filter(sel: Selection) -> tuple[str, list[Any]]:
+        conds: list[str] = []
+        params: list[Any] = []
+        for name in sel.segments:
+            if name not in SEGMENTS and name not in TIERS:
+                raise QueryError(f"unknown segment {name!r}; segments: {', '.join(SEGMENTS)}; "
+                                 f"value tiers: {', '.join(TIERS)}")
+        for column, names in (("segment", [n for n in sel.segments if n in SEGMENTS]),
+                              ("value_tier", [n for n in sel.segments if n in TIERS]),
+                              ("cluster", list(sel.clusters))):
+            if names:
+                conds.append(f"{column} IN ({', '.join('?' * len(names))})")
+                params += names
+        if sel.min_frequency:
+            conds.append("frequency >= ?")
+            params.append(sel.min_frequency)
+        if sel.min_clv is not None:
+            conds.append("clv >= ?")
+            params.append(sel.min_clv)
+        return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
-    def top(self, n: int = 20, segment: str | None = None) -> list[dict[str, Any]]:
+    def top(self, n: int = 20, sel: Selection = Selection()) -> list[dict[str, Any]]:
         if n <= 0:
             raise QueryError(f"n must be positive, got {n}")
-        where, params = self._filter(segment)
+        where, params = self._filter(sel)
         return self._rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
                           f"LIMIT ?", [*params, n])
 
@@ -119,6 +142,10 @@ class Snapshot:
 
     def tiers(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM tier_summary")
+
+    def clusters(self) -> list[dict[str, Any]]:
+        """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
+        return self._rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
@@ -148,6 +175,8 @@ class Snapshot:
         interrupt.attach(con)
         try:
             cur = con.execute(text)
+            if cur is None:  # DuckDB's answer to text that is only comments
+                raise QueryError("query refused: the SQL text holds no statement")
             if cur.description is None:
                 return SqlAnswer([], [], False)
             rows = cur.fetchmany(limit + 1)
@@ -161,24 +190,25 @@ class Snapshot:
             interrupt.attach(None)
             con.close()
 
-    def _export_query(self, segment: str | None) -> tuple[str, list[Any]]:
-        where, params = self._filter(segment)
+    def _export_query(self, sel: Selection) -> tuple[str, list[Any]]:
+        where, params = self._filter(sel)
         return f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id", params
 
-    def frame(self, segment: str | None = None) -> pd.DataFrame:
+    def frame(self, sel: Selection = Selection()) -> pd.DataFrame:
+        """The export's rows, best first: `clv export`, the API's and the dashboard's downloads."""
         con = self.connect()
         try:
-            return con.execute(*self._export_query(segment)).df()
+            return con.execute(*self._export_query(sel)).df()
         finally:
             con.close()
 
-    def csv_chunks(self, segment: str | None = None, vectors: int = 25) -> Iterator[tuple[str, int]]:
+    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Iterator[tuple[str, int]]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
         rows at a time, so an export over HTTP never holds the whole snapshot in memory. The
         connection stays open (on the snapshot it opened) until the iterator ends or is closed."""
         con = self.connect()
         try:
-            cur = con.execute(*self._export_query(segment))
+            cur = con.execute(*self._export_query(sel))
             header = True
             while not (frame := cur.fetch_df_chunk(vectors)).empty or header:
                 yield frame.to_csv(index=False, header=header), len(frame)
@@ -201,17 +231,23 @@ def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None
     text = {f.name for f in fields(Playbook)}
     table = render_table(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
     shown = {r["segment"] for r in rows}
-    books = [f"  {name}: {book.who} -> {book.what_to_do}" for name, book in PLAYBOOKS.items()
-             if name in shown]
-    return "\n".join([table, "", "Playbooks (who -> what to do)", *books] if books else [table])
+    books = [line for name, book in PLAYBOOKS.items() if name in shown
+             for line in (f"  {name}", *(f"    {f.name.replace('_', ' ')}: {getattr(book, f.name)}"
+                                         for f in fields(Playbook)))]
+    return "\n".join([table, "", "Playbooks", *books] if books else [table])
 
 
-def export(snap: Snapshot, out: Path, segment: str | None = None) -> int:
+def csv_text(frame: pd.DataFrame) -> str:
+    """An export frame as the CSV `clv export` writes: the dashboard's download is this too."""
+    return frame.to_csv(index=False)
+
+
+def export(snap: Snapshot, out: Path, sel: Selection = Selection()) -> int:
     """CSV or Parquet by the file's extension; returns rows written."""
-    frame = snap.frame(segment)
+    frame = snap.frame(sel)
     suffix = out.suffix.lower()
     if suffix == ".csv":
-        frame.to_csv(out, index=False)
+        out.write_text(csv_text(frame))
     elif suffix == ".parquet":
         duckdb.connect().from_df(frame).write_parquet(str(out))
     else:

@@ -11,8 +11,9 @@ Tables:
 - `snapshot_meta`: one row: when it was written, newest event time, row count, offsets per
   partition of the scores topic (the sink resumes from them), model versions.
 - `segment_playbook`: per segment, who is in it and what to do (from `features.segments`).
-Views: `segment_summary`, `tier_summary`: customers, totals, means and shares of `clv`, the
-expected spend, which adds up over customers; `clv` also sets the value tiers.
+Views: `segment_summary`, `tier_summary`, `cluster_summary`: customers, totals, means and shares
+of `clv`, the expected spend, which adds up over customers; `clv` also sets the value tiers.
+`cluster_summary` adds each behavioral cluster's mean RFM fields and its most common segment.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from features.clusters import UNKNOWN
 from features.scores import FIELD_TYPES, FIELDS, LEGACY_CLV, IsoTime, ScoreRecord, iso_time
 from features.segments import PLAYBOOKS, Playbook
 
@@ -70,6 +72,15 @@ SELECT * FROM (
            avg(frequency) AS mean_frequency
     FROM customer_scores GROUP BY segment
 ) LEFT JOIN segment_playbook USING (segment)
+ORDER BY total_clv DESC;
+
+CREATE VIEW cluster_summary AS
+SELECT cluster, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
+       sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
+       avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
+       avg(frequency) AS mean_frequency, avg(monetary) AS mean_monetary,
+       avg(tenure_days) AS mean_tenure_days, mode(segment) AS main_segment
+FROM customer_scores GROUP BY cluster
 ORDER BY total_clv DESC;
 
 CREATE VIEW tier_summary AS
@@ -129,8 +140,10 @@ class Snapshots:
                 "SELECT column_name FROM information_schema.columns WHERE table_catalog = 'clv_previous' "
                 "AND table_name = 'customer_scores'").fetchall()}
             # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
-            # expectation, today's `clv`, is in its LEGACY_CLV column.
-            select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have else c
+            # expectation, today's `clv`, is in its LEGACY_CLV column. Sinks before schema 4
+            # wrote no cluster: unknown, as in their messages.
+            select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have
+                      else f"'{UNKNOWN}' AS {c}" if c == "cluster" and c not in have else c
                       for c in (*COLUMNS, *_SOURCE)]
             con.execute(f"INSERT INTO scores SELECT {', '.join(select)} FROM clv_previous.customer_scores")
         finally:

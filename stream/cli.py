@@ -79,7 +79,7 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     target = Path(path)
     if target.exists() and target.is_dir() != directory:
         raise UsageError(f"{what} {path!r} is {'not ' if directory else ''}a directory")
-    where = target if target.exists() else target.parent
+    where = target if directory and target.exists() else target.parent  # a file is replaced there
     if not where.is_dir():
         raise UsageError(f"{what} {path!r}: directory {str(target.parent)!r} does not exist")
     if not os.access(where, os.W_OK | os.X_OK):
@@ -139,15 +139,22 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from models.clusters import render
     from models.dataset import NotEnoughHistory
-    from models.evaluate import train
+    from models.evaluate import recluster, train
 
     _output(args.out, "--out", directory=True)
     try:
+        if args.clusters_only:
+            meta = recluster(args.file, args.cutoff, Path(args.out), args.seed, **file_options(args))
+            print(render(meta["clustering"]))
+            print(f"clusters of model {meta['version']} refitted in {args.out}")
+            return 0
         meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
                      _train_config(args), args.discount_rate, **file_options(args))
     except NotEnoughHistory as exc:
         raise UsageError(str(exc)) from None
+    print(render(meta["clustering"]))
     parity = ", ".join(f"{name} {d['max_rel_diff']:.1e}" for name, d in meta["parity"].items())
     print(f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity})")
     return 0
@@ -176,28 +183,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import csv
-    from operator import attrgetter
-
     from export_onnx.artifact import Artifact
-    from features.batch import end_of, read_history, snapshots
-    from features.scores import CUSTOMER_FIELDS
-    from stream.scoring import score_states
+    from stream.scoring import score_file, write_csv
 
     _output(args.out, "--out")
     artifact = Artifact.load(args.model)
-    history = read_history(args.file, **file_options(args))
-    if not history.events:
-        raise UsageError(f"{args.file}: no transactions left after cleaning")
-    as_of = end_of(args.as_of) if args.as_of else history.events[-1].ts
-    snapshot = next(snapshots(history.events, [as_of], artifact.window))
-    scores = score_states(artifact, list(snapshot.states.values()), as_of)
-    columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) are printed
+    scored = score_file(artifact, args.file, args.as_of, **file_options(args))
     with open(args.out, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CUSTOMER_FIELDS)
-        writer.writerows(columns(s) for s in scores)
-    print(f"scored {len(scores):,} customers as of {as_of.isoformat()} with {artifact.version} -> {args.out}")
+        write_csv(scored.scores, fh)
+    print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
+          f"{artifact.version} -> {args.out}")
     return 0
 
 
@@ -317,6 +312,23 @@ def _snapshot(args: argparse.Namespace):
     return Snapshot(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
 
 
+def _selection_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--segment", action="append", default=None,
+                   help=f"{what}: only this segment or value tier (repeat for several)")
+    p.add_argument("--cluster", action="append", default=None,
+                   help=f"{what}: only this behavioral cluster (repeat for several)")
+    p.add_argument("--min-frequency", type=_non_negative_int, default=0,
+                   help=f"{what}: only customers with at least this many purchases")
+    p.add_argument("--min-clv", type=float, default=None, help=f"{what}: only expected CLV >= this")
+
+
+def _selection(args: argparse.Namespace):
+    from state.queries import Selection
+
+    return Selection(tuple(args.segment or ()), tuple(args.cluster or ()), args.min_frequency,
+                     args.min_clv)
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -342,7 +354,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     snap = _snapshot(args)
     if args.what == "top":
-        rows = snap.top(args.n, args.segment)
+        rows = snap.top(args.n, _selection(args))
         _print_rows(rows, args.json, None if args.json else TOP_COLUMNS)
     elif args.what == "segments" and args.json:
         _print_rows(snap.segments(), True)
@@ -352,6 +364,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(render_segments(snap.segments()))
         print()
         _print_rows(snap.tiers(), False)
+    elif args.what == "clusters":
+        _print_rows(snap.clusters(), args.json)
     elif args.what == "customer":
         row = snap.customer(args.arg)
         if row is None:
@@ -373,7 +387,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from state.queries import export
 
     _output(args.out, "--out")
-    n = export(_snapshot(args), Path(args.out), args.segment)
+    n = export(_snapshot(args), Path(args.out), _selection(args))
     print(f"exported {n:,} customers to {args.out}")
     return 0
 
@@ -385,7 +399,25 @@ def cmd_api(args: argparse.Namespace) -> int:
                                    api_port=args.port, api_sql_timeout_s=args.sql_timeout_s,
                                    api_sql_max_rows=args.sql_max_rows,
                                    api_rate_limit_per_min=args.rate_limit_per_min,
-                                   api_audit_log=args.audit_log))
+                                   api_audit_log=args.audit_log, model_dir=args.model,
+                                   api_score_max_bytes=args.score_max_bytes))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from state import dashboard
+    from stream.broker import free_port
+
+    snapshot = Path(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
+    try:
+        if args.screenshot:
+            dashboard.screenshot(snapshot, Path(args.screenshot), args.model, free_port())
+            print(f"wrote {args.screenshot}")
+            return 0
+        return dashboard.serve(snapshot, args.host, args.port, args.model)
+    except dashboard.DashboardError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_rescore_all(args: argparse.Namespace) -> int:
@@ -513,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discount-rate", type=_rate, default=0.0,
                    help="annual discount rate: clv becomes the discounted expected spend, month k "
                         "weighted (1 + rate)^(-k/12) (default 0)")
+    p.add_argument("--clusters-only", action="store_true",
+                   help="refit only the behavioral clusters of the model in --out, on the data and "
+                        "cutoff it was trained on (no network training; its version stays)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma, GBT and random forest on a holdout")
@@ -630,22 +665,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_positive_float, default=None, help="seconds between snapshots (default 10)")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("query", help="ask the snapshot: top, segments, customer ID, summary, sql TEXT")
-    p.add_argument("what", choices=("top", "segments", "customer", "summary", "sql"))
+    p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "
+                                     "summary, sql TEXT")
+    p.add_argument("what", choices=("top", "segments", "clusters", "customer", "summary", "sql"))
     p.add_argument("arg", nargs="?", default=None, help="customer id (customer) or SQL text (sql)")
     p.add_argument("--n", type=_positive_int, default=20, help="top: how many (default 20)")
-    p.add_argument("--segment", default=None, help="top: only this segment or value tier")
+    _selection_args(p, "top")
     p.add_argument("--json", action="store_true", help="print JSON")
     _snapshot_args(p)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("export", help="write the snapshot's customers to CSV or Parquet")
     p.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
-    p.add_argument("--segment", default=None, help="only this segment or value tier")
+    _selection_args(p, "export")
     _snapshot_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("api", help="serve top-N, segments, customers, exports and SQL over HTTP")
+    p = sub.add_parser("api", help="serve top-N, segments, clusters, customers, exports and SQL over "
+                                   "HTTP, and score uploaded files")
     _snapshot_args(p)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=None, help="port (default 8080)")
@@ -657,7 +694,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests a client may make a minute (default 300; 0: no limit)")
     p.add_argument("--audit-log", default=None,
                    help="file to append a JSON line per request to (default -: stderr)")
+    p.add_argument("--model", default=None,
+                   help="artifact directory POST /score scores with (default: the shipped model)")
+    p.add_argument("--score-max-bytes", type=_positive_int, default=None,
+                   help="largest file POST /score takes; larger is answered 413 (default 50 MiB)")
     p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("dashboard", help="the analysts' dashboard (Streamlit) over the snapshot")
+    _snapshot_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=8501, help="port (default 8501)")
+    p.add_argument("--model", default=None,
+                   help="artifact directory for the model card (default: the shipped model)")
+    p.add_argument("--screenshot", default=None, metavar="OUT.png",
+                   help="photograph the whole page in headless Chromium into OUT.png and stop")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("config", help="print resolved settings with their environment variables")
     p.set_defaults(func=cmd_config)

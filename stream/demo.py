@@ -2,8 +2,9 @@
 
 Starts the embedded broker, a worker, the snapshot sink and the analyst API as child processes,
 replays CDNOW at a visible pace, waits until every score is in the snapshot, and prints the top
-customers and the segment table. Interactive runs keep serving until Ctrl-C; `--exit` stops
-right after the results. Every child is stopped on the way out, whatever happens.
+customers and the segment table. Interactive runs also start the dashboard (when the dashboard
+extra is installed) and keep serving until Ctrl-C; `--exit` stops right after the results. Every
+child is stopped on the way out, whatever happens.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from features.batch import read_history
 from features.loaders import vendored_cdnow
+from state import dashboard
 from state.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
 from stream.broker import free_port, start
 from stream.metrics import idle, scrape
@@ -153,6 +155,7 @@ def run(opts: DemoOptions) -> int:
         children.spawn("worker", [*CLV, "worker"], env)
         children.spawn("snapshot", [*CLV, "snapshot"], env)
         children.spawn("api", [*CLV, "api"], env)
+        board = None if opts.exit_after else _start_dashboard(children, snapshot, model, env)
         _wait("worker ready", lambda: _get(f"http://127.0.0.1:{web_port}/ready")[0] == 200,
               children, 120)
         _wait("API up", lambda: _get(f"http://127.0.0.1:{api_port}/health")[0] == 200, children, 60)
@@ -165,6 +168,9 @@ def run(opts: DemoOptions) -> int:
         _wait("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), children, 120)
         _report(Snapshot(snapshot), snapshot, api_port, serving=not opts.exit_after)
         if not opts.exit_after:
+            if board:
+                _wait("dashboard up", lambda: dashboard.healthy(board), children, 60)
+                print(f"Dashboard: {board}", flush=True)
             print("\nserving; Ctrl-C stops everything", flush=True)
             while True:
                 children.check()
@@ -175,6 +181,20 @@ def run(opts: DemoOptions) -> int:
         return 0
     finally:
         children.stop_all()
+
+
+def _start_dashboard(children: Children, snapshot: Path, model: str | None,
+                     env: dict[str, str]) -> str | None:
+    """The dashboard as one more child, on a free loopback port; its URL, or None (with a word
+    on how to get it) when the dashboard extra is not installed."""
+    try:
+        dashboard.require("streamlit")
+    except dashboard.DashboardError as exc:
+        print(f"no dashboard: {exc}", flush=True)
+        return None
+    port = free_port()
+    children.spawn("dashboard", dashboard.command(snapshot, "127.0.0.1", port, model), env)
+    return f"http://127.0.0.1:{port}"
 
 
 async def _create_topics(settings: Settings) -> None:
@@ -209,14 +229,20 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     print("\nValue tiers (terciles of expected CLV)")
     print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
                                       "total_clv", "share_of_value"]))
+    print("\nBehavioral clusters")
+    print(render_table(snap.clusters(), ["cluster", "customers", "total_clv", "share_of_value",
+                                         "mean_recency_days", "mean_frequency", "main_segment"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {clv} query top --n 20 --snapshot {path}
   {clv} query segments --snapshot {path}
+  {clv} query clusters --snapshot {path}
   {clv} query sql "SELECT segment, count(*) FROM customer_scores GROUP BY 1" --snapshot {path}
   {clv} export --out top.csv --segment vip --snapshot {path}
   duckdb -readonly {path} "SELECT * FROM segment_summary"   (with the DuckDB CLI)
-API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /customers/ID, /summary, /export.csv, /openapi.json)"""
-          + ("" if serving else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file)"),
+API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /clusters, /customers/ID, /summary, /export.csv,
+  POST /score, /openapi.json)"""
+          + ("" if serving else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file, "
+                                "`clv dashboard --snapshot PATH` shows it)"),
           flush=True)
 

@@ -1,14 +1,22 @@
-"""Customer states to `clv-scores` records with the ONNX model: shared by `clv score` and the
-worker, so a file and the stream agree field for field."""
+"""Customer states to `clv-scores` records with the ONNX model: shared by the worker, `clv
+score` and the API's `POST /score`, so a file and the stream agree field for field."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Sequence
+import csv
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Sequence, TextIO
 
 from export_onnx.artifact import Artifact, Prediction
 from features.aggregate import CustomerState, month_of
-from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, iso_time
+from features.batch import end_of, read_history, snapshots
+from features.cleaning import CleaningReport
+from features.clusters import assign_clusters, behaviour
+from features.loaders import LoadError
+from features.scores import CUSTOMER_FIELDS, SCORE_SCHEMA_VERSION, ScoreRecord, iso_time
 from features.segments import segment
 from features.sequences import RFM, Inputs, build_inputs, rfm
 
@@ -23,8 +31,10 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
 def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
              pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
     """One record per customer: the model's expected spend and purchase probability, RFM
-    fields and segment, stamped with the run's model, horizon, as-of and scoring times."""
+    fields, segment and cluster, stamped with the run's model, horizon, as-of and scoring times."""
     quantiles = artifact.meta["clv_quantiles"]
+    clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window),
+                               artifact.clustering)
     version, horizon = artifact.version, artifact.horizon_months
     as_of_text, scored_at = iso_time(as_of), iso_time(datetime.now(timezone.utc))
     return [ScoreRecord(
@@ -32,8 +42,9 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
         recency_days=r.recency_days, frequency=r.frequency, monetary=r.monetary,
         tenure_days=r.tenure_days, total_spend=r.total_spend,
         segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
-        horizon_months=horizon, model_version=version, as_of=as_of_text, scored_at=scored_at)
-        for s, r, clv, p in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist())]
+        cluster=cluster, horizon_months=horizon, model_version=version, as_of=as_of_text, scored_at=scored_at)
+        for s, r, clv, p, cluster in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist(),
+                                         clusters)]
 
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:
@@ -42,6 +53,37 @@ def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: dat
         return []
     inputs, fields = prepare(artifact, states, as_of)
     return assemble(artifact, states, fields, artifact.predict(inputs), as_of)
+
+
+@dataclass
+class ScoredFile:
+    """A transaction file scored as of one time: what `clv score` writes and `POST /score` answers."""
+
+    scores: list[ScoreRecord]
+    report: CleaningReport
+    as_of: datetime
+
+
+def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
+               **file_opts: Any) -> ScoredFile:
+    """Every customer of a file, scored as of the end of `as_of` (default: its newest event);
+    LoadError when nothing is left to score."""
+    history = read_history(path, **file_opts)
+    if not history.events:
+        raise LoadError(f"{path}: no transactions left after cleaning")
+    at = end_of(as_of) if as_of else history.events[-1].ts
+    snapshot = next(snapshots(history.events, [at], artifact.window))
+    return ScoredFile(score_states(artifact, list(snapshot.states.values()), at), history.report, at)
+
+
+_customer_columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) go apart
+
+
+def write_csv(scores: Sequence[ScoreRecord], out: TextIO) -> None:
+    """The customer fields of each score as CSV, header first: a `clv score` file."""
+    writer = csv.writer(out)
+    writer.writerow(CUSTOMER_FIELDS)
+    writer.writerows(_customer_columns(s) for s in scores)
 
 
 def score_separately(artifact: Artifact, states: Sequence[CustomerState],

@@ -77,6 +77,8 @@ class Settings:
         "API /sql queries running at once, each on its own thread; one more is answered 503"))
     api_rate_limit_per_min: int = field(default=300, metadata=_meta(
         "API requests a client (its token, else its address) may make a minute before 429; 0: no limit"))
+    api_score_max_bytes: int = field(default=50 * 2**20, metadata=_meta(
+        "largest transaction file API POST /score takes (multipart framing aside); larger is 413"))
     api_audit_log: str = field(default="-", metadata=_meta(
         "file the API appends a JSON line per request to; -: stderr"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
@@ -106,8 +108,8 @@ class Settings:
     def check(self) -> None:
         for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
                      "batch_wait_ms", "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms",
-                     "api_sql_timeout_s",
-                     "api_sql_max_rows", "api_sql_concurrency"):
+                     "api_sql_timeout_s", "api_sql_max_rows", "api_sql_concurrency",
+                     "api_score_max_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if self.min_insync_replicas > self.replication_factor:

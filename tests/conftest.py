@@ -130,3 +130,24 @@ def cdnow_batch(tmp_path_factory) -> dict[str, dict]:
     return batch_scores(tmp_path_factory.mktemp("cdnow-batch"), vendored_cdnow())
 
 
+
+
+@dataclass
+class DemoRun:
+    workdir: Path
+    snapshot: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def demo_3000(tmp_path_factory) -> DemoRun:
+    """`clv demo --exit --customers 3000` once per session, on its own embedded broker: what a
+    newcomer runs first, and the snapshot the dashboard tests open."""
+    from harness import CLV
+
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    res = subprocess.run([*CLV, "demo", "--customers", "3000", "--rate", "3000", "--exit",
+                          "--workdir", str(workdir)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return DemoRun(workdir, workdir / "clv.duckdb", res.stdout)

@@ -133,7 +133,7 @@ def replay(env: dict, data: Path, rate: float | None = None) -> subprocess.Popen
 
 
 # Measured from the exact time of the score's as_of, not only its month.
-CLOCK_FIELDS = ("recency_days", "tenure_days", "segment")
+CLOCK_FIELDS = ("recency_days", "tenure_days", "segment", "cluster")
 
 
 def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> list[str]:

@@ -1,17 +1,24 @@
 """The analyst API under bad input: strict bearer tokens, SQL stopped at its deadline while the
 cheap endpoints keep answering, a per-client rate limit, an audit line per request, a streamed
-export, SIGTERM, and the OpenAPI description fuzzed against the running API. Real snapshot files
+export, SIGTERM, uploaded files scored as `clv score` scores them (and refused with its reasons),
+and the OpenAPI description fuzzed against the running API. Real snapshot files
 (written as the sink writes them, no broker), `clv api` processes, HTTP over loopback."""
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import json
 import os
 import signal
 import socket
+import subprocess
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -24,13 +31,14 @@ from schemathesis.checks import (content_type_conformance, ignored_auth, negativ
                                  not_a_server_error, response_headers_conformance,
                                  response_schema_conformance, status_code_conformance)
 
-from features.scores import parse_score
+from features.loaders import vendored_cdnow
+from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, parse_score
 from features.segments import SEGMENTS
-from harness import Api
+from harness import CLV, Api
 from score_messages import GOOD
 from state import snapshot
 from state.api import openapi
-from state.queries import Snapshot
+from state.queries import Selection, Snapshot
 
 TOKEN = "s3cret-token"
 CUSTOMERS = 5_000
@@ -120,7 +128,9 @@ def test_token_only_as_a_bearer_credential(api, authorization, status):
 
 def test_a_parameter_the_path_does_not_take_is_refused(api):
     status, _, body = api.call("/top?segmnet=vip")  # not silently every segment
-    assert status == 400 and json.loads(body)["error"] == "unknown parameter segmnet; /top takes n, segment"
+    assert status == 400 and json.loads(body)["error"] == (
+        "unknown parameter segmnet; /top takes cluster, min_clv, min_frequency, n, segment")
+    assert api.call("/top?min_clv=nan")[0] == 400 and api.call("/top?min_frequency=-1")[0] == 400
     assert api.call("/segments?n=1")[0] == 400 and api.call("/health?verbose=1", "")[0] == 400
     assert api.call("/sql?q=SELECT%201", data=b"SELECT 1")[0] == 400  # a POST's SQL is its body
 
@@ -170,6 +180,8 @@ def test_long_sql_answers_are_cut_at_the_row_cap(snapshot_path, tmp_path):
         status, _, body = api.call("/sql", data=b"SELECT customer_id FROM customer_scores LIMIT 100")
         assert status == 200 and json.loads(body)["truncated"] is False
         assert api.call("/sql?q=%20")[0] == 400 and api.call("/sql", data=b"")[0] == 400
+        status, _, body = api.call("/sql", data=b"--outlier-quantity")  # only a comment
+        assert status == 400 and "no statement" in json.loads(body)["error"]
     finally:
         assert api.proc.stop() == 0
 
@@ -237,10 +249,15 @@ def test_export_streams_the_rows_of_the_export_query(tmp_path):
     assert [rows for _, rows in snap.csv_chunks()] == [51_200, 8_800]
     api = Api(api_env(snap.path), tmp_path)
     try:
-        for segment in (None, "vip", "high"):
-            status, headers, body = api.call("/export.csv" + (f"?segment={segment}" if segment else ""))
+        for query, sel in (("", Selection()), ("?segment=vip", Selection(("vip",))),
+                           ("?segment=high", Selection(("high",))),
+                           ("?segment=regular&cluster=recent_frequent&min_frequency=34&min_clv=100",
+                            Selection(("regular",), ("recent_frequent",), 34, 100.0)),
+                           ("?cluster=nobody", Selection((), ("nobody",)))):
+            status, headers, body = api.call("/export.csv" + query)
             assert status == 200 and headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
-            assert body.decode() == snap.frame(segment).to_csv(index=False), segment
+            assert body.decode() == snap.frame(sel).to_csv(index=False), query
+        assert snap.frame(Selection(("regular",), ("recent_frequent",), 34, 100.0)).shape[0] > 1000
         status, _, body = api.call("/export.csv?segment=nobody")
         assert status == 400 and "unknown segment" in json.loads(body)["error"]
     finally:
@@ -261,3 +278,68 @@ def test_the_api_answers_as_its_openapi_description_says(case, api):
     """Generated from the API's own description: no 500, and only the statuses, content types,
     headers and bodies it describes, for valid and invalid input, with and without the token."""
     case.call_and_validate(base_url=api.url, headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    """A form with one file part, as a browser or `curl -F file=@NAME` sends it."""
+    boundary = "clv-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def post(api: Api, path: str, body: bytes, content_type: str = "text/csv") -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(api.url + path, data=body, method="POST", headers={
+        "Content-Type": content_type, "Authorization": f"Bearer {api.token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_score_upload_answers_what_clv_score_writes(api, cdnow_batch):
+    """The vendored CDNOW file, uploaded as a form and as a raw body, is scored like `clv score`
+    scores it: every customer field equal (numbers within 1e-5), with the cleaning report."""
+    data = vendored_cdnow().read_bytes()
+    status, headers, body = post(api, "/score?out=csv", *multipart("CDNOW_master.txt.gz", data))
+    assert status == 200 and headers["Content-Type"].startswith("text/csv"), body[:300]
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert json.loads(headers["X-Cleaning-Report"])["rows_kept"] == 69_659
+    status, _, body = post(api, "/score", data, "application/octet-stream")
+    answer = json.loads(body)
+    assert status == 200 and answer["customers"] == len(rows) == len(cdnow_batch) == 23_570
+    assert answer["cleaning"]["format"] == "cdnow" and answer["model_version"] == headers["X-Model-Version"]
+    for got in (rows, answer["scores"]):
+        for row in got:
+            want = cdnow_batch[row["customer_id"]]
+            assert list(row) == list(CUSTOMER_FIELDS)
+            for f in CUSTOMER_FIELDS:
+                if FIELD_TYPES[f] is str:
+                    assert str(row[f]) == want[f], (f, row, want)
+                else:
+                    assert abs(float(row[f]) - float(want[f])) <= 1e-5 * max(1.0, abs(float(want[f]))), (f, row)
+
+
+@pytest.mark.parametrize("name, data", [("empty.csv", b""), ("blank.csv", b" \n\n"),
+                                        ("photo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 50)])
+def test_a_file_clv_score_refuses_is_answered_400_with_its_reason(api, tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    cli = subprocess.run([*CLV, "score", name, "--out", "x.csv"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 2 and cli.stderr.startswith("clv: error: ")
+    status, _, body = post(api, "/score", *multipart(name, data))
+    assert status == 400 and "clv: error: " + json.loads(body)["error"] + "\n" == cli.stderr
+
+
+def test_an_upload_over_the_limit_is_answered_413(snapshot_path, tmp_path):
+    api = Api(api_env(snapshot_path), tmp_path, CLV_API_SCORE_MAX_BYTES="100000")
+    try:
+        data = gzip.decompress(vendored_cdnow().read_bytes())[:200_000]
+        for body, kind in ((data, "text/csv"), multipart("big.txt", data)):
+            status, _, answer = post(api, "/score", body, kind)
+            assert status == 413 and "api_score_max_bytes" in json.loads(answer)["error"]
+        status, _, answer = post(api, "/score?out=csv", data[:90_000].rsplit(b"\n", 1)[0])
+        assert status == 200 and answer.startswith(b"customer_id,clv,")  # under it: scored
+    finally:
+        assert api.proc.stop() == 0

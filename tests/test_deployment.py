@@ -48,13 +48,8 @@ def _ports(output: str) -> list[int]:
     return [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)]
 
 
-def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path):
-    workdir = tmp_path / "demo"
-    res = subprocess.run([*CLV, "demo", "--customers", "400", "--rate", "3000", "--exit",
-                          "--workdir", str(workdir)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""})
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = res.stdout
+def test_demo_runs_end_to_end_and_leaves_nothing_behind(demo_3000):
+    workdir, out = demo_3000.workdir, demo_3000.output
     top = out.split("Top 10 customers")[1].split("\nSegments")[0].strip().splitlines()[1:]
     assert top[0].split()[:2] == ["customer_id", "clv"] and len(top) == 11
     segments = out.split("\nSegments")[1].split("Value tiers")[0].strip().splitlines()
@@ -88,6 +83,7 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest
     out = "".join(lines) + rest
+    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+", out), out[-3000:]  # started with the rest
     assert not [p for p in _ports(out) if _listening(p)]
     assert _processes_using(workdir) == []
 

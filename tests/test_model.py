@@ -4,6 +4,7 @@ accuracy; accuracy is `clv evaluate`'s job)."""
 import csv
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def trained(tmp_path_factory):
     data = cdnow_slice(d / "cdnow.txt")
     res = clv("train", data, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", d / "artifact")
     assert res.returncode == 0, res.stderr
+    (d / "train.out").write_text(res.stdout)
     return d, data
 
 
@@ -327,3 +329,30 @@ def test_failed_parity_leaves_the_previous_artifact(trained, tmp_path, monkeypat
 def test_artifact_directory_is_readable_by_other_users(trained):
     d, _ = trained
     assert (d / "artifact").stat().st_mode & 0o755 == 0o755
+
+
+def test_train_fits_clusters_by_three_methods_and_prints_their_scores(trained, tmp_path):
+    """The artifact carries the chosen clustering with every method's silhouette,
+    Calinski-Harabasz and Davies-Bouldin, `clv train` prints them, and `--clusters-only` refits
+    the same clusters on the same data without touching the network (other data is refused)."""
+    d, data = trained
+    meta = json.loads((d / "artifact" / "metadata.json").read_text())
+    c = meta["clustering"]
+    assert set(c["methods"]) == {"kmeans", "gmm", "ward"} and c["method"] in c["methods"]
+    for m, r in c["methods"].items():
+        assert 3 <= r["k"] <= 8 and -1 <= r["silhouette"] <= 1 and r["calinski_harabasz"] > 0
+        assert r["davies_bouldin"] > 0 and r["silhouette"] <= c["methods"][c["method"]]["silhouette"]
+    assert len(c["centroids"]) == c["k"] == len(set(c["names"])) >= 3
+    assert abs(sum(p["share"] for p in c["profiles"].values()) - 1) < 1e-9
+    assert meta["first_event"].startswith("1997-01") and meta["cutoff"].startswith(CUTOFF)
+    out = (d / "train.out").read_text()
+    for m, r in c["methods"].items():
+        assert f"{m:<8}{r['k']:>3}{r['silhouette']:>12.3f}" in out
+    copy = tmp_path / "artifact"
+    shutil.copytree(d / "artifact", copy)
+    res = clv("train", data, "--cutoff", CUTOFF, "--out", copy, "--clusters-only")
+    assert res.returncode == 0, res.stderr
+    again = json.loads((copy / "metadata.json").read_text())
+    assert again == meta and (copy / "model.onnx").read_bytes() == (d / "artifact" / "model.onnx").read_bytes()
+    res = clv("train", data, "--cutoff", "1997-11-30", "--out", copy, "--clusters-only")
+    assert res.returncode == 2 and "not the data model" in res.stderr and len(res.stderr.splitlines()) == 1

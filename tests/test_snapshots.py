@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import astuple, replace
 from pathlib import Path
 
 import duckdb
@@ -48,9 +49,12 @@ def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
         tiers = dict(con.execute("SELECT value_tier, customers FROM tier_summary").fetchall())
         segs = con.execute("SELECT segment, share_of_value, total_clv, who FROM segment_summary").fetchall()
         total = con.execute("SELECT sum(clv) FROM customer_scores").fetchone()[0]
+        clusters = con.execute("SELECT count(DISTINCT cluster), count(*) FILTER (WHERE cluster = '') "
+                               "FROM customer_scores").fetchone()
     finally:
         con.close()
     assert rows == (23_570, 23_570) and meta[0] == 23_570
+    assert clusters[0] >= 3 and clusters[1] == 0  # every customer carries one of the model's clusters
     assert meta[1].year == 1998 and meta[1].month == 6
     ends = _end(kafka_bootstrap, cdnow_live)
     assert set(meta[2]) == set(ends) and all(meta[2][p] >= ends[p] > 0 for p in ends)  # read it all
@@ -149,6 +153,9 @@ def test_http_api_serves_the_snapshot(cdnow_live, cdnow_batch, tmp_path):
         assert status == 200 and sum(s["customers"] for s in json.loads(body)) == 23_570
         status, body = api.get("/summary")
         assert status == 200 and json.loads(body)["customers"] == 23_570
+        status, body = api.get("/clusters")
+        clusters = json.loads(body)
+        assert status == 200 and sum(c["customers"] for c in clusters) == 23_570 and len(clusters) >= 3
         assert api.get("/customers/00001")[0] == 200
         assert api.get("/customers/x'%20OR%20'1'='1")[0] == 404
         status, body = api.get("/export.csv?segment=vip")
@@ -410,3 +417,34 @@ def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scor
     finally:
         again.close()
     assert _rows(path) == held
+
+
+def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
+    """`cluster_summary` adds up to the customers and value of `customer_scores`, and
+    `segment_playbook` holds every field of every playbook, as `clv query` shows them."""
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
+    path = tmp_path / "clv.duckdb"
+    store = snapshot.Snapshots(path, "scores")
+    try:
+        store.open()
+        for i in range(9):
+            score = replace(base, customer_id=f"c{i}", clv=float(i), cluster=f"k{i % 3}",
+                            segment=SEGMENTS[i % 2])
+            store.put(score.customer_id, snapshot.row(score, 0, i))
+        store.publish()
+    finally:
+        store.close()
+    env = {**os.environ, "CLV_SNAPSHOT_PATH": str(path)}
+    res = clv("query", "clusters", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    rows = {r["cluster"]: r for r in json.loads(res.stdout)}
+    assert {k: (r["customers"], r["total_clv"]) for k, r in rows.items()} == {
+        "k0": (3, 9.0), "k1": (3, 12.0), "k2": (3, 15.0)}
+    assert rows["k1"]["main_segment"] == SEGMENTS[1]
+    assert abs(sum(r["share_of_value"] for r in rows.values()) - 1) < 1e-12
+    con = duckdb.connect(str(path), read_only=True)
+    books = {name: rest for name, *rest in con.execute("SELECT * FROM segment_playbook").fetchall()}
+    con.close()
+    assert books == {name: list(astuple(book)) for name, book in PLAYBOOKS.items()}
+    text = clv("query", "segments", env=env).stdout
+    assert all(part in text for s in SEGMENTS[:2] for part in astuple(PLAYBOOKS[s]))

@@ -1,0 +1,379 @@
+"""The Streamlit page `clv dashboard` serves: one DuckDB snapshot, read-only like every reader
+(state.queries), re-read whenever the sink swaps in a new one.
+
+Every figure comes from the snapshot's own tables and views (segment_summary, tier_summary,
+cluster_summary, snapshot_meta), and the filtered table and its download from the same query
+`clv export` runs, so what the page shows and what an analyst exports agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from export_onnx.artifact import META_FILE, shipped_model_dir
+from features.segments import PLAYBOOKS, SEGMENTS, Playbook
+from state.queries import QueryError, Selection, Snapshot, csv_text
+from state.snapshot import TIERS
+
+REFRESH_S = 3.0  # how often the page looks for a new snapshot
+SCATTER_POINTS = 5000  # scatter plots draw a seeded sample above this
+TOP_N_MAX = 500
+# Long KPI values (times, model versions) wrap in smaller type instead of being cut off.
+CSS = """<style>
+.st-key-kpi-small [data-testid="stMetricValue"], .st-key-kpi-small [data-testid="stMetricValue"] * {
+  font-size: 1.2rem; white-space: normal !important; overflow-wrap: anywhere; text-overflow: clip; }
+</style>"""
+
+
+def _args() -> argparse.Namespace:
+    """What `clv dashboard` passes after Streamlit's own options."""
+    p = argparse.ArgumentParser(prog="clv dashboard")
+    p.add_argument("--snapshot", required=True)
+    p.add_argument("--model", default=None)
+    return p.parse_args(sys.argv[1:])
+
+
+def stamp(path: Path) -> tuple[int, int] | None:
+    """Identifies one published snapshot: the sink replaces the file whole, so a new one has a
+    new modification time (and inode)."""
+    try:
+        st_ = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st_.st_mtime_ns, st_.st_ino
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def load(path: str, snap_stamp: tuple[int, int]) -> dict[str, Any]:
+    """Everything the page shows but the filtered list, read once per snapshot (`snap_stamp`
+    keys the cache: a new snapshot is read anew)."""
+    snap = Snapshot(path)
+    return {"customers": snap.frame(), "summary": snap.summary(), "segments": snap.segments(),
+            "tiers": snap.tiers(), "clusters": snap.clusters()}
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def selected(path: str, snap_stamp: tuple[int, int], sel: Selection) -> pd.DataFrame:
+    """The customers the filters select, best first: exactly `clv export`'s rows."""
+    return Snapshot(path).frame(sel)
+
+
+@st.cache_data(show_spinner=False)
+def model_meta(model: str | None, written: float) -> dict[str, Any]:
+    """The artifact's metadata, read again when the file is rewritten (`written`)."""
+    path = Path(model) if model else shipped_model_dir()
+    return json.loads((path / META_FILE).read_text())
+
+
+def money(v: float, cents: bool = False) -> str:
+    """Dollars as the page writes them: whole for totals, cents for means and single customers."""
+    return f"${v:,.2f}" if cents else f"${v:,.0f}"
+
+
+def top_share(clv: pd.Series) -> float:
+    """Share of the expected value held by the top 10% of customers (ceil(n / 10) of them)."""
+    total = float(clv.sum())
+    n = math.ceil(len(clv) / 10)
+    return float(clv.sort_values(ascending=False).iloc[:n].sum()) / total if total else 0.0
+
+
+def when(text: str | None) -> str:
+    """An instant in UTC to the second: snapshot times are compared with the file's."""
+    return pd.Timestamp(text).tz_convert("UTC").strftime("%Y-%m-%d %H:%M:%S UTC") if text else "-"
+
+
+def shown(frame: pd.DataFrame, money_cols: tuple[str, ...] = (), share_cols: tuple[str, ...] = (),
+          rate_cols: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A table as text, money with two decimals and shares as percentages, for st.table."""
+    out = frame.copy()
+    for c in out.columns:
+        if c in money_cols:
+            out[c] = out[c].map(lambda v: money(v, cents=True))
+        elif c in share_cols:
+            out[c] = out[c].map(lambda v: f"{v:.1%}")
+        elif c in rate_cols or out[c].dtype.kind == "f":
+            out[c] = out[c].map(lambda v: f"{v:,.2f}")
+    return out
+
+
+def colours(field: str, names: list[str]) -> alt.Color:
+    """One colour per segment (or cluster) in every chart of the page."""
+    return alt.Color(f"{field}:N", scale=alt.Scale(domain=names), title=field)
+
+
+def kpis(data: dict[str, Any]) -> None:
+    """The cards: counts and money from the whole snapshot, then when and by what it was scored."""
+    s, frame = data["summary"], data["customers"]
+    horizon = int(frame["horizon_months"].iloc[0]) if len(frame) else 0
+    row1 = st.columns(4)
+    row1[0].metric("Customers", f"{s['customers']:,}")
+    row1[1].metric(f"Expected value, next {horizon} months", money(s["total_clv"] or 0.0),
+                   help="sum of every customer's expected spend over the horizon")
+    row1[2].metric("Mean CLV", money(s["mean_clv"] or 0.0, cents=True))
+    row1[3].metric("Top 10% share", f"{top_share(frame['clv']):.1%}",
+                   help="share of the expected value held by the top 10% of customers")
+    row2 = st.container(key="kpi-small").columns(4)
+    row2[0].metric("Snapshot time", when(s["snapshot_at"]))
+    row2[1].metric("Newest event time", when(s["newest_event_time"]))
+    row2[2].metric("Model version", ", ".join(s["model_versions"] or ["-"]))
+    row2[3].metric("Clusters", f"{frame['cluster'].nunique():,}")
+
+
+def segments(data: dict[str, Any]) -> None:
+    """segment_summary, its bars, the playbooks and the value tiers: the whole snapshot."""
+    st.header("Segments")
+    seg = pd.DataFrame(data["segments"])
+    st.table(shown(seg[["segment", "customers", "total_clv", "mean_clv", "share_of_value",
+                        "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
+                   money_cols=("total_clv", "mean_clv"), share_cols=("share_of_value",)),
+             hide_index=True)
+    left, right = st.columns(2)
+    order = [s for s in SEGMENTS if s in set(seg["segment"])]
+    for col, field, title in ((left, "customers", "Customers per segment"),
+                              (right, "total_clv", "Expected value per segment ($)")):
+        col.altair_chart(alt.Chart(seg, title=title).mark_bar().encode(
+            x=alt.X(f"{field}:Q", title=None), y=alt.Y("segment:N", sort=order, title=None),
+            color=colours("segment", list(SEGMENTS)).legend(None),
+            tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f")]),
+            width="stretch")
+    st.subheader("Playbooks")
+    st.table(seg[["segment", *(f.name for f in fields(Playbook))]].rename(
+        columns=lambda c: c.replace("_", " ")), hide_index=True)
+    st.subheader("Value tiers (terciles of expected CLV)")
+    st.table(shown(pd.DataFrame(data["tiers"]), money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
+                   share_cols=("share_of_value",)), hide_index=True)
+
+
+def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
+    """cluster_summary, and how the model chose its clusters."""
+    st.header("Behavioral clusters")
+    rows = pd.DataFrame(data["clusters"])[["cluster", "customers", "total_clv", "mean_clv",
+                                           "share_of_value", "mean_recency_days", "mean_frequency",
+                                           "mean_monetary", "main_segment"]]
+    st.table(shown(rows, money_cols=("total_clv", "mean_clv", "mean_monetary"),
+                   share_cols=("share_of_value",)), hide_index=True)
+    c = meta.get("clustering")
+    if c:
+        st.caption(f"{c['method']} with k = {c['k']}, chosen by silhouette among K-means, a Gaussian "
+                   "mixture and Ward; features: " + ", ".join(c["features"]) + ". A customer belongs "
+                   "to the nearest centroid of the standardized features.")
+
+
+def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
+    """The sidebar: a Selection (the flags of `clv export`), the top-N size, the chart colouring."""
+    frame = data["customers"]
+    side = st.sidebar
+    side.header("Filters")
+    segs = side.multiselect("Segment", [s for s in SEGMENTS if s in set(frame["segment"])])
+    tiers = side.multiselect("Value tier", list(TIERS))
+    cluster_names = sorted(frame["cluster"].unique())
+    picked = side.multiselect("Cluster", cluster_names)
+    min_freq = int(side.number_input("Minimum frequency (purchases)", min_value=0, value=0, step=1))
+    min_clv = float(side.number_input("Minimum expected CLV ($)", min_value=0.0, value=0.0, step=5.0))
+    n = int(side.number_input("Top N", min_value=1, max_value=TOP_N_MAX, value=20, step=10))
+    colour = side.radio("Colour charts by", ["segment", "cluster"], horizontal=True)
+    sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None)
+    return sel, n, colour
+
+
+def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, colour: str,
+              all_clusters: list[str]) -> None:
+    """The filtered customers: top-N table, download, distribution and scatter plots."""
+    st.header("Customers")
+    frame = selected(path, snap_stamp, sel)
+    st.caption(f"{len(frame):,} customers match the filters; the top {min(n, len(frame)):,} by expected CLV:")
+    cols = ["customer_id", "clv", "p_purchase", "segment", "cluster", "value_tier", "frequency",
+            "recency_days", "monetary", "total_spend"]
+    st.table(shown(frame[cols].head(n), money_cols=("clv", "monetary", "total_spend")), hide_index=True)
+    st.download_button(f"Download CSV ({len(frame):,} customers)", csv_text(frame),
+                       file_name="clv-export.csv", mime="text/csv",
+                       help="the rows and columns `clv export` writes for these filters")
+    if frame.empty:
+        return
+    points = frame.sample(SCATTER_POINTS, random_state=0) if len(frame) > SCATTER_POINTS else frame
+    points = points.assign(clv_shown=points["clv"].clip(lower=0.01),
+                           monetary_shown=points["monetary"].clip(lower=0.01))
+    st.subheader("CLV distribution per segment (log axis)")
+    st.altair_chart(alt.Chart(points).mark_boxplot(extent="min-max").encode(
+        x=alt.X("clv_shown:Q", scale=alt.Scale(type="log"), title="expected CLV ($)"),
+        y=alt.Y("segment:N", sort=list(SEGMENTS), title=None),
+        color=colours("segment", list(SEGMENTS)).legend(None)),
+        width="stretch")
+    tooltip = ["customer_id", "segment", "cluster", alt.Tooltip("clv:Q", format="$,.2f")]
+    names = list(SEGMENTS) if colour == "segment" else sorted(all_clusters)
+    colour_by = colours(colour, names)
+    left, right = st.columns(2)
+    left.altair_chart(alt.Chart(points, title="Recency vs frequency").mark_circle(size=18, opacity=0.5).encode(
+        x=alt.X("recency_days:Q", title="days since last purchase"),
+        y=alt.Y("frequency:Q", scale=alt.Scale(type="log"), title="purchases"),
+        color=colour_by, tooltip=tooltip), width="stretch")
+    right.altair_chart(alt.Chart(points, title="Order value vs CLV").mark_circle(size=18, opacity=0.5).encode(
+        x=alt.X("monetary_shown:Q", scale=alt.Scale(type="log"), title="mean order value ($)"),
+        y=alt.Y("clv_shown:Q", scale=alt.Scale(type="log"), title="expected CLV ($)"),
+        color=colour_by, tooltip=tooltip), width="stretch")
+    if len(frame) > SCATTER_POINTS:
+        st.caption(f"charts show a random {SCATTER_POINTS:,} of the {len(frame):,} customers")
+
+
+def lookup(path: str) -> None:
+    """One customer's row, read from the snapshot when asked (not from the cached frame)."""
+    st.header("Customer lookup")
+    cid = st.text_input("Customer id", placeholder="e.g. 00001")
+    if not cid:
+        return
+    try:
+        row = Snapshot(path).customer(cid.strip())
+    except QueryError as exc:
+        st.error(str(exc))
+        return
+    if row is None:
+        st.warning(f"customer {cid.strip()!r} is not in the snapshot")
+        return
+    book = PLAYBOOKS.get(row["segment"])
+    keys = ["customer_id", "clv", "p_purchase", "segment", "cluster", "value_tier", "recency_days",
+            "frequency", "monetary", "tenure_days", "total_spend", "model_version", "as_of"]
+    st.table(pd.DataFrame({"field": keys, "value": [str(row[k]) for k in keys]}), hide_index=True)
+    if book:
+        st.info(f"**{row['segment']}**: {book.what_to_do}. Watch: {book.signals}. "
+                f"Measure: {book.what_to_measure}.")
+
+
+EVALUATION_FILE = "evaluation.json"  # `clv evaluate --json DIR/evaluation.json --plots DIR`
+METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc")
+
+
+def evaluation(model_dir: Path) -> None:
+    """The holdout evaluation kept beside the model, if any: `clv evaluate`'s metrics per model
+    (mean +- sd over seeds when it ran several) and its gains and decile plots."""
+    path = model_dir / EVALUATION_FILE
+    plots = sorted(model_dir.glob("*.png"))
+    if not path.exists() and not plots:
+        st.caption(f"no holdout evaluation beside this model: `clv evaluate FILE --cutoff D --json "
+                   f"{model_dir}/{EVALUATION_FILE} --plots {model_dir}` puts one here")
+        return
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if "models" in doc:
+            rows = [{"model": name, **{k: "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS}}
+                    for name, m in doc["models"].items()]
+        else:
+            rows = [{"model": name, **{k: f"{m[k]['mean']:.3f} ± {m[k]['sd']:.3f}" if k in m else "n/a"
+                                       for k in METRICS}} for name, m in doc["summary"].items()]
+        st.caption(f"Holdout evaluation ({doc['customers']:,} customers; `clv evaluate`)")
+        st.table(pd.DataFrame(rows), hide_index=True)
+    for col, png in zip(st.columns(max(len(plots), 1)), plots):
+        col.image(str(png), caption=png.stem)
+
+
+def _examples(meta: dict[str, Any]) -> str:
+    """Models of this release record every labelled example (each network holds out a fold of
+    customers for early stopping); earlier ones a training and a validation count."""
+    if "labelled_examples" in meta:
+        return f"{meta['labelled_examples']:,} (each network holds out one customer in five)"
+    return f"{meta['training_examples']:,} training, {meta['validation_examples']:,} validation"
+
+
+def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> None:
+    """What the artifact says of itself, and a warning if it did not score this snapshot."""
+    st.header("Model card")
+    if meta["version"] not in versions:
+        st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
+                   "shown here: start the dashboard with --model for that artifact")
+    training = meta.get("training", {})
+    facts = {
+        "version": meta["version"],
+        "training window": f"{(meta.get('first_event') or '?')[:10]} to {meta['cutoff'][:10]}",
+        "horizon": f"{meta['horizon_months']} months after the as-of month",
+        "history read": f"{meta['window']} months",
+        "trained at": meta.get("created_at", "-"),
+        "labelled examples": _examples(meta),
+        "ensemble": f"{len(training.get('members', []))} GRUs",
+        "discount rate": f"{meta.get('discount_rate', 0.0):.0%} a year",
+        "ONNX vs torch (max rel. diff)": ", ".join(f"{k} {v['max_rel_diff']:.1e}"
+                                                    for k, v in meta.get("parity", {}).items()),
+        "segment CLV thresholds": ", ".join(f"{k} {money(v, cents=True)}"
+                                            for k, v in meta["clv_quantiles"].items()),
+    }
+    st.table(pd.DataFrame({"fact": list(facts), "value": list(facts.values())}), hide_index=True)
+    left, right = st.columns(2)
+    members = pd.DataFrame([{"member": f"gru[{i}]", **m} for i, m in enumerate(training.get("members", []))])
+    if not members.empty:
+        left.altair_chart(alt.Chart(members, title="Validation loss per ensemble member").mark_bar().encode(
+            x=alt.X("member:N", title=None), y=alt.Y("valid_loss:Q", title="validation loss"),
+            tooltip=["member", "best_epoch", "valid_loss"]), width="stretch")
+    c = meta.get("clustering")
+    if c:
+        by_k = pd.DataFrame([{"method": m, "k": int(k), **s} for m, r in c["methods"].items()
+                             for k, s in r["by_k"].items()])
+        right.altair_chart(alt.Chart(by_k, title="Cluster silhouette by k").mark_line(point=True).encode(
+            x=alt.X("k:O"), y=alt.Y("silhouette:Q"), color="method:N",
+            tooltip=["method", "k", "silhouette", "calinski_harabasz", "davies_bouldin"]), width="stretch")
+        scores = pd.DataFrame([{"method": m, "k": r["k"], "silhouette": r["silhouette"],
+                                "calinski_harabasz": r["calinski_harabasz"],
+                                "davies_bouldin": r["davies_bouldin"],
+                                "chosen": "yes" if m == c["method"] else ""} for m, r in c["methods"].items()])
+        st.caption("Clustering methods, each at the k with its best silhouette, scored on the "
+                   "nearest-centroid labels subscribers get")
+        st.table(shown(scores), hide_index=True)
+        st.caption("Cluster profiles on the training cohort: share, medians, mean return share")
+        profiles = pd.DataFrame([{"cluster": name, **p} for name, p in c["profiles"].items()])
+        st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)),
+                 hide_index=True)
+    evaluation(model_dir)
+
+
+def main() -> None:
+    """The page, top to bottom; Streamlit runs it again on every widget change and refresh."""
+    args = _args()
+    st.set_page_config(page_title="CLV dashboard", layout="wide")
+    st.html(CSS)
+    path = Path(args.snapshot)
+    st.title("Customer lifetime value")
+    snap_stamp = stamp(path)
+    if snap_stamp is None:
+        st.info(f"no snapshot at {path} yet: is `clv snapshot` running? This page looks again every "
+                f"{REFRESH_S:g} s.")
+    watch(path, snap_stamp)
+    if snap_stamp is None:
+        return
+    try:
+        data = load(str(path), snap_stamp)
+    except QueryError as exc:
+        st.error(str(exc))
+        return
+    model_dir = Path(args.model) if args.model else shipped_model_dir()
+    meta = model_meta(args.model, (model_dir / META_FILE).stat().st_mtime)
+    st.caption(f"snapshot {path} (read-only; the page follows new snapshots as the sink publishes them)")
+    kpis(data)
+    sel, n, colour = filters(data)
+    segments(data)
+    customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
+    clusters(data, meta)
+    lookup(str(path))
+    model_card(meta, data["summary"]["model_versions"] or [], model_dir)
+    with st.container(key="page-end"):  # the last element: a browser knows the page is all drawn
+        st.caption(f"clv-stream · snapshot {path} · model card from {model_dir}")
+
+
+def watch(path: Path, shown_stamp: tuple[int, int] | None) -> None:
+    """Reruns the page when a new snapshot replaces the one it shows."""
+    @st.fragment(run_every=REFRESH_S)
+    def check() -> None:
+        if stamp(path) != shown_stamp:
+            st.rerun()
+
+    check()
+
+
+main()

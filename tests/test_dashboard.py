@@ -1,0 +1,229 @@
+"""The dashboard in a real browser: `clv dashboard` over the snapshot of `clv demo --exit
+--customers 3000`, opened in headless Chromium (Debian's) through Playwright. What the page shows
+is checked against the snapshot read with DuckDB: the KPI numbers, the segment table, the top-N
+table under a segment filter, the CSV download against `clv export` for the same filter, a
+customer lookup, the model card, a new snapshot replacing the shown one, and no page errors
+throughout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+pytest.importorskip("playwright")
+
+from export_onnx.artifact import shipped_model_dir  # noqa: E402
+from harness import CLV, Process  # noqa: E402
+from state import dashboard, snapshot  # noqa: E402
+from stream.broker import free_port  # noqa: E402
+
+
+def model_with_evaluation(out: Path) -> Path:
+    """The shipped model with a holdout evaluation beside it, written by `clv evaluate`'s own
+    writers (its JSON and its gains and decile plots) from a small made-up holdout."""
+    from models.evaluate import Run, SeedRun, write_json, write_plots
+    from models.metrics import report
+
+    shutil.copytree(shipped_model_dir(), out)
+    rng = np.random.default_rng(0)
+    actual = rng.gamma(0.3, 50.0, 500) * (rng.random(500) < 0.4)
+    preds = {"gru": actual * rng.lognormal(0, 0.5, 500) + 1, "naive": actual.mean() + rng.normal(0, 1, 500)}
+    run = Run(500, actual, [SeedRun(42, {k: report(actual, v, None) for k, v in preds.items()}, preds)])
+    write_json(run, out / "evaluation.json")
+    write_plots(run, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(demo_3000, tmp_path_factory):
+    """A copy of the demo's snapshot (the refresh test replaces it) served by `clv dashboard`,
+    with the shipped model and an evaluation beside it for the model card."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    path = tmp / "clv.duckdb"
+    shutil.copy(demo_3000.snapshot, path)
+    port = free_port()
+    model = model_with_evaluation(tmp / "model")
+    proc = Process(["dashboard", "--snapshot", str(path), "--port", str(port), "--model", str(model)],
+                   dict(os.environ), tmp / "dashboard.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        dashboard.wait_healthy(url, proc.proc)
+        yield path, url
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    """One Chromium page on the dashboard for the module; every uncaught page error is kept."""
+    _, url = served
+    with dashboard.browser() as page:
+        page.errors = []
+        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+        dashboard.open_ready(page, url)
+        yield page
+    assert page.errors == []
+
+
+def query(path: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def metrics(page) -> dict[str, str]:
+    cards = page.locator('[data-testid="stMetric"]')
+    return {cards.nth(i).locator('[data-testid="stMetricLabel"]').inner_text().strip():
+            cards.nth(i).locator('[data-testid="stMetricValue"]').inner_text().strip()
+            for i in range(cards.count())}
+
+
+def table(page, has: str) -> list[dict[str, str]]:
+    """The rows of the first table with a column named `has`, as text."""
+    found = page.locator('[data-testid="stTable"]').filter(
+        has=page.locator("th", has_text=re.compile(f"^{re.escape(has)}$"))).first
+    found.wait_for(timeout=30_000)  # a widget's rerun may still be drawing it
+    head = [th.inner_text().strip() for th in found.locator("thead th").all()]
+    return [dict(zip(head, (td.inner_text().strip() for td in tr.locator("th, td").all())))
+            for tr in found.locator("tbody tr").all()]
+
+
+def test_kpis_and_segment_table_are_the_snapshots(page, served):
+    path, _ = served
+    n, total, mean, versions, at, newest = query(path, """
+        SELECT count(*), sum(clv), avg(clv), (SELECT model_versions FROM snapshot_meta),
+               (SELECT strftime(snapshot_at AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M:%S UTC') FROM snapshot_meta),
+               (SELECT strftime(newest_event_time AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M:%S UTC') FROM snapshot_meta)
+        FROM customer_scores""")[0]
+    top = query(path, f"SELECT sum(clv) FROM (SELECT clv FROM customer_scores ORDER BY clv DESC "
+                      f"LIMIT {math.ceil(n / 10)})")[0][0]
+    shown = metrics(page)
+    assert n == 3000 and shown["Customers"] == "3,000"
+    assert shown["Expected value, next 6 months"] == f"${total:,.0f}"
+    assert shown["Mean CLV"] == f"${mean:,.2f}"
+    assert shown["Top 10% share"] == f"{top / total:.1%}"
+    assert shown["Snapshot time"] == at and shown["Newest event time"] == newest
+    assert shown["Model version"] == ", ".join(versions)
+    clusters = query(path, "SELECT count(DISTINCT cluster), count(*) FILTER (WHERE cluster = '') "
+                           "FROM customer_scores")[0]
+    assert shown["Clusters"] == str(clusters[0]) and clusters[0] >= 3 and clusters[1] == 0
+    segments = {r["segment"]: int(r["customers"]) for r in table(page, "mean_p_purchase")}
+    assert segments == dict(query(path, "SELECT segment, customers FROM segment_summary"))
+    assert "vip" in segments
+    books = {r["segment"]: r for r in table(page, "what to measure")}
+    assert set(books) == set(segments) and books["vip"]["what to do"].startswith("protect")
+
+
+def test_segment_filter_changes_the_top_list_and_the_download_is_clv_export(page, served, tmp_path):
+    path, _ = served
+    before = [r["customer_id"] for r in table(page, "p_purchase")]
+    assert before == [c for (c,) in query(path, "SELECT customer_id FROM customer_scores "
+                                                "ORDER BY clv DESC, customer_id LIMIT 20")]
+    segment = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').filter(has_text="Segment")
+    segment.locator("input").click()
+    page.keyboard.type("dormant")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    dashboard.settle(page)
+    frequency = page.locator('[data-testid="stSidebar"] [data-testid="stNumberInput"]').filter(
+        has_text="Minimum frequency").locator("input")
+    frequency.fill("2")
+    frequency.press("Enter")
+    dashboard.settle(page)
+    rows = table(page, "p_purchase")
+    want = [c for (c,) in query(path, "SELECT customer_id FROM customer_scores WHERE segment = 'dormant' "
+                                      "AND frequency >= 2 ORDER BY clv DESC, customer_id LIMIT 20")]
+    assert [r["customer_id"] for r in rows] == want != before
+    assert all(r["segment"] == "dormant" and int(r["frequency"]) >= 2 for r in rows)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download CSV").click()
+    got = Path(download.value.path()).read_bytes()
+    res = subprocess.run([*CLV, "export", "--snapshot", str(path), "--segment", "dormant",
+                          "--min-frequency", "2", "--out", str(tmp_path / "x.csv")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert got == (tmp_path / "x.csv").read_bytes() and got.count(b"\n") > len(want)
+
+
+def test_customer_lookup_shows_the_customers_row(page, served):
+    path, _ = served
+    cid, clv, segment, cluster = query(path, "SELECT customer_id, clv, segment, cluster FROM customer_scores "
+                                             "ORDER BY clv DESC LIMIT 1")[0]
+    box = page.get_by_label("Customer id")
+    box.fill(cid)
+    box.press("Enter")
+    dashboard.settle(page)
+    fields = {r["field"]: r["value"] for r in table(page, "field")}
+    assert fields["customer_id"] == cid and float(fields["clv"]) == pytest.approx(clv)
+    assert (fields["segment"], fields["cluster"]) == (segment, cluster)
+
+
+def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
+    """Version, training window and the clustering scores from the artifact's metadata, and the
+    evaluation kept beside it: its metrics per model and its plots."""
+    meta = json.loads((shipped_model_dir() / "metadata.json").read_text())
+    facts = {r["fact"]: r["value"] for r in table(page, "fact")}
+    assert facts["version"] == meta["version"]
+    assert facts["training window"] == f"{meta['first_event'][:10]} to {meta['cutoff'][:10]}"
+    methods = {r["method"]: r for r in table(page, "davies_bouldin")}
+    assert set(methods) == {"kmeans", "gmm", "ward"}
+    assert methods[meta["clustering"]["method"]]["chosen"] == "yes"
+    assert all(int(r["k"]) == meta["clustering"]["methods"][m]["k"] for m, r in methods.items())
+    models = {r["model"]: r for r in table(page, "norm_gini")}
+    assert set(models) == {"gru", "naive"} and models["naive"]["auc"] == "n/a"
+    images = page.locator('[data-testid="stImage"] img')
+    assert images.count() == 2 and all(images.nth(i).evaluate("i => i.naturalWidth") > 100 for i in range(2))
+
+
+def test_a_new_snapshot_shows_without_reloading(page, served, tmp_path):
+    """The sink publishes a snapshot without 500 of the customers: the page follows within
+    seconds, and again when the original comes back."""
+    path, _ = served
+    original = tmp_path / "original.duckdb"
+    shutil.copy(path, original)
+    gone = [c for (c,) in query(path, "SELECT customer_id FROM customer_scores ORDER BY customer_id LIMIT 500")]
+    sink = snapshot.Snapshots(path, "clv-scores")
+    try:
+        sink.open()
+        for cid in gone:
+            sink.put(cid, None)  # tombstones, as a deleted customer reaches the sink
+        assert sink.publish() == 2500
+    finally:
+        sink.close()
+    wait_for_customers(page, "2,500")
+    shutil.copy(original, tmp_path / "back.duckdb")
+    os.replace(tmp_path / "back.duckdb", path)  # swapped in whole, as the sink does
+    wait_for_customers(page, "3,000")
+
+
+def wait_for_customers(page, shown: str) -> None:
+    deadline = time.monotonic() + 30
+    while metrics(page).get("Customers") != shown:
+        assert time.monotonic() < deadline, metrics(page)
+        page.wait_for_timeout(250)
+
+
+def test_screenshot_command_writes_the_whole_page(served, tmp_path):
+    path, _ = served
+    out = tmp_path / "dashboard.png"
+    res = subprocess.run([*CLV, "dashboard", "--snapshot", str(path), "--screenshot", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    png = out.read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width == 1400 and height > 3000  # every section
+    res = subprocess.run([*CLV, "dashboard", "--port", "0x50"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("clv: error:") and len(res.stderr.splitlines()) == 1
