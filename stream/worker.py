@@ -428,7 +428,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                         key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
     # The state changelog keeps the name and key encoding of the faust table it replaces, so a
     # changelog written by an earlier worker recovers into the new store.
-    changelog = app.topic(f"{settings.app_id}-customer-state-changelog", key_serializer="raw",
+    changelog = app.topic(settings.changelog_topic, key_serializer="raw",
                           value_serializer="raw", partitions=settings.partitions, compacting=True,
                           replicas=settings.replication_factor, config=settings.topic_configs())
     metrics = Metrics()
