@@ -618,9 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--model", default=None, help="artifact directory (default: shipped)")
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
+            b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
         if name == "sink":
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
-            b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
 
     p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")
     _kafka_args(p)
