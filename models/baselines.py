@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from models import classic
+from models import classic, ziln
 from models.classic import ClassicParams
 from models.dataset import Examples, horizons, rfm_features
 
@@ -20,10 +21,6 @@ def naive(scoring: Examples, days: int) -> tuple[np.ndarray, None]:
 def _tree_features(ex: Examples, params: ClassicParams) -> np.ndarray:
     """The networks' aggregated inputs plus the classic model's quantities (what the networks'
     head reads), so trees and networks start from the same knowledge."""
-    import torch
-
-    from models import ziln
-
     with torch.no_grad():
         context = ziln.context(classic.base(params, ex.inputs.classic)).numpy()
     return np.column_stack([rfm_features(ex), context])
@@ -34,8 +31,9 @@ def _trees(regressor: Any, classifier: Any, train: Examples, scoring: Examples,
     """Trees that correct the classic model like the networks do: each example's target is its
     spend over the classic expectation for its own horizon, weighted by that expectation (for
     Poisson deviance, the same fit as an offset), so the served horizon enters through the classic
-    model's closed form. The classifier for p reads the horizon as a feature. Returns (expected
-    spend, p) of the scoring set."""
+    model's closed form; the correction is bounded by e^MAX_CORRECTION either way. The
+    classifier for p reads the horizon as a feature. Returns (expected spend, p) of the scoring
+    set."""
     def base(ex: Examples) -> np.ndarray:
         return np.maximum(classic.expected_spend(params, ex.inputs.classic, horizons(ex.inputs)), 1e-6)
 
@@ -43,7 +41,11 @@ def _trees(regressor: Any, classifier: Any, train: Examples, scoring: Examples,
     x_tr, x_sc = _tree_features(train, params), _tree_features(scoring, params)
     regressor.fit(x_tr, train.y / b_tr, sample_weight=b_tr)
     classifier.fit(np.column_stack([x_tr, horizons(train.inputs)]), train.y > 0)
-    pred = base(scoring) * np.maximum(regressor.predict(x_sc), 0)
+    # The ratio target is unbounded where the classic expectation is tiny, and a leaf fitted
+    # there can meet a customer with a large one: bound the correction as the networks bound
+    # each of theirs.
+    bound = np.exp(ziln.MAX_CORRECTION)
+    pred = base(scoring) * np.clip(regressor.predict(x_sc), 1 / bound, bound)
     return pred, classifier.predict_proba(np.column_stack([x_sc, horizons(scoring.inputs)]))[:, 1]
 
 
