@@ -146,6 +146,11 @@ class Snapshot:
     def tiers(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM tier_summary")
 
+    def countries(self) -> list[str]:
+        """The countries of the customers whose country is known, for a filter to offer."""
+        return [r["country"] for r in self._rows(
+            "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
+
     def clusters(self) -> list[dict[str, Any]]:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
         return self._rows("SELECT * FROM cluster_summary")

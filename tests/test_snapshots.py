@@ -27,6 +27,7 @@ from features.segments import PLAYBOOKS, SEGMENTS
 from harness import CLV, Api, Process, read_topic, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
+from state.queries import Snapshot
 from stream.broker import free_port
 
 
@@ -457,5 +458,6 @@ def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     exported = pd.read_csv(out, keep_default_na=False)
     assert sorted(exported["customer_id"]) == [f"c{i}" for i in range(9) if i % 3 != 1]
     assert set(exported["country"]) == {"France", "EIRE"}
+    assert Snapshot(path).countries() == ["EIRE", "France"]  # what the dashboard's filter offers
     top = json.loads(clv("query", "top", "--country", "EIRE", "--json", env=env).stdout)
     assert [r["customer_id"] for r in top] == ["c8", "c5", "c2"]
