@@ -1,20 +1,24 @@
-"""The `clv-scores` contract: every reason a message is unusable, schema-2 and 3 messages read as
-the records they imply, a parser that never raises, and the JSON Schema file kept current."""
+"""The `clv-scores` contract: every reason a message is unusable, schema-2 to 4 messages read as
+the records they imply, scores carrying the customer's country, a parser that never raises, and the JSON Schema file kept current."""
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from export_onnx.artifact import Artifact, shipped_model_dir
+from features.aggregate import Folder, contribution
+from features.contract import Line, TransactionEvent
 from features.scores import (CUSTOMER_FIELDS, FIELD_TYPES, FIELDS, LEGACY_CLV, SCORE_SCHEMA_VERSION,
                              IsoTime, ScoreRecord, as_dict, encode_score, parse_score, score_schema,
                              score_schema_json)
+from stream.scoring import score_states
 from score_messages import GOOD, SCHEMA_2, SCHEMA_3, SCHEMA_4, near_valid
 
 
@@ -156,3 +160,15 @@ def test_schema_describes_the_messages_the_worker_writes():
         assert isinstance(value, json_type[prop["type"]]) and prop["description"], name
     assert schema["properties"]["schema_version"]["const"] == SCORE_SCHEMA_VERSION
     assert set(CUSTOMER_FIELDS) < set(FIELDS) and CUSTOMER_FIELDS[:3] == ("customer_id", "clv", "p_purchase")
+
+
+def test_scores_carry_the_customers_country():
+    """The one scoring path (worker, `clv score`, `POST /score`) fills `country` from the state."""
+    at = datetime(2011, 11, 1, tzinfo=timezone.utc)
+    folder = Folder(13)
+    for cid, country in (("a", "France"), ("b", None)):
+        folder.add(cid, contribution(TransactionEvent(f"e-{cid}", cid, f"i-{cid}", at,
+                                                      (Line("X", 2, 3.5),), country)))
+    scores = score_states(Artifact.load(shipped_model_dir()), list(folder.states.values()), at)
+    assert [(s.customer_id, s.country) for s in scores] == [("a", "France"), ("b", "")]
+    assert all(parse_score(encode_score(s)) == s for s in scores)
