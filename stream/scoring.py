@@ -42,7 +42,8 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
         recency_days=r.recency_days, frequency=r.frequency, monetary=r.monetary,
         tenure_days=r.tenure_days, total_spend=r.total_spend,
         segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
-        cluster=cluster, country=s.country, horizon_months=horizon, model_version=version, as_of=as_of_text, scored_at=scored_at)
+        cluster=cluster, country=s.country, horizon_months=horizon, model_version=version,
+        as_of=as_of_text, scored_at=scored_at)
         for s, r, clv, p, cluster in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist(),
                                          clusters)]
 

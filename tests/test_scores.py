@@ -1,5 +1,6 @@
 """The `clv-scores` contract: every reason a message is unusable, schema-2 to 4 messages read as
-the records they imply, scores carrying the customer's country, a parser that never raises, and the JSON Schema file kept current."""
+the records they imply, scores carrying the customer's country, a parser that never raises, and
+the JSON Schema file kept current."""
 
 from __future__ import annotations
 
