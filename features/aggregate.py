@@ -66,6 +66,7 @@ class Contribution:
     ts: int  # epoch seconds
     spend_cents: int
     units: int
+    country: str = ""  # the event's country, "" when it carries none
 
     @property
     def is_purchase(self) -> bool:
@@ -83,6 +84,7 @@ def contribution(event: TransactionEvent) -> Contribution:
         ts=int(event.ts.timestamp()),
         spend_cents=sum(round(ln.quantity * ln.unit_price * 100.0) for ln in event.lines),
         units=sum(ln.quantity for ln in event.lines),
+        country=event.country or "",
     )
 
 
@@ -120,6 +122,8 @@ class CustomerState:
     last_purchase_month: int | None = None
     newest_ts: int | None = None
     ids_forgotten: int = 0  # keys dropped at the MAX_IDS bound, over the customer's life
+    # Country of the newest event carrying one ("" unknown); an older event only fills an unknown.
+    country: str = ""
     n_ids: int = field(default=0, compare=False)  # keys held now (derived, not encoded)
 
     def apply(
@@ -154,6 +158,8 @@ class CustomerState:
             self.first_ts = c.ts
         if self.first_month is None or c.month < self.first_month:
             self.first_month = c.month
+        if c.country and (not self.country or self.newest_ts is None or c.ts >= self.newest_ts):
+            self.country = c.country
         if self.newest_ts is None or c.ts > self.newest_ts:
             self.newest_ts = c.ts
         return Applied.APPLIED

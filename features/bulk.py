@@ -56,6 +56,7 @@ def invoice_frame(lines: pd.DataFrame) -> pd.DataFrame:
     first = events["line"].to_numpy()
     events["customer"] = np.asarray(customers, dtype=object)[cust_code[first]]
     events["invoice"] = np.asarray(invoices, dtype=object)[inv_code[first]]
+    events["country"] = lines["country"].to_numpy(object)[first]  # as `events_from_lines`: first line's
     events["code"] = cust_code[first]
     order = np.lexsort((events["invoice"].to_numpy().astype(str),
                         events["customer"].to_numpy().astype(str), events["ns"].to_numpy()))
@@ -80,6 +81,7 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
     cents = events["cents"].to_numpy()
     customer = events["customer"].to_numpy()
     invoice = events["invoice"].to_numpy()
+    country = [c if isinstance(c, str) else "" for c in events["country"].tolist()]
     event_keys = [id_key(stable_event_id(c, i)) for c, i in zip(customer, invoice)]
     invoice_keys = [id_key(i) for i in invoice]
     # Events grouped by customer, event-time order kept within each.
@@ -99,13 +101,14 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
         cid = customer[idx[0]]
         if keys_held[k] > MAX_IDS:
             states.append(_fold_one(cid, idx, window, event_keys, invoice_keys, tsl, monthl,
-                                    centsl, unitsl))
+                                    centsl, unitsl, country))
             continue
         state = CustomerState(cid)
         start = window_start_for(monthl[idx[-1]], window)
         bought = [i for i in idx if unitsl[i] > 0]
         past_active: set[int] = set()
         for i in idx:
+            state.country = country[i] or state.country  # in time order: the newest one known
             m = monthl[i]
             if m < start:
                 state.past_spend_cents += centsl[i]
@@ -135,10 +138,10 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
 
 def _fold_one(cid: str, idx: list[int], window: int, event_keys: list[int],
               invoice_keys: list[int], ts: list[int], month: list[int], cents: list[int],
-              units: list[int]) -> CustomerState:
+              units: list[int], country: list[str]) -> CustomerState:
     """A customer near the key bound, through the stream's own `apply`."""
     state = CustomerState(cid)
     for i in idx:
         state.apply(Contribution(event_keys[i], invoice_keys[i], month[i], ts[i], cents[i],
-                                 units[i]), window_start_for(month[i], window))
+                                 units[i], country[i]), window_start_for(month[i], window))
     return state

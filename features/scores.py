@@ -7,9 +7,9 @@ messages, snapshot columns, files and API without another list to keep in step.
 `clv` is the customer's expected spend over the horizon, an expectation: it adds up over
 customers, and rankings, tiers and segments use it. Schema history: in 1 `clv` was the
 expectation; 2 made `clv` a quantile point forecast and carried the expectation as
-`expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`; 4 adds `cluster`.
-`parse_score` reads 2 and 3 as well (their cluster unknown, ""), so the sink keeps working while
-workers are upgraded.
+`expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`; 4 adds `cluster`; 5
+adds `country`. `parse_score` reads 2 to 4 as well (the fields they lack read as ""), so the sink
+keeps working while workers are upgraded.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, NewType, get_type_hints
 
 from features.contract import Invalid, Reason, decode, parse_ts
 
-SCORE_SCHEMA_VERSION = 4
-READABLE_SCHEMA_VERSIONS = (2, 3, 4)
+SCORE_SCHEMA_VERSION = 5
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5)
 LEGACY_CLV = "expected_clv"  # schema 2's name for the expectation schema 3 calls `clv`
 MAX_INT = 2**31 - 1  # whole-number fields are 32-bit columns in the snapshot
 
@@ -55,6 +55,8 @@ class ScoreRecord:
     segment: str = _doc("named segment (`clv query segments` lists them with their playbooks)")
     cluster: str = _doc("behavioral cluster, named by its profile (`clv query clusters`); empty "
                         "when the model carries no clusters or the message is of schema 2 or 3")
+    country: str = _doc("country of the customer's newest event that carried one; empty when "
+                        "none did (CDNOW has none) or the message is of schema 2 to 4")
     horizon_months: int = _doc("months the forecast covers", run=True)
     model_version: str = _doc("the model that produced the score", run=True)
     as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on any "
@@ -86,21 +88,24 @@ def encode_score(record: ScoreRecord) -> bytes:
 
 
 # Per readable schema version, the message field and type of each record field after the version;
-# None: a field the version lacks, read as "" (schemas 2 and 3 have no `cluster`).
-_SOURCES = {
-    4: tuple((name, FIELD_TYPES[name]) for name in FIELDS if name != "schema_version"),
-    3: tuple((None if name == "cluster" else name, FIELD_TYPES[name])
-             for name in FIELDS if name != "schema_version"),
-    2: tuple((LEGACY_CLV if name == "clv" else None if name == "cluster" else name, FIELD_TYPES[name])
-             for name in FIELDS if name != "schema_version"),
-}
+# None: a field the version lacks, read as "".
+_ADDED_IN = {"cluster": 4, "country": 5}
+
+
+def _sources(version: int) -> tuple[tuple[str | None, Any], ...]:
+    return tuple((None if _ADDED_IN.get(name, 0) > version
+                  else LEGACY_CLV if name == "clv" and version == 2 else name, FIELD_TYPES[name])
+                 for name in FIELDS if name != "schema_version")
+
+
+_SOURCES = {version: _sources(version) for version in READABLE_SCHEMA_VERSIONS}
 
 
 def parse_score(value: bytes | str) -> ScoreRecord | str:
     """The record a message stands for, or why it is unusable (`reason` or `reason:field`, with
     the transaction contract's reason codes); never raises. A schema-2 message becomes the
     current record it implies: its `expected_clv` is the `clv`, its quantile `clv` is dropped;
-    a schema-2 or 3 message has no cluster ("").
+    a message has "" for the fields its version lacks (cluster before 4, country before 5).
     Times come back as `iso_time` writes them."""
     obj = decode(value)
     if isinstance(obj, Invalid):

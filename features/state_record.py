@@ -5,13 +5,16 @@ Format 1 is one version byte (0x01) followed by a MessagePack array:
     [customer_id, partition, offset, past_spend_cents, past_units, past_invoices,
      past_active_months, first_ts, last_purchase_ts, newest_ts, first_month,
      last_purchase_month, ids_forgotten,
-     [[month, spend_cents, units, n_invoices, invoice_keys, event_keys], ...]]
+     [[month, spend_cents, units, n_invoices, invoice_keys, event_keys], ...], country]
+
+`country` ("" unknown) was added last: a record without it (written before) decodes as unknown.
 
 Money in integer cents, times in epoch seconds, months as `features.aggregate.month_of`; key
 lists are packed little-endian unsigned 64-bit integers, oldest first. A typical customer (a few
 invoices over the window) takes 100-300 bytes. Bound: the state keeps at most `MAX_IDS` keys and
 at most `window` months, so a record is at most `record_bound(window)` bytes plus its customer
-id's UTF-8 length: 33,445 + len(id) for the shipped 13-month window.
+id's and country's UTF-8 lengths: 33,450 + len(id) + len(country) for the shipped 13-month
+window.
 
 Records written before format 1 are JSON objects (first byte `{`, with every event and invoice id
 in full); they are still read, their ids turned into keys, so a changelog written by an older
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import msgspec
 
@@ -30,7 +34,8 @@ from features.aggregate import MAX_IDS, CustomerState, MonthAgg, id_key
 FORMAT = 1
 _HEADER = bytes([FORMAT])
 _MONTH_FIXED = 1 + 5 + 3 * 9 + 2 * 5  # array header, month, three int64s, two bin headers
-_STATE_FIXED = 1 + 1 + 5 + 12 * 9 + 3  # version, array header, id header, twelve ints, month list
+# version, array header, id header, twelve ints, month list header, country header
+_STATE_FIXED = 1 + 1 + 5 + 12 * 9 + 3 + 5
 
 
 class StateDecodeError(ValueError):
@@ -38,7 +43,8 @@ class StateDecodeError(ValueError):
 
 
 def record_bound(window: int) -> int:
-    """Most bytes a record takes, besides its customer id, for a `window`-month state."""
+    """Most bytes a record takes, besides its customer id and country, for a `window`-month
+    state."""
     return _STATE_FIXED + window * _MONTH_FIXED + 8 * MAX_IDS
 
 
@@ -54,8 +60,10 @@ def _unpack(blob: bytes) -> dict[int, None]:
 
 _encoder = msgspec.msgpack.Encoder()
 _Month = tuple[int, int, int, int, bytes, bytes]
-_decoder = msgspec.msgpack.Decoder(tuple[str, int, int, int, int, int, int, int | None, int | None,
-                                         int | None, int | None, int | None, int, list[_Month]])
+_Fields = (str, int, int, int, int, int, int, int | None, int | None, int | None, int | None,
+           int | None, int, list[_Month])
+_decoder = msgspec.msgpack.Decoder(tuple[(*_Fields, str)])  # type: ignore[misc]
+_decoder_without_country = msgspec.msgpack.Decoder(tuple[_Fields])  # type: ignore[misc]
 
 
 def encode_state(state: CustomerState) -> bytes:
@@ -65,7 +73,15 @@ def encode_state(state: CustomerState) -> bytes:
         state.last_purchase_ts, state.newest_ts, state.first_month, state.last_purchase_month,
         state.ids_forgotten,
         [(m, a.spend_cents, a.units, a.n_invoices, _pack(a.invoices), _pack(a.events))
-         for m, a in state.months.items()]))
+         for m, a in state.months.items()], state.country))
+
+
+def _decode_fields(body: memoryview) -> tuple[Any, ...]:
+    """The array of a format-1 record, its country "" when written before it had one."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError:
+        return (*_decoder_without_country.decode(body), "")
 
 
 def decode_state(data: bytes) -> CustomerState:
@@ -74,13 +90,13 @@ def decode_state(data: bytes) -> CustomerState:
     if data[:1] == _HEADER:
         try:
             (cid, partition, offset, past_spend, past_units, past_invoices, past_active, first_ts,
-             last_ts, newest_ts, first_month, last_month, forgotten, months) = _decoder.decode(
-                memoryview(data)[1:])
+             last_ts, newest_ts, first_month, last_month, forgotten, months,
+             country) = _decode_fields(memoryview(data)[1:])
         except msgspec.MsgspecError as exc:
             raise StateDecodeError(f"not a format-{FORMAT} state record: {exc}") from None
         state = CustomerState(cid, partition, offset, {}, past_spend, past_units, past_invoices,
                               past_active, first_ts, last_ts, first_month, last_month, newest_ts,
-                              forgotten)
+                              forgotten, country)
         for m, spend, units, n_invoices, invoices, events in months:
             agg = state.months[m] = MonthAgg(spend, units, n_invoices, _unpack(invoices),
                                              _unpack(events))

@@ -273,7 +273,7 @@ def _selection(request: web.Request) -> Selection:
     return Selection(segments=(q["segment"],) if "segment" in q else (),
                      clusters=(q["cluster"],) if "cluster" in q else (),
                      min_frequency=_int_param(request, "min_frequency", 0, MAX_INT, low=0),
-                     min_clv=low)
+                     min_clv=low, countries=(q["country"],) if "country" in q else ())
 
 
 def _rows(request: web.Request, body: Any, rows: int) -> web.Response:
@@ -491,6 +491,9 @@ def _selection_params() -> list[dict[str, Any]]:
              "description": "a named segment or a value tier; another value is answered 400"},
             {"name": "cluster", "in": "query", "required": False, "schema": _TEXT,
              "description": "a behavioral cluster (`/clusters` lists them)"},
+            {"name": "country", "in": "query", "required": False, "schema": _TEXT,
+             "description": "a country, as the transactions name it; a customer whose country "
+                            "is unknown (as on CDNOW) has an empty one"},
             {"name": "min_frequency", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "default": 0},
              "description": "only customers with at least this many purchases"},

@@ -77,12 +77,14 @@ def _plain(value: Any) -> Any:
 class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
     name segments and value tiers (a customer in any of the segments named, and in any of the
-    tiers named); `clusters` behavioral clusters; then minimum frequency and expected CLV."""
+    tiers named); `clusters` behavioral clusters; then minimum frequency and expected CLV;
+    `countries` countries ("" where unknown)."""
 
     segments: tuple[str, ...] = ()
     clusters: tuple[str, ...] = ()
     min_frequency: int = 0
     min_clv: float | None = None
+    countries: tuple[str, ...] = ()
 
 
 class Snapshot:
@@ -118,7 +120,8 @@ class Snapshot:
                                  f"value tiers: {', '.join(TIERS)}")
         for column, names in (("segment", [n for n in sel.segments if n in SEGMENTS]),
                               ("value_tier", [n for n in sel.segments if n in TIERS]),
-                              ("cluster", list(sel.clusters))):
+                              ("cluster", list(sel.clusters)),
+                              ("country", list(sel.countries))):
             if names:
                 conds.append(f"{column} IN ({', '.join('?' * len(names))})")
                 params += names
@@ -142,6 +145,11 @@ class Snapshot:
 
     def tiers(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM tier_summary")
+
+    def countries(self) -> list[str]:
+        """The countries of the customers whose country is known, for a filter to offer."""
+        return [r["country"] for r in self._rows(
+            "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
 
     def clusters(self) -> list[dict[str, Any]]:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""

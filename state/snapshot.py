@@ -141,9 +141,10 @@ class Snapshots:
                 "AND table_name = 'customer_scores'").fetchall()}
             # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
             # expectation, today's `clv`, is in its LEGACY_CLV column. Sinks before schema 4
-            # wrote no cluster: unknown, as in their messages.
+            # wrote no cluster, before schema 5 no country: unknown, as in their messages.
             select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have
-                      else f"'{UNKNOWN}' AS {c}" if c == "cluster" and c not in have else c
+                      else f"'{UNKNOWN}' AS {c}" if c == "cluster" and c not in have
+                      else f"'' AS {c}" if c == "country" and c not in have else c
                       for c in (*COLUMNS, *_SOURCE)]
             con.execute(f"INSERT INTO scores SELECT {', '.join(select)} FROM clv_previous.customer_scores")
         finally:

@@ -317,6 +317,8 @@ def _selection_args(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what}: only this segment or value tier (repeat for several)")
     p.add_argument("--cluster", action="append", default=None,
                    help=f"{what}: only this behavioral cluster (repeat for several)")
+    p.add_argument("--country", action="append", default=None,
+                   help=f"{what}: only customers of this country, where known (repeat for several)")
     p.add_argument("--min-frequency", type=_non_negative_int, default=0,
                    help=f"{what}: only customers with at least this many purchases")
     p.add_argument("--min-clv", type=float, default=None, help=f"{what}: only expected CLV >= this")
@@ -326,7 +328,7 @@ def _selection(args: argparse.Namespace):
     from state.queries import Selection
 
     return Selection(tuple(args.segment or ()), tuple(args.cluster or ()), args.min_frequency,
-                     args.min_clv)
+                     args.min_clv, tuple(args.country or ()))
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -8,13 +8,15 @@ from hypothesis import strategies as st
 
 from features.scores import LEGACY_CLV
 
-GOOD = {"schema_version": 4, "customer_id": "17850", "clv": 412.37, "p_purchase": 0.83,
+GOOD = {"schema_version": 5, "customer_id": "17850", "clv": 412.37, "p_purchase": 0.83,
         "recency_days": 3.1, "frequency": 34, "monetary": 161.2, "tenure_days": 371.0,
-        "total_spend": 5481.0, "segment": "vip", "cluster": "recent_frequent", "horizon_months": 6,
+        "total_spend": 5481.0, "segment": "vip", "cluster": "recent_frequent",
+        "country": "United Kingdom", "horizon_months": 6,
         "model_version": "gru-1998-06-30-h6-1a2b3c4d-5e6f7a", "as_of": "2011-12-09T12:50:00+00:00",
         "scored_at": "2026-11-22T05:00:00.123000+00:00"}
-# What workers of earlier releases published for the same customer: no cluster yet.
-SCHEMA_3 = {k: v for k, v in GOOD.items() if k != "cluster"} | {"schema_version": 3}
+# What workers of earlier releases published for the same customer: no country, then no cluster.
+SCHEMA_4 = {k: v for k, v in GOOD.items() if k != "country"} | {"schema_version": 4}
+SCHEMA_3 = {k: v for k, v in SCHEMA_4.items() if k != "cluster"} | {"schema_version": 3}
 SCHEMA_2 = {**SCHEMA_3, "schema_version": 2, "clv": 396.80, LEGACY_CLV: 412.37}
 
 JSON_VALUES = st.recursive(

@@ -48,14 +48,16 @@ AUDIT_FIELDS = {"time", "client", "method", "path", "status", "rows", "duration_
 
 
 def write_snapshot(path: Path, customers: int) -> Path:
-    """A snapshot as the sink writes it, of `customers` customers in every segment."""
+    """A snapshot as the sink writes it, of `customers` customers in every segment, a third of
+    them of unknown country."""
     base = parse_score(json.dumps(GOOD))
     store = snapshot.Snapshots(path, "clv-scores")
     try:
         store.open()
         for i in range(customers):
             score = replace(base, customer_id=f"c{i:06d}", clv=(i * 7919 % 1000) / 4,
-                            segment=SEGMENTS[i % len(SEGMENTS)])
+                            segment=SEGMENTS[i % len(SEGMENTS)],
+                            country=("United Kingdom", "France", "")[i % 3])
             store.put(score.customer_id, snapshot.row(score, 0, i))
         store.offsets = {0: customers}
         assert store.publish() == customers
@@ -253,11 +255,14 @@ def test_export_streams_the_rows_of_the_export_query(tmp_path):
                            ("?segment=high", Selection(("high",))),
                            ("?segment=regular&cluster=recent_frequent&min_frequency=34&min_clv=100",
                             Selection(("regular",), ("recent_frequent",), 34, 100.0)),
-                           ("?cluster=nobody", Selection((), ("nobody",)))):
+                           ("?cluster=nobody", Selection((), ("nobody",))),
+                           ("?country=France&segment=vip", Selection(("vip",), countries=("France",)))):
             status, headers, body = api.call("/export.csv" + query)
             assert status == 200 and headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
             assert body.decode() == snap.frame(sel).to_csv(index=False), query
         assert snap.frame(Selection(("regular",), ("recent_frequent",), 34, 100.0)).shape[0] > 1000
+        france = snap.frame(Selection(countries=("France",)))
+        assert len(france) == 20_000 and set(france["country"]) == {"France"}
         status, _, body = api.call("/export.csv?segment=nobody")
         assert status == 400 and "unknown segment" in json.loads(body)["error"]
     finally:

@@ -36,6 +36,9 @@ def test_bulk_fold_leaves_the_stream_folds_records(tmp_path):
     """Per partition, in event-time order, as the worker folds: the same bytes per customer."""
     lines, _ = read_lines(write(generate(400, 6000, seed=9)[0], tmp_path / "h.csv"))
     lines = pd.concat([lines, _heavy_customer(lines["ts"].min())], ignore_index=True)
+    # Online Retail files carry a country per line: some invoices with one, some without.
+    code = pd.factorize(lines["invoice_no"])[0] % 4
+    lines["country"] = pd.Series(["United Kingdom", "France", None, "EIRE"], dtype=object)[code].to_numpy()
     folders = [Folder(13) for _ in range(4)]
     for ev in events_from_lines(lines):
         folders[home_partition(ev.customer_id.encode(), 4)].add(ev.customer_id, contribution(ev))
@@ -45,6 +48,7 @@ def test_bulk_fold_leaves_the_stream_folds_records(tmp_path):
     assert {s.customer_id for s in bulk.states} == set(stream) and len(bulk.states) == len(stream)
     assert min(len(s.months) for s in bulk.states) >= 1 and max(s.past_invoices for s in bulk.states) > 0
     assert stream["HEAVY"].ids_forgotten > 0 and stream["HEAVY"].n_ids == MAX_IDS
+    assert {s.country for s in bulk.states} >= {"United Kingdom", "France", "EIRE"}
     for s in bulk.states:
         assert encode_state(s) == encode_state(stream[s.customer_id]), s.customer_id
 

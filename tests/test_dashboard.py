@@ -125,6 +125,11 @@ def test_kpis_and_segment_table_are_the_snapshots(page, served):
     assert "vip" in segments
     books = {r["segment"]: r for r in table(page, "what to measure")}
     assert set(books) == set(segments) and books["vip"]["what to do"].startswith("protect")
+    # The demo's transactions name no country: no country filter, a note instead.
+    assert query(path, "SELECT count(*) FROM customer_scores WHERE country <> ''")[0][0] == 0
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    assert sidebar.locator('[data-testid="stMultiSelect"]').filter(has_text="Country").count() == 0
+    assert "no customer's transactions name one" in sidebar.inner_text()
 
 
 def test_segment_filter_changes_the_top_list_and_the_download_is_clv_export(page, served, tmp_path):

@@ -1,21 +1,26 @@
-"""The `clv-scores` contract: every reason a message is unusable, schema-2 and 3 messages read as
-the records they imply, a parser that never raises, and the JSON Schema file kept current."""
+"""The `clv-scores` contract: every reason a message is unusable, schema-2 to 4 messages read as
+the records they imply, scores carrying the customer's country, a parser that never raises, and
+the JSON Schema file kept current."""
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from export_onnx.artifact import Artifact, shipped_model_dir
+from features.aggregate import Folder, contribution
+from features.contract import Line, TransactionEvent
 from features.scores import (CUSTOMER_FIELDS, FIELD_TYPES, FIELDS, LEGACY_CLV, SCORE_SCHEMA_VERSION,
                              IsoTime, ScoreRecord, as_dict, encode_score, parse_score, score_schema,
                              score_schema_json)
-from score_messages import GOOD, SCHEMA_2, SCHEMA_3, near_valid
+from stream.scoring import score_states
+from score_messages import GOOD, SCHEMA_2, SCHEMA_3, SCHEMA_4, near_valid
 
 
 def msg(base: dict = GOOD, **changes) -> bytes:
@@ -34,16 +39,24 @@ def test_schema_2_message_reads_as_its_expectation():
     record = parse_score(msg(SCHEMA_2))
     assert isinstance(record, ScoreRecord)
     assert record.clv == 412.37 and record.schema_version == SCORE_SCHEMA_VERSION
-    assert as_dict(record) == {**GOOD, "cluster": ""}  # the quantile is dropped; no cluster yet
+    assert as_dict(record) == {**GOOD, "cluster": "", "country": ""}  # quantile dropped; no cluster
     assert parse_score(msg(SCHEMA_2, clv=...)) == record  # its quantile is not needed
     assert parse_score(msg(SCHEMA_2, clv="not read")) == record
 
 
 def test_schema_3_message_reads_without_a_cluster():
     record = parse_score(msg(SCHEMA_3))
-    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "cluster": ""}
+    assert isinstance(record, ScoreRecord)
+    assert as_dict(record) == {**GOOD, "cluster": "", "country": ""}
     assert parse_score(msg(SCHEMA_3, cluster=7)) == record  # a field schema 3 lacks is not read
-    assert parse_score(msg(cluster=...)) == "missing_field:cluster"  # schema 4 must carry it
+    assert parse_score(msg(cluster=...)) == "missing_field:cluster"  # schema 5 must carry it
+
+
+def test_schema_4_message_reads_without_a_country():
+    record = parse_score(msg(SCHEMA_4))
+    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "country": ""}
+    assert parse_score(msg(SCHEMA_4, country=7)) == record  # a field schema 4 lacks is not read
+    assert parse_score(msg(country=...)) == "missing_field:country"
 
 
 def test_times_come_back_in_utc():
@@ -64,7 +77,7 @@ def test_times_come_back_in_utc():
     (msg(schema_version=True), "wrong_type:schema_version"),
     (msg(schema_version=3.0), "wrong_type:schema_version"),
     (msg(schema_version=1), "unknown_schema_version"),
-    (msg(schema_version=5), "unknown_schema_version"),
+    (msg(schema_version=6), "unknown_schema_version"),
     (msg(customer_id=None), "wrong_type:customer_id"),
     (msg(customer_id=17850), "wrong_type:customer_id"),
     (msg(customer_id="  "), "empty_field:customer_id"),
@@ -148,3 +161,15 @@ def test_schema_describes_the_messages_the_worker_writes():
         assert isinstance(value, json_type[prop["type"]]) and prop["description"], name
     assert schema["properties"]["schema_version"]["const"] == SCORE_SCHEMA_VERSION
     assert set(CUSTOMER_FIELDS) < set(FIELDS) and CUSTOMER_FIELDS[:3] == ("customer_id", "clv", "p_purchase")
+
+
+def test_scores_carry_the_customers_country():
+    """The one scoring path (worker, `clv score`, `POST /score`) fills `country` from the state."""
+    at = datetime(2011, 11, 1, tzinfo=timezone.utc)
+    folder = Folder(13)
+    for cid, country in (("a", "France"), ("b", None)):
+        folder.add(cid, contribution(TransactionEvent(f"e-{cid}", cid, f"i-{cid}", at,
+                                                      (Line("X", 2, 3.5),), country)))
+    scores = score_states(Artifact.load(shipped_model_dir()), list(folder.states.values()), at)
+    assert [(s.customer_id, s.country) for s in scores] == [("a", "France"), ("b", "")]
+    assert all(parse_score(encode_score(s)) == s for s in scores)

@@ -16,6 +16,7 @@ from dataclasses import astuple, replace
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +27,7 @@ from features.segments import PLAYBOOKS, SEGMENTS
 from harness import CLV, Api, Process, read_topic, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
+from state.queries import Snapshot
 from stream.broker import free_port
 
 
@@ -336,7 +338,8 @@ def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_pat
         store.publish()
     finally:
         store.close()
-    assert _rows(path)["c1"]["clv"] == 7.5
+    row = _rows(path)["c1"]
+    assert row["clv"] == 7.5 and row["cluster"] == row["country"] == ""  # columns it lacked: unknown
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -421,7 +424,8 @@ def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scor
 
 def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     """`cluster_summary` adds up to the customers and value of `customer_scores`, and
-    `segment_playbook` holds every field of every playbook, as `clv query` shows them."""
+    `segment_playbook` holds every field of every playbook, as `clv query` shows them; `clv
+    export` and `clv query top` select by country."""
     base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
     path = tmp_path / "clv.duckdb"
     store = snapshot.Snapshots(path, "scores")
@@ -429,7 +433,7 @@ def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
         store.open()
         for i in range(9):
             score = replace(base, customer_id=f"c{i}", clv=float(i), cluster=f"k{i % 3}",
-                            segment=SEGMENTS[i % 2])
+                            segment=SEGMENTS[i % 2], country=("France", "", "EIRE")[i % 3])
             store.put(score.customer_id, snapshot.row(score, 0, i))
         store.publish()
     finally:
@@ -448,3 +452,12 @@ def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     assert books == {name: list(astuple(book)) for name, book in PLAYBOOKS.items()}
     text = clv("query", "segments", env=env).stdout
     assert all(part in text for s in SEGMENTS[:2] for part in astuple(PLAYBOOKS[s]))
+    out = tmp_path / "eu.csv"
+    res = clv("export", "--out", str(out), "--country", "France", "--country", "EIRE", env=env)
+    assert res.returncode == 0, res.stderr
+    exported = pd.read_csv(out, keep_default_na=False)
+    assert sorted(exported["customer_id"]) == [f"c{i}" for i in range(9) if i % 3 != 1]
+    assert set(exported["country"]) == {"France", "EIRE"}
+    assert Snapshot(path).countries() == ["EIRE", "France"]  # what the dashboard's filter offers
+    top = json.loads(clv("query", "top", "--country", "EIRE", "--json", env=env).stdout)
+    assert [r["customer_id"] for r in top] == ["c8", "c5", "c2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,8 +19,10 @@ WINDOW = 13
 T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
 
 
-def event(cid: str, invoice: str, ts: datetime, qty: int = 2, price: float = 2.55) -> TransactionEvent:
-    return TransactionEvent(stable_event_id(cid, invoice), cid, invoice, ts, (Line("A", qty, price),))
+def event(cid: str, invoice: str, ts: datetime, qty: int = 2, price: float = 2.55,
+          country: str | None = None) -> TransactionEvent:
+    return TransactionEvent(stable_event_id(cid, invoice), cid, invoice, ts, (Line("A", qty, price),),
+                            country)
 
 
 @settings(max_examples=100, deadline=None)
@@ -36,6 +39,27 @@ def test_round_trip_keeps_every_field(rows):
     assert again.canonical(folder.window_start) == state.canonical(folder.window_start)
 
 
+def test_country_is_the_newest_known_and_round_trips():
+    folder = Folder(WINDOW)
+    for k, (day, country) in enumerate([(5, None), (3, "France"), (9, None), (2, "Spain")]):
+        folder.add("c1", contribution(event("c1", f"I{k}", T0 + timedelta(days=day), country=country)))
+    state = folder.states["c1"]
+    assert state.country == "France"  # it filled an unknown country; Spain's event is older
+    folder.add("c1", contribution(event("c1", "I9", T0 + timedelta(days=9), country="EIRE")))
+    assert state.country == "EIRE"
+    assert decode_state(encode_state(state)) == state
+
+
+def test_records_written_before_the_country_decode_as_unknown():
+    folder = Folder(WINDOW)
+    folder.add("c1", contribution(event("c1", "I1", T0, country="France")), partition=2, offset=7)
+    state = folder.states["c1"]
+    without = encode_state(state)[:-len(msgspec.msgpack.encode("France"))]  # drop the last element
+    without = without[:1] + bytes([without[1] - 1]) + without[2:]  # fixarray of 15 -> 14
+    old = decode_state(without)
+    assert old.country == "" and old.totals() == state.totals() and (old.partition, old.offset) == (2, 7)
+
+
 def test_typical_customer_is_small():
     folder = Folder(WINDOW)
     for k in range(8):
@@ -50,12 +74,13 @@ def test_full_state_stays_under_the_bound():
     for m in range(WINDOW):
         for k in range(per_month):
             ts = T0 + timedelta(days=31 * m, seconds=k)
-            folder.add("c", contribution(event("c", f"{m}-{k}", ts, qty=999_999, price=999_999.0)))
+            folder.add("c", contribution(event("c", f"{m}-{k}", ts, qty=999_999, price=999_999.0,
+                                               country="United Kingdom")))
     state = folder.states["c"]
     state.offset = state.partition = state.ids_forgotten = 2**63 - 1
     state.past_spend_cents = -(2**63)
     assert len(state.months) == WINDOW and state.n_ids == MAX_IDS
-    assert len(encode_state(state)) <= record_bound(WINDOW) + len("c")
+    assert len(encode_state(state)) <= record_bound(WINDOW) + len("c") + len("United Kingdom")
 
 
 def test_thirty_thousand_invoices_in_a_month_count_exactly_within_the_bound():

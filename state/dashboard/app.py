@@ -60,7 +60,7 @@ def load(path: str, snap_stamp: tuple[int, int]) -> dict[str, Any]:
     keys the cache: a new snapshot is read anew)."""
     snap = Snapshot(path)
     return {"customers": snap.frame(), "summary": snap.summary(), "segments": snap.segments(),
-            "tiers": snap.tiers(), "clusters": snap.clusters()}
+            "tiers": snap.tiers(), "clusters": snap.clusters(), "countries": snap.countries()}
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -179,11 +179,17 @@ def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
     tiers = side.multiselect("Value tier", list(TIERS))
     cluster_names = sorted(frame["cluster"].unique())
     picked = side.multiselect("Cluster", cluster_names)
+    countries: list[str] = []
+    if data["countries"]:
+        countries = side.multiselect("Country", data["countries"])
+    else:
+        side.caption("Country: no customer's transactions name one, so there is no country filter.")
     min_freq = int(side.number_input("Minimum frequency (purchases)", min_value=0, value=0, step=1))
     min_clv = float(side.number_input("Minimum expected CLV ($)", min_value=0.0, value=0.0, step=5.0))
     n = int(side.number_input("Top N", min_value=1, max_value=TOP_N_MAX, value=20, step=10))
     colour = side.radio("Colour charts by", ["segment", "cluster"], horizontal=True)
-    sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None)
+    sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None,
+                    tuple(countries))
     return sel, n, colour
 
 
@@ -193,7 +199,7 @@ def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, co
     st.header("Customers")
     frame = selected(path, snap_stamp, sel)
     st.caption(f"{len(frame):,} customers match the filters; the top {min(n, len(frame)):,} by expected CLV:")
-    cols = ["customer_id", "clv", "p_purchase", "segment", "cluster", "value_tier", "frequency",
+    cols = ["customer_id", "clv", "p_purchase", "segment", "cluster", "country", "value_tier", "frequency",
             "recency_days", "monetary", "total_spend"]
     st.table(shown(frame[cols].head(n), money_cols=("clv", "monetary", "total_spend")), hide_index=True)
     st.download_button(f"Download CSV ({len(frame):,} customers)", csv_text(frame),
