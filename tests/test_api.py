@@ -131,7 +131,7 @@ def test_token_only_as_a_bearer_credential(api, authorization, status):
 def test_a_parameter_the_path_does_not_take_is_refused(api):
     status, _, body = api.call("/top?segmnet=vip")  # not silently every segment
     assert status == 400 and json.loads(body)["error"] == (
-        "unknown parameter segmnet; /top takes cluster, min_clv, min_frequency, n, segment")
+        "unknown parameter segmnet; /top takes cluster, country, min_clv, min_frequency, n, segment")
     assert api.call("/top?min_clv=nan")[0] == 400 and api.call("/top?min_frequency=-1")[0] == 400
     assert api.call("/segments?n=1")[0] == 400 and api.call("/health?verbose=1", "")[0] == 400
     assert api.call("/sql?q=SELECT%201", data=b"SELECT 1")[0] == 400  # a POST's SQL is its body

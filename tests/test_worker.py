@@ -153,7 +153,7 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
     # although their partitions saw nothing after January (the worker's clock aged them).
     accepted = tmp_path / "accepted.csv"
     accepted.write_text("InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
-                        + "".join(f"{e['invoice_no']},A,x,2,{e['ts'][:19].replace('T', ' ')},5.0,{e['customer_id']},UK\n"
+                        + "".join(f"{e['invoice_no']},A,x,2,{e['ts'][:19].replace('T', ' ')},5.0,{e['customer_id']},{e.get('country', '')}\n"
                                   for e in (json.loads(v) for _, v, _ in valid)))
     assert len(assert_exact(scores, batch_scores(tmp_path, accepted))) == 3
     assert scores["c3"]["as_of"] == "2011-02-07T10:00:00+00:00"
