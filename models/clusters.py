@@ -131,10 +131,11 @@ def names(centroids: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> list[str]:
     for n in range(3, len(CLUSTER_FEATURES) + 1):
         clash = {x for x in out if out.count(x) > 1}
         out = [name(i, n) if x in clash else x for i, x in enumerate(out)]
+    clash = {x for x in out if out.count(x) > 1}  # before numbering renames any of them
     seen: dict[str, int] = {}
     for i, x in enumerate(out):
-        seen[x] = seen.get(x, 0) + 1
-        if out.count(x) > 1:
+        if x in clash:
+            seen[x] = seen.get(x, 0) + 1
             out[i] = f"{x}_{seen[x]}"
     return out
 

@@ -38,6 +38,14 @@ def test_fit_finds_the_groups_and_names_them_by_profile():
     assert has_word(returners, "returner")
 
 
+def test_clusters_that_keep_sharing_a_name_are_all_numbered():
+    x = blobs()
+    same = np.ones(len(CLUSTER_FEATURES))  # identical centroids: no feature tells them apart
+    got = clusters.names(np.stack([same, -same, same, same]), x.mean(axis=0), x.std(axis=0))
+    shared = "lapsed_frequent_big_basket_older_steady_returner"
+    assert got == [f"{shared}_1", "recent_one_time", f"{shared}_2", f"{shared}_3"]
+
+
 def test_assignment_is_the_nearest_standardized_centroid():
     x = blobs(2)
     c = clusters.fit(x, seed=3)
