@@ -10,7 +10,6 @@ scoring use a seeded sample of the cohort: Ward and the silhouette are quadratic
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,11 +17,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 
-from features.aggregate import month_of
-from features.batch import snapshots
-from features.clusters import CLUSTER_FEATURES, assign_clusters, behaviour, nearest
-from features.contract import TransactionEvent
-from features.sequences import rfm
+from features.clusters import CLUSTER_FEATURES, assign_clusters, nearest
 from models.dataset import NotEnoughHistory
 
 K_RANGE = range(3, 9)  # at least three: fewer says little an RFM table does not
@@ -60,14 +55,6 @@ def _ward(z: np.ndarray, k: int, _seed: int) -> np.ndarray:
 
 METHODS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
     "kmeans": _kmeans, "gmm": _gmm, "ward": _ward}
-
-
-def cohort_features(events: Sequence[TransactionEvent], cutoff: datetime, window: int) -> np.ndarray:
-    """`features.clusters.behaviour` of every customer with an event by the cutoff, as of it."""
-    snap = next(snapshots(events, [cutoff], window))
-    states = list(snap.states.values())
-    as_of_ts = int(cutoff.astimezone(timezone.utc).timestamp())
-    return behaviour(states, [rfm(s, as_of_ts) for s in states], month_of(cutoff), window)
 
 
 def _scores(z: np.ndarray, labels: np.ndarray) -> dict[str, float] | None:

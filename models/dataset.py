@@ -15,6 +15,7 @@ import numpy as np
 
 from features.aggregate import contribution, month_of
 from features.batch import end_of, snapshots
+from features.clusters import behaviour
 from features.contract import TransactionEvent
 from features.sequences import STATIC_FEATURES, Inputs, build_inputs, rfm
 
@@ -76,6 +77,7 @@ class Split:
     labelled: Examples  # every origin before the cutoff, labelled up to the cutoff month at most
     scoring: Examples  # every customer at the cutoff; y is the actual horizon spend if known
     last_month: int  # the cutoff's month
+    cohort: np.ndarray  # the scoring customers' features.clusters.behaviour, clusters' cohort
 
 
 def rolling_split(
@@ -101,24 +103,27 @@ def rolling_split(
     spend = _monthly_spend(events)
     origins = [month_end(m) for m in range(first_origin, last)]
     labelled: list[Examples] = []
-    scoring: Examples | None = None
+    at_cutoff: tuple[Examples, np.ndarray] | None = None
     for snap in snapshots(events, [*origins, cutoff], window):
         ids = list(snap.states)
         states = list(snap.states.values())
         as_of = int(snap.cutoff.timestamp())
-        r = np.array([list(vars(rfm(s, as_of)).values()) for s in states], dtype=np.float64)
+        fields = [rfm(s, as_of) for s in states]
+        r = np.array([list(vars(f).values()) for f in fields], dtype=np.float64)
         if snap.month == last:
             y = (_labels(_monthly_spend(actual_events), ids, last, horizon)
                  if actual_events else np.full(len(ids), np.nan))
             scoring = Examples(ids, np.full(len(ids), last), build_inputs(states, last, window, horizon), y, r)
+            at_cutoff = (scoring, behaviour(states, fields, last, window))
             continue
         k = min(horizon, last - snap.month)
         labelled.append(Examples(ids, np.full(len(ids), snap.month),
                                  build_inputs(states, snap.month, window, k),
                                  _labels(spend, ids, snap.month, k), r))
-    if scoring is None or not labelled:
+    if at_cutoff is None or not labelled:
         raise NotEnoughHistory("not enough history before the cutoff for training and validation")
-    return Split(_concat(labelled), scoring, last)
+    scoring, cohort = at_cutoff
+    return Split(_concat(labelled), scoring, last, cohort)
 
 
 FOLDS = 5  # a network holds out one customer in five for early stopping

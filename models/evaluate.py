@@ -81,7 +81,7 @@ def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
     """Train on everything up to the cutoff and write the artifact; `discount_rate` (annual)
     makes `clv` the discounted expected spend."""
     prep = _prepare(file, cutoff, horizon, window, False, file_opts)
-    clustering = clusters.fit(clusters.cohort_features(prep.events, prep.cutoff, window), cfg.seed)
+    clustering = clusters.fit(prep.split.cohort, cfg.seed)
     model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total)
     return export_artifact(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, out,
                            info, cfg, discount_rate, clustering)
@@ -98,7 +98,8 @@ def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -
     if cut.isoformat() != meta["cutoff"] or fingerprint(events) != meta["training_data_sha256"]:
         raise NotEnoughHistory(f"{file} up to {cutoff} is not the data model {meta['version']} was "
                                f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)")
-    meta["clustering"] = clusters.fit(clusters.cohort_features(events, cut, meta["window"]), seed)
+    split = rolling_split(events, cut, meta["horizon_months"], meta["window"])  # train's cohort
+    meta["clustering"] = clusters.fit(split.cohort, seed)
     meta["first_event"] = events[0].ts.isoformat()
     tmp = meta_path.with_name(f".{META_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
