@@ -21,6 +21,7 @@ from features.sequences import RFM
 # were returns (net units not positive).
 CLUSTER_FEATURES = ("log_recency_days", "log_frequency", "log_order_value", "log_tenure_days",
                     "regularity", "return_share")
+LOGGED = np.array([f.startswith("log_") for f in CLUSTER_FEATURES])  # log1p of plain units
 UNKNOWN = ""  # the cluster of a score from a model without clusters
 
 
@@ -40,7 +41,15 @@ def behaviour(states: Sequence[CustomerState], fields: Sequence[RFM], as_of_mont
                 purchases += agg.n_invoices
         out[i] = (r.recency_days, r.frequency, max(r.monetary, 0.0), r.tenure_days,
                   active / (as_of_month - first + 1), (events - purchases) / events if events else 0.0)
-    out[:, :4] = np.log1p(out[:, :4])
+    out[:, LOGGED] = np.log1p(out[:, LOGGED])
+    return out
+
+
+def plain(rows: np.ndarray) -> np.ndarray:
+    """`behaviour` rows (unstandardized) back in plain units: days, purchases, dollars, shares,
+    the units cluster names and profiles are read in."""
+    out = np.array(rows, dtype=np.float64)
+    out[..., LOGGED] = np.expm1(out[..., LOGGED])
     return out
 
 

@@ -17,7 +17,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 
-from features.clusters import CLUSTER_FEATURES, assign_clusters, nearest
+from features.clusters import CLUSTER_FEATURES, assign_clusters, nearest, plain, standardize
 from models.dataset import NotEnoughHistory
 
 K_RANGE = range(3, 9)  # at least three: fewer says little an RFM table does not
@@ -37,7 +37,6 @@ WORDS = {
     "regularity": ("sporadic", "steady"),
     "return_share": ("keeper", "returner"),
 }
-LOGGED = 4  # the first four features are log1p of plain units
 
 
 def _kmeans(z: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -88,13 +87,6 @@ def compare(z: np.ndarray, seed: int, k_range: Sequence[int] = K_RANGE
     return out
 
 
-def plain(raw: np.ndarray) -> np.ndarray:
-    """Feature rows (unstandardized) in plain units: days, purchases, dollars, shares."""
-    out = np.array(raw, dtype=np.float64)
-    out[..., :LOGGED] = np.expm1(out[..., :LOGGED])
-    return out
-
-
 def names(centroids: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> list[str]:
     """A name per centroid from its two strongest standout features, in feature order
     (`typical` when none stands out). Centroids that would share a name take their next
@@ -135,7 +127,7 @@ def fit(x: np.ndarray, seed: int = 0, k_range: Sequence[int] = K_RANGE) -> dict[
         raise NotEnoughHistory(f"{len(x)} customers by the cutoff: too few to cluster")
     mean, sd = x.mean(axis=0), x.std(axis=0)
     sd = np.where(sd < MIN_SD, 1.0, sd)
-    z = (x - mean) / sd
+    z = standardize(x, {"mean": mean, "sd": sd})
     rng = np.random.default_rng(seed)
     sample = z[rng.choice(len(z), size=min(SAMPLE, len(z)), replace=False)]
     methods = compare(sample, seed, k_range)
@@ -154,13 +146,15 @@ def fit(x: np.ndarray, seed: int = 0, k_range: Sequence[int] = K_RANGE) -> dict[
 
 
 def _profile(rows: np.ndarray, total: int) -> dict[str, float]:
-    """A cluster in plain units: its share of the cohort, median features, mean return share."""
+    """A cluster in plain units: its share of the cohort, its median features (named without
+    `log_`), but the mean return share (the median of a share mostly 0 says little)."""
     if not len(rows):
         return {"share": 0.0}
-    med = plain(np.median(rows, axis=0))
-    return {"share": len(rows) / total, "recency_days": float(med[0]), "frequency": float(med[1]),
-            "order_value": float(med[2]), "tenure_days": float(med[3]), "regularity": float(med[4]),
-            "return_share": float(rows[:, 5].mean())}
+    median = plain(np.median(rows, axis=0))
+    profile = {"share": len(rows) / total,
+               **{f.removeprefix("log_"): float(v) for f, v in zip(CLUSTER_FEATURES, median)}}
+    profile["return_share"] = float(rows[:, CLUSTER_FEATURES.index("return_share")].mean())
+    return profile
 
 
 def render(clustering: dict[str, Any]) -> str:
