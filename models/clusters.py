@@ -10,7 +10,9 @@ scoring use a seeded sample of the cohort: Ward and the silhouette are quadratic
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import hashlib
+import json
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
@@ -143,6 +145,13 @@ def fit(x: np.ndarray, seed: int = 0, k_range: Sequence[int] = K_RANGE) -> dict[
     clustering["profiles"] = {name: _profile(x[labels == name], len(x))
                               for name in clustering["names"]}
     return clustering
+
+
+def digest(clustering: Mapping[str, Any]) -> str:
+    """Six hex digits of what assigns customers to clusters (features, standardization,
+    centroids, names): other clusters, another digest."""
+    assigns = [clustering[k] for k in ("features", "mean", "sd", "centroids", "names")]
+    return hashlib.sha256(json.dumps(assigns).encode()).hexdigest()[:6]
 
 
 def _profile(rows: np.ndarray, total: int) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import date, datetime
@@ -25,6 +26,7 @@ from models.classic import ClassicParams
 from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
+_REFIT = re.compile(r"-k[0-9a-f]{6}$")  # the clusters' digest a refit appends to the version
 
 
 @dataclass
@@ -87,10 +89,18 @@ def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
                            info, cfg, discount_rate, clustering)
 
 
+def refit_version(version: str, clustering: dict[str, Any]) -> str:
+    """A model's version once its clusters are refitted: the network's version (an earlier
+    refit's digest dropped), `-k` and the clusters' digest, so a score's `model_version` names
+    the clusters its `cluster` comes from and workers treat refitted clusters as a new model."""
+    return f"{_REFIT.sub('', version)}-k{clusters.digest(clustering)}"
+
+
 def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -> dict[str, Any]:
     """Refit only the behavioral clusters of the artifact in `out`, on the data it was trained
-    on (its fingerprint is checked), leaving the network and its version as they are: clusters
-    for a model trained before they existed, or a new seed, without hours of training."""
+    on (its fingerprint is checked), leaving the network as it is (`refit_version` names the
+    result): clusters for a model trained before they existed, or a new seed, without hours of
+    training."""
     meta_path = out / META_FILE
     meta = Artifact.load(out).meta  # refuses a directory that holds no model
     cut = end_of(cutoff)
@@ -100,6 +110,7 @@ def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -
                                f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)")
     split = rolling_split(events, cut, meta["horizon_months"], meta["window"])  # train's cohort
     meta["clustering"] = clusters.fit(split.cohort, seed)
+    meta["version"] = refit_version(meta["version"], meta["clustering"])
     meta["first_event"] = events[0].ts.isoformat()
     tmp = meta_path.with_name(f".{META_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2))

@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.clusters_only:
             meta = recluster(args.file, args.cutoff, Path(args.out), args.seed, **file_options(args))
             print(render(meta["clustering"]))
-            print(f"clusters of model {meta['version']} refitted in {args.out}")
+            print(f"clusters refitted: model {meta['version']} written to {args.out}")
             return 0
         meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
                      _train_config(args), args.discount_rate, **file_options(args))
@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "weighted (1 + rate)^(-k/12) (default 0)")
     p.add_argument("--clusters-only", action="store_true",
                    help="refit only the behavioral clusters of the model in --out, on the data and "
-                        "cutoff it was trained on (no network training; its version stays)")
+                        "cutoff it was trained on (no network training; its version gets the "
+                        "new clusters' digest)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma, GBT and random forest on a holdout")

@@ -13,6 +13,7 @@ import pytest
 
 from export_onnx.artifact import Artifact
 from features.loaders import vendored_cdnow
+from models import clusters
 
 CUTOFF = "1997-12-31"
 
@@ -334,8 +335,8 @@ def test_artifact_directory_is_readable_by_other_users(trained):
 def test_train_fits_clusters_by_three_methods_and_prints_their_scores(trained, tmp_path):
     """The artifact carries the chosen clustering with every method's silhouette,
     Calinski-Harabasz and Davies-Bouldin, `clv train` prints them, and `--clusters-only` refits
-    the same clusters on the same data without touching the network (other data, or another
-    cutoff, is refused)."""
+    the same clusters on the same data without touching the network, the version naming the
+    clusters (other data, or another cutoff, is refused)."""
     d, data = trained
     meta = json.loads((d / "artifact" / "metadata.json").read_text())
     c = meta["clustering"]
@@ -351,16 +352,25 @@ def test_train_fits_clusters_by_three_methods_and_prints_their_scores(trained, t
         assert f"{m:<8}{r['k']:>3}{r['silhouette']:>12.3f}" in out
     copy = tmp_path / "artifact"
     shutil.copytree(d / "artifact", copy)
-    # A model trained before clusters (and the training window) were in its metadata gets both.
+    # A model trained before clusters (and the training window) were in its metadata gets both;
+    # the version names the refitted clusters, replacing an earlier refit's digest.
     without = {k: v for k, v in meta.items() if k not in ("clustering", "first_event")}
     (copy / "metadata.json").write_text(json.dumps(without, indent=2))
-    res = clv("train", data, "--cutoff", CUTOFF, "--out", copy, "--clusters-only")
-    assert res.returncode == 0, res.stderr
-    again = json.loads((copy / "metadata.json").read_text())
-    assert again == meta and (copy / "model.onnx").read_bytes() == (d / "artifact" / "model.onnx").read_bytes()
+    versions = []
+    for seed, same in (("42", True), ("7", False), ("42", True)):
+        res = clv("train", data, "--cutoff", CUTOFF, "--out", copy, "--clusters-only", "--seed", seed)
+        assert res.returncode == 0, res.stderr
+        again = json.loads((copy / "metadata.json").read_text())
+        assert (again["clustering"] == meta["clustering"]) == same
+        version = f"{meta['version']}-k{clusters.digest(again['clustering'])}"
+        assert again == {**meta, "clustering": again["clustering"], "version": version}
+        assert version in res.stdout
+        versions.append(version)
+    assert versions[0] == versions[2] != versions[1]  # other clusters, another version
+    assert (copy / "model.onnx").read_bytes() == (d / "artifact" / "model.onnx").read_bytes()
     other = cdnow_slice(tmp_path / "other.txt", customers=1400)  # same cutoff, other transactions
     for file, cutoff in ((other, CUTOFF), (data, "1997-11-30")):
         res = clv("train", file, "--cutoff", cutoff, "--out", copy, "--clusters-only")
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
         assert "is not the data model" in res.stderr, res.stderr
-    assert json.loads((copy / "metadata.json").read_text()) == meta  # refused: left as it was
+    assert json.loads((copy / "metadata.json").read_text()) == again  # refused: left as it was
