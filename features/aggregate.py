@@ -73,6 +73,11 @@ class Contribution:
         """Net positive units: a purchase counts as an invoice; a return only reduces spend."""
         return self.units > 0
 
+    @property
+    def day_bit(self) -> int:
+        """The invoice's day of its month (UTC) as one bit of `MonthAgg.days`."""
+        return 1 << (datetime.fromtimestamp(self.ts, timezone.utc).day - 1)
+
 
 def contribution(event: TransactionEvent) -> Contribution:
     # Per line exactly `line_cents` (float64 product, x100, round half to even), in plain Python:
@@ -104,6 +109,7 @@ class MonthAgg:
     n_invoices: int = 0  # distinct purchase invoices counted (exact, see the module docstring)
     invoices: dict[int, None] = field(default_factory=dict)  # invoice keys kept, oldest first
     events: dict[int, None] = field(default_factory=dict)  # event keys kept, oldest first
+    days: int = 0  # days of the month with a purchase, bit d - 1 for day d (UTC)
 
 
 @dataclass(slots=True)
@@ -124,6 +130,7 @@ class CustomerState:
     ids_forgotten: int = 0  # keys dropped at the MAX_IDS bound, over the customer's life
     # Country of the newest event carrying one ("" unknown); an older event only fills an unknown.
     country: str = ""
+    past_purchase_days: int = 0  # days with a purchase before the window
     n_ids: int = field(default=0, compare=False)  # keys held now (derived, not encoded)
 
     def apply(
@@ -147,6 +154,7 @@ class CustomerState:
         agg.spend_cents += c.spend_cents
         agg.units += c.units
         if c.is_purchase:
+            agg.days |= c.day_bit
             if c.invoice_key not in agg.invoices:
                 agg.n_invoices += 1
                 self._remember(agg.invoices, c.invoice_key)
@@ -189,6 +197,7 @@ class CustomerState:
             self.past_units += agg.units
             self.past_invoices += agg.n_invoices
             self.past_active_months += agg.n_invoices > 0
+            self.past_purchase_days += agg.days.bit_count()
             self.n_ids -= len(agg.events) + len(agg.invoices)
 
     def totals(self) -> tuple[int, int, int]:
@@ -200,16 +209,22 @@ class CustomerState:
             invoices += a.n_invoices
         return spend, units, invoices
 
+    def purchase_days(self) -> int:
+        """Lifetime days with a purchase: the classic model's purchase count (BG/NBD counts
+        days, so several invoices of one day are one purchase)."""
+        return self.past_purchase_days + sum(a.days.bit_count() for a in self.months.values())
+
     def canonical(self, window_start: int) -> dict[str, Any]:
         """The aggregates as of one window, without offsets or keys: equal for equal histories."""
-        past = [self.past_spend_cents, self.past_units, self.past_invoices, self.past_active_months]
+        past = [self.past_spend_cents, self.past_units, self.past_invoices, self.past_active_months,
+                self.past_purchase_days]
         months = []
         for m, a in sorted(self.months.items()):
             if m < window_start:
                 past = [past[0] + a.spend_cents, past[1] + a.units, past[2] + a.n_invoices,
-                        past[3] + (a.n_invoices > 0)]
+                        past[3] + (a.n_invoices > 0), past[4] + a.days.bit_count()]
             else:
-                months.append([m, a.spend_cents, a.units, a.n_invoices])
+                months.append([m, a.spend_cents, a.units, a.n_invoices, a.days])
         return {"c": self.customer_id, "m": months, "past": past,
                 "ts": [self.first_ts, self.last_purchase_ts, self.newest_ts],
                 "mo": [self.first_month, self.last_purchase_month]}

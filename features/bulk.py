@@ -69,6 +69,12 @@ def _months(ns: np.ndarray) -> np.ndarray:
     return ym + 1970 * 12
 
 
+def _days_of_month(ns: np.ndarray) -> np.ndarray:
+    """The UTC day of the month (1-31) of epoch nanoseconds."""
+    t = ns.astype("datetime64[ns]")
+    return (t.astype("datetime64[D]") - t.astype("datetime64[M]")).astype(np.int64) + 1
+
+
 def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
     """Every customer's state after folding the cleaned `lines` (see the module docstring)."""
     events = invoice_frame(lines)
@@ -77,6 +83,7 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
     ns = events["ns"].to_numpy()
     ts = ns // NS
     month = _months(ns)
+    day_bit = np.left_shift(1, _days_of_month(ns) - 1)
     units = events["units"].to_numpy()
     cents = events["cents"].to_numpy()
     customer = events["customer"].to_numpy()
@@ -96,6 +103,7 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
     order_of_first = np.argsort(codes[starts], kind="stable")  # customers as first seen in the file
     states: list[CustomerState] = []
     tsl, monthl, unitsl, centsl = ts.tolist(), month.tolist(), units.tolist(), cents.tolist()
+    bitl = day_bit.tolist()
     for k in order_of_first.tolist():
         idx = by_customer[starts[k]:ends[k]].tolist()
         cid = customer[idx[0]]
@@ -107,6 +115,7 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
         start = window_start_for(monthl[idx[-1]], window)
         bought = [i for i in idx if unitsl[i] > 0]
         past_active: set[int] = set()
+        past_days: dict[int, int] = {}  # month -> purchase-day bits, before the window
         for i in idx:
             state.country = country[i] or state.country  # in time order: the newest one known
             m = monthl[i]
@@ -116,6 +125,7 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
                 if unitsl[i] > 0:
                     state.past_invoices += 1
                     past_active.add(m)
+                    past_days[m] = past_days.get(m, 0) | bitl[i]
                 continue
             agg = state.months.get(m)
             if agg is None:
@@ -126,7 +136,9 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
             if unitsl[i] > 0:
                 agg.n_invoices += 1
                 agg.invoices[invoice_keys[i]] = None
+                agg.days |= bitl[i]
         state.past_active_months = len(past_active)
+        state.past_purchase_days = sum(bits.bit_count() for bits in past_days.values())
         state.n_ids = sum(len(a.events) + len(a.invoices) for a in state.months.values())
         state.first_ts, state.newest_ts = tsl[idx[0]], tsl[idx[-1]]  # idx is in time order
         state.first_month = monthl[idx[0]]

@@ -23,11 +23,13 @@ STATIC_FEATURES = (
     "log_order_value", "log_invoices_before_window", "log_active_months", "asof_moy_sin",
     "asof_moy_cos", "horizon_months",
 )
-# The classic model's sufficient statistics (BG/NBD, Gamma-Gamma), unscaled: purchase invoices,
-# days from the first event to the last purchase and to the end of the as-of month, and mean
-# spend per purchase invoice. The model's head turns them into the classic per-customer
-# quantities it corrects (models.ziln).
-CLASSIC_FEATURES = ("purchases", "purchase_span_days", "age_days", "order_value")
+# The classic model's sufficient statistics (BG/NBD, Gamma-Gamma), unscaled: days with a
+# purchase, days from the first event to the last purchase and to the end of the as-of month,
+# and mean spend per purchase day. Days, as the textbook model counts them: several invoices of
+# one day (a basket split over orders, a wholesale customer's many orders) are one purchase
+# event of its Poisson process, not many followed by a silence that reads as churn. The model's
+# head turns them into the classic per-customer quantities it corrects (models.ziln).
+CLASSIC_FEATURES = ("purchase_days", "purchase_span_days", "age_days", "spend_per_purchase_day")
 
 
 def slog1p(x: np.ndarray) -> np.ndarray:
@@ -58,6 +60,7 @@ def build_inputs(
     firsts: list[int] = []
     lasts: list[int] = []
     spans: list[tuple[float, float]] = []  # (last purchase - first event, as-of end - first event), seconds
+    purchase_days: list[int] = []
     end_ts = month_start(as_of_month + 1).timestamp()
     rows: list[int] = []
     cols: list[int] = []
@@ -78,6 +81,7 @@ def build_inputs(
                 cols.append(m - start)
                 values.append((agg.spend_cents, agg.units, n_invoices))
         past_rows.append(past)
+        purchase_days.append(s.purchase_days())
         f = as_of_month if s.first_month is None else s.first_month
         firsts.append(f)
         lasts.append(f if s.last_purchase_month is None else s.last_purchase_month)
@@ -120,10 +124,11 @@ def build_inputs(
     static[:, 9] = horizon
     span = np.array(spans, dtype=np.float64).reshape(n, 2) / 86400.0
     classic = np.empty((n, len(CLASSIC_FEATURES)), dtype=np.float32)
-    classic[:, 0] = total_invoices
+    days = np.array(purchase_days, dtype=np.float64)
+    classic[:, 0] = days
     classic[:, 1] = span[:, 0]
     classic[:, 2] = span[:, 1]
-    classic[:, 3] = np.maximum(total_spend, 0) / np.maximum(total_invoices, 1)
+    classic[:, 3] = np.maximum(total_spend, 0) / np.maximum(days, 1)
     return Inputs(seq, static, classic)
 
 

@@ -1,19 +1,22 @@
 """A customer state as bytes: the record of the state changelog and of every store.
 
-Format 1 is one version byte (0x01) followed by a MessagePack array:
+Format 2 is one version byte (0x02) followed by a MessagePack array:
 
     [customer_id, partition, offset, past_spend_cents, past_units, past_invoices,
-     past_active_months, first_ts, last_purchase_ts, newest_ts, first_month,
+     past_active_months, past_purchase_days, first_ts, last_purchase_ts, newest_ts, first_month,
      last_purchase_month, ids_forgotten,
-     [[month, spend_cents, units, n_invoices, invoice_keys, event_keys], ...], country]
+     [[month, spend_cents, units, n_invoices, days, invoice_keys, event_keys], ...], country]
 
-`country` ("" unknown) was added last: a record without it (written before) decodes as unknown.
+`days` is the month's purchase days as a bitmask (bit d - 1 for day d, UTC). Format 1 (before
+purchase days; its months without `days`, its state without `past_purchase_days`, its country
+optional) is still read: each purchase invoice then stands for a purchase day (the count the
+models of that time used), until those months leave the window.
 
 Money in integer cents, times in epoch seconds, months as `features.aggregate.month_of`; key
 lists are packed little-endian unsigned 64-bit integers, oldest first. A typical customer (a few
 invoices over the window) takes 100-300 bytes. Bound: the state keeps at most `MAX_IDS` keys and
 at most `window` months, so a record is at most `record_bound(window)` bytes plus its customer
-id's and country's UTF-8 lengths: 33,450 + len(id) + len(country) for the shipped 13-month
+id's and country's UTF-8 lengths: 33,524 + len(id) + len(country) for the shipped 13-month
 window.
 
 Records written before format 1 are JSON objects (first byte `{`, with every event and invoice id
@@ -31,11 +34,13 @@ import msgspec
 
 from features.aggregate import MAX_IDS, CustomerState, MonthAgg, id_key
 
-FORMAT = 1
+FORMAT = 2
 _HEADER = bytes([FORMAT])
-_MONTH_FIXED = 1 + 5 + 3 * 9 + 2 * 5  # array header, month, three int64s, two bin headers
-# version, array header, id header, twelve ints, month list header, country header
-_STATE_FIXED = 1 + 1 + 5 + 12 * 9 + 3 + 5
+_FORMAT_1 = bytes([1])
+# array header, month, three int64s, the uint32 days, two bin headers
+_MONTH_FIXED = 1 + 5 + 3 * 9 + 5 + 2 * 5
+# version, array header, id header, thirteen ints, month list header, country header
+_STATE_FIXED = 1 + 1 + 5 + 13 * 9 + 3 + 5
 
 
 class StateDecodeError(ValueError):
@@ -59,47 +64,56 @@ def _unpack(blob: bytes) -> dict[int, None]:
 
 
 _encoder = msgspec.msgpack.Encoder()
-_Month = tuple[int, int, int, int, bytes, bytes]
-_Fields = (str, int, int, int, int, int, int, int | None, int | None, int | None, int | None,
-           int | None, int, list[_Month])
-_decoder = msgspec.msgpack.Decoder(tuple[(*_Fields, str)])  # type: ignore[misc]
-_decoder_without_country = msgspec.msgpack.Decoder(tuple[_Fields])  # type: ignore[misc]
+_Opt = int | None
+_decoder = msgspec.msgpack.Decoder(tuple[  # type: ignore[misc]
+    str, int, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, int,
+    list[tuple[int, int, int, int, int, bytes, bytes]], str])
+_Fields_1 = (str, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, int,
+             list[tuple[int, int, int, int, bytes, bytes]])
+_decoder_1 = msgspec.msgpack.Decoder(tuple[(*_Fields_1, str)])  # type: ignore[misc]
+_decoder_1_without_country = msgspec.msgpack.Decoder(tuple[_Fields_1])  # type: ignore[misc]
 
 
 def encode_state(state: CustomerState) -> bytes:
     return _HEADER + _encoder.encode((
         state.customer_id, state.partition, state.offset, state.past_spend_cents,
-        state.past_units, state.past_invoices, state.past_active_months, state.first_ts,
-        state.last_purchase_ts, state.newest_ts, state.first_month, state.last_purchase_month,
-        state.ids_forgotten,
-        [(m, a.spend_cents, a.units, a.n_invoices, _pack(a.invoices), _pack(a.events))
+        state.past_units, state.past_invoices, state.past_active_months,
+        state.past_purchase_days, state.first_ts, state.last_purchase_ts, state.newest_ts,
+        state.first_month, state.last_purchase_month, state.ids_forgotten,
+        [(m, a.spend_cents, a.units, a.n_invoices, a.days, _pack(a.invoices), _pack(a.events))
          for m, a in state.months.items()], state.country))
 
 
-def _decode_fields(body: memoryview) -> tuple[Any, ...]:
-    """The array of a format-1 record, its country "" when written before it had one."""
+def _format_1_as_2(body: memoryview) -> tuple[Any, ...]:
+    """A format-1 array in format 2's shape: a purchase invoice stands for a purchase day; the
+    country "" when written before records had one."""
     try:
-        return _decoder.decode(body)
+        fields = _decoder_1.decode(body)
     except msgspec.ValidationError:
-        return (*_decoder_without_country.decode(body), "")
+        fields = (*_decoder_1_without_country.decode(body), "")
+    *head, forgotten, months, country = fields
+    months = [(m, spend, units, n, (1 << min(n, 31)) - 1, invoices, events)
+              for m, spend, units, n, invoices, events in months]
+    return (*head[:7], head[5], *head[7:], forgotten, months, country)
 
 
 def decode_state(data: bytes) -> CustomerState:
-    """The state in `data` (format 1 or the JSON records before it); anything else raises
-    `StateDecodeError`, never another exception."""
-    if data[:1] == _HEADER:
+    """The state in `data` (formats 2 and 1, or the JSON records before them); anything else
+    raises `StateDecodeError`, never another exception."""
+    if data[:1] in (_HEADER, _FORMAT_1):
+        body = memoryview(data)[1:]
         try:
-            (cid, partition, offset, past_spend, past_units, past_invoices, past_active, first_ts,
-             last_ts, newest_ts, first_month, last_month, forgotten, months,
-             country) = _decode_fields(memoryview(data)[1:])
+            (cid, partition, offset, past_spend, past_units, past_invoices, past_active,
+             past_days, first_ts, last_ts, newest_ts, first_month, last_month, forgotten, months,
+             country) = _decoder.decode(body) if data[:1] == _HEADER else _format_1_as_2(body)
         except msgspec.MsgspecError as exc:
-            raise StateDecodeError(f"not a format-{FORMAT} state record: {exc}") from None
+            raise StateDecodeError(f"not a format-{data[0]} state record: {exc}") from None
         state = CustomerState(cid, partition, offset, {}, past_spend, past_units, past_invoices,
                               past_active, first_ts, last_ts, first_month, last_month, newest_ts,
-                              forgotten, country)
-        for m, spend, units, n_invoices, invoices, events in months:
+                              forgotten, country, past_days)
+        for m, spend, units, n_invoices, days, invoices, events in months:
             agg = state.months[m] = MonthAgg(spend, units, n_invoices, _unpack(invoices),
-                                             _unpack(events))
+                                             _unpack(events), days)
             state.n_ids += len(agg.invoices) + len(agg.events)
         return state
     if data[:1] == b"{":
@@ -108,18 +122,21 @@ def decode_state(data: bytes) -> CustomerState:
 
 
 def _decode_json(data: bytes) -> CustomerState:
-    """The JSON record of workers before format 1: ids in full, turned into keys here."""
+    """The JSON record of workers before format 1: ids in full, turned into keys here; a
+    purchase invoice stands for a purchase day, as in format 1."""
     try:
         d = json.loads(data)
         state = CustomerState(d["c"], d["p"], d["o"])
         for m, spend, units, invoices, events in d["m"]:
             state.months[m] = MonthAgg(spend, units, len(invoices),
                                        dict.fromkeys(id_key(i) for i in invoices),
-                                       dict.fromkeys(id_key(e) for e in events))
+                                       dict.fromkeys(id_key(e) for e in events),
+                                       (1 << min(len(invoices), 31)) - 1)
             state.n_ids += len(state.months[m].invoices) + len(state.months[m].events)
         state.keep_within_bound()  # old records kept every id
         (state.past_spend_cents, state.past_units, state.past_invoices,
          state.past_active_months) = d["past"]
+        state.past_purchase_days = state.past_invoices
         state.first_ts, state.last_purchase_ts, state.newest_ts = d["ts"]
         state.first_month, state.last_purchase_month = d["mo"]
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:

@@ -8,10 +8,11 @@ and set the cohort's total well on short histories. Two fits, for two jobs:
   `rfm_summary`), Gamma-Gamma on repeat purchases. Its cohort total is the level of every
   forecast the product ships (`models.pipeline.level`).
 - `fit`: the parameters of the network's head, on the statistics the worker keeps per customer
-  (`features.sequences.CLASSIC_FEATURES`: purchase invoices, days to the last purchase and to the
-  as-of month's end, mean spend per invoice). Gamma-Gamma here uses every purchase, the first
-  included, so a customer with one large order keeps the scale of that order, shrunk toward the
-  population as far as one order warrants.
+  (`features.sequences.CLASSIC_FEATURES`: days with a purchase, days to the last purchase and to
+  the as-of month's end, mean spend per purchase day), so purchases are counted by day as the
+  textbook model counts them. Gamma-Gamma here uses every purchase day, the first included, so a
+  customer with one large order keeps the scale of that order, shrunk toward the population as
+  far as one order warrants.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.aggregate import MAX_IDS, Applied, Folder, contribution, month_of
+from features.aggregate import MAX_IDS, Applied, CustomerState, Folder, contribution, month_of
 from features.contract import Line, TransactionEvent, stable_event_id
 from features.state_record import StateDecodeError, decode_state, encode_state, record_bound
 
@@ -50,14 +50,44 @@ def test_country_is_the_newest_known_and_round_trips():
     assert decode_state(encode_state(state)) == state
 
 
-def test_records_written_before_the_country_decode_as_unknown():
+def _format_1(state: CustomerState, with_country: bool) -> bytes:
+    """The record workers wrote before purchase days (format 1), with or without its country."""
+    months = [(m, a.spend_cents, a.units, a.n_invoices, b"".join(k.to_bytes(8, "little") for k in a.invoices),
+               b"".join(k.to_bytes(8, "little") for k in a.events)) for m, a in state.months.items()]
+    fields = [state.customer_id, state.partition, state.offset, state.past_spend_cents,
+              state.past_units, state.past_invoices, state.past_active_months, state.first_ts,
+              state.last_purchase_ts, state.newest_ts, state.first_month,
+              state.last_purchase_month, state.ids_forgotten, months]
+    return b"\x01" + msgspec.msgpack.encode(fields + [state.country] if with_country else fields)
+
+
+def test_format_1_records_read_each_purchase_invoice_as_a_purchase_day():
     folder = Folder(WINDOW)
-    folder.add("c1", contribution(event("c1", "I1", T0, country="France")), partition=2, offset=7)
+    for k in range(3):  # three invoices on one day: one purchase day
+        folder.add("c1", contribution(event("c1", f"I{k}", T0 + timedelta(minutes=k), country="France")),
+                   partition=2, offset=7 + k)
     state = folder.states["c1"]
-    without = encode_state(state)[:-len(msgspec.msgpack.encode("France"))]  # drop the last element
-    without = without[:1] + bytes([without[1] - 1]) + without[2:]  # fixarray of 15 -> 14
-    old = decode_state(without)
-    assert old.country == "" and old.totals() == state.totals() and (old.partition, old.offset) == (2, 7)
+    assert state.purchase_days() == 1
+    for with_country in (True, False):
+        old = decode_state(_format_1(state, with_country))
+        assert old.country == ("France" if with_country else "")
+        assert old.totals() == state.totals() and (old.partition, old.offset) == (2, 9)
+        assert old.purchase_days() == 3  # what the models of format 1 counted
+        assert decode_state(encode_state(old)) == old
+
+
+def test_purchase_days_count_days_not_invoices_and_survive_the_window():
+    folder = Folder(WINDOW)
+    stamps = [T0, T0 + timedelta(hours=5), T0 + timedelta(days=1), T0 + timedelta(days=40)]
+    for k, ts in enumerate(stamps):
+        folder.add("c1", contribution(event("c1", f"I{k}", ts)), partition=0, offset=k)
+    folder.add("c1", contribution(event("c1", "R1", T0 + timedelta(days=2), qty=-1)), partition=0, offset=9)
+    state = folder.states["c1"]
+    assert state.totals()[2] == 4 and state.purchase_days() == 3  # the return is no purchase
+    assert folder.add("c1", contribution(event("c1", "I0", T0)), partition=0, offset=3) == Applied.REDELIVERED
+    state.trim(month_of(T0) + 2)  # both months leave the window: their days go to the past
+    assert state.past_purchase_days == 3 and state.purchase_days() == 3
+    assert decode_state(encode_state(state)) == state
 
 
 def test_typical_customer_is_small():
@@ -81,13 +111,14 @@ def test_full_state_stays_under_the_bound():
     widest = 2**63 - 1  # a 64-bit integer, 9 bytes in MessagePack
     last_month = 2**31 - 1  # months are 32-bit (5 bytes), as `record_bound` counts them
     for name in ("partition", "offset", "past_units", "past_invoices", "past_active_months",
-                 "first_ts", "last_purchase_ts", "newest_ts", "ids_forgotten"):
+                 "past_purchase_days", "first_ts", "last_purchase_ts", "newest_ts", "ids_forgotten"):
         setattr(state, name, widest)
     state.past_spend_cents = -widest
     state.first_month, state.last_purchase_month = last_month - WINDOW + 1, last_month
     state.months = {last_month - WINDOW + 1 + i: agg for i, agg in enumerate(state.months.values())}
     for agg in state.months.values():
         agg.spend_cents, agg.units, agg.n_invoices = -widest, widest, widest
+        agg.days = 2**31 - 1  # every day of a 31-day month
     bound = record_bound(WINDOW) + len("c") + len("United Kingdom")
     assert 0.99 * bound <= len(encode_state(state)) <= bound
     assert decode_state(encode_state(state)) == state
@@ -126,6 +157,7 @@ def test_records_of_earlier_workers_are_read():
 @settings(max_examples=3000, deadline=None)
 @given(st.one_of(st.binary(max_size=300),
                  st.binary(max_size=300).map(lambda b: b"\x01" + b),
+                 st.binary(max_size=300).map(lambda b: b"\x02" + b),
                  st.binary(max_size=300).map(lambda b: b"{" + b),
                  st.text(max_size=100).map(lambda t: ("{" + t).encode()),
                  st.recursive(st.none() | st.integers() | st.text(max_size=5),
@@ -142,6 +174,6 @@ def test_truncated_and_mangled_records_raise_a_decode_error():
     folder = Folder(WINDOW)
     folder.add("c1", contribution(event("c1", "I1", T0)))
     good = encode_state(folder.states["c1"])
-    for bad in [good[:cut] for cut in range(len(good))] + [b"\x02" + good[1:], b"[1,2]"]:
+    for bad in [good[:cut] for cut in range(len(good))] + [b"\x03" + good[1:], b"\x01" + good[1:], b"[1,2]"]:
         with pytest.raises(StateDecodeError, match="state record"):
             decode_state(bad)
