@@ -43,11 +43,11 @@ class FlushFailures:
         now = time.monotonic()
         self.since = self.since if self.since is not None else now
         self.attempts += 1
-        self.reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.reason = _describe(exc)
         wait = min(BACKOFF_FIRST_S * 2 ** (self.attempts - 1), BACKOFF_MAX_S)
         self.retry_at = now + wait
         if now - self.since > self.timeout_s:
-            self.give_up()
+            self.give_up(now - self.since)
         log.warning("flush failed (%d in a row for %.1fs): %s; its customers, state records and "
                     "acknowledgements are kept and retried in %.1fs; the worker exits after %.0fs "
                     "of failures (flush_failure_timeout_s)", self.attempts, now - self.since,
@@ -80,7 +80,7 @@ class FlushFailures:
             self.succeeded_at = time.monotonic()
         return time.monotonic() - self.succeeded_at
 
-    def give_up(self) -> None:
+    def give_up(self, failing_s: float) -> None:
         """Exit at once, without a clean stop: that would first flush and commit through the
         broker that keeps failing, and could hang on it. Nothing is lost: the events since the
         committed offset are redelivered, and the store never holds a state ahead of the
@@ -89,9 +89,15 @@ class FlushFailures:
                      "flush_failure_timeout_s=%.0fs: exiting with code %d so the supervisor "
                      "restarts the worker; events since the last committed offset are "
                      "redelivered. Check the broker (reachable? topics writable? records under "
-                     "its max.message.bytes?)", time.monotonic() - (self.since or 0),
-                     self.attempts, self.reason, self.timeout_s, EXIT_CODE)
+                     "its max.message.bytes?)", failing_s, self.attempts, self.reason,
+                     self.timeout_s, EXIT_CODE)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_CODE)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type and message, the type once (Kafka errors repeat it)."""
+    name, text = type(exc).__name__, str(exc)
+    return text if text.startswith(name) else f"{name}: {text}" if text else name

@@ -661,7 +661,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     async def prometheus(web: Any, request: Any) -> Any:
         await refresh_gauges()
         body, content_type = metrics.render(request.headers.get("Accept"))
-        return web.bytes(body, content_type=content_type)
+        return web.bytes(body, headers={"Content-Type": content_type})  # with its charset
 
     @app.page("/customers/{customer_id}")
     async def customer(web: Any, request: Any, customer_id: str) -> Any:
