@@ -76,9 +76,10 @@ class FlushFailures:
 
     def age(self, pending: bool) -> float:
         """Seconds since a flush last succeeded; 0 while nothing waits to be published."""
+        now = time.monotonic()
         if not pending and self.since is None:
-            self.succeeded_at = time.monotonic()
-        return time.monotonic() - self.succeeded_at
+            self.succeeded_at = now
+        return now - self.succeeded_at
 
     def give_up(self, failing_s: float) -> None:
         """Exit at once, without a clean stop: that would first flush and commit through the

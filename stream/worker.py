@@ -6,7 +6,8 @@ the window's event ids) it has applied, so a redelivered event changes nothing. 
 acknowledged only after the scores of the customers they touched have been handed to the
 producer, and faust flushes the producer before it commits offsets: a crash before that point
 redelivers the events, which mark their customers dirty again (even when already applied), so no
-score is lost either.
+score is lost either. A flush that fails is retried, never dropped, and bounded in time
+(stream.flush_policy).
 
 Time: the worker's clock is the newest event time it has seen on any of its partitions; each
 partition also keeps its own newest event. Scores are as of the worker's clock, so a partition
@@ -264,8 +265,8 @@ class Rescorer:
         async with self.lock:
             dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
             acks, self.pending_acks = self.pending_acks, []
-            records = self.states.take()
             try:
+                records = self.states.take()
                 for partition, customers in dirty.items():
                     if partition in self.folders:
                         records += await self._score(partition, customers)

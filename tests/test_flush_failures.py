@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -51,11 +51,29 @@ def lag(values: dict[str, float]) -> float:
     return sum(v for k, v in values.items() if k.startswith("clv_consumer_lag"))
 
 
-def wait_for(what: str, check, timeout: float) -> None:  # noqa: ANN001
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.3)
+
+
+def test_backoff_doubles_up_to_its_ceiling_and_a_success_ends_the_failure():
+    """The retry schedule and what /ready says, without a broker."""
+    from stream.flush_policy import BACKOFF_MAX_S, FlushFailures
+
+    failures = FlushFailures(timeout_s=3600)
+    waits = []
+    for _ in range(8):
+        failures.failed(TimeoutError("broker did not answer"))
+        waits.append(round(failures.wait(), 1))
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, BACKOFF_MAX_S, BACKOFF_MAX_S, BACKOFF_MAX_S]
+    assert not failures.may_retry() and failures.failing
+    assert "8 attempts" in failures.not_ready_reason()
+    assert "TimeoutError: broker did not answer" in failures.not_ready_reason()
+    failures.succeeded()
+    assert failures.may_retry() and not failures.failing and failures.not_ready_reason() == ""
+    assert failures.age(pending=False) == 0
 
 
 def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exact(broker, tmp_path):
