@@ -44,7 +44,7 @@ class FlushFailures:
         self.since = self.since if self.since is not None else now
         self.attempts += 1
         self.reason = _describe(exc)
-        wait = min(BACKOFF_FIRST_S * 2 ** (self.attempts - 1), BACKOFF_MAX_S)
+        wait = min(BACKOFF_FIRST_S * 2 ** min(self.attempts - 1, 10), BACKOFF_MAX_S)
         self.retry_at = now + wait
         if now - self.since > self.timeout_s:
             self.give_up(now - self.since)
