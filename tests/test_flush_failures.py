@@ -1,7 +1,7 @@
 """Failed flushes against a real broker: an embedded broker of the test's own is stopped
-(SIGSTOP) while the worker still has fetched events to process, so every write of theirs times
-out, then resumed (SIGCONT). Nothing is mocked: the worker, the broker and `clv replay` are the
-product's own processes."""
+(SIGSTOP) while the worker still has fetched events to process (the whole file was published
+before it started), so every write of theirs times out, then resumed (SIGCONT). Nothing is
+mocked: the worker, the broker and `clv replay` are the product's own processes."""
 
 from __future__ import annotations
 
@@ -85,10 +85,11 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
     env = {**make_env(bootstrap, fresh_topics(), tmp_path), "CLV_PUBLISH_TIMEOUT_S": "1",
            "CLV_FLUSH_FAILURE_TIMEOUT_S": "120", "CLV_BATCH_SIZE": "64"}
     data, n_events = cdnow_customers(tmp_path, 3000)
+    published = replay(env, data)
+    assert published.wait(180) == 0, published.stderr.read()
     worker = Worker(env, tmp_path)
     try:
         worker.wait_ready()
-        rep = replay(env, data)  # as fast as it goes: the worker falls behind, with events fetched
         wait_for("no events reached the worker",
                  lambda: worker.metrics().get("clv_events_in_total", 0) > 500, 60)
         proc.send_signal(signal.SIGSTOP)
@@ -109,7 +110,6 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
         assert worker.proc.poll() is None  # within flush_failure_timeout_s: retrying, not exiting
         assert lag(worker.metrics()) >= lag(during)
         proc.send_signal(signal.SIGCONT)
-        assert rep.wait(180) == 0, rep.stderr.read()
         wait_idle([worker], n_events, timeout=300)
         after = worker.metrics()
         assert worker.get("/ready")[0] == 200
@@ -130,11 +130,12 @@ def test_flushes_failing_past_the_timeout_exit_75_and_a_restart_is_exact(broker,
     proc, bootstrap = broker
     env = {**make_env(bootstrap, fresh_topics(), tmp_path), "CLV_PUBLISH_TIMEOUT_S": "1",
            "CLV_FLUSH_FAILURE_TIMEOUT_S": "4"}
-    data, n_events = cdnow_customers(tmp_path, 2000)
+    data, _ = cdnow_customers(tmp_path, 2000)
+    published = replay(env, data)
+    assert published.wait(180) == 0, published.stderr.read()
     first = Worker(env, tmp_path, "first", state="w")
     try:
         first.wait_ready()
-        rep = replay(env, data)
         wait_for("no events reached the worker",
                  lambda: first.metrics().get("clv_events_in_total", 0) > 500, 60)
         proc.send_signal(signal.SIGSTOP)
@@ -144,7 +145,6 @@ def test_flushes_failing_past_the_timeout_exit_75_and_a_restart_is_exact(broker,
         first.stop()
     log = first.log.read_text(errors="replace")
     assert "longer than flush_failure_timeout_s=4s: exiting with code 75" in log, log[-3000:]
-    assert rep.wait(180) == 0, rep.stderr.read()
     again = Worker(env, tmp_path, "again", state="w")
     try:
         again.wait_ready()
