@@ -104,7 +104,9 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
         status, body, during = seen[-1]
         assert "flushes failing" in json.loads(body)["reason"]
         assert during["clv_flush_success_age_seconds"] >= 1
-        assert lag(during) > 0  # events received and held unacknowledged: the commit is stuck
+        # Lag counts from the committed offset: the events processed but held unacknowledged
+        # too, not only those still to process (all were published before the worker started).
+        assert lag(during) > n_events - during["clv_events_in_total"]
         assert max(m.get("clv_dirty_customers", 0) for _, _, m in seen) <= 4 * 64  # intake held
         time.sleep(3)
         assert worker.proc.poll() is None  # within flush_failure_timeout_s: retrying, not exiting
@@ -113,7 +115,7 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
         wait_idle([worker], n_events, timeout=300)
         after = worker.metrics()
         assert worker.get("/ready")[0] == 200
-        assert after["clv_flush_failures_total"] >= during["clv_flush_failures_total"]
+        assert after["clv_flush_failures_total"] >= 3
         assert after["clv_flush_success_age_seconds"] < 5 and lag(after) == 0
     finally:
         proc.send_signal(signal.SIGCONT)
