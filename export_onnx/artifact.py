@@ -100,7 +100,7 @@ class Artifact:
     def predict(self, inputs: Inputs) -> Prediction:
         """Dollars and probabilities per customer, from unscaled inputs."""
         clv, p = self.raw_predict(inputs)
-        return Prediction(self.calibration.apply(clv), p)
+        return Prediction(*self.calibration.apply(clv, p))
 
     def raw_predict(self, inputs: Inputs) -> Prediction:
         """The ONNX graph's own outputs, before calibration."""

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from export_onnx.artifact import META_FILE, Artifact, fingerprint
+from export_onnx.artifact import META_FILE, Artifact, Prediction, fingerprint
 from features.aggregate import month_of
 from features.batch import end_of, read_history
 from features.contract import TransactionEvent
@@ -133,7 +133,7 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
              "bgnbd_gg": prep.classic}
 
     def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return level(pred, total).apply(pred), p
+        return level(Prediction(pred, p), total).apply(pred, p)
 
     runs = []
     for seed in dict.fromkeys(seeds or [cfg.seed]):  # a seed given twice runs once

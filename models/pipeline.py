@@ -66,7 +66,7 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, para
         runs.append({**info, "held_out_fold": k % FOLDS,
                      "training_examples": len(train.y), "validation_examples": len(valid.y)})
     ensemble = GRUEnsemble(members).eval()
-    cohort = predict_gru(ensemble, scaler, split.scoring.inputs).clv
+    cohort = predict_gru(ensemble, scaler, split.scoring.inputs)
     return ensemble, scaler, {"members": runs,
                               "classic": params.to_dict(),
                               "calibration": level(cohort, total).to_dict(),
@@ -83,10 +83,11 @@ def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Predictio
     return Prediction(*(t.numpy() for t in out))
 
 
-def level(cohort_pred: np.ndarray, total: float) -> Calibration:
-    """The level every model of the comparison gets: one factor that makes its expected total of
-    the cohort at the cutoff the classic model's (export_onnx.calibration says why)."""
-    return Calibration.to_total(cohort_pred, total)
+def level(cohort: Prediction, total: float) -> Calibration:
+    """The level every model of the comparison gets: the shift of the purchase probabilities
+    that makes its expected total of the cohort at the cutoff the classic model's
+    (export_onnx.calibration says why)."""
+    return Calibration.to_total(cohort.clv, cohort.p_purchase, total)
 
 
 def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
@@ -125,8 +126,8 @@ def export_artifact(
     `clustering` (models.clusters.fit) ships the behavioral clusters the worker assigns."""
     fp = fingerprint(events)
     model.set_discount(discount_rate)
-    cohort_clv = Calibration.from_dict(info["calibration"]).apply(
-        predict_gru(model, scaler, split.scoring.inputs).clv)
+    cohort_clv, _ = Calibration.from_dict(info["calibration"]).apply(
+        *predict_gru(model, scaler, split.scoring.inputs))
     meta = {
         # Data and weights: a retrained model on the same data is a new version to subscribers.
         "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-{_weights_digest(model)}",

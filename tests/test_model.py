@@ -100,9 +100,13 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase
         assert np.allclose(t.numpy(), o, rtol=1e-4, atol=1e-6)
     calibrated = Artifact.load(out).predict(batch)
-    factor = Artifact.load(out).calibration.factor
-    assert np.allclose(calibrated.clv, onnx_out.clv * factor)
-    assert np.array_equal(calibrated.p_purchase, onnx_out.p_purchase)
+    shift = Artifact.load(out).calibration.logit_shift
+    assert shift != 0
+    odds = onnx_out.p_purchase.astype(np.float64) / (1 - onnx_out.p_purchase) * np.exp(shift)
+    assert np.allclose(calibrated.p_purchase, odds / (1 + odds), rtol=1e-5)
+    # The level moves who buys; what a buyer spends stays the network's.
+    assert np.allclose(calibrated.clv / calibrated.p_purchase, onnx_out.clv / onnx_out.p_purchase,
+                       rtol=1e-5)
 
 
 def test_score_runs_without_torch(trained, tmp_path):
@@ -245,6 +249,25 @@ def test_model_keeps_the_scale_of_a_customers_own_spending(trained):
         values.append(float(art.predict(inputs).clv[0]))
     ratios = np.array(values[1:]) / np.array(values[:-1])
     assert (ratios > 7).all() and (ratios < 13).all(), values
+
+
+def test_level_moves_doubtful_buyers_and_keeps_sure_ones():
+    """The level shifts purchase probabilities: a customer sure to buy keeps their value, a
+    doubtful one moves most, and the cohort's total is the target; earlier artifacts' one factor
+    still reads."""
+    from export_onnx.calibration import Calibration
+
+    clv = np.array([1000.0, 50.0, 2.0, 0.5] + [20.0] * 200, dtype=np.float32)
+    p = np.array([0.999, 0.5, 0.05, 0.01] + [0.2] * 200, dtype=np.float32)
+    cal = Calibration.to_total(clv, p, total=0.9 * float(clv.sum()))
+    level, p_level = cal.apply(clv, p)
+    assert cal.logit_shift < 0 and abs(level.sum() / (0.9 * clv.sum()) - 1) < 1e-5
+    ratio = level / clv
+    assert ratio[0] > 0.999 and ratio[0] > ratio[1] > ratio[2] > ratio[3]
+    assert np.allclose(level / p_level, clv / p, rtol=1e-5)
+    assert Calibration.from_dict({"factor": 2.0}).apply(clv, p)[0].tolist() == (clv * 2).tolist()
+    with pytest.raises(ValueError):
+        Calibration.to_total(clv, p, total=float((clv / p).sum()) * 2)  # more than every buyer
 
 
 def test_cohort_total_is_the_classic_models(trained):
