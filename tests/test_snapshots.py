@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from features.scores import LEGACY_CLV, ScoreRecord, iso_time, parse_score, precedence
 from features.segments import PLAYBOOKS, SEGMENTS
-from harness import CLV, Api, Process, end_offsets, read_topic, wait_snapshot_caught_up
+from harness import CLV, Api, Process, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
 from state.queries import Snapshot
@@ -340,24 +340,9 @@ def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_pat
         store.publish()
     finally:
         store.close()
-    row = _rows(path)["c1"]
+    row = snapshot_rows(path)["c1"]
     assert row["clv"] == 7.5 and row["cluster"] == row["country"] == ""  # columns it lacked: unknown
     assert row["event_offset"] == -1
-
-
-def _rows(path: Path) -> dict[str, dict]:
-    """A published snapshot's customers as the sink holds them (`snapshot.row`), by name."""
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        cur = con.execute(f"SELECT {', '.join(snapshot.COLUMNS)}, source_partition, source_offset "
-                          "FROM customer_scores")
-        names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, r)) for r in cur.fetchall()]
-    finally:
-        con.close()
-    for r in rows:
-        r["as_of"], r["scored_at"] = iso_time(r["as_of"]), iso_time(r["scored_at"])
-    return {r["customer_id"]: r for r in rows}
 
 
 def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
@@ -378,7 +363,7 @@ def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
         assert store.publish() == 8
     finally:
         store.close()
-    rows = _rows(path)
+    rows = snapshot_rows(path)
     assert {c: r["clv"] for c, r in rows.items()} == {"c0": 0.0, "c1": 100.0, **{f"c{i}": float(i) for i in (3, 4, 5, 6, 7, 8)}}
     assert rows["c1"]["source_offset"] == 10 and not any(tmp_path.glob(".clv.duckdb.sink*"))
     again = snapshot.Snapshots(path, "scores")
@@ -388,7 +373,7 @@ def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
         assert again.publish() == 7
     finally:
         again.close()
-    assert "c0" not in _rows(path)
+    assert "c0" not in snapshot_rows(path)
 
 
 def test_the_sink_keeps_each_customers_newest_score_by_position_not_arrival(tmp_path):
@@ -420,7 +405,7 @@ def test_the_sink_keeps_each_customers_newest_score_by_position_not_arrival(tmp_
         assert store.publish() == 4
     finally:
         store.close()
-    rows = _rows(path)
+    rows = snapshot_rows(path)
     assert {c: (r["clv"], r["event_offset"]) for c, r in rows.items()} == {
         "state": (10.0, 10), "clock": (9.0, 7), "model": (2.0, 7), "new": (4.0, -1)}
     again = snapshot.Snapshots(path, "scores")
@@ -431,7 +416,7 @@ def test_the_sink_keeps_each_customers_newest_score_by_position_not_arrival(tmp_
         again.publish()
     finally:
         again.close()
-    assert {c: r["clv"] for c, r in _rows(path).items()} == {"state": 10.0, "clock": 9.0, "model": 2.0,
+    assert {c: r["clv"] for c, r in snapshot_rows(path).items()} == {"state": 10.0, "clock": 9.0, "model": 2.0,
                                                             "new": 0.5}
 
 
@@ -463,14 +448,14 @@ def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scor
         assert store.publish() == len(held)
     finally:
         store.close()
-    assert _rows(path) == held
+    assert snapshot_rows(path) == held
     again = snapshot.Snapshots(path, "scores")  # a restarted sink publishes the same rows
     try:
         again.open()
         assert again.offsets == {0: len(scores)} and again.publish() == len(held)
     finally:
         again.close()
-    assert _rows(path) == held
+    assert snapshot_rows(path) == held
 
 
 def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
