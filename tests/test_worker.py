@@ -18,8 +18,12 @@ from aiokafka import AIOKafkaProducer
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
-from harness import (CLV, Worker, assert_exact, batch_scores, committed_offsets, last_scores, read_topic, replay,
-                     topic_layout, wait_idle)
+from features.state_record import decode_state
+from harness import (CLV, Process, Worker, assert_exact, batch_scores, committed_offsets, last_scores, read_topic,
+                     replay, snapshot_rows, topic_layout, wait_idle, wait_snapshot_caught_up)
+from stream.recovery import recover
+from stream.settings import Settings
+from stream.stores import MemoryStore
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,6 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     batch = batch_scores(tmp_path, cdnow_slice)
     assert_exact(live, batch)
     # The changelog alone (what any other worker would recover) holds every invoice exactly once.
-    from features.state_record import decode_state
-
     states = {}
     for rec in sorted(read_topic(kafka_bootstrap, f"{clv_env['CLV_APP_ID']}-customer-state-changelog"),
                       key=lambda r: (r.partition, r.offset)):
@@ -110,7 +112,6 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
 
     async def produce() -> None:
         from stream.replay import all_topics, ensure_topics
-        from stream.settings import Settings
 
         await ensure_topics(Settings.from_env(clv_env), all_topics(Settings.from_env(clv_env)))
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -250,12 +251,6 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
     before it learns it lost them; the group rebalances and b recovers states again. Its late
     writes are older by position: the scores subscribers (and the snapshot) keep, and the states
     any worker recovers, end exactly where `clv score` of the whole file is."""
-    from features.state_record import decode_state
-    from harness import Process, snapshot_rows, wait_snapshot_caught_up
-    from stream.recovery import recover
-    from stream.settings import Settings
-    from stream.stores import CUSTOMER_PREFIX, MemoryStore
-
     a = Worker(clv_env, tmp_path, "a")
     b = Worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # always holds unpublished scores
     owned = lambda w: w.metrics().get("clv_partitions_owned", 0)  # noqa: E731
@@ -265,7 +260,9 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
         rep = replay(clv_env, cdnow_slice, rate=400)  # about 22 s of events
         time.sleep(4)
         assert owned(a) and owned(b) and b.metrics().get("clv_events_in_total", 0) > 0
-        # Paused once its partitions have a committed offset: the group resumes them from there.
+        # Paused once its partitions have a committed offset, for the group to resume them from:
+        # a partition its owner never committed is resumed at its end, not its start (seen with
+        # faust on the embedded broker), which would lose events whatever the fencing.
         mine = [int(k.split('"')[1]) for k in b.metrics() if k.startswith("clv_consumer_lag")]
         deadline = time.monotonic() + 30
         while None in committed_offsets(kafka_bootstrap, clv_env["CLV_APP_ID"],
@@ -303,7 +300,7 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
     for partition in range(settings.partitions):
         asyncio.run(recover(store, settings, settings.changelog_topic, partition))
         states.update((json.loads(k), decode_state(store.get(partition, k)))
-                      for k in store.customer_keys(partition) if k[:1] == CUSTOMER_PREFIX)
+                      for k in store.customer_keys(partition))
     assert set(states) == set(batch)
     for cid, want in batch.items():
         spend, _units, invoices = states[cid].totals()
@@ -370,7 +367,6 @@ def test_a_worker_configured_for_another_partition_count_refuses_to_start(clv_en
     """Customers' partitions (state, scores, routing) follow the topic's partition count: a
     worker told another count stops at once, saying which to set."""
     from stream.replay import all_topics, ensure_topics
-    from stream.settings import Settings
 
     two = Settings.from_env(clv_env, partitions=2)
     asyncio.run(ensure_topics(two, all_topics(two)))
