@@ -177,12 +177,14 @@ class Rescorer:
         return self._rescan(partition, month_of(self._as_of(partition)))
 
     def forget(self, partitions: set[int]) -> None:
-        """Revoked partitions: their unacked events go to the new owner, which rescores them."""
+        """Revoked partitions: their unacked events go to the new owner, which rescores them.
+        Their processing position goes too: assigned again later, a partition is read from its
+        committed offset, and a position from before would show its lag as nil."""
         for p in partitions:
             task = self.taking.pop(p, None)
             if task is not None:
                 task.cancel()
-            for d in (self.folders, self.clock_ts, self.dirty, self.backlog):
+            for d in (self.folders, self.clock_ts, self.dirty, self.backlog, self.position):
                 d.pop(p, None)
             self.states.forget(p)
             self.taken.discard(p)
