@@ -116,8 +116,7 @@ def precedence(record: ScoreRecord) -> tuple[int, IsoTime]:
 
 
 # Per readable schema version, each record field after the version, the message field it is read
-# from and its type;
-# None: a field the version lacks, read as its `_ABSENT` value.
+# from (None: a field the version lacks, read as its `_ABSENT` value) and its type.
 _ADDED_IN = {"cluster": 4, "country": 5, "event_offset": 6}
 _ABSENT: dict[str, Any] = {"cluster": "", "country": "", "event_offset": -1}
 

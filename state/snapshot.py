@@ -40,7 +40,7 @@ TIERS = ("low", "medium", "high")
 _SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ",
               Offset: "BIGINT"}
 _AS_OF = COLUMNS.index("as_of")
-_precedence = itemgetter(*(COLUMNS.index(name) for name in PRECEDENCE))  # of a row, as the contract's
+_precedence = itemgetter(*(COLUMNS.index(name) for name in PRECEDENCE))  # a row's, as of its score
 # A held row the incoming one (`rows`) is at least as new as: `features.scores.precedence` in SQL.
 _SUPERSEDED = "({}) <= ({})".format(
     ", ".join(f"scores.{name}" for name in PRECEDENCE),
