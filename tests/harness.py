@@ -237,21 +237,6 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     return asyncio.run(ends(Settings.from_env({}, bootstrap_servers=bootstrap), topic))
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str, partitions: list[int]) -> dict[int, int | None]:
-    """The group's committed offset of each partition (None: nothing committed yet)."""
-    from aiokafka import TopicPartition
-
-    async def run() -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-        await consumer.start()  # not subscribed: it never joins the group
-        try:
-            return {p: await consumer.committed(TopicPartition(topic, p)) for p in partitions}
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(run())
-
-
 def snapshot_offsets(path: Path) -> dict[int, int]:
     import duckdb
 
