@@ -147,7 +147,7 @@ class PartitionStates:
         the partition moved on), the store lacks those records, and its next recovery reads
         them from where it had read to (and keeps the highest position per key)."""
         follows = offset - len(self.inflight) == self.store.offset(self.partition)
-        if not follows and not self.unread:
+        if not follows and offset >= 0 and not self.unread:  # (-1: the broker did not say)
             self.unread = True  # said once: the store's offset stays behind from now on
             log.warning("changelog partition %d holds records this worker has not read (another "
                         "worker wrote it since; was this one paused past its session timeout?): "
