@@ -267,7 +267,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args, model_dir=args.model, store=args.store, web_port=args.web_port,
                          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
-                         data_dir=args.data_dir)
+                         data_dir=args.data_dir, publish_timeout_s=args.publish_timeout_s,
+                         flush_failure_timeout_s=args.flush_failure_timeout_s)
     _output(settings.data_dir, "--data-dir", directory=True)
     _reachable(settings)
     app = build_app(settings)
@@ -586,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
     p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 50)")
     p.add_argument("--data-dir", default=None, help="state directory (default var/worker)")
+    p.add_argument("--publish-timeout-s", type=_positive_float, default=None,
+                   help="longest a flush waits for the broker before it counts as failed (default 30)")
+    p.add_argument("--flush-failure-timeout-s", type=_positive_float, default=None,
+                   help="exit with code 75 after flushes failed this long (default 120)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("replay", help="publish a transaction file as invoice events, in time order")

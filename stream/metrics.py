@@ -1,112 +1,89 @@
-"""Counters and histograms rendered in the Prometheus text format (no client library needed)."""
+"""The worker's metrics in a prometheus_client registry of its own, rendered by generate_latest.
+
+Counters and histograms are updated where things happen; gauges that are cheap to read but
+costly to keep current (dirty customers, lag) are set when scraped (`stream.worker`)."""
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
-
-class Histogram:
-    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.doc, self.buckets = name, doc, buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, n in zip(self.buckets, self.counts):
-            cumulative += n
-            out.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        out += [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.count}"]
-        return out
+# The `_created` twin of every counter doubles the series without telling an operator anything.
+prometheus_client.disable_created_metrics()
 
 
 class Metrics:
-    """What an operator watches: intake, dead letters by reason, rescoring, freshness, lag."""
+    """What an operator watches: intake, dead letters by reason, rescoring, freshness, flush
+    failures, lag against the committed offsets."""
 
     def __init__(self) -> None:
-        self.events_in = 0
-        self.events_applied = 0
-        self.events_skipped: dict[str, int] = defaultdict(int)
-        self.dlq: dict[str, int] = defaultdict(int)
-        self.rescored = 0
-        self.routed = 0  # events re-published to their customer's partition
-        self.scoring_errors = 0  # customers a rescoring could not score
-        self.lag: dict[int, int] = {}
-        self.dirty = 0  # customers waiting to be rescored (event-driven)
-        self.backlog = 0  # customers waiting for a month-turn/assignment rescore
-        self.partitions = 0  # transactions partitions recovered and owned
-        self.recovered_records = 0  # state changelog records read by recoveries
-        self.recovery_seconds = 0.0  # time spent reading them, summed over partitions
-        self.takeover_seconds = 0.0  # wall time of the last rebalance's takeovers (recoveries)
-        self.near_bound = 0  # customers whose state holds nearly its bound of ids
-        self.largest_record = 0  # bytes of the largest state record written
-        self.batch_size = Histogram("clv_rescore_batch_customers", "customers per rescoring micro-batch",
-                                    (1, 8, 32, 128, 512, 1024, 2048, 4096))
-        self.batch_latency = Histogram("clv_rescore_batch_seconds", "seconds to score a micro-batch",
+        self.registry = CollectorRegistry(auto_describe=True)
+        counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        self.events_in = counter("clv_events_in", "transaction messages received")
+        self.events_applied = counter("clv_events_applied", "events folded into customer state")
+        self.events_skipped = counter("clv_events_skipped", "events already applied (redelivered "
+                                      "or re-published)", ("reason",))
+        self.dlq = counter("clv_dlq", "events sent to the dead-letter topic", ("reason",))
+        self.routed = counter("clv_events_routed", "events re-published to the partition their "
+                              "key maps to under murmur2 (a publisher with another partitioner)")
+        self.scoring_errors = counter("clv_scoring_errors", "customers a rescoring could not score "
+                                      "(logged; scored again on their next event or month turn)")
+        self.rescored = counter("clv_rescored_customers", "customer scores published")
+        self.flush_failures = counter("clv_flush_failures", "micro-batch flushes that failed (their "
+                                      "customers, records and acknowledgements were kept and retried)")
+        self.recovered_records = counter("clv_state_recovered_records",
+                                         "state changelog records read by recoveries")
+        self.recovery_seconds = counter("clv_state_recovery_seconds",
+                                        "seconds spent recovering state from the changelog")
+        self.dirty = gauge("clv_dirty_customers", "customers waiting for an event-driven rescore")
+        self.partitions = gauge("clv_partitions_owned",
+                                "transactions partitions this worker has recovered and owns")
+        self.backlog = gauge("clv_backlog_customers",
+                             "customers waiting for a month-turn or recovery rescore")
+        self.takeover_seconds = gauge("clv_state_takeover_seconds",
+                                      "wall time the last rebalance's takeovers took")
+        self.near_bound = gauge("clv_state_near_bound_customers",
+                                "customers holding 90% or more of the state's id bound")
+        self.largest_record = gauge("clv_state_record_max_bytes",
+                                    "largest state record written since start")
+        self.flush_age = gauge("clv_flush_success_age_seconds",
+                               "seconds since a flush last succeeded; 0 while nothing waits to be "
+                               "published")
+        self.lag = gauge("clv_consumer_lag", "messages of each transactions partition after the "
+                         "group's committed offset (end offset minus committed offset)",
+                         ("partition",))
+        self.batch_size = histogram("clv_rescore_batch_customers", "customers per rescoring "
+                                    "micro-batch", (1, 8, 32, 128, 512, 1024, 2048, 4096))
+        self.batch_latency = histogram("clv_rescore_batch_seconds", "seconds to score a micro-batch",
                                        (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.publish_latency = Histogram("clv_publish_seconds",
-                                         "seconds until the broker acknowledged a flush's scores and state",
-                                         (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.freshness = Histogram("clv_event_to_publish_seconds",
-                                   "seconds from receiving an event to publishing its customer's score",
-                                   (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self.publish_latency = histogram(
+            "clv_publish_seconds", "seconds until the broker acknowledged a flush's scores and state",
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.freshness = histogram(
+            "clv_event_to_publish_seconds",
+            "seconds from receiving an event to publishing its customer's score",
+            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
-    def render(self) -> str:
-        out = [
-            "# HELP clv_events_in_total transaction messages received",
-            "# TYPE clv_events_in_total counter", f"clv_events_in_total {self.events_in}",
-            "# HELP clv_events_applied_total events folded into customer state",
-            "# TYPE clv_events_applied_total counter", f"clv_events_applied_total {self.events_applied}",
-            "# HELP clv_events_skipped_total events already applied (redelivered or re-published)",
-            "# TYPE clv_events_skipped_total counter",
-        ]
-        out += [f'clv_events_skipped_total{{reason="{r}"}} {n}' for r, n in sorted(self.events_skipped.items())]
-        out += ["# HELP clv_dlq_total events sent to the dead-letter topic",
-                "# TYPE clv_dlq_total counter"]
-        out += [f'clv_dlq_total{{reason="{r}"}} {n}' for r, n in sorted(self.dlq.items())]
-        out += ["# HELP clv_events_routed_total events re-published to the partition their key "
-                "maps to under murmur2 (a publisher with another partitioner)",
-                "# TYPE clv_events_routed_total counter", f"clv_events_routed_total {self.routed}",
-                "# HELP clv_scoring_errors_total customers a rescoring could not score (logged; "
-                "scored again on their next event or month turn)",
-                "# TYPE clv_scoring_errors_total counter",
-                f"clv_scoring_errors_total {self.scoring_errors}",
-                "# HELP clv_rescored_customers_total customer scores published",
-                "# TYPE clv_rescored_customers_total counter", f"clv_rescored_customers_total {self.rescored}",
-                "# HELP clv_dirty_customers customers waiting for an event-driven rescore",
-                "# TYPE clv_dirty_customers gauge", f"clv_dirty_customers {self.dirty}",
-                "# HELP clv_partitions_owned transactions partitions this worker has recovered and owns",
-                "# TYPE clv_partitions_owned gauge", f"clv_partitions_owned {self.partitions}",
-                "# HELP clv_backlog_customers customers waiting for a month-turn or recovery rescore",
-                "# TYPE clv_backlog_customers gauge", f"clv_backlog_customers {self.backlog}",
-                "# HELP clv_state_recovered_records_total state changelog records read by recoveries",
-                "# TYPE clv_state_recovered_records_total counter",
-                f"clv_state_recovered_records_total {self.recovered_records}",
-                "# HELP clv_state_recovery_seconds_total seconds spent recovering state from the changelog",
-                "# TYPE clv_state_recovery_seconds_total counter",
-                f"clv_state_recovery_seconds_total {self.recovery_seconds}",
-                "# HELP clv_state_takeover_seconds wall time the last rebalance's takeovers took",
-                "# TYPE clv_state_takeover_seconds gauge", f"clv_state_takeover_seconds {self.takeover_seconds}",
-                "# HELP clv_state_near_bound_customers customers holding 90% or more of the state's id bound",
-                "# TYPE clv_state_near_bound_customers gauge",
-                f"clv_state_near_bound_customers {self.near_bound}",
-                "# HELP clv_state_record_max_bytes largest state record written since start",
-                "# TYPE clv_state_record_max_bytes gauge", f"clv_state_record_max_bytes {self.largest_record}",
-                "# HELP clv_consumer_lag messages behind the end of each transactions partition",
-                "# TYPE clv_consumer_lag gauge"]
-        out += [f'clv_consumer_lag{{partition="{p}"}} {n}' for p, n in sorted(self.lag.items())]
-        for h in (self.batch_size, self.batch_latency, self.publish_latency, self.freshness):
-            out += h.render()
-        return "\n".join(out) + "\n"
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, doc, buckets=buckets, registry=self.registry)
+
+    def set_lag(self, lag: dict[int, int]) -> None:
+        """Lag of the partitions owned now: revoked ones leave the exposition."""
+        self.lag.clear()
+        for partition, n in lag.items():
+            self.lag.labels(partition=str(partition)).set(n)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper's Accept header asks for, and its type."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
@@ -128,7 +105,7 @@ def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
 
 
 def idle(values: dict[str, float]) -> bool:
-    """Nothing left to consume, score or publish."""
+    """Nothing left to consume, score, publish or commit."""
     lag = sum(v for k, v in values.items() if k.startswith("clv_consumer_lag"))
     return bool(values) and lag == 0 and values.get("clv_dirty_customers") == 0 \
         and values.get("clv_backlog_customers") == 0

@@ -32,8 +32,11 @@ class BatchPublisher:
 
     async def _started(self) -> AIOKafkaProducer:
         if self.producer is None:
+            # A batch the broker has not acknowledged within the timeout fails instead of being
+            # retried by the client unseen: the worker's flush policy retries it, and says so.
             producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
                                         acks="all", max_batch_size=1 << 20, linger_ms=0,
+                                        request_timeout_ms=int(self.settings.publish_timeout_s * 1000),
                                         **self.settings.kafka_client_options())
             await producer.start()
             self.producer = producer

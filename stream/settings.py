@@ -50,6 +50,12 @@ class Settings:
     data_dir: str = field(default="var/worker", metadata=_meta("worker state directory"))
     batch_size: int = field(default=1024, metadata=_meta("rescoring micro-batch: flush at N customers"))
     batch_wait_ms: int = field(default=20, metadata=_meta("rescoring micro-batch: flush after T ms"))
+    publish_timeout_s: float = field(default=30.0, metadata=_meta(
+        "longest the worker waits for the broker to acknowledge a micro-batch's scores and state "
+        "records before that flush counts as failed and is retried"))
+    flush_failure_timeout_s: float = field(default=120.0, metadata=_meta(
+        "how long flushes may keep failing (retried with backoff, /ready answering 503) before "
+        "the worker exits with code 75 for its supervisor to restart it"))
     fetch_wait_ms: int = field(default=50, metadata=_meta(
         "longest a consumer fetch waits for new data (brokers that hold a fetch for its whole "
         "wait, like the embedded one, add it to every event's latency)"))
@@ -107,7 +113,8 @@ class Settings:
 
     def check(self) -> None:
         for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
-                     "batch_wait_ms", "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms",
+                     "batch_wait_ms", "publish_timeout_s", "flush_failure_timeout_s",
+                     "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms",
                      "api_sql_timeout_s", "api_sql_max_rows", "api_sql_concurrency",
                      "api_score_max_bytes"):
             if getattr(self, name) <= 0:

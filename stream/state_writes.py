@@ -144,15 +144,17 @@ class PartitionStates:
         """The taken records are in the changelog, the last at `offset`: store them. The store's
         offset moves to `offset` only when they directly follow what it holds: when another
         worker wrote the partition meanwhile (this one was paused past its session timeout and
-        the partition moved on), the store lacks those records, and its next recovery reads
-        them from where it had read to (and keeps the highest position per key)."""
+        the partition moved on), or a failed flush wrote part of its records, the store lacks
+        records before these, and its next recovery reads them from where it had read to (and
+        keeps the highest position per key)."""
         follows = offset - len(self.inflight) == self.store.offset(self.partition)
         if not follows and offset >= 0 and not self.unread:  # (-1: the broker did not say)
             self.unread = True  # said once: the store's offset stays behind from now on
             log.warning("changelog partition %d holds records this worker has not read (another "
-                        "worker wrote it since; was this one paused past its session timeout?): "
-                        "its store stays at offset %d, and its next recovery reads on from there",
-                        self.partition, self.store.offset(self.partition))
+                        "worker wrote it since, this one being paused past its session timeout? "
+                        "or a failed flush wrote part of its records): its store stays at offset "
+                        "%d, and its next recovery reads on from there", self.partition,
+                        self.store.offset(self.partition))
         self.store.write(self.partition, self.inflight, offset if follows else -1)
         self.inflight.clear()
         self.held.clear()

@@ -6,7 +6,8 @@ the window's event ids) it has applied, so a redelivered event changes nothing. 
 acknowledged only after the scores of the customers they touched have been handed to the
 producer, and faust flushes the producer before it commits offsets: a crash before that point
 redelivers the events, which mark their customers dirty again (even when already applied), so no
-score is lost either.
+score is lost either. A flush that fails is retried, never dropped, and bounded in time
+(stream.flush_policy).
 
 Time: the worker's clock is the newest event time it has seen on any of its partitions; each
 partition also keeps its own newest event. Scores are as of the worker's clock, so a partition
@@ -50,6 +51,7 @@ from features.aggregate import Applied, Folder, contribution, month_of, month_st
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from features.scores import ScoreRecord, as_dict, encode_score
 from stream.auth import guard, is_loopback, require_token
+from stream.flush_policy import FlushFailures
 from stream.metrics import Metrics
 from stream.scoring import assemble, prepare, score_separately, score_states
 from stream.publisher import BatchPublisher, Record, home_partition
@@ -98,10 +100,13 @@ class Rescorer:
         self.folders: dict[int, Folder] = {}
         self.clock_ts: dict[int, int] = {}
         self.group_ts = 0  # newest event time on any partition this worker has owned
-        self.dirty: dict[int, dict[str, float]] = {}  # partition -> customer -> first dirty time
+        # partition -> customer -> when an event first made it dirty (None: a rescan did)
+        self.dirty: dict[int, dict[str, float | None]] = {}
         self.backlog: dict[int, Rescan] = {}  # month-turn / takeover / rescore-all rescoring
         self.pending_acks: list[Any] = []
-        self.position: dict[int, int] = {}  # next offset to process, per partition (for lag)
+        self.position: dict[int, int] = {}  # next offset to process, per partition
+        self.started: dict[int, int] = {}  # first offset received since assignment (committed)
+        self.failures = FlushFailures(settings.flush_failure_timeout_s)
         self.oldest_dirty: float | None = None
         self.taken: set[int] = set()  # partitions whose takeover has run
         self.taking: dict[int, asyncio.Future[None]] = {}
@@ -131,8 +136,8 @@ class Rescorer:
 
     async def _take_over(self, partition: int) -> None:
         got = await recover(self.states.store, self.settings, self.states.topic, partition)
-        self.metrics.recovered_records += got.records
-        self.metrics.recovery_seconds += got.seconds
+        self.metrics.recovered_records.inc(got.records)
+        self.metrics.recovery_seconds.inc(got.seconds)
         states = self.states.open(partition)
         meta = states.meta
         customers = self.states.store.count(partition)
@@ -184,10 +189,12 @@ class Rescorer:
             task = self.taking.pop(p, None)
             if task is not None:
                 task.cancel()
-            for d in (self.folders, self.clock_ts, self.dirty, self.backlog, self.position):
+            for d in (self.folders, self.clock_ts, self.dirty, self.backlog, self.position,
+                      self.started):
                 d.pop(p, None)
             self.states.forget(p)
             self.taken.discard(p)
+        self.pending_acks = [e for e in self.pending_acks if e.message.partition not in partitions]
 
     def _as_of(self, partition: int) -> datetime:
         """The clock a partition's scores are as of: its own newest event, or the worker's when
@@ -228,9 +235,11 @@ class Rescorer:
         self.mark(partition, event.customer_id)
         return outcome
 
-    def mark(self, partition: int, customer_id: str) -> None:
+    def mark(self, partition: int, customer_id: str, event: bool = True) -> None:
+        """Queue the customer for the next flush; `event`: an event made it dirty (its wait
+        counts in the receive-to-publish histogram), else a rescan."""
         now = time.monotonic()
-        self.dirty.setdefault(partition, {}).setdefault(customer_id, now)
+        self.dirty.setdefault(partition, {}).setdefault(customer_id, now if event else None)
         if self.oldest_dirty is None:
             self.oldest_dirty = now
 
@@ -238,54 +247,96 @@ class Rescorer:
         return sum(len(d) for d in self.dirty.values())
 
     def due(self) -> bool:
+        """A flush is due: a full micro-batch, or its oldest customer has waited batch_wait_ms,
+        or only acknowledgements wait; after a failure, not before the backoff has passed."""
+        if not self.failures.may_retry():
+            return False
         if self.dirty_count() >= self.settings.batch_size:
             return True
-        return (self.oldest_dirty is not None and
-                (time.monotonic() - self.oldest_dirty) * 1000 >= self.settings.batch_wait_ms)
+        if self.oldest_dirty is None:
+            return bool(self.pending_acks)
+        return (time.monotonic() - self.oldest_dirty) * 1000 >= self.settings.batch_wait_ms
 
     # -- scoring ----------------------------------------------------------------------------
     async def flush(self) -> None:
         """Score every dirty customer; publish the scores with the changelog records of the
-        states behind them and wait for the broker; then acknowledge the events."""
+        states behind them and wait for the broker; then acknowledge the events. A failure
+        puts all of it back for the next attempt (stream.flush_policy), whichever path called."""
         if self.stopping:
             return
         async with self.lock:
             dirty, self.dirty, self.oldest_dirty = self.dirty, {}, None
             acks, self.pending_acks = self.pending_acks, []
-            records = self.states.take()
             try:
+                records = self.states.take()
                 for partition, customers in dirty.items():
                     if partition in self.folders:
                         records += await self._score(partition, customers)
                 offsets = await self._send(records, dirty)
-            except BaseException:
-                self.states.restore()  # their changelog records go out with the next flush
-                raise
+            except BaseException as exc:
+                self._put_back(dirty, acks)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the caller is stopping
+                self.metrics.flush_failures.inc()
+                self.failures.failed(exc)
+                return
+            self.failures.succeeded()
             self.states.written({p: o for (t, p), o in offsets.items() if t == self.states.topic})
             for event in acks:
                 await self.stream.ack(event)
 
-    def flush_soon(self) -> None:
-        """Start a flush unless one is running (the running one is followed by the next tick's)."""
-        if not self.lock.locked() and (self.flushing is None or self.flushing.done()):
-            self.flushing = asyncio.ensure_future(self.flush())
-            self.flushing.add_done_callback(_log_failure)
+    def _put_back(self, dirty: dict[int, dict[str, float | None]], acks: list[Any]) -> None:
+        """A flush that failed: its customers are dirty again (keeping when they first were),
+        its acknowledgements wait again, its changelog records go out with the next attempt."""
+        self.states.restore()
+        for partition, customers in dirty.items():
+            if partition in self.folders:
+                mine = self.dirty.setdefault(partition, {})
+                for customer_id, since in customers.items():
+                    mine[customer_id] = since if since is not None else mine.get(customer_id)
+        self.pending_acks = acks + self.pending_acks
+        if self.dirty and self.oldest_dirty is None:
+            self.oldest_dirty = time.monotonic()
 
-    async def drain_backlog(self) -> None:
-        """One chunk of month-turn/takeover rescoring per call, so intake keeps going; a rescan
-        done is recorded in the partition's changelog record with the next flush. A partition
-        with events still to process waits (up to RESCAN_DEFER_S): its clock is about to move on
-        (catching up on history, every month would otherwise be rescored), so its customers are
-        rescored once, as of the clock it caught up to."""
+    def flush_soon(self) -> None:
+        """Start a flush unless one is running (the running one is followed by the next tick's);
+        after a failure it first waits out the backoff."""
+        if not self.lock.locked() and (self.flushing is None or self.flushing.done()):
+            self.flushing = asyncio.ensure_future(self._flush_after(self.failures.wait()))
+
+    async def _flush_after(self, seconds: float) -> None:
+        if seconds:
+            await asyncio.sleep(seconds)
+        await self.flush()
+
+    async def hold_intake(self) -> None:
+        """Backpressure: with a micro-batch's worth of customers waiting, intake waits for the
+        flush (and, while flushes fail, for its retries), so neither the dirty customers nor
+        the unacknowledged events grow without bound while the broker refuses writes."""
+        while self.dirty_count() >= self.settings.batch_size and not self.stopping:
+            self.flush_soon()
+            if self.flushing is None or self.flushing.done():
+                await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
+            else:
+                await asyncio.shield(self.flushing)
+
+    def drain_backlog(self) -> None:
+        """One chunk of month-turn/takeover rescoring per call, marked dirty for the next flush,
+        so intake keeps going; a rescan done is recorded in the partition's changelog record with
+        that flush. Nothing is added while flushes fail or a micro-batch is already waiting. A
+        partition with events still to process waits (up to RESCAN_DEFER_S): its clock is about
+        to move on (catching up on history, every month would otherwise be rescored), so its
+        customers are rescored once, as of the clock it caught up to."""
+        if self.failures.failing or self.dirty_count() >= self.settings.batch_size:
+            return
         now = time.monotonic()
         for partition, rescan in list(self.backlog.items()):
             if self._behind(partition) and now - rescan.queued < RESCAN_DEFER_S:
                 continue
             chunk = list(itertools.islice(rescan.customers, self.settings.batch_size))
             rescan.remaining = max(rescan.remaining - len(chunk), 1)
-            async with self.lock:
-                if chunk and partition in self.folders:
-                    await self._send(await self._score(partition, dict.fromkeys(chunk)), {})
+            for customer_id in chunk:  # published by the next flush, retried like any other
+                self.mark(partition, customer_id, event=False)
             if len(chunk) < self.settings.batch_size and self.backlog.get(partition) is rescan:
                 del self.backlog[partition]
                 self._record(partition, scored_month=rescan.month, model=self.artifact.version)
@@ -312,7 +363,8 @@ class Rescorer:
         now = time.monotonic()
         for customers in dirty.values():
             for since in customers.values():
-                self.metrics.freshness.observe(now - since)
+                if since is not None:
+                    self.metrics.freshness.observe(now - since)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         return offsets
 
@@ -341,13 +393,13 @@ class Rescorer:
         records: list[Record] = []
         for score, cid in zip(scores, ids):
             if isinstance(score, Exception):
-                self.metrics.scoring_errors += 1
+                self.metrics.scoring_errors.inc()
                 log.error("customer %s of partition %d not scored as of %s: %s: %s; its state is "
                           "kept, and it is scored again on its next event or month turn", cid,
                           partition, as_of.isoformat(), type(score).__name__, score)
                 continue
             records.append((topic, partition, cid.encode(), encode_score(score)))
-        self.metrics.rescored += len(records)
+        self.metrics.rescored.inc(len(records))
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         return records
@@ -355,14 +407,6 @@ class Rescorer:
 
 def _month_text(month: int | None) -> str:
     return "no month" if month is None else month_start(month).strftime("%Y-%m")
-
-
-def _log_failure(task: asyncio.Future[None]) -> None:
-    """A background flush that failed leaves its events unacknowledged (redelivered on restart);
-    say so loudly, since nothing awaits it."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background flush failed; its events stay unacknowledged",
-                  exc_info=task.exception())
 
 
 def _set_fetch_wait(ms: int) -> None:
@@ -462,10 +506,11 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     app.clv = rescorer  # type: ignore[attr-defined]  # for the web views and tests
     ready = asyncio.Event()
     max_future = timedelta(minutes=settings.max_future_minutes)
+    routed = 0  # events routed so far, for the warning's count
 
     async def dead_letter(raw: bytes, key: bytes | None, reason: str, detail: str,
                           partition: int, offset: int) -> None:
-        metrics.dlq[reason] += 1
+        metrics.dlq.labels(reason=reason).inc()
         headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
                    ("source_partition", str(partition).encode()),
                    ("source_offset", str(offset).encode()),
@@ -477,15 +522,17 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     async def route(raw: bytes, msg: Any, home: int) -> None:
         """Re-publish an event to its customer's partition; it is applied when it arrives there.
         Re-published twice (a crash before the commit), it carries the same event_id: once."""
-        metrics.routed += 1
+        nonlocal routed
+        metrics.routed.inc()
+        routed += 1
         headers = [*(msg.headers or ()), ("routed_from_partition", str(msg.partition).encode()),
                    ("routed_from_offset", str(msg.offset).encode())]
         await app.producer.send(settings.transactions_topic, msg.key, raw, home, None, headers)
-        if metrics.routed == 1 or metrics.routed % 10_000 == 0:
+        if routed == 1 or routed % 10_000 == 0:
             log.warning("%d events so far arrived on another partition than their key's under "
                         "murmur2 and were re-published to it (latest: %s[%d]@%d, key %r, "
                         "partition %d): set the publishers' partitioner to murmur2 (librdkafka: "
-                        "partitioner=murmur2_random)", metrics.routed,
+                        "partitioner=murmur2_random)", routed,
                         settings.transactions_topic, msg.partition, msg.offset, msg.key[:40], home)
 
     def checked(raw: bytes, msg: Any) -> TransactionEvent | Invalid:
@@ -514,8 +561,9 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                 await rescorer.take_over(msg.partition)
                 if msg.partition not in rescorer.taken:
                     continue  # revoked meanwhile: left unacknowledged for its next owner
-            metrics.events_in += 1
+            metrics.events_in.inc()
             rescorer.position[msg.partition] = msg.offset + 1
+            rescorer.started.setdefault(msg.partition, msg.offset)
             raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
             parsed = checked(raw, msg)
             if isinstance(parsed, Invalid):
@@ -531,12 +579,13 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
                                       "older than the state window of its customer's partition",
                                       msg.partition, msg.offset)
                 elif outcome == Applied.APPLIED:
-                    metrics.events_applied += 1
+                    metrics.events_applied.inc()
                 else:
-                    metrics.events_skipped[outcome] += 1
+                    metrics.events_skipped.labels(reason=outcome).inc()
                 rescorer.pending_acks.append(event)
             if rescorer.due():
                 rescorer.flush_soon()  # in the background: intake goes on while the broker acks
+            await rescorer.hold_intake()
 
     @app.agent(control)
     async def commands(stream: Any) -> None:
@@ -559,34 +608,43 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
 
     @app.timer(interval=max(settings.batch_wait_ms / 1000.0 / 2, 0.005))
     async def tick() -> None:
-        if rescorer.due() or (rescorer.pending_acks and not rescorer.dirty_count()):
+        if rescorer.due():
             await rescorer.flush()
-        await rescorer.drain_backlog()
+        rescorer.drain_backlog()
 
     async def refresh_gauges() -> None:
         """Gauges are read when scraped, not kept current on every tick."""
-        metrics.dirty = rescorer.dirty_count()
-        metrics.backlog = sum(r.remaining for r in rescorer.backlog.values())
-        metrics.near_bound = len(states.near_bound)
-        metrics.largest_record = states.largest_record
-        metrics.partitions = len(rescorer.folders)
-        lag = {}
+        metrics.dirty.set(rescorer.dirty_count())
+        metrics.backlog.set(sum(r.remaining for r in rescorer.backlog.values()))
+        metrics.near_bound.set(len(states.near_bound))
+        metrics.largest_record.set(states.largest_record)
+        metrics.partitions.set(len(rescorer.folders))
+        pending = bool(rescorer.dirty_count() or rescorer.pending_acks)
+        metrics.flush_age.set(rescorer.failures.age(pending))
         try:
             assignment = app.consumer.assignment()
         except NotReady:  # scraped before the consumer started
             assignment = set()
-        for tp in assignment:
-            if tp.topic == settings.transactions_topic:
-                high = app.consumer.highwater(tp)
-                pos = rescorer.position.get(tp.partition)
-                if pos is None:  # nothing consumed here since assignment: the fetch position
-                    pos = await app.consumer.position(tp)
-                lag[tp.partition] = max(0, (high or 0) - (pos or 0))
-        metrics.lag = lag
+        metrics.set_lag({tp.partition: await committed_lag(tp) for tp in assignment
+                         if tp.topic == settings.transactions_topic})
+
+    async def committed_lag(tp: TopicPartition) -> int:
+        """Messages after the group's committed offset: a restart resumes there, so a commit
+        that stops advancing shows as growing lag even while intake goes on. Until this worker
+        commits on a partition, its committed offset is where consumption started (faust seeks
+        each assigned partition to the group's commit)."""
+        committed = app.monitor.tp_committed_offsets.get(tp, rescorer.started.get(tp.partition))
+        if committed is None:  # nothing consumed here since assignment: the fetch position
+            committed = await app.consumer.position(tp)
+        return max(0, (app.consumer.highwater(tp) or 0) - (committed or 0))
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
+        """One attempt to publish what is pending, not retried here: a failure leaves the revoked
+        partitions' events unacknowledged, for their next owner to process again."""
         await rescorer.flush()
+        for tp in revoked:  # its next owner commits from now on
+            app.monitor.tp_committed_offsets.pop(tp, None)
         rescorer.forget({tp.partition for tp in revoked if tp.topic == settings.transactions_topic})
 
     @app.on_rebalance_complete.connect
@@ -601,7 +659,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         started = time.perf_counter()
         for partition in sorted(owned):  # one at a time: recovery's fetch buffers are large
             await rescorer.take_over(partition)
-        metrics.takeover_seconds = time.perf_counter() - started
+        metrics.takeover_seconds.set(time.perf_counter() - started)
         ready.set()
 
     @app.task
@@ -618,13 +676,17 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     @app.page("/ready")
     async def is_ready(web: Any, request: Any) -> Any:
         recovered = app.tables.recovery.completed.is_set() and not app.rebalancing
+        failing = rescorer.failures.not_ready_reason()
+        if failing:
+            return web.json({"ready": False, "reason": failing}, status=503)
         status = 200 if recovered and ready.is_set() else 503
         return web.json({"ready": status == 200}, status=status)
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
         await refresh_gauges()
-        return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
+        body, content_type = metrics.render(request.headers.get("Accept"))
+        return web.bytes(body, headers={"Content-Type": content_type})  # with its charset
 
     @app.page("/customers/{customer_id}")
     async def customer(web: Any, request: Any, customer_id: str) -> Any:
@@ -651,8 +713,8 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
         """Consumer flow is stopped, the producer still runs: publish and acknowledge what is
         pending, then acknowledge nothing more (the producer flush that follows is the last one,
         so later events are left for redelivery)."""
-        log.info("stopping: publishing %d dirty customers before the final commit",
-                 rescorer.dirty_count())
+        log.info("stopping: publishing %d dirty customers before the final commit (one attempt: "
+                 "after a failure their events are redelivered on restart)", rescorer.dirty_count())
         if rescorer.stream is not None:
             await rescorer.flush()
         rescorer.stopping = True
