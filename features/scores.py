@@ -8,8 +8,12 @@ messages, snapshot columns, files and API without another list to keep in step.
 customers, and rankings, tiers and segments use it. Schema history: in 1 `clv` was the
 expectation; 2 made `clv` a quantile point forecast and carried the expectation as
 `expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`; 4 adds `cluster`; 5
-adds `country`. `parse_score` reads 2 to 4 as well (the fields they lack read as ""), so the sink
-keeps working while workers are upgraded.
+adds `country`; 6 adds `event_offset`. `parse_score` reads 2 to 5 as well (the text fields they
+lack read as "", `event_offset` as -1), so the sink keeps working while workers are upgraded.
+
+Which of a customer's scores is the newest is decided by `precedence`, not by arrival: a worker
+paused past its session timeout and resumed after another took over can still publish the scores
+it had, after newer ones.
 """
 
 from __future__ import annotations
@@ -23,19 +27,24 @@ from typing import Any, NewType, get_type_hints
 
 from features.contract import Invalid, Reason, decode, parse_ts
 
-SCORE_SCHEMA_VERSION = 5
-READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5)
+SCORE_SCHEMA_VERSION = 6
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5, 6)
 LEGACY_CLV = "expected_clv"  # schema 2's name for the expectation schema 3 calls `clv`
 MAX_INT = 2**31 - 1  # whole-number fields are 32-bit columns in the snapshot
+MAX_OFFSET = 2**63 - 1  # Kafka offsets are 64-bit
 
 IsoTime = NewType("IsoTime", str)
 """An instant as ISO-8601 in UTC (`iso_time`), so that equal instants are equal strings."""
 
+Offset = NewType("Offset", int)
+"""A Kafka offset (64-bit), or -1 for none."""
 
-def _doc(text: str, run: bool = False) -> Any:
+
+def _doc(text: str, run: bool = False, stream: bool = False) -> Any:
     """A field's description for subscribers; `run` marks the fields every score of one scoring
-    run shares (the rest describe the customer, and make up `clv score` files)."""
-    return field(metadata={"doc": text, "run": run})
+    run shares, `stream` those only the stream knows (the rest describe the customer, and make up
+    `clv score` files)."""
+    return field(metadata={"doc": text, "run": run, "stream": stream})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +71,18 @@ class ScoreRecord:
     as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on any "
                           "partition it owns: the stream's clock", run=True)
     scored_at: IsoTime = _doc("wall-clock time (UTC) the score was computed", run=True)
+    event_offset: Offset = _doc(
+        "offset in `transactions`, on the customer's partition (this message's partition number), "
+        "of the newest event folded into the score: of two messages of a customer the one with "
+        "the higher event_offset is newer, then the one with the later as_of; -1 when no event "
+        "was (a bootstrapped history) or the message is of schema 2 to 5", stream=True)
 
 
 FIELDS = tuple(f.name for f in fields(ScoreRecord))
-CUSTOMER_FIELDS = tuple(f.name for f in fields(ScoreRecord) if not f.metadata["run"])
-FIELD_TYPES: dict[str, Any] = get_type_hints(ScoreRecord)  # int, float, str or IsoTime
+CUSTOMER_FIELDS = tuple(f.name for f in fields(ScoreRecord)
+                        if not f.metadata["run"] and not f.metadata["stream"])
+FIELD_TYPES: dict[str, Any] = get_type_hints(ScoreRecord)  # int, float, str, IsoTime or Offset
+PRECEDENCE = ("event_offset", "as_of")  # what orders a customer's scores, compared in turn
 
 _values = attrgetter(*FIELDS)
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -87,13 +103,26 @@ def encode_score(record: ScoreRecord) -> bytes:
     return _encode(as_dict(record)).encode()
 
 
-# Per readable schema version, the message field and type of each record field after the version;
-# None: a field the version lacks, read as "".
-_ADDED_IN = {"cluster": 4, "country": 5}
+_precedence = attrgetter(*PRECEDENCE)
 
 
-def _sources(version: int) -> tuple[tuple[str | None, Any], ...]:
-    return tuple((None if _ADDED_IN.get(name, 0) > version
+def precedence(record: ScoreRecord) -> tuple[int, IsoTime]:
+    """Orders a customer's scores: the one with the greater value is the newer, whatever order
+    they were published in; a message reflects a later state of the customer (its event_offset;
+    a customer's events all live on one partition, and its state changes only when it applies a
+    later one), or the same state aged to a later clock. Of equal values the later published
+    is the newer (the same state and clock, scored again: a new model)."""
+    return _precedence(record)
+
+
+# Per readable schema version, each record field after the version, the message field it is read
+# from (None: a field the version lacks, read as its `_ABSENT` value) and its type.
+_ADDED_IN = {"cluster": 4, "country": 5, "event_offset": 6}
+_ABSENT: dict[str, Any] = {"cluster": "", "country": "", "event_offset": -1}
+
+
+def _sources(version: int) -> tuple[tuple[str, str | None, Any], ...]:
+    return tuple((name, None if _ADDED_IN.get(name, 0) > version
                   else LEGACY_CLV if name == "clv" and version == 2 else name, FIELD_TYPES[name])
                  for name in FIELDS if name != "schema_version")
 
@@ -105,7 +134,8 @@ def parse_score(value: bytes | str) -> ScoreRecord | str:
     """The record a message stands for, or why it is unusable (`reason` or `reason:field`, with
     the transaction contract's reason codes); never raises. A schema-2 message becomes the
     current record it implies: its `expected_clv` is the `clv`, its quantile `clv` is dropped;
-    a message has "" for the fields its version lacks (cluster before 4, country before 5).
+    a message has "" for the text fields its version lacks (cluster before 4, country before 5)
+    and -1 for event_offset before 6.
     Times come back as `iso_time` writes them."""
     obj = decode(value)
     if isinstance(obj, Invalid):
@@ -120,9 +150,9 @@ def parse_score(value: bytes | str) -> ScoreRecord | str:
     if version not in READABLE_SCHEMA_VERSIONS:
         return Reason.UNKNOWN_SCHEMA_VERSION
     values: list[Any] = [SCORE_SCHEMA_VERSION]
-    for source, kind in _SOURCES[version]:
+    for name, source, kind in _SOURCES[version]:
         if source is None:
-            values.append("")
+            values.append(_ABSENT[name])
             continue
         if source not in obj:
             return f"{Reason.MISSING_FIELD}:{source}"
@@ -153,10 +183,10 @@ def _checked(value: Any, kind: Any) -> Any:
         if not math.isfinite(value):
             raise _Unusable(Reason.NON_FINITE)
         return value
-    if t is not (int if kind is int else str):
+    if t is not (int if kind is int or kind is Offset else str):
         raise _Unusable(Reason.WRONG_TYPE)
-    if kind is int:
-        if not -MAX_INT - 1 <= value <= MAX_INT:
+    if kind is int or kind is Offset:
+        if not (-MAX_INT - 1 <= value <= MAX_INT if kind is int else -1 <= value <= MAX_OFFSET):
             raise _Unusable(Reason.ABSURD_VALUE)
         return value
     if kind is IsoTime:
@@ -174,7 +204,8 @@ def _checked(value: Any, kind: Any) -> Any:
 def score_schema() -> dict[str, Any]:
     """JSON Schema of a current message, from the record (`clv score-schema` prints it)."""
     json_types = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-                  IsoTime: {"type": "string", "format": "date-time"}}
+                  IsoTime: {"type": "string", "format": "date-time"},
+                  Offset: {"type": "integer", "minimum": -1}}
     properties = {f.name: {**json_types[FIELD_TYPES[f.name]], "description": f.metadata["doc"]}
                   for f in fields(ScoreRecord)}
     properties["schema_version"]["const"] = SCORE_SCHEMA_VERSION

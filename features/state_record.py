@@ -19,6 +19,11 @@ at most `window` months, so a record is at most `record_bound(window)` bytes plu
 id's and country's UTF-8 lengths: 33,524 + len(id) + len(country) for the shipped 13-month
 window.
 
+The state's source position (`partition`, `offset`: the highest offset of the customer's
+`transactions` partition its state has applied) leads every format, so `source_offset` reads it
+without decoding the rest: recovery keeps, per customer, the record of the highest position (see
+`stream.recovery`).
+
 Records written before format 1 are JSON objects (first byte `{`, with every event and invoice id
 in full); they are still read, their ids turned into keys, so a changelog written by an older
 worker recovers into the new format.
@@ -72,6 +77,29 @@ _Fields_1 = (str, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, in
              list[tuple[int, int, int, int, bytes, bytes]])
 _decoder_1 = msgspec.msgpack.Decoder(tuple[(*_Fields_1, str)])  # type: ignore[misc]
 _decoder_1_without_country = msgspec.msgpack.Decoder(tuple[_Fields_1])  # type: ignore[misc]
+
+
+class _Head(msgspec.Struct, array_like=True):
+    """The fields formats 1 and 2 begin with (the rest of the array is skipped, not decoded)."""
+
+    customer_id: str
+    partition: int
+    offset: int
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+
+
+def source_offset(data: bytes) -> int:
+    """The highest source offset the record's state has applied (-1: none, a bootstrapped
+    history), read from the record's head: a fencing token, since a customer's events all live on
+    one partition and a state changes only when it applies a later one."""
+    if data[:1] in (_HEADER, _FORMAT_1):
+        try:
+            return _head_decoder.decode(memoryview(data)[1:]).offset
+        except msgspec.MsgspecError as exc:
+            raise StateDecodeError(f"not a format-{data[0]} state record: {exc}") from None
+    return decode_state(data).offset
 
 
 def encode_state(state: CustomerState) -> bytes:

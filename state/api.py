@@ -27,7 +27,7 @@ from aiohttp import web
 
 from export_onnx.artifact import Artifact
 from features.loaders import FORMATS, LoadError
-from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, MAX_INT, IsoTime
+from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, MAX_INT, IsoTime, Offset
 from features.segments import SEGMENTS
 from state.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
                            SnapshotUnavailable)
@@ -425,7 +425,7 @@ def serve(settings: Settings) -> int:
 
 _JSON_TYPES: dict[Any, dict[str, str]] = {
     int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-    IsoTime: {"type": "string", "format": "date-time"}}
+    IsoTime: {"type": "string", "format": "date-time"}, Offset: {"type": "integer"}}
 _TEXT = {"type": "string"}
 _SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv FROM customer_scores GROUP BY 1"
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import astuple, fields
 from datetime import datetime, timezone
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,24 @@ import duckdb
 import pandas as pd
 
 from features.clusters import UNKNOWN
-from features.scores import FIELD_TYPES, FIELDS, LEGACY_CLV, IsoTime, ScoreRecord, iso_time
+from features.scores import (FIELD_TYPES, FIELDS, LEGACY_CLV, PRECEDENCE, IsoTime, Offset, ScoreRecord,
+                             iso_time)
 from features.segments import PLAYBOOKS, Playbook
 
 # Per customer, the fields of its newest score, in message order (the schema version describes
 # a message, not a customer).
 COLUMNS = tuple(name for name in FIELDS if name != "schema_version")
 TIERS = ("low", "medium", "high")
-_SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ"}
+_SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ",
+              Offset: "BIGINT"}
 _AS_OF = COLUMNS.index("as_of")
+_precedence = itemgetter(*(COLUMNS.index(name) for name in PRECEDENCE))  # a row's, as of its score
+# A held row the incoming one (`rows`) is at least as new as: `features.scores.precedence` in SQL.
+_SUPERSEDED = "({}) <= ({})".format(
+    ", ".join(f"scores.{name}" for name in PRECEDENCE),
+    ", ".join(f"rows.{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in PRECEDENCE))
+# What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
+_ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1"}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
 _columns = attrgetter(*COLUMNS)
 
@@ -141,10 +150,10 @@ class Snapshots:
                 "AND table_name = 'customer_scores'").fetchall()}
             # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
             # expectation, today's `clv`, is in its LEGACY_CLV column. Sinks before schema 4
-            # wrote no cluster, before schema 5 no country: unknown, as in their messages.
+            # wrote no cluster, before 5 no country, before 6 no event offset: unknown, as in
+            # their messages.
             select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have
-                      else f"'{UNKNOWN}' AS {c}" if c == "cluster" and c not in have
-                      else f"'' AS {c}" if c == "country" and c not in have else c
+                      else f"{_ABSENT_COLUMNS[c]} AS {c}" if c not in have else c
                       for c in (*COLUMNS, *_SOURCE)]
             con.execute(f"INSERT INTO scores SELECT {', '.join(select)} FROM clv_previous.customer_scores")
         finally:
@@ -154,7 +163,12 @@ class Snapshots:
         return con.execute("SELECT count(*) FROM scores").fetchone()[0]
 
     def put(self, customer_id: str, values: tuple[Any, ...] | None) -> None:
-        """The customer's newest row (`row`), or None when it was deleted (a tombstone)."""
+        """A row of the customer (`row`), kept unless the customer has a newer one by the score
+        contract's `precedence` (a stale worker may publish after the current one); None when
+        the customer was deleted (a tombstone)."""
+        held = self.pending.get(customer_id)
+        if values is not None and held is not None and _precedence(values) < _precedence(held):
+            return
         self.pending[customer_id] = values
         if values is not None:
             as_of = values[_AS_OF]
@@ -165,16 +179,21 @@ class Snapshots:
             self.merge()
 
     def merge(self) -> None:
-        """Fold the pending customers into the working table: replace or delete each."""
+        """Fold the pending customers into the working table: delete the deleted, replace the
+        rows the pending ones are at least as new as, add the customers it lacks."""
         if not self.pending:
             return
         con = self._con()
-        keys = pd.DataFrame({"customer_id": list(self.pending)})  # noqa: F841  (read by name)
+        gone = pd.DataFrame(  # noqa: F841  (read by name)
+            {"customer_id": [c for c, v in self.pending.items() if v is None]}, dtype=object)
         rows = pd.DataFrame.from_records(  # noqa: F841  (read by name)
             [v for v in self.pending.values() if v is not None], columns=[*COLUMNS, *_SOURCE])
         con.execute("BEGIN")
-        con.execute("DELETE FROM scores WHERE customer_id IN (SELECT customer_id FROM keys)")
-        con.execute(f"INSERT INTO scores SELECT {_CASTS} FROM rows")
+        con.execute("DELETE FROM scores WHERE customer_id IN (SELECT customer_id FROM gone)")
+        con.execute(f"DELETE FROM scores USING rows WHERE scores.customer_id = rows.customer_id "
+                    f"AND {_SUPERSEDED}")
+        con.execute(f"INSERT INTO scores SELECT {_CASTS} FROM rows WHERE NOT EXISTS "
+                    f"(SELECT 1 FROM scores WHERE scores.customer_id = rows.customer_id)")
         con.execute("COMMIT")
         self.pending.clear()
 

@@ -2,10 +2,17 @@
 the partition's end, in large fetches, and write each fetch to the store as one batch (with its
 last offset, so a recovery stopped half-way resumes where it stopped).
 
-Records are copied as they are (no decoding), in changelog order, so the newest record of a key
-wins. A store whose offset lies beyond the changelog's end (the topic was recreated, or the
-directory belongs to another cluster) no longer describes that changelog: it is wiped and
-recovered from the start.
+Per key, the record of the highest position wins, not the last one written: a worker paused past
+its session timeout and resumed after another took over its partitions can still write the states
+it had, and those must never roll a customer back. A customer state's position is the highest
+source offset it has applied (`features.state_record.source_offset`, read from the record's head
+without decoding the rest); the partition's own record's is its clock (`PartitionMeta.clock_ts`,
+which never goes back). Between equal positions the later record wins (the same state, written
+again); a tombstone deletes whatever came before it.
+
+A store whose offset lies beyond the changelog's end (the topic was recreated, or the directory
+belongs to another cluster) no longer describes that changelog: it is wiped and recovered from
+the start.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from stream.kafka_io import end_offsets, read_partition
 from stream.settings import Settings
+from stream.state_writes import record_position
 from stream.stores import Store
 
 log = logging.getLogger("clv.recovery")
@@ -51,7 +60,20 @@ async def recover(store: Store, settings: Settings, topic: str, partition: int) 
     n = 0
     async for records in read_partition(settings, topic, partition, start):
         if records:
-            store.write(partition, ((r.key, r.value) for r in records if r.key is not None),
-                        records[-1].offset)
+            store.write(partition, superseding(store, partition, records), records[-1].offset)
             n += len(records)
     return Recovered(partition, start, n, time.perf_counter() - started)
+
+
+def superseding(store: Store, partition: int, records: list[Any]) -> list[tuple[bytes, bytes | None]]:
+    """The batch's records that supersede what the store holds for their keys (see the module
+    docstring), one per key."""
+    chosen: dict[bytes, bytes | None] = {}
+    for r in records:
+        if r.key is None:
+            continue
+        held = chosen[r.key] if r.key in chosen else store.get(partition, r.key)
+        if r.value is None or held is None or (record_position(r.key, r.value)
+                                               >= record_position(r.key, held)):
+            chosen[r.key] = r.value
+    return list(chosen.items())

@@ -31,7 +31,8 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
 def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
              pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
     """One record per customer: the model's expected spend and purchase probability, RFM
-    fields, segment, cluster and country, stamped with the run's model, horizon, as-of and scoring times."""
+    fields, segment, cluster and country, stamped with the run's model, horizon, as-of and scoring
+    times, and the source offset its state reflects (what orders a customer's scores)."""
     quantiles = artifact.meta["clv_quantiles"]
     clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window),
                                artifact.clustering)
@@ -43,7 +44,7 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
         tenure_days=r.tenure_days, total_spend=r.total_spend,
         segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
         cluster=cluster, country=s.country, horizon_months=horizon, model_version=version,
-        as_of=as_of_text, scored_at=scored_at)
+        as_of=as_of_text, scored_at=scored_at, event_offset=s.offset)
         for s, r, clv, p, cluster in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist(),
                                          clusters)]
 

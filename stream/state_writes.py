@@ -26,13 +26,14 @@ from typing import Any, Iterator
 import msgspec
 
 from features.aggregate import MAX_IDS, CustomerState
-from features.state_record import StateDecodeError, decode_state, encode_state
+from features.state_record import StateDecodeError, decode_state, encode_state, source_offset
 from stream.publisher import Record
 from stream.stores import META_KEY, Store
 
 log = logging.getLogger("clv.state")
 NEAR_BOUND = MAX_IDS * 9 // 10  # ids held from which a customer counts as near the state bound
 NEAR_BOUND_TRACKED = 10_000  # most customers the near-bound gauge remembers
+UNREADABLE = -2  # the position of a changelog record that cannot be read
 
 
 def encode_key(customer_id: str) -> bytes:
@@ -66,6 +67,19 @@ def decode_meta(data: bytes) -> PartitionMeta:
         raise StateDecodeError(f"not a partition record: {exc}") from None
 
 
+def record_position(key: bytes, value: bytes) -> int:
+    """How far a changelog record reflects its partition: a customer state's highest applied
+    source offset, the partition record's clock. Of two records of a key, the one of the higher
+    position supersedes the other (`stream.recovery`); an unreadable record is behind every
+    readable one (a bootstrapped state's -1 included), so it never replaces one."""
+    try:
+        return decode_meta(value).clock_ts if key == META_KEY else source_offset(value)
+    except StateDecodeError as exc:
+        log.warning("changelog record of key %r unreadable, kept only if nothing else is: %s",
+                    key[:40], exc)
+        return UNREADABLE
+
+
 class PartitionStates:
     """One partition's states, as the mapping its `Folder` folds into (`get` and assignment)."""
 
@@ -78,6 +92,7 @@ class PartitionStates:
         raw = store.get(partition, META_KEY)
         self.meta = decode_meta(raw) if raw is not None else None
         self.meta_dirty = False
+        self.unread = False  # the changelog has records of others the store lacks
 
     def get(self, customer_id: str, default: None = None) -> CustomerState | None:
         state = self.dirty.get(customer_id) or self.held.get(customer_id)
@@ -126,8 +141,21 @@ class PartitionStates:
         return records
 
     def written(self, offset: int) -> None:
-        """The taken records are in the changelog, the last at `offset`: store them."""
-        self.store.write(self.partition, self.inflight, offset)
+        """The taken records are in the changelog, the last at `offset`: store them. The store's
+        offset moves to `offset` only when they directly follow what it holds: when another
+        worker wrote the partition meanwhile (this one was paused past its session timeout and
+        the partition moved on), or a failed flush wrote part of its records, the store lacks
+        records before these, and its next recovery reads them from where it had read to (and
+        keeps the highest position per key)."""
+        follows = offset - len(self.inflight) == self.store.offset(self.partition)
+        if not follows and offset >= 0 and not self.unread:  # (-1: the broker did not say)
+            self.unread = True  # said once: the store's offset stays behind from now on
+            log.warning("changelog partition %d holds records this worker has not read (another "
+                        "worker wrote it since, this one being paused past its session timeout? "
+                        "or a failed flush wrote part of its records): its store stays at offset "
+                        "%d, and its next recovery reads on from there", self.partition,
+                        self.store.offset(self.partition))
+        self.store.write(self.partition, self.inflight, offset if follows else -1)
         self.inflight.clear()
         self.held.clear()
         self.meta_inflight = False

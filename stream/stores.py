@@ -11,7 +11,9 @@ One small interface, two stores:
   records after that offset. Memory is bounded by the settings below, not by the customers held.
 
 A store holds exactly what the changelog holds: records are written to it only after the broker
-acknowledged them (or while recovering them from the changelog), never ahead of it.
+acknowledged them (or while recovering them from the changelog), never ahead of it. Its offset
+says up to where it has read every record: a worker's own records that land after records of
+another worker it has not read (see `stream.state_writes`) are stored without moving it.
 """
 
 from __future__ import annotations

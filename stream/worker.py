@@ -182,7 +182,9 @@ class Rescorer:
         return self._rescan(partition, month_of(self._as_of(partition)))
 
     def forget(self, partitions: set[int]) -> None:
-        """Revoked partitions: their unacked events go to the new owner, which rescores them."""
+        """Revoked partitions: their unacked events go to the new owner, which rescores them.
+        Their processing position goes too: assigned again later, a partition is read from its
+        committed offset, and a position from before would show its lag as nil."""
         for p in partitions:
             task = self.taking.pop(p, None)
             if task is not None:
@@ -424,6 +426,27 @@ def _set_fetch_wait(ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait
 
 
+def _seek_uncommitted_to_start() -> None:
+    """faust drops what its consumer fetched while a rebalance held the flow, then seeks every
+    partition to its committed offset; a partition with none (its previous owner died or was
+    paused before its first commit) stays where the dropped fetches left it, near its end, and
+    the events before are never processed. Those partitions go to their earliest offset, as
+    `consumer_auto_offset_reset="earliest"` says."""
+    from faust.transport.consumer import Consumer
+
+    seek = getattr(Consumer.perform_seek, "__wrapped__", Consumer.perform_seek)
+
+    async def perform_seek(self: Any) -> None:
+        await seek(self)
+        uncommitted = [tp for tp in self.assignment() if not self._committed_offset.get(tp)]
+        if uncommitted:
+            for tp, offset in (await self.earliest_offsets(*uncommitted)).items():
+                await self.seek(tp, offset)
+
+    perform_seek.__wrapped__ = seek  # type: ignore[attr-defined]
+    Consumer.perform_seek = perform_seek
+
+
 def _web_options(settings: Settings) -> dict[str, Any]:
     """faust's web server also serves its own views (tables, router): off loopback, every path
     but the probes needs the API's bearer token."""
@@ -438,6 +461,7 @@ def build_app(settings: Settings, artifact: Artifact | None = None) -> faust.App
     web_options = _web_options(settings)
     artifact = artifact or Artifact.load(settings.model_dir or None)
     _set_fetch_wait(settings.fetch_wait_ms)
+    _seek_uncommitted_to_start()
     # Customer states are many long-lived objects: with the default thresholds the collector
     # keeps rescanning them, in pauses that land on event latency. Collect young objects less
     # often and the old generation rarely.

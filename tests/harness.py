@@ -16,7 +16,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 
 from export_onnx.artifact import shipped_model_dir
-from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, ScoreRecord, as_dict, parse_score
+from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, ScoreRecord, as_dict, iso_time, parse_score, precedence
 from stream.broker import free_port
 from stream.metrics import idle, scrape
 
@@ -24,11 +24,12 @@ CLV = [sys.executable, "-m", "stream.cli"]
 
 
 class Worker:
-    def __init__(self, env: dict, tmp: Path, name: str = "w1", state: str | None = None) -> None:
+    def __init__(self, env: dict, tmp: Path, name: str = "w1", state: str | None = None,
+                 batch_wait_ms: int = 20) -> None:
         self.port = free_port()
         self.log = tmp / f"{name}.log"
         self.proc = subprocess.Popen(
-            [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", "20"],
+            [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", str(batch_wait_ms)],
             env={**env, "CLV_DATA_DIR": str(tmp / f"{state or name}-state")},  # per worker
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -106,15 +107,37 @@ def read_topic(bootstrap: str, topic: str) -> list:
 
 
 def last_scores(bootstrap: str, topic: str) -> dict[str, dict]:
-    """The newest message per customer, each checked against the contract."""
-    latest: dict[str, dict] = {}
+    """The newest message per customer by the contract's `precedence` (of equal ones the later
+    published), as subscribers are told to read the topic; each checked against the contract."""
+    latest: dict[str, ScoreRecord] = {}
     # One key always lands in one partition, so offset order is publish order.
     for rec in sorted(read_topic(bootstrap, topic), key=lambda r: (r.partition, r.offset)):
         score = parse_score(rec.value)
         assert isinstance(score, ScoreRecord), (score, rec.value)
         assert json.loads(rec.value) == as_dict(score)  # published as the contract writes it
-        latest[rec.key.decode()] = as_dict(score)
-    return latest
+        held = latest.get(rec.key.decode())
+        if held is None or precedence(score) >= precedence(held):
+            latest[rec.key.decode()] = score
+    return {cid: as_dict(score) for cid, score in latest.items()}
+
+
+def snapshot_rows(path: Path) -> dict[str, dict]:
+    """A published snapshot's customers as the sink holds them (`state.snapshot.row`), by name,
+    times written as the contract writes them."""
+    import duckdb
+
+    from state.snapshot import COLUMNS
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        cur = con.execute(f"SELECT {', '.join(COLUMNS)}, source_partition, source_offset FROM customer_scores")
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+    for r in rows:
+        r["as_of"], r["scored_at"] = iso_time(r["as_of"]), iso_time(r["scored_at"])
+    return {r["customer_id"]: r for r in rows}
 
 
 def batch_scores(tmp: Path, data: Path) -> dict[str, dict]:

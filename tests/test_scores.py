@@ -1,5 +1,5 @@
-"""The `clv-scores` contract: every reason a message is unusable, schema-2 to 4 messages read as
-the records they imply, scores carrying the customer's country, a parser that never raises, and
+"""The `clv-scores` contract: every reason a message is unusable, schema-2 to 5 messages read as
+the records they imply, which of a customer's scores is the newest, scores carrying the customer's country, a parser that never raises, and
 the JSON Schema file kept current."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from export_onnx.artifact import Artifact, shipped_model_dir
 from features.aggregate import Folder, contribution
 from features.contract import Line, TransactionEvent
 from features.scores import (CUSTOMER_FIELDS, FIELD_TYPES, FIELDS, LEGACY_CLV, SCORE_SCHEMA_VERSION,
-                             IsoTime, ScoreRecord, as_dict, encode_score, parse_score, score_schema,
-                             score_schema_json)
+                             IsoTime, Offset, ScoreRecord, as_dict, encode_score, parse_score,
+                             precedence, score_schema, score_schema_json)
 from stream.scoring import score_states
-from score_messages import GOOD, SCHEMA_2, SCHEMA_3, SCHEMA_4, near_valid
+from score_messages import GOOD, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, near_valid
 
 
 def msg(base: dict = GOOD, **changes) -> bytes:
@@ -39,7 +39,7 @@ def test_schema_2_message_reads_as_its_expectation():
     record = parse_score(msg(SCHEMA_2))
     assert isinstance(record, ScoreRecord)
     assert record.clv == 412.37 and record.schema_version == SCORE_SCHEMA_VERSION
-    assert as_dict(record) == {**GOOD, "cluster": "", "country": ""}  # quantile dropped; no cluster
+    assert as_dict(record) == {**GOOD, "cluster": "", "country": "", "event_offset": -1}  # quantile dropped
     assert parse_score(msg(SCHEMA_2, clv=...)) == record  # its quantile is not needed
     assert parse_score(msg(SCHEMA_2, clv="not read")) == record
 
@@ -47,16 +47,37 @@ def test_schema_2_message_reads_as_its_expectation():
 def test_schema_3_message_reads_without_a_cluster():
     record = parse_score(msg(SCHEMA_3))
     assert isinstance(record, ScoreRecord)
-    assert as_dict(record) == {**GOOD, "cluster": "", "country": ""}
+    assert as_dict(record) == {**GOOD, "cluster": "", "country": "", "event_offset": -1}
     assert parse_score(msg(SCHEMA_3, cluster=7)) == record  # a field schema 3 lacks is not read
-    assert parse_score(msg(cluster=...)) == "missing_field:cluster"  # schema 5 must carry it
+    assert parse_score(msg(cluster=...)) == "missing_field:cluster"  # schema 6 must carry it
 
 
 def test_schema_4_message_reads_without_a_country():
     record = parse_score(msg(SCHEMA_4))
-    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "country": ""}
+    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "country": "", "event_offset": -1}
     assert parse_score(msg(SCHEMA_4, country=7)) == record  # a field schema 4 lacks is not read
     assert parse_score(msg(country=...)) == "missing_field:country"
+
+
+def test_schema_5_message_reads_without_an_event_offset():
+    record = parse_score(msg(SCHEMA_5))
+    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "event_offset": -1}
+    assert parse_score(msg(SCHEMA_5, event_offset="x")) == record  # not read
+    assert parse_score(msg(event_offset=...)) == "missing_field:event_offset"
+
+
+def test_a_later_state_or_a_later_clock_makes_a_score_newer_not_a_later_arrival():
+    """A stale worker's score (an earlier event offset, or the same state on an earlier clock)
+    published after the current one is older by `precedence`, which subscribers and the sink
+    keep the greatest of."""
+    current = parse_score(msg(event_offset=500, as_of="2011-12-09T12:50:00+00:00"))
+    stale = parse_score(msg(event_offset=499, as_of="2011-12-31T23:00:00+00:00"))
+    aged = parse_score(msg(event_offset=500, as_of="2012-01-01T00:00:00+00:00"))
+    fraction = parse_score(msg(event_offset=500, as_of="2011-12-09T12:50:00.5+00:00"))
+    assert precedence(stale) < precedence(current) < precedence(fraction) < precedence(aged)
+    assert precedence(parse_score(msg(SCHEMA_5))) < precedence(stale)  # a schema-5 message: -1
+    rescored = parse_score(msg(event_offset=500, as_of=current.as_of, model_version="gru-next"))
+    assert precedence(rescored) == precedence(current)  # equal: the later published wins
 
 
 def test_times_come_back_in_utc():
@@ -77,7 +98,7 @@ def test_times_come_back_in_utc():
     (msg(schema_version=True), "wrong_type:schema_version"),
     (msg(schema_version=3.0), "wrong_type:schema_version"),
     (msg(schema_version=1), "unknown_schema_version"),
-    (msg(schema_version=6), "unknown_schema_version"),
+    (msg(schema_version=7), "unknown_schema_version"),
     (msg(customer_id=None), "wrong_type:customer_id"),
     (msg(customer_id=17850), "wrong_type:customer_id"),
     (msg(customer_id="  "), "empty_field:customer_id"),
@@ -95,6 +116,10 @@ def test_times_come_back_in_utc():
     (msg().replace(b'"clv": 412.37', b'"clv": 1e400'), "non_finite:clv"),
     (msg(total_spend=10**400), "non_finite:total_spend"),
     (msg(frequency=2**31), "absurd_value:frequency"),
+    (msg(event_offset=-2), "absurd_value:event_offset"),
+    (msg(event_offset=2**63), "absurd_value:event_offset"),
+    (msg(event_offset=12.0), "wrong_type:event_offset"),
+    (msg(event_offset="12"), "wrong_type:event_offset"),
     (msg(as_of="yesterday"), "bad_timestamp:as_of"),
     (msg(scored_at="2026-11-22T05:00:00"), "naive_timestamp:scored_at"),
     (msg(as_of="0001-01-01T00:00:00+01:00"), "absurd_value:as_of"),
@@ -129,7 +154,7 @@ def test_near_valid_messages_never_raise_and_parse_to_sound_records(raw):
         assert out.schema_version == SCORE_SCHEMA_VERSION and out.customer_id.strip()
         for name, value in as_dict(out).items():
             kind = FIELD_TYPES[name]
-            assert type(value) is (str if kind is IsoTime else kind), name
+            assert type(value) is {IsoTime: str, Offset: int}.get(kind, kind), name
             if kind is float:
                 assert math.isfinite(value), name
             if kind is IsoTime:

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import astuple, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -24,9 +25,9 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features.scores import LEGACY_CLV, ScoreRecord, iso_time, parse_score
+from features.scores import LEGACY_CLV, ScoreRecord, iso_time, parse_score, precedence
 from features.segments import PLAYBOOKS, SEGMENTS
-from harness import CLV, Api, Process, end_offsets, read_topic, wait_snapshot_caught_up
+from harness import CLV, Api, Process, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
 from state.queries import Snapshot
@@ -339,23 +340,9 @@ def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_pat
         store.publish()
     finally:
         store.close()
-    row = _rows(path)["c1"]
+    row = snapshot_rows(path)["c1"]
     assert row["clv"] == 7.5 and row["cluster"] == row["country"] == ""  # columns it lacked: unknown
-
-
-def _rows(path: Path) -> dict[str, dict]:
-    """A published snapshot's customers as the sink holds them (`snapshot.row`), by name."""
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        cur = con.execute(f"SELECT {', '.join(snapshot.COLUMNS)}, source_partition, source_offset "
-                          "FROM customer_scores")
-        names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, r)) for r in cur.fetchall()]
-    finally:
-        con.close()
-    for r in rows:
-        r["as_of"], r["scored_at"] = iso_time(r["as_of"]), iso_time(r["scored_at"])
-    return {r["customer_id"]: r for r in rows}
+    assert row["event_offset"] == -1
 
 
 def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
@@ -376,7 +363,7 @@ def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
         assert store.publish() == 8
     finally:
         store.close()
-    rows = _rows(path)
+    rows = snapshot_rows(path)
     assert {c: r["clv"] for c, r in rows.items()} == {"c0": 0.0, "c1": 100.0, **{f"c{i}": float(i) for i in (3, 4, 5, 6, 7, 8)}}
     assert rows["c1"]["source_offset"] == 10 and not any(tmp_path.glob(".clv.duckdb.sink*"))
     again = snapshot.Snapshots(path, "scores")
@@ -386,7 +373,51 @@ def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):
         assert again.publish() == 7
     finally:
         again.close()
-    assert "c0" not in _rows(path)
+    assert "c0" not in snapshot_rows(path)
+
+
+def test_the_sink_keeps_each_customers_newest_score_by_position_not_arrival(tmp_path):
+    """A stale worker publishes after the current one: its scores (an earlier event offset, or
+    the same state on an earlier clock) lose wherever they meet the newer one, in the batch held
+    in Python, against the working table, and after a restart from the snapshot; equal positions
+    go to the later message (the same state rescored by a new model)."""
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
+
+    def put(store: snapshot.Snapshots, cid: str, offset: int, day: int, clv: float, at: int) -> None:
+        score = replace(base, customer_id=cid, event_offset=offset, clv=clv,
+                        as_of=iso_time(datetime(2011, 12, day, tzinfo=timezone.utc)))
+        store.put(cid, snapshot.row(score, 0, at))
+
+    path = tmp_path / "clv.duckdb"
+    store = snapshot.Snapshots(path, "scores", merge_rows=1000)
+    try:
+        store.open()
+        put(store, "state", 10, 1, 10.0, 0)
+        put(store, "state", 5, 9, 5.0, 1)  # stale, later: lost in Python
+        put(store, "clock", 7, 9, 9.0, 2)
+        put(store, "model", 7, 9, 1.0, 3)
+        store.merge()
+        put(store, "state", 9, 20, 9.0, 4)  # stale, against the table
+        put(store, "clock", 7, 3, 3.0, 5)  # the same state on an earlier clock
+        put(store, "model", 7, 9, 2.0, 6)  # the same, rescored: the later wins
+        put(store, "new", -1, 1, 4.0, 7)
+        store.offsets = {0: 8}
+        assert store.publish() == 4
+    finally:
+        store.close()
+    rows = snapshot_rows(path)
+    assert {c: (r["clv"], r["event_offset"]) for c, r in rows.items()} == {
+        "state": (10.0, 10), "clock": (9.0, 7), "model": (2.0, 7), "new": (4.0, -1)}
+    again = snapshot.Snapshots(path, "scores")
+    try:
+        again.open()
+        put(again, "state", 8, 31, 8.0, 8)
+        put(again, "new", 0, 1, 0.5, 9)  # its first event: newer than its bootstrapped state
+        again.publish()
+    finally:
+        again.close()
+    assert {c: r["clv"] for c, r in snapshot_rows(path).items()} == {"state": 10.0, "clock": 9.0, "model": 2.0,
+                                                            "new": 0.5}
 
 
 @st.composite
@@ -405,22 +436,26 @@ def test_anything_the_contract_accepts_the_snapshot_holds(tmp_path_factory, scor
     held = {}
     try:
         store.open()
+        newest: dict[str, ScoreRecord] = {}
         for i, score in enumerate(scores):
             store.put(score.customer_id, snapshot.row(score, 0, i))
+            if score.customer_id in newest and precedence(score) < precedence(newest[score.customer_id]):
+                continue  # a stale score: the customer keeps its newer one
+            newest[score.customer_id] = score
             held[score.customer_id] = dict(zip([*snapshot.COLUMNS, "source_partition", "source_offset"],
                                                snapshot.row(score, 0, i)))
         store.offsets = {0: len(scores)}
         assert store.publish() == len(held)
     finally:
         store.close()
-    assert _rows(path) == held
+    assert snapshot_rows(path) == held
     again = snapshot.Snapshots(path, "scores")  # a restarted sink publishes the same rows
     try:
         again.open()
         assert again.offsets == {0: len(scores)} and again.publish() == len(held)
     finally:
         again.close()
-    assert _rows(path) == held
+    assert snapshot_rows(path) == held
 
 
 def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from features.aggregate import MAX_IDS, Applied, CustomerState, Folder, contribution, month_of
 from features.contract import Line, TransactionEvent, stable_event_id
-from features.state_record import StateDecodeError, decode_state, encode_state, record_bound
+from features.state_record import StateDecodeError, decode_state, encode_state, record_bound, source_offset
 
 WINDOW = 13
 T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)
@@ -152,6 +152,22 @@ def test_records_of_earlier_workers_are_read():
     assert decode_state(encode_state(state)) == state
     c = contribution(TransactionEvent("e2", "00042", "I2", T0 + timedelta(days=1), (Line("A", 1, 1.0),)))
     assert state.apply(c, month_of(T0) - 5) == Applied.DUPLICATE  # its old ids still count
+
+
+def test_the_source_position_is_read_from_every_format_without_decoding_it_all():
+    """Recovery's fencing token: the highest source offset the state applied."""
+    folder = Folder(WINDOW)
+    for k in range(3):
+        folder.add("c1", contribution(event("c1", f"I{k}", T0 + timedelta(days=k))), partition=2, offset=40 + k)
+    state = folder.states["c1"]
+    old_json = json.dumps({"c": "c1", "p": 2, "o": 42, "m": [], "past": [0, 0, 0, 0], "ts": [None] * 3,
+                           "mo": [None, None]}).encode()
+    for record in (encode_state(state), _format_1(state, True), _format_1(state, False), old_json):
+        assert source_offset(record) == decode_state(record).offset == 42
+    assert source_offset(encode_state(CustomerState("bootstrapped"))) == -1
+    for bad in (b"", b"\x02", b"\x02\x93\xa2c1\x02", b"\x07abc", b"{not json"):
+        with pytest.raises(StateDecodeError):
+            source_offset(bad)
 
 
 @settings(max_examples=3000, deadline=None)

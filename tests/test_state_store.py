@@ -10,6 +10,8 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from features.aggregate import CustomerState
+from features.state_record import encode_state
 from stream.recovery import recover
 from stream.replay import ensure_topics
 from stream.settings import Settings
@@ -38,8 +40,14 @@ def changelog(kafka_bootstrap) -> tuple[Settings, str]:
     return settings, topic
 
 
+def state(i: int, offset: int) -> bytes:
+    """Customer i's state record, as having applied source offsets up to `offset`."""
+    return encode_state(CustomerState(f"c{i:05d}", partition=1, offset=offset))
+
+
 def customers(n: int, version: int) -> list[tuple[bytes, bytes]]:
-    return [(f'"c{i:05d}"'.encode(), b"\x01v%d-%d" % (version, i)) for i in range(n)]
+    """Every customer's state, each version further on in the source than the one before."""
+    return [(f'"c{i:05d}"'.encode(), state(i, version * 1_000_000 + i)) for i in range(n)]
 
 
 def test_rocksdb_restart_replays_only_the_tail(changelog, tmp_path):
@@ -48,15 +56,15 @@ def test_rocksdb_restart_replays_only_the_tail(changelog, tmp_path):
     store = RocksStore(tmp_path / "db")
     got = asyncio.run(recover(store, settings, topic, 1))
     assert (got.start, got.records) == (0, 3000)
-    assert store.offset(1) == 2999 and store.get(1, b'"c00007"') == b"\x01v1-7"
+    assert store.offset(1) == 2999 and store.get(1, b'"c00007"') == state(7, 1_000_007)
     store.close_all()
 
     produce(settings.bootstrap_servers, topic, customers(10, 2) + [(b'"c00008"', None)])
     again = RocksStore(tmp_path / "db")  # a new process on the same directory
     got = asyncio.run(recover(again, settings, topic, 1))
     assert (got.start, got.records) == (3000, 11)  # the tail only
-    assert again.get(1, b'"c00007"') == b"\x01v2-7" and again.get(1, b'"c00008"') is None
-    assert again.get(1, b'"c02999"') == b"\x01v1-2999"
+    assert again.get(1, b'"c00007"') == state(7, 2_000_007) and again.get(1, b'"c00008"') is None
+    assert again.get(1, b'"c02999"') == state(2999, 1_002_999)
     assert sum(1 for _ in again.customer_keys(1)) == 2999
     again.close_all()
 
@@ -68,8 +76,57 @@ def test_memory_store_recovers_the_whole_partition_in_bulk(changelog):
     assert isinstance(store, MemoryStore)
     got = asyncio.run(recover(store, settings, topic, 1))
     assert got.records == 20_005 and store.count(1) == 20_000
-    assert store.get(1, b'"c00004"') == b"\x01v2-4" and store.get(1, b'"c00005"') == b"\x01v1-5"
+    assert store.get(1, b'"c00004"') == state(4, 2_000_004) and store.get(1, b'"c00005"') == state(5, 1_000_005)
     assert asyncio.run(recover(store, settings, topic, 0)).records == 0  # an empty partition
+
+
+def test_recovery_keeps_the_state_of_the_highest_position_not_the_last_written(changelog, tmp_path):
+    """A stale worker (paused past its session timeout, resumed after another took over) writes
+    the states it had after the new owner wrote newer ones: recovery keeps, per customer, the
+    state that applied the highest source offset, and the partition record of the latest clock;
+    a tombstone still deletes, and equal positions go to the later record."""
+    from stream.state_writes import PartitionMeta, decode_meta, encode_meta
+    from stream.stores import META_KEY
+
+    settings, topic = changelog
+    key = lambda i: f'"c{i:05d}"'.encode()  # noqa: E731
+    produce(settings.bootstrap_servers, topic, [
+        (key(1), state(1, 50)), (key(2), state(2, 30)), (META_KEY, encode_meta(PartitionMeta(2000))),
+        (key(3), state(3, 60)),
+        (key(1), state(1, 20)), (key(2), state(2, 70)), (META_KEY, encode_meta(PartitionMeta(1000))),
+        (key(3), None)])  # the stale worker's c1 and clock, the new owner's c2, a deletion
+    for store in (MemoryStore(), RocksStore(tmp_path / "db")):
+        asyncio.run(recover(store, settings, topic, 1))
+        assert store.get(1, key(1)) == state(1, 50) and store.get(1, key(2)) == state(2, 70)
+        assert store.get(1, key(3)) is None and decode_meta(store.get(1, META_KEY)).clock_ts == 2000
+        assert store.offset(1) == 7
+    # Read in another fetch than the newer state (a rocksdb restart reads only the tail).
+    again = encode_state(CustomerState("c00001", partition=1, offset=50, country="France"))
+    produce(settings.bootstrap_servers, topic, [(key(2), state(2, 40)), (key(1), again)])
+    asyncio.run(recover(store, settings, topic, 1))
+    assert store.get(1, key(2)) == state(2, 70) and store.get(1, key(1)) == again
+    assert store.offset(1) == 9
+    store.close_all()
+
+
+def test_a_store_does_not_skip_records_another_worker_wrote_meanwhile(tmp_path):
+    """A worker's own records move its store's offset only when they follow what it has read:
+    after another worker wrote the partition (this one was paused and lost it), the store's next
+    recovery must still read those records."""
+    from stream.state_writes import States
+
+    store = MemoryStore()
+    store.open(0)
+    store.write(0, [(b'"c00000"', state(0, 5))], 9)  # read up to changelog offset 9
+    states = States(store, "changelog")
+    states.open(0)["c00000"] = CustomerState("c00000", partition=0, offset=6)
+    states.take()
+    states.written({0: 10})  # right after: the store reflects offset 10
+    assert store.offset(0) == 10
+    states.open(0)["c00000"] = CustomerState("c00000", partition=0, offset=7)
+    states.take()
+    states.written({0: 14})  # offsets 11-13 are another worker's
+    assert store.offset(0) == 10 and store.get(0, b'"c00000"') is not None
 
 
 def test_a_store_ahead_of_its_changelog_is_rebuilt(changelog, tmp_path):
@@ -108,8 +165,8 @@ def test_states_reach_the_store_only_once_the_changelog_has_them(tmp_path):
         states.restore()  # the publish failed
         records = states.take()
         folder.add("c1", contribution(ev("I2")), partition=0, offset=1)  # during the publish
-        states.written({0: 41})
-        assert store.offset(0) == 41
+        states.written({0: 1})
+        assert store.offset(0) == 1
         assert store.get(0, encode_key("c1")) == records[0][3]
         assert decode_state(records[0][3]).totals() == (200, 1, 1)
         assert states.open(0).get("c1").totals() == (400, 2, 2)  # still the newer, changed state

@@ -18,8 +18,12 @@ from aiokafka import AIOKafkaProducer
 from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
-from harness import (CLV, Worker, assert_exact, batch_scores, last_scores, read_topic, replay, topic_layout,
-                     wait_idle)
+from features.state_record import decode_state
+from harness import (CLV, Process, Worker, assert_exact, batch_scores, last_scores, read_topic, replay,
+                     snapshot_rows, topic_layout, wait_idle, wait_snapshot_caught_up)
+from stream.recovery import recover
+from stream.settings import Settings
+from stream.stores import MemoryStore
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,6 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     batch = batch_scores(tmp_path, cdnow_slice)
     assert_exact(live, batch)
     # The changelog alone (what any other worker would recover) holds every invoice exactly once.
-    from features.state_record import decode_state
-
     states = {}
     for rec in sorted(read_topic(kafka_bootstrap, f"{clv_env['CLV_APP_ID']}-customer-state-changelog"),
                       key=lambda r: (r.partition, r.offset)):
@@ -110,7 +112,6 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
 
     async def produce() -> None:
         from stream.replay import all_topics, ensure_topics
-        from stream.settings import Settings
 
         await ensure_topics(Settings.from_env(clv_env), all_topics(Settings.from_env(clv_env)))
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -244,6 +245,84 @@ def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bo
     assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
 
 
+def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+    """b dies holding its first micro-batch, before any offset of its partitions is committed:
+    a takes them over from their start (not from where its consumer had fetched to during the
+    rebalance) and ends exactly where `clv score` of the file is."""
+    a = Worker(clv_env, tmp_path, "a")
+    b = Worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # publishes (and commits) late
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        rep = replay(clv_env, cdnow_slice, rate=400)
+        time.sleep(2.5)
+        assert b.metrics().get("clv_events_in_total", 0) > 0
+        b.stop(signal.SIGKILL)
+        assert rep.wait(120) == 0, rep.stderr.read()
+        deadline = time.monotonic() + 60
+        while a.metrics().get("clv_partitions_owned") != 4:
+            assert time.monotonic() < deadline, "partitions of the killed worker never moved"
+            time.sleep(0.3)
+        wait_idle([a], 1, timeout=300)
+    finally:
+        a.stop()
+        b.stop()
+    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, cdnow_slice))
+
+
+def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+    """Two workers; b is SIGSTOPped while events flow, a takes over all partitions, then b is
+    resumed and publishes the micro-batch and states it held (it holds several seconds' worth)
+    before it learns it lost them; the group rebalances and b recovers states again. Its late
+    writes are older by position: the scores subscribers (and the snapshot) keep, and the states
+    any worker recovers, end exactly where `clv score` of the whole file is."""
+    a = Worker(clv_env, tmp_path, "a")
+    b = Worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # always holds unpublished scores
+    owned = lambda w: w.metrics().get("clv_partitions_owned", 0)  # noqa: E731
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        rep = replay(clv_env, cdnow_slice, rate=400)  # about 22 s of events
+        time.sleep(4)
+        assert owned(a) and owned(b) and b.metrics().get("clv_events_in_total", 0) > 0
+        b.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while owned(a) != 4:  # past b's session timeout (6 s in tests)
+            assert time.monotonic() < deadline, "a never took over b's partitions"
+            time.sleep(0.3)
+        time.sleep(2)  # a writes newer states and scores of b's customers
+        b.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while not (owned(b) and owned(a) + owned(b) == 4):
+            assert time.monotonic() < deadline and b.proc.poll() is None, "b never got partitions back"
+            time.sleep(0.3)
+        assert rep.wait(120) == 0, rep.stderr.read()
+        wait_idle([a, b], 1, timeout=300)
+    finally:
+        a.stop()
+        b.stop()
+    assert "holds records this worker has not read" in b.log.read_text(errors="replace")  # b wrote late
+    batch = batch_scores(tmp_path, cdnow_slice)
+    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch)
+    sink = Process(["snapshot"], clv_env, tmp_path / "sink.log")
+    try:
+        wait_snapshot_caught_up(Path(clv_env["CLV_SNAPSHOT_PATH"]), kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
+    finally:
+        assert sink.stop() == 0
+    assert_exact(snapshot_rows(Path(clv_env["CLV_SNAPSHOT_PATH"])), batch)
+    # What a worker taking any partition over now would recover holds every invoice once.
+    settings = Settings.from_env(clv_env)
+    store, states = MemoryStore(), {}
+    for partition in range(settings.partitions):
+        asyncio.run(recover(store, settings, settings.changelog_topic, partition))
+        states.update((json.loads(k), decode_state(store.get(partition, k)))
+                      for k in store.customer_keys(partition))
+    assert set(states) == set(batch)
+    for cid, want in batch.items():
+        spend, _units, invoices = states[cid].totals()
+        assert invoices == int(want["frequency"]) and abs(spend / 100 - float(want["total_spend"])) < 1e-9, cid
+
+
 def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
     from features.batch import read_history
     from harness import CLV, end_offsets
@@ -304,7 +383,6 @@ def test_a_worker_configured_for_another_partition_count_refuses_to_start(clv_en
     """Customers' partitions (state, scores, routing) follow the topic's partition count: a
     worker told another count stops at once, saying which to set."""
     from stream.replay import all_topics, ensure_topics
-    from stream.settings import Settings
 
     two = Settings.from_env(clv_env, partitions=2)
     asyncio.run(ensure_topics(two, all_topics(two)))
