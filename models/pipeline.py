@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -109,11 +110,13 @@ def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
     return clv.numpy(), p.numpy()
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
+def _digest(model: torch.nn.Module, calibration: dict[str, Any]) -> str:
+    """Weights and level: either changes what subscribers get, so either makes a new version."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().numpy().tobytes())
+    digest.update(json.dumps(calibration, sort_keys=True).encode())
     return digest.hexdigest()[:6]
 
 
@@ -129,8 +132,9 @@ def export_artifact(
     cohort_clv, _ = Calibration.from_dict(info["calibration"]).apply(
         *predict_gru(model, scaler, split.scoring.inputs))
     meta = {
-        # Data and weights: a retrained model on the same data is a new version to subscribers.
-        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-{_weights_digest(model)}",
+        # Data, weights and level: a retrained model on the same data is a new version.
+        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-"
+                   f"{_digest(model, info['calibration'])}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "window": window,
         "horizon_months": horizon,
