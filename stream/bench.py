@@ -50,7 +50,8 @@ class Rate:
         return self.messages / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if v is not None}, "messages_per_s": round(self.per_second, 1),
+        return {**{k: v for k, v in asdict(self).items() if v is not None},
+                "messages_per_s": round(self.per_second, 1),
                 "lines_per_s": round(self.lines / self.seconds, 1) if self.seconds else 0.0}
 
 
@@ -262,8 +263,7 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
         "raw": lambda s, r: asyncio.run(raw_consume(s, invoices, lines)),
         "bare": lambda s, r: bare_faust(s, invoices, lines, workdir),
         "full": lambda s, r: full_worker(s, invoices, lines, workdir, r)}
-    missing = peer and not peer_available()
-    if peer and not missing:
+    if peer and peer_available():
         paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir)
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, partitions)
@@ -284,7 +284,7 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
         "full_over_bare": round(med["full"] / med["bare"], 3),
         "full_over_raw": round(med["full"] / med["raw"], 3),
         **({"full_over_peer": round(med["full"] / med["peer"], 3)} if "peer" in med else {}),
-        **({"peer_missing": PEER_MISSING} if missing else {}),
+        **({"peer_missing": PEER_MISSING} if peer and "peer" not in paths else {}),
     }
 
 
