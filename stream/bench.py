@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -43,13 +43,15 @@ class Rate:
     messages: int
     lines: int
     seconds: float
+    produced: int | None = None  # messages on the path's output topic, where it has one counted
 
     @property
     def per_second(self) -> float:
         return self.messages / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "messages_per_s": round(self.per_second, 1),
+        return {**{k: v for k, v in asdict(self).items() if v is not None},
+                "messages_per_s": round(self.per_second, 1),
                 "lines_per_s": round(self.lines / self.seconds, 1) if self.seconds else 0.0}
 
 
@@ -179,18 +181,45 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
         await consumer.stop()
 
 
-def bare_faust(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
-    out = workdir / f"bare-{uuid.uuid4().hex[:6]}.json"
-    log = workdir / "bare-agent.log"
-    res = subprocess.run([sys.executable, "-m", "stream.bench_agent", settings.bootstrap_servers,
-                          settings.transactions_topic, str(n), f"{settings.app_id}-bare-{out.stem}",
-                          str(out), str(settings.partitions)],
-                         stdout=log.open("wb"), stderr=subprocess.STDOUT, timeout=1800,
-                         cwd=workdir)
+def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Path) -> dict[str, Any]:
+    """Run a path as its own process, `python -m MODULE BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS`
+    on a consumer group of its own, like the worker: all pay the same process and group costs.
+    The figures it wrote."""
+    out = workdir / f"{kind}-{uuid.uuid4().hex[:6]}.json"
+    log = workdir / f"{kind}.log"
+    with log.open("wb") as fh:
+        res = subprocess.run([sys.executable, "-m", module, settings.bootstrap_servers,
+                              settings.transactions_topic, str(n), f"{settings.app_id}-{out.stem}",
+                              str(out), str(settings.partitions)],
+                             stdout=fh, stderr=subprocess.STDOUT, timeout=1800, cwd=workdir)
     if not out.exists():
-        raise BenchError(f"bare faust agent failed ({res.returncode}); see {log}")
-    got = json.loads(out.read_text())
+        raise BenchError(f"{kind} failed ({res.returncode}); see {log}")
+    return json.loads(out.read_text())
+
+
+def bare_faust(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
+    got = own_process("stream.bench_agent", "bare-agent", settings, n, workdir)
     return Rate("bare faust agent", got["messages"], lines, got["seconds"])
+
+
+def peer_available() -> bool:
+    """The peer needs Quix Streams (the `bench` extra); the rest of the bench does not."""
+    import importlib.util
+
+    return importlib.util.find_spec("quixstreams") is not None
+
+
+def quix_peer(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
+    """The same fold in Quix Streams (`stream.bench_peer`), from its first event to its last
+    output acknowledged; then its output topic is counted, so the rate is of work done."""
+    from stream.kafka_io import end_offsets
+
+    got = own_process("stream.bench_peer", "quix-peer", settings, n, workdir)
+    produced = sum(asyncio.run(end_offsets(settings, got["output_topic"])).values())
+    if produced != got["messages"]:
+        raise BenchError(f"the Quix Streams peer produced {produced:,} messages for "
+                         f"{got['messages']:,} events; see {workdir / 'quix-peer.log'}")
+    return Rate("quix streams peer", got["messages"], lines, got["seconds"], produced)
 
 
 def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int) -> Rate:
@@ -218,18 +247,33 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int)
         worker.stop()
 
 
+# Kafka's default, set explicitly: the embedded broker describes only the configs a topic was
+# created with, and Quix Streams derives its changelog topics' retention from their source's.
+KAFKA_DEFAULT_RETENTION_MS = str(7 * 24 * 3600 * 1000)
+PEER_MISSING = "not run: Quix Streams is not installed (pip install -e '.[bench]')"
+
+
 def throughput(invoices: int, customers: int, partitions: int, repeats: int,
-               bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+               bootstrap: str | None, workdir: Path, peer: bool = True) -> dict[str, Any]:
+    """Every path over the same preloaded events, interleaved, so drift on a shared machine
+    hits all of them; `peer` adds the Quix Streams path when it is installed."""
     events = synthetic_events(invoices, customers)
     lines = sum(len(e.lines) for e in events)
+    paths: dict[str, Callable[[Settings, int], Rate]] = {
+        "raw": lambda s, r: asyncio.run(raw_consume(s, invoices, lines)),
+        "bare": lambda s, r: bare_faust(s, invoices, lines, workdir),
+        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r)}
+    if peer and peer_available():
+        paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir)
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, partitions)
+        asyncio.run(ensure_topics(settings, {settings.transactions_topic:
+                                             {"retention.ms": KAFKA_DEFAULT_RETENTION_MS}}))
         asyncio.run(publish(settings, events, len(events), progress=False))
-        runs: dict[str, list[Rate]] = {"raw": [], "bare": [], "full": []}
-        for r in range(repeats):  # interleaved, so drift on a shared machine hits all three
-            runs["raw"].append(asyncio.run(raw_consume(settings, invoices, lines)))
-            runs["bare"].append(bare_faust(settings, invoices, lines, workdir))
-            runs["full"].append(full_worker(settings, invoices, lines, workdir, r))
+        runs: dict[str, list[Rate]] = {k: [] for k in paths}
+        for r in range(repeats):
+            for k, run in paths.items():
+                runs[k].append(run(settings, r))
     med = {k: statistics.median(x.per_second for x in v) for k, v in runs.items()}
     return {
         "invoices": invoices, "customers": customers, "partitions": partitions,
@@ -239,6 +283,8 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
         "median_lines_per_s": {k: round(v * lines / invoices, 1) for k, v in med.items()},
         "full_over_bare": round(med["full"] / med["bare"], 3),
         "full_over_raw": round(med["full"] / med["raw"], 3),
+        **({"full_over_peer": round(med["full"] / med["peer"], 3)} if "peer" in med else {}),
+        **({"peer_missing": PEER_MISSING} if peer and "peer" not in paths else {}),
     }
 
 

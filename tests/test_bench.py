@@ -20,10 +20,27 @@ def bench(tmp_path, *args: str) -> dict:
 def test_bench_throughput_small(tmp_path, kafka_bootstrap):
     r = bench(tmp_path, "throughput", "--invoices", "400", "--customers", "100", "--repeats", "1",
               "--bootstrap", kafka_bootstrap)
-    for path in ("raw", "bare", "full"):
+    for path in ("raw", "bare", "peer", "full"):  # the dev install has the bench extra
         assert r["median_messages_per_s"][path] > 0
         assert r["runs"][path][0]["messages"] == 400
-    assert r["full_over_bare"] > 0 and r["lines"] >= 400
+    assert r["runs"]["peer"][0]["produced"] == 400  # one output per event, every one on its topic
+    assert r["full_over_bare"] > 0 and r["full_over_peer"] > 0 and r["lines"] >= 400
+
+
+def test_bench_throughput_without_the_peer_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """Without the bench extra the Quix Streams row is one line saying why; the rest prints."""
+    from stream import bench as bench_module
+    from stream.cli import main
+
+    rate = {"raw": 9000.0, "bare": 3000.0, "full": 1500.0}
+    monkeypatch.setattr(bench_module, "throughput", lambda *a, **k: {
+        "lines": 1400, "median_messages_per_s": rate, "median_lines_per_s": rate,
+        "full_over_bare": 0.5, "full_over_raw": 0.167, "peer_missing": bench_module.PEER_MISSING})
+    assert main(["bench", "throughput", "--invoices", "400", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "Quix" in line] == [
+        f"  {'Quix Streams peer (same fold)':<32}{bench_module.PEER_MISSING}"]
+    assert any("full worker path" in line for line in out) and "full/peer" not in out[-1]
 
 
 def test_bench_latency_small(tmp_path, kafka_bootstrap):
