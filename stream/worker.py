@@ -4,9 +4,10 @@ Exactness: every customer state lives in a store backed by a changelog co-partit
 `transactions` (stream.state_writes, stream.stores) and remembers the highest offset (and keys of
 the window's event ids) it has applied, so a redelivered event changes nothing. Events are
 acknowledged only after the scores of the customers they touched have been handed to the
-producer, and faust flushes the producer before it commits offsets: a crash before that point
-redelivers the events, which mark their customers dirty again (even when already applied), so no
-score is lost either. A flush that fails is retried, never dropped, and bounded in time
+producer (while their partition catches up: after the partition's record saying its scores are
+older than its clock, see Time), and faust flushes the producer before it commits offsets: a
+crash before that point redelivers the events, which mark their customers dirty again (even when
+already applied), so no score is lost either. A flush that fails is retried, never dropped, and bounded in time
 (stream.flush_policy).
 
 Time: the worker's clock is the newest event time it has seen on any of its partitions; each
