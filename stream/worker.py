@@ -319,10 +319,12 @@ class Rescorer:
         await self.flush()
 
     async def hold_intake(self) -> None:
-        """Backpressure: with a micro-batch's worth of customers waiting, intake waits for the
-        flush (and, while flushes fail, for its retries), so neither the dirty customers nor
+        """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
+        their partition catching up, only to have their states written), intake waits for the
+        flush (and, while flushes fail, for its retries), so neither the changed customers nor
         the unacknowledged events grow without bound while the broker refuses writes."""
-        while self.dirty_count() >= self.settings.batch_size and not self.stopping:
+        while (max(self.dirty_count(), self.states.changed()) >= self.settings.batch_size
+               and not self.stopping):
             self.flush_soon()
             if self.flushing is None or self.flushing.done():
                 await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
@@ -364,9 +366,9 @@ class Rescorer:
         partition's rescan waits for that (`drain_backlog`) and has not started its walk, so it
         scores this customer once, as of the clock caught up to, instead of once per
         micro-batch the customer has events in. A crash before it is done loses nothing: the
-        partition's record (written with the flush that acknowledges the event) says its scores
-        are older than its own clock, so whoever takes the partition over queues the rescan
-        again (`_take_over`)."""
+        partition's record (in the changelog by the time the event is acknowledged) says its
+        scores are older than its own clock, so whoever takes the partition over queues the
+        rescan again (`_take_over`)."""
         rescan = self.backlog.get(partition)
         if rescan is None or rescan.customers is not None:
             return False
