@@ -54,10 +54,10 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     """Killed mid-replay and restarted on its state: scores end exact, the changelog holds every
     invoice once, and catching up on the events published meanwhile republishes nobody: the
     restarted worker publishes at most twice as many score messages as customers it publishes
-    for. Measured: this slice 3,664 messages for 3,000 customers (1.22 each), full CDNOW killed
-    after 16,067 of 69,659 events 24,733 for 23,570 (1.05, at most 7 for one customer); before
-    a catching-up partition's events were left to its rescoring, 10,392 (3.46) and 76,617
-    (3.25, up to 100)."""
+    for. Measured (several runs): this slice 3,003-3,739 messages for 3,000 customers (1.00-1.25
+    each); full CDNOW killed after about 16,000 of 69,659 events, 23,580-24,733 for 23,570
+    (1.00-1.05, at most 2-7 for one customer). Before a catching-up partition's events were
+    left to its rescoring: 10,277-10,392 (3.4-3.5) and 76,617 (3.25, up to 100)."""
     clv_env = {**clv_env, "CLV_STORE": store}
     worker = Worker(clv_env, tmp_path, "first", state="w")
     worker.wait_ready()
