@@ -195,6 +195,10 @@ class States:
         for partition in self.store.opened() - owned:
             self.store.close(partition)
 
+    def changed(self) -> int:
+        """States changed since a flush last took them (a failed flush's among them)."""
+        return sum(len(states.dirty) for states in self.partitions.values())
+
     def take(self) -> list[Record]:
         records: list[Record] = []
         for states in self.partitions.values():

@@ -4,9 +4,10 @@ Exactness: every customer state lives in a store backed by a changelog co-partit
 `transactions` (stream.state_writes, stream.stores) and remembers the highest offset (and keys of
 the window's event ids) it has applied, so a redelivered event changes nothing. Events are
 acknowledged only after the scores of the customers they touched have been handed to the
-producer, and faust flushes the producer before it commits offsets: a crash before that point
-redelivers the events, which mark their customers dirty again (even when already applied), so no
-score is lost either. A flush that fails is retried, never dropped, and bounded in time
+producer (while their partition catches up: after the partition's record saying its scores are
+older than its clock, see Time), and faust flushes the producer before it commits offsets: a
+crash before that point redelivers the events, which mark their customers dirty again (even when
+already applied), so no score is lost either. A flush that fails is retried, never dropped, and bounded in time
 (stream.flush_policy).
 
 Time: the worker's clock is the newest event time it has seen on any of its partitions; each
@@ -14,7 +15,10 @@ partition also keeps its own newest event. Scores are as of the worker's clock, 
 that receives nothing still ages: when the worker's clock enters a new month every customer of
 every partition it owns is rescored, in batches, between events. What is too late (older than
 the window) follows the partition's own clock: a partition that lags the others (taken over with
-a backlog) applies its backlog instead of refusing it.
+a backlog) applies its backlog instead of refusing it. Catching up (a restart, a takeover with a
+backlog), a partition's rescoring waits until it has processed what it received, and the
+customers of the events meanwhile are left to it: each is published once, as of the clock caught
+up to, not once per micro-batch and month crossed.
 
 Routing: an event keyed by its customer but on another partition than murmur2 maps the key to
 (a publisher with another partitioner) is re-published to the customer's partition and applied
@@ -81,12 +85,13 @@ def _credentials(settings: Settings) -> Any:
 @dataclass
 class Rescan:
     """A rescoring of every customer of a partition (month turn, takeover, rescore-all), walked
-    from the store in chunks so intake goes on meanwhile and no list of customers is held."""
+    from the store in chunks so intake goes on meanwhile and no list of customers is held. The
+    walk starts with the first chunk, so it meets every customer the partition has by then."""
 
     month: int | None  # every customer is scored as of this month or later once it is done
-    customers: Iterator[str]
     remaining: int  # an estimate, for the backlog gauge
     queued: float = field(default_factory=time.monotonic)
+    customers: Iterator[str] | None = None  # the walk, once started
 
 
 class Rescorer:
@@ -170,9 +175,8 @@ class Rescorer:
 
     def _rescan(self, partition: int, month: int | None) -> int:
         """Queue every customer of the partition for rescoring (replacing a rescan under way)."""
-        states = self.states.open(partition)
         n = self.states.store.count(partition)
-        self.backlog[partition] = Rescan(month, states.customers(), n)
+        self.backlog[partition] = Rescan(month, n)
         return n
 
     def rescore_all(self, partition: int) -> int:
@@ -226,7 +230,9 @@ class Rescorer:
         if ts > self.clock_ts.get(partition, 0):
             self.clock_ts[partition] = ts
             self._record(partition)
-        if before is None:  # the partition's first event: no customer has an older score
+        if before is None and partition not in self.backlog:
+            # The partition's first event: no customer has an older score. With a rescan waiting
+            # for the partition to catch up, that rescan says so once it is done.
             self._record(partition, scored_month=month_of(self._as_of(partition)),
                          model=self.artifact.version)
         if ts > self.group_ts:
@@ -237,8 +243,11 @@ class Rescorer:
 
     def mark(self, partition: int, customer_id: str, event: bool = True) -> None:
         """Queue the customer for the next flush; `event`: an event made it dirty (its wait
-        counts in the receive-to-publish histogram), else a rescan."""
+        counts in the receive-to-publish histogram), else a rescan. Not queued when its
+        partition's rescan is to score it (`_rescan_covers`)."""
         now = time.monotonic()
+        if event and self._rescan_covers(partition, now):
+            return
         self.dirty.setdefault(partition, {}).setdefault(customer_id, now if event else None)
         if self.oldest_dirty is None:
             self.oldest_dirty = now
@@ -310,10 +319,12 @@ class Rescorer:
         await self.flush()
 
     async def hold_intake(self) -> None:
-        """Backpressure: with a micro-batch's worth of customers waiting, intake waits for the
-        flush (and, while flushes fail, for its retries), so neither the dirty customers nor
+        """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
+        their partition catching up, only to have their states written), intake waits for the
+        flush (and, while flushes fail, for its retries), so neither the changed customers nor
         the unacknowledged events grow without bound while the broker refuses writes."""
-        while self.dirty_count() >= self.settings.batch_size and not self.stopping:
+        while (max(self.dirty_count(), self.states.changed()) >= self.settings.batch_size
+               and not self.stopping):
             self.flush_soon()
             if self.flushing is None or self.flushing.done():
                 await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
@@ -331,8 +342,10 @@ class Rescorer:
             return
         now = time.monotonic()
         for partition, rescan in list(self.backlog.items()):
-            if self._behind(partition) and now - rescan.queued < RESCAN_DEFER_S:
+            if self._waits(partition, rescan, now):
                 continue
+            if rescan.customers is None:
+                rescan.customers = self.states.open(partition).customers()
             chunk = list(itertools.islice(rescan.customers, self.settings.batch_size))
             rescan.remaining = max(rescan.remaining - len(chunk), 1)
             for customer_id in chunk:  # published by the next flush, retried like any other
@@ -342,14 +355,44 @@ class Rescorer:
                 self._record(partition, scored_month=rescan.month, model=self.artifact.version)
             return
 
-    def _behind(self, partition: int) -> int:
-        """Events of the partition received by the consumer but not yet processed (0 unknown)."""
+    def _waits(self, partition: int, rescan: Rescan, now: float) -> bool:
+        """The rescan waits while its partition may have events left to process (not known to
+        be caught up), for at most RESCAN_DEFER_S."""
+        behind = self._behind(partition)
+        return (behind is None or behind > 0) and now - rescan.queued < RESCAN_DEFER_S
+
+    def _rescan_covers(self, partition: int, now: float) -> bool:
+        """An event's customer needs no score of its own while its partition catches up: the
+        partition's rescan waits for that (`drain_backlog`) and has not started its walk, so it
+        scores this customer once, as of the clock caught up to, instead of once per
+        micro-batch the customer has events in. A crash before it is done loses nothing: the
+        partition's record (in the changelog by the time the event is acknowledged) says its
+        scores are older than its own clock, so whoever takes the partition over queues the
+        rescan again (`_take_over`)."""
+        rescan = self.backlog.get(partition)
+        if rescan is None or rescan.customers is not None:
+            return False
+        meta = self.states.open(partition).meta
+        if meta is None or (meta.scored_month or 0) >= month_of(
+                datetime.fromtimestamp(meta.clock_ts, timezone.utc)):
+            return False
+        return self._waits(partition, rescan, now)
+
+    def _behind(self, partition: int) -> int | None:
+        """Events of the partition, up to its end as the consumer last heard it, not processed
+        yet; None before the consumer has heard. Before the first event since assignment, from
+        the group's committed offset (where faust resumed the partition; none: its start)."""
+        tp = TopicPartition(self.settings.transactions_topic, partition)
         try:
-            high = self.app.consumer.highwater(TopicPartition(self.settings.transactions_topic,
-                                                              partition))
+            high = self.app.consumer.highwater(tp)
         except NotReady:
-            return 0
-        return max(0, (high or 0) - self.position.get(partition, high or 0))
+            return None
+        if high is None:
+            return None
+        done = self.position.get(partition)
+        if done is None:
+            done = self.app.consumer._committed_offset.get(tp) or 0
+        return max(0, high - done)
 
     def _record(self, partition: int, **changes: Any) -> None:
         """Update the partition's own changelog record (written with the next flush)."""
