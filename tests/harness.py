@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from aiokafka import AIOKafkaConsumer
 
@@ -69,6 +70,14 @@ class Worker:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def wait_until(done: Callable[[], bool], timeout: float, what: str, interval: float = 0.3) -> None:
+    """Poll `done` until it holds; fail saying `what` did not happen within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(interval)
 
 
 def wait_idle(workers: list[Worker], events: int, timeout: float = 300) -> None:

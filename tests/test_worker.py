@@ -21,7 +21,7 @@ from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
 from features.state_record import decode_state
 from harness import (CLV, Process, Worker, assert_exact, batch_scores, end_offsets, last_scores, read_topic,
-                     replay, snapshot_rows, topic_layout, wait_idle, wait_snapshot_caught_up)
+                     replay, snapshot_rows, topic_layout, wait_idle, wait_snapshot_caught_up, wait_until)
 from stream.recovery import recover
 from stream.settings import Settings
 from stream.stores import MemoryStore
@@ -244,10 +244,8 @@ def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bo
         assert parts_a and parts_b and not parts_a & parts_b
         b.stop()
         assert rep.wait(120) == 0, rep.stderr.read()
-        deadline = time.monotonic() + 120  # the group moves b's partitions to a
-        while a.metrics().get("clv_partitions_owned") != 4:
-            assert time.monotonic() < deadline, "partitions of the stopped worker never moved"
-            time.sleep(0.5)
+        wait_until(lambda: a.metrics().get("clv_partitions_owned") == 4, 120,  # the group moves b's to a
+                   "partitions of the stopped worker never moved")
         wait_idle([a], 1, timeout=300)
     finally:
         a.stop()
@@ -272,10 +270,8 @@ def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_
         assert b.metrics().get("clv_events_in_total", 0) > 0
         b.stop(signal.SIGKILL)
         assert rep.wait(120) == 0, rep.stderr.read()
-        deadline = time.monotonic() + 60
-        while a.metrics().get("clv_partitions_owned") != 4:
-            assert time.monotonic() < deadline, "partitions of the killed worker never moved"
-            time.sleep(0.3)
+        wait_until(lambda: a.metrics().get("clv_partitions_owned") == 4, 60,
+                   "partitions of the killed worker never moved")
         wait_idle([a], 1, timeout=300)
     finally:
         a.stop()
@@ -299,16 +295,12 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
         time.sleep(4)
         assert owned(a) and owned(b) and b.metrics().get("clv_events_in_total", 0) > 0
         b.proc.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + 60
-        while owned(a) != 4:  # past b's session timeout (6 s in tests)
-            assert time.monotonic() < deadline, "a never took over b's partitions"
-            time.sleep(0.3)
+        # past b's session timeout (6 s in tests)
+        wait_until(lambda: owned(a) == 4, 60, "a never took over b's partitions")
         time.sleep(2)  # a writes newer states and scores of b's customers
         b.proc.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        while not (owned(b) and owned(a) + owned(b) == 4):
-            assert time.monotonic() < deadline and b.proc.poll() is None, "b never got partitions back"
-            time.sleep(0.3)
+        wait_until(lambda: b.proc.poll() is None and owned(b) and owned(a) + owned(b) == 4, 60,
+                   "b never got partitions back")
         assert rep.wait(120) == 0, rep.stderr.read()
         wait_idle([a, b], 1, timeout=300)
     finally:
