@@ -42,13 +42,24 @@ def _whole_number(text: str, least: int) -> int:
     return value
 
 
-def _rate(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be from 0 up to 1 (0.1 is 10% a year): {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1: {text!r}")
     return value
 
 
@@ -61,10 +72,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
     return value
@@ -118,6 +126,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines, report = read_lines(args.file, **file_options(args))
     p = profile(lines, report)
     print(json.dumps(p, indent=2) if args.json else render(p))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from features import synthetic
+
+    if args.start >= args.end:
+        raise UsageError(f"--start {args.start} must be before --end {args.end}")
+    _output(args.out, "--out")
+    frame, truth = synthetic.generate(args.customers, args.invoices, args.seed, args.start.isoformat(),
+                                      args.end.isoformat(), args.layout, args.wholesale_share)
+    synthetic.write(frame, args.out)
+    print(f"wrote {args.out}: {truth.rows:,} lines, {truth.customers:,} customers "
+          f"({args.layout} layout, {args.start} to {args.end}, seed {args.seed}); rows cleaning "
+          f"drops: {truth.no_customer:,} without a customer, {truth.zero_price:,} at price 0, "
+          f"{truth.duplicate_lines:,} exact duplicates")
     return 0
 
 
@@ -544,6 +568,21 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="write a synthetic Online Retail-format file: a season, "
+                                        "wholesale customers and the faults of real exports")
+    p.add_argument("--out", required=True, help="file to write (.csv, .csv.gz or .xlsx)")
+    p.add_argument("--customers", type=_positive_int, default=4300, help="customers (default 4300)")
+    p.add_argument("--invoices", type=_positive_int, default=26000,
+                   help="invoices before the season thins them (default 26000)")
+    p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
+    p.add_argument("--start", type=_date, default=date(2010, 12, 1), help="first day (default 2010-12-01)")
+    p.add_argument("--end", type=_date, default=date(2011, 12, 9), help="last day (default 2011-12-09)")
+    p.add_argument("--layout", choices=("online-retail", "online-retail-ii"), default="online-retail",
+                   help="column layout of the UCI export to imitate (default online-retail)")
+    p.add_argument("--wholesale-share", type=_fraction, default=0.03,
+                   help="share of customers ordering 10-60 times the usual quantities (default 0.03)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train the GRU on data up to a cutoff and export the ONNX artifact")
     _file_args(p)

@@ -48,6 +48,21 @@ def test_synthetic_file_every_drop_accounted(tmp_path, layout, suffix):
     assert out["customers"] == truth.customers
 
 
+def test_clv_generate_writes_the_seeded_file_and_refuses_bad_arguments(tmp_path):
+    out = tmp_path / "gen.csv"
+    res = run_clv("generate", "--out", out, "--customers", 300, "--invoices", 1500, "--seed", 3,
+                  "--start", "2010-12-01", "--end", "2011-12-09", "--layout", "online-retail-ii")
+    assert res.returncode == 0, res.stderr
+    frame, truth = generate(n_customers=300, n_invoices=1500, seed=3, start="2010-12-01",
+                            end="2011-12-09", layout="online-retail-ii")
+    assert out.read_bytes() == write(frame, tmp_path / "same.csv").read_bytes()
+    assert f"{truth.customers:,} customers" in res.stdout
+    for bad in (["--customers", "0"], ["--wholesale-share", "1.5"],
+                ["--start", "2011-12-09", "--end", "2010-12-01"], ["--out", tmp_path / "no" / "x.csv"]):
+        res = run_clv("generate", "--out", out, *bad)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, (bad, res.stderr)
+
+
 def test_duplicates_drop_policy_and_outlier_keep(tmp_path):
     frame, truth = generate(n_customers=200, n_invoices=2000, seed=5)
     loaded = load(write(frame, tmp_path / "r.csv"))
