@@ -285,17 +285,20 @@ def _reachable(settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from faust import Worker
+    import os
 
-    from stream.worker import build_app
+    from faust import Worker
 
     settings = _settings(args, model_dir=args.model, store=args.store, web_port=args.web_port,
                          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
                          data_dir=args.data_dir, publish_timeout_s=args.publish_timeout_s,
-                         flush_failure_timeout_s=args.flush_failure_timeout_s)
+                         flush_failure_timeout_s=args.flush_failure_timeout_s,
+                         log_level=args.log_level)
     _output(settings.data_dir, "--data-dir", directory=True)
     _reachable(settings)
-    app = build_app(settings)
+    os.environ.update(settings.environ())  # the app module reads its settings from there
+    from stream.app import app
+
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

@@ -5,7 +5,7 @@ then acknowledges the events behind them. When it fails (a broker timeout, a rec
 refuses, a scoring error) nothing of it is dropped: the worker puts its customers, records and
 acknowledgements back and retries with exponential backoff. Meanwhile the group's committed
 offset cannot pass the unacknowledged events, so the worker is not ready and says why; intake
-waits (stream.worker.Rescorer.hold_intake) instead of racing ahead. Failing longer than
+waits (stream.flusher.Flusher.hold_intake) instead of racing ahead. Failing longer than
 `flush_failure_timeout_s` ends the process with EXIT_CODE: a supervisor restarts it and the
 events since the committed offset are redelivered, so nothing is lost.
 """

@@ -1,9 +1,14 @@
-"""The worker's metrics in a prometheus_client registry of its own, rendered by generate_latest.
+"""The worker's metrics in a prometheus_client registry of its own, served on `/metrics`: the
+product's `clv_*` series, and faust's own `faust_*` ones (its Prometheus sensor, over the same
+registry: committed and end offsets per partition, rebalances, assignments, messages in and sent,
+commit and producer latency).
 
 Counters and histograms are updated where things happen; gauges that are cheap to read but
-costly to keep current (dirty customers, lag) are set when scraped (`stream.worker`)."""
+costly to keep current (dirty customers, lag) are set when scraped (`stream.app`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -73,6 +78,15 @@ class Metrics:
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(name, doc, buckets=buckets, registry=self.registry)
+
+    def faust_monitor(self) -> Any:
+        """faust's Prometheus sensor, reporting into this registry as `faust_*`: the monitor to
+        give `faust.App(monitor=...)`. (faust's `setup_prometheus_sensors` does the same and adds
+        a `/metrics` view of its own, which would serve one format only and skip the gauges set
+        when scraped; the prefix is fixed so dashboards do not depend on the app id.)"""
+        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+
+        return PrometheusMonitor(metrics=FaustMetrics.create(self.registry, "faust"))
 
     def set_lag(self, lag: dict[int, int]) -> None:
         """Lag of the partitions owned now: revoked ones leave the exposition."""

@@ -111,6 +111,11 @@ class Settings:
         settings.check()
         return settings
 
+    def environ(self) -> dict[str, str]:
+        """Every setting as its CLV_<NAME> variable: what `from_env` reads back to these settings
+        (how `clv worker` hands its flags to the app module, `stream.app`)."""
+        return {f"CLV_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
     def check(self) -> None:
         for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
                      "batch_wait_ms", "publish_timeout_s", "flush_failure_timeout_s",

@@ -21,14 +21,16 @@ import itertools
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import msgspec
 
 from features.aggregate import MAX_IDS, CustomerState
 from features.state_record import StateDecodeError, decode_state, encode_state, source_offset
-from stream.publisher import Record
 from stream.stores import META_KEY, Store
+
+if TYPE_CHECKING:  # the states never publish: the flusher does (stream.publisher)
+    from stream.publisher import Record
 
 log = logging.getLogger("clv.state")
 NEAR_BOUND = MAX_IDS * 9 // 10  # ids held from which a customer counts as near the state bound
@@ -109,6 +111,10 @@ class PartitionStates:
 
     def __setitem__(self, customer_id: str, state: CustomerState) -> None:
         self.dirty[customer_id] = state
+
+    def count(self) -> int:
+        """Customers the store holds for the partition (rocksdb: its estimate)."""
+        return self.store.count(self.partition)
 
     def customers(self) -> Iterator[str]:
         """Every customer of the partition, lazily: those changed or in flight now (a new

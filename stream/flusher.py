@@ -1,0 +1,157 @@
+"""Micro-batches to the broker: score the core's dirty customers, publish their scores with the
+changelog records of the states behind them, wait for the broker, then acknowledge the events.
+
+One flush runs at a time, whichever path starts it (intake when a batch is due, the timer, a
+rebalance, shutdown). A flush that fails puts all of it back into the core and the states, for the
+next attempt after the backoff (`stream.flush_policy`); meanwhile intake waits (`hold_intake`)
+instead of racing ahead. faust flushes its producer before it commits the acknowledged offsets,
+and the scores and records of a flush are acknowledged by the broker before its events are: a
+crash anywhere redelivers the events, which the offset watermark in each state makes harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from export_onnx.artifact import Artifact
+from features.scores import ScoreRecord, encode_score
+from stream.core import Core
+from stream.flush_policy import FlushFailures
+from stream.metrics import Metrics
+from stream.publisher import BatchPublisher, Record
+from stream.scoring import assemble, prepare, score_separately
+from stream.settings import Settings
+from stream.state_writes import States
+
+log = logging.getLogger("clv.worker")
+INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
+
+
+class Flusher:
+    def __init__(self, core: Core, states: States, artifact: Artifact, settings: Settings,
+                 metrics: Metrics) -> None:
+        self.core, self.states, self.artifact = core, states, artifact
+        self.settings, self.metrics = settings, metrics
+        self.publisher = BatchPublisher(settings)
+        self.failures = FlushFailures(settings.flush_failure_timeout_s)
+        self.lock = asyncio.Lock()
+        self.flushing: asyncio.Future[None] | None = None
+        self.stream: Any = None  # the agent's stream, which acknowledges its events
+        self.stopping = False  # set at shutdown: nothing is acknowledged after the final flush
+
+    def due(self) -> bool:
+        """The core's micro-batch is due, and after a failure the backoff has passed."""
+        return self.failures.may_retry() and self.core.due()
+
+    def drain_backlog(self) -> None:
+        """A chunk of rescan into the core's dirty set, unless flushes are failing."""
+        if not self.failures.failing:
+            self.core.drain_backlog()
+
+    async def flush(self) -> None:
+        """Score every dirty customer; publish the scores with the changelog records of the
+        states behind them and wait for the broker; then acknowledge the events. A failure
+        puts all of it back for the next attempt, whichever path called."""
+        if self.stopping:
+            return
+        async with self.lock:
+            batch = self.core.take()
+            try:
+                records = self.states.take()
+                for partition, customers in batch.dirty.items():
+                    if self.core.owns(partition):
+                        records += await self._score(partition, customers)
+                offsets = await self._send(records, batch.dirty)
+            except BaseException as exc:
+                self.states.restore()
+                self.core.put_back(batch)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the caller is stopping
+                self.metrics.flush_failures.inc()
+                self.failures.failed(exc)
+                return
+            self.failures.succeeded()
+            self.states.written({p: o for (t, p), o in offsets.items() if t == self.states.topic})
+            for _partition, event in batch.acks:
+                await self.stream.ack(event)
+
+    def flush_soon(self) -> None:
+        """Start a flush unless one is running (the running one is followed by the next tick's);
+        after a failure it first waits out the backoff."""
+        if not self.lock.locked() and (self.flushing is None or self.flushing.done()):
+            self.flushing = asyncio.ensure_future(self._flush_after(self.failures.wait()))
+
+    async def _flush_after(self, seconds: float) -> None:
+        if seconds:
+            await asyncio.sleep(seconds)
+        await self.flush()
+
+    async def hold_intake(self) -> None:
+        """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
+        their partition catching up, only to have their states written), intake waits for the
+        flush (and, while flushes fail, for its retries), so neither the changed customers nor
+        the unacknowledged events grow without bound while the broker refuses writes."""
+        while (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
+               and not self.stopping):
+            self.flush_soon()
+            if self.flushing is None or self.flushing.done():
+                await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
+            else:
+                await asyncio.shield(self.flushing)
+
+    async def close(self) -> None:
+        """At shutdown, after the final flush: acknowledge nothing more."""
+        self.stopping = True
+        await self.publisher.close()
+
+    async def _send(self, records: list[Record],
+                    dirty: dict[int, dict[str, float | None]]) -> dict[tuple[str, int], int]:
+        started = time.perf_counter()
+        offsets = await self.publisher.publish(records)
+        now = time.monotonic()
+        for customers in dirty.values():
+            for since in customers.values():
+                if since is not None:
+                    self.metrics.freshness.observe(now - since)
+        self.metrics.publish_latency.observe(time.perf_counter() - started)
+        return offsets
+
+    async def _score(self, partition: int, customers: dict[str, float | None]) -> list[Record]:
+        """Score records for the customers, to the partition they live in (so `clv-scores` is
+        co-partitioned with `transactions` whatever partitioner the publishers use). A large
+        batch runs the model in a thread (onnxruntime releases the GIL), so intake goes on
+        meanwhile; a small one (a few ms) runs inline, cheaper than the hand-off."""
+        started = time.perf_counter()
+        ids = list(customers)
+        partition_states = self.states.open(partition)
+        states = [partition_states[c] for c in ids]
+        # One clock for the batch: the partition's clock moves on while the model runs in a
+        # thread, and a score must carry the as_of its fields were measured at.
+        as_of = self.core.as_of(partition)
+        try:
+            inputs, fields = prepare(self.artifact, states, as_of)
+            if len(ids) >= INLINE_SCORING_LIMIT:
+                pred = await asyncio.to_thread(self.artifact.predict, inputs)
+            else:
+                pred = self.artifact.predict(inputs)
+            scores: list[ScoreRecord | Exception] = list(
+                assemble(self.artifact, states, fields, pred, as_of))
+        except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
+            scores = score_separately(self.artifact, states, as_of)
+        topic = self.settings.scores_topic
+        records: list[Record] = []
+        for score, cid in zip(scores, ids):
+            if isinstance(score, Exception):
+                self.metrics.scoring_errors.inc()
+                log.error("customer %s of partition %d not scored as of %s: %s: %s; its state is "
+                          "kept, and it is scored again on its next event or month turn", cid,
+                          partition, as_of.isoformat(), type(score).__name__, score)
+                continue
+            records.append((topic, partition, cid.encode(), encode_score(score)))
+        self.metrics.rescored.inc(len(records))
+        self.metrics.batch_size.observe(len(ids))
+        self.metrics.batch_latency.observe(time.perf_counter() - started)
+        return records
