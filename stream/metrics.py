@@ -1,7 +1,7 @@
 """The worker's metrics in a prometheus_client registry of its own, served on `/metrics`: the
 product's `clv_*` series, and faust's own `faust_*` ones (its Prometheus sensor, over the same
-registry: committed and end offsets per partition, rebalances, assignments, messages in and sent,
-commit and producer latency).
+registry: committed and end offsets per partition, rebalances and their recovery, messages in
+and sent, commit and producer latency).
 
 Counters and histograms are updated where things happen; gauges that are cheap to read but
 costly to keep current (dirty customers, lag) are set when scraped (`stream.app`)."""

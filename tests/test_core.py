@@ -4,6 +4,7 @@ acknowledged it: the states' records go to the store and the acknowledgements ar
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -79,6 +80,18 @@ def test_the_core_imports_no_kafka_client_no_event_loop_and_no_training_code():
     code = ("import sys, stream.core; "
             "print(sorted(m for m in ('faust', 'aiokafka', 'asyncio', 'torch', 'models') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_worker_imports_no_training_code_and_nothing_downstream():
+    """Packages import one way (features -> models -> export_onnx -> stream -> state): the
+    worker's app module, built from the environment's settings, needs neither models/ nor
+    torch, nor the snapshot side."""
+    code = ("import sys, stream.app; print(sorted({m.split('.')[0] for m in sys.modules} "
+            "& {'models', 'torch', 'state', 'sklearn', 'onnx'}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}  # the defaults
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     assert out.stdout.strip() == "[]"
 
 

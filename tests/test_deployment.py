@@ -164,3 +164,11 @@ def test_readme_configuration_table_matches_the_settings():
     readme = (ROOT / "README.md").read_text()
     for name, env, default, doc in Settings.describe():
         assert f"| `{name}` | `{env}` | `{default}` | {doc} |" in readme, name
+
+
+def test_settings_reach_the_worker_module_through_the_environment_unchanged():
+    """`clv worker` resolves its settings (flags included) and hands them to `stream.app` as
+    CLV_* variables, which win over the documented aliases already in the environment."""
+    resolved = Settings.from_env({}, bootstrap_servers="k1:9092,k2:9092", batch_size=7,
+                                 max_future_minutes=2.5, sasl_password="p w", data_dir="/d")
+    assert Settings.from_env({**resolved.environ(), "KAFKA_BOOTSTRAP_SERVERS": "other:1"}) == resolved

@@ -158,6 +158,9 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
     for _, _, reason in poison:
         assert m[f'clv_dlq_total{{reason="{reason}"}}'] >= 1
     assert m["clv_events_routed_total"] == 1
+    # faust's own sensor reports on the same /metrics: the offsets it committed, its rebalance.
+    assert {k for k in m if k.startswith("faust_topic_partition_offset_commited{")}
+    assert m["faust_rebalance_done_latency_count"] >= 1 and "faust_total_rebalances" in m
     scores = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
     assert set(scores) == {"c1", "c3", "c5"}
     moved = [r for r in read_topic(kafka_bootstrap, clv_env["CLV_TRANSACTIONS_TOPIC"]) if r.key == b"c5"]
