@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,13 +21,13 @@ import numpy as np
 
 from features.contract import Line, TransactionEvent, stable_event_id
 from stream.bootstrap import write
-from stream.broker import free_port, start
-from stream.metrics import idle, scrape
+from stream.metrics import idle
+from stream.processes import Broker, Child, Worker, clv, python_module
 from stream.publisher import Record
 from stream.replay import all_topics, ensure_topics, publish
 from stream.settings import Settings
 
-CLV = [sys.executable, "-m", "stream.cli"]
+WORKER_STOP_S = 60  # a worker's clean stop (flush, commit, leave the group) before SIGKILL
 
 
 class BenchError(RuntimeError):
@@ -84,13 +81,11 @@ def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    port = free_port()
-    proc = start(port, workdir / "broker.log")
+    embedded = Broker(workdir / "broker.log")
     try:
-        yield f"127.0.0.1:{port}"
+        yield embedded.bootstrap
     finally:
-        proc.terminate()
-        proc.wait(15)
+        embedded.stop(timeout=15)
 
 
 def fresh_settings(bootstrap: str, partitions: int) -> Settings:
@@ -110,48 +105,6 @@ def worker_env(settings: Settings, workdir: Path, **extra: str) -> dict[str, str
            "CLV_DATA_DIR": str(workdir / f"state-{settings.app_id}"), "PYTHONUNBUFFERED": "1"}
     env.update(extra)
     return env
-
-
-class WorkerProcess:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen([*CLV, "worker", "--web-port", str(self.port)], env=env,
-                                     stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def metrics(self) -> dict[str, float]:
-        if self.proc.poll() is not None:
-            raise BenchError(f"worker exited with {self.proc.returncode}; see {self.log}")
-        return scrape(self.port)
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def wait_ready(self, timeout: float = 300) -> float:
-        started = time.perf_counter()
-        while time.perf_counter() - started < timeout:
-            self.metrics()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - started
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"worker not ready after {timeout}s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 # -- throughput ---------------------------------------------------------------------------
@@ -186,14 +139,16 @@ def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Pat
     on a consumer group of its own, like the worker: all pay the same process and group costs.
     The figures it wrote."""
     out = workdir / f"{kind}-{uuid.uuid4().hex[:6]}.json"
-    log = workdir / f"{kind}.log"
-    with log.open("wb") as fh:
-        res = subprocess.run([sys.executable, "-m", module, settings.bootstrap_servers,
-                              settings.transactions_topic, str(n), f"{settings.app_id}-{out.stem}",
-                              str(out), str(settings.partitions)],
-                             stdout=fh, stderr=subprocess.STDOUT, timeout=1800, cwd=workdir)
+    child = Child(python_module(module, settings.bootstrap_servers, settings.transactions_topic,
+                                str(n), f"{settings.app_id}-{out.stem}", str(out),
+                                str(settings.partitions)),
+                  None, workdir / f"{kind}.log", cwd=workdir)
+    try:
+        code = child.wait(1800)
+    finally:
+        child.stop()
     if not out.exists():
-        raise BenchError(f"{kind} failed ({res.returncode}); see {log}")
+        raise BenchError(f"{kind} failed ({code}); see {child.log}")
     return json.loads(out.read_text())
 
 
@@ -228,7 +183,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int)
     env = worker_env(settings, workdir, CLV_APP_ID=app,
                      CLV_SCORES_TOPIC=f"{settings.scores_topic}-{run}",
                      CLV_DATA_DIR=str(workdir / f"state-{app}"))
-    worker = WorkerProcess(env, workdir / f"worker-{run}.log")
+    worker = Worker(env, workdir / f"worker-{run}.log")
     try:
         first = None
         deadline = time.monotonic() + 1800
@@ -244,7 +199,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int)
             time.sleep(0.25 if first is not None else 0.02)
         raise BenchError(f"worker did not finish; see {worker.log}")
     finally:
-        worker.stop()
+        worker.stop(timeout=WORKER_STOP_S)
 
 
 # Kafka's default, set explicitly: the embedded broker describes only the configs a topic was
@@ -366,9 +321,9 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, 4)
         asyncio.run(ensure_topics(settings, all_topics(settings)))
-        worker = WorkerProcess(worker_env(settings, workdir), workdir / "latency-worker.log")
+        worker = Worker(worker_env(settings, workdir), workdir / "latency-worker.log")
         try:
-            worker.wait_ready()
+            worker.wait_ready(300, interval=0.05)
             asyncio.run(_steady(settings, 50, 2, "warm", linger_ms))  # first batch, JIT-free but cold caches
             out = {}
             for rate in rates:
@@ -377,7 +332,7 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
                 out[str(rate)] = {**_percentiles(values, int(rate * seconds)),
                                   "worker": _means(before, worker.metrics())}
         finally:
-            worker.stop()
+            worker.stop(timeout=WORKER_STOP_S)
     return {"max_rate": max_rate, "seconds_per_rate": seconds, "publisher_linger_ms": linger_ms,
             "rates": out}
 
@@ -490,13 +445,15 @@ def state_history(customers: int, window: int, settings: Settings, seed: int = 1
     return records + metas, live
 
 
-def _state_worker(env: dict[str, str], log: Path) -> tuple[WorkerProcess, float, dict[str, float]]:
-    worker = WorkerProcess(env, log)
+def _state_worker(env: dict[str, str], log: Path) -> tuple[Worker, float, dict[str, float]]:
+    """A worker, the seconds until it was ready (polled every 50 ms: recovery is the figure),
+    and its metrics then."""
+    worker = Worker(env, log)
     try:
-        ready = worker.wait_ready(timeout=1800)
+        ready = worker.wait_ready(timeout=1800, interval=0.05)
         return worker, ready, worker.metrics()
     except BaseException:
-        worker.stop()
+        worker.stop(timeout=WORKER_STOP_S)
         raise
 
 
@@ -525,7 +482,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             try:
                 base = _feed(worker, empty, live)
             finally:
-                worker.stop()
+                worker.stop(timeout=WORKER_STOP_S)
             settings = fresh_settings(servers, partitions)
             changelog = settings.changelog_topic
             asyncio.run(ensure_topics(settings, {**all_topics(settings),
@@ -538,7 +495,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
                 took = m.get("clv_state_takeover_seconds", 0)
                 held = _feed(worker, settings, live)
             finally:
-                worker.stop()
+                worker.stop(timeout=WORKER_STOP_S)
             # A clean stop, then the same directory again (memory:// has nothing to reopen), twice:
             # the embedded broker numbers a group's first generation 0, for which the client does
             # not send LeaveGroup, so the first restart also waits out the old member's session
@@ -546,7 +503,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             restarts = []
             for k in (1, 2):
                 again, restart, m2 = _state_worker(env, workdir / f"state-{name}-restart{k}.log")
-                again.stop()
+                again.stop(timeout=WORKER_STOP_S)
                 restarts.append(restart)
             out["stores"][store] = {
                 "rss_base_mb": round(base, 1), "rss_held_mb": round(held, 1),
@@ -570,7 +527,7 @@ def _state_env(settings: Settings, workdir: Path, store: str, tag: str = "") -> 
                       CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"))
 
 
-def _feed(worker: WorkerProcess, settings: Settings, live: list[TransactionEvent]) -> float:
+def _feed(worker: Worker, settings: Settings, live: list[TransactionEvent]) -> float:
     """Publish the live invoices, wait until the worker has scored them; its RSS then, in MB."""
     asyncio.run(publish(settings, live, len(live), progress=False))
     deadline = time.monotonic() + 1800
@@ -610,7 +567,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
         settings = fresh_settings(servers, 4)
         env = worker_env(settings, workdir)
         started, cpu = time.perf_counter(), _children_cpu()
-        done = subprocess.run([*CLV, "bootstrap", str(path), "--quiet"], env=env,
+        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env,
                               capture_output=True, text=True)
         seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
         if done.returncode:
@@ -627,7 +584,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
     batch_csv = workdir / "bootstrap-batch.csv"
     batch_csv.unlink(missing_ok=True)  # a run before in the same directory
     started = time.perf_counter()
-    subprocess.run([*CLV, "score", str(path), "--out", str(batch_csv)], check=True,
+    subprocess.run(clv("score", str(path), "--out", str(batch_csv)), check=True,
                    capture_output=True)
     score_seconds = time.perf_counter() - started
     worst = 0.0

@@ -463,12 +463,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from stream.broker import BrokerError
     from stream.demo import DemoError, DemoOptions, run
+    from stream.processes import ChildError
 
     opts = DemoOptions(data=args.file, customers=args.customers, rate=args.rate, model=args.model,
                        train=args.train, workdir=Path(args.workdir), exit_after=args.exit)
     try:
         return run(opts)
-    except (DemoError, BrokerError) as exc:
+    except (DemoError, ChildError, BrokerError) as exc:
         raise UsageError(str(exc)) from None
 
 
