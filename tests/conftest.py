@@ -15,6 +15,13 @@ from pathlib import Path
 
 import pytest
 
+# One thread for every library's pool (OpenMP, MKL, OpenBLAS: torch, scikit-learn, numpy), here
+# and in every process the tests start. On a machine of few cores shared with other work, spinning
+# OpenMP threads made one training epoch take from 0.8 s to two minutes; no test's claim depends
+# on threads. Set before any test module imports those libraries.
+for _pool in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_pool, "1")
+
 
 def _docker_answers() -> bool:
     try:
