@@ -412,6 +412,9 @@ def _torch_twin(artifact: Any) -> Any:
 # -- state --------------------------------------------------------------------------------
 STATE_HISTORY = ("2009-12-01", "2011-12-09")  # two years of the synthetic generator's shop
 STATE_CUTOFF = datetime(2011, 12, 4, tzinfo=timezone.utc)  # history before, live traffic after
+# The embedded broker holds a JoinGroup for half the session timeout, which would be most of
+# every start at the default 30 s: the figures here are about state.
+STATE_SESSION_TIMEOUT_S = 10.0
 
 
 def state_history(customers: int, window: int, settings: Settings, seed: int = 11
@@ -457,10 +460,12 @@ def _state_worker(env: dict[str, str], log: Path) -> tuple[Worker, float, dict[s
         raise
 
 
-def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path,
+          session_timeout_s: float) -> dict[str, Any]:
     """Per store: resident memory per 100k customers held (recovered from a changelog of
     realistic histories, then live traffic), recovery into a new process with an empty state
-    directory, and a restart on its own directory after a clean stop."""
+    directory, and a restart on its own directory after a clean stop; the workers' consumer
+    group session timeout is `session_timeout_s`."""
     from export_onnx.artifact import Artifact
 
     partitions = 4
@@ -469,7 +474,8 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     n_records = len(records)
     out: dict[str, Any] = {"customers": customers, "changelog_records": n_records,
                            "history": f"{STATE_HISTORY[0]}..{STATE_CUTOFF.date()}",
-                           "live_events": len(live), "stores": {}}
+                           "live_events": len(live), "session_timeout_s": session_timeout_s,
+                           "stores": {}}
     with broker(bootstrap, workdir) as servers:
         for store in stores:
             name = store.split(":")[0]
@@ -477,7 +483,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             # (so the model's and the clients' own memory is in both figures).
             empty = fresh_settings(servers, partitions)
             asyncio.run(ensure_topics(empty, all_topics(empty)))
-            worker, _, _ = _state_worker(_state_env(empty, workdir, store, "-empty"),
+            worker, _, _ = _state_worker(_state_env(empty, workdir, store, session_timeout_s, "-empty"),
                                          workdir / f"state-{name}-empty.log")
             try:
                 base = _feed(worker, empty, live)
@@ -488,7 +494,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             asyncio.run(ensure_topics(settings, {**all_topics(settings),
                                                  changelog: {"cleanup.policy": "compact"}}))
             asyncio.run(write(settings, [(changelog, p, k, v) for _t, p, k, v in records]))
-            env = _state_env(settings, workdir, store)
+            env = _state_env(settings, workdir, store, session_timeout_s)
             worker, recovery, m = _state_worker(env, workdir / f"state-{name}-recover.log")
             try:
                 recovered = m.get("clv_state_recovered_records_total", 0)
@@ -520,10 +526,9 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     return out
 
 
-def _state_env(settings: Settings, workdir: Path, store: str, tag: str = "") -> dict[str, str]:
-    # The embedded broker holds a JoinGroup for half the session timeout, which would be most
-    # of every start at the default 30 s: the figures here are about state.
-    return worker_env(settings, workdir, CLV_STORE=store, CLV_SESSION_TIMEOUT_S="10",
+def _state_env(settings: Settings, workdir: Path, store: str, session_timeout_s: float,
+               tag: str = "") -> dict[str, str]:
+    return worker_env(settings, workdir, CLV_STORE=store, CLV_SESSION_TIMEOUT_S=str(session_timeout_s),
                       CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"))
 
 

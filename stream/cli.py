@@ -535,7 +535,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
               f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)")
     else:
-        result = bench.state(args.customers, args.stores, bootstrap, workdir)
+        result = bench.state(args.customers, args.stores, bootstrap, workdir,
+                             args.session_timeout or bench.STATE_SESSION_TIMEOUT_S)
         print(f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
               f"(history {result['history']}), then {result['live_events']:,} live invoices")
         for store, r in result["stores"].items():
@@ -705,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
+            b.add_argument("--session-timeout", type=_positive_float, default=None,
+                           help="the workers' consumer group session timeout in seconds (default 10; "
+                                "the embedded broker holds each join for half of it, and a first "
+                                "restart waits it out)")
         if name == "sink":
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
 

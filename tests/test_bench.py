@@ -60,7 +60,8 @@ def test_bench_scoring_small(tmp_path):
 
 def test_bench_state_small(tmp_path, kafka_bootstrap):
     r = bench(tmp_path, "state", "--customers", "300", "--stores", "memory://", "rocksdb://",
-              "--bootstrap", kafka_bootstrap)
+              "--session-timeout", "6", "--bootstrap", kafka_bootstrap)  # the suite's: joins wait half
+    assert r["session_timeout_s"] == 6
     mem = r["stores"]["memory://"]
     assert mem["recovery_seconds"] > 0 and mem["rss_held_mb"] > 0
     assert mem["recovered_records"] == r["changelog_records"] > 300  # customers and partition records
