@@ -72,7 +72,8 @@ def topic_names():
 def make_env(bootstrap: str, topics: dict[str, str], tmp: Path) -> dict[str, str]:
     return {**os.environ, **topics, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "CLV_DATA_DIR": str(tmp / "worker"), "CLV_SNAPSHOT_PATH": str(tmp / "clv.duckdb"),
-            "PYTHONUNBUFFERED": "1", "CLV_SESSION_TIMEOUT_S": "6"}
+            "PYTHONUNBUFFERED": "1", "CLV_SESSION_TIMEOUT_S": "6",
+            "CLV_SNAPSHOT_INTERVAL_S": "1"}  # a sink's next snapshot within a second, not ten
 
 
 @pytest.fixture

@@ -39,6 +39,12 @@ def cdnow_slice(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def slice_batch(cdnow_slice, tmp_path_factory) -> dict[str, dict]:
+    """`clv score` of the slice: where every test replaying it must end."""
+    return batch_scores(tmp_path_factory.mktemp("slice-batch"), cdnow_slice)
+
+
 def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap):
     """The session's full CDNOW replay (conftest.cdnow_live)."""
     live = last_scores(kafka_bootstrap, cdnow_live.env["CLV_SCORES_TOPIC"])
@@ -51,7 +57,8 @@ def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
-def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, tmp_path, cdnow_slice, store):
+def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, tmp_path, cdnow_slice, slice_batch,
+                                                    store):
     """Killed mid-replay and restarted on its state: scores end exact, the changelog holds every
     invoice once, and catching up on the events published meanwhile republishes nobody: the
     restarted worker publishes at most twice as many score messages as customers it publishes
@@ -85,7 +92,7 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     assert sum(republished.values()) <= 2 * len(republished), (
         sum(republished.values()), len(republished), republished.most_common(3))
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    batch = batch_scores(tmp_path, cdnow_slice)
+    batch = slice_batch
     assert_exact(live, batch)
     # The changelog alone (what any other worker would recover) holds every invoice exactly once.
     states = {}
@@ -231,15 +238,16 @@ def test_backfill_then_live_events_from_librdkafka_default_partitioner(clv_env, 
     assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, whole))
 
 
-def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice,
+                                                               slice_batch):
     a, b = start_worker(clv_env, tmp_path, "a"), start_worker(clv_env, tmp_path, "b")
     try:
         a.wait_ready()
         b.wait_ready()
         rep = replay(clv_env, cdnow_slice, rate=2000)
-        time.sleep(4)
+        wait_for("events reaching both workers", lambda: a.metrics().get("clv_events_in_total", 0) > 0
+                 and b.metrics().get("clv_events_in_total", 0) > 0, 60)
         ma, mb = a.metrics(), b.metrics()
-        assert ma.get("clv_events_in_total", 0) > 0 and mb.get("clv_events_in_total", 0) > 0
         parts_a = {k for k in ma if k.startswith("clv_consumer_lag")}
         parts_b = {k for k in mb if k.startswith("clv_consumer_lag")}
         assert parts_a and parts_b and not parts_a & parts_b
@@ -252,12 +260,13 @@ def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bo
         a.stop()
         b.stop()
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    assert_exact(live, batch_scores(tmp_path, cdnow_slice))
+    assert_exact(live, slice_batch)
     # The partitions taken over lag the survivor's clock; their backlog is applied, not too late.
     assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
 
 
-def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_bootstrap, tmp_path, cdnow_slice,
+                                                                 slice_batch):
     """b dies holding its first micro-batch, before any offset of its partitions is committed:
     a takes them over from their start (not from where its consumer had fetched to during the
     rebalance) and ends exactly where `clv score` of the file is."""
@@ -266,9 +275,9 @@ def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_
     try:
         a.wait_ready()
         b.wait_ready()
-        rep = replay(clv_env, cdnow_slice, rate=400)
-        time.sleep(2.5)
-        assert b.metrics().get("clv_events_in_total", 0) > 0
+        rep = replay(clv_env, cdnow_slice, rate=1500)
+        # Killed at its first events: well within its 3 s micro-batch, nothing of them committed.
+        wait_for("events reaching b", lambda: b.metrics().get("clv_events_in_total", 0) > 0, 60, interval=0.05)
         b.kill()
         assert rep.wait(120) == 0, rep.stderr.read()
         wait_for("partitions of the killed worker moved",
@@ -277,10 +286,11 @@ def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_
     finally:
         a.stop()
         b.stop()
-    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, cdnow_slice))
+    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), slice_batch)
 
 
-def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env, kafka_bootstrap, tmp_path, cdnow_slice,
+                                                                          slice_batch):
     """Two workers; b is SIGSTOPped while events flow, a takes over all partitions, then b is
     resumed and publishes the micro-batch and states it held (it holds several seconds' worth)
     before it learns it lost them; the group rebalances and b recovers states again. Its late
@@ -307,7 +317,7 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
         a.stop()
         b.stop()
     assert "holds records this worker has not read" in b.log.read_text(errors="replace")  # b wrote late
-    batch = batch_scores(tmp_path, cdnow_slice)
+    batch = slice_batch
     assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch)
     sink = Child(clv("snapshot"), clv_env, tmp_path / "sink.log")
     try:
@@ -328,7 +338,7 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
         assert invoices == int(want["frequency"]) and abs(spend / 100 - float(want["total_spend"])) < 1e-9, cid
 
 
-def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice, slice_batch):
     from features.batch import read_history
 
     model_b = tmp_path / "model-b"
@@ -380,7 +390,7 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
             time.sleep(1)
     finally:
         second.stop()
-    assert_exact(last_scores(kafka_bootstrap, scores), batch_scores(tmp_path, cdnow_slice))
+    assert_exact(last_scores(kafka_bootstrap, scores), slice_batch)
 
 
 def test_a_worker_configured_for_another_partition_count_refuses_to_start(clv_env):
