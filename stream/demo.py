@@ -29,6 +29,9 @@ from stream.replay import publish
 from stream.settings import Settings
 
 
+DEMO_SESSION_TIMEOUT_S = 10  # the worker's, unless CLV_SESSION_TIMEOUT_S says otherwise
+
+
 class DemoError(RuntimeError):
     """The demo cannot go on (a child that died or never became ready is a ChildError)."""
 
@@ -78,6 +81,9 @@ def run(opts: DemoOptions) -> int:
            "CLV_SNAPSHOT_INTERVAL_S": "2", "CLV_API_PORT": str(api_port), "PYTHONUNBUFFERED": "1"}
     if model:
         env["CLV_MODEL_DIR"] = model
+    # The embedded broker holds a consumer group join for half the session timeout: 15 s of the
+    # worker's start at the default 30 s. One worker has no partitions to hand over quickly.
+    env.setdefault("CLV_SESSION_TIMEOUT_S", str(DEMO_SESSION_TIMEOUT_S))
     settings = Settings.from_env(env)
     children = Supervisor(opts.workdir)
     try:
