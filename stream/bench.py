@@ -96,13 +96,18 @@ def fresh_settings(bootstrap: str, partitions: int) -> Settings:
                              app_id=f"bench-{tag}")
 
 
-def worker_env(settings: Settings, workdir: Path, **extra: str) -> dict[str, str]:
+def worker_env(settings: Settings, workdir: Path, session_timeout_s: float | None = None,
+               **extra: str) -> dict[str, str]:
+    """The environment of a `clv worker` on `settings`' topics; its consumer group session
+    timeout `session_timeout_s` when given (else CLV_SESSION_TIMEOUT_S's or the default)."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "CLV_PARTITIONS": str(settings.partitions), "CLV_APP_ID": settings.app_id,
            "CLV_TRANSACTIONS_TOPIC": settings.transactions_topic,
            "CLV_SCORES_TOPIC": settings.scores_topic, "CLV_DLQ_TOPIC": settings.dlq_topic,
            "CLV_CONTROL_TOPIC": settings.control_topic, "CLV_LOG_LEVEL": "warning",
            "CLV_DATA_DIR": str(workdir / f"state-{settings.app_id}"), "PYTHONUNBUFFERED": "1"}
+    if session_timeout_s:
+        env["CLV_SESSION_TIMEOUT_S"] = str(session_timeout_s)
     env.update(extra)
     return env
 
@@ -134,14 +139,16 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
         await consumer.stop()
 
 
-def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Path) -> dict[str, Any]:
-    """Run a path as its own process, `python -m MODULE BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS`
-    on a consumer group of its own, like the worker: all pay the same process and group costs.
-    The figures it wrote."""
+def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Path,
+                session_timeout_s: float | None) -> dict[str, Any]:
+    """Run a path as its own process, `python -m MODULE BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS
+    [SESSION_TIMEOUT_S]` on a consumer group of its own, like the worker: all pay the same process
+    and group costs. The figures it wrote."""
     out = workdir / f"{kind}-{uuid.uuid4().hex[:6]}.json"
     child = Child(python_module(module, settings.bootstrap_servers, settings.transactions_topic,
                                 str(n), f"{settings.app_id}-{out.stem}", str(out),
-                                str(settings.partitions)),
+                                str(settings.partitions),
+                                *([str(session_timeout_s)] if session_timeout_s else [])),
                   None, workdir / f"{kind}.log", cwd=workdir)
     try:
         code = child.wait(1800)
@@ -152,8 +159,8 @@ def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Pat
     return json.loads(out.read_text())
 
 
-def bare_faust(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
-    got = own_process("stream.bench_agent", "bare-agent", settings, n, workdir)
+def bare_faust(settings: Settings, n: int, lines: int, workdir: Path, session_timeout_s: float | None) -> Rate:
+    got = own_process("stream.bench_agent", "bare-agent", settings, n, workdir, session_timeout_s)
     return Rate("bare faust agent", got["messages"], lines, got["seconds"])
 
 
@@ -164,12 +171,12 @@ def peer_available() -> bool:
     return importlib.util.find_spec("quixstreams") is not None
 
 
-def quix_peer(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
+def quix_peer(settings: Settings, n: int, lines: int, workdir: Path, session_timeout_s: float | None) -> Rate:
     """The same fold in Quix Streams (`stream.bench_peer`), from its first event to its last
     output acknowledged; then its output topic is counted, so the rate is of work done."""
     from stream.kafka_io import end_offsets
 
-    got = own_process("stream.bench_peer", "quix-peer", settings, n, workdir)
+    got = own_process("stream.bench_peer", "quix-peer", settings, n, workdir, session_timeout_s)
     produced = sum(asyncio.run(end_offsets(settings, got["output_topic"])).values())
     if produced != got["messages"]:
         raise BenchError(f"the Quix Streams peer produced {produced:,} messages for "
@@ -177,10 +184,11 @@ def quix_peer(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
     return Rate("quix streams peer", got["messages"], lines, got["seconds"], produced)
 
 
-def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int) -> Rate:
+def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
+                session_timeout_s: float | None) -> Rate:
     """`clv worker` on the preloaded topic: from its first event to every score published."""
     app = f"{settings.app_id}-full{run}"
-    env = worker_env(settings, workdir, CLV_APP_ID=app,
+    env = worker_env(settings, workdir, session_timeout_s, CLV_APP_ID=app,
                      CLV_SCORES_TOPIC=f"{settings.scores_topic}-{run}",
                      CLV_DATA_DIR=str(workdir / f"state-{app}"))
     worker = Worker(env, workdir / f"worker-{run}.log")
@@ -209,17 +217,20 @@ PEER_MISSING = "not run: Quix Streams is not installed (pip install -e '.[bench]
 
 
 def throughput(invoices: int, customers: int, partitions: int, repeats: int,
-               bootstrap: str | None, workdir: Path, peer: bool = True) -> dict[str, Any]:
+               bootstrap: str | None, workdir: Path, peer: bool = True,
+               session_timeout_s: float | None = None) -> dict[str, Any]:
     """Every path over the same preloaded events, interleaved, so drift on a shared machine
-    hits all of them; `peer` adds the Quix Streams path when it is installed."""
+    hits all of them; `peer` adds the Quix Streams path when it is installed. The processes'
+    consumer group session timeout is `session_timeout_s`, else each framework's default (it
+    is spent before the first event, outside the figures)."""
     events = synthetic_events(invoices, customers)
     lines = sum(len(e.lines) for e in events)
     paths: dict[str, Callable[[Settings, int], Rate]] = {
         "raw": lambda s, r: asyncio.run(raw_consume(s, invoices, lines)),
-        "bare": lambda s, r: bare_faust(s, invoices, lines, workdir),
-        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r)}
+        "bare": lambda s, r: bare_faust(s, invoices, lines, workdir, session_timeout_s),
+        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r, session_timeout_s)}
     if peer and peer_available():
-        paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir)
+        paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir, session_timeout_s)
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, partitions)
         asyncio.run(ensure_topics(settings, {settings.transactions_topic:
@@ -232,7 +243,7 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
     med = {k: statistics.median(x.per_second for x in v) for k, v in runs.items()}
     return {
         "invoices": invoices, "customers": customers, "partitions": partitions,
-        "lines": lines, "repeats": repeats,
+        "lines": lines, "repeats": repeats, "session_timeout_s": session_timeout_s,
         "runs": {k: [x.as_dict() for x in v] for k, v in runs.items()},
         "median_messages_per_s": {k: round(v, 1) for k, v in med.items()},
         "median_lines_per_s": {k: round(v * lines / invoices, 1) for k, v in med.items()},
@@ -317,11 +328,11 @@ def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 
 
 def latency(rates: list[float], max_rate: float | None, seconds: float, linger_ms: int,
-            bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+            bootstrap: str | None, workdir: Path, session_timeout_s: float | None = None) -> dict[str, Any]:
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, 4)
         asyncio.run(ensure_topics(settings, all_topics(settings)))
-        worker = Worker(worker_env(settings, workdir), workdir / "latency-worker.log")
+        worker = Worker(worker_env(settings, workdir, session_timeout_s), workdir / "latency-worker.log")
         try:
             worker.wait_ready(300, interval=0.05)
             asyncio.run(_steady(settings, 50, 2, "warm", linger_ms))  # first batch, JIT-free but cold caches
@@ -334,7 +345,7 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
         finally:
             worker.stop(timeout=WORKER_STOP_S)
     return {"max_rate": max_rate, "seconds_per_rate": seconds, "publisher_linger_ms": linger_ms,
-            "rates": out}
+            "session_timeout_s": session_timeout_s, "rates": out}
 
 
 # -- scoring ------------------------------------------------------------------------------
@@ -528,7 +539,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
 
 def _state_env(settings: Settings, workdir: Path, store: str, session_timeout_s: float,
                tag: str = "") -> dict[str, str]:
-    return worker_env(settings, workdir, CLV_STORE=store, CLV_SESSION_TIMEOUT_S=str(session_timeout_s),
+    return worker_env(settings, workdir, session_timeout_s, CLV_STORE=store,
                       CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"))
 
 

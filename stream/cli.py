@@ -483,7 +483,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap
     if args.what == "throughput":
         result = bench.throughput(args.invoices, args.customers, args.partitions, args.repeats,
-                                  bootstrap, workdir)
+                                  bootstrap, workdir, session_timeout_s=args.session_timeout)
         med, lines = result["median_messages_per_s"], result["median_lines_per_s"]
         print(f"{args.invoices:,} invoices ({result['lines']:,} lines), {args.customers:,} customers, "
               f"{args.partitions} partitions; median of {args.repeats} runs each")
@@ -501,10 +501,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not rates:
             if max_rate is None:
                 print("measuring the worker's maximum rate first (bench throughput, 1 run)...", flush=True)
-                max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap,
-                                            workdir, peer=False)["median_messages_per_s"]["full"]
+                max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap, workdir,
+                                            peer=False, session_timeout_s=args.session_timeout
+                                            )["median_messages_per_s"]["full"]
             rates = [round(max_rate * 0.25), round(max_rate * 0.5)]
-        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir)
+        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir,
+                               args.session_timeout)
         print(f"event time -> score readable on the scores topic, {args.seconds:.0f}s per rate"
               + (f" (max rate {max_rate:,.0f}/s)" if max_rate else ""))
         for rate, r in result["rates"].items():
@@ -706,10 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
+        if name in ("throughput", "latency", "state"):
             b.add_argument("--session-timeout", type=_positive_float, default=None,
-                           help="the workers' consumer group session timeout in seconds (default 10; "
-                                "the embedded broker holds each join for half of it, and a first "
-                                "restart waits it out)")
+                           help="consumer group session timeout of the processes measured, in seconds "
+                                "(default: " + ("10" if name == "state" else "each framework's") +
+                                "; the embedded broker holds every group join for half of it)")
         if name == "sink":
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
 
