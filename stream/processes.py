@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 from stream import broker
 from stream.broker import free_port
@@ -89,10 +89,6 @@ class Child:
         with self.log.open("wb") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(list(args), env=None if env is None else dict(env), cwd=cwd,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -199,6 +195,9 @@ class Worker(Child):
         return float("nan")
 
 
+C = TypeVar("C", bound=Child)
+
+
 class Supervisor:
     """The children of one run, each with a log in `workdir`; all stopped, newest first, when
     the `with` block ends or `stop_all` is called."""
@@ -211,7 +210,7 @@ class Supervisor:
         """`args` as a child writing to WORKDIR/NAME.log."""
         return self.add(Child(args, env, self.workdir / f"{name}.log", name))
 
-    def add(self, child: Child) -> Child:
+    def add(self, child: C) -> C:
         self.children.append(child)
         return child
 
@@ -225,8 +224,16 @@ class Supervisor:
         return wait_for(what, ok, timeout, interval, self.check, f"logs in {self.workdir}")
 
     def stop_all(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop every child, newest first (the API before the worker before the broker); one
+        that cannot be stopped does not keep the others running: its error rises after."""
+        failed: BaseException | None = None
         for child in reversed(self.children):
-            child.stop(timeout=timeout)
+            try:
+                child.stop(timeout=timeout)
+            except Exception as exc:  # noqa: BLE001 - raised once the rest are stopped
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> Supervisor:
         return self
