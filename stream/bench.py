@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,13 +21,13 @@ import numpy as np
 
 from features.contract import Line, TransactionEvent, stable_event_id
 from stream.bootstrap import write
-from stream.broker import free_port, start
-from stream.metrics import idle, scrape
+from stream.metrics import idle
+from stream.processes import Broker, Child, Worker, clv, python_module
 from stream.publisher import Record
 from stream.replay import all_topics, ensure_topics, publish
 from stream.settings import Settings
 
-CLV = [sys.executable, "-m", "stream.cli"]
+WORKER_STOP_S = 60  # a worker's clean stop (flush, commit, leave the group) before SIGKILL
 
 
 class BenchError(RuntimeError):
@@ -84,13 +81,11 @@ def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    port = free_port()
-    proc = start(port, workdir / "broker.log")
+    embedded = Broker(workdir / "broker.log")
     try:
-        yield f"127.0.0.1:{port}"
+        yield embedded.bootstrap
     finally:
-        proc.terminate()
-        proc.wait(15)
+        embedded.stop(timeout=15)
 
 
 def fresh_settings(bootstrap: str, partitions: int) -> Settings:
@@ -101,57 +96,20 @@ def fresh_settings(bootstrap: str, partitions: int) -> Settings:
                              app_id=f"bench-{tag}")
 
 
-def worker_env(settings: Settings, workdir: Path, **extra: str) -> dict[str, str]:
+def worker_env(settings: Settings, workdir: Path, session_timeout_s: float | None = None,
+               **extra: str) -> dict[str, str]:
+    """The environment of a `clv worker` on `settings`' topics; its consumer group session
+    timeout `session_timeout_s` when given (else CLV_SESSION_TIMEOUT_S's or the default)."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "CLV_PARTITIONS": str(settings.partitions), "CLV_APP_ID": settings.app_id,
            "CLV_TRANSACTIONS_TOPIC": settings.transactions_topic,
            "CLV_SCORES_TOPIC": settings.scores_topic, "CLV_DLQ_TOPIC": settings.dlq_topic,
            "CLV_CONTROL_TOPIC": settings.control_topic, "CLV_LOG_LEVEL": "warning",
            "CLV_DATA_DIR": str(workdir / f"state-{settings.app_id}"), "PYTHONUNBUFFERED": "1"}
+    if session_timeout_s:
+        env["CLV_SESSION_TIMEOUT_S"] = str(session_timeout_s)
     env.update(extra)
     return env
-
-
-class WorkerProcess:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen([*CLV, "worker", "--web-port", str(self.port)], env=env,
-                                     stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def metrics(self) -> dict[str, float]:
-        if self.proc.poll() is not None:
-            raise BenchError(f"worker exited with {self.proc.returncode}; see {self.log}")
-        return scrape(self.port)
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def wait_ready(self, timeout: float = 300) -> float:
-        started = time.perf_counter()
-        while time.perf_counter() - started < timeout:
-            self.metrics()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - started
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"worker not ready after {timeout}s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 # -- throughput ---------------------------------------------------------------------------
@@ -181,24 +139,28 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
         await consumer.stop()
 
 
-def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Path) -> dict[str, Any]:
-    """Run a path as its own process, `python -m MODULE BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS`
-    on a consumer group of its own, like the worker: all pay the same process and group costs.
-    The figures it wrote."""
+def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Path,
+                session_timeout_s: float | None) -> dict[str, Any]:
+    """Run a path as its own process, `python -m MODULE BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS
+    [SESSION_TIMEOUT_S]` on a consumer group of its own, like the worker: all pay the same process
+    and group costs. The figures it wrote."""
     out = workdir / f"{kind}-{uuid.uuid4().hex[:6]}.json"
-    log = workdir / f"{kind}.log"
-    with log.open("wb") as fh:
-        res = subprocess.run([sys.executable, "-m", module, settings.bootstrap_servers,
-                              settings.transactions_topic, str(n), f"{settings.app_id}-{out.stem}",
-                              str(out), str(settings.partitions)],
-                             stdout=fh, stderr=subprocess.STDOUT, timeout=1800, cwd=workdir)
+    child = Child(python_module(module, settings.bootstrap_servers, settings.transactions_topic,
+                                str(n), f"{settings.app_id}-{out.stem}", str(out),
+                                str(settings.partitions),
+                                *([str(session_timeout_s)] if session_timeout_s else [])),
+                  None, workdir / f"{kind}.log", cwd=workdir)
+    try:
+        code = child.wait(1800)
+    finally:
+        child.stop()
     if not out.exists():
-        raise BenchError(f"{kind} failed ({res.returncode}); see {log}")
+        raise BenchError(f"{kind} failed ({code}); see {child.log}")
     return json.loads(out.read_text())
 
 
-def bare_faust(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
-    got = own_process("stream.bench_agent", "bare-agent", settings, n, workdir)
+def bare_faust(settings: Settings, n: int, lines: int, workdir: Path, session_timeout_s: float | None) -> Rate:
+    got = own_process("stream.bench_agent", "bare-agent", settings, n, workdir, session_timeout_s)
     return Rate("bare faust agent", got["messages"], lines, got["seconds"])
 
 
@@ -209,12 +171,12 @@ def peer_available() -> bool:
     return importlib.util.find_spec("quixstreams") is not None
 
 
-def quix_peer(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
+def quix_peer(settings: Settings, n: int, lines: int, workdir: Path, session_timeout_s: float | None) -> Rate:
     """The same fold in Quix Streams (`stream.bench_peer`), from its first event to its last
     output acknowledged; then its output topic is counted, so the rate is of work done."""
     from stream.kafka_io import end_offsets
 
-    got = own_process("stream.bench_peer", "quix-peer", settings, n, workdir)
+    got = own_process("stream.bench_peer", "quix-peer", settings, n, workdir, session_timeout_s)
     produced = sum(asyncio.run(end_offsets(settings, got["output_topic"])).values())
     if produced != got["messages"]:
         raise BenchError(f"the Quix Streams peer produced {produced:,} messages for "
@@ -222,13 +184,14 @@ def quix_peer(settings: Settings, n: int, lines: int, workdir: Path) -> Rate:
     return Rate("quix streams peer", got["messages"], lines, got["seconds"], produced)
 
 
-def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int) -> Rate:
+def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
+                session_timeout_s: float | None) -> Rate:
     """`clv worker` on the preloaded topic: from its first event to every score published."""
     app = f"{settings.app_id}-full{run}"
-    env = worker_env(settings, workdir, CLV_APP_ID=app,
+    env = worker_env(settings, workdir, session_timeout_s, CLV_APP_ID=app,
                      CLV_SCORES_TOPIC=f"{settings.scores_topic}-{run}",
                      CLV_DATA_DIR=str(workdir / f"state-{app}"))
-    worker = WorkerProcess(env, workdir / f"worker-{run}.log")
+    worker = Worker(env, workdir / f"worker-{run}.log")
     try:
         first = None
         deadline = time.monotonic() + 1800
@@ -244,7 +207,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int)
             time.sleep(0.25 if first is not None else 0.02)
         raise BenchError(f"worker did not finish; see {worker.log}")
     finally:
-        worker.stop()
+        worker.stop(timeout=WORKER_STOP_S)
 
 
 # Kafka's default, set explicitly: the embedded broker describes only the configs a topic was
@@ -254,17 +217,20 @@ PEER_MISSING = "not run: Quix Streams is not installed (pip install -e '.[bench]
 
 
 def throughput(invoices: int, customers: int, partitions: int, repeats: int,
-               bootstrap: str | None, workdir: Path, peer: bool = True) -> dict[str, Any]:
+               bootstrap: str | None, workdir: Path, peer: bool = True,
+               session_timeout_s: float | None = None) -> dict[str, Any]:
     """Every path over the same preloaded events, interleaved, so drift on a shared machine
-    hits all of them; `peer` adds the Quix Streams path when it is installed."""
+    hits all of them; `peer` adds the Quix Streams path when it is installed. The processes'
+    consumer group session timeout is `session_timeout_s`, else each framework's default (it
+    is spent before the first event, outside the figures)."""
     events = synthetic_events(invoices, customers)
     lines = sum(len(e.lines) for e in events)
     paths: dict[str, Callable[[Settings, int], Rate]] = {
         "raw": lambda s, r: asyncio.run(raw_consume(s, invoices, lines)),
-        "bare": lambda s, r: bare_faust(s, invoices, lines, workdir),
-        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r)}
+        "bare": lambda s, r: bare_faust(s, invoices, lines, workdir, session_timeout_s),
+        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r, session_timeout_s)}
     if peer and peer_available():
-        paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir)
+        paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir, session_timeout_s)
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, partitions)
         asyncio.run(ensure_topics(settings, {settings.transactions_topic:
@@ -277,7 +243,7 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
     med = {k: statistics.median(x.per_second for x in v) for k, v in runs.items()}
     return {
         "invoices": invoices, "customers": customers, "partitions": partitions,
-        "lines": lines, "repeats": repeats,
+        "lines": lines, "repeats": repeats, "session_timeout_s": session_timeout_s,
         "runs": {k: [x.as_dict() for x in v] for k, v in runs.items()},
         "median_messages_per_s": {k: round(v, 1) for k, v in med.items()},
         "median_lines_per_s": {k: round(v * lines / invoices, 1) for k, v in med.items()},
@@ -362,13 +328,13 @@ def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 
 
 def latency(rates: list[float], max_rate: float | None, seconds: float, linger_ms: int,
-            bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+            bootstrap: str | None, workdir: Path, session_timeout_s: float | None = None) -> dict[str, Any]:
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, 4)
         asyncio.run(ensure_topics(settings, all_topics(settings)))
-        worker = WorkerProcess(worker_env(settings, workdir), workdir / "latency-worker.log")
+        worker = Worker(worker_env(settings, workdir, session_timeout_s), workdir / "latency-worker.log")
         try:
-            worker.wait_ready()
+            worker.wait_ready(300, interval=0.05)
             asyncio.run(_steady(settings, 50, 2, "warm", linger_ms))  # first batch, JIT-free but cold caches
             out = {}
             for rate in rates:
@@ -377,9 +343,9 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
                 out[str(rate)] = {**_percentiles(values, int(rate * seconds)),
                                   "worker": _means(before, worker.metrics())}
         finally:
-            worker.stop()
+            worker.stop(timeout=WORKER_STOP_S)
     return {"max_rate": max_rate, "seconds_per_rate": seconds, "publisher_linger_ms": linger_ms,
-            "rates": out}
+            "session_timeout_s": session_timeout_s, "rates": out}
 
 
 # -- scoring ------------------------------------------------------------------------------
@@ -457,6 +423,9 @@ def _torch_twin(artifact: Any) -> Any:
 # -- state --------------------------------------------------------------------------------
 STATE_HISTORY = ("2009-12-01", "2011-12-09")  # two years of the synthetic generator's shop
 STATE_CUTOFF = datetime(2011, 12, 4, tzinfo=timezone.utc)  # history before, live traffic after
+# The embedded broker holds a JoinGroup for half the session timeout, which would be most of
+# every start at the default 30 s: the figures here are about state.
+STATE_SESSION_TIMEOUT_S = 10.0
 
 
 def state_history(customers: int, window: int, settings: Settings, seed: int = 11
@@ -490,20 +459,24 @@ def state_history(customers: int, window: int, settings: Settings, seed: int = 1
     return records + metas, live
 
 
-def _state_worker(env: dict[str, str], log: Path) -> tuple[WorkerProcess, float, dict[str, float]]:
-    worker = WorkerProcess(env, log)
+def _state_worker(env: dict[str, str], log: Path) -> tuple[Worker, float, dict[str, float]]:
+    """A worker, the seconds until it was ready (polled every 50 ms: recovery is the figure),
+    and its metrics then."""
+    worker = Worker(env, log)
     try:
-        ready = worker.wait_ready(timeout=1800)
+        ready = worker.wait_ready(timeout=1800, interval=0.05)
         return worker, ready, worker.metrics()
     except BaseException:
-        worker.stop()
+        worker.stop(timeout=WORKER_STOP_S)
         raise
 
 
-def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path) -> dict[str, Any]:
+def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path,
+          session_timeout_s: float) -> dict[str, Any]:
     """Per store: resident memory per 100k customers held (recovered from a changelog of
     realistic histories, then live traffic), recovery into a new process with an empty state
-    directory, and a restart on its own directory after a clean stop."""
+    directory, and a restart on its own directory after a clean stop; the workers' consumer
+    group session timeout is `session_timeout_s`."""
     from export_onnx.artifact import Artifact
 
     partitions = 4
@@ -512,7 +485,8 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     n_records = len(records)
     out: dict[str, Any] = {"customers": customers, "changelog_records": n_records,
                            "history": f"{STATE_HISTORY[0]}..{STATE_CUTOFF.date()}",
-                           "live_events": len(live), "stores": {}}
+                           "live_events": len(live), "session_timeout_s": session_timeout_s,
+                           "stores": {}}
     with broker(bootstrap, workdir) as servers:
         for store in stores:
             name = store.split(":")[0]
@@ -520,25 +494,25 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             # (so the model's and the clients' own memory is in both figures).
             empty = fresh_settings(servers, partitions)
             asyncio.run(ensure_topics(empty, all_topics(empty)))
-            worker, _, _ = _state_worker(_state_env(empty, workdir, store, "-empty"),
+            worker, _, _ = _state_worker(_state_env(empty, workdir, store, session_timeout_s, "-empty"),
                                          workdir / f"state-{name}-empty.log")
             try:
                 base = _feed(worker, empty, live)
             finally:
-                worker.stop()
+                worker.stop(timeout=WORKER_STOP_S)
             settings = fresh_settings(servers, partitions)
             changelog = settings.changelog_topic
             asyncio.run(ensure_topics(settings, {**all_topics(settings),
                                                  changelog: {"cleanup.policy": "compact"}}))
             asyncio.run(write(settings, [(changelog, p, k, v) for _t, p, k, v in records]))
-            env = _state_env(settings, workdir, store)
+            env = _state_env(settings, workdir, store, session_timeout_s)
             worker, recovery, m = _state_worker(env, workdir / f"state-{name}-recover.log")
             try:
                 recovered = m.get("clv_state_recovered_records_total", 0)
                 took = m.get("clv_state_takeover_seconds", 0)
                 held = _feed(worker, settings, live)
             finally:
-                worker.stop()
+                worker.stop(timeout=WORKER_STOP_S)
             # A clean stop, then the same directory again (memory:// has nothing to reopen), twice:
             # the embedded broker numbers a group's first generation 0, for which the client does
             # not send LeaveGroup, so the first restart also waits out the old member's session
@@ -546,7 +520,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             restarts = []
             for k in (1, 2):
                 again, restart, m2 = _state_worker(env, workdir / f"state-{name}-restart{k}.log")
-                again.stop()
+                again.stop(timeout=WORKER_STOP_S)
                 restarts.append(restart)
             out["stores"][store] = {
                 "rss_base_mb": round(base, 1), "rss_held_mb": round(held, 1),
@@ -563,14 +537,13 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     return out
 
 
-def _state_env(settings: Settings, workdir: Path, store: str, tag: str = "") -> dict[str, str]:
-    # The embedded broker holds a JoinGroup for half the session timeout, which would be most
-    # of every start at the default 30 s: the figures here are about state.
-    return worker_env(settings, workdir, CLV_STORE=store, CLV_SESSION_TIMEOUT_S="10",
+def _state_env(settings: Settings, workdir: Path, store: str, session_timeout_s: float,
+               tag: str = "") -> dict[str, str]:
+    return worker_env(settings, workdir, session_timeout_s, CLV_STORE=store,
                       CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"))
 
 
-def _feed(worker: WorkerProcess, settings: Settings, live: list[TransactionEvent]) -> float:
+def _feed(worker: Worker, settings: Settings, live: list[TransactionEvent]) -> float:
     """Publish the live invoices, wait until the worker has scored them; its RSS then, in MB."""
     asyncio.run(publish(settings, live, len(live), progress=False))
     deadline = time.monotonic() + 1800
@@ -610,7 +583,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
         settings = fresh_settings(servers, 4)
         env = worker_env(settings, workdir)
         started, cpu = time.perf_counter(), _children_cpu()
-        done = subprocess.run([*CLV, "bootstrap", str(path), "--quiet"], env=env,
+        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env,
                               capture_output=True, text=True)
         seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
         if done.returncode:
@@ -627,7 +600,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
     batch_csv = workdir / "bootstrap-batch.csv"
     batch_csv.unlink(missing_ok=True)  # a run before in the same directory
     started = time.perf_counter()
-    subprocess.run([*CLV, "score", str(path), "--out", str(batch_csv)], check=True,
+    subprocess.run(clv("score", str(path), "--out", str(batch_csv)), check=True,
                    capture_output=True)
     score_seconds = time.perf_counter() - started
     worst = 0.0

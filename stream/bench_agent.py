@@ -1,8 +1,8 @@
 """The framework's floor for `clv bench throughput`: a faust agent that only counts messages.
 
-Run as its own process (`python -m stream.bench_agent BOOTSTRAP TOPIC N APP_ID OUT`), like the
-worker, so both pay the same process and consumer-group costs. Writes the seconds from its first
-message to its N-th as JSON, then stops.
+Run as its own process (`python -m stream.bench_agent BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS
+[SESSION_TIMEOUT_S]`), like the worker, so both pay the same process and consumer-group costs.
+Writes the seconds from its first message to its N-th as JSON, then stops.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from typing import Any
 import faust
 
 
-def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partitions: int) -> None:
+def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partitions: int,
+         session_timeout_s: float | None = None) -> None:
+    session = ({"broker_session_timeout": session_timeout_s,  # heartbeats as the worker's
+                "broker_heartbeat_interval": min(3.0, session_timeout_s / 3)} if session_timeout_s else {})
     app = faust.App(app_id, broker=f"kafka://{bootstrap}", topic_partitions=partitions,
                     consumer_auto_offset_reset="earliest", web_enabled=False,
-                    stream_wait_empty=False)
+                    stream_wait_empty=False, **session)
     topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", partitions=partitions)
     seen = {"n": 0, "first": 0.0}
@@ -43,4 +46,4 @@ def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partiti
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), a[3], a[4], int(a[5]))
+    main(a[0], a[1], int(a[2]), a[3], a[4], int(a[5]), float(a[6]) if len(a) > 6 else None)

@@ -3,9 +3,10 @@ same fold written in Quix Streams (the `bench` extra).
 
 It reads the transactions topic, keeps every customer's spend per calendar month (UTC, integer
 cents, each line rounded as the worker rounds it) in Quix's RocksDB state with its changelog, and
-produces one message per event to an output topic, all at Quix's defaults. Run as its own process
-(`python -m stream.bench_peer BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS`), like the bare agent and
-the worker, so all pay the same process and consumer-group costs. Writes the seconds from its
+produces one message per event to an output topic, all at Quix's defaults (but the consumer group
+session timeout, when given). Run as its own process (`python -m stream.bench_peer BOOTSTRAP TOPIC
+N APP_ID OUT PARTITIONS [SESSION_TIMEOUT_S]`), like the bare agent and the worker, so all pay the
+same process and consumer-group costs. Writes the seconds from its
 first message to the end of its run (the N-th output produced, the last checkpoint committed:
 outputs acknowledged, state and changelog written) and the output topic's name as JSON.
 """
@@ -32,12 +33,16 @@ def monthly_spend(event: dict[str, Any], state: State) -> dict[str, Any]:
     return {"customer_id": event["customer_id"], "month": month, "spend_cents": months[month]}
 
 
-def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partitions: int) -> None:
+def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partitions: int,
+         session_timeout_s: float | None = None) -> None:
     """Fold the first `n` events; the clock starts at the first event, so process start, group
     join and state setup stay outside it, as for the other paths."""
+    session = ({"session.timeout.ms": int(session_timeout_s * 1000),  # heartbeats as the worker's
+                "heartbeat.interval.ms": int(min(3.0, session_timeout_s / 3) * 1000)}
+               if session_timeout_s else None)
     app = Application(broker_address=bootstrap, consumer_group=app_id,
                       auto_offset_reset="earliest", state_dir=f"quix-state-{app_id}",
-                      loglevel="WARNING")
+                      loglevel="WARNING", consumer_extra_config=session)
     source = app.topic(topic_name, key_deserializer="str", value_deserializer="json")
     output = f"{app_id}-out"  # named in the figures, so the bench can count what was produced
     sink = app.topic(output, key_serializer="str", value_serializer="json",
@@ -58,4 +63,4 @@ def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partiti
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), a[3], a[4], int(a[5]))
+    main(a[0], a[1], int(a[2]), a[3], a[4], int(a[5]), float(a[6]) if len(a) > 6 else None)

@@ -466,12 +466,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from stream.broker import BrokerError
     from stream.demo import DemoError, DemoOptions, run
+    from stream.processes import ChildError
 
     opts = DemoOptions(data=args.file, customers=args.customers, rate=args.rate, model=args.model,
                        train=args.train, workdir=Path(args.workdir), exit_after=args.exit)
     try:
         return run(opts)
-    except (DemoError, BrokerError) as exc:
+    except (DemoError, ChildError, BrokerError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -485,7 +486,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap
     if args.what == "throughput":
         result = bench.throughput(args.invoices, args.customers, args.partitions, args.repeats,
-                                  bootstrap, workdir)
+                                  bootstrap, workdir, session_timeout_s=args.session_timeout)
         med, lines = result["median_messages_per_s"], result["median_lines_per_s"]
         print(f"{args.invoices:,} invoices ({result['lines']:,} lines), {args.customers:,} customers, "
               f"{args.partitions} partitions; median of {args.repeats} runs each")
@@ -503,10 +504,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not rates:
             if max_rate is None:
                 print("measuring the worker's maximum rate first (bench throughput, 1 run)...", flush=True)
-                max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap,
-                                            workdir, peer=False)["median_messages_per_s"]["full"]
+                max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap, workdir,
+                                            peer=False, session_timeout_s=args.session_timeout
+                                            )["median_messages_per_s"]["full"]
             rates = [round(max_rate * 0.25), round(max_rate * 0.5)]
-        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir)
+        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir,
+                               args.session_timeout)
         print(f"event time -> score readable on the scores topic, {args.seconds:.0f}s per rate"
               + (f" (max rate {max_rate:,.0f}/s)" if max_rate else ""))
         for rate, r in result["rates"].items():
@@ -537,7 +540,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
               f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)")
     else:
-        result = bench.state(args.customers, args.stores, bootstrap, workdir)
+        result = bench.state(args.customers, args.stores, bootstrap, workdir,
+                             args.session_timeout or bench.STATE_SESSION_TIMEOUT_S)
         print(f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
               f"(history {result['history']}), then {result['live_events']:,} live invoices")
         for store, r in result["stores"].items():
@@ -707,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
+        if name in ("throughput", "latency", "state"):
+            b.add_argument("--session-timeout", type=_positive_float, default=None,
+                           help="consumer group session timeout of the processes measured, in seconds "
+                                "(default: " + ("10" if name == "state" else "each framework's") +
+                                "; the embedded broker holds every group join for half of it)")
         if name == "sink":
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +22,18 @@ from features.batch import read_history
 from features.loaders import vendored_cdnow
 from state import dashboard
 from state.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
-from stream.broker import free_port, start
-from stream.metrics import idle, scrape
+from stream.broker import free_port
 from stream.kafka_io import end_offsets
+from stream.processes import Broker, Supervisor, Worker, clv, http_get, stop_on_signals
 from stream.replay import publish
 from stream.settings import Settings
 
-CLV = [sys.executable, "-m", "stream.cli"]
+
+DEMO_SESSION_TIMEOUT_S = 10  # the worker's, unless CLV_SESSION_TIMEOUT_S says otherwise
 
 
 class DemoError(RuntimeError):
-    """A child process died or never became ready: the message says which and where its log is."""
+    """The demo cannot go on (a child that died or never became ready is a ChildError)."""
 
 
 @dataclass
@@ -48,82 +47,20 @@ class DemoOptions:
     exit_after: bool
 
 
-class Children:
-    """Child processes, each in its own session with a log file, all stopped on exit."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = self.workdir / f"{name}.log"
-        proc = subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def adopt(self, name: str, proc: subprocess.Popen, log: Path) -> None:
-        self.procs.append((name, proc, log))
-
-    def check(self) -> None:
-        for name, proc, log in self.procs:
-            if proc.poll() is not None:
-                raise DemoError(f"{name} exited with {proc.returncode}; see {log}")
-
-    def stop_all(self) -> None:
-        for _name, proc, _log in reversed(self.procs):  # API, sink, worker, then the broker
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-    except OSError:
-        return 0, ""
-
-
-def _wait(what: str, ok, children: Children, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        children.check()
-        if time.monotonic() > deadline:
-            raise DemoError(f"{what} not reached after {timeout:.0f}s; logs in {children.workdir}")
-        time.sleep(0.3)
-
-
 def _model_dir(opts: DemoOptions, data: str) -> str | None:
     if not opts.train:
         return opts.model
     out = opts.workdir / "model"
     print(f"training a model on {data} into {out} (a few minutes on CPU)...", flush=True)
-    res = subprocess.run([*CLV, "train", data, "--cutoff", "1998-06-30", "--horizon-months", "6",
+    res = subprocess.run([*clv("train", data), "--cutoff", "1998-06-30", "--horizon-months", "6",
                           "--out", str(out)])
     if res.returncode != 0:
         raise DemoError("training failed (it needs the train extra: pip install -e '.[train]')")
     return str(out)
 
 
-def _stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both end in the clean shutdown below, even when the demo was started
-    by a script: shells start background jobs with SIGINT ignored, and Python keeps that."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
 def run(opts: DemoOptions) -> int:
-    _stop_on_signals()
+    stop_on_signals()  # Ctrl-C and SIGTERM both end in the clean shutdown below
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # results, not client chatter
     data = opts.data or str(vendored_cdnow())
@@ -135,41 +72,41 @@ def run(opts: DemoOptions) -> int:
         keep = sorted({e.customer_id for e in events})[:opts.customers]
         wanted = set(keep)
         events = [e for e in events if e.customer_id in wanted]
-    port, web_port, api_port = free_port(), free_port(), free_port()
+    port, api_port = free_port(), free_port()
     snapshot = opts.workdir / "clv.duckdb"
     for stale in opts.workdir.glob("clv.duckdb*"):
         stale.unlink()
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
            "CLV_DATA_DIR": str(opts.workdir / "worker"), "CLV_SNAPSHOT_PATH": str(snapshot),
-           "CLV_SNAPSHOT_INTERVAL_S": "2", "CLV_WEB_PORT": str(web_port),
-           "CLV_API_PORT": str(api_port), "PYTHONUNBUFFERED": "1"}
+           "CLV_SNAPSHOT_INTERVAL_S": "2", "CLV_API_PORT": str(api_port), "PYTHONUNBUFFERED": "1"}
     if model:
         env["CLV_MODEL_DIR"] = model
+    # The embedded broker holds a consumer group join for half the session timeout: 15 s of the
+    # worker's start at the default 30 s. One worker has no partitions to hand over quickly.
+    env.setdefault("CLV_SESSION_TIMEOUT_S", str(DEMO_SESSION_TIMEOUT_S))
     settings = Settings.from_env(env)
-    children = Children(opts.workdir)
+    children = Supervisor(opts.workdir)
     try:
-        broker_log = opts.workdir / "broker.log"
-        children.adopt("broker", start(port, broker_log), broker_log)
+        children.add(Broker(opts.workdir / "broker.log", port))
         print(f"broker (embedded Tansu) on 127.0.0.1:{port}", flush=True)
         asyncio.run(_create_topics(settings))
-        children.spawn("worker", [*CLV, "worker"], env)
-        children.spawn("snapshot", [*CLV, "snapshot"], env)
-        children.spawn("api", [*CLV, "api"], env)
+        worker = children.add(Worker(env, opts.workdir / "worker.log"))
+        children.start("snapshot", clv("snapshot"), env)
+        children.start("api", clv("api"), env)
         board = None if opts.exit_after else _start_dashboard(children, snapshot, model, env)
-        _wait("worker ready", lambda: _get(f"http://127.0.0.1:{web_port}/ready")[0] == 200,
-              children, 120)
-        _wait("API up", lambda: _get(f"http://127.0.0.1:{api_port}/health")[0] == 200, children, 60)
-        print(f"worker on http://127.0.0.1:{web_port} (/metrics, /customers/ID); replaying "
+        children.wait_for("worker ready", lambda: worker.get("/ready")[0] == 200, 120)
+        children.wait_for("API up", lambda: http_get(f"http://127.0.0.1:{api_port}/health")[0] == 200, 60)
+        print(f"worker on {worker.url('')} (/metrics, /customers/ID); replaying "
               f"{len(events):,} invoices of {len({e.customer_id for e in events}):,} customers", flush=True)
         summary = asyncio.run(publish(settings, events, len(events), opts.rate, progress=True))
         print(summary.render(), flush=True)
         print("waiting for the worker to score everyone and the snapshot to catch up...", flush=True)
-        _wait("worker idle", lambda: idle(scrape(web_port)), children, 600)
-        _wait("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), children, 120)
+        children.wait_for("worker idle", worker.idle, 600)
+        children.wait_for("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), 120)
         _report(Snapshot(snapshot), snapshot, api_port, serving=not opts.exit_after)
         if not opts.exit_after:
             if board:
-                _wait("dashboard up", lambda: dashboard.healthy(board), children, 60)
+                children.wait_for("dashboard up", lambda: dashboard.healthy(board), 60)
                 print(f"Dashboard: {board}", flush=True)
             print("\nserving; Ctrl-C stops everything", flush=True)
             while True:
@@ -183,7 +120,7 @@ def run(opts: DemoOptions) -> int:
         children.stop_all()
 
 
-def _start_dashboard(children: Children, snapshot: Path, model: str | None,
+def _start_dashboard(children: Supervisor, snapshot: Path, model: str | None,
                      env: dict[str, str]) -> str | None:
     """The dashboard as one more child, on a free loopback port; its URL, or None (with a word
     on how to get it) when the dashboard extra is not installed."""
@@ -193,7 +130,7 @@ def _start_dashboard(children: Children, snapshot: Path, model: str | None,
         print(f"no dashboard: {exc}", flush=True)
         return None
     port = free_port()
-    children.spawn("dashboard", dashboard.command(snapshot, "127.0.0.1", port, model), env)
+    children.start("dashboard", dashboard.command(snapshot, "127.0.0.1", port, model), env)
     return f"http://127.0.0.1:{port}"
 
 
@@ -216,7 +153,7 @@ def _snapshot_complete(settings: Settings, snapshot: Path) -> bool:
 def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     summary = snap.summary()
     installed = Path(sys.executable).parent / "clv"  # the commands as this install names them
-    clv = str(installed) if installed.exists() else "clv"
+    command = str(installed) if installed.exists() else "clv"
     print(f"\n{summary['customers']:,} customers scored by {', '.join(summary['model_versions'])}, "
           f"as of {summary['newest_event_time']}")
     top = snap.top(10)
@@ -234,11 +171,11 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
                                          "mean_recency_days", "mean_frequency", "main_segment"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
-  {clv} query top --n 20 --snapshot {path}
-  {clv} query segments --snapshot {path}
-  {clv} query clusters --snapshot {path}
-  {clv} query sql "SELECT segment, count(*) FROM customer_scores GROUP BY 1" --snapshot {path}
-  {clv} export --out top.csv --segment vip --snapshot {path}
+  {command} query top --n 20 --snapshot {path}
+  {command} query segments --snapshot {path}
+  {command} query clusters --snapshot {path}
+  {command} query sql "SELECT segment, count(*) FROM customer_scores GROUP BY 1" --snapshot {path}
+  {command} export --out top.csv --segment vip --snapshot {path}
   duckdb -readonly {path} "SELECT * FROM segment_summary"   (with the DuckDB CLI)
 API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /clusters, /customers/ID, /summary, /export.csv,
   POST /score, /openapi.json)"""

@@ -15,6 +15,13 @@ from pathlib import Path
 
 import pytest
 
+# One thread for every library's pool (OpenMP, MKL, OpenBLAS: torch, scikit-learn, numpy), here
+# and in every process the tests start. On a machine of few cores shared with other work, spinning
+# OpenMP threads made one training epoch take from 0.8 s to two minutes; no test's claim depends
+# on threads. Set before any test module imports those libraries.
+for _pool in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_pool, "1")
+
 
 def _docker_answers() -> bool:
     try:
@@ -37,18 +44,13 @@ def kafka_bootstrap(tmp_path_factory):
         with KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from stream.broker import free_port, start
+    from stream.processes import Broker
 
-    port = free_port()
-    proc = start(port, tmp_path_factory.mktemp("broker") / "tansu.log")
+    broker = Broker(tmp_path_factory.mktemp("broker") / "tansu.log")
     try:
-        yield f"127.0.0.1:{port}"
+        yield broker.bootstrap
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        broker.stop(timeout=10)
 
 
 def fresh_topics() -> dict[str, str]:
@@ -70,7 +72,8 @@ def topic_names():
 def make_env(bootstrap: str, topics: dict[str, str], tmp: Path) -> dict[str, str]:
     return {**os.environ, **topics, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "CLV_DATA_DIR": str(tmp / "worker"), "CLV_SNAPSHOT_PATH": str(tmp / "clv.duckdb"),
-            "PYTHONUNBUFFERED": "1", "CLV_SESSION_TIMEOUT_S": "6"}
+            "PYTHONUNBUFFERED": "1", "CLV_SESSION_TIMEOUT_S": "6",
+            "CLV_SNAPSHOT_INTERVAL_S": "1"}  # a sink's next snapshot within a second, not ten
 
 
 @pytest.fixture
@@ -94,15 +97,16 @@ def cdnow_live(kafka_bootstrap, tmp_path_factory) -> LiveRun:
     while another process reads the snapshot in a tight loop. The worker and sink are stopped
     (SIGTERM) before the tests look at the results."""
     from features.loaders import vendored_cdnow
-    from harness import CLV, Process, Worker, replay, wait_idle, wait_snapshot_caught_up
+    from harness import CLV, replay, start_worker, wait_idle, wait_snapshot_caught_up
+    from stream.processes import Child, clv
 
     tmp = tmp_path_factory.mktemp("cdnow-live")
     env = make_env(kafka_bootstrap, fresh_topics(), tmp)
     env["CLV_SNAPSHOT_INTERVAL_S"] = "0.5"
     snapshot = Path(env["CLV_SNAPSHOT_PATH"])
     stop_reader, reader_out = tmp / "stop-reader", tmp / "reader.json"
-    worker = Worker(env, tmp)
-    sink = Process(["snapshot"], env, tmp / "sink.log")
+    worker = start_worker(env, tmp)
+    sink = Child(clv("snapshot"), env, tmp / "sink.log")
     reader = subprocess.Popen([CLV[0], str(Path(__file__).parent / "snapshot_reader.py"),
                                str(snapshot), str(stop_reader), str(reader_out)])
     try:

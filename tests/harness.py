@@ -5,79 +5,27 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from export_onnx.artifact import shipped_model_dir
 from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, ScoreRecord, as_dict, iso_time, parse_score, precedence
 from stream.broker import free_port
-from stream.metrics import idle, scrape
+from stream.processes import Child, Worker, clv
 
-CLV = [sys.executable, "-m", "stream.cli"]
-
-
-class Worker:
-    def __init__(self, env: dict, tmp: Path, name: str = "w1", state: str | None = None,
-                 batch_wait_ms: int = 20) -> None:
-        self.port = free_port()
-        self.log = tmp / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [*CLV, "worker", "--web-port", str(self.port), "--batch-wait-ms", str(batch_wait_ms)],
-            env={**env, "CLV_DATA_DIR": str(tmp / f"{state or name}-state")},  # per worker
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def get(self, path: str, token: str = "") -> tuple[int, str]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
-                                     headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
-
-    def metrics(self) -> dict[str, float]:
-        return scrape(self.port)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
-            if self.get("/ready")[0] == 200:
-                return
-            time.sleep(0.3)
-        raise AssertionError("worker never became ready\n" + self.log.read_text(errors="replace")[-3000:])
-
-    def idle(self) -> bool:
-        return idle(self.metrics())
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(30)
-        except ProcessLookupError:
-            pass  # already gone
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+CLV = clv()
 
 
-def wait_until(done: Callable[[], bool], timeout: float, what: str, interval: float = 0.3) -> None:
-    """Poll `done` until it holds; fail saying `what` did not happen within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, what
-        time.sleep(interval)
+def start_worker(env: dict, tmp: Path, name: str = "w1", state: str | None = None,
+                 batch_wait_ms: int = 20) -> Worker:
+    """`clv worker` logging to TMP/NAME.log, on a state directory of its own (TMP/STATE-state,
+    STATE defaulting to NAME: a restart passes the same)."""
+    return Worker({**env, "CLV_DATA_DIR": str(tmp / f"{state or name}-state")}, tmp / f"{name}.log",
+                  "--batch-wait-ms", str(batch_wait_ms))
 
 
 def wait_idle(workers: list[Worker], events: int, timeout: float = 300) -> None:
@@ -96,21 +44,32 @@ def wait_idle(workers: list[Worker], events: int, timeout: float = 300) -> None:
 
 
 def read_topic(bootstrap: str, topic: str) -> list:
+    """Every record of `topic`: each partition read from its start to its high watermark as of
+    the first fetch answer (the embedded broker's ListOffsets can stop short, see
+    stream.kafka_io), so a finished topic is read without waiting for silence."""
     async def run() -> list:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                    enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                    fetch_max_wait_ms=50)
         await consumer.start()
-        out = []
+        out: list = []
         try:
-            while True:
-                batch = await consumer.getmany(timeout_ms=2000, max_records=10000)
-                if not batch:
-                    break
-                for records in batch.values():
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            if not tps:
+                return out
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends: dict[TopicPartition, int] = {}
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=200, max_records=10000)).values():
                     out.extend(records)
+                ends.update((tp, consumer.highwater(tp)) for tp in tps
+                            if tp not in ends and consumer.highwater(tp) is not None)
+                if len(ends) == len(tps) and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
+                    return out
+            raise AssertionError(f"{topic} not read to its end within 120 s: {ends}")
         finally:
             await consumer.stop()
-        return out
 
     return asyncio.run(run())
 
@@ -198,28 +157,6 @@ def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> list[str]:
     return whole
 
 
-class Process:
-    """Any long-running `clv` command, in its own session so it can be stopped with its children."""
-
-    def __init__(self, args: list[str], env: dict, log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen([*CLV, *args], env=env, stdout=log.open("wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        try:
-            os.killpg(self.proc.pid, sig)
-            return self.proc.wait(timeout)
-        except ProcessLookupError:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 def topic_layout(bootstrap: str, topic: str) -> tuple[dict[str, str], list[int]]:
     """A topic's configs as the broker describes them, and the replica count of each partition."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -277,12 +214,9 @@ class Api:
     def __init__(self, env: dict, tmp: Path, token: str = "", **settings: str) -> None:
         self.port = free_port()
         self.token = token
-        self.proc = Process(["api", "--port", str(self.port)], {**env, "CLV_API_TOKEN": token, **settings},
-                            tmp / f"api-{self.port}.log")
-        deadline = time.monotonic() + 30
-        while self.get("/health")[0] != 200:
-            assert self.proc.proc.poll() is None and time.monotonic() < deadline, self.proc.output()
-            time.sleep(0.2)
+        self.proc = Child(clv("api", "--port", str(self.port)), {**env, "CLV_API_TOKEN": token, **settings},
+                          tmp / f"api-{self.port}.log")
+        self.proc.wait_for("API up", lambda: self.get("/health")[0] == 200, 30)
 
     @property
     def url(self) -> str:

@@ -19,7 +19,8 @@ def bench(tmp_path, *args: str) -> dict:
 
 def test_bench_throughput_small(tmp_path, kafka_bootstrap):
     r = bench(tmp_path, "throughput", "--invoices", "400", "--customers", "100", "--repeats", "1",
-              "--bootstrap", kafka_bootstrap)
+              "--session-timeout", "6", "--bootstrap", kafka_bootstrap)  # the suite's: joins wait half
+    assert r["session_timeout_s"] == 6
     for path in ("raw", "bare", "peer", "full"):  # the dev install has the bench extra
         assert r["median_messages_per_s"][path] > 0
         assert r["runs"][path][0]["messages"] == 400
@@ -45,7 +46,8 @@ def test_bench_throughput_without_the_peer_says_so_in_one_line(tmp_path, monkeyp
 
 def test_bench_latency_small(tmp_path, kafka_bootstrap):
     r = bench(tmp_path, "latency", "--rate", "40", "--seconds", "2", "--max-rate", "80",
-              "--bootstrap", kafka_bootstrap)
+              "--session-timeout", "6", "--bootstrap", kafka_bootstrap)
+    assert r["session_timeout_s"] == 6
     got = r["rates"]["40.0"]
     assert got["scored"] == got["events"] == 80
     assert 0 < got["p50_ms"] <= got["p99_ms"] <= got["max_ms"]
@@ -60,7 +62,8 @@ def test_bench_scoring_small(tmp_path):
 
 def test_bench_state_small(tmp_path, kafka_bootstrap):
     r = bench(tmp_path, "state", "--customers", "300", "--stores", "memory://", "rocksdb://",
-              "--bootstrap", kafka_bootstrap)
+              "--session-timeout", "6", "--bootstrap", kafka_bootstrap)  # the suite's: joins wait half
+    assert r["session_timeout_s"] == 6
     mem = r["stores"]["memory://"]
     assert mem["recovery_seconds"] > 0 and mem["rss_held_mb"] > 0
     assert mem["recovered_records"] == r["changelog_records"] > 300  # customers and partition records

@@ -17,7 +17,7 @@ from features.events import events_from_lines
 from features.state_record import encode_state
 from features.synthetic import generate, write
 from stream.publisher import home_partition
-from harness import CLV, Worker, assert_exact, batch_scores, end_offsets, last_scores, replay, wait_idle
+from harness import CLV, assert_exact, batch_scores, end_offsets, last_scores, replay, start_worker, wait_idle
 
 
 def _heavy_customer(start: pd.Timestamp) -> pd.DataFrame:
@@ -84,7 +84,7 @@ def test_bootstrap_part_then_replay_the_whole_history(clv_env, kafka_bootstrap, 
 
     events_part = len(read_history(part).events)
     events_whole = len(read_history(whole).events)
-    worker = Worker(clv_env, tmp_path)
+    worker = start_worker(clv_env, tmp_path)
     try:
         worker.wait_ready()
         m = worker.metrics()

@@ -12,7 +12,7 @@ from features.contract import Line, TransactionEvent, stable_event_id
 from features.state_record import decode_state, record_bound
 from stream.replay import publish
 from stream.settings import Settings
-from harness import Worker, last_scores, read_topic, wait_idle
+from harness import last_scores, read_topic, start_worker, wait_idle
 
 T0 = datetime(2011, 3, 1, tzinfo=timezone.utc)
 
@@ -24,7 +24,7 @@ def test_thirty_thousand_invoices_of_one_customer_stay_bounded(clv_env, kafka_bo
     after = [TransactionEvent(stable_event_id(f"c{k}", "1"), f"c{k}", "1", T0 + timedelta(days=25),
                               (Line("A", 2, 5.0),)) for k in range(50)]
 
-    worker = Worker(clv_env, tmp_path)
+    worker = start_worker(clv_env, tmp_path)
     try:
         worker.wait_ready()
         events = [*busy, busy[-1], *after]  # the newest invoice re-published once

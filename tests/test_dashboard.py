@@ -24,9 +24,10 @@ pytest.importorskip("streamlit")
 pytest.importorskip("playwright")
 
 from export_onnx.artifact import shipped_model_dir  # noqa: E402
-from harness import CLV, Process  # noqa: E402
+from harness import CLV  # noqa: E402
 from state import dashboard, snapshot  # noqa: E402
 from stream.broker import free_port  # noqa: E402
+from stream.processes import Child, clv  # noqa: E402
 
 
 def model_with_evaluation(out: Path) -> Path:
@@ -54,8 +55,8 @@ def served(demo_3000, tmp_path_factory):
     shutil.copy(demo_3000.snapshot, path)
     port = free_port()
     model = model_with_evaluation(tmp / "model")
-    proc = Process(["dashboard", "--snapshot", str(path), "--port", str(port), "--model", str(model)],
-                   dict(os.environ), tmp / "dashboard.log")
+    proc = Child(clv("dashboard", "--snapshot", str(path), "--port", str(port), "--model", str(model)),
+                 None, tmp / "dashboard.log")
     url = f"http://127.0.0.1:{port}"
     try:
         dashboard.wait_healthy(url, proc.proc)

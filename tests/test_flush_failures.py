@@ -7,35 +7,28 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from conftest import fresh_topics, make_env
 from features.loaders import vendored_cdnow
-from harness import Worker, assert_exact, batch_scores, last_scores, replay, wait_idle
-from stream.broker import free_port, start
+from harness import assert_exact, batch_scores, last_scores, replay, start_worker, wait_idle
+from stream.processes import Broker, wait_for
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+def broker(tmp_path: Path) -> Iterator[Broker]:
     """An embedded broker of the test's own, which it may pause and resume."""
-    port = free_port()
-    proc = start(port, tmp_path / "broker.log")
+    broker = Broker(tmp_path / "broker.log")
     try:
-        yield proc, f"127.0.0.1:{port}"
+        yield broker
     finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        broker.send_signal(signal.SIGCONT)
+        broker.stop(timeout=10)
 
 
 def cdnow_customers(tmp: Path, n: int) -> tuple[Path, int]:
@@ -49,13 +42,6 @@ def cdnow_customers(tmp: Path, n: int) -> tuple[Path, int]:
 
 def lag(values: dict[str, float]) -> float:
     return sum(v for k, v in values.items() if k.startswith("clv_consumer_lag"))
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.3)
 
 
 def test_backoff_doubles_up_to_its_ceiling_and_a_success_ends_the_failure():
@@ -81,18 +67,18 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
     clv_flush_failures_total rises, the lag against the committed offset shows the events
     waiting, intake holds (dirty customers stay near a micro-batch) and the worker does not
     exit. Resumed, the retries publish what was kept and every score ends as `clv score`'s."""
-    proc, bootstrap = broker
+    bootstrap = broker.bootstrap
     env = {**make_env(bootstrap, fresh_topics(), tmp_path), "CLV_PUBLISH_TIMEOUT_S": "1",
            "CLV_FLUSH_FAILURE_TIMEOUT_S": "120", "CLV_BATCH_SIZE": "64"}
     data, n_events = cdnow_customers(tmp_path, 3000)
     published = replay(env, data)
     assert published.wait(180) == 0, published.stderr.read()
-    worker = Worker(env, tmp_path)
+    worker = start_worker(env, tmp_path)
     try:
         worker.wait_ready()
-        wait_for("no events reached the worker",
+        wait_for("events reaching the worker",
                  lambda: worker.metrics().get("clv_events_in_total", 0) > 500, 60)
-        proc.send_signal(signal.SIGSTOP)
+        broker.send_signal(signal.SIGSTOP)
         seen: list[tuple[int, str, dict[str, float]]] = []
 
         def failing() -> bool:
@@ -100,7 +86,7 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
             seen.append((status, body, worker.metrics()))
             return status == 503 and seen[-1][2].get("clv_flush_failures_total", 0) >= 3
 
-        wait_for("flushes never failed visibly", failing, 60)
+        wait_for("flushes failing visibly", failing, 60)
         status, body, during = seen[-1]
         assert "flushes failing" in json.loads(body)["reason"]
         assert during["clv_flush_success_age_seconds"] >= 1
@@ -111,14 +97,14 @@ def test_broker_stopped_under_the_worker_fails_flushes_visibly_then_recovers_exa
         time.sleep(3)
         assert worker.proc.poll() is None  # within flush_failure_timeout_s: retrying, not exiting
         assert lag(worker.metrics()) >= lag(during)
-        proc.send_signal(signal.SIGCONT)
+        broker.send_signal(signal.SIGCONT)
         wait_idle([worker], n_events, timeout=300)
         after = worker.metrics()
         assert worker.get("/ready")[0] == 200
         assert after["clv_flush_failures_total"] >= 3
         assert after["clv_flush_success_age_seconds"] < 5 and lag(after) == 0
     finally:
-        proc.send_signal(signal.SIGCONT)
+        broker.send_signal(signal.SIGCONT)
         worker.stop()
     log = worker.log.read_text(errors="replace")
     assert "flush failed" in log and "flush succeeded after" in log
@@ -129,25 +115,25 @@ def test_flushes_failing_past_the_timeout_exit_75_and_a_restart_is_exact(broker,
     """Flushes failing longer than flush_failure_timeout_s end the worker with exit code 75 and
     a log line saying why and what to check; restarted once the broker is back, the worker
     takes the events again from the committed offset and ends exactly as `clv score`."""
-    proc, bootstrap = broker
+    bootstrap = broker.bootstrap
     env = {**make_env(bootstrap, fresh_topics(), tmp_path), "CLV_PUBLISH_TIMEOUT_S": "1",
            "CLV_FLUSH_FAILURE_TIMEOUT_S": "4"}
     data, _ = cdnow_customers(tmp_path, 2000)
     published = replay(env, data)
     assert published.wait(180) == 0, published.stderr.read()
-    first = Worker(env, tmp_path, "first", state="w")
+    first = start_worker(env, tmp_path, "first", state="w")
     try:
         first.wait_ready()
-        wait_for("no events reached the worker",
+        wait_for("events reaching the worker",
                  lambda: first.metrics().get("clv_events_in_total", 0) > 500, 60)
-        proc.send_signal(signal.SIGSTOP)
+        broker.send_signal(signal.SIGSTOP)
         assert first.proc.wait(60) == 75
     finally:
-        proc.send_signal(signal.SIGCONT)
+        broker.send_signal(signal.SIGCONT)
         first.stop()
     log = first.log.read_text(errors="replace")
     assert "longer than flush_failure_timeout_s=4s: exiting with code 75" in log, log[-3000:]
-    again = Worker(env, tmp_path, "again", state="w")
+    again = start_worker(env, tmp_path, "again", state="w")
     try:
         again.wait_ready()
         wait_idle([again], 1, timeout=300)

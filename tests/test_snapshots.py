@@ -27,11 +27,12 @@ from hypothesis import strategies as st
 
 from features.scores import LEGACY_CLV, ScoreRecord, iso_time, parse_score, precedence
 from features.segments import PLAYBOOKS, SEGMENTS
-from harness import CLV, Api, Process, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
+from harness import CLV, Api, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
 from score_messages import near_valid
 from state import snapshot
 from state.queries import Snapshot
 from stream.broker import free_port
+from stream.processes import Child, clv as clv_command
 
 
 def clv(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -224,7 +225,7 @@ def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap,
     env = {**clv_env, "CLV_SNAPSHOT_INTERVAL_S": "0.2"}
     published = Path(env["CLV_SNAPSHOT_PATH"])
     _publish_scores(kafka_bootstrap, env["CLV_SCORES_TOPIC"], TEMPLATE, 20_000, "base")
-    sink = Process(["snapshot"], env, tmp_path / "sink.log")
+    sink = Child(clv_command("snapshot"), env, tmp_path / "sink.log")
     killed_during_write = False
     try:
         wait_snapshot_caught_up(published, kafka_bootstrap, env["CLV_SCORES_TOPIC"])
@@ -248,7 +249,7 @@ def test_killing_the_sink_mid_write_keeps_the_previous_snapshot(kafka_bootstrap,
     rows, meta = con.execute("SELECT (SELECT count(*) FROM customer_scores), customers FROM snapshot_meta").fetchone()
     con.close()
     assert rows == meta >= 20_000
-    again = Process(["snapshot"], env, tmp_path / "sink2.log")
+    again = Child(clv_command("snapshot"), env, tmp_path / "sink2.log")
     try:
         wait_snapshot_caught_up(published, kafka_bootstrap, env["CLV_SCORES_TOPIC"])
     finally:
@@ -287,7 +288,7 @@ def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tm
         ("gone", message(customer_id="gone", clv=1.0)),
     ])
     _publish(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"], [("gone", None)])  # deleted
-    sink = Process(["snapshot"], clv_env, tmp_path / "sink.log")
+    sink = Child(clv_command("snapshot"), clv_env, tmp_path / "sink.log")
     try:
         wait_snapshot_caught_up(Path(clv_env["CLV_SNAPSHOT_PATH"]), kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
         assert sink.proc.poll() is None  # still running
@@ -307,7 +308,7 @@ def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tm
         partition, offset = where[cid]
         assert f"skipped unusable score at {clv_env['CLV_SCORES_TOPIC']}[{partition}]@{offset}: {reason}" in log, cid
     assert f"{len(unusable)} unusable score messages skipped" in log
-    again = Process(["snapshot"], clv_env, tmp_path / "sink2.log")  # resumes after them
+    again = Child(clv_command("snapshot"), clv_env, tmp_path / "sink2.log")  # resumes after them
     try:
         deadline = time.monotonic() + 60
         while (resumed := re.search(r"resuming from .*: \d+ customers, offsets (\{[^}]*\})",

@@ -20,8 +20,9 @@ from export_onnx.artifact import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
 from features.state_record import decode_state
-from harness import (CLV, Process, Worker, assert_exact, batch_scores, end_offsets, last_scores, read_topic,
-                     replay, snapshot_rows, topic_layout, wait_idle, wait_snapshot_caught_up, wait_until)
+from harness import (CLV, assert_exact, batch_scores, end_offsets, last_scores, read_topic, replay, snapshot_rows,
+                     start_worker, topic_layout, wait_idle, wait_snapshot_caught_up)
+from stream.processes import Child, clv, wait_for
 from stream.recovery import recover
 from stream.settings import Settings
 from stream.stores import MemoryStore
@@ -38,6 +39,12 @@ def cdnow_slice(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def slice_batch(cdnow_slice, tmp_path_factory) -> dict[str, dict]:
+    """`clv score` of the slice: where every test replaying it must end."""
+    return batch_scores(tmp_path_factory.mktemp("slice-batch"), cdnow_slice)
+
+
 def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap):
     """The session's full CDNOW replay (conftest.cdnow_live)."""
     live = last_scores(kafka_bootstrap, cdnow_live.env["CLV_SCORES_TOPIC"])
@@ -50,7 +57,8 @@ def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
-def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, tmp_path, cdnow_slice, store):
+def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, tmp_path, cdnow_slice, slice_batch,
+                                                    store):
     """Killed mid-replay and restarted on its state: scores end exact, the changelog holds every
     invoice once, and catching up on the events published meanwhile republishes nobody: the
     restarted worker publishes at most twice as many score messages as customers it publishes
@@ -59,17 +67,17 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     (1.00-1.05, at most 2-7 for one customer). Before a catching-up partition's events were
     left to its rescoring: 10,277-10,392 (3.4-3.5) and 76,617 (3.25, up to 100)."""
     clv_env = {**clv_env, "CLV_STORE": store}
-    worker = Worker(clv_env, tmp_path, "first", state="w")
+    worker = start_worker(clv_env, tmp_path, "first", state="w")
     worker.wait_ready()
     n_events = sum(1 for _ in cdnow_slice.open()) - 1
     rep = replay(clv_env, cdnow_slice, rate=1500)
     time.sleep(4)
     before = worker.metrics().get("clv_events_in_total", 0)
-    worker.stop(signal.SIGKILL)
+    worker.kill()
     assert 0 < before < n_events  # killed mid-stream
     assert rep.wait(120) == 0, rep.stderr.read()
     published = end_offsets(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    again = Worker(clv_env, tmp_path, "second", state="w")  # same state directory, as a restart
+    again = start_worker(clv_env, tmp_path, "second", state="w")  # same state directory, as a restart
     try:
         again.wait_ready()
         # rocksdb replays only what its directory lacks: at most the one flush in flight (a
@@ -84,7 +92,7 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     assert sum(republished.values()) <= 2 * len(republished), (
         sum(republished.values()), len(republished), republished.most_common(3))
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    batch = batch_scores(tmp_path, cdnow_slice)
+    batch = slice_batch
     assert_exact(live, batch)
     # The changelog alone (what any other worker would recover) holds every invoice exactly once.
     states = {}
@@ -138,7 +146,7 @@ def test_poison_events_go_to_the_dlq_with_reasons(clv_env, kafka_bootstrap, tmp_
         finally:
             await producer.stop()
 
-    worker = Worker(clv_env, tmp_path)
+    worker = start_worker(clv_env, tmp_path)
     try:
         worker.wait_ready()
         asyncio.run(produce())
@@ -203,7 +211,7 @@ def test_backfill_then_live_events_from_librdkafka_default_partitioner(clv_env, 
     home = lambda key: (murmur2(key) & 0x7FFFFFFF) % 4  # noqa: E731
     assert sum(home(e.customer_id.encode()) != zlib.crc32(e.customer_id.encode()) % 4 for e in live) > len(live) / 2
 
-    worker = Worker(clv_env, tmp_path)
+    worker = start_worker(clv_env, tmp_path)
     try:
         worker.wait_ready()
         rep = replay(clv_env, history)
@@ -233,63 +241,66 @@ def test_backfill_then_live_events_from_librdkafka_default_partitioner(clv_env, 
     assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, whole))
 
 
-def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
-    a, b = Worker(clv_env, tmp_path, "a"), Worker(clv_env, tmp_path, "b")
+def test_two_workers_share_partitions_and_survive_one_stopping(clv_env, kafka_bootstrap, tmp_path, cdnow_slice,
+                                                               slice_batch):
+    a, b = start_worker(clv_env, tmp_path, "a"), start_worker(clv_env, tmp_path, "b")
     try:
         a.wait_ready()
         b.wait_ready()
         rep = replay(clv_env, cdnow_slice, rate=2000)
-        time.sleep(4)
+        wait_for("events reaching both workers", lambda: a.metrics().get("clv_events_in_total", 0) > 0
+                 and b.metrics().get("clv_events_in_total", 0) > 0, 60)
         ma, mb = a.metrics(), b.metrics()
-        assert ma.get("clv_events_in_total", 0) > 0 and mb.get("clv_events_in_total", 0) > 0
         parts_a = {k for k in ma if k.startswith("clv_consumer_lag")}
         parts_b = {k for k in mb if k.startswith("clv_consumer_lag")}
         assert parts_a and parts_b and not parts_a & parts_b
         b.stop()
         assert rep.wait(120) == 0, rep.stderr.read()
-        wait_until(lambda: a.metrics().get("clv_partitions_owned") == 4, 120,  # the group moves b's to a
-                   "partitions of the stopped worker never moved")
+        wait_for("partitions of the stopped worker moved",  # the group moves b's to a
+                 lambda: a.metrics().get("clv_partitions_owned") == 4, 120)
         wait_idle([a], 1, timeout=300)
     finally:
         a.stop()
         b.stop()
     live = last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
-    assert_exact(live, batch_scores(tmp_path, cdnow_slice))
+    assert_exact(live, slice_batch)
     # The partitions taken over lag the survivor's clock; their backlog is applied, not too late.
     assert read_topic(kafka_bootstrap, clv_env["CLV_DLQ_TOPIC"]) == []
 
 
-def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_a_worker_killed_before_its_first_commit_loses_no_events(clv_env, kafka_bootstrap, tmp_path, cdnow_slice,
+                                                                 slice_batch):
     """b dies holding its first micro-batch, before any offset of its partitions is committed:
     a takes them over from their start (not from where its consumer had fetched to during the
     rebalance) and ends exactly where `clv score` of the file is."""
-    a = Worker(clv_env, tmp_path, "a")
-    b = Worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # publishes (and commits) late
+    a = start_worker(clv_env, tmp_path, "a")
+    b = start_worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # publishes (and commits) late
     try:
         a.wait_ready()
         b.wait_ready()
-        rep = replay(clv_env, cdnow_slice, rate=400)
-        time.sleep(2.5)
-        assert b.metrics().get("clv_events_in_total", 0) > 0
-        b.stop(signal.SIGKILL)
+        rep = replay(clv_env, cdnow_slice, rate=1500)
+        # Killed at its first events: well within its 3 s micro-batch, nothing of them committed.
+        wait_for("events reaching b", lambda: b.metrics().get("clv_events_in_total", 0) > 0, 60, interval=0.05)
+        b.kill()
         assert rep.wait(120) == 0, rep.stderr.read()
-        wait_until(lambda: a.metrics().get("clv_partitions_owned") == 4, 60,
-                   "partitions of the killed worker never moved")
+        wait_for("partitions of the killed worker moved",
+                 lambda: a.metrics().get("clv_partitions_owned") == 4, 60)
         wait_idle([a], 1, timeout=300)
     finally:
         a.stop()
         b.stop()
-    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, cdnow_slice))
+    assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), slice_batch)
 
 
-def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env, kafka_bootstrap, tmp_path, cdnow_slice,
+                                                                          slice_batch):
     """Two workers; b is SIGSTOPped while events flow, a takes over all partitions, then b is
     resumed and publishes the micro-batch and states it held (it holds several seconds' worth)
     before it learns it lost them; the group rebalances and b recovers states again. Its late
     writes are older by position: the scores subscribers (and the snapshot) keep, and the states
     any worker recovers, end exactly where `clv score` of the whole file is."""
-    a = Worker(clv_env, tmp_path, "a")
-    b = Worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # always holds unpublished scores
+    a = start_worker(clv_env, tmp_path, "a")
+    b = start_worker(clv_env, tmp_path, "b", batch_wait_ms=3000)  # always holds unpublished scores
     owned = lambda w: w.metrics().get("clv_partitions_owned", 0)  # noqa: E731
     try:
         a.wait_ready()
@@ -297,22 +308,21 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
         rep = replay(clv_env, cdnow_slice, rate=400)  # about 22 s of events
         time.sleep(4)
         assert owned(a) and owned(b) and b.metrics().get("clv_events_in_total", 0) > 0
-        b.proc.send_signal(signal.SIGSTOP)
+        b.send_signal(signal.SIGSTOP)
         # past b's session timeout (6 s in tests)
-        wait_until(lambda: owned(a) == 4, 60, "a never took over b's partitions")
+        wait_for("a took over b's partitions", lambda: owned(a) == 4, 60)
         time.sleep(2)  # a writes newer states and scores of b's customers
-        b.proc.send_signal(signal.SIGCONT)
-        wait_until(lambda: b.proc.poll() is None and owned(b) and owned(a) + owned(b) == 4, 60,
-                   "b never got partitions back")
+        b.send_signal(signal.SIGCONT)
+        wait_for("b got partitions back", lambda: owned(b) and owned(a) + owned(b) == 4, 60)
         assert rep.wait(120) == 0, rep.stderr.read()
         wait_idle([a, b], 1, timeout=300)
     finally:
         a.stop()
         b.stop()
     assert "holds records this worker has not read" in b.log.read_text(errors="replace")  # b wrote late
-    batch = batch_scores(tmp_path, cdnow_slice)
+    batch = slice_batch
     assert_exact(last_scores(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"]), batch)
-    sink = Process(["snapshot"], clv_env, tmp_path / "sink.log")
+    sink = Child(clv("snapshot"), clv_env, tmp_path / "sink.log")
     try:
         wait_snapshot_caught_up(Path(clv_env["CLV_SNAPSHOT_PATH"]), kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
     finally:
@@ -331,7 +341,7 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
         assert invoices == int(want["frequency"]) and abs(spend / 100 - float(want["total_spend"])) < 1e-9, cid
 
 
-def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice):
+def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap, tmp_path, cdnow_slice, slice_batch):
     from features.batch import read_history
 
     model_b = tmp_path / "model-b"
@@ -341,7 +351,7 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
     (model_b / "metadata.json").write_text(json.dumps({**meta, "version": new}))
     scores = clv_env["CLV_SCORES_TOPIC"]
 
-    first = Worker(clv_env, tmp_path, "old-model")
+    first = start_worker(clv_env, tmp_path, "old-model")
     try:
         first.wait_ready()
         assert replay(clv_env, cdnow_slice).wait(120) == 0
@@ -350,7 +360,7 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
         first.stop()
     published = sum(end_offsets(kafka_bootstrap, scores).values())
 
-    second = Worker({**clv_env, "CLV_MODEL_DIR": str(model_b)}, tmp_path, "new-model")
+    second = start_worker({**clv_env, "CLV_MODEL_DIR": str(model_b)}, tmp_path, "new-model")
     try:
         second.wait_ready()
         wait_idle([second], 0, timeout=120)
@@ -383,7 +393,7 @@ def test_new_model_rolls_out_lazily_then_on_rescore_all(clv_env, kafka_bootstrap
             time.sleep(1)
     finally:
         second.stop()
-    assert_exact(last_scores(kafka_bootstrap, scores), batch_scores(tmp_path, cdnow_slice))
+    assert_exact(last_scores(kafka_bootstrap, scores), slice_batch)
 
 
 def test_a_worker_configured_for_another_partition_count_refuses_to_start(clv_env):
@@ -405,7 +415,7 @@ def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
     res = subprocess.run([*CLV, "worker"], env={**clv_env, "CLV_WEB_HOST": "0.0.0.0", "CLV_API_TOKEN": ""},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "CLV_API_TOKEN" in res.stderr, res.stderr
-    worker = Worker({**clv_env, "CLV_WEB_HOST": "0.0.0.0", "CLV_API_TOKEN": "s3cret"}, tmp_path)
+    worker = start_worker({**clv_env, "CLV_WEB_HOST": "0.0.0.0", "CLV_API_TOKEN": "s3cret"}, tmp_path)
     try:
         worker.wait_ready()  # /ready is open to probes
         assert worker.get("/health")[0] == 200
