@@ -472,12 +472,14 @@ def _state_worker(env: dict[str, str], log: Path) -> tuple[Worker, float, dict[s
 
 
 def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path,
-          session_timeout_s: float) -> dict[str, Any]:
+          session_timeout_s: float | None = None) -> dict[str, Any]:
     """Per store: resident memory per 100k customers held (recovered from a changelog of
     realistic histories, then live traffic), recovery into a new process with an empty state
     directory, and a restart on its own directory after a clean stop; the workers' consumer
-    group session timeout is `session_timeout_s`."""
+    group session timeout is `session_timeout_s` (default STATE_SESSION_TIMEOUT_S)."""
     from export_onnx.artifact import Artifact
+
+    session_timeout_s = session_timeout_s or STATE_SESSION_TIMEOUT_S
 
     partitions = 4
     records, live = state_history(customers, Artifact.load(None).window,

@@ -540,8 +540,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
               f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)")
     else:
-        result = bench.state(args.customers, args.stores, bootstrap, workdir,
-                             args.session_timeout or bench.STATE_SESSION_TIMEOUT_S)
+        result = bench.state(args.customers, args.stores, bootstrap, workdir, args.session_timeout)
         print(f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
               f"(history {result['history']}), then {result['live_events']:,} live invoices")
         for store, r in result["stores"].items():

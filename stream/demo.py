@@ -52,8 +52,8 @@ def _model_dir(opts: DemoOptions, data: str) -> str | None:
         return opts.model
     out = opts.workdir / "model"
     print(f"training a model on {data} into {out} (a few minutes on CPU)...", flush=True)
-    res = subprocess.run([*clv("train", data), "--cutoff", "1998-06-30", "--horizon-months", "6",
-                          "--out", str(out)])
+    res = subprocess.run(clv("train", data, "--cutoff", "1998-06-30", "--horizon-months", "6",
+                             "--out", str(out)))
     if res.returncode != 0:
         raise DemoError("training failed (it needs the train extra: pip install -e '.[train]')")
     return str(out)
