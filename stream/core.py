@@ -110,7 +110,7 @@ class Core:
         self.partitions: dict[int, Partition] = {}
         self.group_ts = 0  # newest event time on any partition this worker has owned
         self.acks: list[tuple[int, Any]] = []  # (partition, acknowledgement) waiting on a flush
-        self.oldest_dirty: float | None = None
+        self.waiting_since: float | None = None  # the oldest customer or acknowledgement waiting
 
     # -- partitions -----------------------------------------------------------------------
     def owns(self, partition: int) -> bool:
@@ -194,6 +194,8 @@ class Core:
         acknowledgement goes out with the next flush that succeeds, after the scores of the
         customers marked before it."""
         self.acks.append((partition, ack))
+        if self.waiting_since is None:
+            self.waiting_since = self.clock()
 
     def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
         """Fold the event into its customer's state; returns the `Applied` code. Anything but
@@ -225,8 +227,8 @@ class Core:
         if event and self._rescan_covers(partition, now):
             return
         self.partitions[partition].dirty.setdefault(customer_id, now if event else None)
-        if self.oldest_dirty is None:
-            self.oldest_dirty = now
+        if self.waiting_since is None:
+            self.waiting_since = now
 
     def first_received(self, partition: int) -> int | None:
         """The first offset of the partition processed since it was taken over (None: none
@@ -242,13 +244,16 @@ class Core:
         return sum(p.rescan.remaining for p in self.partitions.values() if p.rescan)
 
     def due(self) -> bool:
-        """A flush is due: a full micro-batch, or its oldest customer has waited batch_wait_ms,
-        or only acknowledgements wait."""
+        """A flush is due: a full micro-batch, or the oldest customer or acknowledgement waiting
+        has waited batch_wait_ms. Acknowledgements alone wait like customers: while a partition's
+        rescan covers its events' customers (catching up), an immediate flush per event would
+        publish the changed states a few events at a time, one broker round trip each, for
+        offsets that faust commits only every few seconds anyway."""
         if self.dirty_count() >= self.batch_size:
             return True
-        if self.oldest_dirty is None:
-            return bool(self.acks)
-        return (self.clock() - self.oldest_dirty) * 1000 >= self.batch_wait_ms
+        if self.waiting_since is None:
+            return False
+        return (self.clock() - self.waiting_since) * 1000 >= self.batch_wait_ms
 
     # -- micro-batches ----------------------------------------------------------------------
     def take(self) -> Batch:
@@ -256,7 +261,7 @@ class Core:
         dirty = {p: part.dirty for p, part in self.partitions.items() if part.dirty}
         for part in self.partitions.values():
             part.dirty = {}
-        batch, self.acks, self.oldest_dirty = Batch(dirty, self.acks), [], None
+        batch, self.acks, self.waiting_since = Batch(dirty, self.acks), [], None
         return batch
 
     def put_back(self, batch: Batch) -> None:
@@ -269,8 +274,8 @@ class Core:
                 for customer_id, since in customers.items():
                     part.dirty[customer_id] = since if since is not None else part.dirty.get(customer_id)
         self.acks = batch.acks + self.acks
-        if self.dirty_count() and self.oldest_dirty is None:
-            self.oldest_dirty = self.clock()
+        if (self.dirty_count() or self.acks) and self.waiting_since is None:
+            self.waiting_since = self.clock()
 
     def drain_backlog(self) -> None:
         """One chunk of rescan per call, marked dirty for the next flush, so intake keeps going;

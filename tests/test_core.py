@@ -122,13 +122,16 @@ def test_an_event_older_than_the_window_is_too_late_and_touches_nothing():
     assert [ack for _, ack in w.core.take().acks] == [(0, 1), (0, 2)]  # acknowledged all the same
 
 
-def test_a_flush_is_due_at_a_full_batch_after_the_wait_or_for_acknowledgements_alone():
+def test_a_flush_is_due_at_a_full_batch_or_after_the_wait_acknowledgements_alone_included():
     w = Worker(batch_size=3, batch_wait_ms=20)
     core = w.core
     assert not core.due()
     core.acknowledge_after_flush(0, "dead letter")
-    assert core.due()  # nothing to score, an acknowledgement waiting
+    assert not core.due()  # nothing to score: the acknowledgement waits like a customer
+    w.clock.now += 0.021
+    assert core.due()
     w.flush()
+    assert not core.due()
     core.mark(0, "a")
     assert not core.due()
     w.clock.now += 0.019
