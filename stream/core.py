@@ -188,6 +188,28 @@ class Core:
         part.position = offset + 1
         if part.started is None:
             part.started = offset
+            self._catch_up(partition)
+
+    def _catch_up(self, partition: int) -> None:
+        """The partition's first event since it was taken over. When the events still to
+        process on it outnumber its customers (and a micro-batch), scoring them as they come
+        would score the same customers again and again as of clocks about to move on (a first
+        deployment on a topic with history, a restart after a long stop): a rescan is queued
+        instead, which waits for the partition to catch up and covers its events' customers
+        meanwhile (`_rescan_covers`), so each customer is scored once, as of where it caught
+        up, at no more scores than its customers. The partition's record says its scores are
+        not current until the rescan is done, so an owner after a crash queues it again."""
+        part = self.partitions[partition]
+        if part.rescan is not None:
+            return
+        behind = self.behind(partition)
+        customers = part.states.count()
+        if behind is None or behind < max(self.batch_size, customers):
+            return
+        self._rescan(partition, None)
+        self._record(partition, scored_month=None)
+        log.info("partition %d: %d events to catch up on over %d customers: each customer it "
+                 "touches is scored once it has caught up", partition, behind, customers)
 
     def acknowledge_after_flush(self, partition: int, ack: Any) -> None:
         """A message is done with (applied, skipped, dead-lettered or routed): its
@@ -241,7 +263,9 @@ class Core:
 
     def backlog(self) -> int:
         """Customers still to rescore, estimated, over every rescan queued or under way."""
-        return sum(p.rescan.remaining for p in self.partitions.values() if p.rescan)
+        return sum(p.rescan.remaining if p.rescan.customers is not None
+                   else max(p.rescan.remaining, p.states.count(), 1)  # its customers may grow
+                   for p in self.partitions.values() if p.rescan)
 
     def due(self) -> bool:
         """A flush is due: a full micro-batch, or the oldest customer or acknowledgement waiting
@@ -293,6 +317,8 @@ class Core:
                 continue
             if rescan.customers is None:
                 rescan.customers = part.states.customers()
+                if rescan.month is None:  # queued before the partition had a clock
+                    rescan.month = month_of(self.as_of(partition))
             chunk = list(itertools.islice(rescan.customers, self.batch_size))
             rescan.remaining = max(rescan.remaining - len(chunk), 1)
             for customer_id in chunk:  # published by the next flush, retried like any other
