@@ -92,6 +92,7 @@ app = faust.App(
     table_standby_replicas=0,
     consumer_auto_offset_reset="earliest",
     broker_session_timeout=settings.session_timeout_s,
+    broker_commit_interval=settings.commit_interval_s,
     broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
     web_host=settings.web_host,
     web_bind=settings.web_host,

@@ -48,8 +48,11 @@ class Flusher:
         return self.failures.may_retry() and self.core.due()
 
     def drain_backlog(self) -> None:
-        """A chunk of rescan into the core's dirty set, unless flushes are failing."""
-        if not self.failures.failing:
+        """A chunk of rescan into the core's dirty set, unless flushes are failing or one is
+        running: a chunk is a full micro-batch, which holds intake (`hold_intake`) until a
+        flush takes it, so added while a flush runs it would stop intake for all of that
+        flush; added after, it is taken at once and intake goes on while it is scored."""
+        if not self.failures.failing and not self.lock.locked():
             self.core.drain_backlog()
 
     async def flush(self) -> None:
