@@ -109,6 +109,7 @@ class Core:
         self.end_offset, self.resumed_at, self.clock = end_offset, resumed_at, clock
         self.partitions: dict[int, Partition] = {}
         self.group_ts = 0  # newest event time on any partition this worker has owned
+        self._month_end = 0.0  # when the month of group_ts ends (epoch seconds)
         self.acks: list[tuple[int, Any]] = []  # (partition, acknowledgement) waiting on a flush
         self.waiting_since: float | None = None  # the oldest customer or acknowledgement waiting
 
@@ -173,7 +174,10 @@ class Core:
         partition the worker owns is queued for rescoring, whether its partition saw the event
         or not (scores are as of the worker's clock; see `as_of`)."""
         before, self.group_ts = self.group_ts, ts
+        if before and ts < self._month_end:  # the same month (the clock only moves forward)
+            return
         month = month_of(_utc(ts))
+        self._month_end = month_start(month + 1).timestamp()
         if not before or month_of(_utc(before)) >= month:
             return
         for partition in self.partitions:
