@@ -68,6 +68,7 @@ class Partition:
     dirty: dict[str, float | None] = field(default_factory=dict)
     rescan: Rescan | None = None
     position: int | None = None  # next offset to process
+    known_end: int = 0  # the partition's end offset as last asked (ends only grow)
     started: int | None = None  # first offset received since assignment
 
 
@@ -341,6 +342,8 @@ class Core:
             return None
         part = self.partitions.get(partition)
         done = part.position if part is not None else None
+        if part is not None:
+            part.known_end = high
         if done is None:
             done = self.resumed_at(partition) or 0
         return max(0, high - done)
@@ -348,8 +351,13 @@ class Core:
     def _waits(self, partition: int, rescan: Rescan, now: float) -> bool:
         """The rescan waits while its partition may have events left to process (not known to
         be caught up), for at most RESCAN_DEFER_S."""
+        if now - rescan.queued >= RESCAN_DEFER_S:
+            return False
+        part = self.partitions.get(partition)
+        if part is not None and part.position is not None and part.position < part.known_end:
+            return True  # short of the end as last heard: behind, without asking again
         behind = self.behind(partition)
-        return (behind is None or behind > 0) and now - rescan.queued < RESCAN_DEFER_S
+        return behind is None or behind > 0
 
     def _rescan_covers(self, partition: int, now: float) -> bool:
         """An event's customer needs no score of its own while its partition catches up: the
