@@ -160,7 +160,7 @@ async def process(stream: Any) -> None:
             continue  # unacknowledged: redelivered to whoever owns the partition next
         ready.set()
         msg = event.message
-        if not await takeovers.ensure(msg.partition):
+        if not core.owns(msg.partition) and not await takeovers.ensure(msg.partition):
             continue  # revoked meanwhile: left unacknowledged for its next owner
         metrics.events_in.inc()
         core.received(msg.partition, msg.offset)
@@ -182,7 +182,8 @@ async def process(stream: Any) -> None:
         core.acknowledge_after_flush(msg.partition, event)
         if flusher.due():
             flusher.flush_soon()  # in the background: intake goes on while the broker acks
-        await flusher.hold_intake()
+        if flusher.holding():
+            await flusher.hold_intake()
 
 
 @app.agent(control)

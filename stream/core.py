@@ -278,11 +278,11 @@ class Core:
         rescan covers its events' customers (catching up), an immediate flush per event would
         publish the changed states a few events at a time, one broker round trip each, for
         offsets that faust commits only every few seconds anyway."""
-        if self.dirty_count() >= self.batch_size:
-            return True
-        if self.waiting_since is None:
+        if self.waiting_since is None:  # nothing marked or acknowledged since the last take
             return False
-        return (self.clock() - self.waiting_since) * 1000 >= self.batch_wait_ms
+        if (self.clock() - self.waiting_since) * 1000 >= self.batch_wait_ms:
+            return True
+        return self.dirty_count() >= self.batch_size
 
     # -- micro-batches ----------------------------------------------------------------------
     def take(self) -> Batch:

@@ -92,13 +92,17 @@ class Flusher:
             await asyncio.sleep(seconds)
         await self.flush()
 
+    def holding(self) -> bool:
+        """A micro-batch's worth of customers waits: intake is to wait for a flush."""
+        return (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
+                and not self.stopping)
+
     async def hold_intake(self) -> None:
         """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
         their partition catching up, only to have their states written), intake waits for the
         flush (and, while flushes fail, for its retries), so neither the changed customers nor
         the unacknowledged events grow without bound while the broker refuses writes."""
-        while (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
-               and not self.stopping):
+        while self.holding():
             self.flush_soon()
             if self.flushing is None or self.flushing.done():
                 await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
