@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import msgspec
+
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
@@ -247,8 +249,59 @@ def decode(raw: bytes | str) -> Any:
         return Invalid(Reason.MALFORMED_JSON, str(exc)[:200])
 
 
+class _QuickLine(msgspec.Struct):
+    stock_code: str | int
+    quantity: int
+    unit_price: float
+
+
+class _QuickEvent(msgspec.Struct):
+    schema_version: int
+    event_id: str
+    customer_id: str
+    invoice_no: str
+    ts: str
+    lines: list[_QuickLine]
+    country: str | None = None
+
+
+_quick_decoder = msgspec.json.Decoder(_QuickEvent)
+
+
+def _quick(raw: bytes | str, now: datetime | None, max_future: timedelta) -> TransactionEvent | None:
+    """The common event (the contract's types exactly, values in range), decoded and checked
+    in one pass of msgspec's typed JSON decoder (a third of the time of `json` and the checks);
+    None for anything else, which `validate_dict` then names. Every check here is at least as
+    strict as its twin there, so whatever this accepts, the full check accepts as the same
+    event (tests/test_contract.py holds them level)."""
+    try:
+        ev = _quick_decoder.decode(raw)
+    except (msgspec.MsgspecError, UnicodeDecodeError):  # anything else goes the full way
+        return None
+    event_id, customer_id, invoice_no = ev.event_id.strip(), ev.customer_id.strip(), ev.invoice_no.strip()
+    lines = ev.lines
+    if (ev.schema_version not in SUPPORTED_SCHEMA_VERSIONS or not event_id or not customer_id
+            or not invoice_no or not lines or len(lines) > MAX_LINES):
+        return None
+    out = []
+    for ln in lines:
+        qty, price, code = ln.quantity, ln.unit_price, ln.stock_code
+        if not (0 < abs(qty) <= MAX_ABS_QUANTITY and 0 <= price <= MAX_UNIT_PRICE):
+            return None
+        out.append(Line(code.strip() if type(code) is str else str(code), qty, price))
+    ts = parse_ts(ev.ts)
+    if (isinstance(ts, Invalid) or ts < MIN_TS
+            or ts > (now or datetime.now(timezone.utc)) + max_future):
+        return None
+    return TransactionEvent(event_id, customer_id, invoice_no, ts, tuple(out), ev.country,
+                            ev.schema_version)
+
+
 def validate(raw: bytes | str, now: datetime | None = None,
              max_future: timedelta = MAX_FUTURE) -> TransactionEvent | Invalid:
     """Decode and check one message value; never raises."""
+    quick = _quick(raw, now, max_future)
+    if quick is not None:
+        return quick
     obj = decode(raw)
     return obj if isinstance(obj, Invalid) else validate_dict(obj, now, max_future)

@@ -92,6 +92,7 @@ app = faust.App(
     table_standby_replicas=0,
     consumer_auto_offset_reset="earliest",
     broker_session_timeout=settings.session_timeout_s,
+    broker_commit_interval=settings.commit_interval_s,
     broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
     web_host=settings.web_host,
     web_bind=settings.web_host,
@@ -159,7 +160,7 @@ async def process(stream: Any) -> None:
             continue  # unacknowledged: redelivered to whoever owns the partition next
         ready.set()
         msg = event.message
-        if not await takeovers.ensure(msg.partition):
+        if not core.owns(msg.partition) and not await takeovers.ensure(msg.partition):
             continue  # revoked meanwhile: left unacknowledged for its next owner
         metrics.events_in.inc()
         core.received(msg.partition, msg.offset)
@@ -181,7 +182,8 @@ async def process(stream: Any) -> None:
         core.acknowledge_after_flush(msg.partition, event)
         if flusher.due():
             flusher.flush_soon()  # in the background: intake goes on while the broker acks
-        await flusher.hold_intake()
+        if flusher.holding():
+            await flusher.hold_intake()
 
 
 @app.agent(control)

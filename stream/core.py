@@ -68,6 +68,7 @@ class Partition:
     dirty: dict[str, float | None] = field(default_factory=dict)
     rescan: Rescan | None = None
     position: int | None = None  # next offset to process
+    known_end: int = 0  # the partition's end offset as last asked (ends only grow)
     started: int | None = None  # first offset received since assignment
 
 
@@ -109,8 +110,9 @@ class Core:
         self.end_offset, self.resumed_at, self.clock = end_offset, resumed_at, clock
         self.partitions: dict[int, Partition] = {}
         self.group_ts = 0  # newest event time on any partition this worker has owned
+        self._month_end = 0.0  # when the month of group_ts ends (epoch seconds)
         self.acks: list[tuple[int, Any]] = []  # (partition, acknowledgement) waiting on a flush
-        self.oldest_dirty: float | None = None
+        self.waiting_since: float | None = None  # the oldest customer or acknowledgement waiting
 
     # -- partitions -----------------------------------------------------------------------
     def owns(self, partition: int) -> bool:
@@ -173,7 +175,10 @@ class Core:
         partition the worker owns is queued for rescoring, whether its partition saw the event
         or not (scores are as of the worker's clock; see `as_of`)."""
         before, self.group_ts = self.group_ts, ts
+        if before and ts < self._month_end:  # the same month (the clock only moves forward)
+            return
         month = month_of(_utc(ts))
+        self._month_end = month_start(month + 1).timestamp()
         if not before or month_of(_utc(before)) >= month:
             return
         for partition in self.partitions:
@@ -188,12 +193,36 @@ class Core:
         part.position = offset + 1
         if part.started is None:
             part.started = offset
+            self._catch_up(partition)
+
+    def _catch_up(self, partition: int) -> None:
+        """The partition's first event since it was taken over. When the events still to
+        process on it outnumber its customers (and a micro-batch), scoring them as they come
+        would score the same customers again and again as of clocks about to move on (a first
+        deployment on a topic with history, a restart after a long stop): a rescan is queued
+        instead, which waits for the partition to catch up and covers its events' customers
+        meanwhile (`_rescan_covers`), so each customer is scored once, as of where it caught
+        up, at no more scores than its customers. The partition's record says its scores are
+        not current until the rescan is done, so an owner after a crash queues it again."""
+        part = self.partitions[partition]
+        if part.rescan is not None:
+            return
+        behind = self.behind(partition)
+        customers = part.states.count()
+        if behind is None or behind < max(self.batch_size, customers):
+            return
+        self._rescan(partition, None)
+        self._record(partition, scored_month=None)
+        log.info("partition %d: %d events to catch up on over %d customers: each customer it "
+                 "touches is scored once it has caught up", partition, behind, customers)
 
     def acknowledge_after_flush(self, partition: int, ack: Any) -> None:
         """A message is done with (applied, skipped, dead-lettered or routed): its
         acknowledgement goes out with the next flush that succeeds, after the scores of the
         customers marked before it."""
         self.acks.append((partition, ack))
+        if self.waiting_since is None:
+            self.waiting_since = self.clock()
 
     def apply(self, event: TransactionEvent, partition: int, offset: int) -> str:
         """Fold the event into its customer's state; returns the `Applied` code. Anything but
@@ -225,8 +254,8 @@ class Core:
         if event and self._rescan_covers(partition, now):
             return
         self.partitions[partition].dirty.setdefault(customer_id, now if event else None)
-        if self.oldest_dirty is None:
-            self.oldest_dirty = now
+        if self.waiting_since is None:
+            self.waiting_since = now
 
     def first_received(self, partition: int) -> int | None:
         """The first offset of the partition processed since it was taken over (None: none
@@ -239,16 +268,21 @@ class Core:
 
     def backlog(self) -> int:
         """Customers still to rescore, estimated, over every rescan queued or under way."""
-        return sum(p.rescan.remaining for p in self.partitions.values() if p.rescan)
+        return sum(p.rescan.remaining if p.rescan.customers is not None
+                   else max(p.rescan.remaining, p.states.count(), 1)  # its customers may grow
+                   for p in self.partitions.values() if p.rescan)
 
     def due(self) -> bool:
-        """A flush is due: a full micro-batch, or its oldest customer has waited batch_wait_ms,
-        or only acknowledgements wait."""
-        if self.dirty_count() >= self.batch_size:
+        """A flush is due: a full micro-batch, or the oldest customer or acknowledgement waiting
+        has waited batch_wait_ms. Acknowledgements alone wait like customers: while a partition's
+        rescan covers its events' customers (catching up), an immediate flush per event would
+        publish the changed states a few events at a time, one broker round trip each, for
+        offsets that faust commits only every few seconds anyway."""
+        if self.waiting_since is None:  # nothing marked or acknowledged since the last take
+            return False
+        if (self.clock() - self.waiting_since) * 1000 >= self.batch_wait_ms:
             return True
-        if self.oldest_dirty is None:
-            return bool(self.acks)
-        return (self.clock() - self.oldest_dirty) * 1000 >= self.batch_wait_ms
+        return self.dirty_count() >= self.batch_size
 
     # -- micro-batches ----------------------------------------------------------------------
     def take(self) -> Batch:
@@ -256,7 +290,7 @@ class Core:
         dirty = {p: part.dirty for p, part in self.partitions.items() if part.dirty}
         for part in self.partitions.values():
             part.dirty = {}
-        batch, self.acks, self.oldest_dirty = Batch(dirty, self.acks), [], None
+        batch, self.acks, self.waiting_since = Batch(dirty, self.acks), [], None
         return batch
 
     def put_back(self, batch: Batch) -> None:
@@ -269,8 +303,8 @@ class Core:
                 for customer_id, since in customers.items():
                     part.dirty[customer_id] = since if since is not None else part.dirty.get(customer_id)
         self.acks = batch.acks + self.acks
-        if self.dirty_count() and self.oldest_dirty is None:
-            self.oldest_dirty = self.clock()
+        if (self.dirty_count() or self.acks) and self.waiting_since is None:
+            self.waiting_since = self.clock()
 
     def drain_backlog(self) -> None:
         """One chunk of rescan per call, marked dirty for the next flush, so intake keeps going;
@@ -288,6 +322,8 @@ class Core:
                 continue
             if rescan.customers is None:
                 rescan.customers = part.states.customers()
+                if rescan.month is None:  # queued before the partition had a clock
+                    rescan.month = month_of(self.as_of(partition))
             chunk = list(itertools.islice(rescan.customers, self.batch_size))
             rescan.remaining = max(rescan.remaining - len(chunk), 1)
             for customer_id in chunk:  # published by the next flush, retried like any other
@@ -306,6 +342,8 @@ class Core:
             return None
         part = self.partitions.get(partition)
         done = part.position if part is not None else None
+        if part is not None:
+            part.known_end = high
         if done is None:
             done = self.resumed_at(partition) or 0
         return max(0, high - done)
@@ -313,8 +351,13 @@ class Core:
     def _waits(self, partition: int, rescan: Rescan, now: float) -> bool:
         """The rescan waits while its partition may have events left to process (not known to
         be caught up), for at most RESCAN_DEFER_S."""
+        if now - rescan.queued >= RESCAN_DEFER_S:
+            return False
+        part = self.partitions.get(partition)
+        if part is not None and part.position is not None and part.position < part.known_end:
+            return True  # short of the end as last heard: behind, without asking again
         behind = self.behind(partition)
-        return (behind is None or behind > 0) and now - rescan.queued < RESCAN_DEFER_S
+        return behind is None or behind > 0
 
     def _rescan_covers(self, partition: int, now: float) -> bool:
         """An event's customer needs no score of its own while its partition catches up: the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from export_onnx.artifact import Artifact
@@ -27,7 +28,7 @@ from stream.settings import Settings
 from stream.state_writes import States
 
 log = logging.getLogger("clv.worker")
-INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~25 us each)
+INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~60 us each)
 
 
 class Flusher:
@@ -47,8 +48,11 @@ class Flusher:
         return self.failures.may_retry() and self.core.due()
 
     def drain_backlog(self) -> None:
-        """A chunk of rescan into the core's dirty set, unless flushes are failing."""
-        if not self.failures.failing:
+        """A chunk of rescan into the core's dirty set, unless flushes are failing or one is
+        running: a chunk is a full micro-batch, which holds intake (`hold_intake`) until a
+        flush takes it, so added while a flush runs it would stop intake for all of that
+        flush; added after, it is taken at once and intake goes on while it is scored."""
+        if not self.failures.failing and not self.lock.locked():
             self.core.drain_backlog()
 
     async def flush(self) -> None:
@@ -61,9 +65,8 @@ class Flusher:
             batch = self.core.take()
             try:
                 records = self.states.take()
-                for partition, customers in batch.dirty.items():
-                    if self.core.owns(partition):
-                        records += await self._score(partition, customers)
+                records += await self._score({p: customers for p, customers in batch.dirty.items()
+                                              if self.core.owns(p)})
                 offsets = await self._send(records, batch.dirty)
             except BaseException as exc:
                 self.states.restore()
@@ -89,13 +92,17 @@ class Flusher:
             await asyncio.sleep(seconds)
         await self.flush()
 
+    def holding(self) -> bool:
+        """A micro-batch's worth of customers waits: intake is to wait for a flush."""
+        return (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
+                and not self.stopping)
+
     async def hold_intake(self) -> None:
         """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
         their partition catching up, only to have their states written), intake waits for the
         flush (and, while flushes fail, for its retries), so neither the changed customers nor
         the unacknowledged events grow without bound while the broker refuses writes."""
-        while (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
-               and not self.stopping):
+        while self.holding():
             self.flush_soon()
             if self.flushing is None or self.flushing.done():
                 await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
@@ -119,21 +126,39 @@ class Flusher:
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         return offsets
 
-    async def _score(self, partition: int, customers: dict[str, float | None]) -> list[Record]:
-        """Score records for the customers, to the partition they live in (so `clv-scores` is
-        co-partitioned with `transactions` whatever partitioner the publishers use). A large
+    async def _score(self, dirty: dict[int, dict[str, float | None]]) -> list[Record]:
+        """Score records for the dirty customers of every partition, each to the partition it
+        lives in (so `clv-scores` is co-partitioned with `transactions` whatever partitioner the
+        publishers use). The partitions share one model call when their scores are as of the
+        same clock (the worker's, unless a partition's own is ahead): per customer, a call of
+        a few customers costs up to twice one of a hundred."""
+        groups: dict[datetime, list[tuple[int, list[str]]]] = {}
+        for partition, customers in dirty.items():
+            if customers:
+                # One clock per partition for the batch: the partition's clock moves on while
+                # the model runs in a thread, and a score must carry the as_of its fields were
+                # measured at.
+                groups.setdefault(self.core.as_of(partition), []).append((partition, list(customers)))
+        records: list[Record] = []
+        for as_of, members in groups.items():
+            records += await self._score_as_of(as_of, members)
+        return records
+
+    async def _score_as_of(self, as_of: datetime, members: list[tuple[int, list[str]]]) -> list[Record]:
+        """One model call for the customers of `members` (partition, customer ids). A large
         batch runs the model in a thread (onnxruntime releases the GIL), so intake goes on
-        meanwhile; a small one (a few ms) runs inline, cheaper than the hand-off."""
+        meanwhile; a small one (a few ms) runs inline, cheaper than the hand-off. A batch that
+        fails is scored customer by customer, so the failure is pinned on who causes it."""
         started = time.perf_counter()
-        ids = list(customers)
-        partition_states = self.states.open(partition)
-        states = [partition_states[c] for c in ids]
-        # One clock for the batch: the partition's clock moves on while the model runs in a
-        # thread, and a score must carry the as_of its fields were measured at.
-        as_of = self.core.as_of(partition)
+        where: list[tuple[int, str]] = []
+        states = []
+        for partition, ids in members:
+            partition_states = self.states.open(partition)
+            where += [(partition, cid) for cid in ids]
+            states += [partition_states[cid] for cid in ids]
         try:
             inputs, fields = prepare(self.artifact, states, as_of)
-            if len(ids) >= INLINE_SCORING_LIMIT:
+            if len(states) >= INLINE_SCORING_LIMIT:
                 pred = await asyncio.to_thread(self.artifact.predict, inputs)
             else:
                 pred = self.artifact.predict(inputs)
@@ -143,7 +168,7 @@ class Flusher:
             scores = score_separately(self.artifact, states, as_of)
         topic = self.settings.scores_topic
         records: list[Record] = []
-        for score, cid in zip(scores, ids):
+        for score, (partition, cid) in zip(scores, where):
             if isinstance(score, Exception):
                 self.metrics.scoring_errors.inc()
                 log.error("customer %s of partition %d not scored as of %s: %s: %s; its state is "
@@ -152,6 +177,6 @@ class Flusher:
                 continue
             records.append((topic, partition, cid.encode(), encode_score(score)))
         self.metrics.rescored.inc(len(records))
-        self.metrics.batch_size.observe(len(ids))
+        self.metrics.batch_size.observe(len(states))
         self.metrics.batch_latency.observe(time.perf_counter() - started)
         return records

@@ -24,6 +24,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.monitor: Any = None  # faust's sensor, once `faust_monitor` made it
         counter, gauge, histogram = self._counter, self._gauge, self._histogram
         self.events_in = counter("clv_events_in", "transaction messages received")
         self.events_applied = counter("clv_events_applied", "events folded into customer state")
@@ -83,10 +84,12 @@ class Metrics:
         """faust's Prometheus sensor, reporting into this registry as `faust_*`: the monitor to
         give `faust.App(monitor=...)`. (faust's `setup_prometheus_sensors` does the same and adds
         a `/metrics` view of its own, which would serve one format only and skip the gauges set
-        when scraped; the prefix is fixed so dashboards do not depend on the app id.)"""
-        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+        when scraped; the prefix is fixed so dashboards do not depend on the app id.) Its
+        per-message series are brought up to date when scraped (`render`), see `_monitor_class`."""
+        from faust.sensors.prometheus import FaustMetrics
 
-        return PrometheusMonitor(metrics=FaustMetrics.create(self.registry, "faust"))
+        self.monitor = _monitor_class()(metrics=FaustMetrics.create(self.registry, "faust"))
+        return self.monitor
 
     def set_lag(self, lag: dict[int, int]) -> None:
         """Lag of the partitions owned now: revoked ones leave the exposition."""
@@ -96,8 +99,79 @@ class Metrics:
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper's Accept header asks for, and its type."""
+        if self.monitor is not None:
+            self.monitor.export()
         encode, content_type = choose_encoder(accept)
         return encode(self.registry), content_type
+
+
+def _monitor_class() -> type:
+    """faust's PrometheusMonitor, its per-message work done as faust's plain Monitor does it.
+
+    faust calls five sensor hooks for every message (message in, stream event in and out,
+    message out, and the partition's end offset as each record is fetched); its Prometheus
+    sensor updates labelled prometheus_client series in each, about 16 us a message against
+    under 3 us for the plain Monitor's in-memory counts (measured on the worker's machine), a
+    cost paid on the event loop that intake runs on. Here those hooks keep only the plain
+    Monitor's counts, and `export` brings the same `faust_*` series up to date from them when
+    /metrics is scraped: a scraper reads the same values. The end offset gauge is set when the
+    end offset changes, not again for each record. One series is given up:
+    `faust_events_runtime_ms`, the time an agent's loop body holds each event, stays empty; for
+    this worker, which acknowledges an event only after the flush that publishes it, that time
+    says nothing about an event, and `clv_event_to_publish_seconds` measures what it becomes.
+    Everything else (commits, committed offsets, rebalances and their recovery, assignment,
+    sends, web requests) is faust's own code, unchanged."""
+    from faust.sensors.monitor import Monitor
+    from faust.sensors.prometheus import PrometheusMonitor
+
+    class WorkerMonitor(PrometheusMonitor):
+        on_message_in = Monitor.on_message_in
+        on_stream_event_out = Monitor.on_stream_event_out
+        on_message_out = Monitor.on_message_out
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._stream_labels: dict[Any, str] = {}
+            self._events_by_label: dict[str, int] = {}
+            self._exported: dict[Any, int] = {}  # what each counter was brought up to
+
+        def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> Any:
+            state = Monitor.on_stream_event_in(self, tp, offset, stream, event)
+            label = self._stream_labels.get(stream)
+            if label is None:
+                label = self._stream_labels[stream] = f"stream.{self._stream_label(stream)}.events"
+            self._events_by_label[label] = self._events_by_label.get(label, 0) + 1
+            return state
+
+        def track_tp_end_offset(self, tp: Any, offset: int) -> None:
+            if self.tp_end_offsets.get(tp) != offset:
+                super().track_tp_end_offset(tp, offset)
+
+        def export(self) -> None:
+            """The per-message `faust_*` series, as faust's sensor would have them now."""
+            m = self._metrics
+            self._add(m.messages_received, "messages", self.messages_received_total)
+            m.active_messages.set(self.messages_active)
+            for topic, n in list(self.messages_received_by_topic.items()):
+                self._add(m.messages_received_per_topics.labels(topic=topic), ("topic", topic), n)
+            for tp, offset in list(self.tp_read_offsets.items()):
+                m.messages_received_per_topics_partition.labels(
+                    topic=tp.topic, partition=tp.partition).set(offset)
+            self._add(m.total_events, "events", self.events_total)
+            m.total_active_events.set(self.events_active)
+            for label, n in list(self._events_by_label.items()):
+                self._add(m.total_events_per_stream.labels(stream=label), ("stream", label), n)
+
+        def _add(self, counter: Any, key: Any, total: int) -> None:
+            counter.inc(total - self._exported.get(key, 0))
+            self._exported[key] = total
+
+        def _clear_partition_related_metrics(self) -> None:
+            # A rebalance: faust's series of topics and partitions start again from here.
+            self.export()
+            super()._clear_partition_related_metrics()
+
+    return WorkerMonitor
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:

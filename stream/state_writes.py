@@ -39,7 +39,12 @@ UNREADABLE = -2  # the position of a changelog record that cannot be read
 
 
 def encode_key(customer_id: str) -> bytes:
-    return json.dumps(customer_id).encode()  # what faust's "json" key serializer wrote
+    """What faust's "json" key serializer wrote: the id as a JSON string. A printable ASCII id
+    without quotes or backslashes is that between quotes (json.dumps escapes nothing else)."""
+    if customer_id.isascii() and customer_id.isprintable() and '"' not in customer_id \
+            and "\\" not in customer_id:
+        return b'"' + customer_id.encode() + b'"'
+    return json.dumps(customer_id).encode()
 
 
 @dataclass

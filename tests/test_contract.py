@@ -106,3 +106,47 @@ def test_the_quick_line_check_agrees_with_the_full_one():
                                        ("unit_price", price)) if v is not ...})
     for raw in raws:
         assert outcome(contract._line, raw) == outcome(contract._checked_line, raw), raw
+
+
+def test_the_quick_event_check_accepts_only_what_the_full_one_does_as_the_same_event():
+    """Events take msgspec's typed decoder when they are ordinary; whatever it accepts, the full
+    check (the `json` decoder, then every rule) must accept as the same event, and what it
+    leaves goes the full way for its reason."""
+    import itertools
+    import random
+
+    from features import contract
+
+    now = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
+
+    def both(raw):
+        quick = contract._quick(raw, now, contract.MAX_FUTURE)
+        obj = contract.decode(raw)
+        full = obj if isinstance(obj, Invalid) else contract.validate_dict(obj, now)
+        if quick is not None:
+            assert quick == full, raw
+        assert validate(raw, now) == full, raw
+        return quick
+
+    line = GOOD["lines"][0]
+    values = [..., None, True, 0, 1, -1, 2.0, 1.5, 5_000_000, 2**70, "", " x ", "6", 1e400, [], {}]
+    for field, value in itertools.product(list(GOOD) + ["country"], values):
+        both(with_(**{field: value}))
+    for field, value in itertools.product(list(line), values + [0.1 + 0.2, 19.99, 1e-7, 3]):
+        both(with_(lines=[{k: v for k, v in {**line, field: value}.items() if v is not ...}]))
+    assert both(with_(lines=[{**line, "stock_code": 22423}])).lines[0].stock_code == "22423"
+    assert both(with_(lines=[{**line, "unit_price": 3}])).lines[0].unit_price == 3.0
+    for raw in (b'{"schema_version":1,"schema_version":2}', b"", b"null", b"[]", b"\xff",
+                with_()[:-1], with_() + b" x", with_() + b"  ", with_().replace(b"17850", b"\\ud800"),
+                with_().replace(b'"e1"', b'"e1","event_id":"e2"'),
+                with_().replace(b'"e1"', b'"e1","extra":{"a":[1,2]}'), with_(ts="2010-12-01T08:26:00z"),
+                with_(ts=" 2010-12-01T08:26:00+00:00 "), with_(ts="2026-01-10T12:14:00Z"),
+                with_(ts="2026-01-10T12:16:00Z"), with_(lines=[line] * 10_001)):
+        both(raw)
+    rng = random.Random(7)
+    for _ in range(2000):  # prices and quantities as publishers write them: the same floats
+        price = rng.choice([round(rng.uniform(0, 50), rng.randint(0, 4)), rng.uniform(0, 1e6),
+                            rng.randint(0, 1000)])
+        ev = both(with_(lines=[{**line, "quantity": rng.randint(-1000, 1000) or 1,
+                                "unit_price": price}]))
+        assert ev is not None and ev.lines[0].unit_price == float(price)

@@ -122,13 +122,16 @@ def test_an_event_older_than_the_window_is_too_late_and_touches_nothing():
     assert [ack for _, ack in w.core.take().acks] == [(0, 1), (0, 2)]  # acknowledged all the same
 
 
-def test_a_flush_is_due_at_a_full_batch_after_the_wait_or_for_acknowledgements_alone():
+def test_a_flush_is_due_at_a_full_batch_or_after_the_wait_acknowledgements_alone_included():
     w = Worker(batch_size=3, batch_wait_ms=20)
     core = w.core
     assert not core.due()
     core.acknowledge_after_flush(0, "dead letter")
-    assert core.due()  # nothing to score, an acknowledgement waiting
+    assert not core.due()  # nothing to score: the acknowledgement waits like a customer
+    w.clock.now += 0.021
+    assert core.due()
     w.flush()
+    assert not core.due()
     core.mark(0, "a")
     assert not core.due()
     w.clock.now += 0.019
@@ -259,3 +262,43 @@ def test_rescore_all_queues_every_customer_for_the_current_model():
         w.core.drain_backlog()
         rescored += w.flush().dirty.get(0, {})
     assert sorted(rescored) == list("abcde") and w.core.backlog() == 0
+
+
+def test_a_partition_taken_over_with_more_events_to_process_than_customers_scores_them_once_caught_up():
+    """A first deployment on a topic with history (or a restart after a long stop): the
+    partition's events are folded and their states written as they come, but their customers
+    are scored once, when the partition has caught up, as of its clock then; until that is
+    done its record says its scores are not current, so an owner after a crash rescores it."""
+    store = MemoryStore()
+    w = Worker(store=store, batch_size=4, ends={0: 12})  # 12 events waiting, no customers yet
+    days = ("01-05", "01-20", "02-03", "02-10", "02-11", "03-01", "03-02", "03-03", "03-04",
+            "03-05", "03-06")
+    for offset, day in enumerate(days):
+        w.feed(0, offset, event("abc"[offset % 3], f"2011-{day}"), caught_up=False)
+        w.core.drain_backlog()
+        if offset % 4 == 3:
+            assert not w.flush().dirty  # nobody scored yet; states and the record go out
+    assert w.core.dirty_count() == 0 and w.core.backlog() >= 1
+    assert w.meta(0).scored_month is None
+    assert Worker(store=store).taken[0].stale  # a crash now: the next owner rescores all
+    w.feed(0, 11, event("d", "2011-03-07"), caught_up=False)  # the last event: caught up
+    w.core.drain_backlog()
+    batch = w.flush()
+    assert sorted(batch.dirty[0]) == ["a", "b", "c", "d"]  # each, as of March
+    while w.core.backlog():  # the walk's end (the states changed last may come again)
+        w.core.drain_backlog()
+        w.flush()
+    assert w.meta(0).scored_month == month("2011-03-01") and w.core.backlog() == 0
+    assert not Worker(store=store).taken[0].stale
+
+
+def test_a_partition_with_fewer_events_to_process_than_customers_scores_them_as_they_come():
+    store = MemoryStore()
+    w = Worker(store=store, batch_size=4)
+    for offset, c in enumerate("abcdef"):
+        w.feed(0, offset, event(c, "2011-01-05"))
+    w.flush()
+    late = Worker(store=store, batch_size=4, ends={0: 10})  # 4 events to catch up on, 6 customers
+    late.feed(0, 6, event("a", "2011-01-06"), caught_up=False)
+    assert late.core.dirty_count() == 1 and late.core.backlog() == 0
+    assert late.meta(0).scored_month == month("2011-01-01")

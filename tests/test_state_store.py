@@ -172,3 +172,16 @@ def test_states_reach_the_store_only_once_the_changelog_has_them(tmp_path):
         assert states.open(0).get("c1").totals() == (400, 2, 2)  # still the newer, changed state
         assert [r[2] for r in states.take()] == [encode_key("c1")]  # and written with the next
         store.close_all()
+
+
+def test_a_state_key_is_the_customer_id_as_faust_json_wrote_it():
+    import json
+    import random
+
+    from stream.state_writes import encode_key
+
+    rng = random.Random(3)
+    ids = ["17850", "b0000001", 'a"b', "a\\b", "é", "\x7f", "\x01", "", " x ", "\u2028"]
+    ids += ["".join(chr(rng.randint(0, 300)) for _ in range(rng.randint(0, 6))) for _ in range(5000)]
+    for customer_id in ids:
+        assert encode_key(customer_id) == json.dumps(customer_id).encode(), customer_id

@@ -450,3 +450,54 @@ def test_one_customer_that_cannot_be_scored_does_not_fail_the_others():
     for got, want in zip((a, b), score_states(artifact, [states[0], states[2]], as_of)):
         assert got.customer_id == want.customer_id and got.frequency == want.frequency == 1
         assert got.clv == pytest.approx(want.clv, rel=1e-5) and got.as_of == want.as_of
+
+
+def test_faust_sensor_series_are_brought_up_to_date_when_scraped():
+    """The worker's faust sensor keeps plain counts per message and sets its `faust_*` series
+    from them when /metrics is rendered: the values a scraper reads are faust's own; after a
+    rebalance, the series of topics and partitions count again from there, as faust's do."""
+    from faust.types import TP
+
+    from stream.metrics import Metrics
+
+    class Stream:
+        shortlabel = "Stream: Topic: tx"
+
+        def __init__(self) -> None:
+            self.task_owner = self
+
+        def __hash__(self) -> int:
+            return id(self)
+
+    class Message:
+        time_in = None
+
+    def read(metrics: Metrics) -> dict[str, float]:
+        body, _ = metrics.render(None)
+        return {name: float(value) for name, _, value in (line.rpartition(" ") for line in
+                body.decode().splitlines() if line.startswith("faust_"))}
+
+    metrics = Metrics()
+    monitor, stream, tp = metrics.faust_monitor(), Stream(), TP("tx", 2)
+    for offset in range(5):
+        monitor.track_tp_end_offset(tp, 10)
+        message = Message()
+        monitor.on_message_in(tp, offset, message)
+        state = monitor.on_stream_event_in(tp, offset, stream, None)
+        if offset < 4:  # one event still in the agent
+            monitor.on_stream_event_out(tp, offset, stream, None, state)
+            monitor.on_message_out(tp, offset, message)
+    m = read(metrics)
+    assert m["faust_messages_received_total"] == m["faust_total_events_total"] == 5
+    assert m['faust_messages_received_per_topic_total{topic="tx"}'] == 5
+    assert m['faust_messages_received_per_topics_partition{partition="2",topic="tx"}'] == 4
+    assert m['faust_total_events_per_stream_total{stream="stream.topic_tx.events"}'] == 5
+    assert m["faust_active_messages"] == m["faust_total_active_events"] == 1
+    assert m['faust_topic_partition_end_offset{partition="2",topic="tx"}'] == 10
+    assert read(metrics)["faust_messages_received_total"] == 5  # scraped again: unchanged
+    monitor._clear_partition_related_metrics()  # what a rebalance does
+    monitor.on_message_in(tp, 5, Message())
+    m = read(metrics)
+    assert m["faust_messages_received_total"] == 6
+    assert m['faust_messages_received_per_topic_total{topic="tx"}'] == 1
+    assert m['faust_messages_received_per_topics_partition{partition="2",topic="tx"}'] == 5
