@@ -60,6 +60,10 @@ class _Prepared:
     def total(self) -> float:
         return float(self.classic[0].sum())
 
+    @property
+    def buyers(self) -> float:
+        return float(self.classic[1].sum())
+
 
 def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
              file_opts: dict[str, Any]) -> _Prepared:
@@ -84,7 +88,8 @@ def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
     makes `clv` the discounted expected spend."""
     prep = _prepare(file, cutoff, horizon, window, False, file_opts)
     clustering = clusters.fit(prep.split.cohort, cfg.seed)
-    model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total)
+    model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total,
+                                     prep.buyers)
     return export_artifact(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, out,
                            info, cfg, discount_rate, clustering)
 
@@ -126,20 +131,20 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     BG/NBD + Gamma-Gamma) are fitted once and reported with every seed. Every other model gets
     the level the shipped one gets (`models.pipeline.level`)."""
     prep = _prepare(file, cutoff, horizon, window, True, file_opts)
-    split, params, total = prep.split, prep.params, prep.total
+    split, params, total, buyers = prep.split, prep.params, prep.total, prep.buyers
     actual = split.scoring.y
     start, end = classic.label_window(prep.cutoff, horizon)
     fixed = {"naive": baselines.naive(split.scoring, end - start),
              "bgnbd_gg": prep.classic}
 
     def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return level(Prediction(pred, p), total).apply(pred, p)
+        return level(Prediction(pred, p), total, buyers).apply(pred, p)
 
     runs = []
     for seed in dict.fromkeys(seeds or [cfg.seed]):  # a seed given twice runs once
         seed_cfg = replace(cfg, seed=seed)
         preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total)
+        model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total, buyers)
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
             export_artifact(model, scaler, split, prep.events, prep.cutoff, horizon, window, Path(tmp),
                             info, seed_cfg)

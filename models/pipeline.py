@@ -46,10 +46,11 @@ def fit_classic(split: Split) -> ClassicParams:
 
 
 def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, params: ClassicParams,
-              total: float) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
+              total: float, buyers: float) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
     """`calendar=False` masks the month-of-year features: with under two years of history each
     calendar month is seen once, so they would only alias with customer age. `total` is the
-    classic model's expected total of the cohort at the cutoff (see `level`)."""
+    classic model's expected total of the cohort at the cutoff, `buyers` its expected number of
+    buyers (see `level`)."""
     # The horizon reaches the head in closed form (models.ziln), not through the network.
     scaler = Scaler.fit(split.labelled.inputs, SEQ_FEATURES, STATIC_FEATURES,
                         {"horizon_months"} | (set() if calendar else CALENDAR))
@@ -70,8 +71,9 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, para
     cohort = predict_gru(ensemble, scaler, split.scoring.inputs)
     return ensemble, scaler, {"members": runs,
                               "classic": params.to_dict(),
-                              "calibration": level(cohort, total).to_dict(),
+                              "calibration": level(cohort, total, buyers).to_dict(),
                               "classic_total": total,
+                              "classic_buyers": buyers,
                               "calendar_features": calendar}
 
 
@@ -84,11 +86,10 @@ def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Predictio
     return Prediction(*(t.numpy() for t in out))
 
 
-def level(cohort: Prediction, total: float) -> Calibration:
-    """The level every model of the comparison gets: the shift of the purchase probabilities
-    that makes its expected total of the cohort at the cutoff the classic model's
-    (export_onnx.calibration says why)."""
-    return Calibration.to_total(cohort.clv, cohort.p_purchase, total)
+def level(cohort: Prediction, total: float, buyers: float) -> Calibration:
+    """The level every model of the comparison gets: the classic model's expected number of
+    buyers and expected total of the cohort at the cutoff (export_onnx.calibration says why)."""
+    return Calibration.to_cohort(cohort.clv, cohort.p_purchase, total, buyers)
 
 
 def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,

@@ -251,28 +251,36 @@ def test_model_keeps_the_scale_of_a_customers_own_spending(trained):
     assert (ratios > 7).all() and (ratios < 13).all(), values
 
 
-def test_level_moves_doubtful_buyers_and_keeps_sure_ones():
-    """The level shifts purchase probabilities: a customer sure to buy keeps their value, a
-    doubtful one moves most, and the cohort's total is the target; earlier artifacts' one factor
-    still reads."""
+def test_level_sets_the_count_of_buyers_then_their_spend():
+    """The level: one shift of the log-odds makes the expected number of buyers the target (a
+    customer sure to buy stays sure, a doubtful one moves most), then one factor on each buyer's
+    spend makes the total the target; ranking by p is kept; earlier artifacts' one factor still
+    reads."""
     from export_onnx.calibration import Calibration
 
     clv = np.array([1000.0, 50.0, 2.0, 0.5] + [20.0] * 200, dtype=np.float32)
     p = np.array([0.999, 0.5, 0.05, 0.01] + [0.2] * 200, dtype=np.float32)
-    cal = Calibration.to_total(clv, p, total=0.9 * float(clv.sum()))
+    buyers, total = 0.8 * float(p.sum()), 1.1 * float(clv.sum())
+    cal = Calibration.to_cohort(clv, p, total, buyers)
     level, p_level = cal.apply(clv, p)
-    assert cal.logit_shift < 0 and abs(level.sum() / (0.9 * clv.sum()) - 1) < 1e-5
-    ratio = level / clv
-    assert ratio[0] > 0.999 and ratio[0] > ratio[1] > ratio[2] > ratio[3]
-    assert np.allclose(level / p_level, clv / p, rtol=1e-5)
+    assert cal.logit_shift < 0 and cal.factor > 1
+    assert abs(p_level.sum() / buyers - 1) < 1e-5 and abs(level.sum() / total - 1) < 1e-5
+    moved = p_level / p
+    assert moved[0] > 0.999 and moved[0] > moved[1] > moved[2] > moved[3]
+    assert np.argsort(p_level, kind="stable").tolist() == np.argsort(p, kind="stable").tolist()
+    assert np.allclose(level / p_level, cal.factor * clv / p, rtol=1e-5)  # one factor on spend
     assert Calibration.from_dict({"factor": 2.0}).apply(clv, p)[0].tolist() == (clv * 2).tolist()
+    for bad in (0.0, float(len(p)), float("nan")):
+        with pytest.raises(ValueError):
+            Calibration.to_cohort(clv, p, total, bad)
     with pytest.raises(ValueError):
-        Calibration.to_total(clv, p, total=float((clv / p).sum()) * 2)  # more than every buyer
+        Calibration.to_cohort(clv, p, 0.0, buyers)
 
 
-def test_cohort_total_is_the_classic_models(trained):
-    """The level: the cohort's expected total at the cutoff, as the exported graph computes it,
-    is the textbook BG/NBD + Gamma-Gamma total the factor was fitted to."""
+def test_cohort_level_is_the_classic_models(trained):
+    """The level: the cohort's expected number of buyers and expected total at the cutoff, as
+    the exported graph computes them, are the textbook BG/NBD + Gamma-Gamma ones the level was
+    fitted to."""
     from datetime import date
 
     from features.batch import end_of, read_history, snapshots
@@ -284,9 +292,11 @@ def test_cohort_total_is_the_classic_models(trained):
     cut = end_of(date.fromisoformat(CUTOFF))
     [snap] = snapshots(history_until(read_history(data).events, cut), [cut], art.window)
     inputs = build_inputs(list(snap.states.values()), snap.month, art.window, art.horizon_months)
-    total = float(art.predict(inputs).clv.astype(np.float64).sum())
-    classic_total = art.meta["training"]["classic_total"]
+    pred = art.predict(inputs)
+    total, buyers = (float(a.astype(np.float64).sum()) for a in (pred.clv, pred.p_purchase))
+    classic_total, classic_buyers = (art.meta["training"][k] for k in ("classic_total", "classic_buyers"))
     assert classic_total > 0 and abs(total / classic_total - 1) < 1e-4
+    assert 0 < classic_buyers < len(pred.p_purchase) and abs(buyers / classic_buyers - 1) < 1e-4
 
 
 def test_evaluate_reports_every_model_per_seed_with_mean_and_sd(tmp_path):
