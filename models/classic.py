@@ -5,8 +5,8 @@ parameters the network's head starts from.
 The classic model is data-efficient: seven numbers fitted on one cohort already rank customers
 and set the cohort's total well on short histories. Two fits, for two jobs:
 - `bgnbd_gamma_gamma`: the textbook model on daily transactions (lifetimes' and pymc-marketing's
-  `rfm_summary`), Gamma-Gamma on repeat purchases. Its cohort total is the level of every
-  forecast the product ships (`models.pipeline.level`).
+  `rfm_summary`), Gamma-Gamma on repeat purchases. Its cohort's expected number of buyers and
+  expected total are the level of every forecast the product ships (`models.pipeline.level`).
 - `fit`: the parameters of the network's head, on the statistics the worker keeps per customer
   (`features.sequences.CLASSIC_FEATURES`: days with a purchase, days to the last purchase and to
   the as-of month's end, mean spend per purchase day), so purchases are counted by day as the

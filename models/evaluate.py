@@ -198,8 +198,8 @@ def render(run: Run) -> str:
             cells = [f"{_cell(metrics[key]['mean'], fmt)} +-{_cell(metrics[key]['sd'], fmt).lstrip('+')}"
                      if key in metrics else "-" for key, _, fmt in _COLUMNS]
             rows.append(f"{name:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, wide)))
-    rows.append("gru, ffnn, gbt and rf have the cohort total of bgnbd_gg by construction "
-                "(the level of the shipped model), so their bias is that model's.")
+    rows.append("gru, ffnn, gbt and rf have the expected buyers and total of bgnbd_gg by "
+                "construction (the level of the shipped model), so their bias is that model's.")
     return "\n".join(rows)
 
 
