@@ -39,20 +39,23 @@ class Calibration:
         """The shift that makes the expected number of buyers `buyers`, then the factor that
         makes the expected spend add up to `total`."""
         clv64, p64 = np.asarray(clv, np.float64), _open(p)
-        current = float(clv64.sum())
+        current, total, buyers = float(clv64.sum()), float(total), float(buyers)
         if not (np.isfinite(current) and np.isfinite(total) and current > 0 and total > 0):
             raise ValueError(f"cannot set the level: predicted total {current}, target {total}")
-        if not (np.isfinite(buyers) and 0 < buyers < len(p64)):
-            raise ValueError(f"cannot set the level: {buyers} expected buyers of {len(p64)} customers")
+        if not (np.isfinite(p64).all() and np.isfinite(buyers) and 0 < buyers < len(p64)):
+            raise ValueError(f"cannot set the level: {buyers} expected buyers of {len(p64)} "
+                             "customers, or a purchase probability that is not a number")
         shift = _shift_to_count(p64, buyers)
-        return cls(logit_shift=shift, factor=total / float((clv64 * _shift(p64, shift) / p64).sum()))
+        if abs(float(_shift(p64, shift).sum()) / buyers - 1) > 1e-6:
+            raise ValueError(f"cannot set the level: no shift of the purchase probabilities "
+                             f"gives {buyers} expected buyers")
+        return cls(logit_shift=shift, factor=total / float(_spend(clv64, p64, shift).sum()))
 
     def apply(self, clv: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clv, p_purchase) at the level."""
         clv64, p64 = np.asarray(clv, np.float64), _open(p)
-        shifted = _shift(p64, self.logit_shift)
-        return ((clv64 * self.factor * shifted / p64).astype(np.float32),
-                shifted.astype(np.float32))
+        return ((self.factor * _spend(clv64, p64, self.logit_shift)).astype(np.float32),
+                _shift(p64, self.logit_shift).astype(np.float32))
 
     def to_dict(self) -> dict[str, Any]:
         return {"logit_shift": self.logit_shift, "factor": self.factor}
@@ -74,6 +77,11 @@ def _shift(p: np.ndarray, shift: float) -> np.ndarray:
         return p
     odds = p / (1 - p) * math.exp(shift)
     return odds / (1 + odds)
+
+
+def _spend(clv: np.ndarray, p: np.ndarray, shift: float) -> np.ndarray:
+    """Expected spend with the shift: each buyer's spend (clv / p) kept."""
+    return clv * _shift(p, shift) / p
 
 
 def _shift_to_count(p: np.ndarray, buyers: float) -> float:

@@ -100,13 +100,13 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase
         assert np.allclose(t.numpy(), o, rtol=1e-4, atol=1e-6)
     calibrated = Artifact.load(out).predict(batch)
-    shift = Artifact.load(out).calibration.logit_shift
+    shift, factor = (getattr(Artifact.load(out).calibration, k) for k in ("logit_shift", "factor"))
     assert shift != 0
     odds = onnx_out.p_purchase.astype(np.float64) / (1 - onnx_out.p_purchase) * np.exp(shift)
     assert np.allclose(calibrated.p_purchase, odds / (1 + odds), rtol=1e-5)
-    # The level moves who buys; what a buyer spends stays the network's.
-    assert np.allclose(calibrated.clv / calibrated.p_purchase, onnx_out.clv / onnx_out.p_purchase,
-                       rtol=1e-5)
+    # The level moves who buys, then every buyer's spend by one factor.
+    assert np.allclose(calibrated.clv / calibrated.p_purchase,
+                       factor * onnx_out.clv / onnx_out.p_purchase, rtol=1e-5)
 
 
 def test_score_runs_without_torch(trained, tmp_path):
@@ -273,6 +273,10 @@ def test_level_sets_the_count_of_buyers_then_their_spend():
     for bad in (0.0, float(len(p)), float("nan")):
         with pytest.raises(ValueError):
             Calibration.to_cohort(clv, p, total, bad)
+    with pytest.raises(ValueError):  # a count no shift reaches (p is kept inside (1e-9, 1 - 1e-9))
+        Calibration.to_cohort(clv, np.ones_like(p), total, 0.001)
+    with pytest.raises(ValueError):
+        Calibration.to_cohort(clv, np.where(np.arange(len(p)) == 1, np.nan, p), total, buyers)
     with pytest.raises(ValueError):
         Calibration.to_cohort(clv, p, 0.0, buyers)
 
