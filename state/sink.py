@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from features.scores import parse_score
 from state import snapshot
+from stream.kafka_io import started_consumer
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
 
@@ -81,13 +82,9 @@ class Sink:
                      dict(sorted(self.store.offsets.items())))
         scores = self.settings.scores_topic
         await ensure_topics(self.settings, {scores: all_topics(self.settings)[scores]})
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
-                                    group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", max_poll_records=10000,
-                                    metadata_max_age_ms=5000,  # notices added partitions
-                                    fetch_max_wait_ms=self.settings.fetch_wait_ms,
-                                    **self.settings.kafka_client_options())
-        await consumer.start()
+        consumer = await started_consumer(self.settings, auto_offset_reset="earliest",
+                                          max_poll_records=10000,
+                                          metadata_max_age_ms=5000)  # notices added partitions
         try:
             assigned = await self._assign(consumer, stop)
             next_write = time.monotonic() + self.settings.snapshot_interval_s

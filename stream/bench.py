@@ -21,6 +21,7 @@ import numpy as np
 
 from features.contract import Line, TransactionEvent, stable_event_id
 from stream.bootstrap import write
+from stream.kafka_io import started_consumer
 from stream.metrics import idle
 from stream.processes import Broker, Child, Worker, clv, python_module
 from stream.publisher import Record
@@ -115,12 +116,9 @@ def worker_env(settings: Settings, workdir: Path, session_timeout_s: float | Non
 # -- throughput ---------------------------------------------------------------------------
 async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
     """aiokafka alone, json.loads of every value: the ceiling of broker + client."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, max_poll_records=5000,
-                                fetch_max_wait_ms=settings.fetch_wait_ms)
-    await consumer.start()
+    consumer = await started_consumer(settings, max_poll_records=5000)
     try:
         tps = [TopicPartition(settings.transactions_topic, p)
                for p in consumer.partitions_for_topic(settings.transactions_topic)]

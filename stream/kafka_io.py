@@ -8,6 +8,7 @@ On Apache Kafka both agree and these functions cost one extra fetch.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -15,13 +16,20 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from stream.settings import Settings
 
 
-async def _consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
-    """A started consumer; one that cannot start (no broker) is closed before the error rises."""
+async def started_consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+    """A started consumer without a group (the caller assigns partitions); one that cannot
+    start (no broker) is closed before the error rises.
+
+    It yields to the event loop once before it is returned: aiokafka's group-less consumer
+    starts a background task in `start()` and `stop()` cancels it; a task cancelled before it
+    first ran makes `stop()` raise CancelledError, so a process asked to stop right after it
+    started (SIGTERM during start-up) would end with a traceback instead of cleanly."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
-                                **options, **settings.kafka_client_options())
+                                **{**settings.kafka_client_options(), **options})
     try:
         await consumer.start()
+        await asyncio.sleep(0)
     except BaseException:
         await consumer.stop()
         raise
@@ -35,7 +43,7 @@ async def read_partition(settings: Settings, topic: str, partition: int,
                          start: int = 0) -> AsyncIterator[list[Any]]:
     """Batches of up to 10,000 records of one partition from `start` to its end as of the
     first fetch (a recovery reads whole partitions)."""
-    consumer = await _consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
+    consumer = await started_consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
                                fetch_max_bytes=BULK_FETCH_BYTES)
     tp = TopicPartition(topic, partition)
     try:
@@ -59,7 +67,7 @@ async def read_partition(settings: Settings, topic: str, partition: int,
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The next offset of every partition of `topic`: how far a reader must get to be current."""
-    consumer = await _consumer(settings)
+    consumer = await started_consumer(settings)
     try:
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         listed = await consumer.end_offsets(tps)

@@ -316,7 +316,8 @@ def test_sink_reads_schema_2_and_3_during_a_rollout(kafka_bootstrap, clv_env, tm
             assert time.monotonic() < deadline and again.proc.poll() is None, again.output()
             time.sleep(0.2)
     finally:
-        assert again.stop() == 0
+        code = again.stop()
+        assert code == 0, again.output()
     ends = end_offsets(kafka_bootstrap, clv_env["CLV_SCORES_TOPIC"])
     assert ast.literal_eval(resumed.group(1)) == {p: o for p, o in ends.items() if o > 0}
 
