@@ -25,8 +25,13 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package; the test set-up installs it
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 READY = '[data-testid="stMetricValue"]'  # the KPI cards: the page has read the snapshot
-CHARTS_DRAWN = ("() => [...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
-                ".every(c => c.querySelector('canvas, svg'))")
+# Every element has drawn: Streamlit loads an element's code on first use and shows a skeleton
+# in its place until then (a busy machine can photograph a page of skeletons), and a chart
+# draws into a canvas or svg after that.
+DRAWN = ("() => !document.querySelector('[data-testid=\"stSkeleton\"]') && "
+         "[...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
+         ".every(c => c.querySelector('canvas, svg'))")
+PAGE_END = ".st-key-page-end"  # app.py's last element: the script run has reached the end
 # How tall the page's content is: the bottom of Streamlit's block container in its scrolling pane.
 MAIN_HEIGHT = ("(() => { const b = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"
                " return b.getBoundingClientRect().bottom + b.parentElement.scrollTop; })()")
@@ -91,10 +96,13 @@ def browser(width: int = 1400, height: int = 1000) -> Iterator[Any]:
 
 
 def open_ready(page: Any, url: str, timeout_s: float = 60) -> None:
-    """Load the dashboard and wait until it shows the snapshot and has stopped running."""
+    """Load the dashboard and wait until it shows the snapshot, has stopped running and has
+    drawn every element."""
     page.goto(url)
     page.wait_for_selector(READY, timeout=timeout_s * 1000)
     settle(page, timeout_s)
+    page.wait_for_selector(PAGE_END, timeout=timeout_s * 1000)
+    page.wait_for_function(DRAWN, timeout=timeout_s * 1000)
 
 
 def settle(page: Any, timeout_s: float = 60) -> None:
@@ -119,9 +127,7 @@ def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
         with browser() as page:
             open_ready(page, url)
             # The page scrolls inside Streamlit's main pane, not the window: a window as tall as
-            # that pane shows all of it, once the pane has stopped growing (charts draw last).
-            page.wait_for_selector(".st-key-page-end", timeout=60_000)
-            page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+            # that pane shows all of it, once the pane has stopped growing.
             heights = [0]
             while len(heights) < 60 and heights[-3:] != [heights[-1]] * 3:
                 page.wait_for_timeout(250)
