@@ -164,7 +164,7 @@ def rfm_features(ex: Examples) -> np.ndarray:
     active = seq[..., 3]
     spend = np.expm1(np.abs(seq[..., 0])) * np.sign(seq[..., 0])
     return np.column_stack([
-        np.log1p(r[:, 0]), r[:, 1], np.sign(r[:, 2]) * np.log1p(np.abs(r[:, 2])), np.log1p(r[:, 3]),
+        np.log1p(r[:, 0]), np.log1p(r[:, 1]), np.sign(r[:, 2]) * np.log1p(np.abs(r[:, 2])), np.log1p(r[:, 3]),
         np.sign(r[:, 4]) * np.log1p(np.abs(r[:, 4])),
         active[:, -3:].sum(1), active[:, -6:].sum(1), active[:, -12:].sum(1),
         np.log1p(np.maximum(spend[:, -3:].sum(1), 0)), np.log1p(np.maximum(spend[:, -12:].sum(1), 0)),
