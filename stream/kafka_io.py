@@ -26,7 +26,7 @@ async def started_consumer(settings: Settings, **options: Any) -> AIOKafkaConsum
     started (SIGTERM during start-up) would end with a traceback instead of cleanly."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
-                                **{**settings.kafka_client_options(), **options})
+                                **options, **settings.kafka_client_options())
     try:
         await consumer.start()
         await asyncio.sleep(0)
@@ -44,7 +44,7 @@ async def read_partition(settings: Settings, topic: str, partition: int,
     """Batches of up to 10,000 records of one partition from `start` to its end as of the
     first fetch (a recovery reads whole partitions)."""
     consumer = await started_consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
-                               fetch_max_bytes=BULK_FETCH_BYTES)
+                                      fetch_max_bytes=BULK_FETCH_BYTES)
     tp = TopicPartition(topic, partition)
     try:
         consumer.assign([tp])
