@@ -499,3 +499,16 @@ def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     assert Snapshot(path).countries() == ["EIRE", "France"]  # what the dashboard's filter offers
     top = json.loads(clv("query", "top", "--country", "EIRE", "--json", env=env).stdout)
     assert [r["customer_id"] for r in top] == ["c8", "c5", "c2"]
+
+
+def test_a_reader_stopped_as_soon_as_it_started_stops_cleanly(kafka_bootstrap, clv_env):
+    """A sink sent SIGTERM during start-up stops its consumer straight after starting it; that
+    must not raise (aiokafka's group-less consumer once raised CancelledError there)."""
+    from stream.kafka_io import started_consumer
+    from stream.settings import Settings
+
+    async def start_and_stop() -> None:
+        consumer = await started_consumer(Settings.from_env(clv_env))
+        await consumer.stop()
+
+    asyncio.run(start_and_stop())
