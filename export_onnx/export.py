@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.artifact import INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
+from export_onnx.runtime import INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
 from features.sequences import Inputs
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from export_onnx.artifact import META_FILE, Artifact, Prediction, fingerprint
+from export_onnx.runtime import META_FILE, Artifact, Prediction, fingerprint
 from features.aggregate import month_of
 from features.batch import end_of, read_history
 from features.contract import TransactionEvent

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.artifact import Prediction, fingerprint
+from export_onnx.runtime import Prediction, fingerprint
 from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler

@@ -1,1 +1,2 @@
-"""Per-customer state records and the DuckDB snapshot analysts query."""
+"""Customer state, live and snapshotted: what the worker keeps (`state.live`) and the DuckDB
+snapshot analysts read (`state.snapshot`); `state.auth` guards both over HTTP."""

@@ -3,9 +3,9 @@ changelog, the store and the core, then the agents, the timer, the rebalance hoo
 views. Each agent is a small loop handing what arrives to the per-partition core (`stream.core`:
 fold, dirty set, micro-batch policy, month turns, rescans, no I/O); around it, the I/O has small
 modules of its own: checks, dead letters and routing (`stream.intake`), taking partitions over
-(`stream.takeover`, over `stream.recovery`), publishing micro-batches with the flush failure
+(`stream.takeover`, over `state.live.recovery`), publishing micro-batches with the flush failure
 policy (`stream.flusher`, `stream.publisher`, `stream.flush_policy`), the store
-(`stream.state_writes`, `stream.stores`), metrics (`stream.metrics`, faust's Prometheus sensor
+(`state.live.base.partition`, `state.live.base.store`), metrics (`stream.metrics`, faust's Prometheus sensor
 included). What reaches inside faust beyond its public API is in `stream.faust_hooks`.
 
 Importing this module builds the worker from the environment (`Settings.from_env()`): `clv
@@ -36,21 +36,21 @@ import faust
 from faust.exceptions import NotReady
 from faust.types import TP
 
-from export_onnx.artifact import Artifact
+from export_onnx.runtime import Artifact
 from features.aggregate import Applied
 from features.contract import Invalid, Reason
 from features.scores import as_dict
 from stream import faust_hooks
-from stream.auth import guard, is_loopback, require_token
+from state.auth import guard, is_loopback, require_token
 from stream.core import Core
 from stream.flusher import Flusher
 from stream.intake import Outbox, check
 from stream.metrics import Metrics
 from stream.publisher import home_partition
-from stream.scoring import score_states
+from export_onnx.scoring import score_states
 from stream.settings import Settings
-from stream.state_writes import States
-from stream.stores import open_store
+from state.live.base.partition import States
+from state.live.stores import open_store
 from stream.takeover import Takeovers
 
 log = logging.getLogger("clv.worker")

@@ -350,7 +350,7 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
 def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[str, Any]:
     """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs
     with the same architecture when the train extra is installed."""
-    from export_onnx.artifact import Artifact
+    from export_onnx.runtime import Artifact
     from features.batch import read_history, snapshots
     from features.loaders import vendored_cdnow
     from features.sequences import build_inputs
@@ -436,7 +436,7 @@ def state_history(customers: int, window: int, settings: Settings, seed: int = 1
     from features.aggregate import Folder, contribution, month_of
     from features.synthetic import invoice_events
     from stream.bootstrap import state_records
-    from stream.state_writes import PartitionMeta
+    from state.live.base.partition import PartitionMeta
 
     folder = Folder(window)
     live: list[TransactionEvent] = []
@@ -475,7 +475,7 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     realistic histories, then live traffic), recovery into a new process with an empty state
     directory, and a restart on its own directory after a clean stop; the workers' consumer
     group session timeout is `session_timeout_s` (default STATE_SESSION_TIMEOUT_S)."""
-    from export_onnx.artifact import Artifact
+    from export_onnx.runtime import Artifact
 
     session_timeout_s = session_timeout_s or STATE_SESSION_TIMEOUT_S
 

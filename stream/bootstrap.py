@@ -37,20 +37,20 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from aiokafka.errors import KafkaError
 
-from export_onnx.artifact import Artifact
+from export_onnx.runtime import Artifact
 from features.aggregate import CustomerState, month_of
 from features.batch import read_lines
 from features.bulk import fold_lines
 from features.cleaning import CleaningReport
 from features.scores import encode_score
-from features.state_record import encode_state
+from state.live.record import encode_state
 from stream.kafka_io import end_offsets
 from stream.publisher import BatchPublisher, Record, home_partition
 from stream.replay import all_topics, ensure_topics
-from stream.scoring import score_states
+from export_onnx.scoring import score_states
 from stream.settings import Settings
-from stream.state_writes import PartitionMeta, encode_key, encode_meta
-from stream.stores import META_KEY
+from state.live.base.partition import PartitionMeta, encode_key, encode_meta
+from state.live.base.store import META_KEY
 
 SCORE_CHUNK = 50_000  # customers per onnxruntime call: bounds the inputs' memory
 WRITE_CHUNK = 20_000  # records per publish (and progress step)

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from export_onnx import ArtifactError
 from features.loaders import FORMATS, LoadError
-from state.queries import QueryError
+from state.snapshot.queries import QueryError
+from state.auth import TokenRequired
 from stream.settings import Settings, SettingsError
 
 
@@ -207,8 +208,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from export_onnx.artifact import Artifact
-    from stream.scoring import score_file, write_csv
+    from export_onnx.runtime import Artifact
+    from export_onnx.scoring import score_file, write_csv
 
     _output(args.out, "--out")
     artifact = Artifact.load(args.model)
@@ -335,7 +336,7 @@ def _snapshot_args(p: argparse.ArgumentParser) -> None:
 
 
 def _snapshot(args: argparse.Namespace):
-    from state.queries import Snapshot
+    from state.snapshot.queries import Snapshot
 
     return Snapshot(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
 
@@ -353,7 +354,7 @@ def _selection_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _selection(args: argparse.Namespace):
-    from state.queries import Selection
+    from state.snapshot.queries import Selection
 
     return Selection(tuple(args.segment or ()), tuple(args.cluster or ()), args.min_frequency,
                      args.min_clv, tuple(args.country or ()))
@@ -362,7 +363,7 @@ def _selection(args: argparse.Namespace):
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from state.sink import run
+    from stream.sink import run
 
     settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval)
     try:  # the snapshot's directory is created, as the default var/ is
@@ -374,13 +375,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: Sequence[str] | None = None) -> None:
-    from state.queries import render_table
+    from state.snapshot.queries import render_table
 
     print(json.dumps(rows, indent=2) if as_json else render_table(rows, list(columns) if columns else None))
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from state.queries import TOP_COLUMNS
+    from state.snapshot.queries import TOP_COLUMNS
 
     snap = _snapshot(args)
     if args.what == "top":
@@ -389,7 +390,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.what == "segments" and args.json:
         _print_rows(snap.segments(), True)
     elif args.what == "segments":
-        from state.queries import render_segments
+        from state.snapshot.queries import render_segments
 
         print(render_segments(snap.segments()))
         print()
@@ -414,7 +415,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from state.queries import export
+    from state.snapshot.queries import export
 
     _output(args.out, "--out")
     n = export(_snapshot(args), Path(args.out), _selection(args))
@@ -423,7 +424,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from state.api import serve
+    from state.snapshot.api import serve
 
     return serve(Settings.from_env(snapshot_path=args.snapshot, api_host=args.host,
                                    api_port=args.port, api_sql_timeout_s=args.sql_timeout_s,
@@ -436,7 +437,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from state import dashboard
+    from state.snapshot import dashboard
     from stream.broker import free_port
 
     snapshot = Path(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
@@ -531,7 +532,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
               f"{result['max_rel_diff']:.1e})")
     elif args.what == "sink":
-        from state.sink import bench as bench_sink
+        from stream.sink import bench as bench_sink
 
         result = bench_sink(args.customers, workdir, _settings(args))
         print(f"snapshot sink, {result['customers']:,} customers: folds {result['fold_messages_per_s']:,} "
@@ -790,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         return args.func(args)
-    except (UsageError, LoadError, SettingsError, ArtifactError, QueryError) as exc:
+    except (UsageError, LoadError, SettingsError, TokenRequired, ArtifactError, QueryError) as exc:
         print(f"clv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 of the partitions a worker owns, and when a micro-batch is due. No Kafka, no faust, no event loop:
 the app (`stream.app`) feeds it what arrives, the flusher (`stream.flusher`) takes its
 micro-batches to the broker, the takeover (`stream.takeover`) hands it recovered partitions, and
-tests drive it directly (tests/test_core.py). Its states live in a `stream.state_writes.States`
+tests drive it directly (tests/test_core.py). Its states live in a `state.live.base.partition.States`
 over any store (`memory://` in the tests).
 
 Exactness: every customer state remembers the highest offset (and keys of the window's event ids)
@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from features.aggregate import Applied, Folder, contribution, month_of, month_start
 from features.contract import TransactionEvent
-from stream.state_writes import PartitionStates, States
+from state.live.base.partition import PartitionStates, States
 
 log = logging.getLogger("clv.worker")
 RESCAN_DEFER_S = 60.0  # longest a rescan waits for its partition to catch up

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from features.batch import read_history
 from features.loaders import vendored_cdnow
-from state import dashboard
-from state.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
+from state.snapshot import dashboard
+from state.snapshot.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
 from stream.broker import free_port
 from stream.kafka_io import end_offsets
 from stream.processes import Broker, Supervisor, Worker, clv, http_get, stop_on_signals

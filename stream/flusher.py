@@ -17,15 +17,15 @@ import time
 from datetime import datetime
 from typing import Any
 
-from export_onnx.artifact import Artifact
+from export_onnx.runtime import Artifact
 from features.scores import ScoreRecord, encode_score
 from stream.core import Core
 from stream.flush_policy import FlushFailures
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
-from stream.scoring import assemble, prepare, score_separately
+from export_onnx.scoring import assemble, prepare, score_separately
 from stream.settings import Settings
-from stream.state_writes import States
+from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~60 us each)

@@ -86,3 +86,16 @@ async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
         return {tp.partition: out.get(tp.partition, listed[tp]) for tp in tps}
     finally:
         await consumer.stop()
+
+
+class KafkaChangelog:
+    """A state changelog topic, as recovery reads it (`state.live.recovery.Changelog`)."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings, self.topic = settings, topic
+
+    async def end(self, partition: int) -> int:
+        return (await end_offsets(self.settings, self.topic)).get(partition, 0)
+
+    def read(self, partition: int, start: int) -> AsyncIterator[list[Any]]:
+        return read_partition(self.settings, self.topic, partition, start)

@@ -14,9 +14,8 @@ from typing import Any, Iterable
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+from state.live.base.partition import Record
 from stream.settings import Settings
-
-Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value
 
 
 def home_partition(key: bytes, partitions: int) -> int:

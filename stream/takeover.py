@@ -1,5 +1,5 @@
 """Taking over a partition, once per assignment and before any of its events is applied: its
-store is brought up to the changelog (`stream.recovery`: the whole partition into an empty store,
+store is brought up to the changelog (`state.live.recovery`: the whole partition into an empty store,
 only the tail into a rocksdb directory of its own), then the core reads the partition's own
 record for its clock and whether its customers need rescoring (`stream.core.Core.take_over`).
 Nothing is read from `clv-scores`.
@@ -15,10 +15,11 @@ import asyncio
 import logging
 
 from stream.core import Core, month_text
+from stream.kafka_io import KafkaChangelog
 from stream.metrics import Metrics
-from stream.recovery import recover
+from state.live.recovery import recover
 from stream.settings import Settings
-from stream.state_writes import States
+from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
 
@@ -53,7 +54,7 @@ class Takeovers:
                 task.cancel()
 
     async def _take_over(self, partition: int) -> None:
-        got = await recover(self.states.store, self.settings, self.states.topic, partition)
+        got = await recover(self.states.store, KafkaChangelog(self.settings, self.states.topic), partition)
         self.metrics.recovered_records.inc(got.records)
         self.metrics.recovery_seconds.inc(got.seconds)
         taken = self.core.take_over(partition)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from export_onnx.artifact import shipped_model_dir
+from export_onnx.runtime import shipped_model_dir
 from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, ScoreRecord, as_dict, iso_time, parse_score, precedence
 from stream.broker import free_port
 from stream.processes import Child, Worker, clv
@@ -90,11 +90,11 @@ def last_scores(bootstrap: str, topic: str) -> dict[str, dict]:
 
 
 def snapshot_rows(path: Path) -> dict[str, dict]:
-    """A published snapshot's customers as the sink holds them (`state.snapshot.row`), by name,
+    """A published snapshot's customers as the sink holds them (`state.snapshot.tables.row`), by name,
     times written as the contract writes them."""
     import duckdb
 
-    from state.snapshot import COLUMNS
+    from state.snapshot.tables import COLUMNS
 
     con = duckdb.connect(str(path), read_only=True)
     try:

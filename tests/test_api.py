@@ -36,9 +36,9 @@ from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, parse_score
 from features.segments import SEGMENTS
 from harness import CLV, Api
 from score_messages import GOOD
-from state import snapshot
-from state.api import openapi
-from state.queries import Selection, Snapshot
+from state.snapshot import tables as snapshot
+from state.snapshot.api import openapi
+from state.snapshot.queries import Selection, Snapshot
 
 TOKEN = "s3cret-token"
 CUSTOMERS = 5_000

@@ -14,7 +14,7 @@ from features.aggregate import MAX_IDS, Folder, contribution
 from features.batch import read_history, read_lines
 from features.bulk import fold_lines
 from features.events import events_from_lines
-from features.state_record import encode_state
+from state.live.record import encode_state
 from features.synthetic import generate, write
 from stream.publisher import home_partition
 from harness import CLV, assert_exact, batch_scores, end_offsets, last_scores, replay, start_worker, wait_idle

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from features.aggregate import MAX_IDS
 from features.contract import Line, TransactionEvent, stable_event_id
-from features.state_record import decode_state, record_bound
+from state.live.record import decode_state, record_bound
 from stream.replay import publish
 from stream.settings import Settings
 from harness import last_scores, read_topic, start_worker, wait_idle

@@ -23,9 +23,10 @@ import pytest
 pytest.importorskip("streamlit")
 pytest.importorskip("playwright")
 
-from export_onnx.artifact import shipped_model_dir  # noqa: E402
+from export_onnx.runtime import shipped_model_dir  # noqa: E402
 from harness import CLV  # noqa: E402
-from state import dashboard, snapshot  # noqa: E402
+from state.snapshot import dashboard  # noqa: E402
+from state.snapshot import tables as snapshot  # noqa: E402
 from stream.broker import free_port  # noqa: E402
 from stream.processes import Child, clv  # noqa: E402
 

@@ -94,7 +94,7 @@ def test_incremental_equals_batch(events, data):
 
 
 def test_state_round_trips_through_its_changelog_encoding():
-    from features.state_record import decode_state, encode_state
+    from state.live.record import decode_state, encode_state
 
     folder = Folder(WINDOW)
     ev = TransactionEvent("e1", "c1", "I1", T0, (Line("A", 2, 2.55),))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from export_onnx.artifact import Artifact
+from export_onnx.runtime import Artifact
 from features.loaders import vendored_cdnow
 from models import clusters
 

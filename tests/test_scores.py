@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export_onnx.artifact import Artifact, shipped_model_dir
+from export_onnx.runtime import Artifact, shipped_model_dir
 from features.aggregate import Folder, contribution
 from features.contract import Line, TransactionEvent
 from features.scores import (CUSTOMER_FIELDS, FIELD_TYPES, FIELDS, LEGACY_CLV, SCORE_SCHEMA_VERSION,
                              IsoTime, Offset, ScoreRecord, as_dict, encode_score, parse_score,
                              precedence, score_schema, score_schema_json)
-from stream.scoring import score_states
+from export_onnx.scoring import score_states
 from score_messages import GOOD, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, near_valid
 
 

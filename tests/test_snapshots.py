@@ -29,8 +29,8 @@ from features.scores import LEGACY_CLV, ScoreRecord, iso_time, parse_score, prec
 from features.segments import PLAYBOOKS, SEGMENTS
 from harness import CLV, Api, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
 from score_messages import near_valid
-from state import snapshot
-from state.queries import Snapshot
+from state.snapshot import tables as snapshot
+from state.snapshot.queries import Snapshot
 from stream.broker import free_port
 from stream.processes import Child, clv as clv_command
 

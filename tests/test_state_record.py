@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from features.aggregate import MAX_IDS, Applied, CustomerState, Folder, contribution, month_of
 from features.contract import Line, TransactionEvent, stable_event_id
-from features.state_record import StateDecodeError, decode_state, encode_state, record_bound, source_offset
+from state.live.record import StateDecodeError, decode_state, encode_state, record_bound, source_offset
 
 WINDOW = 13
 T0 = datetime(2023, 1, 1, tzinfo=timezone.utc)

@@ -11,11 +11,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from features.aggregate import CustomerState
-from features.state_record import encode_state
-from stream.recovery import recover
+from state.live.record import encode_state
+from state.live.recovery import recover
 from stream.replay import ensure_topics
+from stream.kafka_io import KafkaChangelog
 from stream.settings import Settings
-from stream.stores import MemoryStore, RocksStore, open_store
+from state.live.memory.store import MemoryStore
+from state.live.rocksdb.store import RocksStore
+from state.live.stores import open_store
 
 
 def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes | None]]) -> None:
@@ -54,14 +57,14 @@ def test_rocksdb_restart_replays_only_the_tail(changelog, tmp_path):
     settings, topic = changelog
     produce(settings.bootstrap_servers, topic, customers(3000, 1))
     store = RocksStore(tmp_path / "db")
-    got = asyncio.run(recover(store, settings, topic, 1))
+    got = asyncio.run(recover(store, KafkaChangelog(settings, topic), 1))
     assert (got.start, got.records) == (0, 3000)
     assert store.offset(1) == 2999 and store.get(1, b'"c00007"') == state(7, 1_000_007)
     store.close_all()
 
     produce(settings.bootstrap_servers, topic, customers(10, 2) + [(b'"c00008"', None)])
     again = RocksStore(tmp_path / "db")  # a new process on the same directory
-    got = asyncio.run(recover(again, settings, topic, 1))
+    got = asyncio.run(recover(again, KafkaChangelog(settings, topic), 1))
     assert (got.start, got.records) == (3000, 11)  # the tail only
     assert again.get(1, b'"c00007"') == state(7, 2_000_007) and again.get(1, b'"c00008"') is None
     assert again.get(1, b'"c02999"') == state(2999, 1_002_999)
@@ -74,10 +77,10 @@ def test_memory_store_recovers_the_whole_partition_in_bulk(changelog):
     produce(settings.bootstrap_servers, topic, customers(20_000, 1) + customers(5, 2))
     store = open_store("memory://", "unused", topic)
     assert isinstance(store, MemoryStore)
-    got = asyncio.run(recover(store, settings, topic, 1))
+    got = asyncio.run(recover(store, KafkaChangelog(settings, topic), 1))
     assert got.records == 20_005 and store.count(1) == 20_000
     assert store.get(1, b'"c00004"') == state(4, 2_000_004) and store.get(1, b'"c00005"') == state(5, 1_000_005)
-    assert asyncio.run(recover(store, settings, topic, 0)).records == 0  # an empty partition
+    assert asyncio.run(recover(store, KafkaChangelog(settings, topic), 0)).records == 0  # an empty partition
 
 
 def test_recovery_keeps_the_state_of_the_highest_position_not_the_last_written(changelog, tmp_path):
@@ -85,8 +88,8 @@ def test_recovery_keeps_the_state_of_the_highest_position_not_the_last_written(c
     the states it had after the new owner wrote newer ones: recovery keeps, per customer, the
     state that applied the highest source offset, and the partition record of the latest clock;
     a tombstone still deletes, and equal positions go to the later record."""
-    from stream.state_writes import PartitionMeta, decode_meta, encode_meta
-    from stream.stores import META_KEY
+    from state.live.base.partition import PartitionMeta, decode_meta, encode_meta
+    from state.live.base.store import META_KEY
 
     settings, topic = changelog
     key = lambda i: f'"c{i:05d}"'.encode()  # noqa: E731
@@ -96,14 +99,14 @@ def test_recovery_keeps_the_state_of_the_highest_position_not_the_last_written(c
         (key(1), state(1, 20)), (key(2), state(2, 70)), (META_KEY, encode_meta(PartitionMeta(1000))),
         (key(3), None)])  # the stale worker's c1 and clock, the new owner's c2, a deletion
     for store in (MemoryStore(), RocksStore(tmp_path / "db")):
-        asyncio.run(recover(store, settings, topic, 1))
+        asyncio.run(recover(store, KafkaChangelog(settings, topic), 1))
         assert store.get(1, key(1)) == state(1, 50) and store.get(1, key(2)) == state(2, 70)
         assert store.get(1, key(3)) is None and decode_meta(store.get(1, META_KEY)).clock_ts == 2000
         assert store.offset(1) == 7
     # Read in another fetch than the newer state (a rocksdb restart reads only the tail).
     again = encode_state(CustomerState("c00001", partition=1, offset=50, country="France"))
     produce(settings.bootstrap_servers, topic, [(key(2), state(2, 40)), (key(1), again)])
-    asyncio.run(recover(store, settings, topic, 1))
+    asyncio.run(recover(store, KafkaChangelog(settings, topic), 1))
     assert store.get(1, key(2)) == state(2, 70) and store.get(1, key(1)) == again
     assert store.offset(1) == 9
     store.close_all()
@@ -113,7 +116,7 @@ def test_a_store_does_not_skip_records_another_worker_wrote_meanwhile(tmp_path):
     """A worker's own records move its store's offset only when they follow what it has read:
     after another worker wrote the partition (this one was paused and lost it), the store's next
     recovery must still read those records."""
-    from stream.state_writes import States
+    from state.live.base.partition import States
 
     store = MemoryStore()
     store.open(0)
@@ -135,7 +138,7 @@ def test_a_store_ahead_of_its_changelog_is_rebuilt(changelog, tmp_path):
     store = RocksStore(tmp_path / "db")
     store.open(1)
     store.write(1, [(b'"stale"', b"\x01old")], 500)  # e.g. the topic was recreated since
-    got = asyncio.run(recover(store, settings, topic, 1))
+    got = asyncio.run(recover(store, KafkaChangelog(settings, topic), 1))
     assert (got.start, got.records) == (0, 3)
     assert store.get(1, b'"stale"') is None and store.offset(1) == 2
     store.close_all()
@@ -148,8 +151,8 @@ def test_states_reach_the_store_only_once_the_changelog_has_them(tmp_path):
 
     from features.aggregate import Folder, contribution
     from features.contract import Line, TransactionEvent
-    from features.state_record import decode_state
-    from stream.state_writes import States, encode_key
+    from state.live.record import decode_state
+    from state.live.base.partition import States, encode_key
 
     def ev(inv: str) -> TransactionEvent:
         return TransactionEvent(inv, "c1", inv, datetime(2011, 1, 5, tzinfo=timezone.utc),
@@ -178,7 +181,7 @@ def test_a_state_key_is_the_customer_id_as_faust_json_wrote_it():
     import json
     import random
 
-    from stream.state_writes import encode_key
+    from state.live.base.partition import encode_key
 
     rng = random.Random(3)
     ids = ["17850", "b0000001", 'a"b', "a\\b", "é", "\x7f", "\x01", "", " x ", "\u2028"]

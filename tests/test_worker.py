@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from export_onnx.artifact import shipped_model_dir
+from export_onnx.runtime import shipped_model_dir
 from features.loaders import vendored_cdnow
 from features.scores import SCORE_SCHEMA_VERSION
-from features.state_record import decode_state
+from state.live.record import decode_state
 from harness import (CLV, assert_exact, batch_scores, end_offsets, last_scores, read_topic, replay, snapshot_rows,
                      start_worker, topic_layout, wait_idle, wait_snapshot_caught_up)
 from stream.processes import Child, clv, wait_for
-from stream.recovery import recover
+from state.live.recovery import recover
+from stream.kafka_io import KafkaChangelog
 from stream.settings import Settings
-from stream.stores import MemoryStore
+from state.live.memory.store import MemoryStore
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +333,7 @@ def test_a_worker_paused_past_its_session_timeout_cannot_roll_state_back(clv_env
     settings = Settings.from_env(clv_env)
     store, states = MemoryStore(), {}
     for partition in range(settings.partitions):
-        asyncio.run(recover(store, settings, settings.changelog_topic, partition))
+        asyncio.run(recover(store, KafkaChangelog(settings, settings.changelog_topic), partition))
         states.update((json.loads(k), decode_state(store.get(partition, k)))
                       for k in store.customer_keys(partition))
     assert set(states) == set(batch)
@@ -431,10 +432,10 @@ def test_worker_endpoints_off_loopback_need_the_api_token(clv_env, tmp_path):
 def test_one_customer_that_cannot_be_scored_does_not_fail_the_others():
     """A batch the model cannot take (here one state holds a month after the clock's) is scored
     customer by customer: the others get exactly their batch scores, the culprit its error."""
-    from export_onnx.artifact import Artifact
+    from export_onnx.runtime import Artifact
     from features.aggregate import Folder, contribution
     from features.contract import Line, TransactionEvent
-    from stream.scoring import score_separately, score_states
+    from export_onnx.scoring import score_separately, score_states
 
     artifact = Artifact.load(None)
     folder = Folder(artifact.window)

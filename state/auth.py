@@ -13,7 +13,10 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from stream.settings import SettingsError
+
+class TokenRequired(ValueError):
+    """A server asked to listen beyond loopback without a bearer token."""
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -30,7 +33,7 @@ def is_loopback(host: str) -> bool:
 def require_token(host: str, token: str, setting: str) -> None:
     """A server on a non-loopback address without a token would answer anyone on the network."""
     if token == "" and not is_loopback(host):
-        raise SettingsError(f"{setting} {host!r} is not loopback: set CLV_API_TOKEN")
+        raise TokenRequired(f"{setting} {host!r} is not loopback: set CLV_API_TOKEN")
 
 
 def presented(header: str) -> str | None:

@@ -22,7 +22,7 @@ window.
 The state's source position (`partition`, `offset`: the highest offset of the customer's
 `transactions` partition its state has applied) leads every format, so `source_offset` reads it
 without decoding the rest: recovery keeps, per customer, the record of the highest position (see
-`stream.recovery`).
+`state.live.recovery`).
 
 Records written before format 1 are JSON objects (first byte `{`, with every event and invoice id
 in full); they are still read, their ids turned into keys, so a changelog written by an older

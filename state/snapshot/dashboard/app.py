@@ -1,5 +1,5 @@
 """The Streamlit page `clv dashboard` serves: one DuckDB snapshot, read-only like every reader
-(state.queries), re-read whenever the sink swaps in a new one.
+(state.snapshot.queries), re-read whenever the sink swaps in a new one.
 
 Every figure comes from the snapshot's own tables and views (segment_summary, tier_summary,
 cluster_summary, snapshot_meta), and the filtered table and its download from the same query
@@ -21,10 +21,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from export_onnx.artifact import META_FILE, shipped_model_dir
+from export_onnx.runtime import META_FILE, shipped_model_dir
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
-from state.queries import QueryError, Selection, Snapshot, csv_text
-from state.snapshot import TIERS
+from state.snapshot.queries import QueryError, Selection, Snapshot, csv_text
+from state.snapshot.tables import TIERS
 
 REFRESH_S = 3.0  # how often the page looks for a new snapshot
 SCATTER_POINTS = 5000  # scatter plots draw a seeded sample above this

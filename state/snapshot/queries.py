@@ -18,7 +18,7 @@ import duckdb
 import pandas as pd
 
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
-from state.snapshot import TIERS
+from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
 # What a terminal shows of a top list; JSON and exports carry every column.

@@ -21,21 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TextIO, TypeVar
+from typing import Any, Awaitable, Callable, Protocol, TextIO, TypeVar
 
 from aiohttp import web
 
-from export_onnx.artifact import Artifact
+from export_onnx.runtime import Artifact
 from features.loaders import FORMATS, LoadError
 from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, MAX_INT, IsoTime, Offset
 from features.segments import SEGMENTS
-from state.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
+from state.snapshot.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
                            SnapshotUnavailable)
-from state.snapshot import COLUMNS, TIERS
-from state.upload import DUPLICATES, OUTPUTS, PARAMS, TooLarge, receive, score_options
-from stream.auth import Handler, accepts, guard, require_token, token_id
-from stream.scoring import ScoredFile, score_file, write_csv
-from stream.settings import Settings
+from state.snapshot.tables import COLUMNS, TIERS
+from state.snapshot.upload import DUPLICATES, OUTPUTS, PARAMS, TooLarge, receive, score_options
+from state.auth import Handler, accepts, guard, require_token, token_id
+from export_onnx.scoring import ScoredFile, score_file, write_csv
 
 log = logging.getLogger("clv.api")
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})  # answered without a token
@@ -390,7 +389,23 @@ class Handlers:
         return web.json_response(openapi())
 
 
-def build(settings: Settings) -> web.Application:
+class ApiSettings(Protocol):
+    """The settings the analyst API reads (`stream.settings.Settings` has them all)."""
+
+    api_host: str
+    api_port: int
+    api_token: str
+    api_sql_concurrency: int
+    api_sql_timeout_s: float
+    api_sql_max_rows: int
+    api_audit_log: str
+    api_rate_limit_per_min: int
+    api_score_max_bytes: int
+    snapshot_path: str
+    model_dir: str
+
+
+def build(settings: ApiSettings) -> web.Application:
     require_token(settings.api_host, settings.api_token, "api_host")
     sql_pool = SqlPool(settings.api_sql_concurrency, settings.api_sql_timeout_s)
     audit = AuditLog(settings.api_audit_log)
@@ -408,7 +423,7 @@ def build(settings: Settings) -> web.Application:
     return app
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: ApiSettings) -> int:
     app = build(settings)
     log.info("analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
              "%d rows; %s requests/min per client; audit log %s)", settings.api_host,

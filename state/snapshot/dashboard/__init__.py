@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from stream.auth import is_loopback
+from state.auth import is_loopback
 
 APP = Path(__file__).with_name("app.py")
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; the test set-up installs it

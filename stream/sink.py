@@ -4,7 +4,7 @@ The snapshot is also the sink's checkpoint: it records the next offset of every 
 covers, and a restarted sink starts from the newest snapshot and reads on from those offsets
 (from the beginning when there is none). No consumer group is needed, and what a snapshot
 contains always matches the offsets it names. Between snapshots the newest score per customer
-lives in DuckDB (`state.snapshot.Snapshots`), not in Python, so memory stays bounded whatever
+lives in DuckDB (`state.snapshot.tables.Snapshots`), not in Python, so memory stays bounded whatever
 the customer count. A message the score contract refuses is counted, logged with its partition
 and offset, and skipped.
 """
@@ -21,7 +21,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from features.scores import parse_score
-from state import snapshot
+from state.snapshot import tables as snapshot
 from stream.kafka_io import started_consumer
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings

@@ -1,5 +1,5 @@
 """`POST /score`: an uploaded transaction file, read within a size limit and scored by the same
-code as `clv score` (stream.scoring.score_file), with the same options under the same names."""
+code as `clv score` (export_onnx.scoring.score_file), with the same options under the same names."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from features.loaders import FORMATS, LoadError, parse_mapping
-from state.queries import QueryError
+from state.snapshot.queries import QueryError
 
 CHUNK = 1 << 16
 FRAMING = 1 << 16  # multipart boundaries and part headers allowed on top of the file

@@ -10,7 +10,7 @@ A flush: `take` encodes each changed state once, with the partition's own record
 (`PartitionMeta`), as changelog records to the partition the customer lives in (the changelog is
 co-partitioned with `transactions`); the worker publishes them with the scores, and once the broker
 has acknowledged them `written` puts the same bytes into the store with their changelog offset
-(one atomic write: see `stream.stores`). A failed publish puts the states back (`restore`), to go
+(one atomic write: see `state.live.base.store`). A failed publish puts the states back (`restore`), to go
 out with the next flush. The events behind them are acknowledged only after all that, so a crash
 anywhere redelivers them, which the offset watermark in each state makes harmless.
 """
@@ -21,18 +21,17 @@ import itertools
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import msgspec
 
 from features.aggregate import MAX_IDS, CustomerState
-from features.state_record import StateDecodeError, decode_state, encode_state, source_offset
-from stream.stores import META_KEY, Store
+from state.live.record import StateDecodeError, decode_state, encode_state, source_offset
+from state.live.base.store import META_KEY, Store
 
-if TYPE_CHECKING:  # the states never publish: the flusher does (stream.publisher)
-    from stream.publisher import Record
 
 log = logging.getLogger("clv.state")
+Record = tuple[str, int, bytes, bytes]  # topic, partition, key, value: what stream.publisher sends
 NEAR_BOUND = MAX_IDS * 9 // 10  # ids held from which a customer counts as near the state bound
 NEAR_BOUND_TRACKED = 10_000  # most customers the near-bound gauge remembers
 UNREADABLE = -2  # the position of a changelog record that cannot be read
@@ -77,7 +76,7 @@ def decode_meta(data: bytes) -> PartitionMeta:
 def record_position(key: bytes, value: bytes) -> int:
     """How far a changelog record reflects its partition: a customer state's highest applied
     source offset, the partition record's clock. Of two records of a key, the one of the higher
-    position supersedes the other (`stream.recovery`); an unreadable record is behind every
+    position supersedes the other (`state.live.recovery`); an unreadable record is behind every
     readable one (a bootstrapped state's -1 included), so it never replaces one."""
     try:
         return decode_meta(value).clock_ts if key == META_KEY else source_offset(value)

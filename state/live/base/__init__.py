@@ -1,0 +1,1 @@
+"""What every backend shares: the store interface and the per-partition states over it."""
