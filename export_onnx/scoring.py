@@ -10,7 +10,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from export_onnx.runtime import Artifact, Prediction
+from export_onnx.runtime import Artifact
+from features.calibration import Prediction
 from features.aggregate import CustomerState, month_of
 from features.batch import end_of, read_history, snapshots
 from features.cleaning import CleaningReport

@@ -7,6 +7,8 @@ never see a row after it.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from pathlib import Path
@@ -70,3 +72,11 @@ def snapshots(
             folder.add(events[i].customer_id, contribution(events[i]))
             i += 1
         yield Snapshot(cutoff, month_of(cutoff), folder.states)
+
+
+def fingerprint(events: Sequence[TransactionEvent]) -> str:
+    """Hash of the training transactions, so an artifact names the data it came from."""
+    h = hashlib.sha256()
+    for ev in events:
+        h.update(ev.to_json())
+    return h.hexdigest()

@@ -3,10 +3,13 @@ correcting the classic model through the head in `models.ziln`."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
 from models import ziln
+from features.sequences import Inputs
 from models.classic import ClassicParams
 
 
@@ -113,3 +116,22 @@ class FFNNModel(_Head):
 
     def forward(self, x: torch.Tensor, classic: torch.Tensor, horizon: torch.Tensor | None = None):
         return self.predict(*self.raw(x, classic), horizon)
+
+
+def random_twin(meta: dict[str, Any]) -> Callable[[Inputs], None]:
+    """An artifact's network in torch, random weights (speed does not depend on them), on one
+    thread as the worker's onnxruntime session: what `clv bench scoring` times it against. Takes
+    scaled inputs, as the ONNX graph does."""
+    torch.set_num_threads(1)
+    members = [GRUModel(len(meta["seq_features"]), len(meta["static_features"]),
+                        ClassicParams.from_dict(meta["training"]["classic"]), meta["horizon_months"],
+                        hidden=meta["hidden"], layers=meta["layers"])
+               for _ in range(meta["train_config"]["ensemble"])]
+    model = GRUEnsemble(members).eval()
+
+    def run(s: Inputs) -> None:
+        with torch.no_grad():
+            model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
+                  model.h0(len(s.seq)))
+
+    return run

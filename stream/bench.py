@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from features.contract import Line, TransactionEvent, stable_event_id
+from features.sequences import Inputs
 from stream.bootstrap import write
 from stream.kafka_io import started_consumer
 from stream.metrics import idle
@@ -347,9 +348,11 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
 
 
 # -- scoring ------------------------------------------------------------------------------
-def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[str, Any]:
-    """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs
-    with the same architecture when the train extra is installed."""
+def scoring(batch_sizes: list[int], seconds: float, model: str | None,
+            torch_twin: Callable[[dict[str, Any]], Callable[[Inputs], None]] | None) -> dict[str, Any]:
+    """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs with
+    the same architecture when the command line hands over `torch_twin` (the train extra's
+    `models.networks.random_twin`: serving code never imports torch)."""
     from export_onnx.runtime import Artifact
     from features.batch import read_history, snapshots
     from features.loaders import vendored_cdnow
@@ -360,7 +363,7 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
     snap = next(snapshots(events, [events[-1].ts], artifact.window))
     states = list(snap.states.values())
     inputs = build_inputs(states, snap.month, artifact.window, artifact.horizon_months)
-    torch_model = _torch_twin(artifact)
+    torch_model = torch_twin(artifact.meta) if torch_twin is not None else None
 
     def rate(fn: Any, size: int) -> float:
         runs = []
@@ -379,12 +382,7 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
         artifact.predict(batch)
 
     def torch_fn(batch: Any, idx: Any) -> None:  # the same preprocessing as the ONNX path
-        import torch
-
-        s = artifact.scaler.transform(batch)
-        with torch.no_grad():
-            torch_model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
-                        torch_model.h0(len(idx)))
+        torch_model(artifact.scaler.transform(batch))
 
     rows = []
     for size in batch_sizes:
@@ -399,23 +397,6 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
             "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
             "torch": "same architecture, random weights (speed does not depend on them)"
                      if torch_model is not None else "not installed (pip install -e '.[train]')"}
-
-
-def _torch_twin(artifact: Any) -> Any:
-    try:
-        import torch
-
-        from models.classic import ClassicParams
-        from models.networks import GRUEnsemble, GRUModel
-    except ImportError:
-        return None
-    torch.set_num_threads(1)  # the same CPU as the worker's onnxruntime session
-    meta = artifact.meta
-    members = [GRUModel(len(meta["seq_features"]), len(meta["static_features"]),
-                        ClassicParams.from_dict(meta["training"]["classic"]), artifact.horizon_months,
-                        hidden=meta["hidden"], layers=meta["layers"])
-               for _ in range(meta["train_config"]["ensemble"])]
-    return GRUEnsemble(members).eval()
 
 
 # -- state --------------------------------------------------------------------------------

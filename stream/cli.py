@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from models.clusters import render
     from models.dataset import NotEnoughHistory
-    from models.evaluate import recluster, train
+    from export_onnx.export import recluster, train
 
     _output(args.out, "--out", directory=True)
     try:
@@ -189,13 +189,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from models.dataset import NotEnoughHistory
+    from export_onnx.export import predict_exported
     from models.evaluate import evaluate, render, write_json, write_plots
 
     if args.json:
         _output(args.json, "--json")
     try:
-        run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, _train_config(args),
-                       seeds=args.seeds, **file_options(args))
+        run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, predict_exported,
+                       _train_config(args), seeds=args.seeds, **file_options(args))
     except NotEnoughHistory as exc:
         raise UsageError(str(exc)) from None
     print(render(run))
@@ -517,7 +518,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {float(rate):>8,.0f}/s  p50 {r.get('p50_ms')} ms  p95 {r.get('p95_ms')} ms  "
                   f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)")
     elif args.what == "scoring":
-        result = bench.scoring(args.batch_sizes, args.seconds, args.model)
+        try:
+            from models.networks import random_twin
+        except ImportError:  # no train extra: onnxruntime alone
+            random_twin = None
+        result = bench.scoring(args.batch_sizes, args.seconds, args.model, random_twin)
         print(f"{result['model']}: customers/s by batch size (1 thread); torch: {result['torch']}")
         for row in result["rows"]:
             torch_rate = f"{row['torch_per_s']:>12,.0f}" if "torch_per_s" in row else "           -"

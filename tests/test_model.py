@@ -272,7 +272,7 @@ def test_level_sets_the_count_of_buyers_then_their_spend():
     customer sure to buy stays sure, a doubtful one moves most), then one factor on each buyer's
     spend makes the total the target; ranking by p is kept; earlier artifacts' one factor still
     reads."""
-    from export_onnx.calibration import Calibration
+    from features.calibration import Calibration
 
     clv = np.array([1000.0, 50.0, 2.0, 0.5] + [20.0] * 200, dtype=np.float32)
     p = np.array([0.999, 0.5, 0.05, 0.01] + [0.2] * 200, dtype=np.float32)
