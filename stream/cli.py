@@ -83,6 +83,7 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     """A file or directory a command will write (its parent must exist), or a UsageError saying
     what is wrong: checked before any broker, model or file work starts."""
     import os
+    import tempfile
     from pathlib import Path
 
     target = Path(path)
@@ -91,8 +92,13 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     where = target if directory and target.exists() else target.parent  # a file is replaced there
     if not where.is_dir():
         raise UsageError(f"{what} {path!r}: directory {str(target.parent)!r} does not exist")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable")
+    try:  # the permission bits do not tell (root ignores them; a read-only mount does not)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as exc:
+        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable "
+                         f"({exc.strerror or exc})") from None
 
 
 def _file_args(p: argparse.ArgumentParser) -> None:
@@ -296,9 +302,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          flush_failure_timeout_s=args.flush_failure_timeout_s,
                          log_level=args.log_level)
     _output(settings.data_dir, "--data-dir", directory=True)
-    _reachable(settings)
     os.environ.update(settings.environ())  # the app module reads its settings from there
-    from stream.app import app
+    from stream.app import app  # loads the model: a broken one is one line, before the broker
+
+    _reachable(settings)
 
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
