@@ -642,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="table store: memory:// (default) or rocksdb://")
     p.add_argument("--web-port", type=_positive_int, default=None, help="HTTP port (default 6066)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
-    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 50)")
+    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 20)")
     p.add_argument("--data-dir", default=None, help="state directory (default var/worker)")
     p.add_argument("--publish-timeout-s", type=_positive_float, default=None,
                    help="longest a flush waits for the broker before it counts as failed (default 30)")
