@@ -83,6 +83,7 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     """A file or directory a command will write (its parent must exist), or a UsageError saying
     what is wrong: checked before any broker, model or file work starts."""
     import os
+    import tempfile
     from pathlib import Path
 
     target = Path(path)
@@ -91,8 +92,13 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     where = target if directory and target.exists() else target.parent  # a file is replaced there
     if not where.is_dir():
         raise UsageError(f"{what} {path!r}: directory {str(target.parent)!r} does not exist")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable")
+    try:  # the permission bits do not tell (root ignores them; a read-only mount does not)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as exc:
+        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable "
+                         f"({exc.strerror or exc})") from None
 
 
 def _file_args(p: argparse.ArgumentParser) -> None:
@@ -321,9 +327,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          flush_failure_timeout_s=args.flush_failure_timeout_s,
                          log_level=args.log_level)
     _output(settings.data_dir, "--data-dir", directory=True)
-    _reachable(settings)
     os.environ.update(settings.environ())  # the app module reads its settings from there
-    from stream.app import app
+    from stream.app import app  # loads the model: a broken one is one line, before the broker
+
+    _reachable(settings)
 
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
@@ -664,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="table store: memory:// (default) or rocksdb://")
     p.add_argument("--web-port", type=_positive_int, default=None, help="HTTP port (default 6066)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
-    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 50)")
+    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 20)")
     p.add_argument("--data-dir", default=None, help="state directory (default var/worker)")
     p.add_argument("--publish-timeout-s", type=_positive_float, default=None,
                    help="longest a flush waits for the broker before it counts as failed (default 30)")
