@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.runtime import INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
+from export_onnx.explain import reference_inputs
+from export_onnx.runtime import FORMAT, INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
 from features.batch import end_of, fingerprint, read_history
 from features.calibration import Calibration, Prediction
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
@@ -66,7 +67,7 @@ def _write(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: l
                       **{name: {0: "batch"} for name in OUTPUTS}},
         opset_version=17, dynamo=False,
     )
-    meta = {**meta, "layers": model.layers, "hidden": model.hidden}
+    meta = {**meta, "format": FORMAT, "layers": model.layers, "hidden": model.hidden}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     meta["parity"] = parity_check(model, Artifact.load(out_dir), check)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -152,6 +153,9 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0)
         "training": info,
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)},
+        # What a customer's drivers are measured against (export_onnx.explain): the cohort's
+        # average inputs at the cutoff.
+        "reference": reference_inputs(split.scoring.inputs),
     }
     if clustering is not None:
         meta["clustering"] = clustering
