@@ -3,12 +3,8 @@ the artifact)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, replace
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +12,7 @@ import torch
 
 from features.calibration import Calibration, Prediction
 from features.scaling import CALENDAR, Scaler
-from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
+from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models import classic, ziln
 from models.classic import ClassicParams
 from models.dataset import FOLDS, Split, holdout, horizons, rfm_features

@@ -158,7 +158,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=13, help="months of history the GRU reads (default 13)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="maximum training epochs (default 40)")
     p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
-    p.add_argument("--ensemble", type=_positive_int, default=3, help="GRUs averaged in the artifact, member k from seed + 1000 k (default 3)")
+    p.add_argument("--ensemble", type=_positive_int, default=3,
+                   help="GRUs averaged in the artifact, member k from seed + 1000 k (default 3)")
 
 
 def _train_config(args: argparse.Namespace):
@@ -687,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="publish a transaction file as invoice events, in time order")
     _file_args(p)
     _kafka_args(p)
-    p.add_argument("--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--rate", type=_positive_float, default=None,
+                   help="events per second (default: as fast as possible)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 

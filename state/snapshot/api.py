@@ -139,7 +139,7 @@ class AuditLog:
             self.out: TextIO = sys.stderr
         else:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            self.out = open(target, "a", buffering=1, encoding="utf-8")
+            self.out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the API's life
 
     def write(self, request: web.Request, status: int, started: float) -> None:
         self.out.write(json.dumps({
@@ -427,7 +427,8 @@ def serve(settings: ApiSettings) -> int:
     app = build(settings)
     log.info("analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
              "%d rows; %s requests/min per client; audit log %s)", settings.api_host,
-             settings.api_port, settings.snapshot_path, settings.model_dir or "shipped", "bearer token" if settings.api_token else "off",
+             settings.api_port, settings.snapshot_path, settings.model_dir or "shipped",
+             "bearer token" if settings.api_token else "off",
              settings.api_sql_concurrency, settings.api_sql_timeout_s, settings.api_sql_max_rows,
              settings.api_rate_limit_per_min or "unlimited",
              "stderr" if settings.api_audit_log == "-" else settings.api_audit_log)
