@@ -73,6 +73,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
@@ -104,9 +110,7 @@ class Snapshot:
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         con = self.connect()
         try:
-            cur = con.execute(sql, params or [])
-            cols = [d[0] for d in cur.description]
-            return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+            return _fetch(con, sql, params)
         finally:
             con.close()
 
@@ -156,8 +160,25 @@ class Snapshot:
         return self._rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
-        return rows[0] if rows else None
+        """The customer's row, with `drivers`: how its score adds up from the model's average
+        customer when the snapshot carries them (its top customers), else None."""
+        con = self.connect()
+        try:
+            rows = _fetch(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            if not rows:
+                return None
+            kept = con.execute("SELECT count(*) FROM duckdb_tables() "  # not by earlier sinks
+                               "WHERE table_name = 'customer_drivers'").fetchone()[0]
+            drivers = _fetch(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
+                             [customer_id]) if kept else []
+        finally:
+            con.close()
+        row = rows[0]
+        row["drivers"] = None if not drivers else {
+            "reference_clv": drivers[0]["reference_clv"], "clv": row["clv"],
+            "drivers": [{"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]}
+                        for d in drivers]}
+        return row
 
     def summary(self) -> dict[str, Any]:
         con = self.connect()
