@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from export_onnx.runtime import Artifact
 from features.batch import read_history
 from features.loaders import vendored_cdnow
 from state.snapshot import dashboard
@@ -66,6 +67,8 @@ def run(opts: DemoOptions) -> int:
     data = opts.data or str(vendored_cdnow())
     opts.workdir.mkdir(parents=True, exist_ok=True)
     model = _model_dir(opts, data)
+    if model:
+        Artifact.load(model)  # a broken model directory is one line before anything starts
     history = read_history(data)
     events = history.events
     if opts.customers:
