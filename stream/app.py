@@ -275,7 +275,7 @@ async def health(web: Any, request: Any) -> Any:
 
 @app.page("/ready")
 async def is_ready(web: Any, request: Any) -> Any:
-    recovered = app.tables.recovery.completed.is_set() and not app.rebalancing
+    recovered = not app.rebalancing  # and every assigned partition taken over: `ready`
     failing = flusher.failures.not_ready_reason()
     if failing:
         return web.json({"ready": False, "reason": failing}, status=503)

@@ -10,7 +10,7 @@ and offset, and skipped.
 
 Each snapshot also carries the drivers of its top customers' scores (`snapshot_drivers_top`):
 for those the sink reads the worker's state changelog too, from its start at every start of the
-sink (`state.snapshot.drivers`).
+sink (`stream.drivers`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from export_onnx import ArtifactError
 from export_onnx.runtime import Artifact
 from features.scores import parse_score
 from state.snapshot import tables as snapshot
-from state.snapshot.drivers import TopDrivers
+from stream.drivers import TopDrivers
 from stream.kafka_io import started_consumer
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings

@@ -17,7 +17,7 @@ Tables:
   from one file, so a reader never compares two snapshots of different moments by accident.
 - `customer_drivers`: for the top customers by clv, the drivers of their score (dollars per group
   of model inputs, largest first, against the model's average customer: `reference_clv` + the
-  customer's contributions = its clv in `customer_scores`); `state.snapshot.drivers` says which.
+  customer's contributions = its clv in `customer_scores`); `stream.drivers` says which.
 Views: `segment_summary`, `tier_summary`, `cluster_summary`, `country_summary`: customers,
 totals, means and shares of `clv`, the expected spend, which adds up over customers; `clv` also
 sets the value tiers. `cluster_summary` adds each behavioral cluster's mean RFM fields and its
@@ -57,7 +57,7 @@ _SUPERSEDED = "({}) <= ({})".format(
 # What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
 _ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1"}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
-# One row per top customer and group of inputs, largest first (`state.snapshot.drivers.driver_rows`).
+# One row per top customer and group of inputs, largest first (`stream.drivers.driver_rows`).
 DRIVER_COLUMNS = (("customer_id", "VARCHAR"), ("position", "INTEGER"), ("driver", "VARCHAR"),
                   ("contribution", "DOUBLE"), ("reference_clv", "DOUBLE"), ("meaning", "VARCHAR"))
 _columns = attrgetter(*COLUMNS)
