@@ -121,9 +121,11 @@ def _digest(model: torch.nn.Module, calibration: dict[str, Any]) -> str:
     return digest.hexdigest()[:6]
 
 
-def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0) -> dict[str, Any]:
+def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
+                    run: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`; the
-    trained clustering (models.clusters.fit) ships the behavioral clusters the worker assigns."""
+    trained clustering (models.clusters.fit) ships the behavioral clusters the worker assigns;
+    `run` names the tracked training run that made it (models.tracking)."""
     model, scaler, split, events, cutoff = (trained.model, trained.scaler, trained.split, trained.events,
                                             trained.cutoff)
     horizon, window, info, cfg, clustering = (trained.horizon, trained.window, trained.info, trained.cfg,
@@ -159,6 +161,8 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0)
     }
     if clustering is not None:
         meta["clustering"] = clustering
+    if run is not None:
+        meta["run"] = run
     rng = np.random.default_rng(0)
     real = split.scoring.inputs
     sample = real.take(rng.choice(len(real.seq), size=min(512, len(real.seq)), replace=False))
@@ -171,11 +175,11 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0)
     return meta
 
 def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
-          cfg: TrainConfig = TrainConfig(), discount_rate: float = 0.0,
+          cfg: TrainConfig = TrainConfig(), discount_rate: float = 0.0, run: dict[str, str] | None = None,
           **file_opts: Any) -> dict[str, Any]:
     """`clv train`: train on everything up to the cutoff and write the artifact; `discount_rate`
-    (annual) makes `clv` the discounted expected spend."""
-    return export_artifact(fit(file, cutoff, horizon, window, cfg, **file_opts), out, discount_rate)
+    (annual) makes `clv` the discounted expected spend; `run` is the tracked run it belongs to."""
+    return export_artifact(fit(file, cutoff, horizon, window, cfg, **file_opts), out, discount_rate, run)
 
 
 def predict_exported(trained: Trained) -> Prediction:

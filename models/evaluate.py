@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from features.aggregate import month_of
-from features.batch import end_of, read_history
+from features.batch import end_of, fingerprint, read_history
 from features.calibration import Prediction
 from features.contract import TransactionEvent
 from features.scaling import Scaler
@@ -42,6 +42,7 @@ class Run:
     customers: int
     actual: np.ndarray
     seeds: list[SeedRun]
+    data_sha256: str = ""  # of the transactions up to the cutoff (features.batch.fingerprint)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int, shipped: Callab
         preds.update(fixed)
         runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
                             {name: clv for name, (clv, _p) in preds.items()}))
-    return Run(len(actual), actual, runs)
+    return Run(len(actual), actual, runs, fingerprint(prep.events))
 
 
 _COLUMNS = (("mae", "MAE $", "{:.2f}"), ("rmse", "RMSE $", "{:.2f}"), ("spearman", "Spearman", "{:.3f}"),

@@ -24,7 +24,6 @@ from stream.flush_policy import FlushFailures
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
 from export_onnx.scoring import assemble, prepare, score_separately
-from stream.settings import Settings
 from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
@@ -32,12 +31,13 @@ INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event lo
 
 
 class Flusher:
-    def __init__(self, core: Core, states: States, artifact: Artifact, settings: Settings,
-                 metrics: Metrics) -> None:
+    def __init__(self, core: Core, states: States, artifact: Artifact, publisher: BatchPublisher,
+                 metrics: Metrics, *, scores_topic: str, batch_size: int, batch_wait_ms: int,
+                 flush_failure_timeout_s: float) -> None:
         self.core, self.states, self.artifact = core, states, artifact
-        self.settings, self.metrics = settings, metrics
-        self.publisher = BatchPublisher(settings)
-        self.failures = FlushFailures(settings.flush_failure_timeout_s)
+        self.publisher, self.metrics, self.scores_topic = publisher, metrics, scores_topic
+        self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000
+        self.failures = FlushFailures(flush_failure_timeout_s)
         self.lock = asyncio.Lock()
         self.flushing: asyncio.Future[None] | None = None
         self.stream: Any = None  # the agent's stream, which acknowledges its events
@@ -94,7 +94,7 @@ class Flusher:
 
     def holding(self) -> bool:
         """A micro-batch's worth of customers waits: intake is to wait for a flush."""
-        return (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
+        return (max(self.core.dirty_count(), self.states.changed()) >= self.batch_size
                 and not self.stopping)
 
     async def hold_intake(self) -> None:
@@ -105,7 +105,7 @@ class Flusher:
         while self.holding():
             self.flush_soon()
             if self.flushing is None or self.flushing.done():
-                await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
+                await asyncio.sleep(self.batch_wait_s)  # the lock's holder flushes
             else:
                 await asyncio.shield(self.flushing)
 
@@ -166,7 +166,7 @@ class Flusher:
                 assemble(self.artifact, states, fields, pred, as_of))
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
-        topic = self.settings.scores_topic
+        topic = self.scores_topic
         records: list[Record] = []
         for score, (partition, cid) in zip(scores, where):
             if isinstance(score, Exception):

@@ -15,7 +15,6 @@ from typing import Any
 
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from stream.metrics import Metrics
-from stream.settings import Settings
 
 log = logging.getLogger("clv.worker")
 
@@ -37,18 +36,19 @@ def check(raw: bytes, key: bytes | None, max_future: timedelta) -> TransactionEv
 class Outbox:
     """Dead letters and re-routed events, sent with the faust app's producer."""
 
-    def __init__(self, app: Any, settings: Settings, metrics: Metrics) -> None:
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app: Any, metrics: Metrics, transactions_topic: str, dlq_topic: str) -> None:
+        self.app, self.metrics = app, metrics
+        self.transactions_topic, self.dlq_topic = transactions_topic, dlq_topic
         self.routed = 0  # events routed so far, for the warning's count
 
     async def dead_letter(self, raw: bytes, msg: Any, reason: str, detail: str) -> None:
         self.metrics.dlq.labels(reason=reason).inc()
-        topic = self.settings.transactions_topic
+        topic = self.transactions_topic
         headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
                    ("source_partition", str(msg.partition).encode()),
                    ("source_offset", str(msg.offset).encode()),
                    ("source_topic", topic.encode())]
-        await self.app.producer.send(self.settings.dlq_topic, msg.key, raw, None, None, headers)
+        await self.app.producer.send(self.dlq_topic, msg.key, raw, None, None, headers)
         log.warning("dead letter %s at %s[%d]@%d: %s", reason, topic, msg.partition, msg.offset,
                     detail)
 
@@ -57,7 +57,7 @@ class Outbox:
         Re-published twice (a crash before the commit), it carries the same event_id: once."""
         self.metrics.routed.inc()
         self.routed += 1
-        topic = self.settings.transactions_topic
+        topic = self.transactions_topic
         headers = [*(msg.headers or ()), ("routed_from_partition", str(msg.partition).encode()),
                    ("routed_from_offset", str(msg.offset).encode())]
         await self.app.producer.send(topic, msg.key, raw, home, None, headers)

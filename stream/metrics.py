@@ -183,21 +183,27 @@ def _monitor_class() -> type:
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
-    """A worker's /metrics as {series: value}; empty when it does not answer (yet)."""
+    """A worker's /metrics as {series: value}, a series written as the exposition writes it
+    (`name{label="value",...}`); empty when it does not answer (yet)."""
     import urllib.error
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return {_series(s.name, s.labels): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    if not labels:
+        return name
+    escaped = (v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for v in labels.values())
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
 
 
 def idle(values: dict[str, float]) -> bool:

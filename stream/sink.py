@@ -182,6 +182,7 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     """The sink's own fold and publish for `customers` customers, without the broker: score
     messages handed over in consumer-sized batches (parsed, merged into DuckDB), a snapshot,
     then a tenth of the customers rescored and a second snapshot. Peak RSS is the process's."""
+
     from dataclasses import replace
 
     from aiokafka.structs import ConsumerRecord
@@ -189,7 +190,7 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, encode_score
     from features.segments import SEGMENTS
 
-    settings = replace(settings, snapshot_path=str(workdir / "clv.duckdb"), snapshot_drivers_top=0)
+    settings = settings.model_copy(update={"snapshot_path": str(workdir / "clv.duckdb"), "snapshot_drivers_top": 0})
     for old in Path(workdir).glob("*clv.duckdb*"):
         old.unlink()
     sink = Sink(settings)

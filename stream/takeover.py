@@ -15,18 +15,16 @@ import asyncio
 import logging
 
 from stream.core import Core, month_text
-from stream.kafka_io import KafkaChangelog
 from stream.metrics import Metrics
-from state.live.recovery import recover
-from stream.settings import Settings
+from state.live.recovery import Changelog, recover
 from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
 
 
 class Takeovers:
-    def __init__(self, core: Core, states: States, settings: Settings, metrics: Metrics) -> None:
-        self.core, self.states, self.settings, self.metrics = core, states, settings, metrics
+    def __init__(self, core: Core, states: States, changelog: Changelog, metrics: Metrics) -> None:
+        self.core, self.states, self.changelog, self.metrics = core, states, changelog, metrics
         self.running: dict[int, asyncio.Future[None]] = {}
 
     async def ensure(self, partition: int) -> bool:
@@ -54,7 +52,7 @@ class Takeovers:
                 task.cancel()
 
     async def _take_over(self, partition: int) -> None:
-        got = await recover(self.states.store, KafkaChangelog(self.settings, self.states.topic), partition)
+        got = await recover(self.states.store, self.changelog, partition)
         self.metrics.recovered_records.inc(got.records)
         self.metrics.recovery_seconds.inc(got.seconds)
         taken = self.core.take_over(partition)
