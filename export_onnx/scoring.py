@@ -64,6 +64,7 @@ class ScoredFile:
     scores: list[ScoreRecord]
     report: CleaningReport
     as_of: datetime
+    states: list[CustomerState]  # in the order of `scores`: what explains them (export_onnx.explain)
 
 
 def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
@@ -74,8 +75,8 @@ def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
     if not history.events:
         raise LoadError(f"{path}: no transactions left after cleaning")
     at = end_of(as_of) if as_of else history.events[-1].ts
-    snapshot = next(snapshots(history.events, [at], artifact.window))
-    return ScoredFile(score_states(artifact, list(snapshot.states.values()), at), history.report, at)
+    states = list(next(snapshots(history.events, [at], artifact.window)).states.values())
+    return ScoredFile(score_states(artifact, states, at), history.report, at, states)
 
 
 _customer_columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) go apart

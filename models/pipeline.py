@@ -15,6 +15,7 @@ import torch
 
 from export_onnx.runtime import Prediction, fingerprint
 from export_onnx.calibration import Calibration
+from export_onnx.explain import reference_inputs
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
@@ -153,6 +154,9 @@ def export_artifact(
         "training": info,
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)},
+        # What a customer's drivers are measured against (export_onnx.explain): the cohort's
+        # average inputs at the cutoff.
+        "reference": reference_inputs(split.scoring.inputs),
     }
     if clustering is not None:
         meta["clustering"] = clustering

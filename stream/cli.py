@@ -214,17 +214,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from export_onnx.explain import Explainer
     from export_onnx.runtime import Artifact
     from export_onnx.scoring import score_file, write_csv
 
-    _output(args.out, "--out")
+    if not args.out and not args.explain:
+        raise UsageError("score needs --out FILE, --explain ID, or both")
+    if args.out:
+        _output(args.out, "--out")
     artifact = Artifact.load(args.model)
+    explainer = Explainer(artifact) if args.explain else None  # refuses a model it cannot explain
     scored = score_file(artifact, args.file, args.as_of, **file_options(args))
-    with open(args.out, "w", newline="") as fh:
-        write_csv(scored.scores, fh)
-    print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
-          f"{artifact.version} -> {args.out}")
+    if args.out:
+        with open(args.out, "w", newline="") as fh:
+            write_csv(scored.scores, fh)
+        print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
+              f"{artifact.version} -> {args.out}")
+    if explainer is not None:
+        _print_drivers(explainer, scored, args.explain, args.file)
     return 0
+
+
+def _print_drivers(explainer: Any, scored: Any, ids: list[str], file: str) -> None:
+    """Each asked customer's score and the drivers that add up to it."""
+    from export_onnx.explain import render
+
+    where = {s.customer_id: i for i, s in enumerate(scored.scores)}
+    missing = [cid for cid in ids if cid not in where]
+    if missing:
+        raise UsageError(f"--explain: no customer {', '.join(map(repr, missing))} in {file}")
+    chosen = [where[cid] for cid in ids]
+    drivers = explainer.drivers([scored.states[i] for i in chosen], scored.as_of)
+    for i, d in zip(chosen, drivers):
+        s = scored.scores[i]
+        print(f"customer {s.customer_id}: expected spend ${s.clv:,.2f} over the {s.horizon_months} "
+              f"months after {s.as_of[:10]} (P(purchase) {s.p_purchase:.0%}; model {s.model_version})")
+        print(render(d))
 
 
 def cmd_score_schema(args: argparse.Namespace) -> int:
@@ -626,7 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(p)
     p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
     p.add_argument("--as-of", type=_date, default=None, help="score as of the end of this day (default: newest event)")
-    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--out", default=None, help="CSV to write")
+    p.add_argument("--explain", action="append", default=[], metavar="ID",
+                   help="print this customer's drivers: dollars per group of inputs (recency, "
+                        "frequency, order value, trend, tenure) that add up to its score from the "
+                        "model's average customer; repeat for more customers")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("score-schema", help="print the JSON Schema of a clv-scores message")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -18,6 +19,7 @@ import duckdb
 import pandas as pd
 
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
+from state.snapshot import insights
 from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
@@ -73,6 +75,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
@@ -101,14 +109,18 @@ class Snapshot:
                 raise SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
             raise SnapshotUnavailable(f"cannot open {self.path}: {exc}") from None
 
-    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    @contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection on one snapshot for several questions that must agree."""
         con = self.connect()
         try:
-            cur = con.execute(sql, params or [])
-            cols = [d[0] for d in cur.description]
-            return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+            yield con
         finally:
             con.close()
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with self.reading() as con:
+            return _dicts(con, sql, params)
 
     @staticmethod
     def _filter(sel: Selection) -> tuple[str, list[Any]]:
@@ -151,13 +163,45 @@ class Snapshot:
         return [r["country"] for r in self._rows(
             "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
 
+    def by_country(self) -> list[dict[str, Any]]:
+        """Per country ("" where unknown): customers, expected value and its share, spend so far."""
+        return self._rows("SELECT * FROM country_summary")
+
+    def moves(self) -> list[dict[str, Any]]:
+        """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
+        None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
+        with self.reading() as con:
+            if not insights.has(con, "segment_moves") or con.execute(
+                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta").fetchone()[0]:
+                return []
+            return _dicts(con, "SELECT * FROM segment_moves")
+
+    def insights(self) -> list[dict[str, Any]]:
+        """The written insights (`state.snapshot.insights`), each `key`, `text`, `value`."""
+        with self.reading() as con:
+            return [asdict(i) for i in insights.compute(con)]
+
     def clusters(self) -> list[dict[str, Any]]:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
         return self._rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
-        return rows[0] if rows else None
+        """The customer's row, with `drivers`: how its score adds up from the model's average
+        customer when the snapshot carries them (its top customers), else None."""
+        with self.reading() as con:
+            rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            if not rows:
+                return None
+            kept = con.execute("SELECT count(*) FROM duckdb_tables() "  # not by earlier sinks
+                               "WHERE table_name = 'customer_drivers'").fetchone()[0]
+            drivers = _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
+                             [customer_id]) if kept else []
+        row = rows[0]
+        row["drivers"] = None if not drivers else {
+            "reference_clv": drivers[0]["reference_clv"], "clv": row["clv"],
+            "drivers": [{"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]}
+                        for d in drivers]}
+        return row
 
     def summary(self) -> dict[str, Any]:
         con = self.connect()
