@@ -152,7 +152,9 @@ class Explainer:
         classic = np.where(self.take_classic[None], part.classic[:, None], self.reference.classic[:, None])
         mixed = Inputs(seq.reshape(-1, *seq.shape[2:]), static.reshape(-1, static.shape[-1]),
                        classic.reshape(-1, classic.shape[-1]))
-        return self.artifact.predict(mixed).clv.astype(np.float64).reshape(-1, k)
+        raw = self.artifact.raw_predict(mixed)  # then the level, as `Artifact.predict` applies it
+        clv, _p = self.artifact.calibration.apply(raw.clv, raw.p_purchase)
+        return clv.astype(np.float64).reshape(-1, k)
 
     def drivers(self, states: Sequence[CustomerState], as_of: datetime) -> list[Drivers]:
         """Each state's drivers as of `as_of`, the time its score is as of."""
