@@ -14,8 +14,9 @@ them (defaults, CLV_* variables, its flags), calls it and runs faust's Worker on
 Exactness end to end: a customer state remembers the highest offset it applied, so a redelivered
 event changes nothing; an event is acknowledged only after the scores of the customers it touched
 and the changelog records of their states are acknowledged by the broker (while its partition
-catches up: after the partition's record saying its scores are older than its clock), and faust
-flushes its producer (dead letters, routed events) before it commits offsets. A crash anywhere
+catches up: after the partition's record saying its scores are older than its clock), and after
+the broker has the dead letters and routed events it became (`stream.intake.Outbox.settle`). No
+event is handled by the agent ending: an error on one dead-letters it (`handle`). A crash anywhere
 redelivers the events, which mark their customers dirty again, so no score is lost either; a flush
 that fails is retried, never dropped, and bounded in time. A stale worker's late writes are fenced
 by position: states by their source offset, scores by `event_offset`.
@@ -44,6 +45,7 @@ from features.scores import as_dict
 from stream import faust_hooks
 from state.auth import guard, is_loopback, require_token
 from stream.core import Core
+from stream.flush_policy import CommitWatch
 from stream.flusher import Flusher
 from stream.intake import Outbox, check
 from stream.metrics import Metrics
@@ -72,7 +74,7 @@ def broker_credentials(settings: Settings) -> Any:
 
 
 def create_app(settings: Settings) -> faust.App:
-    """The worker for `settings`: its app, topics, store, core, agents, timer, rebalance hooks
+    """The worker for `settings`: its app, topics, store, core, agents, timers, rebalance hooks
     and web views, declared top to bottom as faust's own examples do."""
     # faust's web server also serves its own views (tables, router): off loopback, every path but
     # the probes needs the API's bearer token.
@@ -150,12 +152,12 @@ def create_app(settings: Settings) -> faust.App:
     core = Core(states, artifact.window, artifact.version, settings.batch_size, settings.batch_wait_ms,
                 end_offset=end_offset,
                 resumed_at=lambda p: faust_hooks.resumed_at(app, TP(settings.transactions_topic, p)))
-    flusher = Flusher(core, states, artifact, BatchPublisher(settings, settings.publish_timeout_s), metrics,
-                      scores_topic=settings.scores_topic, batch_size=settings.batch_size,
-                      batch_wait_ms=settings.batch_wait_ms,
-                      flush_failure_timeout_s=settings.flush_failure_timeout_s)
-    takeovers = Takeovers(core, states, KafkaChangelog(settings, states.topic), metrics)
     outbox = Outbox(app, metrics, settings.transactions_topic, settings.dlq_topic)
+    flusher = Flusher(core, states, artifact, BatchPublisher(settings, settings.publish_timeout_s), metrics, outbox,
+                      scores_topic=settings.scores_topic, batch_size=settings.batch_size,
+                      batch_wait_ms=settings.batch_wait_ms, flush_failure_timeout_s=settings.flush_failure_timeout_s)
+    takeovers = Takeovers(core, states, KafkaChangelog(settings, states.topic), metrics)
+    commits = CommitWatch(settings.commit_stall_s)
     ready = asyncio.Event()
     max_future = timedelta(minutes=settings.max_future_minutes)
 
@@ -174,26 +176,48 @@ def create_app(settings: Settings) -> faust.App:
                 continue  # revoked meanwhile: left unacknowledged for its next owner
             metrics.events_in.inc()
             core.received(msg.partition, msg.offset)
-            raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
-            parsed = check(raw, msg.key, max_future)
-            if isinstance(parsed, Invalid):
-                await outbox.dead_letter(raw, msg, parsed.reason, parsed.detail)
-            elif (home := home_partition(msg.key, settings.partitions)) != msg.partition:
-                await outbox.route(raw, msg, home)
-            else:
-                outcome = core.apply(parsed, msg.partition, msg.offset)
-                if outcome == Applied.TOO_LATE:
-                    await outbox.dead_letter(raw, msg, Reason.TOO_LATE, "older than the state window "
-                                             "of its customer's partition")
-                elif outcome == Applied.APPLIED:
-                    metrics.events_applied.inc()
-                else:
-                    metrics.events_skipped.labels(reason=outcome).inc()
+            await handle(msg)
             core.acknowledge_after_flush(msg.partition, event)
             if flusher.due():
                 flusher.flush_soon()  # in the background: intake goes on while the broker acks
             if flusher.holding():
                 await flusher.hold_intake()
+
+
+    async def handle(msg: Any) -> None:
+        """One event: applied, skipped, routed or dead-lettered; an error of the worker's own on it
+        dead-letters it as `unprocessable` (with its traceback in the log) instead of ending the
+        agent, which would leave the event unacknowledged and hold back every commit behind it."""
+        raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
+        try:
+            parsed = check(raw, msg.key, max_future)
+            if isinstance(parsed, Invalid):
+                await outbox.dead_letter(raw, msg, parsed.reason, parsed.detail)
+                return
+            key = parsed.customer_id.encode()
+            if key != msg.key:
+                outbox.trimmed_key(msg, parsed.customer_id)
+            if (home := home_partition(key, settings.partitions)) != msg.partition:
+                await outbox.route(raw, msg, home, key)
+                return
+            outcome = core.apply(parsed, msg.partition, msg.offset)
+        except Exception as exc:  # a defect: the event is set aside, not retried
+            log.exception("event at %s[%d]@%d could not be processed", settings.transactions_topic,
+                          msg.partition, msg.offset)
+            await outbox.dead_letter(raw, msg, Reason.UNPROCESSABLE, f"{type(exc).__name__}: {exc}")
+            return
+        if outcome == Applied.TOO_LATE:
+            await outbox.dead_letter(raw, msg, Reason.TOO_LATE, "older than the state window of its "
+                                     "customer's partition")
+        elif outcome == Applied.APPLIED:
+            metrics.events_applied.inc()
+        else:
+            metrics.events_skipped.labels(reason=outcome).inc()
+            if outcome == Applied.DUPLICATE:
+                log.info("event_id %r of customer %r at %s[%d]@%d not applied: that event_id was "
+                         "applied before (the first event of an id counts; a correction is a new "
+                         "event)", parsed.event_id, parsed.customer_id, settings.transactions_topic,
+                         msg.partition, msg.offset)
 
 
     @app.agent(control)
@@ -224,6 +248,18 @@ def create_app(settings: Settings) -> faust.App:
         flusher.drain_backlog()
 
 
+    @app.timer(interval=1.0)
+    async def watch_commits() -> None:
+        """Each owned partition's committed offset against how far it has been processed."""
+        for partition in assigned():
+            tp = TP(settings.transactions_topic, partition)
+            part = core.partitions.get(partition)
+            committed = faust_hooks.committed_since(app, tp)
+            commits.observe(partition, committed if committed is not None else core.first_received(partition),
+                            part.position if part is not None else None)
+        metrics.commit_stalled.set(len(commits.stalled))
+
+
     @app.task
     async def quiet_client_logs() -> None:
         """The Kafka client logs every produced message at debug level: costly even unprinted."""
@@ -241,6 +277,7 @@ def create_app(settings: Settings) -> faust.App:
         lost = {tp.partition for tp in revoked if tp.topic == settings.transactions_topic}
         takeovers.cancel(lost)
         core.forget(lost)
+        commits.forget(lost)
 
 
     @app.on_rebalance_complete.connect
@@ -279,7 +316,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/ready")
     async def is_ready(web: Any, request: Any) -> Any:
         recovered = not app.rebalancing  # and every assigned partition taken over: `ready`
-        failing = flusher.failures.not_ready_reason()
+        failing = flusher.failures.not_ready_reason() or commits.not_ready_reason()
         if failing:
             return web.json({"ready": False, "reason": failing}, status=503)
         status = 200 if recovered and ready.is_set() else 503

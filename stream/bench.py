@@ -352,7 +352,9 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None,
             torch_twin: Callable[[dict[str, Any]], Callable[[Inputs], None]] | None) -> dict[str, Any]:
     """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs with
     the same architecture when the command line hands over `torch_twin` (the train extra's
-    `models.networks.random_twin`: serving code never imports torch)."""
+    `models.networks.random_twin`: serving code never imports torch); customers/s whose drivers
+    `export_onnx.explain` computes, in its chunks."""
+    from export_onnx.explain import CHUNK_CUSTOMERS, Explainer
     from export_onnx.runtime import Artifact
     from features.batch import read_history, snapshots
     from features.loaders import vendored_cdnow
@@ -392,7 +394,10 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None,
         rows.append(row)
     one = next((r["onnxruntime_per_s"] for r in rows if r["batch"] == 1), None)
     best = max(rows, key=lambda r: r["onnxruntime_per_s"])
-    return {"model": artifact.version, "threads": 1, "rows": rows,
+    explainer = Explainer(artifact)  # the drivers of a score: 2^G model rows per customer
+    drivers = {"rows_per_customer": len(explainer.coalitions), "customers_per_s": round(
+        rate(lambda batch, idx: explainer.explain(batch), CHUNK_CUSTOMERS), 1)}
+    return {"model": artifact.version, "threads": 1, "rows": rows, "drivers": drivers,
             "worker_batch_size": Settings().batch_size,
             "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
             "torch": "same architecture, random weights (speed does not depend on them)"

@@ -21,6 +21,7 @@ from export_onnx.runtime import Artifact
 from features.scores import ScoreRecord, encode_score
 from stream.core import Core
 from stream.flush_policy import FlushFailures
+from stream.intake import Outbox
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
 from export_onnx.scoring import assemble, prepare, score_separately
@@ -32,9 +33,9 @@ INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event lo
 
 class Flusher:
     def __init__(self, core: Core, states: States, artifact: Artifact, publisher: BatchPublisher,
-                 metrics: Metrics, *, scores_topic: str, batch_size: int, batch_wait_ms: int,
+                 metrics: Metrics, outbox: Outbox, *, scores_topic: str, batch_size: int, batch_wait_ms: int,
                  flush_failure_timeout_s: float) -> None:
-        self.core, self.states, self.artifact = core, states, artifact
+        self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
         self.publisher, self.metrics, self.scores_topic = publisher, metrics, scores_topic
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000
         self.failures = FlushFailures(flush_failure_timeout_s)
@@ -68,6 +69,7 @@ class Flusher:
                 records += await self._score({p: customers for p, customers in batch.dirty.items()
                                               if self.core.owns(p)})
                 offsets = await self._send(records, batch.dirty)
+                await self.outbox.settle()  # the dead letters and routed events behind the acks
             except BaseException as exc:
                 self.states.restore()
                 self.core.put_back(batch)

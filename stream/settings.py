@@ -69,6 +69,10 @@ class Settings(BaseModel):
         "default is 2.8 s): a restart redelivers at most this much more than it must, and the "
         "consumer lag gauge (of committed offsets) reaches 0 this soon after the worker catches up",
         gt=0, allow_inf_nan=False)
+    commit_stall_s: float = _setting(
+        30.0, "how long a partition's committed offset may stay put while events after it are "
+        "processed before /ready answers 503 naming the partition (an event never acknowledged)", gt=0,
+        allow_inf_nan=False)
     session_timeout_s: float = _setting(
         30.0, "consumer group session timeout: how soon a dead worker's partitions move", gt=0,
         allow_inf_nan=False)
