@@ -26,6 +26,7 @@ from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, 
 from models import clusters
 from models.dataset import NotEnoughHistory, history_until, rolling_split
 from models.evaluate import Trained, fit
+from models.networks import GRUEnsemble, GRUModel
 from models.pipeline import predict_gru
 from models.training import TrainConfig
 
@@ -39,7 +40,7 @@ class ParityError(RuntimeError):
     pass
 
 
-def export(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
+def export(model: GRUModel | GRUEnsemble, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
     """Write model.onnx + metadata.json into `out_dir`, only once onnxruntime agrees with torch
     (ParityError otherwise): the artifact is built in a directory beside it and renamed into
     place, so a failed export leaves no model a worker would load, and keeps the previous one."""
@@ -54,7 +55,7 @@ def export(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: l
     return parity
 
 
-def _write(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
+def _write(model: GRUModel | GRUEnsemble, out_dir: Path, meta: dict[str, Any], check: list[Inputs]) -> dict[str, float]:
     model.eval()
     n_seq, n_static = len(meta["seq_features"]), len(meta["static_features"])
     n_classic = len(meta["classic_features"])
@@ -85,7 +86,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def parity_check(model: torch.nn.Module, artifact: Artifact,
+def parity_check(model: GRUModel | GRUEnsemble, artifact: Artifact,
                  batches: list[Inputs]) -> dict[str, dict[str, float]]:
     """Max abs/relative difference of onnxruntime vs torch per output on the given (unscaled)
     batches; raises ParityError if any output's relative difference exceeds its tolerance."""

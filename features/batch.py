@@ -65,13 +65,14 @@ def snapshots(
     events: Sequence[TransactionEvent], cutoffs: Sequence[datetime], window: int
 ) -> Iterator[Snapshot]:
     """Fold events in time order, yielding the states at each cutoff (ascending)."""
-    folder = Folder(window)
+    states: dict[str, CustomerState] = {}
+    folder = Folder(window, states)
     i = 0
     for cutoff in sorted(cutoffs):
         while i < len(events) and events[i].ts <= cutoff:
             folder.add(events[i].customer_id, contribution(events[i]))
             i += 1
-        yield Snapshot(cutoff, month_of(cutoff), folder.states)
+        yield Snapshot(cutoff, month_of(cutoff), states)
 
 
 def fingerprint(events: Sequence[TransactionEvent]) -> str:

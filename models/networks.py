@@ -21,9 +21,13 @@ def _correction_layer(n_in: int) -> nn.Linear:
     return layer
 
 
-class _Head(nn.Module):
+class Head(nn.Module):
     """What both networks share: the classic parameters, the served horizon and discount, and
     the closed forms from raw outputs to (expected spend, p_purchase)."""
+
+    classic_params: torch.Tensor  # buffers (register_buffer), saved and exported with the weights
+    horizon: torch.Tensor
+    monthly_discount: torch.Tensor
 
     def __init__(self, params: ClassicParams, horizon: int) -> None:
         super().__init__()
@@ -47,7 +51,7 @@ class _Head(nn.Module):
         return torch.exp(d.log_expected), d.p
 
 
-class GRUModel(_Head):
+class GRUModel(Head):
     """GRU over the monthly window; its last state, the static features and the classic
     quantities feed the correction head. The initial hidden state is an input so its batch
     axis is dynamic in ONNX too."""
@@ -84,6 +88,7 @@ class GRUEnsemble(nn.Module):
     def __init__(self, members: list[GRUModel]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.grus = members  # the same modules, typed (the ModuleList registers their weights)
         self.hidden, self.layers = members[0].hidden, members[0].layers
 
     def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
@@ -92,14 +97,14 @@ class GRUEnsemble(nn.Module):
         return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
 
     def h0(self, batch: int) -> torch.Tensor:
-        return self.members[0].h0(batch)
+        return self.grus[0].h0(batch)
 
     def set_discount(self, annual_rate: float) -> None:
-        for m in self.members:
+        for m in self.grus:
             m.monthly_discount.fill_(ziln.monthly_discount(annual_rate))
 
 
-class FFNNModel(_Head):
+class FFNNModel(Head):
     """A feed-forward network on aggregated RFM-style features, with the same head."""
 
     def __init__(self, n_features: int, params: ClassicParams, horizon: int, hidden: int = 64,

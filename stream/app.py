@@ -268,7 +268,7 @@ def create_app(settings: Settings) -> faust.App:
             logging.getLogger(name).setLevel(level)
 
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust types receivers without the arguments send passes
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
         """One attempt to publish what is pending, not retried here: a failure leaves the revoked
         partitions' events unacknowledged, for their next owner to process again."""
@@ -280,7 +280,7 @@ def create_app(settings: Settings) -> faust.App:
         commits.forget(lost)
 
 
-    @app.on_rebalance_complete.connect
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]  # faust types receivers without the arguments send passes
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
         """Sent before faust resumes the partitions: recover and take over every assigned partition
         now (as faust recovers its tables), not only when its next event arrives, which may be
@@ -295,7 +295,7 @@ def create_app(settings: Settings) -> faust.App:
         ready.set()
 
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust types receivers without the arguments send passes
     async def on_shutdown(sender: Any, **kwargs: Any) -> None:
         """Consumer flow is stopped, the producer still runs: publish and acknowledge what is
         pending, then acknowledge nothing more (the producer flush that follows is the last one, so

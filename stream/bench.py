@@ -125,10 +125,10 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
                for p in consumer.partitions_for_topic(settings.transactions_topic)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        seen, first = 0, None
+        seen, first = 0, time.perf_counter()  # restarted at the first record
         while seen < n:
             for records in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
-                if first is None:
+                if not seen:
                     first = time.perf_counter()
                 for rec in records:
                     json.loads(rec.value)
@@ -192,7 +192,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
                      CLV_DATA_DIR=str(workdir / f"state-{app}"))
     worker = Worker(env, workdir / f"worker-{run}.log")
     try:
-        first = None
+        first: float | None = None
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             m = worker.metrics()
@@ -200,7 +200,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
             if first is None and seen > 0:
                 first = time.perf_counter()
             if seen >= n and idle(m):
-                return Rate("full worker", n, lines, time.perf_counter() - first)
+                return Rate("full worker", n, lines, time.perf_counter() - (first or time.perf_counter()))
             # Each scrape costs the worker an HTTP request on its event loop: 20 a second took
             # ~4% of its time. 4 a second costs little and adds at most 0.25 s to a ~30 s run.
             time.sleep(0.25 if first is not None else 0.02)
@@ -312,7 +312,7 @@ def _percentiles(values: list[float], sent: int) -> dict[str, Any]:
             "max_ms": round(float(ms.max()), 1) if len(ms) else None}
 
 
-def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """The worker's own view over one run: mean micro-batch size, scoring and publish times,
     and receive-to-publish time, from its histogram sums and counts."""
     out = {}
@@ -384,7 +384,8 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None,
         artifact.predict(batch)
 
     def torch_fn(batch: Any, idx: Any) -> None:  # the same preprocessing as the ONNX path
-        torch_model(artifact.scaler.transform(batch))
+        if torch_model is not None:
+            torch_model(artifact.scaler.transform(batch))
 
     rows = []
     for size in batch_sizes:
@@ -576,10 +577,14 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
             raise BenchError(f"clv bootstrap failed: {done.stderr.strip()[-2000:]}")
 
         async def scores() -> dict[str, dict[str, Any]]:
-            out = {}
+            out: dict[str, dict[str, Any]] = {}
             for p in range(settings.partitions):
                 async for records in read_partition(settings, settings.scores_topic, p):
-                    out.update((r.key.decode(), as_dict(parse_score(r.value))) for r in records)
+                    for r in records:
+                        score = parse_score(r.value)
+                        if isinstance(score, str):
+                            raise BenchError(f"clv bootstrap wrote an unusable score ({score}) for {r.key!r}")
+                        out[r.key.decode()] = as_dict(score)
             return out
 
         written = asyncio.run(scores())

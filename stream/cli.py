@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from datetime import date
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, NoReturn, Sequence
 
 from export_onnx import ArtifactError
 from features.loaders import FORMATS, LoadError
@@ -24,7 +24,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not the usage block
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
         raise UsageError(message)
 
 
@@ -231,8 +231,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            _train_config(args), seeds=args.seeds, **file_options(args))
             rec.params({"training_data_sha256": run.data_sha256, "customers": run.customers})
             tracking.record_evaluation(rec, run, summary(run))
-            write_json(run, Path(args.json or Path(tmp) / "evaluation.json"))
-            rec.files(Path(args.json or Path(tmp) / "evaluation.json"))
+            write_json(run, Path(tmp) / "evaluation.json")
+            rec.files(Path(tmp) / "evaluation.json")
+            if args.json:
+                write_json(run, Path(args.json))
             plots = write_plots(run, Path(args.plots or tmp))
             for path in plots:
                 rec.files(path, "plots")
@@ -609,11 +611,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {float(rate):>8,.0f}/s  p50 {r.get('p50_ms')} ms  p95 {r.get('p95_ms')} ms  "
                   f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)")
     elif args.what == "scoring":
-        try:
-            from models.networks import random_twin
-        except ImportError:  # no train extra: onnxruntime alone
-            random_twin = None
-        result = bench.scoring(args.batch_sizes, args.seconds, args.model, random_twin)
+        result = bench.scoring(args.batch_sizes, args.seconds, args.model, _torch_twin())
         print(f"{result['model']}: customers/s by batch size (1 thread); torch: {result['torch']}")
         for row in result["rows"]:
             torch_rate = f"{row['torch_per_s']:>12,.0f}" if "torch_per_s" in row else "           -"
@@ -653,6 +651,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0
+
+
+def _torch_twin() -> Any:
+    """The train extra's torch twin of a model for `clv bench scoring`; None without it."""
+    try:
+        from models.networks import random_twin
+    except ImportError:  # onnxruntime alone
+        return None
+    return random_twin
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def set_fetch_wait(ms: int) -> None:
         return consumer
 
     with_fetch_wait.__wrapped__ = create  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait
+    AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait  # type: ignore[method-assign]
 
 
 def seek_uncommitted_to_start() -> None:
@@ -60,7 +60,7 @@ def seek_uncommitted_to_start() -> None:
                 await self.seek(tp, offset)
 
     perform_seek.__wrapped__ = seek  # type: ignore[attr-defined]
-    Consumer.perform_seek = perform_seek
+    Consumer.perform_seek = perform_seek  # type: ignore[method-assign]
 
 
 def resumed_at(app: Any, tp: TP) -> int | None:

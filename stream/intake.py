@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Awaitable
+from typing import Any, Awaitable, cast
 
 from aiokafka.errors import KafkaError
 
@@ -136,7 +136,7 @@ class Outbox:
                         await self._hand_over(sent)
                     if isinstance(sent.delivery, BaseException):
                         raise sent.delivery
-                    await sent.delivery
+                    await cast(Awaitable[Any], sent.delivery)  # handed over just above
                 except Exception as exc:  # noqa: BLE001  each kind handled below
                     if not too_large(exc):
                         sent.delivery = None  # handed over again by the next attempt

@@ -113,7 +113,7 @@ class Metrics:
         """The exposition in the format the scraper's Accept header asks for, and its type."""
         if self.monitor is not None:
             self.monitor.export()
-        encode, content_type = choose_encoder(accept)
+        encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
 
 

@@ -138,8 +138,8 @@ class Sink:
                 consumer.seek(tp, self.store.offsets[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
-        for tp in states:
-            consumer.seek(tp, self.drivers.next_offset(tp.partition))
+        for tp in states:  # only with drivers
+            consumer.seek(tp, self.drivers.next_offset(tp.partition) if self.drivers else 0)
         return partitions
 
     def _grew(self, consumer: AIOKafkaConsumer, assigned: set[int]) -> bool:
@@ -187,7 +187,7 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
 
     from aiokafka.structs import ConsumerRecord
 
-    from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, encode_score
+    from features.scores import SCORE_SCHEMA_VERSION, IsoTime, Offset, ScoreRecord, encode_score
     from features.segments import SEGMENTS
 
     settings = settings.model_copy(update={"snapshot_path": str(workdir / "clv.duckdb"), "snapshot_drivers_top": 0})
@@ -200,7 +200,8 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
         schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, p_purchase=0.4,
         recency_days=30.0, frequency=3, monetary=40.0, tenure_days=400.0, total_spend=120.0,
         segment="regular", cluster="", country="", horizon_months=6, model_version="gru-bench",
-        as_of="2011-12-09T12:50:00+00:00", scored_at="2026-12-02T12:00:00+00:00", event_offset=-1)
+        as_of=IsoTime("2011-12-09T12:50:00+00:00"), scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
+        event_offset=Offset(-1))
     offsets = [0] * settings.partitions
 
     def fold(ids: range, clv_scale: float) -> float:
