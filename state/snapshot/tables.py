@@ -41,6 +41,7 @@ from features.clusters import UNKNOWN
 from features.scores import (FIELD_TYPES, FIELDS, LEGACY_CLV, PRECEDENCE, IsoTime, Offset, ScoreRecord,
                              iso_time)
 from features.segments import PLAYBOOKS, Playbook
+from state.snapshot.insights import one
 
 # Per customer, the fields of its newest score, in message order (the schema version describes
 # a message, not a customer).
@@ -171,8 +172,8 @@ class Snapshots:
             return 0
         con.execute("ATTACH ? AS clv_previous (READ_ONLY)", [str(self.path)])
         try:
-            offsets, newest = con.execute(
-                "SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta").fetchone()
+            offsets, newest = one(con.execute(
+                "SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta"))
             have = {c for (c,) in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_catalog = 'clv_previous' "
                 "AND table_name = 'customer_scores'").fetchall()}
@@ -188,7 +189,7 @@ class Snapshots:
             con.execute("DETACH clv_previous")
         self.offsets = {int(k): int(v) for k, v in offsets.items()}
         self.newest_event_time = iso_time(newest) if newest is not None else None
-        return con.execute("SELECT count(*) FROM scores").fetchone()[0]
+        return one(con.execute("SELECT count(*) FROM scores"))[0]
 
     def put(self, customer_id: str, values: tuple[Any, ...] | None) -> None:
         """A row of the customer (`row`), kept unless the customer has a newer one by the score
@@ -261,7 +262,7 @@ class Snapshots:
                 "AS model_versions, ?::TIMESTAMPTZ AS previous_snapshot_at",
                 [datetime.now(timezone.utc), self.newest_event_time, self.source_topic,
                  sorted(self.offsets), [self.offsets[p] for p in sorted(self.offsets)], previous_at])
-            count = con.execute("SELECT customers FROM clv_next.snapshot_meta").fetchone()[0]
+            count = one(con.execute("SELECT customers FROM clv_next.snapshot_meta"))[0]
         finally:
             con.execute("DETACH clv_next")
         views = duckdb.connect(str(tmp))  # views name the tables as a reader of the file sees them
@@ -291,7 +292,7 @@ class Snapshots:
         try:
             con.execute("INSERT INTO clv_next.previous_segments "
                         "SELECT customer_id, segment FROM clv_replaced.customer_scores")
-            return con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta").fetchone()[0]
+            return one(con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta"))[0]
         finally:
             con.execute("DETACH clv_replaced")
 
