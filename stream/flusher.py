@@ -20,6 +20,7 @@ from typing import Any
 from export_onnx.runtime import Artifact
 from features.scores import ScoreRecord, encode_score
 from stream.core import Core
+from stream.drift import DriftWatch
 from stream.flush_policy import FlushFailures
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
@@ -37,6 +38,7 @@ class Flusher:
         self.core, self.states, self.artifact = core, states, artifact
         self.settings, self.metrics = settings, metrics
         self.publisher = BatchPublisher(settings)
+        self.drift = DriftWatch(artifact, metrics)
         self.failures = FlushFailures(settings.flush_failure_timeout_s)
         self.lock = asyncio.Lock()
         self.flushing: asyncio.Future[None] | None = None
@@ -164,6 +166,7 @@ class Flusher:
                 pred = self.artifact.predict(inputs)
             scores: list[ScoreRecord | Exception] = list(
                 assemble(self.artifact, states, fields, pred, as_of))
+            self.drift.observe(inputs)
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
         topic = self.settings.scores_topic

@@ -22,7 +22,8 @@ import pandas as pd
 import streamlit as st
 
 from export_onnx.runtime import META_FILE, shipped_model_dir
-from features.segments import PLAYBOOKS, SEGMENTS, Playbook
+from features import population
+from features.segments import PLAYBOOKS, SEGMENTS, Playbook, described_rules
 from state.snapshot.queries import QueryError, Selection, Snapshot, csv_text
 from state.snapshot.tables import TIERS
 
@@ -130,13 +131,14 @@ def kpis(data: dict[str, Any]) -> None:
     row2[3].metric("Clusters", f"{frame['cluster'].nunique():,}")
 
 
-def segments(data: dict[str, Any]) -> None:
-    """segment_summary, its bars, the playbooks and the value tiers: the whole snapshot."""
+def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
+    """segment_summary, its bars, the playbooks (rules with the model's dollars and the share of
+    its training cohort they held) and the value tiers: the whole snapshot."""
     st.header("Segments")
     seg = pd.DataFrame(data["segments"])
-    st.table(shown(seg[["segment", "customers", "total_clv", "mean_clv", "share_of_value",
-                        "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
-                   money_cols=("total_clv", "mean_clv"), share_cols=("share_of_value",)),
+    st.table(shown(seg[["segment", "customers", "share_of_customers", "total_clv", "mean_clv",
+                        "share_of_value", "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
+                   money_cols=("total_clv", "mean_clv"), share_cols=("share_of_customers", "share_of_value")),
              hide_index=True)
     left, right = st.columns(2)
     order = [s for s in SEGMENTS if s in set(seg["segment"])]
@@ -147,26 +149,56 @@ def segments(data: dict[str, Any]) -> None:
             color=colours("segment", list(SEGMENTS)).legend(None),
             tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f")]),
             width="stretch")
-    st.subheader("Playbooks")
-    st.table(seg[["segment", *(f.name for f in fields(Playbook))]].rename(
-        columns=lambda c: c.replace("_", " ")), hide_index=True)
-    st.subheader("Value tiers (terciles of expected CLV)")
+    playbooks(seg, meta)
+    st.subheader("Value tiers (terciles of this snapshot's expected CLV: a third of its customers each)")
     st.table(shown(pd.DataFrame(data["tiers"]), money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
                    share_cols=("share_of_value",)), hide_index=True)
+
+
+def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Per segment: who (the rule with this model's dollars, and the share of its training cohort
+    it held: where the rule's numbers are true), the share of this snapshot, and what to do."""
+    st.subheader("Playbooks")
+    who = described_rules(meta)
+    books = seg[["segment", "share_of_customers", *(f.name for f in fields(Playbook))]].assign(
+        who=seg["segment"].map(lambda name: who.get(name, PLAYBOOKS[name].who)),
+        share_of_customers=seg["share_of_customers"].map(lambda v: f"{v:.1%}"))
+    st.table(books.rename(columns={"share_of_customers": "share here"}).rename(
+        columns=lambda c: c.replace("_", " ")), hide_index=True)
+
+
+def drift_banner(data: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The drift check (features.population) on the snapshot's customers, by what their scores
+    carry (invoices, total spend, order value), against the model's training cohort: a warning
+    with the words the scorers use when they are unlike it, nothing when they are not."""
+    summary = meta.get("population")
+    frame = data["customers"]
+    if summary is None or frame.empty:
+        return
+    verdict = population.check(summary, population.from_scores(frame["frequency"].to_numpy(),
+                                                                frame["total_spend"].to_numpy()))
+    sentence = verdict.sentence()
+    if sentence:
+        st.warning(f"Drift: {sentence}", icon="⚠️")
 
 
 def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """cluster_summary, and how the model chose its clusters."""
     st.header("Behavioral clusters")
-    rows = pd.DataFrame(data["clusters"])[["cluster", "customers", "total_clv", "mean_clv",
-                                           "share_of_value", "mean_recency_days", "mean_frequency",
-                                           "mean_monetary", "main_segment"]]
-    st.table(shown(rows, money_cols=("total_clv", "mean_clv", "mean_monetary"),
-                   share_cols=("share_of_value",)), hide_index=True)
     c = meta.get("clustering")
+    rows = pd.DataFrame(data["clusters"])
+    rows = rows.assign(share_here=rows["customers"] / max(int(rows["customers"].sum()), 1),
+                       training_share=rows["cluster"].map(
+                           lambda name: (c or {}).get("profiles", {}).get(name, {}).get("share")))
+    st.table(shown(rows[["cluster", "customers", "share_here", "training_share", "total_clv", "mean_clv",
+                         "share_of_value", "mean_recency_days", "mean_frequency", "mean_monetary",
+                         "main_segment"]],
+                   money_cols=("total_clv", "mean_clv", "mean_monetary"),
+                   share_cols=("share_here", "training_share", "share_of_value")), hide_index=True)
     if c:
         st.caption(f"{c['method']} with k = {c['k']}, chosen by silhouette among K-means, a Gaussian "
-                   "mixture and Ward; features: " + ", ".join(c["features"]) + ". A customer belongs "
+                   "mixture and Ward on the model's training cohort (training share: each cluster's "
+                   "share of it); features: " + ", ".join(c["features"]) + ". A customer belongs "
                    "to the nearest centroid of the standardized features.")
 
 
@@ -290,9 +322,12 @@ def _examples(meta: dict[str, Any]) -> str:
     return f"{meta['training_examples']:,} training, {meta['validation_examples']:,} validation"
 
 
-def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> None:
-    """What the artifact says of itself, and a warning if it did not score this snapshot."""
+def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path) -> None:
+    """What the artifact says of itself, a warning if it did not score this snapshot, and one
+    if this snapshot's customers are unlike its training cohort."""
     st.header("Model card")
+    versions = data["summary"]["model_versions"] or []
+    drift_banner(data, meta)
     if meta["version"] not in versions:
         st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
                    "shown here: start the dashboard with --model for that artifact")
@@ -310,6 +345,7 @@ def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> No
                                                     for k, v in meta.get("parity", {}).items()),
         "segment CLV thresholds": ", ".join(f"{k} {money(v, cents=True)}"
                                             for k, v in meta["clv_quantiles"].items()),
+        "training cohort": population.describe(meta.get("population")),
     }
     st.table(pd.DataFrame({"fact": list(facts), "value": list(facts.values())}), hide_index=True)
     left, right = st.columns(2)
@@ -336,6 +372,10 @@ def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> No
         profiles = pd.DataFrame([{"cluster": name, **p} for name, p in c["profiles"].items()])
         st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)),
                  hide_index=True)
+    if meta.get("population"):
+        st.caption("Training cohort at the cutoff: each input's 10th, 50th and 90th percentiles "
+                   "(what scored customers are compared with)")
+        st.table(pd.DataFrame(population.percentiles(meta["population"])), hide_index=True)
     evaluation(model_dir)
 
 
@@ -361,13 +401,14 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else shipped_model_dir()
     meta = model_meta(args.model, (model_dir / META_FILE).stat().st_mtime)
     st.caption(f"snapshot {path} (read-only; the page follows new snapshots as the sink publishes them)")
+    drift_banner(data, meta)
     kpis(data)
     sel, n, colour = filters(data)
-    segments(data)
+    segments(data, meta)
     customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
     clusters(data, meta)
     lookup(str(path))
-    model_card(meta, data["summary"]["model_versions"] or [], model_dir)
+    model_card(data, meta, model_dir)
     with st.container(key="page-end"):  # the last element: a browser knows the page is all drawn
         st.caption(f"clv-stream · snapshot {path} · model card from {model_dir}")
 
