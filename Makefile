@@ -35,17 +35,28 @@ install-dev: $(VENV)/.dev-$(HASH) chromium
 
 CDNOW = $$($(BIN)/python -c 'from features.loaders import vendored_cdnow; print(vendored_cdnow())')
 
-# The product end to end on an embedded broker: worker, snapshot sink, API and dashboard, CDNOW
-# replayed. DEMO_ARGS="--exit" stops after the results; "--customers 2000" makes it shorter.
-demo: install-demo
-	$(BIN)/clv demo $(DEMO_ARGS)
+# The product end to end on an embedded broker: worker, snapshot sink, API and dashboard, replaying
+# a synthetic Online Retail-format file (`clv generate`: its customers have countries, so the
+# dashboard shows value by country). DEMO_DATA=cdnow replays the bundled CDNOW file instead (no
+# countries), DEMO_DATA=FILE any other. DEMO_ARGS="--exit" stops after the results;
+# "--customers 2000" makes it shorter.
+DEMO_DATA ?= var/online-retail.csv.gz
+DEMO_FILE = $(if $(filter cdnow,$(DEMO_DATA)),,$(DEMO_DATA))
+
+var/online-retail.csv.gz: | install-demo
+	mkdir -p $(@D)
+	$(BIN)/clv generate --out $@
+
+demo: install-demo $(DEMO_FILE)
+	$(BIN)/clv demo $(DEMO_FILE) $(DEMO_ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The README's dashboard pictures: the demo's snapshot of 3,000 CDNOW customers, photographed.
-screenshots: install-dev
-	$(BIN)/clv demo --exit --customers 3000 --workdir var/screenshots
+# The README's dashboard picture (its Overview tab): the demo's snapshot of the synthetic Online
+# Retail-format file's 3,000 first customers, photographed.
+screenshots: install-dev var/online-retail.csv.gz
+	$(BIN)/clv demo var/online-retail.csv.gz --exit --customers 3000 --workdir var/screenshots
 	$(BIN)/clv dashboard --snapshot var/screenshots/clv.duckdb --screenshot docs/dashboard.png
 
 # Rebuild the model that ships in export_onnx/shipped (CDNOW, all data, 6-month horizon).

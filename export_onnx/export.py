@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.runtime import INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
+from export_onnx.runtime import FORMAT, INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
 from features.sequences import Inputs
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _write(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], check: l
                       **{name: {0: "batch"} for name in OUTPUTS}},
         opset_version=17, dynamo=False,
     )
-    meta = {**meta, "layers": model.layers, "hidden": model.hidden}
+    meta = {**meta, "format": FORMAT, "layers": model.layers, "hidden": model.hidden}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     meta["parity"] = parity_check(model, Artifact.load(out_dir), check)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))

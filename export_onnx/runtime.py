@@ -21,6 +21,11 @@ MODEL_FILE = "model.onnx"
 META_FILE = "metadata.json"
 INPUTS = ("seq", "static", "classic", "h0")
 OUTPUTS = ("clv", "p_purchase")  # the graph's outputs, in `Prediction`'s order
+FORMAT = 1  # the artifact layout this release reads and writes (metadata "format"; absent: 1)
+# metadata.json keys the runtime reads, and the type each must have
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "version": str, "window": int, "horizon_months": int, "layers": int, "hidden": int,
+    "seq_features": list, "static_features": list, "scaler": dict, "training": dict}
 
 
 class Prediction(NamedTuple):
@@ -78,30 +83,26 @@ class Artifact:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Artifact":
+        """The artifact in `path` (default: the shipped model), or an `ArtifactError` naming the
+        file and what is wrong with it: one line for an operator, never a traceback."""
         path = Path(path) if path else shipped_model_dir()
         meta_path, model_path = path / META_FILE, path / MODEL_FILE
         if not meta_path.is_file() or not model_path.is_file():
             raise ArtifactError(f"{path}: not a model directory (needs {MODEL_FILE} and {META_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if (tuple(meta["seq_features"]) != SEQ_FEATURES or tuple(meta["static_features"]) != STATIC_FEATURES
-                or tuple(meta.get("classic_features", ())) != CLASSIC_FEATURES):
-            raise ArtifactError(
-                f"{path}: model {meta.get('version')} was trained on other features than this "
-                "release builds; retrain it with `clv train`"
-            )
-        opts = ort.SessionOptions()
-        # One thread: the GRU's steps are sequential and small, so a second intra-op thread
-        # gains no wall time (measured: 26 vs 29 ms per 1,024 customers) while its spin-wait
-        # doubles the CPU a prediction takes, CPU the broker client and event loop need.
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        if (tuple(o.name for o in session.get_outputs()) != OUTPUTS
-                or tuple(i.name for i in session.get_inputs()) != INPUTS):
-            raise ArtifactError(f"{path}: model {meta.get('version')} does not map "
-                                f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`")
-        return cls(path, meta, session, Scaler.from_dict(meta["scaler"]),
-                   Calibration.from_dict(meta["training"].get("calibration")))
+        meta = _read_meta(meta_path)
+        try:
+            scaler = Scaler.from_dict(meta["scaler"])
+            calibration = Calibration.from_dict(meta["training"].get("calibration"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{meta_path}: scaler or calibration unreadable "
+                                f"({type(exc).__name__}: {exc})") from None
+        for name, n in (("seq", len(SEQ_FEATURES)), ("static", len(STATIC_FEATURES))):
+            if any(getattr(scaler, f"{name}_{k}").shape != (n,) for k in ("center", "scale", "mask")):
+                raise ArtifactError(f"{meta_path}: the scaler's {name} arrays are not {n} long "
+                                    f"(one per {name} feature)")
+        session = _open_session(model_path)
+        _check_graph(session, meta, model_path)
+        return cls(path, meta, session, scaler, calibration)
 
     def predict(self, inputs: Inputs) -> Prediction:
         """Dollars and probabilities per customer, from unscaled inputs."""
@@ -118,3 +119,63 @@ class Artifact:
         feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
         return Prediction(*self.session.run(list(OUTPUTS), feeds))
 
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    """metadata.json parsed and checked for what the runtime reads."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{meta_path}: not JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{meta_path}: not JSON ({exc.msg} at line {exc.lineno} column "
+                            f"{exc.colno})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path}: not a JSON object")
+    if meta.get("format", 1) != FORMAT:
+        raise ArtifactError(f"{meta_path}: artifact format {meta.get('format')!r}; this release "
+                            f"reads format {FORMAT}: use the release that wrote it, or retrain "
+                            "with `clv train`")
+    for key, kind in META_TYPES.items():
+        if key not in meta:
+            raise ArtifactError(f"{meta_path}: no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise ArtifactError(f"{meta_path}: {key!r} is {type(meta[key]).__name__}, not "
+                                f"{getattr(kind, '__name__', kind)}")
+    if (tuple(meta["seq_features"]) != SEQ_FEATURES or tuple(meta["static_features"]) != STATIC_FEATURES
+            or tuple(meta.get("classic_features", ())) != CLASSIC_FEATURES):
+        raise ArtifactError(f"{meta_path}: model {meta['version']} was trained on other features "
+                            "than this release builds; retrain it with `clv train`")
+    return meta
+
+
+def _open_session(model_path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    # One thread: the GRU's steps are sequential and small, so a second intra-op thread gains no
+    # wall time (measured: 26 vs 29 ms per 1,024 customers) while its spin-wait doubles the CPU a
+    # prediction takes, CPU the broker client and event loop need.
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001  onnxruntime's errors share no base class
+        text = " ".join(str(exc).split())
+        raise ArtifactError(f"{model_path}: onnxruntime cannot load it (truncated, or not an "
+                            f"ONNX model it reads): {text[:300]}") from None
+
+
+def _check_graph(session: ort.InferenceSession, meta: dict[str, Any], model_path: Path) -> None:
+    """The graph takes and gives what the metadata says: names, then the fixed dimensions."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if (tuple(o.name for o in session.get_outputs()) != OUTPUTS or tuple(inputs) != INPUTS):
+        raise ArtifactError(f"{model_path}: model {meta['version']} does not map "
+                            f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`")
+    want = {"seq": [None, meta["window"], len(SEQ_FEATURES)], "static": [None, len(STATIC_FEATURES)],
+            "classic": [None, len(CLASSIC_FEATURES)], "h0": [meta["layers"], None, meta["hidden"]]}
+    for name, dims in want.items():
+        have = inputs[name]
+        if len(have) != len(dims) or any(d is not None and h != d for h, d in zip(have, dims)):
+            raise ArtifactError(f"{model_path}: input {name} has shape {have}, but "
+                                f"{META_FILE} says {['batch' if d is None else d for d in dims]} "
+                                "(window, features, layers, hidden): the metadata is not this "
+                                "graph's")

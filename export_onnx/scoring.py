@@ -66,6 +66,7 @@ class ScoredFile:
     scores: list[ScoreRecord]
     report: CleaningReport
     as_of: datetime
+    states: list[CustomerState]  # in the order of `scores`: what explains them (export_onnx.explain)
     drift: population.Verdict | None
 
 
@@ -86,7 +87,7 @@ def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
     states = list(next(snapshots(history.events, [at], artifact.window)).states.values())
     inputs, fields = prepare(artifact, states, at)
     scores = assemble(artifact, states, fields, artifact.predict(inputs), at)
-    return ScoredFile(scores, history.report, at, drift(artifact, inputs))
+    return ScoredFile(scores, history.report, at, states, drift(artifact, inputs))
 
 
 _customer_columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) go apart

@@ -1,4 +1,4 @@
-"""The evaluation metrics of the protocol in DESIGN.md, one function each."""
+"""The evaluation metrics of the protocol (docs/model.md, Evaluation), one function each."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import torch
 
 from export_onnx.runtime import Prediction, fingerprint
 from export_onnx.calibration import Calibration
+from export_onnx.explain import reference_inputs
 from export_onnx.export import export
 from features import population
 from features.scaling import CALENDAR, Scaler
@@ -169,6 +170,9 @@ def export_artifact(
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": quantiles,
         **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort, quantiles),
+        # What a customer's drivers are measured against (export_onnx.explain): the cohort's
+        # average inputs at the cutoff.
+        "reference": reference_inputs(split.scoring.inputs),
     }
     if clustering is not None:
         meta["clustering"] = clustering

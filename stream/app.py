@@ -36,6 +36,8 @@ import faust
 from faust.exceptions import NotReady
 from faust.types import TP
 
+from export_onnx import ArtifactError
+from export_onnx.explain import Explainer
 from export_onnx.runtime import Artifact
 from features.aggregate import Applied
 from features.contract import Invalid, Reason
@@ -74,6 +76,11 @@ settings = Settings.from_env()
 # the probes needs the API's bearer token.
 require_token(settings.web_host, settings.api_token, "web_host")
 artifact = Artifact.load(settings.model_dir or None)
+try:  # drivers of /customers/{id}, computed when asked, never on the scoring path
+    explainer: Explainer | None = Explainer(artifact)
+except ArtifactError as exc:
+    explainer = None
+    log.warning("%s: /customers/{id} answers without drivers", exc)
 faust_hooks.set_fetch_wait(settings.fetch_wait_ms)
 faust_hooks.seek_uncommitted_to_start()
 # Customer states are many long-lived objects: with the default thresholds the collector keeps
@@ -290,7 +297,8 @@ async def customer(web: Any, request: Any, customer_id: str) -> Any:
         return web.json({"error": f"customer {customer_id} not on this worker"}, status=404)
     partition, state = found
     spend, units, invoices = state.totals()
-    score = score_states(artifact, [state], core.as_of(partition))[0]
+    as_of = core.as_of(partition)
+    score = score_states(artifact, [state], as_of)[0]
     return web.json({
         "customer_id": customer_id,
         "aggregates": {
@@ -301,6 +309,8 @@ async def customer(web: Any, request: Any, customer_id: str) -> Any:
             "ids_held": state.n_ids, "ids_forgotten": state.ids_forgotten,
         },
         "score": as_dict(score),  # as of the partition's clock: what it publishes next
+        # reference_clv + each group's contribution = the score's clv (export_onnx.explain)
+        "drivers": explainer.drivers([state], as_of)[0].as_dict() if explainer else None,
     })
 
 

@@ -83,6 +83,7 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     """A file or directory a command will write (its parent must exist), or a UsageError saying
     what is wrong: checked before any broker, model or file work starts."""
     import os
+    import tempfile
     from pathlib import Path
 
     target = Path(path)
@@ -91,8 +92,13 @@ def _output(path: str, what: str, directory: bool = False) -> None:
     where = target if directory and target.exists() else target.parent  # a file is replaced there
     if not where.is_dir():
         raise UsageError(f"{what} {path!r}: directory {str(target.parent)!r} does not exist")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable")
+    try:  # the permission bits do not tell (root ignores them; a read-only mount does not)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as exc:
+        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable "
+                         f"({exc.strerror or exc})") from None
 
 
 def _file_args(p: argparse.ArgumentParser) -> None:
@@ -218,20 +224,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from export_onnx.explain import Explainer
     from export_onnx.runtime import Artifact
     from export_onnx.scoring import score_file, write_csv
 
-    _output(args.out, "--out")
+    if not args.out and not args.explain:
+        raise UsageError("score needs --out FILE, --explain ID, or both")
+    if args.out:
+        _output(args.out, "--out")
     artifact = Artifact.load(args.model)
+    explainer = Explainer(artifact) if args.explain else None  # refuses a model it cannot explain
     scored = score_file(artifact, args.file, args.as_of, **file_options(args))
-    with open(args.out, "w", newline="") as fh:
-        write_csv(scored.scores, fh)
-    print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
-          f"{artifact.version} -> {args.out}")
+    if args.out:
+        with open(args.out, "w", newline="") as fh:
+            write_csv(scored.scores, fh)
+        print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
+              f"{artifact.version} -> {args.out}")
     warning = scored.drift.sentence() if scored.drift else None
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    if explainer is not None:
+        _print_drivers(explainer, scored, args.explain, args.file)
     return 0
+
+
+def _print_drivers(explainer: Any, scored: Any, ids: list[str], file: str) -> None:
+    """Each asked customer's score and the drivers that add up to it."""
+    from export_onnx.explain import render
+
+    where = {s.customer_id: i for i, s in enumerate(scored.scores)}
+    missing = [cid for cid in ids if cid not in where]
+    if missing:
+        raise UsageError(f"--explain: no customer {', '.join(map(repr, missing))} in {file}")
+    chosen = [where[cid] for cid in ids]
+    drivers = explainer.drivers([scored.states[i] for i in chosen], scored.as_of)
+    for i, d in zip(chosen, drivers):
+        s = scored.scores[i]
+        print(f"customer {s.customer_id}: expected spend ${s.clv:,.2f} over the {s.horizon_months} "
+              f"months after {s.as_of[:10]} (P(purchase) {s.p_purchase:.0%}; model {s.model_version})")
+        print(render(d))
 
 
 def cmd_score_schema(args: argparse.Namespace) -> int:
@@ -309,9 +340,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          flush_failure_timeout_s=args.flush_failure_timeout_s,
                          log_level=args.log_level)
     _output(settings.data_dir, "--data-dir", directory=True)
-    _reachable(settings)
     os.environ.update(settings.environ())  # the app module reads its settings from there
-    from stream.app import app
+    from stream.app import app  # loads the model: a broken one is one line, before the broker
+
+    _reachable(settings)
 
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
@@ -638,7 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(p)
     p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
     p.add_argument("--as-of", type=_date, default=None, help="score as of the end of this day (default: newest event)")
-    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--out", default=None, help="CSV to write")
+    p.add_argument("--explain", action="append", default=[], metavar="ID",
+                   help="print this customer's drivers: dollars per group of inputs (recency, "
+                        "frequency, order value, trend, tenure) that add up to its score from the "
+                        "model's average customer; repeat for more customers")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("score-schema", help="print the JSON Schema of a clv-scores message")
@@ -654,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="table store: memory:// (default) or rocksdb://")
     p.add_argument("--web-port", type=_positive_int, default=None, help="HTTP port (default 6066)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
-    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 50)")
+    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 20)")
     p.add_argument("--data-dir", default=None, help="state directory (default var/worker)")
     p.add_argument("--publish-timeout-s", type=_positive_float, default=None,
                    help="longest a flush waits for the broker before it counts as failed (default 30)")

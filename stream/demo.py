@@ -71,10 +71,10 @@ def _trained_on_file(path: Path, events: list[TransactionEvent]) -> Artifact | N
     return artifact if trained_on(artifact.meta, events) else None
 
 
-def choose_model(opts: DemoOptions, data: str, events: list[TransactionEvent]) -> str | None:
-    """The model directory the demo runs (None: the shipped one), trained on the file first when
-    the model given was not trained on it, and the one line that says which and why."""
-    given = Artifact.load(opts.model)  # a bad --model is said before anything starts
+def choose_model(opts: DemoOptions, given: Artifact, data: str,
+                 events: list[TransactionEvent]) -> str | None:
+    """The model directory the demo runs (None: the shipped one, `given`), trained on the file
+    first when the model given was not trained on it, and the one line that says which and why."""
     name = opts.model or "the shipped model"
     if opts.train is not True and trained_on(given.meta, events):
         print(f"model: {given.version} ({name}), trained on {data} up to {given.meta['cutoff'][:10]}",
@@ -117,9 +117,10 @@ def run(opts: DemoOptions) -> int:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # results, not client chatter
     data = opts.data or str(vendored_cdnow())
     opts.workdir.mkdir(parents=True, exist_ok=True)
+    given = Artifact.load(opts.model)  # a broken model directory is one line before anything starts
     history = read_history(data)
     events = history.events
-    model = choose_model(opts, data, events)
+    model = choose_model(opts, given, data, events)
     if opts.customers:
         keep = sorted({e.customer_id for e in events})[:opts.customers]
         wanted = set(keep)

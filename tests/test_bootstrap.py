@@ -92,10 +92,13 @@ def test_bootstrap_part_then_replay_the_whole_history(clv_env, kafka_bootstrap, 
         assert m.get("clv_rescored_customers_total", 0) == 0  # the bootstrap's scores are current
         for cid in list(part_scores)[:5]:  # served from the recovered states, as published
             status, body = worker.get(f"/customers/{cid}")
-            served = json.loads(body)["score"]
+            page = json.loads(body)
+            served, drivers = page["score"], page["drivers"]
             assert status == 200 and served["as_of"] == part_scores[cid]["as_of"]
             want = part_scores[cid]["clv"]
             assert abs(served["clv"] - want) <= 1e-5 * max(abs(want), 1e-9)
+            explained = drivers["reference_clv"] + sum(d["contribution"] for d in drivers["drivers"])
+            assert abs(explained - want) <= 1e-3 * max(abs(want), 0.01)  # the drivers add up to it
         rep = replay(clv_env, whole)
         assert rep.wait(120) == 0, rep.stderr.read()
         wait_idle([worker], events_whole, timeout=120)

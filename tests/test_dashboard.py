@@ -1,9 +1,10 @@
 """The dashboard in a real browser: `clv dashboard` over the snapshot of `clv demo --exit
 --customers 3000`, opened in headless Chromium (Debian's) through Playwright. What the page shows
-is checked against the snapshot read with DuckDB: the KPI numbers, the segment table, the top-N
-table under a segment filter, the CSV download against `clv export` for the same filter, a
-customer lookup, the model card, a new snapshot replacing the shown one, and no page errors
-throughout."""
+is checked against the snapshot read with DuckDB: every tab drawn, the KPI numbers, the written
+insights, value by country, the segment table, movement between segments against the two
+snapshots, the top-N table under a segment filter, the CSV download against `clv export` for
+the same filter, a customer lookup, the model card, a new snapshot replacing the shown one, and
+no page errors throughout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import re
 import shutil
 import subprocess
 import time
+import zlib
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -24,6 +28,8 @@ pytest.importorskip("streamlit")
 pytest.importorskip("playwright")
 
 from export_onnx.runtime import shipped_model_dir  # noqa: E402
+from features.scores import FIELDS, ScoreRecord, iso_time  # noqa: E402
+from features.segments import SEGMENTS  # noqa: E402
 from harness import CLV  # noqa: E402
 from state.snapshot import dashboard  # noqa: E402
 from state.snapshot import tables as snapshot  # noqa: E402
@@ -47,13 +53,44 @@ def model_with_evaluation(out: Path) -> Path:
     return out
 
 
+COUNTRIES = ("United Kingdom", "United Kingdom", "United Kingdom", "Germany", "France", "EIRE", "")
+
+
+def rescored(previous: Path, path: Path) -> None:
+    """The sink's next snapshot after `previous`: every customer scored again with a country
+    (CDNOW names none; an Online Retail file does), a seventh of them in the next segment."""
+    con = duckdb.connect(str(previous), read_only=True)
+    try:
+        cur = con.execute(f"SELECT {', '.join(f for f in FIELDS if f != 'schema_version')} FROM customer_scores")
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+    shutil.copy(previous, path)
+    sink = snapshot.Snapshots(path, "clv-scores")
+    try:
+        sink.open()
+        for i, row in enumerate(rows):
+            row = {k: iso_time(v) if isinstance(v, datetime) else v for k, v in row.items()}
+            code = zlib.crc32(row["customer_id"].encode())
+            segment = SEGMENTS[(SEGMENTS.index(row["segment"]) + 1) % len(SEGMENTS)] if code % 7 == 0 \
+                else row["segment"]
+            score = ScoreRecord(schema_version=6, **row)
+            score = replace(score, country=COUNTRIES[code % len(COUNTRIES)], segment=segment)
+            sink.put(score.customer_id, snapshot.row(score, 0, i))
+        assert sink.publish() == len(rows)
+    finally:
+        sink.close()
+
+
 @pytest.fixture(scope="module")
 def served(demo_3000, tmp_path_factory):
-    """A copy of the demo's snapshot (the refresh test replaces it) served by `clv dashboard`,
-    with the shipped model and an evaluation beside it for the model card."""
+    """The demo's snapshot followed by one with countries and segment changes (the refresh test
+    replaces it later), served by `clv dashboard`, with the shipped model and an evaluation
+    beside it for the model card."""
     tmp = tmp_path_factory.mktemp("dashboard")
     path = tmp / "clv.duckdb"
-    shutil.copy(demo_3000.snapshot, path)
+    rescored(demo_3000.snapshot, path)
     port = free_port()
     model = model_with_evaluation(tmp / "model")
     proc = Child(clv("dashboard", "--snapshot", str(path), "--port", str(port), "--model", str(model)),
@@ -61,7 +98,7 @@ def served(demo_3000, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         dashboard.wait_healthy(url, proc.proc)
-        yield path, url
+        yield path, url, demo_3000.snapshot
     finally:
         assert proc.stop() == 0, proc.output()[-3000:]
 
@@ -69,7 +106,7 @@ def served(demo_3000, tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(served):
     """One Chromium page on the dashboard for the module; every uncaught page error is kept."""
-    _, url = served
+    _, url, _ = served
     with dashboard.browser() as page:
         page.errors = []
         page.on("pageerror", lambda exc: page.errors.append(str(exc)))
@@ -84,6 +121,30 @@ def query(path: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def show(page, tab: str) -> None:
+    """Open a tab of the page and wait until its charts have drawn."""
+    page.get_by_role("tab", name=tab).click()
+    dashboard.settle(page)
+    page.wait_for_function(dashboard.DRAWN, timeout=30_000)
+
+
+def chart(page, title: str) -> list[dict[str, str]]:
+    """The marks of the chart titled `title` (drawn as SVG): each mark's fields, as the chart
+    labels them."""
+    found = page.locator('[data-testid="stVegaLiteChart"]').filter(has_text=title).first
+    labels = [p.get_attribute("aria-label") for p in found.locator("svg .mark-rect path").all()]
+    return [dict(part.split(": ", 1) for part in label.split("; ")) for label in labels]
+
+
+def test_every_tab_draws(page):
+    """Each tab shows what it is for, with no page error."""
+    for tab, has in (("Segments and playbooks", "what to measure"), ("Customers", "p_purchase"),
+                     ("Clusters", "main_segment"), ("Model", "fact"), ("Overview", "value_tier")):
+        show(page, tab)
+        assert table(page, has), tab
+        assert page.errors == [], tab
 
 
 def metrics(page) -> dict[str, str]:
@@ -104,7 +165,8 @@ def table(page, has: str) -> list[dict[str, str]]:
 
 
 def test_kpis_and_segment_table_are_the_snapshots(page, served):
-    path, _ = served
+    path, _, _ = served
+    show(page, "Overview")
     n, total, mean, versions, at, newest = query(path, """
         SELECT count(*), sum(clv), avg(clv), (SELECT model_versions FROM snapshot_meta),
                (SELECT strftime(snapshot_at AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M:%S UTC') FROM snapshot_meta),
@@ -122,30 +184,81 @@ def test_kpis_and_segment_table_are_the_snapshots(page, served):
     clusters = query(path, "SELECT count(DISTINCT cluster), count(*) FILTER (WHERE cluster = '') "
                            "FROM customer_scores")[0]
     assert shown["Clusters"] == str(clusters[0]) and clusters[0] >= 3 and clusters[1] == 0
+    show(page, "Segments and playbooks")
     segments = {r["segment"]: int(r["customers"]) for r in table(page, "mean_p_purchase")}
     assert segments == dict(query(path, "SELECT segment, customers FROM segment_summary"))
     assert "vip" in segments
     books = {r["segment"]: r for r in table(page, "what to measure")}
     assert set(books) == set(segments) and books["vip"]["what to do"].startswith("protect")
-    # The demo's transactions name no country: no country filter, a note instead.
-    assert query(path, "SELECT count(*) FROM customer_scores WHERE country <> ''")[0][0] == 0
-    sidebar = page.locator('[data-testid="stSidebar"]')
-    assert sidebar.locator('[data-testid="stMultiSelect"]').filter(has_text="Country").count() == 0
-    assert "no customer's transactions name one" in sidebar.inner_text()
+
+
+
+def test_country_charts_are_the_snapshots(page, served):
+    path, _, _ = served
+    show(page, "Overview")
+    want = query(path, "SELECT CASE country WHEN '' THEN '(unknown)' ELSE country END, count(*), "
+                       "sum(clv), sum(total_spend) FROM customer_scores GROUP BY country "
+                       "ORDER BY sum(clv) DESC, country")
+    assert len(want) == len(set(COUNTRIES)) and want[0][0] == "United Kingdom"
+    for title, field, at in (("Expected value by country", "total_clv", 2),
+                             ("Revenue so far by country", "total_spend", 3)):
+        got = [(m["country"], int(m["customers"]), float(m[field])) for m in chart(page, title)]
+        assert got == [(row[0], row[1], pytest.approx(row[at])) for row in want], title
+
+
+def test_insights_are_the_snapshots(page, served):
+    """Each sentence's number against SQL of its own over the snapshot."""
+    path, _, previous = served
+    show(page, "Overview")
+    said = page.locator(".st-key-insights li").all_inner_texts()
+    n, total, buyers = query(path, "SELECT count(*), sum(clv), sum(p_purchase) FROM customer_scores")[0]
+    segment, customers, share = query(path, f"""
+        SELECT segment, count(*), sum(clv) / {total} FROM customer_scores GROUP BY segment
+        ORDER BY sum(clv) / {total} - count(*) / {n} DESC, segment LIMIT 1""")[0]
+    top = query(path, f"SELECT sum(clv) FROM (SELECT clv FROM customer_scores ORDER BY clv DESC "
+                      f"LIMIT {math.ceil(n / 10)})")[0][0]
+    at_risk, at_risk_value = query(path, "SELECT count(*), sum(clv) FROM customer_scores "
+                                         "WHERE segment = 'at_risk_loyal'")[0]
+    country, country_value = query(path, "SELECT country, sum(clv) FROM customer_scores WHERE country <> '' "
+                                         "GROUP BY 1 ORDER BY 2 DESC LIMIT 1")[0]
+    changed = query(path, f"""ATTACH '{previous}' AS before (READ_ONLY);
+        SELECT count(*) FROM customer_scores JOIN before.customer_scores b USING (customer_id)
+        WHERE b.segment <> customer_scores.segment""")[0][0]
+    assert said[0].startswith(f"The {segment} segment, {customers / n:.1%} of customers ({customers:,}), "
+                              f"holds {share:.1%}")
+    assert said[1].startswith(f"The top 10% of customers ({math.ceil(n / 10):,}) hold {top / total:.1%}")
+    assert said[2].startswith(f"{buyers:,.0f} customers ({buyers / n:.1%}) are expected to buy")
+    assert said[3].startswith(f"{at_risk:,} loyal customers") and f"${at_risk_value:,.0f}" in said[3]
+    assert said[4].startswith(f"{country} holds {country_value / total:.1%} of the expected value")
+    assert said[5].startswith(f"{changed:,} customers changed segment") and changed > 100
+    assert len(said) == 6
+
+
+def test_segment_movement_is_sql_over_the_two_snapshots(page, served):
+    path, _, previous = served
+    show(page, "Segments and playbooks")
+    grid = table(page, "from \\ to")
+    got = {(r["from \\ to"], to): int(v) for r in grid for to, v in r.items() if to != "from \\ to" and int(v)}
+    want = query(path, f"""ATTACH '{previous}' AS before (READ_ONLY);
+        SELECT coalesce(b.segment, '(new)'), coalesce(c.segment, '(gone)'), count(*)
+        FROM before.customer_scores b FULL JOIN customer_scores c USING (customer_id) GROUP BY ALL""")
+    assert got == {(a, b): k for a, b, k in want}
+    assert any(a != b for a, b, _ in want)
 
 
 def test_segment_filter_changes_the_top_list_and_the_download_is_clv_export(page, served, tmp_path):
-    path, _ = served
+    path, _, _ = served
+    show(page, "Customers")
     before = [r["customer_id"] for r in table(page, "p_purchase")]
     assert before == [c for (c,) in query(path, "SELECT customer_id FROM customer_scores "
                                                 "ORDER BY clv DESC, customer_id LIMIT 20")]
-    segment = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').filter(has_text="Segment")
+    segment = page.locator('.st-key-filters [data-testid="stMultiSelect"]').filter(has_text="Segment")
     segment.locator("input").click()
     page.keyboard.type("dormant")
     page.keyboard.press("Enter")
     page.keyboard.press("Escape")
     dashboard.settle(page)
-    frequency = page.locator('[data-testid="stSidebar"] [data-testid="stNumberInput"]').filter(
+    frequency = page.locator('.st-key-filters [data-testid="stNumberInput"]').filter(
         has_text="Minimum frequency").locator("input")
     frequency.fill("2")
     frequency.press("Enter")
@@ -166,7 +279,8 @@ def test_segment_filter_changes_the_top_list_and_the_download_is_clv_export(page
 
 
 def test_customer_lookup_shows_the_customers_row(page, served):
-    path, _ = served
+    path, _, _ = served
+    show(page, "Customers")
     cid, clv, segment, cluster = query(path, "SELECT customer_id, clv, segment, cluster FROM customer_scores "
                                              "ORDER BY clv DESC LIMIT 1")[0]
     box = page.get_by_label("Customer id")
@@ -181,8 +295,12 @@ def test_customer_lookup_shows_the_customers_row(page, served):
 def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
     """Version, training window and the clustering scores from the artifact's metadata, and the
     evaluation kept beside it: its metrics per model and its plots."""
+    show(page, "Model")
     meta = json.loads((shipped_model_dir() / "metadata.json").read_text())
     facts = {r["fact"]: r["value"] for r in table(page, "fact")}
+    run = {r["setting"]: r["value"] for r in table(page, "setting")}
+    assert run["training data (sha256)"] == meta["training_data_sha256"]
+    assert run["seed"] == str(meta["train_config"]["seed"])
     assert facts["version"] == meta["version"]
     assert facts["training window"] == f"{meta['first_event'][:10]} to {meta['cutoff'][:10]}"
     methods = {r["method"]: r for r in table(page, "davies_bouldin")}
@@ -198,7 +316,8 @@ def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
 def test_a_new_snapshot_shows_without_reloading(page, served, tmp_path):
     """The sink publishes a snapshot without 500 of the customers: the page follows within
     seconds, and again when the original comes back."""
-    path, _ = served
+    path, _, _ = served
+    show(page, "Overview")
     original = tmp_path / "original.duckdb"
     shutil.copy(path, original)
     gone = [c for (c,) in query(path, "SELECT customer_id FROM customer_scores ORDER BY customer_id LIMIT 500")]
@@ -224,13 +343,13 @@ def wait_for_customers(page, shown: str) -> None:
 
 
 def test_screenshot_command_writes_the_whole_page(served, tmp_path):
-    path, _ = served
+    path, _, _ = served
     out = tmp_path / "dashboard.png"
     res = subprocess.run([*CLV, "dashboard", "--snapshot", str(path), "--screenshot", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     png = out.read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width == 1400 and height > 3000  # every section
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width == 1400 and height > 1200  # the Overview, whole
     res = subprocess.run([*CLV, "dashboard", "--port", "0x50"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.startswith("clv: error:") and len(res.stderr.splitlines()) == 1

@@ -160,8 +160,8 @@ def test_compose_commands_and_environment_match_the_code(compose):
     assert Path(replay[1]).name == "CDNOW_master.txt.gz" and (ROOT / "features/data/CDNOW_master.txt.gz").exists()
 
 
-def test_readme_configuration_table_matches_the_settings():
-    readme = (ROOT / "README.md").read_text()
+def test_the_configuration_table_of_the_docs_matches_the_settings():
+    readme = (ROOT / "docs/operations.md").read_text()
     for name, env, default, doc in Settings.describe():
         assert f"| `{name}` | `{env}` | `{default}` | {doc} |" in readme, name
 

@@ -125,6 +125,8 @@ def test_bad_cli_arguments_exit_2(tmp_path):
     (["worker", "--data-dir", "{tmp}/missing/state"], "does not exist"),
     (["worker", "--data-dir", "{tmp}/file"], "is not a directory"),
     (["worker", "--bootstrap", "127.0.0.1:1", "--data-dir", "{tmp}"], "cannot create the topics"),
+    (["worker", "--data-dir", "/proc/sys/kernel"], "is not writable"),
+    (["worker", "--store", "redis://x", "--data-dir", "{tmp}"], "store must be memory:// or rocksdb://"),
     (["score", "{cdnow}", "--out", "{tmp}/missing/scores.csv"], "does not exist"),
     (["export", "--out", "{tmp}"], "is a directory"),
     (["replay", "{cdnow}", "--rate", "-5"], "positive"),

@@ -512,3 +512,47 @@ def test_a_reader_stopped_as_soon_as_it_started_stops_cleanly(kafka_bootstrap, c
         await consumer.stop()
 
     asyncio.run(start_and_stop())
+
+
+def test_each_snapshot_carries_the_segments_of_the_one_it_replaced(tmp_path):
+    """The first snapshot has nothing to compare with; the next one holds the segments of the
+    file it replaced, so movement and its insight are read from one file and equal SQL over
+    the two; a customer gone and one new show as such."""
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
+    path, before = tmp_path / "clv.duckdb", tmp_path / "before.duckdb"
+
+    def publish(ids: range, shift: int) -> None:
+        store = snapshot.Snapshots(path, "scores")
+        try:
+            store.open()
+            for i in ids:
+                score = replace(base, customer_id=f"c{i}", clv=float(i),
+                                segment=SEGMENTS[(i + shift * (i % 3 == 0)) % len(SEGMENTS)])
+                store.put(score.customer_id, snapshot.row(score, 0, i))
+            for gone in set(range(12)) - set(ids):
+                store.put(f"c{gone}", None)
+            store.publish()
+        finally:
+            store.close()
+
+    publish(range(12), 0)
+    snap = Snapshot(path)
+    assert snap.moves() == [] and "segment_changes" not in {i["key"] for i in snap.insights()}
+    assert snap.summary()["previous_snapshot_at"] is None
+    first_at = snap.summary()["snapshot_at"]
+    os.link(path, before)  # the file the next publish replaces
+    publish(range(1, 13), 1)  # c0 gone, c12 new, c3, c6, c9 moved
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        con.execute(f"ATTACH '{before}' AS before (READ_ONLY)")
+        want = con.execute("SELECT b.segment, c.segment, count(*) FROM before.customer_scores b "
+                           "FULL JOIN customer_scores c USING (customer_id) GROUP BY ALL").fetchall()
+    finally:
+        con.close()
+    assert sorted((m["from_segment"] or "", m["to_segment"] or "", m["customers"]) for m in snap.moves()) == \
+        sorted((a or "", b or "", k) for a, b, k in want)
+    assert snap.summary()["previous_snapshot_at"] == first_at
+    said = {i["key"]: i for i in snap.insights()}
+    assert said["segment_changes"]["value"] == 3 == sum(k for a, b, k in want if a and b and a != b)
+    assert said["segment_changes"]["text"].startswith("3 customers changed segment") and "new since then: 1" in \
+        said["segment_changes"]["text"]

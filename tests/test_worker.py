@@ -52,7 +52,12 @@ def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap
     assert len(live) == 23_570
     assert len(assert_exact(live, cdnow_batch)) == 23_570  # every partition's clock ends with the file
     status, body = cdnow_live.customer_page
-    assert status == 200 and json.loads(body)["score"]["customer_id"] == "00001"
+    page = json.loads(body)
+    assert status == 200 and page["score"]["customer_id"] == "00001"
+    drivers = page["drivers"]  # they add up to the score the worker serves
+    assert [d["group"] for d in drivers["drivers"]] == ["recency", "frequency", "order_value", "trend", "tenure"]
+    assert (drivers["reference_clv"] + sum(d["contribution"] for d in drivers["drivers"])
+            == pytest.approx(page["score"]["clv"], rel=1e-3, abs=1e-5))
     sample = next(iter(live.values()))
     assert sample["schema_version"] == SCORE_SCHEMA_VERSION and sample["as_of"].startswith("1998-06")
 

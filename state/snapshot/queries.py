@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
@@ -18,6 +19,7 @@ import duckdb
 import pandas as pd
 
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
+from state.snapshot import insights
 from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
@@ -73,6 +75,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
@@ -101,14 +109,18 @@ class Snapshot:
                 raise SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
             raise SnapshotUnavailable(f"cannot open {self.path}: {exc}") from None
 
-    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    @contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection on one snapshot for several questions that must agree."""
         con = self.connect()
         try:
-            cur = con.execute(sql, params or [])
-            cols = [d[0] for d in cur.description]
-            return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+            yield con
         finally:
             con.close()
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with self.reading() as con:
+            return _dicts(con, sql, params)
 
     @staticmethod
     def _filter(sel: Selection) -> tuple[str, list[Any]]:
@@ -150,6 +162,24 @@ class Snapshot:
         """The countries of the customers whose country is known, for a filter to offer."""
         return [r["country"] for r in self._rows(
             "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
+
+    def by_country(self) -> list[dict[str, Any]]:
+        """Per country ("" where unknown): customers, expected value and its share, spend so far."""
+        return self._rows("SELECT * FROM country_summary")
+
+    def moves(self) -> list[dict[str, Any]]:
+        """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
+        None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
+        with self.reading() as con:
+            if not insights.has(con, "segment_moves") or con.execute(
+                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta").fetchone()[0]:
+                return []
+            return _dicts(con, "SELECT * FROM segment_moves")
+
+    def insights(self) -> list[dict[str, Any]]:
+        """The written insights (`state.snapshot.insights`), each `key`, `text`, `value`."""
+        with self.reading() as con:
+            return [asdict(i) for i in insights.compute(con)]
 
     def clusters(self) -> list[dict[str, Any]]:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""

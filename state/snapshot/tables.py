@@ -9,11 +9,17 @@ one, never a partial file, and the sink never holds a lock on the published path
 Tables:
 - `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier.
 - `snapshot_meta`: one row: when it was written, newest event time, row count, offsets per
-  partition of the scores topic (the sink resumes from them), model versions.
+  partition of the scores topic (the sink resumes from them), model versions, and when the
+  snapshot it replaced was written (`previous_snapshot_at`, NULL for the first).
 - `segment_playbook`: per segment, who is in it and what to do (from `features.segments`).
-Views: `segment_summary`, `tier_summary`, `cluster_summary`: customers, totals, means and shares
-of `clv`, the expected spend, which adds up over customers; `clv` also sets the value tiers.
-`cluster_summary` adds each behavioral cluster's mean RFM fields and its most common segment.
+- `previous_segments`: each customer's segment in the snapshot this one replaced (empty for the
+  first), copied from that file when this one is written: movement between segments is read
+  from one file, so a reader never compares two snapshots of different moments by accident.
+Views: `segment_summary`, `tier_summary`, `cluster_summary`, `country_summary`: customers,
+totals, means and shares of `clv`, the expected spend, which adds up over customers; `clv` also
+sets the value tiers. `cluster_summary` adds each behavioral cluster's mean RFM fields and its
+most common segment. `segment_moves`: customers per (previous segment, segment) pair, NULL on
+the left for customers new since the previous snapshot and on the right for those gone.
 """
 
 from __future__ import annotations
@@ -93,6 +99,20 @@ SELECT cluster, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_c
        avg(tenure_days) AS mean_tenure_days, mode(segment) AS main_segment
 FROM customer_scores GROUP BY cluster
 ORDER BY total_clv DESC;
+
+CREATE VIEW country_summary AS
+SELECT country, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
+       sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
+       sum(total_spend) AS total_spend
+FROM customer_scores GROUP BY country
+ORDER BY total_clv DESC, country;
+
+CREATE VIEW segment_moves AS
+SELECT previous_segments.segment AS from_segment, customer_scores.segment AS to_segment,
+       count(*) AS customers, coalesce(sum(customer_scores.clv), 0) AS total_clv
+FROM previous_segments FULL OUTER JOIN customer_scores USING (customer_id)
+GROUP BY ALL
+ORDER BY from_segment NULLS FIRST, to_segment NULLS LAST;
 
 CREATE VIEW tier_summary AS
 SELECT value_tier, count(*) AS customers, min(clv) AS min_clv, max(clv) AS max_clv,
@@ -209,6 +229,7 @@ class Snapshots:
         con.execute("ATTACH ? AS clv_next", [str(tmp)])
         try:
             con.execute(_CREATE)
+            previous_at = self._previous_segments(con)
             con.executemany(
                 f"INSERT INTO clv_next.segment_playbook VALUES ({', '.join('?' * len(_PLAYBOOK_COLUMNS))})",
                 [[name, *astuple(book)] for name, book in PLAYBOOKS.items()])
@@ -218,9 +239,9 @@ class Snapshots:
                 "(SELECT count(*) FROM clv_next.customer_scores) AS customers, "
                 "?::VARCHAR AS source_topic, MAP(?::INTEGER[], ?::BIGINT[]) AS offsets, "
                 "(SELECT list(DISTINCT model_version ORDER BY model_version) FROM scores) "
-                "AS model_versions",
+                "AS model_versions, ?::TIMESTAMPTZ AS previous_snapshot_at",
                 [datetime.now(timezone.utc), self.newest_event_time, self.source_topic,
-                 sorted(self.offsets), [self.offsets[p] for p in sorted(self.offsets)]])
+                 sorted(self.offsets), [self.offsets[p] for p in sorted(self.offsets)], previous_at])
             count = con.execute("SELECT customers FROM clv_next.snapshot_meta").fetchone()[0]
         finally:
             con.execute("DETACH clv_next")
@@ -239,6 +260,21 @@ class Snapshots:
         finally:
             os.close(dir_fd)
         return int(count)
+
+    def _previous_segments(self, con: duckdb.DuckDBPyConnection) -> datetime | None:
+        """`clv_next.previous_segments` from the snapshot about to be replaced (the file at the
+        published path, whoever put it there); returns when that one was written, None when
+        there is none."""
+        con.execute("CREATE TABLE clv_next.previous_segments (customer_id VARCHAR, segment VARCHAR)")
+        if not self.path.exists():
+            return None
+        con.execute("ATTACH ? AS clv_replaced (READ_ONLY)", [str(self.path)])
+        try:
+            con.execute("INSERT INTO clv_next.previous_segments "
+                        "SELECT customer_id, segment FROM clv_replaced.customer_scores")
+            return con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta").fetchone()[0]
+        finally:
+            con.execute("DETACH clv_replaced")
 
     def close(self) -> None:
         """Drop the working file: the published snapshot is what a restart starts from."""

@@ -25,12 +25,12 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package; the test set-up installs it
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 READY = '[data-testid="stMetricValue"]'  # the KPI cards: the page has read the snapshot
-# Every element has drawn: Streamlit loads an element's code on first use and shows a skeleton
-# in its place until then (a busy machine can photograph a page of skeletons), and a chart
-# draws into a canvas or svg after that.
+# Every element shown has drawn: Streamlit loads an element's code on first use and shows a
+# skeleton in its place until then (a busy machine can photograph a page of skeletons), and a
+# chart draws into a canvas or svg after that; charts on tabs not shown draw when shown.
 DRAWN = ("() => !document.querySelector('[data-testid=\"stSkeleton\"]') && "
          "[...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
-         ".every(c => c.querySelector('canvas, svg'))")
+         ".filter(c => c.checkVisibility()).every(c => c.querySelector('canvas, svg'))")
 PAGE_END = ".st-key-page-end"  # app.py's last element: the script run has reached the end
 # How tall the page's content is: the bottom of Streamlit's block container in its scrolling pane.
 MAIN_HEIGHT = ("(() => { const b = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"

@@ -1,9 +1,13 @@
 """The Streamlit page `clv dashboard` serves: one DuckDB snapshot, read-only like every reader
 (state.snapshot.queries), re-read whenever the sink swaps in a new one.
 
+Tabs follow the questions analysts ask: Overview (KPI cards, written insights, value by segment
+and by country), Segments (summary, playbooks, tiers, movement since the previous snapshot),
+Customers (filters, top-N, download, lookup), Clusters, Model (card, evaluation, training run).
 Every figure comes from the snapshot's own tables and views (segment_summary, tier_summary,
-cluster_summary, snapshot_meta), and the filtered table and its download from the same query
-`clv export` runs, so what the page shows and what an analyst exports agree.
+cluster_summary, country_summary, segment_moves, snapshot_meta) and the insights from
+`state.snapshot.insights`; the filtered table and its download from the same query `clv export`
+runs, so what the page shows and what an analyst exports agree.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from state.snapshot.tables import TIERS
 REFRESH_S = 3.0  # how often the page looks for a new snapshot
 SCATTER_POINTS = 5000  # scatter plots draw a seeded sample above this
 TOP_N_MAX = 500
+TABS = ("Overview", "Segments and playbooks", "Customers", "Clusters", "Model")
 # Long KPI values (times, model versions) wrap in smaller type instead of being cut off.
 CSS = """<style>
 .st-key-kpi-small [data-testid="stMetricValue"], .st-key-kpi-small [data-testid="stMetricValue"] * {
@@ -61,7 +66,8 @@ def load(path: str, snap_stamp: tuple[int, int]) -> dict[str, Any]:
     keys the cache: a new snapshot is read anew)."""
     snap = Snapshot(path)
     return {"customers": snap.frame(), "summary": snap.summary(), "segments": snap.segments(),
-            "tiers": snap.tiers(), "clusters": snap.clusters(), "countries": snap.countries()}
+            "tiers": snap.tiers(), "clusters": snap.clusters(), "countries": snap.countries(),
+            "by_country": snap.by_country(), "moves": snap.moves(), "insights": snap.insights()}
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -113,6 +119,12 @@ def colours(field: str, names: list[str]) -> alt.Color:
     return alt.Color(f"{field}:N", scale=alt.Scale(domain=names), title=field)
 
 
+def svg(chart: alt.Chart) -> alt.Chart:
+    """Drawn as SVG, whose marks carry their values as labels: a reader (and a browser test)
+    can read a bar's numbers off the page."""
+    return chart.properties(usermeta={"embedOptions": {"renderer": "svg"}})
+
+
 def kpis(data: dict[str, Any]) -> None:
     """The cards: counts and money from the whole snapshot, then when and by what it was scored."""
     s, frame = data["summary"], data["customers"]
@@ -131,10 +143,69 @@ def kpis(data: dict[str, Any]) -> None:
     row2[3].metric("Clusters", f"{frame['cluster'].nunique():,}")
 
 
+def insights_list(data: dict[str, Any]) -> None:
+    """The written insights, one sentence each with its number (state.snapshot.insights)."""
+    st.subheader("What the snapshot says")
+    with st.container(key="insights"):
+        st.markdown("\n".join(f"- {i['text']}" for i in data["insights"]) or "- no customers yet")
+
+
+def overview(data: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The first look: whether the model knows customers like these, KPI cards, insights, where
+    the value sits by segment and by country."""
+    drift_banner(data, meta)
+    kpis(data)
+    insights_list(data)
+    seg = pd.DataFrame(data["segments"])
+    order = [s for s in SEGMENTS if s in set(seg["segment"])]
+    left, right = st.columns(2)
+    left.altair_chart(svg(alt.Chart(seg, title="Expected value by segment ($)").mark_bar().encode(
+        x=alt.X("total_clv:Q", title=None), y=alt.Y("segment:N", sort=order, title=None),
+        color=colours("segment", list(SEGMENTS)).legend(None),
+        tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f"),
+                 alt.Tooltip("share_of_value:Q", format=".1%")])), width="stretch")
+    left.markdown(f"**Value tiers** ({TIER_RULE})")
+    left.table(shown(pd.DataFrame(data["tiers"])[["value_tier", "customers", "min_clv", "max_clv",
+                                                  "total_clv", "share_of_value"]],
+                     money_cols=("min_clv", "max_clv", "total_clv"), share_cols=("share_of_value",)),
+               hide_index=True)
+    countries = pd.DataFrame(data["by_country"])
+    with right:
+        if countries.empty or (countries["country"] == "").all():
+            st.markdown("**Expected value by country**")
+            st.caption("No customer's transactions name a country (CDNOW has none), so value by "
+                       "country is not known for this snapshot.")
+        else:
+            country_charts(countries)
+
+
+COUNTRIES_SHOWN = 10  # the rest are drawn together as "(other)"
+
+
+def country_charts(countries: pd.DataFrame) -> None:
+    """Expected value and revenue so far per country (country_summary), customers of unknown
+    country as "(unknown)", the largest by expected value first."""
+    frame = countries.assign(country=countries["country"].replace("", "(unknown)"))
+    if len(frame) > COUNTRIES_SHOWN:
+        rest = frame.iloc[COUNTRIES_SHOWN - 1:]
+        frame = pd.concat([frame.iloc[:COUNTRIES_SHOWN - 1], pd.DataFrame([{
+            "country": "(other)", "customers": rest["customers"].sum(), "total_clv": rest["total_clv"].sum(),
+            "share_of_value": rest["share_of_value"].sum(), "total_spend": rest["total_spend"].sum()}])])
+    order = list(frame["country"])
+    for field, title in (("total_clv", "Expected value by country ($)"),
+                         ("total_spend", "Revenue so far by country ($)")):
+        st.altair_chart(svg(alt.Chart(frame, title=title).mark_bar().encode(
+            x=alt.X(f"{field}:Q", title=None), y=alt.Y("country:N", sort=order, title=None),
+            tooltip=["country", alt.Tooltip(f"{field}:Q", format="$,.0f"), "customers"])),
+            width="stretch")
+
+
+TIER_RULE = "terciles of this snapshot's expected CLV: a third of its customers each"
+
+
 def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
-    """segment_summary, its bars, the playbooks (rules with the model's dollars and the share of
-    its training cohort they held) and the value tiers: the whole snapshot."""
-    st.header("Segments")
+    """segment_summary, its bars, the playbooks, the value tiers and the movement between
+    segments since the previous snapshot: the whole snapshot."""
     seg = pd.DataFrame(data["segments"])
     st.table(shown(seg[["segment", "customers", "share_of_customers", "total_clv", "mean_clv",
                         "share_of_value", "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
@@ -150,14 +221,15 @@ def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
             tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f")]),
             width="stretch")
     playbooks(seg, meta)
-    st.subheader("Value tiers (terciles of this snapshot's expected CLV: a third of its customers each)")
+    st.subheader(f"Value tiers ({TIER_RULE})")
     st.table(shown(pd.DataFrame(data["tiers"]), money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
                    share_cols=("share_of_value",)), hide_index=True)
+    movement(data)
 
 
 def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
     """Per segment: who (the rule with this model's dollars, and the share of its training cohort
-    it held: where the rule's numbers are true), the share of this snapshot, and what to do."""
+    it held: where the rule's numbers are true), its share of this snapshot, and what to do."""
     st.subheader("Playbooks")
     who = described_rules(meta)
     books = seg[["segment", "share_of_customers", *(f.name for f in fields(Playbook))]].assign(
@@ -170,7 +242,7 @@ def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
 def drift_banner(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """The drift check (features.population) on the snapshot's customers, by what their scores
     carry (invoices, total spend, order value), against the model's training cohort: a warning
-    with the words the scorers use when they are unlike it, nothing when they are not."""
+    in the words the scorers use when they are unlike it, nothing when they are not."""
     summary = meta.get("population")
     frame = data["customers"]
     if summary is None or frame.empty:
@@ -179,47 +251,76 @@ def drift_banner(data: dict[str, Any], meta: dict[str, Any]) -> None:
                                                                 frame["total_spend"].to_numpy()))
     sentence = verdict.sentence()
     if sentence:
-        st.warning(f"Drift: {sentence}", icon="⚠️")
+        with st.container(key="drift"):
+            st.warning(f"Drift: {sentence}")
+
+
+NEW, GONE = "(new)", "(gone)"
+
+
+def movement(data: dict[str, Any]) -> None:
+    """Customers per previous segment (rows) and current segment (columns), from the snapshot's
+    own copy of the previous snapshot's segments (`segment_moves`)."""
+    st.subheader("Movement between segments since the previous snapshot")
+    moves = pd.DataFrame(data["moves"])
+    if moves.empty:
+        st.caption("This is the first snapshot the sink wrote: nothing to compare with yet.")
+        return
+    at = when(data["summary"].get("previous_snapshot_at"))
+    changed = int(moves.loc[moves["from_segment"].notna() & moves["to_segment"].notna()
+                            & (moves["from_segment"] != moves["to_segment"]), "customers"].sum())
+    st.caption(f"{changed:,} customers changed segment since the snapshot of {at}; rows: the "
+               f"segment then ({NEW}: not in it), columns: the segment now ({GONE}: no longer in the snapshot)")
+    grid = moves.fillna({"from_segment": NEW, "to_segment": GONE}).pivot_table(
+        index="from_segment", columns="to_segment", values="customers", aggfunc="sum", fill_value=0)
+    names = [*SEGMENTS, NEW, GONE]
+    grid = grid.reindex(index=[n for n in names if n in grid.index],
+                        columns=[n for n in names if n in grid.columns])
+    grid.index.name = "from \\ to"
+    st.table(grid.reset_index().astype({c: str for c in grid.columns}), hide_index=True)
 
 
 def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """cluster_summary, and how the model chose its clusters."""
-    st.header("Behavioral clusters")
-    c = meta.get("clustering")
+    c = meta.get("clustering") or {}
     rows = pd.DataFrame(data["clusters"])
     rows = rows.assign(share_here=rows["customers"] / max(int(rows["customers"].sum()), 1),
                        training_share=rows["cluster"].map(
-                           lambda name: (c or {}).get("profiles", {}).get(name, {}).get("share")))
-    st.table(shown(rows[["cluster", "customers", "share_here", "training_share", "total_clv", "mean_clv",
-                         "share_of_value", "mean_recency_days", "mean_frequency", "mean_monetary",
-                         "main_segment"]],
-                   money_cols=("total_clv", "mean_clv", "mean_monetary"),
+                           lambda name: c.get("profiles", {}).get(name, {}).get("share", float("nan"))))
+    rows = rows[["cluster", "customers", "share_here", "training_share", "total_clv", "mean_clv",
+                 "share_of_value", "mean_recency_days", "mean_frequency", "mean_monetary", "main_segment"]]
+    st.table(shown(rows, money_cols=("total_clv", "mean_clv", "mean_monetary"),
                    share_cols=("share_here", "training_share", "share_of_value")), hide_index=True)
+    st.altair_chart(alt.Chart(rows, title="Customers and expected value per cluster").mark_circle().encode(
+        x=alt.X("customers:Q"), y=alt.Y("mean_clv:Q", title="mean expected CLV ($)"),
+        size=alt.Size("total_clv:Q", legend=None), color=colours("cluster", sorted(rows["cluster"])),
+        tooltip=["cluster", "customers", alt.Tooltip("total_clv:Q", format="$,.0f"), "main_segment"]),
+        width="stretch")
     if c:
         st.caption(f"{c['method']} with k = {c['k']}, chosen by silhouette among K-means, a Gaussian "
                    "mixture and Ward on the model's training cohort (training share: each cluster's "
-                   "share of it); features: " + ", ".join(c["features"]) + ". A customer belongs "
+                   "share of that cohort); features: " + ", ".join(c["features"]) + ". A customer belongs "
                    "to the nearest centroid of the standardized features.")
 
 
 def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
-    """The sidebar: a Selection (the flags of `clv export`), the top-N size, the chart colouring."""
+    """The filters above the list: a Selection (the flags of `clv export`), the top-N size, the
+    chart colouring."""
     frame = data["customers"]
-    side = st.sidebar
-    side.header("Filters")
-    segs = side.multiselect("Segment", [s for s in SEGMENTS if s in set(frame["segment"])])
-    tiers = side.multiselect("Value tier", list(TIERS))
-    cluster_names = sorted(frame["cluster"].unique())
-    picked = side.multiselect("Cluster", cluster_names)
+    box = st.container(key="filters", border=True)
+    row1, row2 = box.columns(4), box.columns(4)
+    segs = row1[0].multiselect("Segment", [s for s in SEGMENTS if s in set(frame["segment"])])
+    tiers = row1[1].multiselect("Value tier", list(TIERS))
+    picked = row1[2].multiselect("Cluster", sorted(frame["cluster"].unique()))
     countries: list[str] = []
     if data["countries"]:
-        countries = side.multiselect("Country", data["countries"])
+        countries = row1[3].multiselect("Country", data["countries"])
     else:
-        side.caption("Country: no customer's transactions name one, so there is no country filter.")
-    min_freq = int(side.number_input("Minimum frequency (purchases)", min_value=0, value=0, step=1))
-    min_clv = float(side.number_input("Minimum expected CLV ($)", min_value=0.0, value=0.0, step=5.0))
-    n = int(side.number_input("Top N", min_value=1, max_value=TOP_N_MAX, value=20, step=10))
-    colour = side.radio("Colour charts by", ["segment", "cluster"], horizontal=True)
+        row1[3].caption("Country: no customer's transactions name one, so there is no country filter.")
+    min_freq = int(row2[0].number_input("Minimum frequency (purchases)", min_value=0, value=0, step=1))
+    min_clv = float(row2[1].number_input("Minimum expected CLV ($)", min_value=0.0, value=0.0, step=5.0))
+    n = int(row2[2].number_input("Top N", min_value=1, max_value=TOP_N_MAX, value=20, step=10))
+    colour = row2[3].radio("Colour charts by", ["segment", "cluster"], horizontal=True)
     sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None,
                     tuple(countries))
     return sel, n, colour
@@ -228,7 +329,6 @@ def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
 def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, colour: str,
               all_clusters: list[str]) -> None:
     """The filtered customers: top-N table, download, distribution and scatter plots."""
-    st.header("Customers")
     frame = selected(path, snap_stamp, sel)
     st.caption(f"{len(frame):,} customers match the filters; the top {min(n, len(frame)):,} by expected CLV:")
     cols = ["customer_id", "clv", "p_purchase", "segment", "cluster", "country", "value_tier", "frequency",
@@ -266,7 +366,7 @@ def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, co
 
 def lookup(path: str) -> None:
     """One customer's row, read from the snapshot when asked (not from the cached frame)."""
-    st.header("Customer lookup")
+    st.subheader("Customer lookup")
     cid = st.text_input("Customer id", placeholder="e.g. 00001")
     if not cid:
         return
@@ -322,12 +422,31 @@ def _examples(meta: dict[str, Any]) -> str:
     return f"{meta['training_examples']:,} training, {meta['validation_examples']:,} validation"
 
 
+def training_run(meta: dict[str, Any]) -> None:
+    """The run the model came from: its data (by fingerprint), cutoff and training settings, so
+    it can be repeated with `clv train`."""
+    st.subheader("The training run")
+    config = {k: v for k, v in (meta.get("train_config") or {}).items() if not isinstance(v, (dict, list))}
+    run = {"training data (sha256)": meta.get("training_data_sha256", "-"),
+           "cutoff": meta["cutoff"][:10], **{k.replace("_", " "): str(v) for k, v in config.items()}}
+    st.table(pd.DataFrame({"setting": list(run), "value": list(run.values())}), hide_index=True)
+
+
+def training_cohort(meta: dict[str, Any]) -> None:
+    """The inputs' percentiles on the training cohort: what scored customers are compared with."""
+    if meta.get("population"):
+        st.caption("Training cohort at the cutoff: each input's 10th, 50th and 90th percentiles "
+                   "(what the drift check compares scored customers with)")
+        st.table(pd.DataFrame(population.percentiles(meta["population"])), hide_index=True)
+
+
 def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path) -> None:
-    """What the artifact says of itself, a warning if it did not score this snapshot, and one
-    if this snapshot's customers are unlike its training cohort."""
-    st.header("Model card")
-    versions = data["summary"]["model_versions"] or []
+    """What the artifact says of itself, the training run it came from, its evaluation, a
+    warning if it did not score this snapshot, and one if the snapshot's customers are unlike
+    its training cohort."""
+    st.subheader("Model card")
     drift_banner(data, meta)
+    versions = data["summary"]["model_versions"] or []
     if meta["version"] not in versions:
         st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
                    "shown here: start the dashboard with --model for that artifact")
@@ -348,6 +467,8 @@ def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path) -> N
         "training cohort": population.describe(meta.get("population")),
     }
     st.table(pd.DataFrame({"fact": list(facts), "value": list(facts.values())}), hide_index=True)
+    training_run(meta)
+    training_cohort(meta)
     left, right = st.columns(2)
     members = pd.DataFrame([{"member": f"gru[{i}]", **m} for i, m in enumerate(training.get("members", []))])
     if not members.empty:
@@ -372,10 +493,6 @@ def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path) -> N
         profiles = pd.DataFrame([{"cluster": name, **p} for name, p in c["profiles"].items()])
         st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)),
                  hide_index=True)
-    if meta.get("population"):
-        st.caption("Training cohort at the cutoff: each input's 10th, 50th and 90th percentiles "
-                   "(what scored customers are compared with)")
-        st.table(pd.DataFrame(population.percentiles(meta["population"])), hide_index=True)
     evaluation(model_dir)
 
 
@@ -401,14 +518,19 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else shipped_model_dir()
     meta = model_meta(args.model, (model_dir / META_FILE).stat().st_mtime)
     st.caption(f"snapshot {path} (read-only; the page follows new snapshots as the sink publishes them)")
-    drift_banner(data, meta)
-    kpis(data)
-    sel, n, colour = filters(data)
-    segments(data, meta)
-    customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
-    clusters(data, meta)
-    lookup(str(path))
-    model_card(data, meta, model_dir)
+    overview_tab, segments_tab, customers_tab, clusters_tab, model_tab = st.tabs(TABS)
+    with overview_tab:
+        overview(data, meta)
+    with segments_tab:
+        segments(data, meta)
+    with customers_tab:
+        sel, n, colour = filters(data)
+        customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
+        lookup(str(path))
+    with clusters_tab:
+        clusters(data, meta)
+    with model_tab:
+        model_card(data, meta, model_dir)
     with st.container(key="page-end"):  # the last element: a browser knows the page is all drawn
         st.caption(f"clv-stream · snapshot {path} · model card from {model_dir}")
 

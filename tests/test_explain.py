@@ -1,0 +1,155 @@
+"""A score's drivers: exact Shapley values of named input groups against the model's average
+customer, with the shipped model on CDNOW: they add up to the published clv, each moves the way
+its inputs do, and `clv score --explain` prints them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export_onnx import ArtifactError
+from export_onnx.explain import GROUPS, Explainer
+from export_onnx.runtime import Artifact, shipped_model_dir
+from export_onnx.scoring import score_states
+from features.batch import read_history, snapshots
+from features.loaders import vendored_cdnow
+from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
+from stream.cli import main
+from stream.processes import clv
+
+
+@pytest.fixture(scope="module")
+def artifact() -> Artifact:
+    return Artifact.load()
+
+
+@pytest.fixture(scope="module")
+def explainer(artifact: Artifact) -> Explainer:
+    return Explainer(artifact)
+
+
+@pytest.fixture(scope="module")
+def cdnow(artifact: Artifact):
+    """600 CDNOW customers as of the file's newest event, spread over the file."""
+    events = read_history(vendored_cdnow()).events
+    at = events[-1].ts
+    states = list(next(snapshots(events, [at], artifact.window)).states.values())
+    return states[::len(states) // 600][:600], at
+
+
+def test_every_model_input_is_in_exactly_one_group():
+    for kind, names in (("seq", SEQ_FEATURES), ("static", STATIC_FEATURES), ("classic", CLASSIC_FEATURES)):
+        assert sorted(f for g in GROUPS for f in getattr(g, kind)) == sorted(names), kind
+
+
+def test_drivers_add_up_to_the_published_score(artifact, explainer, cdnow):
+    states, at = cdnow
+    drivers = explainer.drivers(states, at)
+    scores = score_states(artifact, states, at)
+    assert [g.name for g in explainer.groups] == ["recency", "frequency", "order_value", "trend", "tenure"]
+    for d, s in zip(drivers, scores):
+        assert d.customer_id == s.customer_id
+        assert abs(d.clv - s.clv) <= 1e-3 * max(s.clv, 0.01)
+        assert abs(d.reference + sum(d.contributions.values()) - s.clv) <= 1e-3 * max(s.clv, 0.01)
+    assert len({d.reference for d in drivers}) == 1  # one stated reference for every customer
+    spread = np.array([list(d.contributions.values()) for d in drivers]).std(axis=0)
+    assert (spread > 0.1).all()  # every group moves some scores by dimes or more
+
+
+def _with(inputs: Inputs, **changes: float) -> Inputs:
+    """`inputs` with the named static and classic inputs set for every customer."""
+    static, classic = inputs.static.copy(), inputs.classic.copy()
+    for name, value in changes.items():
+        if name in STATIC_FEATURES:
+            static[:, STATIC_FEATURES.index(name)] = value
+        else:
+            classic[:, CLASSIC_FEATURES.index(name)] = value
+    return replace(inputs, static=static, classic=classic)
+
+
+def _contribution(explainer: Explainer, inputs: Inputs, group: str) -> np.ndarray:
+    _clv, _ref, contrib = explainer.explain(inputs)
+    return contrib[:, [g.name for g in explainer.groups].index(group)]
+
+
+def _repeat_buyers(artifact: Artifact, cdnow) -> Inputs:
+    """Inputs of customers with three or more invoices: each test changes one group of them."""
+    states, at = cdnow
+    from features.aggregate import month_of
+    from features.sequences import build_inputs
+
+    inputs = build_inputs(states, month_of(at), artifact.window, artifact.horizon_months)
+    invoices = np.expm1(inputs.static[:, STATIC_FEATURES.index("log_invoices_total")])
+    chosen = np.flatnonzero(invoices >= 3)[:40]
+    assert len(chosen) >= 20
+    return inputs.take(chosen)
+
+
+def test_recency_frequency_and_order_value_move_with_their_inputs(artifact, explainer, cdnow):
+    """All else equal, a customer who bought last month gets a larger recency contribution than
+    one who last bought a year ago; of two who bought last month, one with twelve purchases a
+    larger frequency contribution than one with two, and one whose orders are $150 a larger
+    order-value contribution than $15. (Frequency is compared among recent buyers: after a year
+    of silence many past purchases make a customer more likely gone, as in BG/NBD.)"""
+    base = _repeat_buyers(artifact, cdnow)
+    age = base.classic[:, CLASSIC_FEATURES.index("age_days")]
+    recent = _with(base, log_recency_months=np.log1p(0), purchase_span_days=0)
+    recent.classic[:, CLASSIC_FEATURES.index("purchase_span_days")] = age - 15
+    lapsed = _with(base, log_recency_months=np.log1p(12), purchase_span_days=0)
+    lapsed.classic[:, CLASSIC_FEATURES.index("purchase_span_days")] = age - 380
+    assert (_contribution(explainer, recent, "recency") > _contribution(explainer, lapsed, "recency")).all()
+
+    base = recent
+    often = _with(base, log_invoices_total=np.log1p(12), log_active_months=np.log1p(10), purchase_days=12)
+    rarely = _with(base, log_invoices_total=np.log1p(2), log_active_months=np.log1p(2), purchase_days=2)
+    assert (_contribution(explainer, often, "frequency") > _contribution(explainer, rarely, "frequency")).all()
+
+    invoices = np.expm1(base.static[:, STATIC_FEATURES.index("log_invoices_total")])
+    big, small = (_with(base, log_order_value=np.log1p(v), spend_per_purchase_day=v) for v in (150.0, 15.0))
+    big.static[:, STATIC_FEATURES.index("log_spend_total")] = np.log1p(150.0 * invoices)
+    small.static[:, STATIC_FEATURES.index("log_spend_total")] = np.log1p(15.0 * invoices)
+    assert (_contribution(explainer, big, "order_value") > _contribution(explainer, small, "order_value")).all()
+
+
+def test_a_model_without_a_reference_customer_is_refused(tmp_path: Path):
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model_dir(), model)
+    meta = json.loads((model / "metadata.json").read_text())
+    del meta["reference"]
+    (model / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="no reference customer"):
+        Explainer(Artifact.load(model))
+
+
+def test_clv_score_explain_prints_drivers_that_add_up_to_the_score(tmp_path: Path):
+    out = tmp_path / "scores.csv"
+    res = subprocess.run(clv("score", str(vendored_cdnow()), "--out", str(out), "--explain", "00499",
+                             "--explain", "00002"), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    scores = {r["customer_id"]: float(r["clv"]) for r in csv.DictReader(out.open())}
+    blocks = re.split(r"^(?=customer )", res.stdout, flags=re.M)[1:]
+    assert len(blocks) == 2
+    for cid, block in zip(("00499", "00002"), blocks):
+        assert block.startswith(f"customer {cid}: expected spend ${scores[cid]:,.2f}")
+        amounts = {m[1]: float(m[2].replace(",", "")) for m in
+                   re.finditer(r"^  (\S+(?: clv)?)\s+([-+]?[\d,]+\.\d\d)", block, flags=re.M)}
+        assert set(amounts) == {"reference", "recency", "frequency", "order_value", "trend", "tenure", "= clv"}
+        parts = amounts.pop("reference") + sum(v for k, v in amounts.items() if k != "= clv")
+        assert amounts["= clv"] == pytest.approx(scores[cid], abs=0.006)
+        assert parts == pytest.approx(scores[cid], abs=0.04)  # six amounts rounded to cents
+
+
+
+def test_clv_score_explain_names_a_customer_the_file_lacks(tmp_path: Path, capsys):
+    data = tmp_path / "cdnow.txt"
+    data.write_text("customer_id date number_of_cds dollar_value\n00001 19970101 1 11.77\n00002 19970112 1 12.00\n00002 19970312 2 77.00\n")
+    assert main(["score", str(data), "--explain", "00002", "--explain", "nobody"]) == 2
+    assert capsys.readouterr().err == f"clv: error: --explain: no customer 'nobody' in {data}\n"
