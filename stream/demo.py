@@ -103,11 +103,10 @@ def choose_model(opts: DemoOptions, given: Artifact, data: str,
           "a few minutes on CPU)...", flush=True)
     res = subprocess.run(clv("train", data, "--cutoff", cutoff, "--horizon-months", "6",
                              "--epochs", str(opts.epochs), "--out", str(out)),
-                         capture_output=True, text=True)
+                         stderr=subprocess.PIPE, text=True)  # its progress log: only its reason
     if res.returncode != 0:
         reason = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise DemoError(f"training a model on {data} failed: {reason}")
-    print(res.stdout.strip().splitlines()[-1], flush=True)
     return str(out)
 
 
