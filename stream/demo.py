@@ -203,6 +203,15 @@ def _snapshot_complete(settings: Settings, snapshot: Path) -> bool:
     return all(have.get(p, 0) >= o for p, o in want.items() if o)
 
 
+def with_training_shares(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cluster rows with each cluster's share of the snapshot and of the model's training cohort
+    (where the clusters were fitted: the cohort on which their sizes hold)."""
+    profiles = (meta.get("clustering") or {}).get("profiles", {})
+    total = sum(r["customers"] for r in rows) or 1
+    return [{**r, "share_of_customers": r["customers"] / total,
+             "share_of_training_cohort": profiles.get(r["cluster"], {}).get("share")} for r in rows]
+
+
 def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], serving: bool) -> None:
     summary = snap.summary()
     installed = Path(sys.executable).parent / "clv"  # the commands as this install names them
@@ -220,9 +229,11 @@ def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], ser
     print("\nValue tiers (terciles of this snapshot's expected CLV: a third of its customers each)")
     print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
                                       "total_clv", "share_of_value"]))
-    print("\nBehavioral clusters")
-    print(render_table(snap.clusters(), ["cluster", "customers", "total_clv", "share_of_value",
-                                         "mean_recency_days", "mean_frequency", "main_segment"]))
+    print("\nBehavioral clusters (share_of_training_cohort: where the model fitted them)")
+    print(render_table(with_training_shares(snap.clusters(), meta),
+                       ["cluster", "customers", "share_of_customers", "share_of_training_cohort",
+                        "total_clv", "share_of_value", "mean_recency_days", "mean_frequency",
+                        "main_segment"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {command} query top --n 20 --snapshot {path}
