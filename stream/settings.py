@@ -74,6 +74,9 @@ class Settings:
         "seconds between snapshots (one more is written on shutdown)"))
     snapshot_memory_mb: int = field(default=256, metadata=_meta(
         "memory the snapshot sink's DuckDB may use; beyond it, it works from its file on disk"))
+    snapshot_drivers_top: int = field(default=200, metadata=_meta(
+        "customers of the highest clv whose drivers each snapshot carries (the sink reads the "
+        "state changelog and explains their scores with the model in model_dir); 0: none"))
     api_host: str = field(default="127.0.0.1", metadata=_meta("analyst API bind address"))
     api_port: int = field(default=8080, metadata=_meta("analyst API port"))
     api_token: str = field(default="", metadata=_meta(
@@ -133,6 +136,8 @@ class Settings:
                                 f"replication_factor ({self.replication_factor}): no write would succeed")
         if self.max_future_minutes < 0:
             raise SettingsError(f"max_future_minutes must be 0 or positive, got {self.max_future_minutes}")
+        if self.snapshot_drivers_top < 0:
+            raise SettingsError(f"snapshot_drivers_top must be 0 (none) or positive, got {self.snapshot_drivers_top}")
         if self.api_rate_limit_per_min < 0:
             raise SettingsError(f"api_rate_limit_per_min must be 0 (no limit) or positive, "
                                 f"got {self.api_rate_limit_per_min}")

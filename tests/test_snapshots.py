@@ -161,6 +161,10 @@ def test_http_api_serves_the_snapshot(cdnow_live, cdnow_batch, tmp_path):
         clusters = json.loads(body)
         assert status == 200 and sum(c["customers"] for c in clusters) == 23_570 and len(clusters) >= 3
         assert api.get("/customers/00001")[0] == 200
+        best = json.loads(api.get(f"/customers/{want[0]['customer_id']}")[1])  # a top customer:
+        drivers = best["drivers"]  # the drivers of its score, adding up to it
+        assert drivers["reference_clv"] + sum(d["contribution"] for d in drivers["drivers"]) == (
+            pytest.approx(best["clv"], rel=1e-3))
         assert api.get("/customers/x'%20OR%20'1'='1")[0] == 404
         status, body = api.get("/export.csv?segment=vip")
         assert status == 200 and body.decode().startswith("customer_id,clv,")

@@ -452,11 +452,24 @@ _TEXT = {"type": "string"}
 _SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv FROM customer_scores GROUP BY 1"
 
 
-def _customer_schema() -> dict[str, Any]:
-    """A `customer_scores` row: the score contract's fields, then its tier and source."""
+def _customer_schema(drivers: bool = False) -> dict[str, Any]:
+    """A `customer_scores` row: the score contract's fields, then its tier and source; with
+    `drivers`, the drivers of its score (`Snapshot.customer`)."""
     props = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in COLUMNS}
     props.update(value_tier={"type": "string", "enum": list(TIERS)},
                  source_partition={"type": "integer"}, source_offset={"type": "integer"})
+    if drivers:
+        number = {"type": "number"}
+        props["drivers"] = {**_object(
+            reference_clv=number, clv=number,
+            drivers={"type": "array", "items": _object(group=_TEXT, contribution=number, meaning=_TEXT)}),
+            "nullable": True, "description": (
+                "why the score is what it is: reference_clv, the score of the model's average "
+                "customer (every input the mean of its training cohort's), plus each group's "
+                "contribution in dollars (exact Shapley values, largest first) makes clv. The "
+                "snapshot carries them for its snapshot_drivers_top customers of the highest clv; "
+                "null for the others (the worker's /customers/{id} and `clv score --explain` "
+                "explain anyone)")}
     return {"type": "object", "required": list(props), "properties": props}
 
 
@@ -578,6 +591,7 @@ def openapi() -> dict[str, Any]:
             "schemas": {
                 "Error": _object(error=_TEXT),
                 "Customer": _customer_schema(),
+                "CustomerWithDrivers": _customer_schema(drivers=True),
                 "SqlAnswer": _object(columns={"type": "array", "items": _TEXT},
                                      rows={"type": "array", "items": {"type": "array", "items": {}}},
                                      truncated={"type": "boolean"}),
@@ -601,7 +615,8 @@ def openapi() -> dict[str, Any]:
             "/tiers": {"get": _op("Per value tier (terciles of expected CLV): customers, CLV range, "
                                   "totals and shares", rows, read)},
             "/customers/{customer_id}": {"get": _op(
-                "One customer's newest score and RFM fields", _ref("schemas", "Customer"), "401 404 429 503",
+                "One customer's newest score, RFM fields and, for the top customers, the "
+                "drivers of its score", _ref("schemas", "CustomerWithDrivers"), "401 404 429 503",
                 [{"name": "customer_id", "in": "path", "required": True, "schema": _TEXT}])},
             "/summary": {"get": _op("Snapshot metadata and totals", {"type": "object"}, read)},
             "/export.csv": {"get": _op("Every customer (or one segment or tier) as CSV, streamed",

@@ -186,8 +186,22 @@ class Snapshot:
         return self._rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
-        return rows[0] if rows else None
+        """The customer's row, with `drivers`: how its score adds up from the model's average
+        customer when the snapshot carries them (its top customers), else None."""
+        with self.reading() as con:
+            rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            if not rows:
+                return None
+            kept = con.execute("SELECT count(*) FROM duckdb_tables() "  # not by earlier sinks
+                               "WHERE table_name = 'customer_drivers'").fetchone()[0]
+            drivers = _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
+                             [customer_id]) if kept else []
+        row = rows[0]
+        row["drivers"] = None if not drivers else {
+            "reference_clv": drivers[0]["reference_clv"], "clv": row["clv"],
+            "drivers": [{"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]}
+                        for d in drivers]}
+        return row
 
     def summary(self) -> dict[str, Any]:
         con = self.connect()
