@@ -63,11 +63,13 @@ def values(inputs: Inputs, names: Iterable[str] = STATISTICS) -> dict[str, np.nd
 
 
 def from_scores(frequency: np.ndarray, total_spend: np.ndarray) -> dict[str, np.ndarray]:
-    """`FROM_SCORES` from a score's `frequency` and `total_spend`, as the model's inputs have them."""
+    """`FROM_SCORES` from a score's `frequency` and `total_spend`, as the model's inputs have them
+    (float32: a value on a bin's edge must fall where the model's own input falls)."""
     frequency = np.asarray(frequency, dtype=np.float64)
     total_spend = np.asarray(total_spend, dtype=np.float64)
-    return {"log_invoices_total": np.log1p(frequency), "log_spend_total": slog1p(total_spend),
-            "log_order_value": slog1p(total_spend / np.maximum(frequency, 1))}
+    out = {"log_invoices_total": np.log1p(frequency), "log_spend_total": slog1p(total_spend),
+           "log_order_value": slog1p(total_spend / np.maximum(frequency, 1))}
+    return {name: x.astype(np.float32) for name, x in out.items()}
 
 
 def _bins(edges: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from export_onnx import ArtifactError
 from export_onnx.runtime import Artifact, fingerprint
 from features.batch import read_history
 from features.contract import TransactionEvent
@@ -50,7 +51,7 @@ class DemoOptions:
     customers: int | None  # only the first N customers (a short run)
     rate: float | None
     model: str | None
-    train: bool | None  # True: always train on the file; False: never; None: when the model was not
+    train: bool | None  # True: train on the file; False: never; None: unless the model was trained on it
     workdir: Path
     exit_after: bool
     epochs: int = 40  # of the model trained on the file
@@ -66,7 +67,7 @@ def _trained_on_file(path: Path, events: list[TransactionEvent]) -> Artifact | N
     """The model in `path` when there is one and it was trained on these events."""
     try:
         artifact = Artifact.load(path)
-    except Exception:  # noqa: BLE001  no model there (or an unreadable one): train anew
+    except ArtifactError:  # no model there (or a broken one): train anew
         return None
     return artifact if trained_on(artifact.meta, events) else None
 
@@ -120,6 +121,7 @@ def run(opts: DemoOptions) -> int:
     history = read_history(data)
     events = history.events
     model = choose_model(opts, given, data, events)
+    meta = (given if model == opts.model else Artifact.load(model)).meta
     if opts.customers:
         keep = sorted({e.customer_id for e in events})[:opts.customers]
         wanted = set(keep)
@@ -155,8 +157,7 @@ def run(opts: DemoOptions) -> int:
         print("waiting for the worker to score everyone and the snapshot to catch up...", flush=True)
         children.wait_for("worker idle", worker.idle, 600)
         children.wait_for("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), 120)
-        _report(Snapshot(snapshot), snapshot, api_port, Artifact.load(model).meta,
-                serving=not opts.exit_after)
+        _report(Snapshot(snapshot), snapshot, api_port, meta, serving=not opts.exit_after)
         if not opts.exit_after:
             if board:
                 children.wait_for("dashboard up", lambda: dashboard.healthy(board), 60)

@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from export_onnx.runtime import Artifact, shipped_model_dir
@@ -68,6 +69,10 @@ def test_the_shipped_model_knows_its_cohort_cdnow_passes_and_a_retailer_is_told(
     assert meta["population"]["cutoff"] == meta["cutoff"]
     res = _score(vendored_cdnow(), tmp_path / "cdnow.csv")
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    # What a snapshot reader checks, from the scores' own fields, is the model's inputs exactly.
+    scores = pd.read_csv(tmp_path / "cdnow.csv")
+    seen = population.check(meta["population"], population.from_scores(scores["frequency"], scores["total_spend"]))
+    assert [s.psi for s in seen.shifts] == [0.0] * len(population.FROM_SCORES)
     retail = write(generate(1500, 9000, seed=7)[0], tmp_path / "retail.csv")
     res = _score(retail, tmp_path / "retail-scores.csv")
     assert res.returncode == 0, res.stderr
