@@ -110,10 +110,10 @@ class Sink:
                     elif self.drivers:
                         self.drivers.fold(tp.partition, records)
                 if time.monotonic() >= next_write:
-                    if self.changed:
+                    if self.changed or (self.drivers and self.drivers.waiting()):
                         self.publish()
                     next_write = time.monotonic() + self.settings.snapshot_interval_s
-            if self.changed or not self.path.exists():
+            if self.changed or not self.path.exists() or (self.drivers and self.drivers.waiting()):
                 self.publish()  # the shutdown snapshot
         finally:
             await consumer.stop()

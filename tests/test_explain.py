@@ -10,7 +10,9 @@ import re
 import shutil
 import subprocess
 import time
+from collections import namedtuple
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,9 @@ from features.loaders import vendored_cdnow
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 from features.synthetic import generate, write
 from harness import CLV, Api
+from state.live.base.partition import encode_key
+from state.live.record import encode_state
+from state.snapshot.drivers import TopDrivers
 from state.snapshot.queries import Snapshot
 from stream.cli import main
 from stream.processes import Child, clv
@@ -205,3 +210,27 @@ def test_the_snapshot_carries_the_drivers_of_its_top_customers(clv_env, kafka_bo
             api.proc.stop()
     finally:
         assert sink.stop() == 0, sink.output()[-3000:]
+
+
+def test_the_sink_writes_drivers_only_where_state_and_score_agree(artifact, cdnow):
+    """A top customer whose state has events its score does not include yet, or whose score is
+    not what its state gives, gets no drivers in this snapshot (and the sink does not stop); the
+    others get theirs; once changelog records arrive, the sink knows to publish again."""
+    states, at = cdnow
+    chosen = sorted(states, key=lambda s: -max(s.months, default=0))[:4]  # recent buyers
+    scores = score_states(artifact, chosen, at)
+    drivers = TopDrivers(artifact, top=4)
+    record = namedtuple("record", "key value offset")
+    drivers.fold(0, [record(encode_key(s.customer_id), encode_state(s), i) for i, s in enumerate(chosen)])
+    top = [{"customer_id": s.customer_id, "clv": s.clv, "as_of": at, "event_offset": -1,
+            "model_version": s.model_version, "source_partition": 0} for s in scores]
+    top[1]["as_of"] = at - timedelta(days=62)  # a score older than the state's newest month
+    top[2]["clv"] *= 1.1  # a score the state does not give
+    top[3]["model_version"] = "another-model"  # during a rollout
+    rows = drivers.rows(top)
+    assert {r[0] for r in rows} == {scores[0].customer_id}
+    assert rows[0][4] + sum(r[3] for r in rows) == pytest.approx(scores[0].clv, rel=1e-3)
+    assert not drivers.waiting()  # nothing read since
+    drivers.fold(0, [record(encode_key(chosen[2].customer_id), encode_state(chosen[2]), 10)])
+    assert drivers.waiting()
+    assert drivers.rows(top) == rows and not drivers.waiting()  # the first is not computed again

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 from export_onnx.explain import GROUPS, Drivers, Explainer
 from export_onnx.runtime import Artifact
+from features.aggregate import month_of
 from state.live.base.partition import encode_key
 from state.live.memory.store import MemoryStore
-from state.live.record import decode_state
+from state.live.record import StateDecodeError, decode_state
 from state.live.recovery import superseding
 
 log = logging.getLogger("clv.snapshot")
@@ -47,6 +48,8 @@ class TopDrivers:
         self.version, self.top = artifact.version, top
         self.states = MemoryStore()
         self.done: dict[str, tuple[tuple[Any, ...], list[tuple[Any, ...]]]] = {}  # by score identity
+        self.lacking = False  # the last rows lacked a top customer's drivers for want of its state
+        self.read_since = False  # changelog records arrived since the last rows
 
     def next_offset(self, partition: int) -> int:
         """Where the changelog partition is to be read from."""
@@ -55,17 +58,24 @@ class TopDrivers:
     def fold(self, partition: int, records: list[Any]) -> None:
         """Changelog records, as a recovery applies them."""
         if records:
+            self.read_since = True
             self.states.open(partition)
             self.states.write(partition, superseding(self.states, partition, records), records[-1].offset)
+
+    def waiting(self) -> bool:
+        """A snapshot lacked drivers for want of states that may have arrived since: the sink
+        publishes again even if no score changed."""
+        return self.lacking and self.read_since
 
     def rows(self, top: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
         """The `customer_drivers` rows of the top customers (`Snapshots.top` rows) whose drivers
         add up to their row's clv; computed for those whose score changed since last time."""
         started = time.perf_counter()
+        self.read_since = False
         wanted = {r["customer_id"]: r for r in top}
         self.done = {c: v for c, v in self.done.items() if c in wanted and v[0] == _identity(wanted[c])}
         todo: dict[datetime, list[tuple[dict[str, Any], Any]]] = defaultdict(list)
-        missing = other_model = 0
+        missing = other_model = out_of_step = 0
         for cid, r in wanted.items():
             if cid in self.done:
                 continue
@@ -74,11 +84,18 @@ class TopDrivers:
                 continue
             p = r["source_partition"]
             raw = self.states.get(p, encode_key(cid)) if p in self.states.opened() else None
-            if raw is None:
+            try:
+                state = decode_state(raw) if raw is not None else None
+            except StateDecodeError as exc:
+                log.warning("state of customer %r unreadable, no drivers for it: %s", cid, exc)
+                state = None
+            if state is None:
                 missing += 1
-                continue
-            todo[r["as_of"]].append((r, decode_state(raw)))
-        computed = out_of_step = 0
+            elif max(state.months, default=0) > month_of(r["as_of"]):
+                out_of_step += 1  # events the score does not include yet: its next score will
+            else:
+                todo[r["as_of"]].append((r, state))
+        computed = 0
         for as_of, pairs in todo.items():
             for (r, _state), d in zip(pairs, self.explainer.drivers([s for _r, s in pairs], as_of)):
                 computed += 1
@@ -86,11 +103,12 @@ class TopDrivers:
                     out_of_step += 1  # the state is newer or older than the score: next time
                     continue
                 self.done[r["customer_id"]] = (_identity(r), driver_rows(d))
-        if computed or missing or other_model:
-            log.info("drivers of the top %d customers: %d computed in %.2f s (%d not yet matching "
-                     "their score), %d without a state yet, %d scored by another model than %s",
-                     len(wanted), computed, time.perf_counter() - started, out_of_step, missing,
-                     other_model, self.version)
+        self.lacking = bool(missing or out_of_step)
+        if computed or missing or other_model or out_of_step:
+            log.info("drivers of the top %d customers: %d computed in %.2f s; %d whose state and "
+                     "score are not yet the same, %d without a state yet, %d scored by another "
+                     "model than %s", len(wanted), computed, time.perf_counter() - started,
+                     out_of_step, missing, other_model, self.version)
         return [row for _identity_, rows in self.done.values() for row in rows]
 
 

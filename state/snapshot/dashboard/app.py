@@ -385,6 +385,46 @@ def lookup(path: str) -> None:
     if book:
         st.info(f"**{row['segment']}**: {book.what_to_do}. Watch: {book.signals}. "
                 f"Measure: {book.what_to_measure}.")
+    if row["drivers"] is None:
+        st.caption(f"Why this score: the snapshot carries the drivers of its top customers by expected "
+                   f"CLV only; `clv score FILE --explain {row['customer_id']}` or the worker's "
+                   f"/customers/{row['customer_id']} explain any customer.")
+        return
+    st.altair_chart(waterfall(row["drivers"]), width="stretch")
+    st.caption("Each bar is what one group of the customer's model inputs adds to, or takes from, the "
+               "score of the model's average customer (every input the mean of its training cohort's); "
+               "together they make the customer's expected CLV (exact Shapley values of the groups).")
+
+
+WATERFALL_TITLE = "Why this score: drivers from the model's average customer ($)"
+
+
+def waterfall(drivers: dict[str, Any]) -> alt.Chart:
+    """The reference score, each group's contribution from where the previous one ended, and
+    the customer's clv: a bar per step, labelled with its dollars."""
+    steps = [{"step": "average customer", "start": 0.0, "end": drivers["reference_clv"],
+              "amount": drivers["reference_clv"], "kind": "score", "meaning": "the reference"}]
+    level = drivers["reference_clv"]
+    for d in drivers["drivers"]:
+        steps.append({"step": d["group"], "start": level, "end": level + d["contribution"],
+                      "amount": d["contribution"], "kind": "raises" if d["contribution"] >= 0 else "lowers",
+                      "meaning": d["meaning"]})
+        level += d["contribution"]
+    steps.append({"step": "expected CLV", "start": 0.0, "end": drivers["clv"], "amount": drivers["clv"],
+                  "kind": "score", "meaning": "this customer's score"})
+    frame = pd.DataFrame(steps)
+    frame["label"] = [money(a, cents=True) if k == "score" else f"{a:+,.2f}"
+                      for a, k in zip(frame["amount"], frame["kind"])]
+    frame["top"] = frame[["start", "end"]].max(axis=1)
+    base = alt.Chart(frame, title=WATERFALL_TITLE).encode(
+        x=alt.X("step:N", sort=list(frame["step"]), title=None, axis=alt.Axis(labelAngle=0)))
+    bars = base.mark_bar().encode(
+        y=alt.Y("start:Q", title="expected spend ($)"), y2="end:Q",
+        color=alt.Color("kind:N", title=None, scale=alt.Scale(
+            domain=["score", "raises", "lowers"], range=["#4c78a8", "#54a24b", "#e45756"])),
+        tooltip=["step", alt.Tooltip("label:N", title="dollars"), "meaning"])
+    labels = base.mark_text(dy=-6).encode(y="top:Q", text="label:N")
+    return svg((bars + labels).properties(height=320))
 
 
 EVALUATION_FILE = "evaluation.json"  # `clv evaluate --json DIR/evaluation.json --plots DIR`
