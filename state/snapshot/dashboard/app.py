@@ -150,10 +150,10 @@ def insights_list(data: dict[str, Any]) -> None:
         st.markdown("\n".join(f"- {i['text']}" for i in data["insights"]) or "- no customers yet")
 
 
-def overview(data: dict[str, Any], meta: dict[str, Any]) -> None:
-    """The first look: whether the model knows customers like these, KPI cards, insights, where
-    the value sits by segment and by country."""
-    drift_banner(data, meta)
+def overview(data: dict[str, Any], drift: str | None) -> None:
+    """The first look: whether the model knows customers like these (`drift_warning`), KPI
+    cards, insights, where the value sits by segment and by country."""
+    drift_banner(drift, "overview")
     kpis(data)
     insights_list(data)
     seg = pd.DataFrame(data["segments"])
@@ -239,20 +239,23 @@ def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
         columns=lambda c: c.replace("_", " ")), hide_index=True)
 
 
-def drift_banner(data: dict[str, Any], meta: dict[str, Any]) -> None:
+@st.cache_data(show_spinner=False, max_entries=4)
+def drift_warning(path: str, snap_stamp: tuple[int, int], summary: dict[str, Any] | None) -> str | None:
     """The drift check (features.population) on the snapshot's customers, by what their scores
-    carry (invoices, total spend, order value), against the model's training cohort: a warning
-    in the words the scorers use when they are unlike it, nothing when they are not."""
-    summary = meta.get("population")
-    frame = data["customers"]
+    carry (invoices, total spend, order value), against the model's training cohort (`summary`):
+    the sentence the scorers warn with when they are unlike it, else None. Once per snapshot."""
+    frame = load(path, snap_stamp)["customers"]
     if summary is None or frame.empty:
-        return
-    verdict = population.check(summary, population.from_scores(frame["frequency"].to_numpy(),
-                                                                frame["total_spend"].to_numpy()))
-    sentence = verdict.sentence()
-    if sentence:
-        with st.container(key="drift"):
-            st.warning(f"Drift: {sentence}")
+        return None
+    return population.check(summary, population.from_scores(
+        frame["frequency"].to_numpy(), frame["total_spend"].to_numpy())).sentence()
+
+
+def drift_banner(warning: str | None, where: str) -> None:
+    """The drift warning as a banner (keyed `drift-WHERE`), nothing when there is none."""
+    if warning:
+        with st.container(key=f"drift-{where}"):
+            st.warning(f"Drift: {warning}")
 
 
 NEW, GONE = "(new)", "(gone)"
@@ -480,12 +483,12 @@ def training_cohort(meta: dict[str, Any]) -> None:
         st.table(pd.DataFrame(population.percentiles(meta["population"])), hide_index=True)
 
 
-def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path) -> None:
+def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path, drift: str | None) -> None:
     """What the artifact says of itself, the training run it came from, its evaluation, a
     warning if it did not score this snapshot, and one if the snapshot's customers are unlike
     its training cohort."""
     st.subheader("Model card")
-    drift_banner(data, meta)
+    drift_banner(drift, "model")
     versions = data["summary"]["model_versions"] or []
     if meta["version"] not in versions:
         st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
@@ -558,9 +561,10 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else shipped_model_dir()
     meta = model_meta(args.model, (model_dir / META_FILE).stat().st_mtime)
     st.caption(f"snapshot {path} (read-only; the page follows new snapshots as the sink publishes them)")
+    drift = drift_warning(str(path), snap_stamp, meta.get("population"))
     overview_tab, segments_tab, customers_tab, clusters_tab, model_tab = st.tabs(TABS)
     with overview_tab:
-        overview(data, meta)
+        overview(data, drift)
     with segments_tab:
         segments(data, meta)
     with customers_tab:
@@ -570,7 +574,7 @@ def main() -> None:
     with clusters_tab:
         clusters(data, meta)
     with model_tab:
-        model_card(data, meta, model_dir)
+        model_card(data, meta, model_dir, drift)
     with st.container(key="page-end"):  # the last element: a browser knows the page is all drawn
         st.caption(f"clv-stream · snapshot {path} · model card from {model_dir}")
 
