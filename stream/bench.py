@@ -349,7 +349,9 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
 # -- scoring ------------------------------------------------------------------------------
 def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[str, Any]:
     """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs
-    with the same architecture when the train extra is installed."""
+    with the same architecture when the train extra is installed; customers/s whose drivers
+    `export_onnx.explain` computes, in its chunks."""
+    from export_onnx.explain import CHUNK_CUSTOMERS, Explainer
     from export_onnx.runtime import Artifact
     from features.batch import read_history, snapshots
     from features.loaders import vendored_cdnow
@@ -394,7 +396,10 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
         rows.append(row)
     one = next((r["onnxruntime_per_s"] for r in rows if r["batch"] == 1), None)
     best = max(rows, key=lambda r: r["onnxruntime_per_s"])
-    return {"model": artifact.version, "threads": 1, "rows": rows,
+    explainer = Explainer(artifact)  # the drivers of a score: 2^G model rows per customer
+    drivers = {"rows_per_customer": len(explainer.coalitions), "customers_per_s": round(
+        rate(lambda batch, idx: explainer.explain(batch), CHUNK_CUSTOMERS), 1)}
+    return {"model": artifact.version, "threads": 1, "rows": rows, "drivers": drivers,
             "worker_batch_size": Settings().batch_size,
             "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
             "torch": "same architecture, random weights (speed does not depend on them)"

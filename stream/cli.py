@@ -570,6 +570,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
         print(f"  best batched / one at a time: {result['batched_over_single']}x; "
               f"the worker flushes at {result['worker_batch_size']} customers")
+        print(f"  drivers of a score: {result['drivers']['customers_per_s']:,.0f} customers/s "
+              f"({result['drivers']['rows_per_customer']} model rows each)")
     elif args.what == "bootstrap":
         result = bench.bootstrap(args.lines, bootstrap, workdir)
         print(f"clv bootstrap of {result['lines']:,} lines ({result['customers']:,} customers): "

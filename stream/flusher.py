@@ -22,6 +22,7 @@ from features.scores import ScoreRecord, encode_score
 from stream.core import Core
 from stream.drift import DriftWatch
 from stream.flush_policy import FlushFailures
+from stream.intake import Outbox
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
 from export_onnx.scoring import assemble, prepare, score_separately
@@ -34,8 +35,8 @@ INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event lo
 
 class Flusher:
     def __init__(self, core: Core, states: States, artifact: Artifact, settings: Settings,
-                 metrics: Metrics) -> None:
-        self.core, self.states, self.artifact = core, states, artifact
+                 metrics: Metrics, outbox: Outbox) -> None:
+        self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
         self.settings, self.metrics = settings, metrics
         self.publisher = BatchPublisher(settings)
         self.drift = DriftWatch(artifact, metrics)
@@ -70,6 +71,7 @@ class Flusher:
                 records += await self._score({p: customers for p, customers in batch.dirty.items()
                                               if self.core.owns(p)})
                 offsets = await self._send(records, batch.dirty)
+                await self.outbox.settle()  # the dead letters and routed events behind the acks
             except BaseException as exc:
                 self.states.restore()
                 self.core.put_back(batch)

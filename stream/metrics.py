@@ -30,7 +30,18 @@ class Metrics:
         self.events_applied = counter("clv_events_applied", "events folded into customer state")
         self.events_skipped = counter("clv_events_skipped", "events already applied (redelivered "
                                       "or re-published)", ("reason",))
-        self.dlq = counter("clv_dlq", "events sent to the dead-letter topic", ("reason",))
+        self.dlq = counter("clv_dlq", "dead letters the broker took on the dead-letter topic",
+                           ("reason",))
+        self.dlq_truncated = counter("clv_dlq_truncated", "dead letters that carry only the first "
+                                     "bytes of their event (too large to publish as it was; the "
+                                     "event stays in transactions at its offset)", ("reason",))
+        self.dlq_unpublished = counter("clv_dlq_unpublished", "dead letters the broker refused even "
+                                       "truncated (logged with the event's partition and offset)")
+        self.key_trimmed = counter("clv_events_key_trimmed", "events whose message key had spaces "
+                                   "around the customer id (applied to the id without them)")
+        self.commit_stalled = gauge("clv_commit_stalled_partitions", "owned partitions whose "
+                                    "committed offset has not moved for commit_stall_s while "
+                                    "events after it were processed")
         self.routed = counter("clv_events_routed", "events re-published to the partition their "
                               "key maps to under murmur2 (a publisher with another partitioner)")
         self.scoring_errors = counter("clv_scoring_errors", "customers a rescoring could not score "

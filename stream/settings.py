@@ -63,6 +63,9 @@ class Settings:
         "how often the worker commits the offsets of the events it has acknowledged (faust's "
         "default is 2.8 s): a restart redelivers at most this much more than it must, and the "
         "consumer lag gauge (of committed offsets) reaches 0 this soon after the worker catches up"))
+    commit_stall_s: float = field(default=30.0, metadata=_meta(
+        "how long a partition's committed offset may stay put while events after it are "
+        "processed before /ready answers 503 naming the partition (an event never acknowledged)"))
     session_timeout_s: float = field(default=30.0, metadata=_meta(
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
@@ -127,6 +130,7 @@ class Settings:
         for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
                      "batch_wait_ms", "publish_timeout_s", "flush_failure_timeout_s",
                      "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms", "commit_interval_s",
+                     "commit_stall_s",
                      "api_sql_timeout_s", "api_sql_max_rows", "api_sql_concurrency",
                      "api_score_max_bytes"):
             if getattr(self, name) <= 0:

@@ -58,6 +58,7 @@ def test_bench_scoring_small(tmp_path):
     assert [row["batch"] for row in r["rows"]] == [1, 64]
     assert all(row["onnxruntime_per_s"] > 0 for row in r["rows"])
     assert "torch_per_s" in r["rows"][0]  # the dev install has torch
+    assert r["drivers"]["rows_per_customer"] == 32 and r["drivers"]["customers_per_s"] > 0  # five groups
 
 
 def test_bench_state_small(tmp_path, kafka_bootstrap):

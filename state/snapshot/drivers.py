@@ -20,7 +20,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any, Sequence
 
-from export_onnx.explain import GROUPS, Drivers, Explainer
+from export_onnx.explain import MEANINGS, Drivers, Explainer
 from export_onnx.runtime import Artifact
 from features.aggregate import month_of
 from state.live.base.partition import encode_key
@@ -30,14 +30,12 @@ from state.live.recovery import superseding
 
 log = logging.getLogger("clv.snapshot")
 
-_MEANINGS = {g.name: g.meaning for g in GROUPS}
 
 
 def driver_rows(d: Drivers) -> list[tuple[Any, ...]]:
     """A customer's rows of the snapshot's `customer_drivers` (`state.snapshot.tables.DRIVER_COLUMNS`)."""
-    ranked = sorted(d.contributions.items(), key=lambda kv: -abs(kv[1]))
-    return [(d.customer_id, i, name, value, d.reference, _MEANINGS[name])
-            for i, (name, value) in enumerate(ranked)]
+    return [(d.customer_id, i, name, value, d.reference, MEANINGS[name])
+            for i, (name, value) in enumerate(d.ranked())]
 
 
 class TopDrivers:
