@@ -410,7 +410,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     from stream.sink import run
 
-    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval)
+    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval,
+                         model_dir=args.model)
     try:  # the snapshot's directory is created, as the default var/ is
         Path(settings.snapshot_path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -788,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     _kafka_args(p)
     _snapshot_args(p)
     p.add_argument("--interval", type=_positive_float, default=None, help="seconds between snapshots (default 10)")
+    p.add_argument("--model", default=None,
+                   help="artifact directory the top customers' drivers are computed with: the "
+                        "workers' (default: the shipped model)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "
