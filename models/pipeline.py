@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from features import population
 from features.calibration import Calibration, Prediction
 from features.scaling import CALENDAR, Scaler
+from features.segments import cohort_shares
 from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models import classic, ziln
 from models.classic import ClassicParams
@@ -104,3 +106,15 @@ def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
     with torch.no_grad():
         clv, p = model(scoring, torch.from_numpy(c_sc), torch.from_numpy(h_sc))
     return clv.numpy(), p.numpy()
+
+
+def describe_cohort(split: Split, first_event: str, cutoff: str, cohort: Prediction,
+                    clv_quantiles: dict[str, float]) -> dict[str, Any]:
+    """What the artifact says of its training cohort (the customers at the cutoff): the
+    distribution of each input (`features.population`, what scorers compare with) and each
+    segment's share of it with the model's own scores (the cohort its segment rules hold on)."""
+    r = split.scoring.rfm  # recency_days, frequency, monetary, tenure_days, total_spend
+    return {"population": population.summarize(split.scoring.inputs, first_event, cutoff),
+            "segment_shares": cohort_shares(cohort.clv.tolist(), cohort.p_purchase.tolist(),
+                                            r[:, 1].tolist(), r[:, 0].tolist(), r[:, 3].tolist(),
+                                            clv_quantiles)}

@@ -20,6 +20,7 @@ from typing import Any
 from export_onnx.runtime import Artifact
 from features.scores import ScoreRecord, encode_score
 from stream.core import Core
+from stream.drift import DriftWatch
 from stream.flush_policy import FlushFailures
 from stream.intake import Outbox
 from stream.metrics import Metrics
@@ -38,6 +39,7 @@ class Flusher:
         self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
         self.publisher, self.metrics, self.scores_topic = publisher, metrics, scores_topic
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000
+        self.drift = DriftWatch(artifact, metrics)
         self.failures = FlushFailures(flush_failure_timeout_s)
         self.lock = asyncio.Lock()
         self.flushing: asyncio.Future[None] | None = None
@@ -166,6 +168,7 @@ class Flusher:
                 pred = self.artifact.predict(inputs)
             scores: list[ScoreRecord | Exception] = list(
                 assemble(self.artifact, states, fields, pred, as_of))
+            self.drift.observe(inputs)
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
         topic = self.scores_topic
