@@ -56,6 +56,7 @@ test: install-dev
 # Lint, types and the import contracts (pyproject.toml): what CI runs before the tests.
 check: $(VENV)/.dev-$(HASH)
 	$(BIN)/ruff check
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 # The README's dashboard picture (its Overview tab): the demo's snapshot of the synthetic Online

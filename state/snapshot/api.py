@@ -416,12 +416,13 @@ def build(settings: ApiSettings) -> web.Application:
     require_token(settings.api_host, settings.api_token, "api_host")
     sql_pool = SqlPool(settings.api_sql_concurrency, settings.api_sql_timeout_s)
     audit = AuditLog(settings.api_audit_log)
-    middlewares = [audited(audit), identified(settings.api_token)]
+    middlewares: list[Any] = [audited(audit), identified(settings.api_token)]  # in order
     if settings.api_rate_limit_per_min:
         middlewares.append(limited(RateLimit(settings.api_rate_limit_per_min)))
     if settings.api_token:
         middlewares.append(guard(settings.api_token, OPEN_PATHS))
-    app = web.Application(middlewares=[*middlewares, answer_errors, checked_params(openapi())])
+    middlewares += [answer_errors, checked_params(openapi())]
+    app = web.Application(middlewares=middlewares)
     handlers = Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows,
                         Artifact.load(settings.model_dir or None), settings.api_score_max_bytes)
     app.add_routes(handlers.routes())
@@ -456,7 +457,7 @@ _SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv 
 def _customer_schema(drivers: bool = False) -> dict[str, Any]:
     """A `customer_scores` row: the score contract's fields, then its tier and source; with
     `drivers`, the drivers of its score (`Snapshot.customer`)."""
-    props = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in COLUMNS}
+    props: dict[str, Any] = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in COLUMNS}
     props.update(value_tier={"type": "string", "enum": list(TIERS)},
                  source_partition={"type": "integer"}, source_offset={"type": "integer"})
     if drivers:
@@ -515,7 +516,7 @@ _ERRORS = {
 def _op(summary: str, ok: dict[str, Any], errors: str, params: list[dict[str, Any]] | None = None,
         content: str = "application/json", **extra: Any) -> dict[str, Any]:
     """An operation answering 200, 400 (any path refuses parameters it does not take) and `errors`."""
-    responses = {"200": {"description": "OK", "content": {content: {"schema": ok}}}}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {content: {"schema": ok}}}}
     responses.update({code: _ref("responses", code) for code in ["400", *errors.split()]})
     return {"summary": summary, "parameters": params or [], "responses": responses, **extra}
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Generator, Iterator, Mapping, NamedTuple
 
 import duckdb
 import pandas as pd
@@ -255,7 +255,7 @@ class Snapshot:
         finally:
             con.close()
 
-    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Iterator[tuple[str, int]]:
+    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Generator[tuple[str, int], None, None]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
         rows at a time, so an export over HTTP never holds the whole snapshot in memory. The
         connection stays open (on the snapshot it opened) until the iterator ends or is closed."""
