@@ -20,6 +20,7 @@ from typing import Any
 from export_onnx.runtime import Artifact
 from features.scores import ScoreRecord, encode_score
 from stream.core import Core
+from stream.drift import DriftWatch
 from stream.flush_policy import FlushFailures
 from stream.intake import Outbox
 from stream.metrics import Metrics
@@ -39,6 +40,7 @@ class Flusher:
         self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
         self.settings, self.metrics = settings, metrics
         self.publisher = BatchPublisher(settings)
+        self.drift = DriftWatch(artifact, metrics)
         self.failures = FlushFailures(settings.flush_failure_timeout_s)
         self.lock = asyncio.Lock()
         self.flushing: asyncio.Future[None] | None = None
@@ -167,6 +169,7 @@ class Flusher:
                 pred = self.artifact.predict(inputs)
             scores: list[ScoreRecord | Exception] = list(
                 assemble(self.artifact, states, fields, pred, as_of))
+            self.drift.observe(inputs)
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
         topic = self.settings.scores_topic

@@ -67,6 +67,9 @@ class Metrics:
         self.flush_age = gauge("clv_flush_success_age_seconds",
                                "seconds since a flush last succeeded; 0 while nothing waits to be "
                                "published")
+        self.drift = gauge("clv_input_drift_psi", "population stability index of an input over the "
+                           "last customers rescored against the model's training cohort (past "
+                           "0.25: customers unlike those it learnt from; see stream.drift)", ("input",))
         self.lag = gauge("clv_consumer_lag", "messages of each transactions partition after the "
                          "group's committed offset (end offset minus committed offset)",
                          ("partition",))

@@ -150,11 +150,13 @@ class Sink:
 
 def top_drivers(settings: Settings) -> TopDrivers | None:
     """What explains the top customers' scores, or None: none asked for, or a model that carries
-    no reference customer (then the snapshots go without drivers, and the log says why)."""
+    no reference customer (then the snapshots go without drivers, and the log says why). A model
+    directory that holds no usable model is an ArtifactError, as for every command."""
     if not settings.snapshot_drivers_top:
         return None
+    artifact = Artifact.load(settings.model_dir or None)
     try:
-        return TopDrivers(Artifact.load(settings.model_dir or None), settings.snapshot_drivers_top)
+        return TopDrivers(artifact, settings.snapshot_drivers_top)
     except ArtifactError as exc:
         log.warning("snapshots carry no drivers: %s", exc)
         return None

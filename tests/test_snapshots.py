@@ -490,7 +490,9 @@ def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     assert abs(sum(r["share_of_value"] for r in rows.values()) - 1) < 1e-12
     con = duckdb.connect(str(path), read_only=True)
     books = {name: rest for name, *rest in con.execute("SELECT * FROM segment_playbook").fetchall()}
+    shares = dict(con.execute("SELECT segment, share_of_customers FROM segment_summary").fetchall())
     con.close()
+    assert shares == {SEGMENTS[0]: 5 / 9, SEGMENTS[1]: 4 / 9}  # of the snapshot's customers
     assert books == {name: list(astuple(book)) for name, book in PLAYBOOKS.items()}
     text = clv("query", "segments", env=env).stdout
     assert all(part in text for s in SEGMENTS[:2] for part in astuple(PLAYBOOKS[s]))

@@ -372,13 +372,14 @@ class Handlers:
             write_csv(scored.scores, text)
             return web.Response(text=text.getvalue(), content_type="text/csv", headers={
                 "X-Model-Version": self.artifact.version, "X-As-Of": scored.as_of.isoformat(),
-                "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":"))})
+                "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":")),
+                **({"X-Drift-Warning": warning} if (warning := _drift_warning(scored)) else {})})
         return web.json_response(self._scored(scored))
 
     def _scored(self, scored: ScoredFile) -> dict[str, Any]:
         return {"model_version": self.artifact.version, "horizon_months": self.artifact.horizon_months,
                 "as_of": scored.as_of.isoformat(), "customers": len(scored.scores),
-                "cleaning": scored.report.as_dict(),
+                "cleaning": scored.report.as_dict(), "drift_warning": _drift_warning(scored),
                 "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores]}
 
     async def health(self, request: web.Request) -> web.Response:
@@ -387,6 +388,12 @@ class Handlers:
 
     async def spec(self, request: web.Request) -> web.Response:
         return web.json_response(openapi())
+
+
+def _drift_warning(scored: ScoredFile) -> str | None:
+    """The line `clv score` warns with when the file's customers are unlike the model's training
+    cohort (features.population), or None."""
+    return scored.drift.sentence() if scored.drift else None
 
 
 class ApiSettings(Protocol):
@@ -544,10 +551,13 @@ def _score_op() -> dict[str, Any]:
     answer = _object(model_version=_TEXT, horizon_months={"type": "integer"},
                      as_of={"type": "string", "format": "date-time"}, customers={"type": "integer"},
                      cleaning={"type": "object"},
+                     drift_warning={"type": "string", "nullable": True, "description": (
+                         "the line `clv score` warns with when the file's customers are unlike "
+                         "the model's training cohort (PSI per input past 0.25), else null")},
                      scores={"type": "array", "items": _object(**score)})
     op = _op("Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
              "does: every customer's score as of the newest event (or as_of), with the cleaning "
-             "report. JSON, or with out=csv the CSV `clv score` writes (the report in the "
+             "report and the drift warning `clv score` prints, if any. JSON, or with out=csv the CSV `clv score` writes (the report in the "
              "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
              "reason `clv score` prints; one over api_score_max_bytes 413",
              answer, "401 413 429", _score_params(),
@@ -560,7 +570,9 @@ def _score_op() -> dict[str, Any]:
     op["responses"]["200"]["headers"] = {
         "X-Model-Version": _header("the model that scored the file (out=csv)", _TEXT),
         "X-As-Of": _header("the time scores are as of (out=csv)", _TEXT),
-        "X-Cleaning-Report": _header("the cleaning report as one line of JSON (out=csv)", _TEXT)}
+        "X-Cleaning-Report": _header("the cleaning report as one line of JSON (out=csv)", _TEXT),
+        "X-Drift-Warning": _header("present when the file's customers are unlike the model's "
+                                   "training cohort: the line `clv score` warns with (out=csv)", _TEXT)}
     return op
 
 

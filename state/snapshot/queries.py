@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import duckdb
 import pandas as pd
@@ -270,22 +270,31 @@ class Snapshot:
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows as an aligned text table for terminals, money and rates with two decimals."""
+    """Rows as an aligned text table for terminals, money and rates with two decimals, shares
+    (`share_*` columns) as percentages."""
     if not rows:
         return "(no rows)"
     frame = pd.DataFrame(rows, columns=columns or list(rows[0]))
+    for c in frame.columns:
+        if c.startswith("share_"):  # shares as the playbooks and the dashboard write them
+            frame[c] = frame[c].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.1%}")
     return frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
 
 
-def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None,
+                    who: Mapping[str, str] | None = None) -> str:
     """The segment table, then the playbook of each segment shown, one line each: too long for
-    table columns."""
+    table columns. `who`: the rules as a model applies them (`features.segments.described_rules`)
+    in place of the playbooks' general words."""
     text = {f.name for f in fields(Playbook)}
     table = render_table(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
     shown = {r["segment"] for r in rows}
-    books = [line for name, book in PLAYBOOKS.items() if name in shown
-             for line in (f"  {name}", *(f"    {f.name.replace('_', ' ')}: {getattr(book, f.name)}"
-                                         for f in fields(Playbook)))]
+    books = []
+    for name, book in PLAYBOOKS.items():
+        if name in shown:
+            words = {f.name: getattr(book, f.name) for f in fields(Playbook)}
+            words["who"] = (who or {}).get(name, book.who)
+            books += [f"  {name}", *(f"    {k.replace('_', ' ')}: {v}" for k, v in words.items())]
     return "\n".join([table, "", "Playbooks", *books] if books else [table])
 
 

@@ -89,7 +89,9 @@ CREATE TABLE clv_next.customer_drivers ({", ".join(f"{name} {kind}" for name, ki
 _VIEWS = """
 CREATE VIEW segment_summary AS
 SELECT * FROM (
-    SELECT segment, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
+    SELECT segment, count(*) AS customers,
+           count(*) / (SELECT count(*) FROM customer_scores) AS share_of_customers,
+           sum(clv) AS total_clv, avg(clv) AS mean_clv,
            sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
            avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
            avg(frequency) AS mean_frequency
