@@ -155,7 +155,7 @@ def create_app(settings: Settings) -> faust.App:
     outbox = Outbox(app, metrics, settings.transactions_topic, settings.dlq_topic)
     flusher = Flusher(core, states, artifact, BatchPublisher(settings, settings.publish_timeout_s), metrics, outbox,
                       scores_topic=settings.scores_topic, batch_size=settings.batch_size,
-                      batch_wait_ms=settings.batch_wait_ms, flush_failure_timeout_s=settings.flush_failure_timeout_s)
+                      flush_failure_timeout_s=settings.flush_failure_timeout_s)
     takeovers = Takeovers(core, states, KafkaChangelog(settings, states.topic), metrics)
     commits = CommitWatch(settings.commit_stall_s)
     ready = asyncio.Event()

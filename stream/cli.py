@@ -641,6 +641,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({result['cpu_seconds']:.1f} CPU s); "
               f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
               f"{result['max_rel_diff']:.1e})")
+    elif args.what == "month-turn":
+        result = bench.month_turn(args.customers, args.rate, bootstrap, workdir,
+                                  session_timeout_s=args.session_timeout)
+        turn, before = result["events_during_turn"], result["events_before"]
+        print(f"month turn over {result['customers']:,} bootstrapped customers (4 partitions, one "
+              f"worker): {result['rescored_customers']:,} rescored and published in "
+              f"{result['turn_seconds']}s ({result['rescored_per_s']:,}/s); ordinary events at "
+              f"{args.rate:,.0f}/s meanwhile: p50 {turn.get('p50_ms')} ms, p99 {turn.get('p99_ms')} "
+              f"ms, max {turn['max_ms']} ms ({turn['scored']:,}/{turn['events']:,} scored; before "
+              f"the turn p99 {before.get('p99_ms')} ms); flush failures "
+              f"{result['flush_failures']:.0f}; /ready {result['ready_answers']}")
     elif args.what == "sink":
         from stream.sink import bench as bench_sink
 
@@ -808,7 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
                       ("state", "memory per customer held, recovery and restart time, per store"),
                       ("bootstrap", "clv bootstrap of a synthetic file: lines/s end to end, and "
                        "whether its scores equal clv score's"),
-                      ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)")):
+                      ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)"),
+                      ("month-turn", "a worker holding a bootstrapped population enters a new "
+                       "month: seconds until every customer's new score is published, and the "
+                       "latency of ordinary events meanwhile")):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
@@ -839,13 +853,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
-        if name in ("throughput", "latency", "state"):
+        if name in ("throughput", "latency", "state", "month-turn"):
             b.add_argument("--session-timeout", type=_positive_float, default=None,
                            help="consumer group session timeout of the processes measured, in seconds "
                                 "(default: " + ("10" if name == "state" else "each framework's") +
                                 "; the embedded broker holds every group join for half of it)")
-        if name == "sink":
+        if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
+        if name == "month-turn":
+            b.add_argument("--rate", type=_positive_float, default=200.0,
+                           help="ordinary events/s published before and through the turn (default 200)")
 
     p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")
     _kafka_args(p)

@@ -88,3 +88,15 @@ def test_bench_bootstrap_small(tmp_path, kafka_bootstrap):
     r = bench(tmp_path, "bootstrap", "--lines", "3000", "--bootstrap", kafka_bootstrap)
     assert r["exact"] is True and r["max_rel_diff"] <= 1e-5
     assert r["customers"] > 10 and r["lines_per_s"] > 0 and "3,000 lines read" in r["summary"]
+
+
+def test_bench_month_turn_small(tmp_path, kafka_bootstrap):
+    """Every bootstrapped customer is rescored and published after the turn; the ordinary events
+    meanwhile are all scored; no flush fails and /ready answers 200 throughout."""
+    r = bench(tmp_path, "month-turn", "--customers", "2000", "--rate", "50",
+              "--session-timeout", "6", "--bootstrap", kafka_bootstrap)
+    assert r["rescored_customers"] == 2000 and r["turn_seconds"] > 0
+    turn = r["events_during_turn"]
+    assert turn["events"] > 0 and turn["scored"] == turn["events"]
+    assert r["events_before"]["scored"] == r["events_before"]["events"] > 0
+    assert r["flush_failures"] == 0 and set(r["ready_answers"]) == {"200"}
