@@ -14,21 +14,39 @@ import onnxruntime as ort
 
 from export_onnx import ArtifactError
 from export_onnx.calibration import Calibration
+from export_onnx.distribution import SpendDistribution
 from features.scaling import Scaler
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metadata.json"
 INPUTS = ("seq", "static", "classic", "h0")
-OUTPUTS = ("clv", "p_purchase")  # the graph's outputs, in `Prediction`'s order
+# The graph's outputs, in `RawPrediction`'s order: per customer, then per ensemble member.
+OUTPUTS = ("clv", "p_purchase", "member_p", "member_mu", "member_sigma")
+
+
+class RawPrediction(NamedTuple):
+    """The graph's outputs, before the level: the ensemble's expected spend and P(any purchase),
+    and each member's P(any purchase) and a buyer's lognormal spend (log-scale mu, sigma)."""
+
+    clv: np.ndarray
+    p_purchase: np.ndarray
+    member_p: np.ndarray
+    member_mu: np.ndarray
+    member_sigma: np.ndarray
 
 
 class Prediction(NamedTuple):
     """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets
-    use; it adds up over customers), and `p_purchase`, the probability of any purchase."""
+    use; it adds up over customers), `p_purchase`, the probability of any purchase, and the 80%
+    predictive interval of the spend (its 10% and 90% quantiles) with its standard deviation
+    (what a sum over customers' range needs)."""
 
     clv: np.ndarray
     p_purchase: np.ndarray
+    clv_low: np.ndarray
+    clv_high: np.ndarray
+    clv_sd: np.ndarray
 
 
 def shipped_model_dir() -> Path:
@@ -99,16 +117,35 @@ class Artifact:
 
     def predict(self, inputs: Inputs) -> Prediction:
         """Dollars and probabilities per customer, from unscaled inputs."""
-        clv, p = self.raw_predict(inputs)
-        return Prediction(*self.calibration.apply(clv, p))
+        return self.predict_raw(self.raw_predict(inputs))
 
-    def raw_predict(self, inputs: Inputs) -> Prediction:
+    def predict_raw(self, raw: RawPrediction) -> Prediction:
+        """`predict` from the graph's outputs: the level, then the interval."""
+        clv, p = self.calibration.apply(raw.clv, raw.p_purchase)
+        dist = self.distribution(raw)
+        low, high = dist.interval()
+        return Prediction(clv, p, *(a.astype(np.float32) for a in (low, high, dist.sd())))
+
+    def distribution(self, raw: RawPrediction) -> SpendDistribution:
+        """Each customer's predictive distribution of horizon spend, at the level."""
+        p = self.calibration.apply(raw.clv, raw.p_purchase)[1]
+        return SpendDistribution.from_members(p, raw.member_p, raw.member_mu, raw.member_sigma,
+                                              self.calibration.factor, self.calibration.spread)
+
+    def prob_at_least(self, inputs: Inputs | RawPrediction, threshold: float) -> np.ndarray:
+        """P(horizon spend >= threshold) per customer, from unscaled inputs or the graph's
+        outputs (an analyst's threshold: `clv score --at-least`)."""
+        raw = inputs if isinstance(inputs, RawPrediction) else self.raw_predict(inputs)
+        return self.distribution(raw).prob_at_least(threshold).astype(np.float32)
+
+    def raw_predict(self, inputs: Inputs) -> RawPrediction:
         """The ONNX graph's own outputs, before calibration."""
         n = inputs.seq.shape[0]
         if n == 0:
-            return Prediction(*(np.zeros(0, np.float32) for _ in OUTPUTS))
+            return RawPrediction(np.zeros(0, np.float32), np.zeros(0, np.float32),
+                                 *(np.zeros((0, 1), np.float32) for _ in range(3)))
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
         feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
-        return Prediction(*self.session.run(list(OUTPUTS), feeds))
+        return RawPrediction(*self.session.run(list(OUTPUTS), feeds))
 

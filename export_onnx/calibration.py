@@ -33,6 +33,7 @@ _MAX_SHIFT = 30.0
 class Calibration:
     logit_shift: float = 0.0  # added to each customer's log-odds of a purchase in the horizon
     factor: float = 1.0  # on each buyer's spend, after the shift
+    spread: float = 1.0  # on each member's sigma of a buyer's log spend (export_onnx.distribution)
 
     @classmethod
     def to_cohort(cls, clv: np.ndarray, p: np.ndarray, total: float, buyers: float) -> "Calibration":
@@ -58,12 +59,13 @@ class Calibration:
                 _shift(p64, self.logit_shift).astype(np.float32))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"logit_shift": self.logit_shift, "factor": self.factor}
+        return {"logit_shift": self.logit_shift, "factor": self.factor, "spread": self.spread}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Calibration":
         d = d or {}
-        return cls(float(d.get("logit_shift", 0.0)), float(d.get("factor", 1.0)))
+        return cls(float(d.get("logit_shift", 0.0)), float(d.get("factor", 1.0)),
+                   float(d.get("spread", 1.0)))
 
 
 def _open(p: np.ndarray) -> np.ndarray:

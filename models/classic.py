@@ -95,11 +95,21 @@ def label_window(cutoff: datetime, horizon_months: int) -> tuple[int, int]:
     return int((start - day).days), int((end - day).days)
 
 
+@dataclass
+class Textbook:
+    """The textbook model's forecast of each customer: expected spend in the label window,
+    P(any purchase) from the cutoff to the window's end, and quantiles of its own predictive
+    distribution of the window's spend (`predictive_quantiles`)."""
+
+    spend: np.ndarray
+    p: np.ndarray
+    quantiles: dict[float, np.ndarray]
+
+
 def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], cutoff: datetime,
-                      window: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The textbook model's expected spend of each customer in the `label_window` (days after
-    the cutoff), from daily transactions up to the cutoff, and P(any purchase) from the cutoff to
-    the window's end."""
+                      window: tuple[int, int], quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+                      seed: int = 0) -> Textbook:
+    """The textbook model from daily transactions up to the cutoff, for each customer."""
     from pymc_marketing.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 
     tx = pd.DataFrame({
@@ -114,10 +124,10 @@ def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], c
     summary = summary.set_index("customer_id").reindex(customer_ids).reset_index()
     summary["monetary_value"] = summary["monetary_value"].clip(lower=0)
     bg = BetaGeoModel(data=summary[["customer_id", "frequency", "recency", "T"]])
-    _map(bg)
+    bg_params = _map(bg)
     repeaters = summary[(summary["frequency"] > 0) & (summary["monetary_value"] > 0)]
     gg = GammaGammaModel(data=repeaters[["customer_id", "frequency", "monetary_value"]])
-    _map(gg)
+    gg_params = _map(gg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start, end = window
@@ -127,7 +137,47 @@ def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], c
         p_none = bg.expected_probability_no_purchase(t=end).values.reshape(-1)
         spend = gg.expected_customer_spend(
             data=summary[["customer_id", "frequency", "monetary_value"]]).values.reshape(-1)
-    return purchases * spend, 1 - p_none
+    stats = summary[["frequency", "recency", "T", "monetary_value"]].to_numpy(np.float64)
+    return Textbook(purchases * spend, 1 - p_none,
+                    predictive_quantiles(bg_params, gg_params, stats, window, quantiles, seed))
+
+
+SIMULATED_DRAWS = 2000  # per customer: quantiles of the textbook model to about 1% of their level
+
+
+def predictive_quantiles(bg: dict[str, float], gg: dict[str, float], stats: np.ndarray,
+                         window: tuple[int, int], quantiles: tuple[float, ...], seed: int,
+                         draws: int = SIMULATED_DRAWS, chunk: int = 1000) -> dict[float, np.ndarray]:
+    """Quantiles of each customer's spend in the window (days after the cutoff) under the
+    textbook model's own posterior, by simulation: alive with BG/NBD's P(alive); if so, a
+    purchase rate from Gamma(r + x, alpha + T) and a dropout chance from Beta(a, b + x) (the
+    posterior given alive), purchases a Poisson process that stops after each with that chance;
+    each purchase's spend Gamma(p, nu), nu from Gamma-Gamma's posterior Gamma(q + p x, v + x m)
+    (the population's Gamma(q, v) without repeat purchases). `stats`: rows of rfm_summary's
+    frequency x, recency t_x, T (days) and mean repeat spend m."""
+    rng = np.random.default_rng(seed)
+    r, alpha, a, b = (bg[k] for k in ("r", "alpha", "a", "b"))
+    p, q, v = gg["p"], gg["q"], gg["v"]
+    start, end = window
+    out = {level: np.empty(len(stats)) for level in quantiles}
+    for lo in range(0, len(stats), chunk):
+        x, t_x, age, m = (c[:, None] for c in stats[lo:lo + chunk].T)
+        shape = (len(x), draws)
+        gone_odds = np.where(x > 0, a / np.maximum(b + x - 1, 1e-12)
+                             * ((alpha + age) / (alpha + t_x)) ** (r + x), 0.0)
+        alive = rng.uniform(size=shape) < 1 / (1 + gone_odds)
+        rate = rng.gamma(r + x, 1 / (alpha + age), shape)
+        drop = rng.beta(a, b + x, shape)
+        before = rng.poisson(rate * start)
+        within = rng.poisson(rate * (end - start))
+        last = rng.geometric(drop)  # the purchase after which the customer leaves
+        count = np.where(alive, np.clip(np.minimum(before + within, last) - before, 0, None), 0)
+        repeat = (x > 0) & (m > 0)
+        nu = rng.gamma(q + np.where(repeat, p * x, 0.0), 1, shape) / (v + np.where(repeat, x * m, 0.0))
+        spend = np.where(count > 0, rng.gamma(np.maximum(p * count, 1e-12), 1, shape) / nu, 0.0)
+        for level in quantiles:
+            out[level][lo:lo + chunk] = np.quantile(spend, level, axis=1, method="inverted_cdf")
+    return out
 
 
 def base(params: ClassicParams, stats: np.ndarray) -> "ziln.Base":

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from export_onnx.artifact import META_FILE, Artifact, Prediction, fingerprint
+from export_onnx.artifact import META_FILE, Artifact, fingerprint
 from features.aggregate import month_of
 from features.batch import end_of, read_history
 from features.contract import TransactionEvent
@@ -53,16 +53,16 @@ class _Prepared:
     cutoff: datetime
     split: Split
     params: ClassicParams
-    classic: tuple[np.ndarray, np.ndarray]  # textbook BG/NBD + Gamma-Gamma: (expected spend, p)
+    classic: classic.Textbook  # BG/NBD + Gamma-Gamma on daily transactions
     calendar: bool
 
     @property
     def total(self) -> float:
-        return float(self.classic[0].sum())
+        return float(self.classic.spend.sum())
 
     @property
     def buyers(self) -> float:
-        return float(self.classic[1].sum())
+        return float(self.classic.p.sum())
 
 
 def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
@@ -134,11 +134,13 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     split, params, total, buyers = prep.split, prep.params, prep.total, prep.buyers
     actual = split.scoring.y
     start, end = classic.label_window(prep.cutoff, horizon)
-    fixed = {"naive": baselines.naive(split.scoring, end - start),
-             "bgnbd_gg": prep.classic}
+    textbook, naive = prep.classic, baselines.naive(split.scoring, end - start)
+    fixed = {"naive": report(actual, *naive),
+             "bgnbd_gg": report(actual, textbook.spend, textbook.p, textbook.quantiles)}
+    fixed_pred = {"naive": naive[0], "bgnbd_gg": textbook.spend}
 
     def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return level(Prediction(pred, p), total, buyers).apply(pred, p)
+        return level(pred, p, total, buyers).apply(pred, p)
 
     runs = []
     for seed in dict.fromkeys(seeds or [cfg.seed]):  # a seed given twice runs once
@@ -148,20 +150,25 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
         with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
             export_artifact(model, scaler, split, prep.events, prep.cutoff, horizon, window, Path(tmp),
                             info, seed_cfg)
-            gru = Artifact.load(tmp).predict(split.scoring.inputs)
-        preds["gru"] = gru.clv, gru.p_purchase
+            art = Artifact.load(tmp)
+            raw = art.raw_predict(split.scoring.inputs)
+        gru, dist = art.predict_raw(raw), art.distribution(raw)
         preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
         preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
         preds["rf"] = leveled(*baselines.random_forest(split.labelled, split.scoring, params, seed))
-        preds.update(fixed)
-        runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
-                            {name: clv for name, (clv, _p) in preds.items()}))
+        models = {"gru": report(actual, gru.clv, gru.p_purchase,
+                                {q: dist.quantile(q) for q in (0.1, 0.5, 0.9)}),
+                  **{name: report(actual, clv, p) for name, (clv, p) in preds.items()}, **fixed}
+        runs.append(SeedRun(seed, models, {"gru": gru.clv, **{name: clv for name, (clv, _p) in preds.items()},
+                                           **fixed_pred}))
     return Run(len(actual), actual, runs)
 
 
 _COLUMNS = (("mae", "MAE $", "{:.2f}"), ("rmse", "RMSE $", "{:.2f}"), ("spearman", "Spearman", "{:.3f}"),
             ("norm_gini", "normGini", "{:.3f}"), ("top10_share", "top10%", "{:.1%}"),
-            ("total_bias", "bias", "{:+.1%}"), ("auc", "AUC", "{:.3f}"))
+            ("total_bias", "bias", "{:+.1%}"), ("auc", "AUC", "{:.3f}"),
+            ("above_high", ">high", "{:.1%}"), ("below_low", "<low", "{:.1%}"),
+            ("pinball", "pinball", "{:.2f}"))
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -182,7 +189,7 @@ def summary(run: Run) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def render(run: Run) -> str:
-    widths = [10, 9, 10, 10, 8, 9, 7]
+    widths = [10, 9, 10, 10, 8, 9, 7, 7, 7, 9]
     head = f"{'model':<10}{'seed':>6}" + "".join(
         f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, widths))
     rows = [f"customers scored: {run.customers:,}", head]
@@ -200,6 +207,10 @@ def render(run: Run) -> str:
             rows.append(f"{name:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, wide)))
     rows.append("gru, ffnn, gbt and rf have the expected buyers and total of bgnbd_gg by "
                 "construction (the level of the shipped model), so their bias is that model's.")
+    rows.append(">high, <low: shares of customers who spent more than the 90% quantile of their "
+                "predictive distribution and less than the 10% one (80% interval); pinball: mean "
+                "pinball loss at 10/50/90% (lower is better); bgnbd_gg's by simulating its "
+                "posterior.")
     return "\n".join(rows)
 
 

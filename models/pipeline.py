@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export_onnx.artifact import Prediction, fingerprint
+from export_onnx.artifact import RawPrediction, fingerprint
 from export_onnx.calibration import Calibration
 from export_onnx.export import export
 from features.scaling import CALENDAR, Scaler
@@ -71,25 +71,25 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, para
     cohort = predict_gru(ensemble, scaler, split.scoring.inputs)
     return ensemble, scaler, {"members": runs,
                               "classic": params.to_dict(),
-                              "calibration": level(cohort, total, buyers).to_dict(),
+                              "calibration": level(cohort.clv, cohort.p_purchase, total, buyers).to_dict(),
                               "classic_total": total,
                               "classic_buyers": buyers,
                               "calendar_features": calendar}
 
 
-def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Prediction:
+def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> RawPrediction:
     """The torch model's outputs, before calibration (the artifact's `raw_predict` in ONNX)."""
     s = scaler.transform(inputs)
     with torch.no_grad():
         out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
                     model.h0(len(s.seq)), torch.from_numpy(horizons(inputs)))
-    return Prediction(*(t.numpy() for t in out))
+    return RawPrediction(*(t.numpy() for t in out))
 
 
-def level(cohort: Prediction, total: float, buyers: float) -> Calibration:
+def level(clv: np.ndarray, p: np.ndarray, total: float, buyers: float) -> Calibration:
     """The level every model of the comparison gets: the classic model's expected number of
     buyers and expected total of the cohort at the cutoff (export_onnx.calibration says why)."""
-    return Calibration.to_cohort(cohort.clv, cohort.p_purchase, total, buyers)
+    return Calibration.to_cohort(clv, p, total, buyers)
 
 
 def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
@@ -130,8 +130,8 @@ def export_artifact(
     `clustering` (models.clusters.fit) ships the behavioral clusters the worker assigns."""
     fp = fingerprint(events)
     model.set_discount(discount_rate)
-    cohort_clv, _ = Calibration.from_dict(info["calibration"]).apply(
-        *predict_gru(model, scaler, split.scoring.inputs))
+    cohort = predict_gru(model, scaler, split.scoring.inputs)
+    cohort_clv, _ = Calibration.from_dict(info["calibration"]).apply(cohort.clv, cohort.p_purchase)
     meta = {
         # Data, weights and level: a retrained model on the same data is a new version.
         "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-"
