@@ -74,11 +74,13 @@ class SpendDistribution(NamedTuple):
         """P(a buyer's spend > exp(log_t)), per customer."""
         return (self.weights * normal_sf((log_t[:, None] - self.mu) / self.sigma)).sum(axis=1)
 
-    def prob_at_least(self, t: float) -> np.ndarray:
-        """P(horizon spend >= t): 1 for t <= 0 (spend is never negative here)."""
-        if t <= 0:
-            return np.ones_like(self.p)
-        return self.p * self._buyer_sf(np.full_like(self.p, math.log(t)))
+    def prob_at_least(self, t: float | np.ndarray) -> np.ndarray:
+        """P(horizon spend >= t), one threshold for all or one per customer: 1 for t <= 0
+        (spend is never negative here)."""
+        t = np.broadcast_to(np.asarray(t, np.float64), self.p.shape)
+        positive = t > 0
+        log_t = np.log(np.where(positive, t, 1.0))
+        return np.where(positive, self.p * self._buyer_sf(log_t), 1.0)
 
     def quantile(self, q: float) -> np.ndarray:
         """The q-quantile of horizon spend: 0 where the zero mass 1 - p reaches q, else the

@@ -13,6 +13,13 @@ Tables:
 - `segment_playbook`: per segment, who is in it and what to do (from `features.segments`).
 Views: `segment_summary`, `tier_summary`, `cluster_summary`: customers, totals, means and shares
 of `clv`, the expected spend, which adds up over customers; `clv` also sets the value tiers.
+`segment_summary` and `tier_summary` state a range of each total: `total_clv_low` to
+`total_clv_high`, an 80% range of the group's horizon spend by a normal approximation of a sum of
+independent customers (total +- 1.2816 x the square root of the sum of their `clv_sd`^2, the
+lower end floored at 0). Customers are not independent (a season or a shock moves them
+together), so the real range of a total is wider; the sum of customers' clv_low/clv_high is not
+a range of the sum at all (it is far too wide). Customers scored before schema 7 have no sd (-1) and
+add nothing to the range.
 `cluster_summary` adds each behavioral cluster's mean RFM fields and its most common segment.
 """
 
@@ -46,7 +53,8 @@ _SUPERSEDED = "({}) <= ({})".format(
     ", ".join(f"scores.{name}" for name in PRECEDENCE),
     ", ".join(f"rows.{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in PRECEDENCE))
 # What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
-_ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1"}
+_ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1",
+                   "clv_low": "-1", "clv_high": "-1", "clv_sd": "-1"}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
 _columns = attrgetter(*COLUMNS)
 
@@ -72,10 +80,16 @@ ORDER BY customer_id;
 CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
 """
 
-_VIEWS = """
+# The 80% range of a group's total (normal approximation of a sum of independent customers;
+# 1.2816 is the standard normal's 90% quantile); customers without an sd (-1) add nothing.
+_SPREAD = "1.2816 * sqrt(coalesce(sum(CASE WHEN clv_sd > 0 THEN clv_sd * clv_sd END), 0))"
+_RANGE = (f"greatest(sum(clv) - {_SPREAD}, 0) AS total_clv_low, "
+          f"sum(clv) + {_SPREAD} AS total_clv_high")
+
+_VIEWS = f"""
 CREATE VIEW segment_summary AS
 SELECT * FROM (
-    SELECT segment, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
+    SELECT segment, count(*) AS customers, sum(clv) AS total_clv, {_RANGE}, avg(clv) AS mean_clv,
            sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
            avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
            avg(frequency) AS mean_frequency
@@ -94,7 +108,7 @@ ORDER BY total_clv DESC;
 
 CREATE VIEW tier_summary AS
 SELECT value_tier, count(*) AS customers, min(clv) AS min_clv, max(clv) AS max_clv,
-       sum(clv) AS total_clv, avg(clv) AS mean_clv,
+       sum(clv) AS total_clv, {_RANGE}, avg(clv) AS mean_clv,
        sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value
 FROM customer_scores GROUP BY value_tier
 ORDER BY CASE value_tier WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END;

@@ -212,9 +212,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     _output(args.out, "--out")
     artifact = Artifact.load(args.model)
-    scored = score_file(artifact, args.file, args.as_of, **file_options(args))
+    scored = score_file(artifact, args.file, args.as_of, args.at_least, **file_options(args))
     with open(args.out, "w", newline="") as fh:
-        write_csv(scored.scores, fh)
+        write_csv(scored.scores, fh, scored.at_least)
     print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
           f"{artifact.version} -> {args.out}")
     return 0
@@ -619,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
     p.add_argument("--as-of", type=_date, default=None, help="score as of the end of this day (default: newest event)")
     p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--at-least", type=float, nargs="+", default=(), metavar="DOLLARS",
+                   help="add a column p_at_least_T per threshold T: each customer's probability "
+                        "of spending at least T over the horizon, from the model's predictive "
+                        "distribution")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("score-schema", help="print the JSON Schema of a clv-scores message")
