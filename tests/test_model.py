@@ -90,14 +90,15 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     parity = export(model, out, {**art.meta, "version": "fresh"}, [batch])
     assert all(parity[name]["max_rel_diff"] < tol for name, tol in PARITY_TOLERANCE.items())
     for n in (1, 7, 300):  # dynamic batch axis
-        clv_o, p_o = Artifact.load(out).raw_predict(batch.take(np.zeros(n, dtype=int)))
+        clv_o, p_o, *members = Artifact.load(out).raw_predict(batch.take(np.zeros(n, dtype=int)))
         assert clv_o.shape == p_o.shape == (n,) and np.allclose(clv_o, clv_o[0])
+        assert all(m.shape == (n, 1) for m in members)  # one member: a lone GRU
     with torch.no_grad():
         s = Artifact.load(out).scaler.transform(batch)
         torch_out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
                           model.h0(64))
     onnx_out = Artifact.load(out).raw_predict(batch)
-    for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase
+    for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase, the member's distribution
         assert np.allclose(t.numpy(), o, rtol=1e-4, atol=1e-6)
     calibrated = Artifact.load(out).predict(batch)
     shift, factor = (getattr(Artifact.load(out).calibration, k) for k in ("logit_shift", "factor"))
@@ -120,6 +121,72 @@ def test_score_runs_without_torch(trained, tmp_path):
     assert set(rows[0]) >= {"customer_id", "clv", "p_purchase", "recency_days", "frequency", "monetary"}
     values = np.array([float(r["clv"]) for r in rows])
     assert np.isfinite(values).all() and (values >= 0).all() and values.std() > 0
+
+
+def test_score_carries_the_interval_and_the_chance_of_reaching_a_threshold(trained, tmp_path):
+    """`clv score` writes clv_low <= clv_high (0 low end where no purchase is likelier than 10%)
+    and, with --at-least, P(spend >= t) per threshold from the same distribution: 1 at $0,
+    at most p_purchase above it, falling with t, and 10% at a customer's own clv_high."""
+    d, data = trained
+    out = tmp_path / "scores.csv"
+    res = clv("score", data, "--model", d / "artifact", "--out", out, "--at-least", "0", "37.5", "100")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[-3:] == ["p_at_least_0", "p_at_least_37.5", "p_at_least_100"]
+    col = {name: np.array([float(r[name]) for r in rows]) for name in rows[0] if name not in
+           ("customer_id", "segment", "cluster", "country")}
+    p, low, high = col["p_purchase"], col["clv_low"], col["clv_high"]
+    assert (0 <= low).all() and (low <= high).all() and (low[p < 0.9] == 0).all() and (high > 0).any()
+    assert (col["p_at_least_0"] == 1).all()
+    assert (col["p_at_least_37.5"] <= p + 1e-6).all() and (col["p_at_least_100"] <= col["p_at_least_37.5"]).all()
+    assert (col["clv_sd"] > 0).all()
+    art = Artifact.load(d / "artifact")
+    dist = art.distribution(art.raw_predict(_cutoff_inputs(art, data)))
+    at_high = dist.prob_at_least(np.where(high > 0, high, 1e-9))
+    assert np.allclose(at_high[high > 0], 0.1, atol=1e-3)  # float32 in the file
+
+
+def _cutoff_inputs(art, data, cutoff=None):
+    from datetime import date
+
+    from features.batch import end_of, read_history, snapshots
+    from features.sequences import build_inputs
+
+    events = read_history(data).events
+    at = end_of(date.fromisoformat(cutoff)) if cutoff else events[-1].ts
+    [snap] = snapshots([ev for ev in events if ev.ts <= at], [at], art.window)
+    return build_inputs(list(snap.states.values()), snap.month, art.window, art.horizon_months)
+
+
+def test_interval_is_calibrated_on_held_out_customers(trained, tmp_path):
+    """Customers the model never saw (CDNOW's next 2,000), scored at the training cutoff against
+    what they spent in the next six months: about 10% spend more than clv_high (fewer where
+    P(purchase) < 0.1 makes clv_high 0, so the expectation is the mean of min(p, 10%)), at most
+    ~10% less than clv_low, and the distribution beats a point mass at clv on pinball loss."""
+    from datetime import date
+
+    from features.batch import end_of, read_history
+    from models.dataset import history_until, rolling_split
+    from models.metrics import interval_report
+
+    d, _ = trained
+    art = Artifact.load(d / "artifact")
+    data = cdnow_slice(tmp_path / "held.txt", customers=3500)
+    cut = end_of(date.fromisoformat(CUTOFF))
+    events = read_history(data).events
+    split = rolling_split(history_until(events, cut), cut, art.horizon_months, art.window,
+                          actual_events=[ev for ev in events if ev.ts > cut])
+    fresh = np.array([int(c) > 1500 for c in split.scoring.customer_ids])
+    inputs, actual = split.scoring.inputs.take(fresh), split.scoring.y[fresh]
+    raw = art.raw_predict(inputs)
+    pred, dist = art.predict_raw(raw), art.distribution(raw)
+    quantiles = {q: dist.quantile(q) for q in (0.1, 0.5, 0.9)}
+    got = interval_report(actual, quantiles)
+    expected_above = float(np.minimum(pred.p_purchase, 0.1).mean())
+    assert abs(got["above_high"] - expected_above) < 0.03, (got, expected_above)
+    assert 0.06 < got["above_high"] < 0.13 and got["below_low"] < 0.13, got
+    point = interval_report(actual, dict.fromkeys((0.1, 0.5, 0.9), pred.clv))
+    assert got["pinball"] < point["pinball"], (got, point)
 
 
 def test_training_never_reads_after_the_cutoff(trained, tmp_path):
