@@ -18,7 +18,7 @@ from features.contract import Line, TransactionEvent, stable_event_id
 # Relative invoice volume by calendar month: retail's autumn ramp and Christmas peak.
 SEASON = np.array([0.7, 0.6, 0.8, 0.75, 0.8, 0.8, 0.8, 0.75, 1.1, 1.3, 1.7, 1.0])
 # Shares of customers who place one or two large first orders and leave, and of steady buyers.
-BIG_FIRST_SHARE = 0.06
+BIG_FIRST_SHARE = 0.10
 STEADY_SHARE = 0.05
 
 
@@ -45,8 +45,8 @@ def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: 
     buyer (index) and time.
 
     Beside the crowd (a gamma of purchase rates, an exponential lifetime) two kinds that real
-    retail files hold and that pull rankings apart: `big_first_share` of customers arrive in the
-    second half of the period, place one order 2.5-5 times the usual size (a second of the same
+    retail files hold and that pull rankings apart: `big_first_share` of customers arrive after the
+    first quarter of the period, place one order 3-6 times the usual size (a second of the same
     size within a month for half of them) and never come back; `steady_share` arrive in the
     first quarter, buy one to two times a month (before the season thins it) at 1-1.5 times the
     usual size and stay. One or two large baskets look like a habit only to a model that does
@@ -60,8 +60,8 @@ def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: 
     kind = rng.uniform(size=n_customers)
     big_first = (kind < big_first_share) & (basket == 1.0)
     steady = (kind >= big_first_share) & (kind < big_first_share + steady_share) & (basket == 1.0)
-    born[big_first] = rng.uniform(0.5, 0.97, big_first.sum())
-    basket[big_first] = rng.uniform(2.5, 5.0, big_first.sum())
+    born[big_first] = rng.uniform(0.25, 0.97, big_first.sum())
+    basket[big_first] = rng.uniform(3.0, 6.0, big_first.sum())
     rate[big_first] = 0.0  # their orders are placed below, not drawn with the crowd's
     born[steady] = rng.uniform(0, 0.25, steady.sum())
     gone[steady] = 1.0

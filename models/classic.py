@@ -10,9 +10,10 @@ and set the cohort's total well on short histories. Two fits, for two jobs:
 - `fit`: the parameters of the network's head, on the statistics the worker keeps per customer
   (`features.sequences.CLASSIC_FEATURES`: days with a purchase, days to the last purchase and to
   the as-of month's end, mean spend per purchase day), so purchases are counted by day as the
-  textbook model counts them. Gamma-Gamma here uses every purchase day, the first included, so a
-  customer with one large order keeps the scale of that order, shrunk toward the population as
-  far as one order warrants.
+  textbook model counts them. Gamma-Gamma here is fitted, as the textbook's, on customers with
+  repeat purchases and weighs a customer's mean order by the repeat orders behind it; the mean
+  includes the first order (the worker keeps no order apart), so a repeat buyer's scale is its
+  own, while a one-time buyer's large first basket does not make its value.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def fit(stats: np.ndarray) -> ClassicParams:
     bg = _map(BetaGeoModel(data=pd.DataFrame({
         "customer_id": ids, "frequency": np.maximum(n - 1, 0),
         "recency": np.minimum(t_x, age), "T": age})))
-    spenders = (n > 0) & (m > 0)
+    repeaters = (n > 1) & (m > 0)
     gg = _map(GammaGammaModel(data=pd.DataFrame({
-        "customer_id": ids[spenders], "frequency": n[spenders], "monetary_value": m[spenders]})))
+        "customer_id": ids[repeaters], "frequency": n[repeaters] - 1, "monetary_value": m[repeaters]})))
     q = gg["q"]
     if q <= MIN_Q:  # a heavier tail than Gamma-Gamma has a mean for (wholesale spend)
         log.warning("Gamma-Gamma fitted q %.3g <= 1 (mean spend unbounded); using q = %.2f", q, MIN_Q)

@@ -7,10 +7,15 @@ The classic model (BG/NBD for purchases, Gamma-Gamma for spend; population param
   P(alive now)                     BG/NBD's P(alive | x, t_x, T)
   purchases per month while alive  the posterior rate (r + x) / (alpha + T)
   monthly dropout hazard           that rate times the posterior dropout chance a / (a + b + x)
-  spend per purchase               the Gamma-Gamma conditional mean (own orders, shrunk)
+  spend per purchase               the Gamma-Gamma conditional mean: the customer's mean order
+                                   weighted by how many repeat orders back it, p x / (p x + q - 1),
+                                   the rest the population's (a one-time buyer's is the population's)
 The network outputs one bounded correction for each (on the logit of P(alive), the log of
 the others) (its last layer starts at zero,
-so training starts from the classic model) and the spread of a buying customer's spend. The
+so training starts from the classic model) and the spread of a buying customer's spend. It may
+lower a customer's spend per purchase freely, and raise it only as far as repeat orders back
+it: x / (x + 1) of the bound (none for a one-time buyer, half for one repeat order), so one or
+two large baskets are not valued as a habit. The
 horizon H enters in closed form: alive in month k with probability s^k, buying in it with
 1 - exp(-rate), so what is learned from short labels carries to the served horizon.
 
@@ -41,6 +46,7 @@ class Base(NamedTuple):
     rate: torch.Tensor  # purchases per month while alive
     hazard: torch.Tensor  # monthly dropout hazard while alive
     order_value: torch.Tensor  # expected spend per purchase
+    evidence: torch.Tensor  # x / (x + 1), x repeat purchases: how far spend may be raised
 
 
 def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
@@ -55,9 +61,11 @@ def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
     log_odds_gone = (torch.log(a) - torch.log((b + x - 1).clamp(min=_EPS))
                      + (r + x) * (torch.log(alpha + age) - torch.log(alpha + t_x)))
     logit_alive = torch.where(x > 0, -log_odds_gone, torch.full_like(x, MAX_LOGIT))
-    order_value = p * (gamma + n * m.clamp(min=0)) / (p * n + q - 1)
+    # Gamma-Gamma's credibility counts repeat orders, as the textbook model does: a first order
+    # alone (often a large basket that is never repeated) leaves the population's value.
+    order_value = p * (gamma + x * m.clamp(min=0)) / (p * x + q - 1)
     return Base(logit_alive.clamp(-MAX_LOGIT, MAX_LOGIT), rate_day * DAYS_PER_MONTH,
-                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value)
+                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value, x / (x + 1))
 
 
 def context(base: Base) -> torch.Tensor:
@@ -112,8 +120,10 @@ def over_horizon(out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horiz
         months = months + on * alive_k
     log_alive = _log_sigmoid(logit_alive)
     p = (torch.exp(log_alive) * p_buy).clamp(_EPS, 1 - _EPS)
+    spend = _bounded(d_spend)
+    spend = torch.where(spend > 0, spend * base.evidence, spend)  # raised only as orders back it
     log_expected = (log_alive + torch.log(rate)
-                    + torch.log(base.order_value) + _bounded(d_spend)
+                    + torch.log(base.order_value) + spend
                     + torch.log(months.clamp(min=_EPS)))
     sigma = 0.05 + 2.95 * torch.sigmoid(raw_sigma)
     return Horizon(p, log_expected, sigma)

@@ -4,6 +4,7 @@ accuracy; accuracy is `clv evaluate`'s job)."""
 import csv
 import gzip
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -266,7 +267,8 @@ def test_head_closed_forms_match_the_retention_process():
     alive = torch.sigmoid(base.logit_alive + 3 * torch.tanh(out[:, 0] / 3))
     rate = base.rate * torch.exp(3 * torch.tanh(out[:, 1] / 3))
     s = torch.exp(-base.hazard * torch.exp(3 * torch.tanh(out[:, 2] / 3)))
-    order = base.order_value * torch.exp(3 * torch.tanh(out[:, 3] / 3))
+    spend = 3 * torch.tanh(out[:, 3] / 3)
+    order = base.order_value * torch.exp(torch.where(spend > 0, spend * base.evidence, spend))
     buy = 1 - torch.exp(-rate)
     for h in (1, 2, 6):
         d = ziln.over_horizon(out, base, torch.full((3,), float(h), dtype=torch.float64), 6)
@@ -295,7 +297,8 @@ def test_head_closed_forms_match_the_retention_process():
 
 def test_uncorrected_head_is_the_classic_model():
     """With every correction at zero the head is BG/NBD's P(alive) and posterior purchase rate
-    and the Gamma-Gamma conditional mean of spend per purchase (Fader, Hardie & Lee 2005)."""
+    and the Gamma-Gamma conditional mean of spend per purchase over the repeat orders (Fader,
+    Hardie & Lee 2005): a one-time buyer's is the population mean p gamma / (q - 1)."""
     import torch
 
     base, classic, params = _head_inputs()
@@ -306,7 +309,32 @@ def test_uncorrected_head_is_the_classic_model():
         p_alive = 1.0 if x == 0 else 1 / (1 + a / (b + x - 1) * ((alpha + age) / (alpha + t_x)) ** (r + x))
         assert abs(float(torch.sigmoid(logit)) - p_alive) < 1e-5 or (x == 0 and float(torch.sigmoid(logit)) > 0.9999)
         assert abs(float(rate) - (r + x) / (alpha + age) * 365.25 / 12) < 1e-9
-        assert abs(float(order) - p * (gamma + n * m) / (p * n + q - 1)) < 1e-9
+        assert abs(float(order) - p * (gamma + x * m) / (p * x + q - 1)) < 1e-9
+    assert abs(float(base.order_value[0]) - p * gamma / (q - 1)) < 1e-9  # one purchase: the population's
+    assert base.evidence.tolist() == [0.0, 3 / 4, 11 / 12]
+
+
+def test_spend_is_raised_only_as_far_as_repeat_orders_back_it():
+    """The network may lower any customer's spend per purchase, but raise it only by x / (x + 1)
+    of the bound (x repeat purchases): a one-time buyer's large basket is not valued as a habit,
+    however much the network would raise it."""
+    import torch
+
+    from models import ziln
+
+    base, _, _ = _head_inputs()
+    h = torch.full((3,), 6.0, dtype=torch.float64)
+
+    def spend(d):
+        out = torch.zeros(3, ziln.RAW_OUTPUTS, dtype=torch.float64)
+        out[:, 3] = d
+        return torch.exp(ziln.over_horizon(out, base, h, 6).log_expected)
+
+    neutral = spend(0.0)
+    up, down = spend(50.0) / neutral, spend(-50.0) / neutral
+    bound = math.exp(ziln.MAX_CORRECTION)
+    assert torch.allclose(up, torch.tensor([1.0, bound ** 0.75, bound ** (11 / 12)], dtype=torch.float64))
+    assert torch.allclose(down, torch.full((3,), 1 / bound, dtype=torch.float64))
 
 
 def test_model_keeps_the_scale_of_a_customers_own_spending(trained):
