@@ -10,10 +10,12 @@ and set the cohort's total well on short histories. Two fits, for two jobs:
 - `fit`: the parameters of the network's head, on the statistics the worker keeps per customer
   (`features.sequences.CLASSIC_FEATURES`: days with a purchase, days to the last purchase and to
   the as-of month's end, mean spend per purchase day), so purchases are counted by day as the
-  textbook model counts them. Gamma-Gamma here is fitted, as the textbook's, on customers with
-  repeat purchases and weighs a customer's mean order by the repeat orders behind it; the mean
-  includes the first order (the worker keeps no order apart), so a repeat buyer's scale is its
-  own, while a one-time buyer's large first basket does not make its value.
+  textbook model counts them. Gamma-Gamma weighs a customer's mean order by the orders behind
+  it; the textbook model counts repeat orders only, so a one-time buyer gets the population's
+  value. Here a first order counts for a weight w between 0 (the textbook) and 1 (an order like
+  any other), chosen on the training examples (`models.pipeline.fit_classic`): where large first
+  baskets are rarely repeated the history says so, and one or two of them are not valued as a
+  habit; where they are (wholesale customers who come back) they keep their scale.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ class ClassicParams:
     p: float
     q: float
     gamma: float
+    first_order: float = 1.0  # what a first order counts for in Gamma-Gamma (`first_order_weight`)
 
     def to_list(self) -> list[float]:
-        return [self.r, self.alpha, self.a, self.b, self.p, self.q, self.gamma]
+        return [self.r, self.alpha, self.a, self.b, self.p, self.q, self.gamma, self.first_order]
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -67,8 +70,9 @@ def _map(model: Any) -> dict[str, float]:
     return {name: float(model.fit_result[name].values.squeeze()) for name in model.fit_result.data_vars}
 
 
-def fit(stats: np.ndarray) -> ClassicParams:
-    """BG/NBD and Gamma-Gamma on one cohort's rows of CLASSIC_FEATURES."""
+def fit(stats: np.ndarray, first_orders: tuple[float, ...] = (1.0,)) -> list[ClassicParams]:
+    """BG/NBD and Gamma-Gamma on one cohort's rows of CLASSIC_FEATURES: one parameter set per
+    weight of a first order in `first_orders`, each Gamma-Gamma fitted on the orders it counts."""
     from pymc_marketing.clv import BetaGeoModel, GammaGammaModel
 
     n, t_x, age, m = (stats[:, i].astype(np.float64) for i in range(4))
@@ -76,14 +80,24 @@ def fit(stats: np.ndarray) -> ClassicParams:
     bg = _map(BetaGeoModel(data=pd.DataFrame({
         "customer_id": ids, "frequency": np.maximum(n - 1, 0),
         "recency": np.minimum(t_x, age), "T": age})))
-    repeaters = (n > 1) & (m > 0)
-    gg = _map(GammaGammaModel(data=pd.DataFrame({
-        "customer_id": ids[repeaters], "frequency": n[repeaters] - 1, "monetary_value": m[repeaters]})))
-    q = gg["q"]
-    if q <= MIN_Q:  # a heavier tail than Gamma-Gamma has a mean for (wholesale spend)
-        log.warning("Gamma-Gamma fitted q %.3g <= 1 (mean spend unbounded); using q = %.2f", q, MIN_Q)
-        q = MIN_Q
-    return ClassicParams(bg["r"], bg["alpha"], bg["a"], bg["b"], gg["p"], q, gg["v"])
+    out = []
+    for first in first_orders:
+        weight = orders(n, first)
+        spenders = (weight > 0) & (m > 0)
+        gg = _map(GammaGammaModel(data=pd.DataFrame({
+            "customer_id": ids[spenders], "frequency": weight[spenders], "monetary_value": m[spenders]})))
+        q = gg["q"]
+        if q <= MIN_Q:  # a heavier tail than Gamma-Gamma has a mean for (wholesale spend)
+            log.warning("Gamma-Gamma fitted q %.3g <= 1 (mean spend unbounded); using q = %.2f", q, MIN_Q)
+            q = MIN_Q
+        out.append(ClassicParams(bg["r"], bg["alpha"], bg["a"], bg["b"], gg["p"], q, gg["v"], first))
+    return out
+
+
+def orders(n: np.ndarray, first_order: float) -> np.ndarray:
+    """The weight of orders behind a customer's mean order: its repeat purchase days, plus
+    `first_order` for the first (numpy's twin of the head's, `models.ziln.classic_base`)."""
+    return np.maximum(n - 1, 0) + first_order * (n >= 1)
 
 
 def label_window(cutoff: datetime, horizon_months: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, 
 from models import classic, ziln
 from models.classic import ClassicParams
 from models.dataset import FOLDS, Split, holdout, horizons, rfm_features
+from models.metrics import normalized_gini
 from models.networks import FFNNModel, GRUEnsemble, GRUModel
 from models.training import TrainConfig, fit
 
@@ -38,10 +39,24 @@ def _ffnn_raw(model: FFNNModel, batch: tuple[torch.Tensor, ...]) -> tuple[torch.
     return model.raw(*batch)
 
 
+# What a first order may count for in Gamma-Gamma: nothing (the textbook model), half an order,
+# an order like any other.
+FIRST_ORDER_WEIGHTS = (0.0, 0.5, 1.0)
+
+
 def fit_classic(split: Split) -> ClassicParams:
-    """The head's classic parameters, on the cohort at the cutoff."""
-    params = classic.fit(split.scoring.inputs.classic)
-    log.info("classic model: %s", ", ".join(f"{k} {v:.4g}" for k, v in params.to_dict().items()))
+    """The head's classic parameters, on the cohort at the cutoff, with the weight of a first
+    order whose classic forecast ranks the training examples' spend best (normalized Gini over
+    every rolling origin, labels before the cutoff only): whether one large basket foretells
+    more is a property of the business, so its history decides it."""
+    candidates = classic.fit(split.scoring.inputs.classic, FIRST_ORDER_WEIGHTS)
+    ex = split.labelled
+    ginis = [normalized_gini(ex.y, classic.expected_spend(c, ex.inputs.classic, horizons(ex.inputs)))
+             for c in candidates]
+    params = candidates[int(np.argmax(ginis))]
+    log.info("classic model: %s (first-order weights %s: Gini %s)",
+             ", ".join(f"{k} {v:.4g}" for k, v in params.to_dict().items()), FIRST_ORDER_WEIGHTS,
+             ", ".join(f"{g:.4f}" for g in ginis))
     return params
 
 

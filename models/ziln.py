@@ -8,14 +8,15 @@ The classic model (BG/NBD for purchases, Gamma-Gamma for spend; population param
   purchases per month while alive  the posterior rate (r + x) / (alpha + T)
   monthly dropout hazard           that rate times the posterior dropout chance a / (a + b + x)
   spend per purchase               the Gamma-Gamma conditional mean: the customer's mean order
-                                   weighted by how many repeat orders back it, p x / (p x + q - 1),
-                                   the rest the population's (a one-time buyer's is the population's)
+                                   weighted by the orders behind it, p w / (p w + q - 1), the rest
+                                   the population's; w counts repeat orders, and the first for
+                                   what the history says it is worth (models.classic.fit)
 The network outputs one bounded correction for each (on the logit of P(alive), the log of
 the others) (its last layer starts at zero,
 so training starts from the classic model) and the spread of a buying customer's spend. It may
-lower a customer's spend per purchase freely, and raise it only as far as repeat orders back
-it: x / (x + 1) of the bound (none for a one-time buyer, half for one repeat order), so one or
-two large baskets are not valued as a habit. The
+lower a customer's spend per purchase freely, and raise it only as far as orders back it:
+w / (w + 1) of the bound (at most half for a one-time buyer), so one or two large baskets are
+not valued as a habit. The
 horizon H enters in closed form: alive in month k with probability s^k, buying in it with
 1 - exp(-rate), so what is learned from short labels carries to the served horizon.
 
@@ -46,26 +47,27 @@ class Base(NamedTuple):
     rate: torch.Tensor  # purchases per month while alive
     hazard: torch.Tensor  # monthly dropout hazard while alive
     order_value: torch.Tensor  # expected spend per purchase
-    evidence: torch.Tensor  # x / (x + 1), x repeat purchases: how far spend may be raised
+    evidence: torch.Tensor  # w / (w + 1), w the orders behind the mean: how far spend may be raised
 
 
 def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
-    """`classic`: (..., 4) statistics of `features.sequences.CLASSIC_FEATURES`; `params`: (7,)
-    r, alpha, a, b, p, q, gamma."""
+    """`classic`: (..., 4) statistics of `features.sequences.CLASSIC_FEATURES`; `params`: (8,)
+    r, alpha, a, b, p, q, gamma and what a first order counts for in Gamma-Gamma."""
     n, t_x, age, m = classic.unbind(-1)
-    r, alpha, a, b, p, q, gamma = params.unbind(-1)
+    r, alpha, a, b, p, q, gamma, first = params.unbind(-1)
     x = (n - 1).clamp(min=0)
+    weight = x + first * (n >= 1).to(n.dtype)  # orders behind the mean order
     n = n.clamp(min=1)  # a customer with returns only: one purchase worth nothing
     t_x = torch.minimum(t_x.clamp(min=0), age)
     rate_day = (r + x) / (alpha + age)
     log_odds_gone = (torch.log(a) - torch.log((b + x - 1).clamp(min=_EPS))
                      + (r + x) * (torch.log(alpha + age) - torch.log(alpha + t_x)))
     logit_alive = torch.where(x > 0, -log_odds_gone, torch.full_like(x, MAX_LOGIT))
-    # Gamma-Gamma's credibility counts repeat orders, as the textbook model does: a first order
-    # alone (often a large basket that is never repeated) leaves the population's value.
-    order_value = p * (gamma + x * m.clamp(min=0)) / (p * x + q - 1)
+    # Gamma-Gamma's credibility: the mean order weighed by the orders behind it, a first order
+    # counting for `first` (models.classic.fit says why).
+    order_value = p * (gamma + weight * m.clamp(min=0)) / (p * weight + q - 1)
     return Base(logit_alive.clamp(-MAX_LOGIT, MAX_LOGIT), rate_day * DAYS_PER_MONTH,
-                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value, x / (x + 1))
+                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value, weight / (weight + 1))
 
 
 def context(base: Base) -> torch.Tensor:

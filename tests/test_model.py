@@ -244,7 +244,7 @@ def _head_inputs(n=3):
 
     from models import ziln
 
-    params = torch.tensor([0.25, 30.0, 0.6, 2.0, 9.0, 3.4, 8.0], dtype=torch.float64)
+    params = torch.tensor([0.25, 30.0, 0.6, 2.0, 9.0, 3.4, 8.0, 0.5], dtype=torch.float64)
     classic = torch.tensor([[1, 0, 40], [4, 200, 300], [12, 330, 360]], dtype=torch.float64)
     classic = torch.cat([classic, torch.tensor([[20.0], [55.0], [140.0]], dtype=torch.float64)], 1)[:n]
     return ziln.classic_base(classic, params), classic, params
@@ -297,27 +297,33 @@ def test_head_closed_forms_match_the_retention_process():
 
 def test_uncorrected_head_is_the_classic_model():
     """With every correction at zero the head is BG/NBD's P(alive) and posterior purchase rate
-    and the Gamma-Gamma conditional mean of spend per purchase over the repeat orders (Fader,
-    Hardie & Lee 2005): a one-time buyer's is the population mean p gamma / (q - 1)."""
+    and the Gamma-Gamma conditional mean of spend per purchase (Fader, Hardie & Lee 2005) over
+    the orders behind it: the repeat orders and the first at its weight (here half an order;
+    at 0 a one-time buyer's is the population mean p gamma / (q - 1), as in the textbook)."""
     import torch
 
+    from models import ziln
+
     base, classic, params = _head_inputs()
-    r, alpha, a, b, p, q, gamma = params.tolist()
+    r, alpha, a, b, p, q, gamma, first = params.tolist()
     for row, logit, rate, order in zip(classic.tolist(), base.logit_alive, base.rate, base.order_value):
         n, t_x, age, m = row
         x = n - 1
         p_alive = 1.0 if x == 0 else 1 / (1 + a / (b + x - 1) * ((alpha + age) / (alpha + t_x)) ** (r + x))
         assert abs(float(torch.sigmoid(logit)) - p_alive) < 1e-5 or (x == 0 and float(torch.sigmoid(logit)) > 0.9999)
         assert abs(float(rate) - (r + x) / (alpha + age) * 365.25 / 12) < 1e-9
-        assert abs(float(order) - p * (gamma + x * m) / (p * x + q - 1)) < 1e-9
-    assert abs(float(base.order_value[0]) - p * gamma / (q - 1)) < 1e-9  # one purchase: the population's
-    assert base.evidence.tolist() == [0.0, 3 / 4, 11 / 12]
+        w = x + first
+        assert abs(float(order) - p * (gamma + w * m) / (p * w + q - 1)) < 1e-9
+    assert base.evidence.tolist() == [0.5 / 1.5, 3.5 / 4.5, 11.5 / 12.5]
+    textbook = ziln.classic_base(classic, torch.cat([params[:7], torch.zeros(1, dtype=torch.float64)]))
+    assert abs(float(textbook.order_value[0]) - p * gamma / (q - 1)) < 1e-9  # one purchase: the population's
+    assert float(textbook.evidence[0]) == 0.0
 
 
 def test_spend_is_raised_only_as_far_as_repeat_orders_back_it():
-    """The network may lower any customer's spend per purchase, but raise it only by x / (x + 1)
-    of the bound (x repeat purchases): a one-time buyer's large basket is not valued as a habit,
-    however much the network would raise it."""
+    """The network may lower any customer's spend per purchase, but raise it only by w / (w + 1)
+    of the bound (w the orders behind the mean order): a one-time buyer's large basket is not
+    valued as a habit, however much the network would raise it."""
     import torch
 
     from models import ziln
@@ -333,7 +339,8 @@ def test_spend_is_raised_only_as_far_as_repeat_orders_back_it():
     neutral = spend(0.0)
     up, down = spend(50.0) / neutral, spend(-50.0) / neutral
     bound = math.exp(ziln.MAX_CORRECTION)
-    assert torch.allclose(up, torch.tensor([1.0, bound ** 0.75, bound ** (11 / 12)], dtype=torch.float64))
+    assert torch.allclose(up, torch.tensor([bound ** (1 / 3), bound ** (3.5 / 4.5), bound ** (11.5 / 12.5)],
+                                           dtype=torch.float64))
     assert torch.allclose(down, torch.full((3,), 1 / bound, dtype=torch.float64))
 
 

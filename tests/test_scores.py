@@ -206,7 +206,8 @@ def test_schema_describes_the_messages_the_worker_writes():
         prop = schema["properties"][name]
         assert isinstance(value, json_type[prop["type"]]) and prop["description"], name
     assert schema["properties"]["schema_version"]["const"] == SCORE_SCHEMA_VERSION
-    assert set(CUSTOMER_FIELDS) < set(FIELDS) and CUSTOMER_FIELDS[:3] == ("customer_id", "clv", "p_purchase")
+    assert set(CUSTOMER_FIELDS) < set(FIELDS)
+    assert CUSTOMER_FIELDS[:6] == ("customer_id", "clv", "clv_low", "clv_high", "clv_sd", "p_purchase")
 
 
 def test_scores_carry_the_customers_country():
