@@ -22,6 +22,7 @@ from export_onnx.explain import reference_inputs
 from export_onnx.runtime import FORMAT, INPUTS, META_FILE, MODEL_FILE, OUTPUTS, Artifact
 from features.batch import end_of, fingerprint, read_history
 from features.calibration import Calibration, Prediction
+from features.distribution import SpendDistribution
 from features.contract import TransactionEvent
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models import clusters
@@ -33,8 +34,8 @@ from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
 _REFIT = re.compile(r"-k[0-9a-f]{6}$")  # the clusters' digest a refit appends to the version
-# Relative, per output.
-PARITY_TOLERANCE = {"clv": 1e-4, "p_purchase": 1e-4}
+# Relative, per output; a buyer's log spend (member_mu) is compared as spend, exp(mu).
+PARITY_TOLERANCE = {name: 1e-4 for name in OUTPUTS}
 
 
 class ParityError(RuntimeError):
@@ -99,6 +100,8 @@ def parity_check(model: GRUModel | GRUEnsemble, artifact: Artifact,
                               torch.from_numpy(scaled.classic), model.h0(len(scaled.seq)))
         onnx_out = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
         for name, t, o in zip(OUTPUTS, (t.numpy() for t in torch_out), onnx_out):
+            if name == "member_mu":
+                t, o = np.exp(t.astype(np.float64)), np.exp(o.astype(np.float64))
             diff = np.abs(t - o)
             w = worst[name]
             w["max_abs_diff"] = max(w["max_abs_diff"], float(diff.max(initial=0)))
@@ -134,9 +137,9 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
                                               trained.clustering)
     fp = fingerprint(events)
     model.set_discount(discount_rate)
-    cohort = Prediction(*Calibration.from_dict(info["calibration"]).apply(
-        *predict_gru(model, scaler, split.scoring.inputs)))
-    quantiles = {f"p{q}": float(np.percentile(cohort.clv, q)) for q in (50, 75, 90, 99)}
+    raw = predict_gru(model, scaler, split.scoring.inputs)
+    cohort_clv, cohort_p = Calibration.from_dict(info["calibration"]).apply(raw.clv, raw.p_purchase)
+    quantiles = {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)}
     meta = {
         # Data, weights and level: a retrained model on the same data is a new version.
         "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-"
@@ -158,7 +161,8 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
         "training": info,
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": quantiles,
-        **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort, quantiles),
+        **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort_clv, cohort_p,
+                           quantiles),
         # What a customer's drivers are measured against (export_onnx.explain): the cohort's
         # average inputs at the cutoff.
         "reference": reference_inputs(split.scoring.inputs),
@@ -186,11 +190,14 @@ def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
     return export_artifact(fit(file, cutoff, horizon, window, cfg, **file_opts), out, discount_rate, run)
 
 
-def predict_exported(trained: Trained) -> Prediction:
-    """What ships, for `clv evaluate`: the GRU exported to ONNX and scored as a worker scores it."""
+def predict_exported(trained: Trained) -> tuple[Prediction, SpendDistribution]:
+    """What ships, for `clv evaluate`: the GRU exported to ONNX and scored as a worker scores it,
+    with each customer's predictive distribution."""
     with tempfile.TemporaryDirectory() as tmp:
         export_artifact(replace(trained, clustering=None), Path(tmp))
-        return Artifact.load(tmp).predict(trained.split.scoring.inputs)
+        art = Artifact.load(tmp)
+        raw = art.raw_predict(trained.split.scoring.inputs)
+        return art.predict_raw(raw), art.distribution(raw)
 
 
 def refit_version(version: str, clustering: dict[str, Any]) -> str:
@@ -242,7 +249,8 @@ def describe_population(file: str, cutoff: date, out: Path, **file_opts: Any) ->
     artifact = Artifact.load(out)
     meta = artifact.meta
     events, split = _training_split(file, cutoff, meta, file_opts)
-    meta.update(describe_cohort(split, events[0].ts.isoformat(), meta["cutoff"],
-                                artifact.predict(split.scoring.inputs), meta["clv_quantiles"]))
+    pred = artifact.predict(split.scoring.inputs)
+    meta.update(describe_cohort(split, events[0].ts.isoformat(), meta["cutoff"], pred.clv,
+                                pred.p_purchase, meta["clv_quantiles"]))
     _rewrite(out / META_FILE, meta)
     return meta

@@ -12,15 +12,17 @@ import numpy as np
 import onnxruntime as ort
 
 from export_onnx import ArtifactError
-from features.calibration import Calibration, Prediction
+from features.calibration import Calibration, Prediction, RawPrediction
+from features.distribution import SpendDistribution
 from features.scaling import Scaler
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metadata.json"
 INPUTS = ("seq", "static", "classic", "h0")
-OUTPUTS = ("clv", "p_purchase")  # the graph's outputs, in `Prediction`'s order
-FORMAT = 1  # the artifact layout this release reads and writes (metadata "format"; absent: 1)
+# The graph's outputs, in `RawPrediction`'s order: per customer, then per ensemble member.
+OUTPUTS = ("clv", "p_purchase", "member_p", "member_mu", "member_sigma")
+FORMAT = 2  # the artifact layout this release reads and writes (metadata "format"; absent: 1)
 # metadata.json keys the runtime reads, and the type each must have
 META_TYPES: dict[str, type | tuple[type, ...]] = {
     "version": str, "window": int, "horizon_months": int, "layers": int, "hidden": int,
@@ -89,19 +91,37 @@ class Artifact:
 
     def predict(self, inputs: Inputs) -> Prediction:
         """Dollars and probabilities per customer, from unscaled inputs."""
-        clv, p = self.raw_predict(inputs)
-        return Prediction(*self.calibration.apply(clv, p))
+        return self.predict_raw(self.raw_predict(inputs))
 
-    def raw_predict(self, inputs: Inputs) -> Prediction:
+    def predict_raw(self, raw: RawPrediction) -> Prediction:
+        """`predict` from the graph's outputs: the level, then the interval."""
+        clv, p = self.calibration.apply(raw.clv, raw.p_purchase)
+        dist = self.distribution(raw)
+        low, high = dist.interval()
+        return Prediction(clv, p, *(a.astype(np.float32) for a in (low, high, dist.sd())))
+
+    def distribution(self, raw: RawPrediction) -> SpendDistribution:
+        """Each customer's predictive distribution of horizon spend, at the level."""
+        p = self.calibration.apply(raw.clv, raw.p_purchase)[1]
+        return SpendDistribution.from_members(p, raw.member_p, raw.member_mu, raw.member_sigma,
+                                              self.calibration.factor, self.calibration.spread)
+
+    def prob_at_least(self, inputs: Inputs | RawPrediction, threshold: float) -> np.ndarray:
+        """P(horizon spend >= threshold) per customer, from unscaled inputs or the graph's
+        outputs (an analyst's threshold: `clv score --at-least`)."""
+        raw = inputs if isinstance(inputs, RawPrediction) else self.raw_predict(inputs)
+        return self.distribution(raw).prob_at_least(threshold).astype(np.float32)
+
+    def raw_predict(self, inputs: Inputs) -> RawPrediction:
         """The ONNX graph's own outputs, before calibration."""
         n = inputs.seq.shape[0]
         if n == 0:
-            return Prediction(*(np.zeros(0, np.float32) for _ in OUTPUTS))
+            return RawPrediction(np.zeros(0, np.float32), np.zeros(0, np.float32),
+                                 *(np.zeros((0, 1), np.float32) for _ in range(3)))
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
         feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
-        return Prediction(*self.session.run(list(OUTPUTS), feeds))
-
+        return RawPrediction(*self.session.run(list(OUTPUTS), feeds))
 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:

@@ -4,8 +4,9 @@ score` and the API's `POST /score`, so a file and the stream agree field for fie
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -32,8 +33,8 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
 
 def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
              pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
-    """One record per customer: the model's expected spend and purchase probability, RFM
-    fields, segment, cluster and country, stamped with the run's model, horizon, as-of and scoring
+    """One record per customer: the model's expected spend, its 80% interval and sd, and the
+    purchase probability, RFM fields, segment, cluster and country, stamped with the run's model, horizon, as-of and scoring
     times, and the source offset its state reflects (what orders a customer's scores)."""
     quantiles = artifact.meta["clv_quantiles"]
     clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window),
@@ -41,34 +42,54 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
     version, horizon = artifact.version, artifact.horizon_months
     as_of_text, scored_at = iso_time(as_of), iso_time(datetime.now(timezone.utc))
     return [ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION, customer_id=s.customer_id, clv=clv, p_purchase=p,
+        schema_version=SCORE_SCHEMA_VERSION, customer_id=s.customer_id, clv=clv, clv_low=low,
+        clv_high=high, clv_sd=sd, p_purchase=p,
         recency_days=r.recency_days, frequency=r.frequency, monetary=r.monetary,
         tenure_days=r.tenure_days, total_spend=r.total_spend,
         segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
         cluster=cluster, country=s.country, horizon_months=horizon, model_version=version,
         as_of=as_of_text, scored_at=scored_at, event_offset=Offset(s.offset))
-        for s, r, clv, p, cluster in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist(),
-                                         clusters)]
+        for s, r, clv, low, high, sd, p, cluster in zip(
+            states, fields, pred.clv.tolist(), pred.clv_low.tolist(), pred.clv_high.tolist(),
+            pred.clv_sd.tolist(), pred.p_purchase.tolist(), clusters)]
 
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:
     """Score many customers in one onnxruntime call, as of the month of `as_of`."""
-    if not states:
-        return []
+    return score_with_thresholds(artifact, states, as_of)[0]
+
+
+def score_with_thresholds(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime,
+                          at_least: Sequence[float] = ()
+                          ) -> tuple[list[ScoreRecord], dict[str, list[float]], Inputs]:
+    """`score_states`, and for each threshold t of `at_least` every customer's P(horizon spend
+    >= t) from the same predictive distribution, under its column name (`at_least_column`); with
+    the model inputs they were scored from."""
     inputs, fields = prepare(artifact, states, as_of)
-    return assemble(artifact, states, fields, artifact.predict(inputs), as_of)
+    if not states:
+        return [], {at_least_column(t): [] for t in at_least}, inputs
+    raw = artifact.raw_predict(inputs)
+    records = assemble(artifact, states, fields, artifact.predict_raw(raw), as_of)
+    return records, {at_least_column(t): artifact.prob_at_least(raw, t).tolist() for t in at_least}, inputs
+
+
+def at_least_column(threshold: float) -> str:
+    """The column of P(spend >= threshold): `p_at_least_100` for 100, `p_at_least_99.5`."""
+    return f"p_at_least_{threshold:g}"
 
 
 @dataclass
 class ScoredFile:
     """A transaction file scored as of one time: what `clv score` writes and `POST /score` answers,
-    with how its customers compare with the model's training cohort (None: the model records none)."""
+    with how its customers compare with the model's training cohort (None: the model records none);
+    `at_least` holds the columns of P(spend >= t) asked for (`clv score --at-least t`)."""
 
     scores: list[ScoreRecord]
     report: CleaningReport
     as_of: datetime
     states: list[CustomerState]  # in the order of `scores`: what explains them (export_onnx.explain)
     drift: population.Verdict | None
+    at_least: dict[str, list[float]] = field(default_factory=dict)
 
 
 def drift(artifact: Artifact, inputs: Inputs) -> population.Verdict | None:
@@ -78,27 +99,30 @@ def drift(artifact: Artifact, inputs: Inputs) -> population.Verdict | None:
 
 
 def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
-               **file_opts: Any) -> ScoredFile:
-    """Every customer of a file, scored as of the end of `as_of` (default: its newest event);
-    LoadError when nothing is left to score."""
+               at_least: Sequence[float] = (), **file_opts: Any) -> ScoredFile:
+    """Every customer of a file, scored as of the end of `as_of` (default: its newest event),
+    with P(spend >= t) for each t of `at_least`; LoadError when nothing is left to score."""
     history = read_history(path, **file_opts)
     if not history.events:
         raise LoadError(f"{path}: no transactions left after cleaning")
     at = end_of(as_of) if as_of else history.events[-1].ts
     states = list(next(snapshots(history.events, [at], artifact.window)).states.values())
-    inputs, fields = prepare(artifact, states, at)
-    scores = assemble(artifact, states, fields, artifact.predict(inputs), at)
-    return ScoredFile(scores, history.report, at, states, drift(artifact, inputs))
+    scores, columns, inputs = score_with_thresholds(artifact, states, at, at_least)
+    return ScoredFile(scores, history.report, at, states, drift(artifact, inputs), columns)
 
 
 _customer_columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) go apart
 
 
-def write_csv(scores: Sequence[ScoreRecord], out: TextIO) -> None:
-    """The customer fields of each score as CSV, header first: a `clv score` file."""
+def write_csv(scores: Sequence[ScoreRecord], out: TextIO,
+              extra: dict[str, list[float]] | None = None) -> None:
+    """The customer fields of each score as CSV, header first, then any `extra` columns (one
+    value per score): a `clv score` file."""
+    extra = extra or {}
+    more = zip(*extra.values()) if extra else repeat(())
     writer = csv.writer(out)
-    writer.writerow(CUSTOMER_FIELDS)
-    writer.writerows(_customer_columns(s) for s in scores)
+    writer.writerow([*CUSTOMER_FIELDS, *extra])
+    writer.writerows((*_customer_columns(s), *values) for s, values in zip(scores, more))
 
 
 def score_separately(artifact: Artifact, states: Sequence[CustomerState],

@@ -29,18 +29,35 @@ _BISECTIONS = 200
 _MAX_SHIFT = 30.0
 
 
-
-class Prediction(NamedTuple):
-    """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets
-    use; it adds up over customers), and `p_purchase`, the probability of any purchase."""
+class RawPrediction(NamedTuple):
+    """The graph's outputs, before the level: the ensemble's expected spend and P(any purchase),
+    and each member's P(any purchase) and a buyer's lognormal spend (log-scale mu, sigma)."""
 
     clv: np.ndarray
     p_purchase: np.ndarray
+    member_p: np.ndarray
+    member_mu: np.ndarray
+    member_sigma: np.ndarray
+
+
+class Prediction(NamedTuple):
+    """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets
+    use; it adds up over customers), `p_purchase`, the probability of any purchase, and the 80%
+    predictive interval of the spend (its 10% and 90% quantiles) with its standard deviation
+    (what a sum over customers' range needs)."""
+
+    clv: np.ndarray
+    p_purchase: np.ndarray
+    clv_low: np.ndarray
+    clv_high: np.ndarray
+    clv_sd: np.ndarray
+
 
 @dataclass(frozen=True)
 class Calibration:
     logit_shift: float = 0.0  # added to each customer's log-odds of a purchase in the horizon
     factor: float = 1.0  # on each buyer's spend, after the shift
+    spread: float = 1.0  # on each member's sigma of a buyer's log spend (features.distribution)
 
     @classmethod
     def to_cohort(cls, clv: np.ndarray, p: np.ndarray, total: float, buyers: float) -> "Calibration":
@@ -66,12 +83,13 @@ class Calibration:
                 _shift(p64, self.logit_shift).astype(np.float32))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"logit_shift": self.logit_shift, "factor": self.factor}
+        return {"logit_shift": self.logit_shift, "factor": self.factor, "spread": self.spread}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Calibration":
         d = d or {}
-        return cls(float(d.get("logit_shift", 0.0)), float(d.get("factor", 1.0)))
+        return cls(float(d.get("logit_shift", 0.0)), float(d.get("factor", 1.0)),
+                   float(d.get("spread", 1.0)))
 
 
 def _open(p: np.ndarray) -> np.ndarray:

@@ -8,8 +8,10 @@ messages, snapshot columns, files and API without another list to keep in step.
 customers, and rankings, tiers and segments use it. Schema history: in 1 `clv` was the
 expectation; 2 made `clv` a quantile point forecast and carried the expectation as
 `expected_clv`; 3 has `clv` as the expectation again and no `expected_clv`; 4 adds `cluster`; 5
-adds `country`; 6 adds `event_offset`. `parse_score` reads 2 to 5 as well (the text fields they
-lack read as "", `event_offset` as -1), so the sink keeps working while workers are upgraded.
+adds `country`; 6 adds `event_offset`; 7 adds the 80% predictive interval `clv_low`/`clv_high` and
+the standard deviation `clv_sd` of the horizon spend. `parse_score` reads 2 to 6 as well (the text
+fields they lack read as "", `event_offset` as -1, the interval and sd as -1: not known), so the
+sink keeps working while workers are upgraded.
 
 Which of a customer's scores is the newest is decided by `precedence`, not by arrival: a worker
 paused past its session timeout and resumed after another took over can still publish the scores
@@ -27,8 +29,8 @@ from typing import Any, NewType, get_type_hints
 
 from features.contract import Invalid, Reason, decode, parse_ts
 
-SCORE_SCHEMA_VERSION = 6
-READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5, 6)
+SCORE_SCHEMA_VERSION = 7
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5, 6, 7)
 LEGACY_CLV = "expected_clv"  # schema 2's name for the expectation schema 3 calls `clv`
 MAX_INT = 2**31 - 1  # whole-number fields are 32-bit columns in the snapshot
 MAX_OFFSET = 2**63 - 1  # Kafka offsets are 64-bit
@@ -55,6 +57,15 @@ class ScoreRecord:
     customer_id: str = _doc("the customer; also the message key")
     clv: float = _doc("expected spend over the next horizon_months calendar months after the "
                       "as_of month; an expectation, so it adds up over customers")
+    clv_low: float = _doc("10% quantile of the customer's spend over those months, from the model's "
+                          "predictive distribution: with clv_high an 80% interval (0 whenever "
+                          "p_purchase < 0.9: no purchase is then more likely than 10%); -1 (not "
+                          "known) when the message is of schema 2 to 6")
+    clv_high: float = _doc("90% quantile of that spend: about one customer in ten spends more "
+                           "(fewer where p_purchase < 0.1, whose clv_high is 0); -1 when the "
+                           "message is of schema 2 to 6")
+    clv_sd: float = _doc("standard deviation of that spend (a segment's range of its sum uses it); "
+                         "-1 when the message is of schema 2 to 6")
     p_purchase: float = _doc("probability of any purchase in those months")
     recency_days: float = _doc("days from the last purchase to as_of")
     frequency: int = _doc("purchase invoices over the customer's life")
@@ -117,8 +128,9 @@ def precedence(record: ScoreRecord) -> tuple[int, IsoTime]:
 
 # Per readable schema version, each record field after the version, the message field it is read
 # from (None: a field the version lacks, read as its `_ABSENT` value) and its type.
-_ADDED_IN = {"cluster": 4, "country": 5, "event_offset": 6}
-_ABSENT: dict[str, Any] = {"cluster": "", "country": "", "event_offset": -1}
+_ADDED_IN = {"cluster": 4, "country": 5, "event_offset": 6, "clv_low": 7, "clv_high": 7, "clv_sd": 7}
+_ABSENT: dict[str, Any] = {"cluster": "", "country": "", "event_offset": -1,
+                           "clv_low": -1.0, "clv_high": -1.0, "clv_sd": -1.0}
 
 
 def _sources(version: int) -> tuple[tuple[str, str | None, Any], ...]:
@@ -134,8 +146,8 @@ def parse_score(value: bytes | str) -> ScoreRecord | str:
     """The record a message stands for, or why it is unusable (`reason` or `reason:field`, with
     the transaction contract's reason codes); never raises. A schema-2 message becomes the
     current record it implies: its `expected_clv` is the `clv`, its quantile `clv` is dropped;
-    a message has "" for the text fields its version lacks (cluster before 4, country before 5)
-    and -1 for event_offset before 6.
+    a message has "" for the text fields its version lacks (cluster before 4, country before 5),
+    -1 for event_offset before 6 and for clv_low, clv_high and clv_sd before 7 (not known).
     Times come back as `iso_time` writes them."""
     obj = decode(value)
     if isinstance(obj, Invalid):

@@ -17,6 +17,9 @@ from features.contract import Line, TransactionEvent, stable_event_id
 
 # Relative invoice volume by calendar month: retail's autumn ramp and Christmas peak.
 SEASON = np.array([0.7, 0.6, 0.8, 0.75, 0.8, 0.8, 0.8, 0.75, 1.1, 1.3, 1.7, 1.0])
+# Shares of customers who place one or two large first orders and leave, and of steady buyers.
+BIG_FIRST_SHARE = 0.10
+STEADY_SHARE = 0.05
 
 
 @dataclass
@@ -36,22 +39,47 @@ class Truth:
 
 
 def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: pd.Timestamp,
-               t1: pd.Timestamp, wholesale_share: float
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, pd.DatetimeIndex]:
+               t1: pd.Timestamp, wholesale_share: float, big_first_share: float = BIG_FIRST_SHARE,
+               steady_share: float = STEADY_SHARE) -> tuple[np.ndarray, ...]:
     """The customer model: ids, purchase rates, basket multipliers, and each kept invoice's
-    buyer (index) and time."""
+    buyer (index) and time.
+
+    Beside the crowd (a gamma of purchase rates, an exponential lifetime) two kinds that real
+    retail files hold and that pull rankings apart: `big_first_share` of customers arrive after the
+    first quarter of the period, place one order 3-6 times the usual size (a second of the same
+    size within a month for half of them) and never come back; `steady_share` arrive in the
+    first quarter, buy one to two times a month (before the season thins it) at 1-1.5 times the
+    usual size and stay. One or two large baskets look like a habit only to a model that does
+    not weigh how few orders back them."""
     customer_ids = np.arange(12346, 12346 + n_customers)
     rate = rng.gamma(0.6, 1.0, n_customers)
     born = rng.uniform(0, 0.8, n_customers)
     gone = np.minimum(1.0, born + rng.exponential(0.6, n_customers))
     basket = np.where(rng.uniform(size=n_customers) < wholesale_share,
                       np.exp(rng.uniform(np.log(10), np.log(60), n_customers)), 1.0)
+    kind = rng.uniform(size=n_customers)
+    big_first = (kind < big_first_share) & (basket == 1.0)
+    steady = (kind >= big_first_share) & (kind < big_first_share + steady_share) & (basket == 1.0)
+    born[big_first] = rng.uniform(0.25, 0.97, big_first.sum())
+    basket[big_first] = rng.uniform(3.0, 6.0, big_first.sum())
+    rate[big_first] = 0.0  # their orders are placed below, not drawn with the crowd's
+    born[steady] = rng.uniform(0, 0.25, steady.sum())
+    gone[steady] = 1.0
+    days = (t1 - t0).days
+    # Rates are shares of the invoices: a steady customer's share is 1-2 orders a month.
+    per_month = rng.uniform(1.0, 2.0, steady.sum()) * days / 30.4 / n_invoices
+    rate[steady] = per_month * rate[~steady].sum() / max(1e-9, 1 - per_month.sum())
+    basket[steady] = rng.uniform(1.0, 1.5, steady.sum())
     buyer = rng.choice(n_customers, size=n_invoices, p=rate / rate.sum())
 
-    days = (t1 - t0).days
     span = rng.uniform(born[buyer], gone[buyer]) * days
+    first = np.flatnonzero(big_first)
+    second = first[rng.uniform(size=len(first)) < 0.5]
+    buyer = np.concatenate([buyer, first, second])
+    span = np.concatenate([span, born[first] * days,
+                           np.minimum(born[second] * days + rng.uniform(1, 30, len(second)), days - 1)])
     month_weight = SEASON[(t0 + pd.to_timedelta(span, unit="D")).month.to_numpy() - 1]
-    keep = rng.uniform(0, SEASON.max(), n_invoices) < month_weight
+    keep = rng.uniform(0, SEASON.max(), len(buyer)) < month_weight
     buyer, span = buyer[keep], span[keep]
     minutes = rng.integers(8 * 60, 18 * 60, len(buyer))
     inv_ts = t0 + pd.to_timedelta(np.floor(span), unit="D") + pd.to_timedelta(minutes, unit="m")

@@ -15,6 +15,7 @@ import numpy as np
 from features.aggregate import month_of
 from features.batch import end_of, fingerprint, read_history
 from features.calibration import Prediction
+from features.distribution import SpendDistribution
 from features.contract import TransactionEvent
 from features.scaling import Scaler
 from models import baselines, classic, clusters
@@ -53,16 +54,16 @@ class _Prepared:
     cutoff: datetime
     split: Split
     params: ClassicParams
-    classic: tuple[np.ndarray, np.ndarray]  # textbook BG/NBD + Gamma-Gamma: (expected spend, p)
+    classic: classic.Textbook  # BG/NBD + Gamma-Gamma on daily transactions
     calendar: bool
 
     @property
     def total(self) -> float:
-        return float(self.classic[0].sum())
+        return float(self.classic.spend.sum())
 
     @property
     def buyers(self) -> float:
-        return float(self.classic[1].sum())
+        return float(self.classic.p.sum())
 
 
 def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
@@ -108,43 +109,50 @@ def fit(file: str, cutoff: date, horizon: int, window: int, cfg: TrainConfig = T
                    clustering)
 
 
-def evaluate(file: str, cutoff: date, horizon: int, window: int, shipped: Callable[[Trained], Prediction],
+def evaluate(file: str, cutoff: date, horizon: int, window: int,
+             shipped: Callable[[Trained], tuple[Prediction, SpendDistribution]],
              cfg: TrainConfig = TrainConfig(), seeds: Sequence[int] | None = None,
              **file_opts: Any) -> Run:
     """Every model on the same split, once per training seed; the models without a seed (naive,
     BG/NBD + Gamma-Gamma) are fitted once and reported with every seed. The GRU is judged by
-    `shipped`, what a worker would score with it (export_onnx.export.predict_exported: the ONNX
-    artifact); every other model gets the level the shipped one gets (`models.pipeline.level`)."""
+    `shipped`, what a worker would score with it and its predictive distribution
+    (export_onnx.export.predict_exported: the ONNX artifact); every other model gets the level the
+    shipped one gets (`models.pipeline.level`)."""
     prep = _prepare(file, cutoff, horizon, window, True, file_opts)
     split, params, total, buyers = prep.split, prep.params, prep.total, prep.buyers
     actual = split.scoring.y
     start, end = classic.label_window(prep.cutoff, horizon)
-    fixed = {"naive": baselines.naive(split.scoring, end - start),
-             "bgnbd_gg": prep.classic}
+    textbook, naive = prep.classic, baselines.naive(split.scoring, end - start)
+    fixed = {"naive": report(actual, *naive),
+             "bgnbd_gg": report(actual, textbook.spend, textbook.p, textbook.quantiles)}
+    fixed_pred = {"naive": naive[0], "bgnbd_gg": textbook.spend}
 
     def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return level(Prediction(pred, p), total, buyers).apply(pred, p)
+        return level(pred, p, total, buyers).apply(pred, p)
 
     runs = []
     for seed in dict.fromkeys(seeds or [cfg.seed]):  # a seed given twice runs once
         seed_cfg = replace(cfg, seed=seed)
         preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total, buyers)
-        gru = shipped(Trained(model, scaler, split, prep.events, prep.cutoff, horizon, window, info,
-                              seed_cfg))
-        preds["gru"] = gru.clv, gru.p_purchase
+        gru, dist = shipped(Trained(model, scaler, split, prep.events, prep.cutoff, horizon, window, info,
+                                    seed_cfg))
         preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
         preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
         preds["rf"] = leveled(*baselines.random_forest(split.labelled, split.scoring, params, seed))
-        preds.update(fixed)
-        runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
-                            {name: clv for name, (clv, _p) in preds.items()}))
+        models = {"gru": report(actual, gru.clv, gru.p_purchase,
+                                {q: dist.quantile(q) for q in (0.1, 0.5, 0.9)}),
+                  **{name: report(actual, clv, p) for name, (clv, p) in preds.items()}, **fixed}
+        runs.append(SeedRun(seed, models, {"gru": gru.clv, **{name: clv for name, (clv, _p) in preds.items()},
+                                           **fixed_pred}))
     return Run(len(actual), actual, runs, fingerprint(prep.events))
 
 
 _COLUMNS = (("mae", "MAE $", "{:.2f}"), ("rmse", "RMSE $", "{:.2f}"), ("spearman", "Spearman", "{:.3f}"),
             ("norm_gini", "normGini", "{:.3f}"), ("top10_share", "top10%", "{:.1%}"),
-            ("total_bias", "bias", "{:+.1%}"), ("auc", "AUC", "{:.3f}"))
+            ("total_bias", "bias", "{:+.1%}"), ("auc", "AUC", "{:.3f}"),
+            ("above_high", ">high", "{:.1%}"), ("below_low", "<low", "{:.1%}"),
+            ("pinball", "pinball", "{:.2f}"))
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -165,7 +173,7 @@ def summary(run: Run) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def render(run: Run) -> str:
-    widths = [10, 9, 10, 10, 8, 9, 7]
+    widths = [10, 9, 10, 10, 8, 9, 7, 7, 7, 9]
     head = f"{'model':<10}{'seed':>6}" + "".join(
         f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, widths))
     rows = [f"customers scored: {run.customers:,}", head]
@@ -183,6 +191,10 @@ def render(run: Run) -> str:
             rows.append(f"{name:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, wide)))
     rows.append("gru, ffnn, gbt and rf have the expected buyers and total of bgnbd_gg by "
                 "construction (the level of the shipped model), so their bias is that model's.")
+    rows.append(">high, <low: shares of customers who spent more than the 90% quantile of their "
+                "predictive distribution and less than the 10% one (80% interval); pinball: mean "
+                "pinball loss at 10/50/90% (lower is better); bgnbd_gg's by simulating its "
+                "posterior.")
     return "\n".join(rows)
 
 

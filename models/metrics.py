@@ -34,7 +34,28 @@ def deciles(actual: np.ndarray, pred: np.ndarray) -> list[dict[str, float]]:
     return [{"predicted": float(pred[g].mean()), "actual": float(actual[g].mean())} for g in groups]
 
 
-def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) -> dict[str, Any]:
+def pinball(actual: np.ndarray, quantile: np.ndarray, level: float) -> float:
+    """Mean pinball (quantile) loss: a proper score of the `level`-quantile forecast."""
+    diff = actual - quantile
+    return float(np.mean(np.maximum(level * diff, (level - 1) * diff)))
+
+
+def interval_report(actual: np.ndarray, quantiles: dict[float, np.ndarray]) -> dict[str, float]:
+    """How a predictive distribution's quantiles (at 10%, 50%, 90%) fit what happened: the share
+    of customers who spent more than the 90% quantile (calibrated: about 10%, less where the zero
+    mass reaches 90%) and less than the 10% quantile (at most 10%), and the mean pinball loss over
+    the three levels, which rewards a sharp distribution only where it is right."""
+    return {
+        "above_high": float(np.mean(actual > quantiles[0.9])),
+        "below_low": float(np.mean(actual < quantiles[0.1])),
+        "pinball": float(np.mean([pinball(actual, quantiles[q], q) for q in (0.1, 0.5, 0.9)])),
+    }
+
+
+def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None,
+           quantiles: dict[float, np.ndarray] | None = None) -> dict[str, Any]:
+    """Every metric of the protocol; the interval's when the model has a predictive distribution
+    (None otherwise)."""
     err = pred - actual
     auc = None
     if p_purchase is not None and 0 < (actual > 0).sum() < len(actual):
@@ -48,4 +69,6 @@ def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None) 
         "total_bias": float(pred.sum() / actual.sum() - 1),
         "auc": auc,
         "deciles": deciles(actual, pred),
+        **(interval_report(actual, quantiles) if quantiles is not None
+           else {"above_high": None, "below_low": None, "pinball": None}),
     }

@@ -50,6 +50,13 @@ class Head(nn.Module):
         d = self.distribution(out, base, horizon, discount=True)
         return torch.exp(d.log_expected), d.p
 
+    def predict_distribution(self, out: torch.Tensor, base: ziln.Base, horizon: torch.Tensor | None):
+        """`predict`'s two, then the predictive distribution as one ensemble member of
+        `export_onnx.runtime.OUTPUTS`: p, and a buyer's lognormal spend (mu, sigma)."""
+        d = self.distribution(out, base, horizon, discount=True)
+        mu = d.log_expected - torch.log(d.p) - 0.5 * d.sigma**2
+        return torch.exp(d.log_expected), d.p, d.p[..., None], mu[..., None], d.sigma[..., None]
+
 
 class GRUModel(Head):
     """GRU over the monthly window; its last state, the static features and the classic
@@ -75,7 +82,7 @@ class GRUModel(Head):
 
     def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
                 h0: torch.Tensor, horizon: torch.Tensor | None = None):
-        return self.predict(*self.raw(seq, static, classic, h0), horizon)
+        return self.predict_distribution(*self.raw(seq, static, classic, h0), horizon)
 
     def h0(self, batch: int) -> torch.Tensor:
         return torch.zeros(self.layers, batch, self.hidden)
@@ -83,7 +90,8 @@ class GRUModel(Head):
 
 class GRUEnsemble(nn.Module):
     """The mean of several GRUs trained from different seeds: one ONNX graph, steadier scores.
-    Expectations and probabilities average as a mixture."""
+    Expectations and probabilities average as a mixture; each member's distribution is output
+    beside them, so the mixture's quantiles can be served (`features.distribution`)."""
 
     def __init__(self, members: list[GRUModel]) -> None:
         super().__init__()
@@ -94,7 +102,9 @@ class GRUEnsemble(nn.Module):
     def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
                 h0: torch.Tensor, horizon: torch.Tensor | None = None):
         outs = [m(seq, static, classic, h0, horizon) for m in self.members]
-        return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
+        clv, p, *members = zip(*outs)
+        return (torch.stack(clv).mean(0), torch.stack(p).mean(0),
+                *(torch.cat(parts, dim=-1) for parts in members))
 
     def h0(self, batch: int) -> torch.Tensor:
         return self.grus[0].h0(batch)

@@ -7,10 +7,16 @@ The classic model (BG/NBD for purchases, Gamma-Gamma for spend; population param
   P(alive now)                     BG/NBD's P(alive | x, t_x, T)
   purchases per month while alive  the posterior rate (r + x) / (alpha + T)
   monthly dropout hazard           that rate times the posterior dropout chance a / (a + b + x)
-  spend per purchase               the Gamma-Gamma conditional mean (own orders, shrunk)
+  spend per purchase               the Gamma-Gamma conditional mean: the customer's mean order
+                                   weighted by the orders behind it, p w / (p w + q - 1), the rest
+                                   the population's; w counts repeat orders, and the first for
+                                   what the history says it is worth (models.classic.fit)
 The network outputs one bounded correction for each (on the logit of P(alive), the log of
 the others) (its last layer starts at zero,
-so training starts from the classic model) and the spread of a buying customer's spend. The
+so training starts from the classic model) and the spread of a buying customer's spend. It may
+lower a customer's spend per purchase freely, and raise it only as far as orders back it:
+w / (w + 1) of the bound (at most half for a one-time buyer), so one or two large baskets are
+not valued as a habit. The
 horizon H enters in closed form: alive in month k with probability s^k, buying in it with
 1 - exp(-rate), so what is learned from short labels carries to the served horizon.
 
@@ -41,23 +47,27 @@ class Base(NamedTuple):
     rate: torch.Tensor  # purchases per month while alive
     hazard: torch.Tensor  # monthly dropout hazard while alive
     order_value: torch.Tensor  # expected spend per purchase
+    evidence: torch.Tensor  # w / (w + 1), w the orders behind the mean: how far spend may be raised
 
 
 def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
-    """`classic`: (..., 4) statistics of `features.sequences.CLASSIC_FEATURES`; `params`: (7,)
-    r, alpha, a, b, p, q, gamma."""
+    """`classic`: (..., 4) statistics of `features.sequences.CLASSIC_FEATURES`; `params`: (8,)
+    r, alpha, a, b, p, q, gamma and what a first order counts for in Gamma-Gamma."""
     n, t_x, age, m = classic.unbind(-1)
-    r, alpha, a, b, p, q, gamma = params.unbind(-1)
+    r, alpha, a, b, p, q, gamma, first = params.unbind(-1)
     x = (n - 1).clamp(min=0)
+    weight = x + first * (n >= 1).to(n.dtype)  # orders behind the mean order
     n = n.clamp(min=1)  # a customer with returns only: one purchase worth nothing
     t_x = torch.minimum(t_x.clamp(min=0), age)
     rate_day = (r + x) / (alpha + age)
     log_odds_gone = (torch.log(a) - torch.log((b + x - 1).clamp(min=_EPS))
                      + (r + x) * (torch.log(alpha + age) - torch.log(alpha + t_x)))
     logit_alive = torch.where(x > 0, -log_odds_gone, torch.full_like(x, MAX_LOGIT))
-    order_value = p * (gamma + n * m.clamp(min=0)) / (p * n + q - 1)
+    # Gamma-Gamma's credibility: the mean order weighed by the orders behind it, a first order
+    # counting for `first` (models.classic.fit says why).
+    order_value = p * (gamma + weight * m.clamp(min=0)) / (p * weight + q - 1)
     return Base(logit_alive.clamp(-MAX_LOGIT, MAX_LOGIT), rate_day * DAYS_PER_MONTH,
-                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value)
+                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value, weight / (weight + 1))
 
 
 def context(base: Base) -> torch.Tensor:
@@ -112,8 +122,10 @@ def over_horizon(out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horiz
         months = months + on * alive_k
     log_alive = _log_sigmoid(logit_alive)
     p = (torch.exp(log_alive) * p_buy).clamp(_EPS, 1 - _EPS)
+    spend = _bounded(d_spend)
+    spend = torch.where(spend > 0, spend * base.evidence, spend)  # raised only as orders back it
     log_expected = (log_alive + torch.log(rate)
-                    + torch.log(base.order_value) + _bounded(d_spend)
+                    + torch.log(base.order_value) + spend
                     + torch.log(months.clamp(min=_EPS)))
     sigma = 0.05 + 2.95 * torch.sigmoid(raw_sigma)
     return Horizon(p, log_expected, sigma)

@@ -269,10 +269,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         _output(args.out, "--out")
     artifact = Artifact.load(args.model)
     explainer = Explainer(artifact) if args.explain else None  # refuses a model it cannot explain
-    scored = score_file(artifact, args.file, args.as_of, **file_options(args))
+    scored = score_file(artifact, args.file, args.as_of, args.at_least, **file_options(args))
     if args.out:
         with open(args.out, "w", newline="") as fh:
-            write_csv(scored.scores, fh)
+            write_csv(scored.scores, fh, scored.at_least)
         print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
               f"{artifact.version} -> {args.out}")
     warning = scored.drift.sentence() if scored.drift else None
@@ -759,6 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print this customer's drivers: dollars per group of inputs (recency, "
                         "frequency, order value, trend, tenure) that add up to its score from the "
                         "model's average customer; repeat for more customers")
+    p.add_argument("--at-least", type=float, nargs="+", default=(), metavar="DOLLARS",
+                   help="add a column p_at_least_T per threshold T: each customer's probability "
+                        "of spending at least T over the horizon, from the model's predictive "
+                        "distribution")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("score-schema", help="print the JSON Schema of a clv-scores message")

@@ -199,7 +199,8 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     sink.store.open()
     rss_before = _peak_rss_mb()
     template = ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, p_purchase=0.4,
+        schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, clv_low=0.0,
+        clv_high=0.0, clv_sd=0.0, p_purchase=0.4,
         recency_days=30.0, frequency=3, monetary=40.0, tenure_days=400.0, total_spend=120.0,
         segment="regular", cluster="", country="", horizon_months=6, model_version="gru-bench",
         as_of=IsoTime("2011-12-09T12:50:00+00:00"), scored_at=IsoTime("2026-12-02T12:00:00+00:00"),

@@ -8,15 +8,18 @@ from hypothesis import strategies as st
 
 from features.scores import LEGACY_CLV
 
-GOOD = {"schema_version": 6, "customer_id": "17850", "clv": 412.37, "p_purchase": 0.83,
+GOOD = {"schema_version": 7, "customer_id": "17850", "clv": 412.37, "clv_low": 0.0,
+        "clv_high": 1105.2, "clv_sd": 690.4, "p_purchase": 0.83,
         "recency_days": 3.1, "frequency": 34, "monetary": 161.2, "tenure_days": 371.0,
         "total_spend": 5481.0, "segment": "vip", "cluster": "recent_frequent",
         "country": "United Kingdom", "horizon_months": 6,
         "model_version": "gru-1998-06-30-h6-1a2b3c4d-5e6f7a", "as_of": "2011-12-09T12:50:00+00:00",
         "scored_at": "2026-11-22T05:00:00.123000+00:00", "event_offset": 91234}
-# What workers of earlier releases published for the same customer: no event offset, then no
-# country, then no cluster.
-SCHEMA_5 = {k: v for k, v in GOOD.items() if k != "event_offset"} | {"schema_version": 5}
+# What workers of earlier releases published for the same customer: no interval, then no event
+# offset, then no country, then no cluster.
+INTERVAL = ("clv_low", "clv_high", "clv_sd")
+SCHEMA_6 = {k: v for k, v in GOOD.items() if k not in INTERVAL} | {"schema_version": 6}
+SCHEMA_5 = {k: v for k, v in SCHEMA_6.items() if k != "event_offset"} | {"schema_version": 5}
 SCHEMA_4 = {k: v for k, v in SCHEMA_5.items() if k != "country"} | {"schema_version": 4}
 SCHEMA_3 = {k: v for k, v in SCHEMA_4.items() if k != "cluster"} | {"schema_version": 3}
 SCHEMA_2 = {**SCHEMA_3, "schema_version": 2, "clv": 396.80, LEGACY_CLV: 412.37}
@@ -35,8 +38,8 @@ TIME_TEXT = st.sampled_from(["2011-12-09T12:50:00+00:00", "2011-12-09T12:50:00",
 
 @st.composite
 def near_valid(draw) -> bytes:
-    """A good message (schema 2, 3, 5 or 6) with a few fields removed, replaced or added."""
-    obj = dict(draw(st.sampled_from([GOOD, SCHEMA_5, SCHEMA_3, SCHEMA_2])))
+    """A good message (schema 2, 3, 5, 6 or 7) with a few fields removed, replaced or added."""
+    obj = dict(draw(st.sampled_from([GOOD, SCHEMA_6, SCHEMA_5, SCHEMA_3, SCHEMA_2])))
     for name in draw(st.lists(st.sampled_from([*obj, "extra"]), max_size=4)):
         action = draw(st.sampled_from(["drop", "value", "time"]))
         if action == "drop":

@@ -4,6 +4,7 @@ accuracy; accuracy is `clv evaluate`'s job)."""
 import csv
 import gzip
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -91,14 +92,15 @@ def test_onnx_matches_torch_on_random_and_real_batches(trained):
     parity = export(model, out, {**art.meta, "version": "fresh"}, [batch])
     assert all(parity[name]["max_rel_diff"] < tol for name, tol in PARITY_TOLERANCE.items())
     for n in (1, 7, 300):  # dynamic batch axis
-        clv_o, p_o = Artifact.load(out).raw_predict(batch.take(np.zeros(n, dtype=int)))
+        clv_o, p_o, *members = Artifact.load(out).raw_predict(batch.take(np.zeros(n, dtype=int)))
         assert clv_o.shape == p_o.shape == (n,) and np.allclose(clv_o, clv_o[0])
+        assert all(m.shape == (n, 1) for m in members)  # one member: a lone GRU
     with torch.no_grad():
         s = Artifact.load(out).scaler.transform(batch)
         torch_out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
                           model.h0(64))
     onnx_out = Artifact.load(out).raw_predict(batch)
-    for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase
+    for t, o in zip(torch_out, onnx_out):  # expected spend, p_purchase, the member's distribution
         assert np.allclose(t.numpy(), o, rtol=1e-4, atol=1e-6)
     calibrated = Artifact.load(out).predict(batch)
     shift, factor = (getattr(Artifact.load(out).calibration, k) for k in ("logit_shift", "factor"))
@@ -121,6 +123,72 @@ def test_score_runs_without_torch(trained, tmp_path):
     assert set(rows[0]) >= {"customer_id", "clv", "p_purchase", "recency_days", "frequency", "monetary"}
     values = np.array([float(r["clv"]) for r in rows])
     assert np.isfinite(values).all() and (values >= 0).all() and values.std() > 0
+
+
+def test_score_carries_the_interval_and_the_chance_of_reaching_a_threshold(trained, tmp_path):
+    """`clv score` writes clv_low <= clv_high (0 low end where no purchase is likelier than 10%)
+    and, with --at-least, P(spend >= t) per threshold from the same distribution: 1 at $0,
+    at most p_purchase above it, falling with t, and 10% at a customer's own clv_high."""
+    d, data = trained
+    out = tmp_path / "scores.csv"
+    res = clv("score", data, "--model", d / "artifact", "--out", out, "--at-least", "0", "37.5", "100")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[-3:] == ["p_at_least_0", "p_at_least_37.5", "p_at_least_100"]
+    col = {name: np.array([float(r[name]) for r in rows]) for name in rows[0] if name not in
+           ("customer_id", "segment", "cluster", "country")}
+    p, low, high = col["p_purchase"], col["clv_low"], col["clv_high"]
+    assert (0 <= low).all() and (low <= high).all() and (low[p < 0.9] == 0).all() and (high > 0).any()
+    assert (col["p_at_least_0"] == 1).all()
+    assert (col["p_at_least_37.5"] <= p + 1e-6).all() and (col["p_at_least_100"] <= col["p_at_least_37.5"]).all()
+    assert (col["clv_sd"] > 0).all()
+    art = Artifact.load(d / "artifact")
+    dist = art.distribution(art.raw_predict(_cutoff_inputs(art, data)))
+    at_high = dist.prob_at_least(np.where(high > 0, high, 1e-9))
+    assert np.allclose(at_high[high > 0], 0.1, atol=1e-3)  # float32 in the file
+
+
+def _cutoff_inputs(art, data, cutoff=None):
+    from datetime import date
+
+    from features.batch import end_of, read_history, snapshots
+    from features.sequences import build_inputs
+
+    events = read_history(data).events
+    at = end_of(date.fromisoformat(cutoff)) if cutoff else events[-1].ts
+    [snap] = snapshots([ev for ev in events if ev.ts <= at], [at], art.window)
+    return build_inputs(list(snap.states.values()), snap.month, art.window, art.horizon_months)
+
+
+def test_interval_is_calibrated_on_held_out_customers(trained, tmp_path):
+    """Customers the model never saw (CDNOW's next 2,000), scored at the training cutoff against
+    what they spent in the next six months: about 10% spend more than clv_high (fewer where
+    P(purchase) < 0.1 makes clv_high 0, so the expectation is the mean of min(p, 10%)), at most
+    ~10% less than clv_low, and the distribution beats a point mass at clv on pinball loss."""
+    from datetime import date
+
+    from features.batch import end_of, read_history
+    from models.dataset import history_until, rolling_split
+    from models.metrics import interval_report
+
+    d, _ = trained
+    art = Artifact.load(d / "artifact")
+    data = cdnow_slice(tmp_path / "held.txt", customers=3500)
+    cut = end_of(date.fromisoformat(CUTOFF))
+    events = read_history(data).events
+    split = rolling_split(history_until(events, cut), cut, art.horizon_months, art.window,
+                          actual_events=[ev for ev in events if ev.ts > cut])
+    fresh = np.array([int(c) > 1500 for c in split.scoring.customer_ids])
+    inputs, actual = split.scoring.inputs.take(fresh), split.scoring.y[fresh]
+    raw = art.raw_predict(inputs)
+    pred, dist = art.predict_raw(raw), art.distribution(raw)
+    quantiles = {q: dist.quantile(q) for q in (0.1, 0.5, 0.9)}
+    got = interval_report(actual, quantiles)
+    expected_above = float(np.minimum(pred.p_purchase, 0.1).mean())
+    assert abs(got["above_high"] - expected_above) < 0.03, (got, expected_above)
+    assert 0.06 < got["above_high"] < 0.13 and got["below_low"] < 0.13, got
+    point = interval_report(actual, dict.fromkeys((0.1, 0.5, 0.9), pred.clv))
+    assert got["pinball"] < point["pinball"], (got, point)
 
 
 def test_training_never_reads_after_the_cutoff(trained, tmp_path):
@@ -177,7 +245,7 @@ def _head_inputs(n=3):
 
     from models import ziln
 
-    params = torch.tensor([0.25, 30.0, 0.6, 2.0, 9.0, 3.4, 8.0], dtype=torch.float64)
+    params = torch.tensor([0.25, 30.0, 0.6, 2.0, 9.0, 3.4, 8.0, 0.5], dtype=torch.float64)
     classic = torch.tensor([[1, 0, 40], [4, 200, 300], [12, 330, 360]], dtype=torch.float64)
     classic = torch.cat([classic, torch.tensor([[20.0], [55.0], [140.0]], dtype=torch.float64)], 1)[:n]
     return ziln.classic_base(classic, params), classic, params
@@ -200,7 +268,8 @@ def test_head_closed_forms_match_the_retention_process():
     alive = torch.sigmoid(base.logit_alive + 3 * torch.tanh(out[:, 0] / 3))
     rate = base.rate * torch.exp(3 * torch.tanh(out[:, 1] / 3))
     s = torch.exp(-base.hazard * torch.exp(3 * torch.tanh(out[:, 2] / 3)))
-    order = base.order_value * torch.exp(3 * torch.tanh(out[:, 3] / 3))
+    spend = 3 * torch.tanh(out[:, 3] / 3)
+    order = base.order_value * torch.exp(torch.where(spend > 0, spend * base.evidence, spend))
     buy = 1 - torch.exp(-rate)
     for h in (1, 2, 6):
         d = ziln.over_horizon(out, base, torch.full((3,), float(h), dtype=torch.float64), 6)
@@ -229,18 +298,51 @@ def test_head_closed_forms_match_the_retention_process():
 
 def test_uncorrected_head_is_the_classic_model():
     """With every correction at zero the head is BG/NBD's P(alive) and posterior purchase rate
-    and the Gamma-Gamma conditional mean of spend per purchase (Fader, Hardie & Lee 2005)."""
+    and the Gamma-Gamma conditional mean of spend per purchase (Fader, Hardie & Lee 2005) over
+    the orders behind it: the repeat orders and the first at its weight (here half an order;
+    at 0 a one-time buyer's is the population mean p gamma / (q - 1), as in the textbook)."""
     import torch
 
+    from models import ziln
+
     base, classic, params = _head_inputs()
-    r, alpha, a, b, p, q, gamma = params.tolist()
+    r, alpha, a, b, p, q, gamma, first = params.tolist()
     for row, logit, rate, order in zip(classic.tolist(), base.logit_alive, base.rate, base.order_value):
         n, t_x, age, m = row
         x = n - 1
         p_alive = 1.0 if x == 0 else 1 / (1 + a / (b + x - 1) * ((alpha + age) / (alpha + t_x)) ** (r + x))
         assert abs(float(torch.sigmoid(logit)) - p_alive) < 1e-5 or (x == 0 and float(torch.sigmoid(logit)) > 0.9999)
         assert abs(float(rate) - (r + x) / (alpha + age) * 365.25 / 12) < 1e-9
-        assert abs(float(order) - p * (gamma + n * m) / (p * n + q - 1)) < 1e-9
+        w = x + first
+        assert abs(float(order) - p * (gamma + w * m) / (p * w + q - 1)) < 1e-9
+    assert base.evidence.tolist() == [0.5 / 1.5, 3.5 / 4.5, 11.5 / 12.5]
+    textbook = ziln.classic_base(classic, torch.cat([params[:7], torch.zeros(1, dtype=torch.float64)]))
+    assert abs(float(textbook.order_value[0]) - p * gamma / (q - 1)) < 1e-9  # one purchase: the population's
+    assert float(textbook.evidence[0]) == 0.0
+
+
+def test_spend_is_raised_only_as_far_as_repeat_orders_back_it():
+    """The network may lower any customer's spend per purchase, but raise it only by w / (w + 1)
+    of the bound (w the orders behind the mean order): a one-time buyer's large basket is not
+    valued as a habit, however much the network would raise it."""
+    import torch
+
+    from models import ziln
+
+    base, _, _ = _head_inputs()
+    h = torch.full((3,), 6.0, dtype=torch.float64)
+
+    def spend(d):
+        out = torch.zeros(3, ziln.RAW_OUTPUTS, dtype=torch.float64)
+        out[:, 3] = d
+        return torch.exp(ziln.over_horizon(out, base, h, 6).log_expected)
+
+    neutral = spend(0.0)
+    up, down = spend(50.0) / neutral, spend(-50.0) / neutral
+    bound = math.exp(ziln.MAX_CORRECTION)
+    assert torch.allclose(up, torch.tensor([bound ** (1 / 3), bound ** (3.5 / 4.5), bound ** (11.5 / 12.5)],
+                                           dtype=torch.float64))
+    assert torch.allclose(down, torch.full((3,), 1 / bound, dtype=torch.float64))
 
 
 def test_model_keeps_the_scale_of_a_customers_own_spending(trained):

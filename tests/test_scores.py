@@ -1,4 +1,4 @@
-"""The `clv-scores` contract: every reason a message is unusable, schema-2 to 5 messages read as
+"""The `clv-scores` contract: every reason a message is unusable, schema-2 to 6 messages read as
 the records they imply, which of a customer's scores is the newest, scores carrying the customer's country, a parser that never raises, and
 the JSON Schema file kept current."""
 
@@ -20,7 +20,10 @@ from features.scores import (CUSTOMER_FIELDS, FIELD_TYPES, FIELDS, LEGACY_CLV, S
                              IsoTime, Offset, ScoreRecord, as_dict, encode_score, parse_score,
                              precedence, score_schema, score_schema_json)
 from export_onnx.scoring import score_states
-from score_messages import GOOD, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, near_valid
+from score_messages import GOOD, INTERVAL, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, SCHEMA_6, near_valid
+
+
+UNKNOWN_INTERVAL = dict.fromkeys(INTERVAL, -1.0)  # what a message before schema 7 reads as
 
 
 def msg(base: dict = GOOD, **changes) -> bytes:
@@ -39,7 +42,8 @@ def test_schema_2_message_reads_as_its_expectation():
     record = parse_score(msg(SCHEMA_2))
     assert isinstance(record, ScoreRecord)
     assert record.clv == 412.37 and record.schema_version == SCORE_SCHEMA_VERSION
-    assert as_dict(record) == {**GOOD, "cluster": "", "country": "", "event_offset": -1}  # quantile dropped
+    assert as_dict(record) == {**GOOD, "cluster": "", "country": "", "event_offset": -1,
+                               **UNKNOWN_INTERVAL}  # quantile dropped
     assert parse_score(msg(SCHEMA_2, clv=...)) == record  # its quantile is not needed
     assert parse_score(msg(SCHEMA_2, clv="not read")) == record
 
@@ -47,23 +51,40 @@ def test_schema_2_message_reads_as_its_expectation():
 def test_schema_3_message_reads_without_a_cluster():
     record = parse_score(msg(SCHEMA_3))
     assert isinstance(record, ScoreRecord)
-    assert as_dict(record) == {**GOOD, "cluster": "", "country": "", "event_offset": -1}
+    assert as_dict(record) == {**GOOD, "cluster": "", "country": "", "event_offset": -1,
+                               **UNKNOWN_INTERVAL}
     assert parse_score(msg(SCHEMA_3, cluster=7)) == record  # a field schema 3 lacks is not read
-    assert parse_score(msg(cluster=...)) == "missing_field:cluster"  # schema 6 must carry it
+    assert parse_score(msg(cluster=...)) == "missing_field:cluster"  # schema 7 must carry it
 
 
 def test_schema_4_message_reads_without_a_country():
     record = parse_score(msg(SCHEMA_4))
-    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "country": "", "event_offset": -1}
+    assert isinstance(record, ScoreRecord)
+    assert as_dict(record) == {**GOOD, "country": "", "event_offset": -1, **UNKNOWN_INTERVAL}
     assert parse_score(msg(SCHEMA_4, country=7)) == record  # a field schema 4 lacks is not read
     assert parse_score(msg(country=...)) == "missing_field:country"
 
 
 def test_schema_5_message_reads_without_an_event_offset():
     record = parse_score(msg(SCHEMA_5))
-    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, "event_offset": -1}
+    assert isinstance(record, ScoreRecord)
+    assert as_dict(record) == {**GOOD, "event_offset": -1, **UNKNOWN_INTERVAL}
     assert parse_score(msg(SCHEMA_5, event_offset="x")) == record  # not read
     assert parse_score(msg(event_offset=...)) == "missing_field:event_offset"
+
+
+def test_schema_6_message_reads_without_an_interval_and_round_trips_as_7():
+    """A worker of the previous release publishes no interval while a new sink reads: its
+    messages read as records whose interval and sd are -1 (not known), which encode as schema 7
+    and read back as the same record."""
+    record = parse_score(msg(SCHEMA_6))
+    assert isinstance(record, ScoreRecord) and as_dict(record) == {**GOOD, **UNKNOWN_INTERVAL}
+    assert parse_score(msg(SCHEMA_6, clv_low="x", clv_high=...)) == record  # not read
+    assert parse_score(encode_score(record)) == record
+    assert json.loads(encode_score(record))["schema_version"] == SCORE_SCHEMA_VERSION == 7
+    for name in INTERVAL:  # schema 7 must carry each
+        assert parse_score(msg(**{name: ...})) == f"missing_field:{name}"
+    assert parse_score(msg(clv_high=float("inf"))) == "non_finite"
 
 
 def test_a_later_state_or_a_later_clock_makes_a_score_newer_not_a_later_arrival():
@@ -98,7 +119,7 @@ def test_times_come_back_in_utc():
     (msg(schema_version=True), "wrong_type:schema_version"),
     (msg(schema_version=3.0), "wrong_type:schema_version"),
     (msg(schema_version=1), "unknown_schema_version"),
-    (msg(schema_version=7), "unknown_schema_version"),
+    (msg(schema_version=8), "unknown_schema_version"),
     (msg(customer_id=None), "wrong_type:customer_id"),
     (msg(customer_id=17850), "wrong_type:customer_id"),
     (msg(customer_id="  "), "empty_field:customer_id"),
@@ -185,7 +206,8 @@ def test_schema_describes_the_messages_the_worker_writes():
         prop = schema["properties"][name]
         assert isinstance(value, json_type[prop["type"]]) and prop["description"], name
     assert schema["properties"]["schema_version"]["const"] == SCORE_SCHEMA_VERSION
-    assert set(CUSTOMER_FIELDS) < set(FIELDS) and CUSTOMER_FIELDS[:3] == ("customer_id", "clv", "p_purchase")
+    assert set(CUSTOMER_FIELDS) < set(FIELDS)
+    assert CUSTOMER_FIELDS[:6] == ("customer_id", "clv", "clv_low", "clv_high", "clv_sd", "p_purchase")
 
 
 def test_scores_carry_the_customers_country():

@@ -7,6 +7,7 @@ import ast
 import asyncio
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -348,7 +349,35 @@ def test_a_sink_upgraded_over_a_schema_2_snapshot_keeps_its_expectations(tmp_pat
         store.close()
     row = snapshot_rows(path)["c1"]
     assert row["clv"] == 7.5 and row["cluster"] == row["country"] == ""  # columns it lacked: unknown
-    assert row["event_offset"] == -1
+    assert row["event_offset"] == -1 and row["clv_low"] == row["clv_high"] == row["clv_sd"] == -1
+
+
+def test_segment_and_tier_totals_state_a_range_of_independent_customers(tmp_path):
+    """A group's 80% range is its total +- 1.2816 sqrt(sum of sd^2) (a normal approximation of a
+    sum of independent customers; the low end floored at 0), which is far narrower than the sum
+    of the customers' own intervals; a customer scored before schema 7 (sd -1) adds nothing."""
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "x", "clv": 1.0}))
+    path = tmp_path / "clv.duckdb"
+    store = snapshot.Snapshots(path, "scores")
+    sds = [30.0, 40.0, 120.0, -1.0]
+    try:
+        store.open()
+        for i, sd in enumerate(sds):
+            score = replace(base, customer_id=f"c{i}", clv=50.0, segment=SEGMENTS[0],
+                            clv_low=0.0 if sd > 0 else -1.0, clv_high=3 * sd, clv_sd=sd)
+            store.put(score.customer_id, snapshot.row(score, 0, i))
+        store.publish()
+    finally:
+        store.close()
+    [seg] = Snapshot(path).segments()
+    spread = 1.2816 * math.sqrt(30.0**2 + 40.0**2 + 120.0**2)
+    assert seg["total_clv"] == 200.0
+    assert seg["total_clv_high"] == pytest.approx(200.0 + spread)
+    assert seg["total_clv_low"] == pytest.approx(max(200.0 - spread, 0.0))
+    assert seg["total_clv_high"] < 3 * (30.0 + 40.0 + 120.0)  # the sum of the customers' highs
+    tiers = Snapshot(path).tiers()
+    assert sum(t["total_clv"] for t in tiers) == 200.0
+    assert all(t["total_clv_low"] <= t["total_clv"] <= t["total_clv_high"] for t in tiers)
 
 
 def test_the_sink_store_merges_updates_and_deletes_in_bounded_batches(tmp_path):

@@ -60,6 +60,9 @@ def test_end_to_end_cdnow_matches_batch(cdnow_live, cdnow_batch, kafka_bootstrap
             == pytest.approx(page["score"]["clv"], rel=1e-3, abs=1e-5))
     sample = next(iter(live.values()))
     assert sample["schema_version"] == SCORE_SCHEMA_VERSION and sample["as_of"].startswith("1998-06")
+    # assert_exact compared the interval too: every customer publishes one, clv_low <= clv_high.
+    assert all(0 <= s["clv_low"] <= s["clv_high"] for s in live.values())
+    assert sum(s["clv_high"] > 0 for s in live.values()) > 1_000
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
@@ -456,6 +459,8 @@ def test_one_customer_that_cannot_be_scored_does_not_fail_the_others():
     for got, want in zip((a, b), score_states(artifact, [states[0], states[2]], as_of)):
         assert got.customer_id == want.customer_id and got.frequency == want.frequency == 1
         assert got.clv == pytest.approx(want.clv, rel=1e-5) and got.as_of == want.as_of
+        for name in ("clv_low", "clv_high", "clv_sd"):  # the interval, scored alone or in a batch
+            assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-5, abs=1e-9), name
 
 
 def test_faust_sensor_series_are_brought_up_to_date_when_scraped():

@@ -20,9 +20,16 @@ Tables:
   customer's contributions = its clv in `customer_scores`); `stream.drivers` says which.
 Views: `segment_summary`, `tier_summary`, `cluster_summary`, `country_summary`: customers,
 totals, means and shares of `clv`, the expected spend, which adds up over customers; `clv` also
-sets the value tiers. `cluster_summary` adds each behavioral cluster's mean RFM fields and its
-most common segment. `segment_moves`: customers per (previous segment, segment) pair, NULL on
-the left for customers new since the previous snapshot and on the right for those gone.
+sets the value tiers. `segment_summary` and `tier_summary` state a range of each total:
+`total_clv_low` to `total_clv_high`, an 80% range of the group's horizon spend by a normal
+approximation of a sum of independent customers (total +- 1.2816 x the square root of the sum of
+their `clv_sd`^2, the lower end floored at 0). Customers are not independent (a season or a shock
+moves them together), so the real range of a total is wider; the sum of customers'
+clv_low/clv_high is not a range of the sum at all (it is far too wide). Customers scored before
+schema 7 have no sd (-1) and add nothing to the range. `cluster_summary` adds each behavioral
+cluster's mean RFM fields and its most common segment. `segment_moves`: customers per (previous
+segment, segment) pair, NULL on the left for customers new since the previous snapshot and on
+the right for those gone.
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ _SUPERSEDED = "({}) <= ({})".format(
     ", ".join(f"scores.{name}" for name in PRECEDENCE),
     ", ".join(f"rows.{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in PRECEDENCE))
 # What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
-_ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1"}
+_ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1",
+                   "clv_low": "-1", "clv_high": "-1", "clv_sd": "-1"}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
 # One row per top customer and group of inputs, largest first (`stream.drivers.driver_rows`).
 DRIVER_COLUMNS = (("customer_id", "VARCHAR"), ("position", "INTEGER"), ("driver", "VARCHAR"),
@@ -87,12 +95,18 @@ CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in
 CREATE TABLE clv_next.customer_drivers ({", ".join(f"{name} {kind}" for name, kind in DRIVER_COLUMNS)});
 """
 
-_VIEWS = """
+# The 80% range of a group's total (normal approximation of a sum of independent customers;
+# 1.2816 is the standard normal's 90% quantile); customers without an sd (-1) add nothing.
+_SPREAD = "1.2816 * sqrt(coalesce(sum(CASE WHEN clv_sd > 0 THEN clv_sd * clv_sd END), 0))"
+_RANGE = (f"greatest(sum(clv) - {_SPREAD}, 0) AS total_clv_low, "
+          f"sum(clv) + {_SPREAD} AS total_clv_high")
+
+_VIEWS = f"""
 CREATE VIEW segment_summary AS
 SELECT * FROM (
     SELECT segment, count(*) AS customers,
            count(*) / (SELECT count(*) FROM customer_scores) AS share_of_customers,
-           sum(clv) AS total_clv, avg(clv) AS mean_clv,
+           sum(clv) AS total_clv, {_RANGE}, avg(clv) AS mean_clv,
            sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
            avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
            avg(frequency) AS mean_frequency
@@ -125,7 +139,7 @@ ORDER BY from_segment NULLS FIRST, to_segment NULLS LAST;
 
 CREATE VIEW tier_summary AS
 SELECT value_tier, count(*) AS customers, min(clv) AS min_clv, max(clv) AS max_clv,
-       sum(clv) AS total_clv, avg(clv) AS mean_clv,
+       sum(clv) AS total_clv, {_RANGE}, avg(clv) AS mean_clv,
        sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value
 FROM customer_scores GROUP BY value_tier
 ORDER BY CASE value_tier WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END;
