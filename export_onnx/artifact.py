@@ -23,17 +23,22 @@ META_FILE = "metadata.json"
 INPUTS = ("seq", "static", "classic", "h0")
 # The graph's outputs, in `RawPrediction`'s order: per customer, then per ensemble member.
 OUTPUTS = ("clv", "p_purchase", "member_p", "member_mu", "member_sigma")
+# The graph of a model trained before the interval existed: it still serves `clv` and
+# `p_purchase`, with the interval and sd published as -1 (not known) until it is retrained.
+LEGACY_OUTPUTS = OUTPUTS[:2]
+NOT_KNOWN = -1.0
 
 
 class RawPrediction(NamedTuple):
     """The graph's outputs, before the level: the ensemble's expected spend and P(any purchase),
-    and each member's P(any purchase) and a buyer's lognormal spend (log-scale mu, sigma)."""
+    and each member's P(any purchase) and a buyer's lognormal spend (log-scale mu, sigma); the
+    members' are None from a graph of `LEGACY_OUTPUTS`."""
 
     clv: np.ndarray
     p_purchase: np.ndarray
-    member_p: np.ndarray
-    member_mu: np.ndarray
-    member_sigma: np.ndarray
+    member_p: np.ndarray | None = None
+    member_mu: np.ndarray | None = None
+    member_sigma: np.ndarray | None = None
 
 
 class Prediction(NamedTuple):
@@ -108,7 +113,7 @@ class Artifact:
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        if (tuple(o.name for o in session.get_outputs()) != OUTPUTS
+        if (tuple(o.name for o in session.get_outputs()) not in (OUTPUTS, LEGACY_OUTPUTS)
                 or tuple(i.name for i in session.get_inputs()) != INPUTS):
             raise ArtifactError(f"{path}: model {meta.get('version')} does not map "
                                 f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`")
@@ -122,12 +127,23 @@ class Artifact:
     def predict_raw(self, raw: RawPrediction) -> Prediction:
         """`predict` from the graph's outputs: the level, then the interval."""
         clv, p = self.calibration.apply(raw.clv, raw.p_purchase)
+        if raw.member_p is None:
+            unknown = np.full(len(clv), NOT_KNOWN, np.float32)
+            return Prediction(clv, p, unknown, unknown, unknown)
         dist = self.distribution(raw)
         low, high = dist.interval()
         return Prediction(clv, p, *(a.astype(np.float32) for a in (low, high, dist.sd())))
 
+    @property
+    def has_distribution(self) -> bool:
+        """Whether the graph gives the predictive distribution (False: a model trained before it)."""
+        return len(self.session.get_outputs()) == len(OUTPUTS)
+
     def distribution(self, raw: RawPrediction) -> SpendDistribution:
         """Each customer's predictive distribution of horizon spend, at the level."""
+        if raw.member_p is None:
+            raise ArtifactError(f"model {self.version} has no predictive distribution (trained before "
+                                "this release); retrain it with `clv train`")
         p = self.calibration.apply(raw.clv, raw.p_purchase)[1]
         return SpendDistribution.from_members(p, raw.member_p, raw.member_mu, raw.member_sigma,
                                               self.calibration.factor, self.calibration.spread)
@@ -147,5 +163,6 @@ class Artifact:
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
         feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
-        return RawPrediction(*self.session.run(list(OUTPUTS), feeds))
+        names = [o.name for o in self.session.get_outputs()]
+        return RawPrediction(*self.session.run(names, feeds))
 
