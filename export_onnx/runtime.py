@@ -22,7 +22,11 @@ META_FILE = "metadata.json"
 INPUTS = ("seq", "static", "classic", "h0")
 # The graph's outputs, in `RawPrediction`'s order: per customer, then per ensemble member.
 OUTPUTS = ("clv", "p_purchase", "member_p", "member_mu", "member_sigma")
-FORMAT = 2  # the artifact layout this release reads and writes (metadata "format"; absent: 1)
+# The graph of a model trained before the interval existed: it still serves `clv` and
+# `p_purchase`, with the interval and sd published as -1 (not known) until it is retrained.
+LEGACY_OUTPUTS = OUTPUTS[:2]
+NOT_KNOWN = -1.0
+FORMAT = 1  # the artifact layout this release reads and writes (metadata "format"; absent: 1)
 # metadata.json keys the runtime reads, and the type each must have
 META_TYPES: dict[str, type | tuple[type, ...]] = {
     "version": str, "window": int, "horizon_months": int, "layers": int, "hidden": int,
@@ -96,12 +100,23 @@ class Artifact:
     def predict_raw(self, raw: RawPrediction) -> Prediction:
         """`predict` from the graph's outputs: the level, then the interval."""
         clv, p = self.calibration.apply(raw.clv, raw.p_purchase)
+        if raw.member_p is None:
+            unknown = np.full(len(clv), NOT_KNOWN, np.float32)
+            return Prediction(clv, p, unknown, unknown, unknown)
         dist = self.distribution(raw)
         low, high = dist.interval()
         return Prediction(clv, p, *(a.astype(np.float32) for a in (low, high, dist.sd())))
 
+    @property
+    def has_distribution(self) -> bool:
+        """Whether the graph gives the predictive distribution (False: a model trained before it)."""
+        return len(self.session.get_outputs()) == len(OUTPUTS)
+
     def distribution(self, raw: RawPrediction) -> SpendDistribution:
         """Each customer's predictive distribution of horizon spend, at the level."""
+        if raw.member_p is None or raw.member_mu is None or raw.member_sigma is None:
+            raise ArtifactError(f"model {self.version} has no predictive distribution (trained before "
+                                "this release); retrain it with `clv train`")
         p = self.calibration.apply(raw.clv, raw.p_purchase)[1]
         return SpendDistribution.from_members(p, raw.member_p, raw.member_mu, raw.member_sigma,
                                               self.calibration.factor, self.calibration.spread)
@@ -121,7 +136,8 @@ class Artifact:
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
         feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
-        return RawPrediction(*self.session.run(list(OUTPUTS), feeds))
+        names = [o.name for o in self.session.get_outputs()]
+        return RawPrediction(*self.session.run(names, feeds))
 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:
@@ -170,7 +186,8 @@ def _open_session(model_path: Path) -> ort.InferenceSession:
 def _check_graph(session: ort.InferenceSession, meta: dict[str, Any], model_path: Path) -> None:
     """The graph takes and gives what the metadata says: names, then the fixed dimensions."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
-    if (tuple(o.name for o in session.get_outputs()) != OUTPUTS or tuple(inputs) != INPUTS):
+    if (tuple(o.name for o in session.get_outputs()) not in (OUTPUTS, LEGACY_OUTPUTS)
+            or tuple(inputs) != INPUTS):
         raise ArtifactError(f"{model_path}: model {meta['version']} does not map "
                             f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`")
     want = {"seq": [None, meta["window"], len(SEQ_FEATURES)], "static": [None, len(STATIC_FEATURES)],

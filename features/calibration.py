@@ -31,13 +31,14 @@ _MAX_SHIFT = 30.0
 
 class RawPrediction(NamedTuple):
     """The graph's outputs, before the level: the ensemble's expected spend and P(any purchase),
-    and each member's P(any purchase) and a buyer's lognormal spend (log-scale mu, sigma)."""
+    and each member's P(any purchase) and a buyer's lognormal spend (log-scale mu, sigma); the
+    members' are None from a graph of `export_onnx.runtime.LEGACY_OUTPUTS`."""
 
     clv: np.ndarray
     p_purchase: np.ndarray
-    member_p: np.ndarray
-    member_mu: np.ndarray
-    member_sigma: np.ndarray
+    member_p: np.ndarray | None = None
+    member_mu: np.ndarray | None = None
+    member_sigma: np.ndarray | None = None
 
 
 class Prediction(NamedTuple):

@@ -122,9 +122,10 @@ class Textbook:
 
 
 def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], cutoff: datetime,
-                      window: tuple[int, int], quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
+                      window: tuple[int, int], quantiles: tuple[float, ...] = (),
                       seed: int = 0) -> Textbook:
-    """The textbook model from daily transactions up to the cutoff, for each customer."""
+    """The textbook model from daily transactions up to the cutoff, for each customer, with the
+    `quantiles` of its predictive distribution (simulated; none asked, none computed)."""
     from pymc_marketing.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 
     tx = pd.DataFrame({
@@ -154,7 +155,8 @@ def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], c
             data=summary[["customer_id", "frequency", "monetary_value"]]).values.reshape(-1)
     stats = summary[["frequency", "recency", "T", "monetary_value"]].to_numpy(np.float64)
     return Textbook(purchases * spend, 1 - p_none,
-                    predictive_quantiles(bg_params, gg_params, stats, window, quantiles, seed))
+                    predictive_quantiles(bg_params, gg_params, stats, window, quantiles, seed)
+                    if quantiles else {})
 
 
 SIMULATED_DRAWS = 2000  # per customer: quantiles of the textbook model to about 1% of their level

@@ -27,6 +27,7 @@ from models.classic import ClassicParams
 from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
+INTERVAL_QUANTILES = (0.1, 0.5, 0.9)  # what the interval's metrics read (models.metrics)
 
 
 @dataclass
@@ -75,8 +76,10 @@ def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
     if labelled and not after:
         raise NotEnoughHistory(f"no transactions after the cutoff {cutoff}: nothing to evaluate against")
     split = rolling_split(events, cut, horizon, window, actual_events=after if labelled else None)
+    # Its predictive quantiles (a simulation) only where there is a holdout to judge them on.
     textbook = classic.bgnbd_gamma_gamma(events, split.scoring.customer_ids, cut,
-                                         classic.label_window(cut, horizon))
+                                         classic.label_window(cut, horizon),
+                                         INTERVAL_QUANTILES if labelled else ())
     # Month-of-year effects need every calendar month seen at least twice.
     calendar = month_of(cut) - month_of(events[0].ts) + 1 >= 24
     return _Prepared(events, cut, split, fit_classic(split), textbook, calendar)
@@ -141,7 +144,7 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
         preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
         preds["rf"] = leveled(*baselines.random_forest(split.labelled, split.scoring, params, seed))
         models = {"gru": report(actual, gru.clv, gru.p_purchase,
-                                {q: dist.quantile(q) for q in (0.1, 0.5, 0.9)}),
+                                {q: dist.quantile(q) for q in INTERVAL_QUANTILES}),
                   **{name: report(actual, clv, p) for name, (clv, p) in preds.items()}, **fixed}
         runs.append(SeedRun(seed, models, {"gru": gru.clv, **{name: clv for name, (clv, _p) in preds.items()},
                                            **fixed_pred}))

@@ -148,6 +148,32 @@ def test_score_carries_the_interval_and_the_chance_of_reaching_a_threshold(train
     assert np.allclose(at_high[high > 0], 0.1, atol=1e-3)  # float32 in the file
 
 
+def test_a_model_trained_before_the_interval_still_scores_with_the_interval_not_known(trained, tmp_path):
+    """A graph with only `clv` and `p_purchase` (an artifact of the previous release) keeps
+    serving them during a rollout, with clv_low, clv_high and clv_sd -1 (the contract's "not
+    known"); asking it for P(spend >= t) names the fix."""
+    import onnx
+
+    from export_onnx import ArtifactError
+    from export_onnx.artifact import LEGACY_OUTPUTS
+
+    d, data = trained
+    old = tmp_path / "old"
+    shutil.copytree(d / "artifact", old)
+    graph = onnx.load(str(old / "model.onnx"))
+    for extra in [o for o in graph.graph.output if o.name not in LEGACY_OUTPUTS]:
+        graph.graph.output.remove(extra)
+    onnx.save(graph, str(old / "model.onnx"))
+    art, new = Artifact.load(old), Artifact.load(d / "artifact")
+    inputs = _cutoff_inputs(art, data)
+    got, want = art.predict(inputs), new.predict(inputs)
+    assert not art.has_distribution and new.has_distribution
+    assert np.array_equal(got.clv, want.clv) and np.array_equal(got.p_purchase, want.p_purchase)
+    assert (got.clv_low == -1).all() and (got.clv_high == -1).all() and (got.clv_sd == -1).all()
+    with pytest.raises(ArtifactError, match="retrain"):
+        art.prob_at_least(inputs, 100.0)
+
+
 def _cutoff_inputs(art, data, cutoff=None):
     from datetime import date
 
