@@ -139,7 +139,7 @@ class AuditLog:
             self.out: TextIO = sys.stderr
         else:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            self.out = open(target, "a", buffering=1, encoding="utf-8")
+            self.out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the API's life
 
     def write(self, request: web.Request, status: int, started: float) -> None:
         self.out.write(json.dumps({
@@ -416,12 +416,13 @@ def build(settings: ApiSettings) -> web.Application:
     require_token(settings.api_host, settings.api_token, "api_host")
     sql_pool = SqlPool(settings.api_sql_concurrency, settings.api_sql_timeout_s)
     audit = AuditLog(settings.api_audit_log)
-    middlewares = [audited(audit), identified(settings.api_token)]
+    middlewares: list[Any] = [audited(audit), identified(settings.api_token)]  # in order
     if settings.api_rate_limit_per_min:
         middlewares.append(limited(RateLimit(settings.api_rate_limit_per_min)))
     if settings.api_token:
         middlewares.append(guard(settings.api_token, OPEN_PATHS))
-    app = web.Application(middlewares=[*middlewares, answer_errors, checked_params(openapi())])
+    middlewares += [answer_errors, checked_params(openapi())]
+    app = web.Application(middlewares=middlewares)
     handlers = Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows,
                         Artifact.load(settings.model_dir or None), settings.api_score_max_bytes)
     app.add_routes(handlers.routes())
@@ -434,7 +435,8 @@ def serve(settings: ApiSettings) -> int:
     app = build(settings)
     log.info("analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
              "%d rows; %s requests/min per client; audit log %s)", settings.api_host,
-             settings.api_port, settings.snapshot_path, settings.model_dir or "shipped", "bearer token" if settings.api_token else "off",
+             settings.api_port, settings.snapshot_path, settings.model_dir or "shipped",
+             "bearer token" if settings.api_token else "off",
              settings.api_sql_concurrency, settings.api_sql_timeout_s, settings.api_sql_max_rows,
              settings.api_rate_limit_per_min or "unlimited",
              "stderr" if settings.api_audit_log == "-" else settings.api_audit_log)
@@ -455,7 +457,7 @@ _SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv 
 def _customer_schema(drivers: bool = False) -> dict[str, Any]:
     """A `customer_scores` row: the score contract's fields, then its tier and source; with
     `drivers`, the drivers of its score (`Snapshot.customer`)."""
-    props = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in COLUMNS}
+    props: dict[str, Any] = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in COLUMNS}
     props.update(value_tier={"type": "string", "enum": list(TIERS)},
                  source_partition={"type": "integer"}, source_offset={"type": "integer"})
     if drivers:
@@ -514,7 +516,7 @@ _ERRORS = {
 def _op(summary: str, ok: dict[str, Any], errors: str, params: list[dict[str, Any]] | None = None,
         content: str = "application/json", **extra: Any) -> dict[str, Any]:
     """An operation answering 200, 400 (any path refuses parameters it does not take) and `errors`."""
-    responses = {"200": {"description": "OK", "content": {content: {"schema": ok}}}}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {content: {"schema": ok}}}}
     responses.update({code: _ref("responses", code) for code in ["400", *errors.split()]})
     return {"summary": summary, "parameters": params or [], "responses": responses, **extra}
 
@@ -557,9 +559,9 @@ def _score_op() -> dict[str, Any]:
                      scores={"type": "array", "items": _object(**score)})
     op = _op("Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
              "does: every customer's score as of the newest event (or as_of), with the cleaning "
-             "report and the drift warning `clv score` prints, if any. JSON, or with out=csv the CSV `clv score` writes (the report in the "
-             "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
-             "reason `clv score` prints; one over api_score_max_bytes 413",
+             "report and the drift warning `clv score` prints, if any. JSON, or with out=csv the CSV "
+             "`clv score` writes (the report in the X-Cleaning-Report header). A file that cannot be "
+             "read is answered 400 with the reason `clv score` prints; one over api_score_max_bytes 413",
              answer, "401 413 429", _score_params(),
              requestBody={"required": True, "content": {
                  "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {

@@ -13,13 +13,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Generator, Iterator, Mapping, NamedTuple
 
 import duckdb
 import pandas as pd
 
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
 from state.snapshot import insights
+from state.snapshot.insights import one
 from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
@@ -171,8 +172,8 @@ class Snapshot:
         """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
         None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
         with self.reading() as con:
-            if not insights.has(con, "segment_moves") or con.execute(
-                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta").fetchone()[0]:
+            if not insights.has(con, "segment_moves") or one(con.execute(
+                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta"))[0]:
                 return []
             return _dicts(con, "SELECT * FROM segment_moves")
 
@@ -192,8 +193,8 @@ class Snapshot:
             rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
             if not rows:
                 return None
-            kept = con.execute("SELECT count(*) FROM duckdb_tables() "  # not by earlier sinks
-                               "WHERE table_name = 'customer_drivers'").fetchone()[0]
+            kept = one(con.execute("SELECT count(*) FROM duckdb_tables() "  # not by earlier sinks
+                               "WHERE table_name = 'customer_drivers'"))[0]
             drivers = _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
                              [customer_id]) if kept else []
         row = rows[0]
@@ -208,9 +209,9 @@ class Snapshot:
         try:
             cur = con.execute("SELECT * FROM snapshot_meta")
             cols = [d[0] for d in cur.description]
-            meta = dict(zip(cols, cur.fetchone()))
-            totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
-                                 "FROM customer_scores").fetchone()
+            meta = dict(zip(cols, one(cur)))
+            totals = one(con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
+                                 "FROM customer_scores"))
         finally:
             con.close()
         out = {k: _plain(v) for k, v in meta.items()}
@@ -254,7 +255,7 @@ class Snapshot:
         finally:
             con.close()
 
-    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Iterator[tuple[str, int]]:
+    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Generator[tuple[str, int], None, None]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
         rows at a time, so an export over HTTP never holds the whole snapshot in memory. The
         connection stays open (on the snapshot it opened) until the iterator ends or is closed."""
