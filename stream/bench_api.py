@@ -120,7 +120,8 @@ def _percentile(sorted_ms: list[float], q: float) -> float | None:
 
 async def load(url: str, mix: str, customers: int, clients: int, seconds: float) -> dict[str, Any]:
     """`clients` connections, each sending requests back to back for `seconds` after a second
-    of warm-up; latencies of the measured part."""
+    of warm-up; the requests answered after the warm-up count, over the time from its end to the
+    last answer (a slow export started in the warm-up counts when it ends)."""
     import aiohttp
 
     warm_until = time.perf_counter() + 1.0
@@ -145,7 +146,7 @@ async def load(url: str, mix: str, customers: int, clients: int, seconds: float)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 status, size = 0, 0
             done = time.perf_counter()
-            if now < warm_until:
+            if done < warm_until:  # answered during the warm-up
                 continue
             if status == 0:
                 counts["connection_errors"] += 1
