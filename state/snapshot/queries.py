@@ -1,13 +1,20 @@
-"""The questions analysts ask of a snapshot, for `clv query`, `clv export` and the API.
+"""The questions analysts ask of a snapshot, for `clv query`, `clv export`, the API and the
+dashboard.
 
-Every call opens the published file read-only, with file access and configuration changes
-disabled, and closes it: a call sees one whole snapshot even while the sink swaps in a new one,
-and nothing sent through `sql` can write, attach, read files or re-enable either.
+A `Snapshot` keeps the published file open read-only (attached to a private in-memory DuckDB,
+file access and configuration changes disabled) and answers each question on a cursor of it: one
+per thread, or one of its own for a streamed export. It opens the file again only when the sink
+has replaced it (the sink renames a new file over the path: a new inode and modification time),
+and closes the previous one when its last reader is done, so a question is always answered from
+one whole snapshot, never a mix of two. Free SQL (`sql`) runs on a connection of its own, opened
+read-only for that query, so nothing sent through it can write, attach, read files or re-enable
+either, and it can be stopped from another thread.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -23,6 +30,7 @@ from state.snapshot import insights
 from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
+READ_CONFIG = {"threads": 2, "memory_limit": "1GB"}  # per open snapshot, shared by its readers
 # What a terminal shows of a top list; JSON and exports carry every column.
 TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
                "recency_days", "total_spend"]
@@ -95,28 +103,120 @@ class Selection:
     countries: tuple[str, ...] = ()
 
 
+def stamp(path: Path) -> tuple[int, int, int] | None:
+    """Identifies one published file: the sink replaces the snapshot whole, so a new one has a
+    new inode and modification time. None when there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class _Opened:
+    """One published file, attached read-only to a private in-memory DuckDB (DuckDB shares one
+    database per path among the connections of a process, which would keep serving a replaced
+    file to a new connection while an old one is open: an attached file is this object's own)."""
+
+    def __init__(self, path: Path, file_stamp: tuple[int, int, int]) -> None:
+        self.stamp = file_stamp  # taken before attaching: at worst a newer file under an older stamp
+        self.con = duckdb.connect(":memory:", config=READ_CONFIG)
+        try:
+            self.con.execute("ATTACH ? AS snapshot (READ_ONLY)", [str(path)])
+            self.con.execute("USE snapshot")
+            self.con.execute("SET enable_external_access = false")
+            self.con.execute("SET lock_configuration = true")
+        except duckdb.Error:
+            self.con.close()
+            raise
+        self.readers = 0
+        self.replaced = False
+        self.local = threading.local()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = self.con.cursor()
+        cur.execute("USE snapshot")
+        return cur
+
+    def thread_cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor (a DuckDB connection is used by one thread at a time)."""
+        cur = getattr(self.local, "cursor", None)
+        if cur is None:
+            cur = self.local.cursor = self.cursor()
+        return cur
+
+
 class Snapshot:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
+        self._open: _Opened | None = None
 
     def connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own on the file, read-only: for free SQL."""
         try:
             return duckdb.connect(str(self.path), read_only=True, config={
-                "enable_external_access": False, "lock_configuration": True,
-                "threads": 2, "memory_limit": "1GB"})
+                "enable_external_access": False, "lock_configuration": True, **READ_CONFIG})
         except duckdb.IOException as exc:
             if not self.path.exists():
-                raise SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
+                raise self._missing() from None
             raise SnapshotUnavailable(f"cannot open {self.path}: {exc}") from None
 
+    def _missing(self) -> SnapshotUnavailable:
+        return SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?")
+
+    def _acquire(self) -> _Opened:
+        """The open snapshot, opened anew when the file was replaced; counted as read."""
+        now = stamp(self.path)
+        with self._lock:
+            held = self._open
+            if held is None or held.stamp != now:
+                if now is None:
+                    raise self._missing()
+                try:
+                    opened = _Opened(self.path, now)
+                except duckdb.Error as exc:
+                    if not self.path.exists():
+                        raise self._missing() from None
+                    raise SnapshotUnavailable(f"cannot open {self.path}: {str(exc).splitlines()[0]}") from None
+                if held is not None:
+                    held.replaced = True
+                    if held.readers == 0:
+                        held.con.close()
+                self._open = held = opened
+            held.readers += 1
+            return held
+
+    def _release(self, opened: _Opened) -> None:
+        with self._lock:
+            opened.readers -= 1
+            if opened.replaced and opened.readers == 0:
+                opened.con.close()  # its last reader is done: the replaced file is let go
+
     @contextmanager
-    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection on one snapshot for several questions that must agree."""
-        con = self.connect()
+    def reading(self, own_cursor: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor on one snapshot for the questions of one call: this thread's, or with
+        `own_cursor` one of its own (for a reader that moves between threads, as a streamed
+        export does)."""
+        opened = self._acquire()
         try:
-            yield con
+            cur = opened.cursor() if own_cursor else opened.thread_cursor()
+            try:
+                yield cur
+            finally:
+                if own_cursor:
+                    cur.close()
         finally:
-            con.close()
+            self._release(opened)
+
+    def close(self) -> None:
+        """Let the open file go (readers still on it finish first)."""
+        with self._lock:
+            held, self._open = self._open, None
+            if held is not None:
+                held.replaced = True
+                if held.readers == 0:
+                    held.con.close()
 
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         with self.reading() as con:
@@ -190,15 +290,12 @@ class Snapshot:
         return rows[0] if rows else None
 
     def summary(self) -> dict[str, Any]:
-        con = self.connect()
-        try:
+        with self.reading() as con:
             cur = con.execute("SELECT * FROM snapshot_meta")
             cols = [d[0] for d in cur.description]
             meta = dict(zip(cols, cur.fetchone()))
             totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
                                  "FROM customer_scores").fetchone()
-        finally:
-            con.close()
         out = {k: _plain(v) for k, v in meta.items()}
         out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
         out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
@@ -234,25 +331,19 @@ class Snapshot:
 
     def frame(self, sel: Selection = Selection()) -> pd.DataFrame:
         """The export's rows, best first: `clv export`, the API's and the dashboard's downloads."""
-        con = self.connect()
-        try:
+        with self.reading() as con:
             return con.execute(*self._export_query(sel)).df()
-        finally:
-            con.close()
 
     def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Iterator[tuple[str, int]]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
-        rows at a time, so an export over HTTP never holds the whole snapshot in memory. The
-        connection stays open (on the snapshot it opened) until the iterator ends or is closed."""
-        con = self.connect()
-        try:
+        rows at a time, so an export over HTTP never holds the whole snapshot in memory. Its own
+        cursor stays on the snapshot it started on until the iterator ends or is closed."""
+        with self.reading(own_cursor=True) as con:
             cur = con.execute(*self._export_query(sel))
             header = True
             while not (frame := cur.fetch_df_chunk(vectors)).empty or header:
                 yield frame.to_csv(index=False, header=header), len(frame)
                 header = False
-        finally:
-            con.close()
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
