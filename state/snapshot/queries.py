@@ -6,7 +6,10 @@ file access and configuration changes disabled) and answers each question on a c
 per thread, or one of its own for a streamed export. It opens the file again only when the sink
 has replaced it (the sink renames a new file over the path: a new inode and modification time),
 and closes the previous one when its last reader is done, so a question is always answered from
-one whole snapshot, never a mix of two. Free SQL (`sql`) runs on a connection of its own, opened
+one whole snapshot, never a mix of two. A snapshot never changes once published, so the answers to
+the questions asked over and over (tables per segment, tier, cluster or country, insights, top
+lists) are kept with the open file and answered again without DuckDB until the file is replaced;
+a customer lookup reads the snapshot's index. Free SQL (`sql`) runs on a connection of its own, opened
 read-only for that query, so nothing sent through it can write, attach, read files or re-enable
 either, and it can be stopped from another thread.
 """
@@ -16,11 +19,12 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Hashable, Iterator, NamedTuple, TypeVar
 
 import duckdb
 import pandas as pd
@@ -31,6 +35,9 @@ from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
 READ_CONFIG = {"threads": 2, "memory_limit": "1GB"}  # per open snapshot, shared by its readers
+KEPT_ANSWERS = 256  # answers kept per open snapshot, the least recently asked dropped first
+KEPT_ROWS = 1_000  # larger answers are read again each time
+T = TypeVar("T")
 # What a terminal shows of a top list; JSON and exports carry every column.
 TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
                "recency_days", "total_spend"]
@@ -89,6 +96,19 @@ def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
     return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
 
 
+def _summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """`snapshot_meta` and the totals of `customer_scores`."""
+    cur = con.execute("SELECT * FROM snapshot_meta")
+    cols = [d[0] for d in cur.description]
+    meta = dict(zip(cols, cur.fetchone()))
+    totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) FROM customer_scores").fetchone()
+    out = {k: _plain(v) for k, v in meta.items()}
+    out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
+    out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
+               mean_p_purchase=_plain(totals[3]))
+    return out
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
@@ -132,6 +152,23 @@ class _Opened:
         self.readers = 0
         self.replaced = False
         self.local = threading.local()
+        self.answers: OrderedDict[Hashable, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def answer(self, key: Hashable, compute: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """`compute`'s answer on this thread's cursor, kept for the next asker when small; kept
+        answers are shared, so callers must not change them."""
+        with self.lock:
+            if key in self.answers:
+                self.answers.move_to_end(key)
+                return self.answers[key]
+        value = compute(self.thread_cursor())
+        if not isinstance(value, list) or len(value) <= KEPT_ROWS:
+            with self.lock:
+                self.answers[key] = value
+                while len(self.answers) > KEPT_ANSWERS:
+                    self.answers.popitem(last=False)
+        return value
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         cur = self.con.cursor()
@@ -222,6 +259,17 @@ class Snapshot:
         with self.reading() as con:
             return _dicts(con, sql, params)
 
+    def _kept(self, key: Hashable, compute: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """The answer to a question asked before of the same snapshot, else `compute`'s."""
+        opened = self._acquire()
+        try:
+            return opened.answer(key, compute)
+        finally:
+            self._release(opened)
+
+    def _kept_rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return self._kept((sql, *(params or ())), lambda con: _dicts(con, sql, params))
+
     @staticmethod
     def _filter(sel: Selection) -> tuple[str, list[Any]]:
         conds: list[str] = []
@@ -249,58 +297,49 @@ class Snapshot:
         if n <= 0:
             raise QueryError(f"n must be positive, got {n}")
         where, params = self._filter(sel)
-        return self._rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
+        return self._kept_rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
                           f"LIMIT ?", [*params, n])
 
     def segments(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM segment_summary")
+        return self._kept_rows("SELECT * FROM segment_summary")
 
     def tiers(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM tier_summary")
+        return self._kept_rows("SELECT * FROM tier_summary")
 
     def countries(self) -> list[str]:
         """The countries of the customers whose country is known, for a filter to offer."""
-        return [r["country"] for r in self._rows(
+        return [r["country"] for r in self._kept_rows(
             "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
 
     def by_country(self) -> list[dict[str, Any]]:
         """Per country ("" where unknown): customers, expected value and its share, spend so far."""
-        return self._rows("SELECT * FROM country_summary")
+        return self._kept_rows("SELECT * FROM country_summary")
 
     def moves(self) -> list[dict[str, Any]]:
         """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
         None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
-        with self.reading() as con:
+        def read(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             if not insights.has(con, "segment_moves") or con.execute(
                     "SELECT previous_snapshot_at IS NULL FROM snapshot_meta").fetchone()[0]:
                 return []
             return _dicts(con, "SELECT * FROM segment_moves")
 
+        return self._kept("moves", read)
+
     def insights(self) -> list[dict[str, Any]]:
         """The written insights (`state.snapshot.insights`), each `key`, `text`, `value`."""
-        with self.reading() as con:
-            return [asdict(i) for i in insights.compute(con)]
+        return self._kept("insights", lambda con: [asdict(i) for i in insights.compute(con)])
 
     def clusters(self) -> list[dict[str, Any]]:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
-        return self._rows("SELECT * FROM cluster_summary")
+        return self._kept_rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
         return rows[0] if rows else None
 
     def summary(self) -> dict[str, Any]:
-        with self.reading() as con:
-            cur = con.execute("SELECT * FROM snapshot_meta")
-            cols = [d[0] for d in cur.description]
-            meta = dict(zip(cols, cur.fetchone()))
-            totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
-                                 "FROM customer_scores").fetchone()
-        out = {k: _plain(v) for k, v in meta.items()}
-        out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
-        out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
-                   mean_p_purchase=_plain(totals[3]))
-        return out
+        return self._kept("summary", _summary)
 
     def sql(self, text: str, limit: int = MAX_SQL_ROWS, interrupt: Interrupt | None = None) -> SqlAnswer:
         """Any read-only SQL; writes, file access and settings changes are refused by DuckDB.
