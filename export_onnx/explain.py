@@ -60,6 +60,9 @@ GROUPS = (
 )
 
 
+MEANINGS = {g.name: g.meaning for g in GROUPS}
+
+
 def reference_inputs(cohort: Inputs) -> dict[str, Any]:
     """The average customer of a cohort: the mean of every input (each month of the window
     apart), as the artifact stores it (`clv train` records it for its cohort at the cutoff)."""
@@ -77,24 +80,25 @@ class Drivers:
     reference: float
     contributions: dict[str, float]  # group name -> dollars, in `GROUPS` order
 
+    def ranked(self) -> list[tuple[str, float]]:
+        """(group, dollars), the largest move first: the order every surface shows them in."""
+        return sorted(self.contributions.items(), key=lambda kv: -abs(kv[1]))
+
     def as_dict(self) -> dict[str, Any]:
         """What the APIs answer: the reference, each group's dollars with its meaning, the clv."""
-        meanings = {g.name: g.meaning for g in GROUPS}
         return {"reference_clv": self.reference, "clv": self.clv,
-                "drivers": [{"group": name, "contribution": value, "meaning": meanings[name]}
-                            for name, value in self.contributions.items()]}
+                "drivers": [{"group": name, "contribution": value, "meaning": MEANINGS[name]}
+                            for name, value in self.ranked()]}
 
 
-def _shapley_weights(n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Coalitions (2^G x G, bool) and the weight of each coalition's value in each group's
-    Shapley value: |S|!(G-|S|-1)!/G! for S + i, minus it for S, where S excludes i."""
-    coalitions = ((np.arange(2 ** n_groups)[:, None] >> np.arange(n_groups)) & 1).astype(bool)
+def _shapley_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coalitions (2^G x G, bool; the first none, the last all) and the weight of each
+    coalition's value in each group's Shapley value: |S|!(G-|S|-1)!/G! for S + i, minus it for
+    S, where S excludes i."""
+    coalitions = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
     size = coalitions.sum(axis=1, keepdims=True)
-
-    def w(s: np.ndarray) -> np.ndarray:
-        return np.vectorize(lambda k: factorial(k) * factorial(n_groups - k - 1))(s) / factorial(n_groups)
-
-    return coalitions, np.where(coalitions, w(np.maximum(size - 1, 0)), -w(np.minimum(size, n_groups - 1)))
+    w = np.array([factorial(k) * factorial(n - k - 1) / factorial(n) for k in range(n)])
+    return coalitions, np.where(coalitions, w[np.maximum(size - 1, 0)], -w[np.minimum(size, n - 1)])
 
 
 class Explainer:
@@ -148,7 +152,9 @@ class Explainer:
         classic = np.where(self.take_classic[None], part.classic[:, None], self.reference.classic[:, None])
         mixed = Inputs(seq.reshape(-1, *seq.shape[2:]), static.reshape(-1, static.shape[-1]),
                        classic.reshape(-1, classic.shape[-1]))
-        return self.artifact.predict(mixed).clv.astype(np.float64).reshape(-1, k)
+        raw = self.artifact.raw_predict(mixed)  # then the level, as `Artifact.predict` applies it
+        clv, _p = self.artifact.calibration.apply(raw.clv, raw.p_purchase)
+        return clv.astype(np.float64).reshape(-1, k)
 
     def drivers(self, states: Sequence[CustomerState], as_of: datetime) -> list[Drivers]:
         """Each state's drivers as of `as_of`, the time its score is as of."""
@@ -161,10 +167,9 @@ class Explainer:
 
 def render(d: Drivers) -> str:
     """The drivers as lines of text that add up to the score, largest first."""
-    meanings = {g.name: g.meaning for g in GROUPS}
     lines = [f"  {'reference':<12}{d.reference:>12,.2f}  the model's average customer (mean inputs "
              "of its training cohort)"]
-    for name, value in sorted(d.contributions.items(), key=lambda kv: -abs(kv[1])):
-        lines.append(f"  {name:<12}{value:>+12,.2f}  {meanings[name]}")
+    for name, value in d.ranked():
+        lines.append(f"  {name:<12}{value:>+12,.2f}  {MEANINGS[name]}")
     lines.append(f"  {'= clv':<12}{d.clv:>12,.2f}")
     return "\n".join(lines)

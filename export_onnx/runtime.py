@@ -75,6 +75,12 @@ class Artifact:
         a model trained before clusters existed."""
         return self.meta.get("clustering")
 
+    @property
+    def population(self) -> dict[str, Any] | None:
+        """The training cohort's description scorers compare customers with
+        (features.population); None for a model trained before it was recorded."""
+        return self.meta.get("population")
+
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Artifact":
         """The artifact in `path` (default: the shipped model), or an `ArtifactError` naming the

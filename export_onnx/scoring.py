@@ -14,6 +14,7 @@ from export_onnx.runtime import Artifact, Prediction
 from features.aggregate import CustomerState, month_of
 from features.batch import end_of, read_history, snapshots
 from features.cleaning import CleaningReport
+from features import population
 from features.clusters import assign_clusters, behaviour
 from features.loaders import LoadError
 from features.scores import CUSTOMER_FIELDS, SCORE_SCHEMA_VERSION, ScoreRecord, iso_time
@@ -59,12 +60,20 @@ def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: dat
 
 @dataclass
 class ScoredFile:
-    """A transaction file scored as of one time: what `clv score` writes and `POST /score` answers."""
+    """A transaction file scored as of one time: what `clv score` writes and `POST /score` answers,
+    with how its customers compare with the model's training cohort (None: the model records none)."""
 
     scores: list[ScoreRecord]
     report: CleaningReport
     as_of: datetime
     states: list[CustomerState]  # in the order of `scores`: what explains them (export_onnx.explain)
+    drift: population.Verdict | None
+
+
+def drift(artifact: Artifact, inputs: Inputs) -> population.Verdict | None:
+    """A cohort scored as of one date against the model's training cohort, on every statistic."""
+    summary = artifact.population
+    return None if summary is None else population.check(summary, population.values(inputs))
 
 
 def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
@@ -76,7 +85,9 @@ def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
         raise LoadError(f"{path}: no transactions left after cleaning")
     at = end_of(as_of) if as_of else history.events[-1].ts
     states = list(next(snapshots(history.events, [at], artifact.window)).states.values())
-    return ScoredFile(score_states(artifact, states, at), history.report, at, states)
+    inputs, fields = prepare(artifact, states, at)
+    scores = assemble(artifact, states, fields, artifact.predict(inputs), at)
+    return ScoredFile(scores, history.report, at, states, drift(artifact, inputs))
 
 
 _customer_columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) go apart

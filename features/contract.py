@@ -50,11 +50,14 @@ class Reason:
     MISSING_KEY = "missing_key"
     WRONG_PARTITION = "wrong_partition"
     TOO_LATE = "too_late"
+    TOO_LARGE_TO_ROUTE = "too_large_to_route"  # valid, on another partition, over the producer's limit
+    UNPROCESSABLE = "unprocessable"  # the worker failed on it (a defect): logged with its traceback
 
     ALL = (
         MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, EMPTY_FIELD,
         UNKNOWN_SCHEMA_VERSION, BAD_TIMESTAMP, NAIVE_TIMESTAMP, NON_FINITE, ABSURD_VALUE,
         NO_LINES, FROM_FUTURE, KEY_MISMATCH, MISSING_KEY, WRONG_PARTITION, TOO_LATE,
+        TOO_LARGE_TO_ROUTE, UNPROCESSABLE,
     )
 
 

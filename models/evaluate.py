@@ -21,7 +21,7 @@ from features.contract import TransactionEvent
 from models import baselines, classic, clusters
 from models.dataset import NotEnoughHistory, Split, history_until, rolling_split
 from models.metrics import report
-from models.pipeline import export_artifact, fit_classic, level, train_ffnn, train_gru
+from models.pipeline import describe_cohort, export_artifact, fit_classic, level, train_ffnn, train_gru
 from models.classic import ClassicParams
 from models.training import TrainConfig
 
@@ -101,26 +101,51 @@ def refit_version(version: str, clustering: dict[str, Any]) -> str:
     return f"{_REFIT.sub('', version)}-k{clusters.digest(clustering)}"
 
 
-def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -> dict[str, Any]:
-    """Refit only the behavioral clusters of the artifact in `out`, on the data it was trained
-    on (its fingerprint is checked), leaving the network as it is (`refit_version` names the
-    result): clusters for a model trained before they existed, or a new seed, without hours of
-    training."""
-    meta_path = out / META_FILE
-    meta = Artifact.load(out).meta  # refuses a directory that holds no model
+def _training_split(file: str, cutoff: date, meta: dict[str, Any],
+                    file_opts: dict[str, Any]) -> tuple[list[TransactionEvent], Split]:
+    """The events and cohort an artifact was trained on, refused unless the file up to the
+    cutoff is the data its fingerprint names."""
     cut = end_of(cutoff)
     events = history_until(read_history(file, **file_opts).events, cut)
     if cut.isoformat() != meta["cutoff"] or fingerprint(events) != meta["training_data_sha256"]:
         raise NotEnoughHistory(f"{file} up to {cutoff} is not the data model {meta['version']} was "
                                f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)")
-    split = rolling_split(events, cut, meta["horizon_months"], meta["window"])  # train's cohort
-    meta["clustering"] = clusters.fit(split.cohort, seed)
-    meta["version"] = refit_version(meta["version"], meta["clustering"])
-    meta["first_event"] = events[0].ts.isoformat()
+    return events, rolling_split(events, cut, meta["horizon_months"], meta["window"])  # train's cohort
+
+
+def _rewrite(meta_path: Path, meta: dict[str, Any]) -> None:
+    """Replace the metadata file whole (a reader sees the old one or the new one)."""
     tmp = meta_path.with_name(f".{META_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.chmod(tmp, meta_path.stat().st_mode)
     os.replace(tmp, meta_path)
+
+
+def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -> dict[str, Any]:
+    """Refit only the behavioral clusters of the artifact in `out`, on the data it was trained
+    on (its fingerprint is checked), leaving the network as it is (`refit_version` names the
+    result): clusters for a model trained before they existed, or a new seed, without hours of
+    training."""
+    meta = Artifact.load(out).meta  # refuses a directory that holds no model
+    events, split = _training_split(file, cutoff, meta, file_opts)
+    meta["clustering"] = clusters.fit(split.cohort, seed)
+    meta["version"] = refit_version(meta["version"], meta["clustering"])
+    meta["first_event"] = events[0].ts.isoformat()
+    _rewrite(out / META_FILE, meta)
+    return meta
+
+
+def describe_population(file: str, cutoff: date, out: Path, **file_opts: Any) -> dict[str, Any]:
+    """Add to the artifact in `out` the description of its training cohort that `clv train`
+    writes (input distributions, segment shares), recomputed from the data it was trained on
+    (its fingerprint is checked) and its own ONNX scores: the network, its level and its version
+    stay as they are, since what it scores does not change."""
+    artifact = Artifact.load(out)
+    meta = artifact.meta
+    events, split = _training_split(file, cutoff, meta, file_opts)
+    meta.update(describe_cohort(split, events[0].ts.isoformat(), meta["cutoff"],
+                                artifact.predict(split.scoring.inputs), meta["clv_quantiles"]))
+    _rewrite(out / META_FILE, meta)
     return meta
 
 

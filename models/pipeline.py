@@ -17,7 +17,9 @@ from export_onnx.runtime import Prediction, fingerprint
 from export_onnx.calibration import Calibration
 from export_onnx.explain import reference_inputs
 from export_onnx.export import export
+from features import population
 from features.scaling import CALENDAR, Scaler
+from features.segments import cohort_shares
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models import classic, ziln
 from models.classic import ClassicParams
@@ -112,6 +114,18 @@ def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
     return clv.numpy(), p.numpy()
 
 
+def describe_cohort(split: Split, first_event: str, cutoff: str, cohort: Prediction,
+                    clv_quantiles: dict[str, float]) -> dict[str, Any]:
+    """What the artifact says of its training cohort (the customers at the cutoff): the
+    distribution of each input (`features.population`, what scorers compare with) and each
+    segment's share of it with the model's own scores (the cohort its segment rules hold on)."""
+    r = split.scoring.rfm  # recency_days, frequency, monetary, tenure_days, total_spend
+    return {"population": population.summarize(split.scoring.inputs, first_event, cutoff),
+            "segment_shares": cohort_shares(cohort.clv.tolist(), cohort.p_purchase.tolist(),
+                                            r[:, 1].tolist(), r[:, 0].tolist(), r[:, 3].tolist(),
+                                            clv_quantiles)}
+
+
 def _digest(model: torch.nn.Module, calibration: dict[str, Any]) -> str:
     """Weights and level: either changes what subscribers get, so either makes a new version."""
     digest = hashlib.sha256()
@@ -131,8 +145,9 @@ def export_artifact(
     `clustering` (models.clusters.fit) ships the behavioral clusters the worker assigns."""
     fp = fingerprint(events)
     model.set_discount(discount_rate)
-    cohort_clv, _ = Calibration.from_dict(info["calibration"]).apply(
-        *predict_gru(model, scaler, split.scoring.inputs))
+    cohort = Prediction(*Calibration.from_dict(info["calibration"]).apply(
+        *predict_gru(model, scaler, split.scoring.inputs)))
+    quantiles = {f"p{q}": float(np.percentile(cohort.clv, q)) for q in (50, 75, 90, 99)}
     meta = {
         # Data, weights and level: a retrained model on the same data is a new version.
         "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-"
@@ -153,7 +168,8 @@ def export_artifact(
         "train_config": asdict(cfg),
         "training": info,
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
-        "clv_quantiles": {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)},
+        "clv_quantiles": quantiles,
+        **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort, quantiles),
         # What a customer's drivers are measured against (export_onnx.explain): the cohort's
         # average inputs at the cutoff.
         "reference": reference_inputs(split.scoring.inputs),

@@ -15,8 +15,9 @@ runs faust's Worker on `app`.
 Exactness end to end: a customer state remembers the highest offset it applied, so a redelivered
 event changes nothing; an event is acknowledged only after the scores of the customers it touched
 and the changelog records of their states are acknowledged by the broker (while its partition
-catches up: after the partition's record saying its scores are older than its clock), and faust
-flushes its producer (dead letters, routed events) before it commits offsets. A crash anywhere
+catches up: after the partition's record saying its scores are older than its clock), and after
+the broker has the dead letters and routed events it became (`stream.intake.Outbox.settle`). No
+event is handled by the agent ending: an error on one dead-letters it (`handle`). A crash anywhere
 redelivers the events, which mark their customers dirty again, so no score is lost either; a flush
 that fails is retried, never dropped, and bounded in time. A stale worker's late writes are fenced
 by position: states by their source offset, scores by `event_offset`.
@@ -45,6 +46,7 @@ from features.scores import as_dict
 from stream import faust_hooks
 from state.auth import guard, is_loopback, require_token
 from stream.core import Core
+from stream.flush_policy import CommitWatch
 from stream.flusher import Flusher
 from stream.intake import Outbox, check
 from stream.metrics import Metrics
@@ -150,9 +152,10 @@ states = States(open_store(settings.store, settings.data_dir, changelog.get_topi
 core = Core(states, artifact.window, artifact.version, settings.batch_size, settings.batch_wait_ms,
             end_offset=end_offset,
             resumed_at=lambda p: faust_hooks.resumed_at(app, TP(settings.transactions_topic, p)))
-flusher = Flusher(core, states, artifact, settings, metrics)
-takeovers = Takeovers(core, states, settings, metrics)
 outbox = Outbox(app, settings, metrics)
+flusher = Flusher(core, states, artifact, settings, metrics, outbox)
+takeovers = Takeovers(core, states, settings, metrics)
+commits = CommitWatch(settings.commit_stall_s)
 ready = asyncio.Event()
 max_future = timedelta(minutes=settings.max_future_minutes)
 
@@ -171,26 +174,48 @@ async def process(stream: Any) -> None:
             continue  # revoked meanwhile: left unacknowledged for its next owner
         metrics.events_in.inc()
         core.received(msg.partition, msg.offset)
-        raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
-        parsed = check(raw, msg.key, max_future)
-        if isinstance(parsed, Invalid):
-            await outbox.dead_letter(raw, msg, parsed.reason, parsed.detail)
-        elif (home := home_partition(msg.key, settings.partitions)) != msg.partition:
-            await outbox.route(raw, msg, home)
-        else:
-            outcome = core.apply(parsed, msg.partition, msg.offset)
-            if outcome == Applied.TOO_LATE:
-                await outbox.dead_letter(raw, msg, Reason.TOO_LATE, "older than the state window "
-                                         "of its customer's partition")
-            elif outcome == Applied.APPLIED:
-                metrics.events_applied.inc()
-            else:
-                metrics.events_skipped.labels(reason=outcome).inc()
+        await handle(msg)
         core.acknowledge_after_flush(msg.partition, event)
         if flusher.due():
             flusher.flush_soon()  # in the background: intake goes on while the broker acks
         if flusher.holding():
             await flusher.hold_intake()
+
+
+async def handle(msg: Any) -> None:
+    """One event: applied, skipped, routed or dead-lettered; an error of the worker's own on it
+    dead-letters it as `unprocessable` (with its traceback in the log) instead of ending the
+    agent, which would leave the event unacknowledged and hold back every commit behind it."""
+    raw = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
+    try:
+        parsed = check(raw, msg.key, max_future)
+        if isinstance(parsed, Invalid):
+            await outbox.dead_letter(raw, msg, parsed.reason, parsed.detail)
+            return
+        key = parsed.customer_id.encode()
+        if key != msg.key:
+            outbox.trimmed_key(msg, parsed.customer_id)
+        if (home := home_partition(key, settings.partitions)) != msg.partition:
+            await outbox.route(raw, msg, home, key)
+            return
+        outcome = core.apply(parsed, msg.partition, msg.offset)
+    except Exception as exc:  # noqa: BLE001  a defect: the event is set aside, not retried
+        log.exception("event at %s[%d]@%d could not be processed", settings.transactions_topic,
+                      msg.partition, msg.offset)
+        await outbox.dead_letter(raw, msg, Reason.UNPROCESSABLE, f"{type(exc).__name__}: {exc}")
+        return
+    if outcome == Applied.TOO_LATE:
+        await outbox.dead_letter(raw, msg, Reason.TOO_LATE, "older than the state window of its "
+                                 "customer's partition")
+    elif outcome == Applied.APPLIED:
+        metrics.events_applied.inc()
+    else:
+        metrics.events_skipped.labels(reason=outcome).inc()
+        if outcome == Applied.DUPLICATE:
+            log.info("event_id %r of customer %r at %s[%d]@%d not applied: that event_id was "
+                     "applied before (the first event of an id counts; a correction is a new "
+                     "event)", parsed.event_id, parsed.customer_id, settings.transactions_topic,
+                     msg.partition, msg.offset)
 
 
 @app.agent(control)
@@ -221,6 +246,18 @@ async def tick() -> None:
     flusher.drain_backlog()
 
 
+@app.timer(interval=1.0)
+async def watch_commits() -> None:
+    """Each owned partition's committed offset against how far it has been processed."""
+    for partition in assigned():
+        tp = TP(settings.transactions_topic, partition)
+        part = core.partitions.get(partition)
+        committed = faust_hooks.committed_since(app, tp)
+        commits.observe(partition, committed if committed is not None else core.first_received(partition),
+                        part.position if part is not None else None)
+    metrics.commit_stalled.set(len(commits.stalled))
+
+
 @app.task
 async def quiet_client_logs() -> None:
     """The Kafka client logs every produced message at debug level: costly even unprinted."""
@@ -238,6 +275,7 @@ async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
     lost = {tp.partition for tp in revoked if tp.topic == settings.transactions_topic}
     takeovers.cancel(lost)
     core.forget(lost)
+    commits.forget(lost)
 
 
 @app.on_rebalance_complete.connect
@@ -276,7 +314,7 @@ async def health(web: Any, request: Any) -> Any:
 @app.page("/ready")
 async def is_ready(web: Any, request: Any) -> Any:
     recovered = app.tables.recovery.completed.is_set() and not app.rebalancing
-    failing = flusher.failures.not_ready_reason()
+    failing = flusher.failures.not_ready_reason() or commits.not_ready_reason()
     if failing:
         return web.json({"ready": False, "reason": failing}, status=503)
     status = 200 if recovered and ready.is_set() else 503

@@ -349,7 +349,9 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
 # -- scoring ------------------------------------------------------------------------------
 def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[str, Any]:
     """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs
-    with the same architecture when the train extra is installed."""
+    with the same architecture when the train extra is installed; customers/s whose drivers
+    `export_onnx.explain` computes, in its chunks."""
+    from export_onnx.explain import CHUNK_CUSTOMERS, Explainer
     from export_onnx.runtime import Artifact
     from features.batch import read_history, snapshots
     from features.loaders import vendored_cdnow
@@ -394,7 +396,10 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
         rows.append(row)
     one = next((r["onnxruntime_per_s"] for r in rows if r["batch"] == 1), None)
     best = max(rows, key=lambda r: r["onnxruntime_per_s"])
-    return {"model": artifact.version, "threads": 1, "rows": rows,
+    explainer = Explainer(artifact)  # the drivers of a score: 2^G model rows per customer
+    drivers = {"rows_per_customer": len(explainer.coalitions), "customers_per_s": round(
+        rate(lambda batch, idx: explainer.explain(batch), CHUNK_CUSTOMERS), 1)}
+    return {"model": artifact.version, "threads": 1, "rows": rows, "drivers": drivers,
             "worker_batch_size": Settings().batch_size,
             "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
             "torch": "same architecture, random weights (speed does not depend on them)"
@@ -636,3 +641,152 @@ def workdir_for(path: str | None) -> Path:
         return Path(tempfile.mkdtemp(prefix="clv-bench-"))
     Path(path).mkdir(parents=True, exist_ok=True)
     return Path(path)
+
+
+# -- month turn ---------------------------------------------------------------------------
+TURN_HISTORY = (datetime(1997, 7, 1, tzinfo=timezone.utc), datetime(1998, 6, 30, tzinfo=timezone.utc))
+
+
+def month_turn_file(customers: int, workdir: Path, seed: int = 3) -> Path:
+    """A CDNOW-layout history of `customers` customers (1-3 purchases each over the year before
+    TURN_HISTORY's end, the last on its last day): what `clv bootstrap` loads in bulk."""
+    path = workdir / f"month-turn-{customers}.txt"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    per = rng.integers(1, 4, customers)
+    who = np.repeat(np.arange(1, customers + 1), per)
+    first, last = (d.date().toordinal() for d in TURN_HISTORY)
+    day = rng.integers(first, last + 1, len(who))
+    day[-1] = last  # the history's clock: the end of its month
+    dates = np.array([int(datetime.fromordinal(int(d)).strftime("%Y%m%d")) for d in range(first, last + 1)])
+    frame = {"customer_id": np.char.zfill(who.astype(str), 7), "date": dates[day - first],
+             "number_of_cds": rng.integers(1, 4, len(who)),
+             "dollar_value": np.round(rng.lognormal(3.0, 0.8, len(who)), 2)}
+    import pandas as pd
+
+    pd.DataFrame(frame).to_csv(path, sep=" ", index=False)
+    return path
+
+
+async def _through_turn(settings: Settings, worker: Worker, customers: int, rate: float,
+                        warm_seconds: float, max_seconds: float) -> dict[str, Any]:
+    """Ordinary events at `rate`, new customers each: `warm_seconds` of them in the history's
+    last month, then from the first second of the next month (the turn) until every one of the
+    `customers` bootstrapped customers has a score on the topic. Latency: from publishing an
+    event to its customer's score readable; /ready asked every half second."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(settings.scores_topic, bootstrap_servers=settings.bootstrap_servers,
+                                group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=10,
+                                max_partition_fetch_bytes=8 << 20)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    await consumer.start()
+    await producer.start()
+    sent: dict[str, float] = {}
+    latencies: dict[str, list[float]] = {"before": [], "turn": []}
+    rescored: set[str] = set()
+    last_rescore = 0.0
+    ready: list[int] = []
+    phase = "before"
+
+    async def read() -> None:
+        nonlocal last_rescore
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=50_000)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    key = rec.key.decode()
+                    t = sent.pop(key, None)
+                    if t is not None:
+                        latencies["before" if key.startswith("before") else "turn"].append(now - t)
+                    elif not key.startswith(("before", "turn")):
+                        rescored.add(key)
+                        last_rescore = now
+
+    async def watch() -> None:
+        while True:
+            ready.append((await asyncio.to_thread(worker.get, "/ready"))[0])
+            await asyncio.sleep(0.5)
+
+    async def paced(tag: str, start: datetime, until: Callable[[], bool]) -> tuple[int, float]:
+        """Publish until `until()`; returns the events sent and the wall time of the first."""
+        began, i = time.monotonic(), 0
+        first = time.time()
+        while not until() and time.monotonic() - began < max_seconds:
+            ahead = i / rate - (time.monotonic() - began)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            cid = f"{tag}{i:08d}"
+            ev = TransactionEvent(stable_event_id(cid, "1"), cid, "1",
+                                  start + timedelta(seconds=i * 0.01), (Line("S1", 1, 9.99),))
+            sent[cid] = time.time()
+            await producer.send(settings.transactions_topic, ev.to_json(), key=cid.encode())
+            i += 1
+        return i, first
+
+    tasks = [asyncio.create_task(read()), asyncio.create_task(watch())]
+    try:
+        await asyncio.sleep(1.0)  # the consumer holds its position before we publish
+        end = TURN_HISTORY[1]
+        before_until = time.monotonic() + warm_seconds
+        n_before, _ = await paced("before", end.replace(hour=12), lambda: time.monotonic() >= before_until)
+        await _drained(sent, 60)
+        phase = "turn"
+        turn_start = datetime(end.year + end.month // 12, end.month % 12 + 1, 1, tzinfo=timezone.utc)
+        n_turn, turned = await paced("turn", turn_start, lambda: len(rescored) >= customers)
+        await _drained(sent, 60)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await producer.stop()
+        await consumer.stop()
+    return {"phase_reached": phase, "rescored_customers": len(rescored),
+            "turn_seconds": round(last_rescore - turned, 2) if rescored else None,
+            "rescored_per_s": round(len(rescored) / (last_rescore - turned)) if rescored else None,
+            "events_before": _percentiles(latencies["before"], n_before),
+            "events_during_turn": _percentiles(latencies["turn"], n_turn),
+            "ready_answers": {str(s): ready.count(s) for s in sorted(set(ready))}}
+
+
+async def _drained(sent: dict[str, float], seconds: float) -> None:
+    """Until every event sent has its score read (or `seconds` passed)."""
+    deadline = time.monotonic() + seconds
+    while sent and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def month_turn(customers: int, rate: float, bootstrap_servers: str | None, workdir: Path,
+               warm_seconds: float = 5.0, session_timeout_s: float | None = None) -> dict[str, Any]:
+    """`customers` customers loaded with `clv bootstrap` into a worker (4 partitions), then the
+    worker's clock enters the next month while ordinary events arrive at `rate`: seconds from
+    the turn to the last of its rescores published, and the latency of the ordinary events
+    meanwhile (and before, for comparison); the flush failures and /ready answers throughout."""
+    path = month_turn_file(customers, workdir)
+    with broker(bootstrap_servers, workdir) as servers:
+        settings = fresh_settings(servers, 4)
+        env = worker_env(settings, workdir, session_timeout_s)
+        started = time.perf_counter()
+        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env, capture_output=True,
+                              text=True)
+        loaded = time.perf_counter() - started
+        if done.returncode:
+            raise BenchError(f"clv bootstrap failed: {done.stderr.strip()[-2000:]}")
+        worker = Worker(env, workdir / "month-turn-worker.log")
+        try:
+            ready_s = worker.wait_ready(timeout=1800, interval=0.2)
+            before = worker.metrics()
+            if before.get("clv_backlog_customers", 0):
+                raise BenchError(f"the worker is rescoring before the turn; see {worker.log}")
+            out = asyncio.run(_through_turn(settings, worker, customers, rate, warm_seconds,
+                                            max_seconds=1800))
+            after = worker.metrics()
+        finally:
+            worker.stop(timeout=WORKER_STOP_S)
+    return {"customers": customers, "rate": rate, "session_timeout_s": session_timeout_s,
+            "bootstrap_seconds": round(loaded, 1),
+            "worker_ready_seconds": round(ready_s, 1), **out,
+            "flush_failures": after.get("clv_flush_failures_total", 0)
+            - before.get("clv_flush_failures_total", 0),
+            "worker": _means(before, after)}

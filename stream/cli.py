@@ -170,12 +170,22 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from features.population import describe
     from models.clusters import render
     from models.dataset import NotEnoughHistory
-    from models.evaluate import recluster, train
+    from models.evaluate import describe_population, recluster, train
 
     _output(args.out, "--out", directory=True)
+    if args.clusters_only and args.population_only:
+        raise UsageError("--clusters-only and --population-only refit different parts: give one")
     try:
+        if args.population_only:
+            meta = describe_population(args.file, args.cutoff, Path(args.out), **file_options(args))
+            print(f"training population described: {describe(meta['population'])}; segment shares "
+                  "of the training cohort: " + ", ".join(f"{k} {v:.1%}" for k, v in
+                                                         meta["segment_shares"].items()))
+            print(f"model {meta['version']} written to {args.out} (network unchanged)")
+            return 0
         if args.clusters_only:
             meta = recluster(args.file, args.cutoff, Path(args.out), args.seed, **file_options(args))
             print(render(meta["clustering"]))
@@ -230,6 +240,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             write_csv(scored.scores, fh)
         print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
               f"{artifact.version} -> {args.out}")
+    warning = scored.drift.sentence() if scored.drift else None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if explainer is not None:
         _print_drivers(explainer, scored, args.explain, args.file)
     return 0
@@ -397,7 +410,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     from stream.sink import run
 
-    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval)
+    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval,
+                         model_dir=args.model)
     try:  # the snapshot's directory is created, as the default var/ is
         Path(settings.snapshot_path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -502,7 +516,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from stream.processes import ChildError
 
     opts = DemoOptions(data=args.file, customers=args.customers, rate=args.rate, model=args.model,
-                       train=args.train, workdir=Path(args.workdir), exit_after=args.exit)
+                       train=args.train, workdir=Path(args.workdir), exit_after=args.exit,
+                       epochs=args.epochs)
     try:
         return run(opts)
     except (DemoError, ChildError, BrokerError) as exc:
@@ -556,6 +571,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
         print(f"  best batched / one at a time: {result['batched_over_single']}x; "
               f"the worker flushes at {result['worker_batch_size']} customers")
+        print(f"  drivers of a score: {result['drivers']['customers_per_s']:,.0f} customers/s "
+              f"({result['drivers']['rows_per_customer']} model rows each)")
     elif args.what == "bootstrap":
         result = bench.bootstrap(args.lines, bootstrap, workdir)
         print(f"clv bootstrap of {result['lines']:,} lines ({result['customers']:,} customers): "
@@ -574,6 +591,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {mix:<24}{r['requests_per_s']:>9,.0f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
                   f"5xx {r['errors_5xx']}  connection errors {r['connection_errors']}  "
                   f"client CPU {r['client_cpu_share']:.0%}")
+    elif args.what == "month-turn":
+        result = bench.month_turn(args.customers, args.rate, bootstrap, workdir,
+                                  session_timeout_s=args.session_timeout)
+        turn, before = result["events_during_turn"], result["events_before"]
+        print(f"month turn over {result['customers']:,} bootstrapped customers (4 partitions, one "
+              f"worker): {result['rescored_customers']:,} rescored and published in "
+              f"{result['turn_seconds']}s ({result['rescored_per_s']:,}/s); ordinary events at "
+              f"{args.rate:,.0f}/s meanwhile: p50 {turn.get('p50_ms')} ms, p99 {turn.get('p99_ms')} "
+              f"ms, max {turn['max_ms']} ms ({turn['scored']:,}/{turn['events']:,} scored; before "
+              f"the turn p99 {before.get('p99_ms')} ms); flush failures "
+              f"{result['flush_failures']:.0f}; /ready {result['ready_answers']}")
     elif args.what == "sink":
         from stream.sink import bench as bench_sink
 
@@ -645,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit only the behavioral clusters of the model in --out, on the data and "
                         "cutoff it was trained on (no network training; its version gets the "
                         "new clusters' digest)")
+    p.add_argument("--population-only", action="store_true",
+                   help="add to the model in --out the description of its training cohort that "
+                        "scorers compare customers with (input distributions, segment shares), "
+                        "recomputed from the data and cutoff it was trained on (no training; "
+                        "network and version unchanged)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma, GBT and random forest on a holdout")
@@ -713,7 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=_positive_int, default=None, help="replay only the first N customers")
     p.add_argument("--rate", type=_positive_float, default=1500.0, help="invoices per second (default 1500)")
     p.add_argument("--model", default=None, help="model artifact directory (default: the shipped model)")
-    p.add_argument("--train", action="store_true", help="train a model on the file first (needs the train extra)")
+    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a model on the file first (needs the train extra); default: when the "
+                        "model was not trained on the file (its data fingerprint); --no-train: never")
+    p.add_argument("--epochs", type=_positive_int, default=40,
+                   help="maximum training epochs of a model the demo trains (default 40)")
     p.add_argument("--workdir", default="var/demo", help="logs, state and the DuckDB file (default var/demo)")
     p.add_argument("--exit", action="store_true", help="stop after printing the results (non-interactive)")
     p.set_defaults(func=cmd_demo)
@@ -729,7 +766,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "whether its scores equal clv score's"),
                       ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)"),
                       ("api", "analyst API under concurrent clients: requests/s, p50 and p99 per "
-                              "endpoint mix (no broker)")):
+                              "endpoint mix (no broker)"),
+                      ("month-turn", "a worker holding a bootstrapped population enters a new "
+                       "month: seconds until every customer's new score is published, and the "
+                       "latency of ordinary events meanwhile")):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
@@ -760,17 +800,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
-        if name in ("throughput", "latency", "state"):
+        if name in ("throughput", "latency", "state", "month-turn"):
             b.add_argument("--session-timeout", type=_positive_float, default=None,
                            help="consumer group session timeout of the processes measured, in seconds "
                                 "(default: " + ("10" if name == "state" else "each framework's") +
                                 "; the embedded broker holds every group join for half of it)")
-        if name == "sink":
+        if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
         if name == "api":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--clients", type=_positive_int, default=32, help="concurrent clients (default 32)")
             b.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds per mix (default 10)")
+        if name == "month-turn":
+            b.add_argument("--rate", type=_positive_float, default=200.0,
+                           help="ordinary events/s published before and through the turn (default 200)")
 
     p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")
     _kafka_args(p)
@@ -780,6 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
     _kafka_args(p)
     _snapshot_args(p)
     p.add_argument("--interval", type=_positive_float, default=None, help="seconds between snapshots (default 10)")
+    p.add_argument("--model", default=None,
+                   help="artifact directory the top customers' drivers are computed with: the "
+                        "workers' (default: the shipped model)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "

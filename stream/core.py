@@ -54,6 +54,7 @@ class Rescan:
     month: int | None  # every customer is scored as of this month or later once it is done
     remaining: int  # an estimate, for the backlog gauge
     queued: float  # monotonic time it was queued
+    catch_up: bool  # queued for a partition catching up: it covers the events' customers
     customers: Iterator[str] | None = None  # the walk, once started
 
 
@@ -139,7 +140,7 @@ class Core:
         month = month_of(self.as_of(partition)) if newest or self.group_ts else None
         stale = month is not None and customers > 0 and (scored_month or 0) < month
         if stale:
-            self._rescan(partition, month)
+            self._rescan(partition, month, catch_up=True)
         return TakenOver(customers, clock, scored_month, month, stale, model)
 
     def rescore_all(self, partition: int) -> int:
@@ -163,11 +164,13 @@ class Core:
         part = self.partitions.get(partition)
         return _utc(max(part.clock_ts if part else 0, self.group_ts))
 
-    def _rescan(self, partition: int, month: int | None) -> int:
-        """Queue every customer of the partition for rescoring (replacing a rescan under way)."""
+    def _rescan(self, partition: int, month: int | None, catch_up: bool = False) -> int:
+        """Queue every customer of the partition for rescoring (replacing a rescan under way;
+        one still waiting for its partition to catch up goes on waiting for it)."""
         part = self.partitions[partition]
         n = part.states.count()
-        part.rescan = Rescan(month, n, self.clock())
+        waiting = part.rescan is not None and part.rescan.catch_up and part.rescan.customers is None
+        part.rescan = Rescan(month, n, self.clock(), catch_up or waiting)
         return n
 
     def _age(self, ts: int) -> None:
@@ -211,7 +214,7 @@ class Core:
         customers = part.states.count()
         if behind is None or behind < max(self.batch_size, customers):
             return
-        self._rescan(partition, None)
+        self._rescan(partition, None, catch_up=True)
         self._record(partition, scored_month=None)
         log.info("partition %d: %d events to catch up on over %d customers: each customer it "
                  "touches is scored once it has caught up", partition, behind, customers)
@@ -353,11 +356,15 @@ class Core:
         be caught up), for at most RESCAN_DEFER_S."""
         if now - rescan.queued >= RESCAN_DEFER_S:
             return False
+        # A month turn's rescan on a live partition waits only while a micro-batch or more of
+        # events is still to process (history streaming in), not for the few a live partition
+        # always has in flight: waiting for those, it would start late and go slowly.
+        slack = 0 if rescan.catch_up else self.batch_size
         part = self.partitions.get(partition)
-        if part is not None and part.position is not None and part.position < part.known_end:
+        if part is not None and part.position is not None and part.known_end - part.position > slack:
             return True  # short of the end as last heard: behind, without asking again
         behind = self.behind(partition)
-        return behind is None or behind > 0
+        return behind is None or behind > slack
 
     def _rescan_covers(self, partition: int, now: float) -> bool:
         """An event's customer needs no score of its own while its partition catches up: the
@@ -369,8 +376,8 @@ class Core:
         rescan again (`take_over`)."""
         part = self.partitions[partition]
         rescan = part.rescan
-        if rescan is None or rescan.customers is not None:
-            return False
+        if rescan is None or rescan.customers is not None or not rescan.catch_up:
+            return False  # a month turn's on a live partition: its events are scored as they come
         meta = part.states.meta
         if meta is None or (meta.scored_month or 0) >= month_of(_utc(meta.clock_ts)):
             return False

@@ -1,7 +1,9 @@
 """`clv demo`: the whole product on one machine, with nothing to install by hand.
 
-Starts the embedded broker, a worker, the snapshot sink and the analyst API as child processes,
-replays CDNOW at a visible pace, waits until every score is in the snapshot, and prints the top
+Picks the model: the one given (default: the shipped one) when it was trained on the file, else
+one trained on the file first (unless `--no-train`), and says which in one line. Starts the
+embedded broker, a worker, the snapshot sink and the analyst API as child processes, replays the
+file (default: CDNOW) at a visible pace, waits until every score is in the snapshot, and prints the top
 customers and the segment table. Interactive runs also start the dashboard (when the dashboard
 extra is installed) and keep serving until Ctrl-C; `--exit` stops right after the results. Every
 child is stopped on the way out, whatever happens.
@@ -10,17 +12,23 @@ child is stopped on the way out, whatever happens.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from export_onnx.runtime import Artifact
+from export_onnx import ArtifactError
+from export_onnx.runtime import Artifact, fingerprint
 from features.batch import read_history
+from features.contract import TransactionEvent
 from features.loaders import vendored_cdnow
+from features.segments import described_rules
 from state.snapshot import dashboard
 from state.snapshot.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table
 from stream.broker import free_port
@@ -43,20 +51,63 @@ class DemoOptions:
     customers: int | None  # only the first N customers (a short run)
     rate: float | None
     model: str | None
-    train: bool
+    train: bool | None  # True: train on the file; False: never; None: unless the model was trained on it
     workdir: Path
     exit_after: bool
+    epochs: int = 40  # of the model trained on the file
 
 
-def _model_dir(opts: DemoOptions, data: str) -> str | None:
-    if not opts.train:
+def trained_on(meta: dict[str, Any], events: list[TransactionEvent]) -> bool:
+    """The model's training data is this file up to its cutoff (its fingerprint)."""
+    cutoff = datetime.fromisoformat(meta["cutoff"])
+    return fingerprint([e for e in events if e.ts <= cutoff]) == meta.get("training_data_sha256")
+
+
+def _trained_on_file(path: Path, events: list[TransactionEvent]) -> Artifact | None:
+    """The model in `path` when there is one and it was trained on these events."""
+    try:
+        artifact = Artifact.load(path)
+    except ArtifactError:  # no model there (or a broken one): train anew
+        return None
+    return artifact if trained_on(artifact.meta, events) else None
+
+
+def choose_model(opts: DemoOptions, given: Artifact, data: str,
+                 events: list[TransactionEvent]) -> str | None:
+    """The model directory the demo runs (None: the shipped one, `given`), trained on the file
+    first when the model given was not trained on it, and the one line that says which and why."""
+    name = opts.model or "the shipped model"
+    if opts.train is not True and trained_on(given.meta, events):
+        print(f"model: {given.version} ({name}), trained on {data} up to {given.meta['cutoff'][:10]}",
+              flush=True)
+        return opts.model
+    window = f"{given.meta.get('first_event', '?')[:10]} to {given.meta['cutoff'][:10]}"
+    if opts.train is False:
+        print(f"model: {given.version} ({name}), trained on other data ({window}) than {data}; "
+              "--no-train keeps it: its scores here are extrapolations where the drift check says "
+              "so", flush=True)
         return opts.model
     out = opts.workdir / "model"
-    print(f"training a model on {data} into {out} (a few minutes on CPU)...", flush=True)
-    res = subprocess.run(clv("train", data, "--cutoff", "1998-06-30", "--horizon-months", "6",
-                             "--out", str(out)))
+    earlier = _trained_on_file(out, events)
+    if earlier is not None and opts.train is None:
+        print(f"model: {earlier.version} ({out}), trained on {data} by an earlier demo run; "
+              f"{given.version} ({name}) was trained on other data ({window})", flush=True)
+        return str(out)
+    if importlib.util.find_spec("torch") is None:
+        print(f"model: {given.version} ({name}), trained on other data ({window}) than {data}: "
+              "not trained on the file, torch is not installed (pip install -e '.[train]'); its "
+              "scores here are extrapolations where the drift check says so", flush=True)
+        return opts.model
+    cutoff = events[-1].ts.date().isoformat()
+    why = "--train" if opts.train else f"{given.version} ({name}) was trained on other data ({window})"
+    print(f"model: training one on {data} up to {cutoff} into {out} ({why}; --no-train keeps it; "
+          "a few minutes on CPU)...", flush=True)
+    res = subprocess.run(clv("train", data, "--cutoff", cutoff, "--horizon-months", "6",
+                             "--epochs", str(opts.epochs), "--out", str(out)),
+                         stderr=subprocess.PIPE, text=True)  # its progress log: only its reason
     if res.returncode != 0:
-        raise DemoError("training failed (it needs the train extra: pip install -e '.[train]')")
+        reason = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DemoError(f"training a model on {data} failed: {reason}")
     return str(out)
 
 
@@ -66,11 +117,11 @@ def run(opts: DemoOptions) -> int:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # results, not client chatter
     data = opts.data or str(vendored_cdnow())
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    model = _model_dir(opts, data)
-    if model:
-        Artifact.load(model)  # a broken model directory is one line before anything starts
+    given = Artifact.load(opts.model)  # a broken model directory is one line before anything starts
     history = read_history(data)
     events = history.events
+    model = choose_model(opts, given, data, events)
+    meta = (given if model == opts.model else Artifact.load(model)).meta
     if opts.customers:
         keep = sorted({e.customer_id for e in events})[:opts.customers]
         wanted = set(keep)
@@ -106,7 +157,7 @@ def run(opts: DemoOptions) -> int:
         print("waiting for the worker to score everyone and the snapshot to catch up...", flush=True)
         children.wait_for("worker idle", worker.idle, 600)
         children.wait_for("snapshot caught up", lambda: _snapshot_complete(settings, snapshot), 120)
-        _report(Snapshot(snapshot), snapshot, api_port, serving=not opts.exit_after)
+        _report(Snapshot(snapshot), snapshot, api_port, meta, serving=not opts.exit_after)
         if not opts.exit_after:
             if board:
                 children.wait_for("dashboard up", lambda: dashboard.healthy(board), 60)
@@ -153,7 +204,16 @@ def _snapshot_complete(settings: Settings, snapshot: Path) -> bool:
     return all(have.get(p, 0) >= o for p, o in want.items() if o)
 
 
-def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
+def with_training_shares(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cluster rows with each cluster's share of the snapshot and of the model's training cohort
+    (where the clusters were fitted: the cohort on which their sizes hold)."""
+    profiles = (meta.get("clustering") or {}).get("profiles", {})
+    total = sum(r["customers"] for r in rows) or 1
+    return [{**r, "share_of_customers": r["customers"] / total,
+             "share_of_training_cohort": profiles.get(r["cluster"], {}).get("share")} for r in rows]
+
+
+def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], serving: bool) -> None:
     summary = snap.summary()
     installed = Path(sys.executable).parent / "clv"  # the commands as this install names them
     command = str(installed) if installed.exists() else "clv"
@@ -164,14 +224,17 @@ def _report(snap: Snapshot, path: Path, api_port: int, serving: bool) -> None:
     print(f"\nTop 10 customers by expected {horizon}CLV (expected spend)")
     print(render_table(top, TOP_COLUMNS))
     print("\nSegments")
-    print(render_segments(snap.segments(), ["segment", "customers", "total_clv", "mean_clv",
-                                            "share_of_value", "mean_p_purchase"]))
-    print("\nValue tiers (terciles of expected CLV)")
+    print(render_segments(snap.segments(), ["segment", "customers", "share_of_customers", "total_clv",
+                                            "mean_clv", "share_of_value", "mean_p_purchase"],
+                          described_rules(meta)))
+    print("\nValue tiers (terciles of this snapshot's expected CLV: a third of its customers each)")
     print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
                                       "total_clv", "share_of_value"]))
-    print("\nBehavioral clusters")
-    print(render_table(snap.clusters(), ["cluster", "customers", "total_clv", "share_of_value",
-                                         "mean_recency_days", "mean_frequency", "main_segment"]))
+    print("\nBehavioral clusters (share_of_training_cohort: where the model fitted them)")
+    print(render_table(with_training_shares(snap.clusters(), meta),
+                       ["cluster", "customers", "share_of_customers", "share_of_training_cohort",
+                        "total_clv", "share_of_value", "mean_recency_days", "mean_frequency",
+                        "main_segment"]))
     print(f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {command} query top --n 20 --snapshot {path}

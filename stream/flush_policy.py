@@ -86,19 +86,64 @@ class FlushFailures:
         broker that keeps failing, and could hang on it. Nothing is lost: the events since the
         committed offset are redelivered, and the store never holds a state ahead of the
         changelog (the same as after kill -9)."""
-        log.critical("flushes have failed for %.0fs (%d attempts, last: %s), longer than "
-                     "flush_failure_timeout_s=%.0fs: exiting with code %d so the supervisor "
-                     "restarts the worker; events since the last committed offset are "
-                     "redelivered. Check the broker (reachable? topics writable? records under "
-                     "its max.message.bytes?)", failing_s, self.attempts, self.reason,
-                     self.timeout_s, EXIT_CODE)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_CODE)
+        exit_for_restart(
+            f"flushes have failed for {failing_s:.0f}s ({self.attempts} attempts, last: "
+            f"{self.reason}), longer than flush_failure_timeout_s={self.timeout_s:.0f}s: exiting "
+            f"with code {EXIT_CODE} so the supervisor restarts the worker; events since the last "
+            "committed offset are redelivered. Check the broker (reachable? topics writable? "
+            "records under its max.message.bytes?)")
+
+
+def exit_for_restart(message: str) -> None:
+    """Log `message` as critical and exit with EXIT_CODE at once (see `FlushFailures.give_up`)."""
+    log.critical("%s", message)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CODE)
 
 
 def _describe(exc: BaseException) -> str:
     """The exception's type and message, the type once (Kafka errors repeat it)."""
     name, text = type(exc).__name__, str(exc)
     return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+class CommitWatch:
+    """Partitions whose committed offset stays put while the events after it are processed: an
+    event that was never acknowledged holds back every commit behind it, so a restart would
+    redeliver all of them. Whatever the cause, /ready says so instead of answering 200."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.seen: dict[int, tuple[int, float]] = {}  # partition -> (committed offset, since)
+        self.stalled: dict[int, str] = {}  # partition -> why it is stalled
+
+    def observe(self, partition: int, committed: int | None, position: int | None,
+                now: float | None = None) -> None:
+        """The partition's committed offset and the next offset it will process, as of `now`."""
+        now = time.monotonic() if now is None else now
+        if committed is None or position is None or position <= committed:
+            self.seen.pop(partition, None)  # nothing processed past the commit: nothing held
+            self.stalled.pop(partition, None)
+            return
+        held, since = self.seen.get(partition, (committed, now))
+        if held != committed:
+            held, since = committed, now
+        self.seen[partition] = (held, since)
+        if now - since < self.stall_s:
+            self.stalled.pop(partition, None)
+        elif partition not in self.stalled:
+            self.stalled[partition] = (
+                f"partition {partition}: committed offset {committed} has not moved for "
+                f"{now - since:.0f}s while {position - committed} events after it were processed")
+            log.error("%s; a restart would process them again (an event not acknowledged: see "
+                      "the log for an error about offset %d)", self.stalled[partition], committed)
+
+    def forget(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self.seen.pop(partition, None)
+            self.stalled.pop(partition, None)
+
+    def not_ready_reason(self) -> str:
+        return "; ".join(self.stalled[p] for p in sorted(self.stalled))

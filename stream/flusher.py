@@ -20,7 +20,9 @@ from typing import Any
 from export_onnx.runtime import Artifact
 from features.scores import ScoreRecord, encode_score
 from stream.core import Core
+from stream.drift import DriftWatch
 from stream.flush_policy import FlushFailures
+from stream.intake import Outbox
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
 from export_onnx.scoring import assemble, prepare, score_separately
@@ -29,14 +31,16 @@ from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
 INLINE_SCORING_LIMIT = 128  # customers; below it the model runs on the event loop (~60 us each)
+HOLD_POLL_S = 0.005  # how often held intake looks whether a flush has taken the batch
 
 
 class Flusher:
     def __init__(self, core: Core, states: States, artifact: Artifact, settings: Settings,
-                 metrics: Metrics) -> None:
-        self.core, self.states, self.artifact = core, states, artifact
+                 metrics: Metrics, outbox: Outbox) -> None:
+        self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
         self.settings, self.metrics = settings, metrics
         self.publisher = BatchPublisher(settings)
+        self.drift = DriftWatch(artifact, metrics)
         self.failures = FlushFailures(settings.flush_failure_timeout_s)
         self.lock = asyncio.Lock()
         self.flushing: asyncio.Future[None] | None = None
@@ -68,6 +72,7 @@ class Flusher:
                 records += await self._score({p: customers for p, customers in batch.dirty.items()
                                               if self.core.owns(p)})
                 offsets = await self._send(records, batch.dirty)
+                await self.outbox.settle()  # the dead letters and routed events behind the acks
             except BaseException as exc:
                 self.states.restore()
                 self.core.put_back(batch)
@@ -99,15 +104,15 @@ class Flusher:
 
     async def hold_intake(self) -> None:
         """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
-        their partition catching up, only to have their states written), intake waits for the
-        flush (and, while flushes fail, for its retries), so neither the changed customers nor
-        the unacknowledged events grow without bound while the broker refuses writes."""
+        their partition catching up, only to have their states written), intake waits until a
+        flush takes them (and, while flushes fail, for its retries), so neither the changed
+        customers nor the unacknowledged events grow without bound while the broker refuses
+        writes. It waits for the taking, not for the flush to end: intake goes on while the
+        batch is scored and published (a month turn's rescoring is a micro-batch after another;
+        waiting for each to end, intake would get only the moments between them)."""
         while self.holding():
             self.flush_soon()
-            if self.flushing is None or self.flushing.done():
-                await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # the lock's holder flushes
-            else:
-                await asyncio.shield(self.flushing)
+            await asyncio.sleep(HOLD_POLL_S)  # a flush starting now takes the batch at once
 
     async def close(self) -> None:
         """At shutdown, after the final flush: acknowledge nothing more."""
@@ -164,10 +169,11 @@ class Flusher:
                 pred = self.artifact.predict(inputs)
             scores: list[ScoreRecord | Exception] = list(
                 assemble(self.artifact, states, fields, pred, as_of))
+            self.drift.observe(inputs)
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
         topic = self.settings.scores_topic
-        records: list[Record] = []
+        scored: list[tuple[int, str, ScoreRecord]] = []
         for score, (partition, cid) in zip(scores, where):
             if isinstance(score, Exception):
                 self.metrics.scoring_errors.inc()
@@ -175,7 +181,12 @@ class Flusher:
                           "kept, and it is scored again on its next event or month turn", cid,
                           partition, as_of.isoformat(), type(score).__name__, score)
                 continue
-            records.append((topic, partition, cid.encode(), encode_score(score)))
+            scored.append((partition, cid, score))
+        # Encoding reads only the (immutable) score records: in a thread for a large batch, so
+        # intake goes on meanwhile (a month turn's rescoring is one large batch after another).
+        encode = lambda: [(topic, p, cid.encode(), encode_score(score)) for p, cid, score in scored]  # noqa: E731
+        records: list[Record] = (await asyncio.to_thread(encode) if len(scored) >= INLINE_SCORING_LIMIT
+                                 else encode())
         self.metrics.rescored.inc(len(records))
         self.metrics.batch_size.observe(len(states))
         self.metrics.batch_latency.observe(time.perf_counter() - started)

@@ -30,7 +30,18 @@ class Metrics:
         self.events_applied = counter("clv_events_applied", "events folded into customer state")
         self.events_skipped = counter("clv_events_skipped", "events already applied (redelivered "
                                       "or re-published)", ("reason",))
-        self.dlq = counter("clv_dlq", "events sent to the dead-letter topic", ("reason",))
+        self.dlq = counter("clv_dlq", "dead letters the broker took on the dead-letter topic",
+                           ("reason",))
+        self.dlq_truncated = counter("clv_dlq_truncated", "dead letters that carry only the first "
+                                     "bytes of their event (too large to publish as it was; the "
+                                     "event stays in transactions at its offset)", ("reason",))
+        self.dlq_unpublished = counter("clv_dlq_unpublished", "dead letters the broker refused even "
+                                       "truncated (logged with the event's partition and offset)")
+        self.key_trimmed = counter("clv_events_key_trimmed", "events whose message key had spaces "
+                                   "around the customer id (applied to the id without them)")
+        self.commit_stalled = gauge("clv_commit_stalled_partitions", "owned partitions whose "
+                                    "committed offset has not moved for commit_stall_s while "
+                                    "events after it were processed")
         self.routed = counter("clv_events_routed", "events re-published to the partition their "
                               "key maps to under murmur2 (a publisher with another partitioner)")
         self.scoring_errors = counter("clv_scoring_errors", "customers a rescoring could not score "
@@ -56,6 +67,9 @@ class Metrics:
         self.flush_age = gauge("clv_flush_success_age_seconds",
                                "seconds since a flush last succeeded; 0 while nothing waits to be "
                                "published")
+        self.drift = gauge("clv_input_drift_psi", "population stability index of an input over the "
+                           "last customers rescored against the model's training cohort (past "
+                           "0.25: customers unlike those it learnt from; see stream.drift)", ("input",))
         self.lag = gauge("clv_consumer_lag", "messages of each transactions partition after the "
                          "group's committed offset (end offset minus committed offset)",
                          ("partition",))

@@ -63,6 +63,9 @@ class Settings:
         "how often the worker commits the offsets of the events it has acknowledged (faust's "
         "default is 2.8 s): a restart redelivers at most this much more than it must, and the "
         "consumer lag gauge (of committed offsets) reaches 0 this soon after the worker catches up"))
+    commit_stall_s: float = field(default=30.0, metadata=_meta(
+        "how long a partition's committed offset may stay put while events after it are "
+        "processed before /ready answers 503 naming the partition (an event never acknowledged)"))
     session_timeout_s: float = field(default=30.0, metadata=_meta(
         "consumer group session timeout: how soon a dead worker's partitions move"))
     web_port: int = field(default=6066, metadata=_meta("worker HTTP port (/health, /metrics, ...)"))
@@ -74,6 +77,9 @@ class Settings:
         "seconds between snapshots (one more is written on shutdown)"))
     snapshot_memory_mb: int = field(default=256, metadata=_meta(
         "memory the snapshot sink's DuckDB may use; beyond it, it works from its file on disk"))
+    snapshot_drivers_top: int = field(default=200, metadata=_meta(
+        "customers of the highest clv whose drivers each snapshot carries (the sink reads the "
+        "state changelog and explains their scores with the model in model_dir); 0: none"))
     api_host: str = field(default="127.0.0.1", metadata=_meta("analyst API bind address"))
     api_port: int = field(default=8080, metadata=_meta("analyst API port"))
     api_token: str = field(default="", metadata=_meta(
@@ -124,6 +130,7 @@ class Settings:
         for name in ("partitions", "replication_factor", "min_insync_replicas", "batch_size",
                      "batch_wait_ms", "publish_timeout_s", "flush_failure_timeout_s",
                      "snapshot_interval_s", "snapshot_memory_mb", "fetch_wait_ms", "commit_interval_s",
+                     "commit_stall_s",
                      "api_sql_timeout_s", "api_sql_max_rows", "api_sql_concurrency",
                      "api_score_max_bytes"):
             if getattr(self, name) <= 0:
@@ -133,6 +140,8 @@ class Settings:
                                 f"replication_factor ({self.replication_factor}): no write would succeed")
         if self.max_future_minutes < 0:
             raise SettingsError(f"max_future_minutes must be 0 or positive, got {self.max_future_minutes}")
+        if self.snapshot_drivers_top < 0:
+            raise SettingsError(f"snapshot_drivers_top must be 0 (none) or positive, got {self.snapshot_drivers_top}")
         if self.api_rate_limit_per_min < 0:
             raise SettingsError(f"api_rate_limit_per_min must be 0 (no limit) or positive, "
                                 f"got {self.api_rate_limit_per_min}")

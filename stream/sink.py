@@ -7,6 +7,10 @@ contains always matches the offsets it names. Between snapshots the newest score
 lives in DuckDB (`state.snapshot.tables.Snapshots`), not in Python, so memory stays bounded whatever
 the customer count. A message the score contract refuses is counted, logged with its partition
 and offset, and skipped.
+
+Each snapshot also carries the drivers of its top customers' scores (`snapshot_drivers_top`):
+for those the sink reads the worker's state changelog too, from its start at every start of the
+sink (`state.snapshot.drivers`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from export_onnx import ArtifactError
+from export_onnx.runtime import Artifact
 from features.scores import parse_score
 from state.snapshot import tables as snapshot
+from state.snapshot.drivers import TopDrivers
 from stream.kafka_io import started_consumer
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
@@ -38,6 +45,7 @@ class Sink:
         self.changed = False
         self.bad = 0
         self.snapshots = 0
+        self.drivers = top_drivers(settings)
 
     def fold(self, records: list[Any]) -> None:
         for rec in records:
@@ -57,9 +65,10 @@ class Sink:
             self.changed = True
 
     def publish(self) -> int:
-        """Publish a snapshot; returns its customers."""
+        """Publish a snapshot, with the drivers of its top customers; returns its customers."""
         started = time.perf_counter()
-        rows = self.store.publish()
+        drivers = self.drivers.rows(self.store.top(self.drivers.top)) if self.drivers else []
+        rows = self.store.publish(drivers)
         self.changed = False
         self.snapshots += 1
         log.info("snapshot %s: %d customers, offsets %s, %.0f ms; %d unusable score messages "
@@ -80,8 +89,11 @@ class Sink:
         if self.store.offsets:
             log.info("resuming from %s: %d customers, offsets %s", self.path, customers,
                      dict(sorted(self.store.offsets.items())))
-        scores = self.settings.scores_topic
-        await ensure_topics(self.settings, {scores: all_topics(self.settings)[scores]})
+        scores, changelog = self.settings.scores_topic, self.settings.changelog_topic
+        topics = {scores: all_topics(self.settings)[scores]}
+        if self.drivers:  # as the worker and the bootstrap create it
+            topics[changelog] = {"cleanup.policy": "compact"}
+        await ensure_topics(self.settings, topics)
         consumer = await started_consumer(self.settings, auto_offset_reset="earliest",
                                           max_poll_records=10000,
                                           metadata_max_age_ms=5000)  # notices added partitions
@@ -92,18 +104,23 @@ class Sink:
                 if self._grew(consumer, assigned):
                     assigned = await self._assign(consumer, stop)
                 batch = await consumer.getmany(timeout_ms=200, max_records=10000)
-                for records in batch.values():
-                    self.fold(records)
+                for tp, records in batch.items():
+                    if tp.topic == scores:
+                        self.fold(records)
+                    elif self.drivers:
+                        self.drivers.fold(tp.partition, records)
                 if time.monotonic() >= next_write:
-                    if self.changed:
+                    if self.changed or (self.drivers and self.drivers.waiting()):
                         self.publish()
                     next_write = time.monotonic() + self.settings.snapshot_interval_s
-            if self.changed or not self.path.exists():
+            if self.changed or not self.path.exists() or (self.drivers and self.drivers.waiting()):
                 self.publish()  # the shutdown snapshot
         finally:
             await consumer.stop()
 
     async def _assign(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> set[int]:
+        """Every partition of the scores topic (and of the state changelog, which is
+        co-partitioned with it, for the drivers), each from where the sink has read to."""
         topic = self.settings.scores_topic
         partitions = consumer.partitions_for_topic(topic)
         while not partitions and not stop.is_set():
@@ -112,18 +129,37 @@ class Sink:
             partitions = consumer.partitions_for_topic(topic)
         partitions = set(partitions or ())
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
+        states = [TopicPartition(self.settings.changelog_topic, p) for p in
+                  sorted(consumer.partitions_for_topic(self.settings.changelog_topic) or ())] \
+            if self.drivers else []
+        consumer.assign(tps + states)
         for tp in tps:
             if tp.partition in self.store.offsets:
                 consumer.seek(tp, self.store.offsets[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
+        for tp in states:
+            consumer.seek(tp, self.drivers.next_offset(tp.partition))
         return partitions
 
     def _grew(self, consumer: AIOKafkaConsumer, assigned: set[int]) -> bool:
         """Partitions added to the scores topic while running (scaling out)."""
         now = consumer.partitions_for_topic(self.settings.scores_topic) or set()
         return bool(set(now) - assigned)
+
+
+def top_drivers(settings: Settings) -> TopDrivers | None:
+    """What explains the top customers' scores, or None: none asked for, or a model that carries
+    no reference customer (then the snapshots go without drivers, and the log says why). A model
+    directory that holds no usable model is an ArtifactError, as for every command."""
+    if not settings.snapshot_drivers_top:
+        return None
+    artifact = Artifact.load(settings.model_dir or None)
+    try:
+        return TopDrivers(artifact, settings.snapshot_drivers_top)
+    except ArtifactError as exc:
+        log.warning("snapshots carry no drivers: %s", exc)
+        return None
 
 
 def run(settings: Settings) -> int:
@@ -155,7 +191,7 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, encode_score
     from features.segments import SEGMENTS
 
-    settings = replace(settings, snapshot_path=str(workdir / "clv.duckdb"))
+    settings = replace(settings, snapshot_path=str(workdir / "clv.duckdb"), snapshot_drivers_top=0)
     for old in Path(workdir).glob("*clv.duckdb*"):
         old.unlink()
     sink = Sink(settings)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 
 from stream.core import Core, month_text
+from stream.flush_policy import EXIT_CODE, exit_for_restart
 from stream.kafka_io import KafkaChangelog
 from stream.metrics import Metrics
 from state.live.recovery import recover
@@ -41,6 +42,11 @@ class Takeovers:
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise  # we were cancelled, not the takeover
+        except Exception as exc:  # noqa: BLE001  recovery failed: a restart recovers again
+            log.exception("taking partition %d over failed", partition)
+            exit_for_restart(f"taking partition {partition} over failed ({type(exc).__name__}: "
+                             f"{exc}): exiting with code {EXIT_CODE} so the supervisor restarts "
+                             "the worker, which recovers the partition again")
         finally:
             if task.done():
                 self.running.pop(partition, None)

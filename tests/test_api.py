@@ -316,6 +316,7 @@ def test_score_upload_answers_what_clv_score_writes(api, cdnow_batch):
     answer = json.loads(body)
     assert status == 200 and answer["customers"] == len(rows) == len(cdnow_batch) == 23_570
     assert answer["cleaning"]["format"] == "cdnow" and answer["model_version"] == headers["X-Model-Version"]
+    assert answer["drift_warning"] is None and "X-Drift-Warning" not in headers  # its training data
     for got in (rows, answer["scores"]):
         for row in got:
             want = cdnow_batch[row["customer_id"]]
@@ -325,6 +326,19 @@ def test_score_upload_answers_what_clv_score_writes(api, cdnow_batch):
                     assert str(row[f]) == want[f], (f, row, want)
                 else:
                     assert abs(float(row[f]) - float(want[f])) <= 1e-5 * max(1.0, abs(float(want[f]))), (f, row)
+
+
+def test_score_upload_of_another_business_says_it_is_unlike_the_models_training_cohort(api, tmp_path):
+    """A retailer's file scored by the CDNOW model: scored, with the line `clv score` warns with."""
+    from features.synthetic import generate, write
+
+    data = write(generate(1500, 9000, seed=7)[0], tmp_path / "retail.csv").read_bytes()
+    status, _, body = post(api, "/score", *multipart("retail.csv", data))
+    answer = json.loads(body)
+    assert status == 200 and answer["customers"] > 0, body[:300]
+    assert "order value PSI" in answer["drift_warning"] and "\n" not in answer["drift_warning"]
+    status, headers, _ = post(api, "/score?out=csv", *multipart("retail.csv", data))
+    assert status == 200 and headers["X-Drift-Warning"] == answer["drift_warning"]
 
 
 @pytest.mark.parametrize("name, data", [("empty.csv", b""), ("blank.csv", b" \n\n"),

@@ -58,6 +58,7 @@ def test_bench_scoring_small(tmp_path):
     assert [row["batch"] for row in r["rows"]] == [1, 64]
     assert all(row["onnxruntime_per_s"] > 0 for row in r["rows"])
     assert "torch_per_s" in r["rows"][0]  # the dev install has torch
+    assert r["drivers"]["rows_per_customer"] == 32 and r["drivers"]["customers_per_s"] > 0  # five groups
 
 
 def test_bench_state_small(tmp_path, kafka_bootstrap):
@@ -98,3 +99,15 @@ def test_bench_api_small(tmp_path):
         assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"], mix
         assert m["errors_5xx"] == m["connection_errors"] == m["errors_other"] == 0, mix
     assert r["mixes"]["lookups_during_exports"]["exports"] > 0
+
+
+def test_bench_month_turn_small(tmp_path, kafka_bootstrap):
+    """Every bootstrapped customer is rescored and published after the turn; the ordinary events
+    meanwhile are all scored; no flush fails and /ready answers 200 throughout."""
+    r = bench(tmp_path, "month-turn", "--customers", "2000", "--rate", "50",
+              "--session-timeout", "6", "--bootstrap", kafka_bootstrap)
+    assert r["rescored_customers"] == 2000 and r["turn_seconds"] > 0
+    turn = r["events_during_turn"]
+    assert turn["events"] > 0 and turn["scored"] == turn["events"]
+    assert r["events_before"]["scored"] == r["events_before"]["events"] > 0
+    assert r["flush_failures"] == 0 and set(r["ready_answers"]) == {"200"}

@@ -301,3 +301,28 @@ def test_a_partition_with_fewer_events_to_process_than_customers_scores_them_as_
     late.feed(0, 6, event("a", "2011-01-06"), caught_up=False)
     assert late.core.dirty_count() == 1 and late.core.backlog() == 0
     assert late.meta(0).scored_month == month("2011-01-01")
+
+
+def test_a_month_turn_on_a_live_partition_scores_its_events_as_they_come_and_starts_at_once():
+    """The worker's clock enters a new month while events keep arriving, a few of them always
+    in flight: the rescan of every customer starts with the next chunk (it does not wait for
+    the partition to be exactly at its end), and the customers of the events meanwhile are
+    scored with the next micro-batch, not left to the rescan's walk (which may reach them
+    only after the rest of the partitions)."""
+    w = Worker(partitions=(0, 1), batch_size=4)
+    for offset, c in enumerate("abcdefgh"):
+        w.feed(offset % 2, offset, event(c, "2011-01-05"))
+    w.flush()
+    w.feed(0, 8, event("a", "2011-02-01"))  # the turn
+    w.ends[1] = 12  # partition 1: three events in flight (fewer than a micro-batch)
+    w.feed(1, 9, event("q", "2011-02-01"), caught_up=False)
+    assert w.core.dirty_count() == 2  # a and q, marked as they came
+    assert w.core.backlog() == 8  # every customer of both partitions queued
+    w.core.drain_backlog()
+    batch = w.flush()
+    assert set(batch.dirty[0]) | set(batch.dirty.get(1, {})) >= {"a", "q"}
+    assert sum(len(d) for d in batch.dirty.values()) >= 4  # the rescan's first chunk came too
+    while w.core.backlog():
+        w.core.drain_backlog()
+        w.flush()
+    assert w.meta(0).scored_month == w.meta(1).scored_month == month("2011-02-01")

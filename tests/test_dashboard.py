@@ -64,6 +64,8 @@ def rescored(previous: Path, path: Path) -> None:
         cur = con.execute(f"SELECT {', '.join(f for f in FIELDS if f != 'schema_version')} FROM customer_scores")
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        drivers = con.execute(f"SELECT {', '.join(c for c, _ in snapshot.DRIVER_COLUMNS)} "
+                              "FROM customer_drivers").fetchall()  # the scores stay: so do their drivers
     finally:
         con.close()
     shutil.copy(previous, path)
@@ -78,7 +80,7 @@ def rescored(previous: Path, path: Path) -> None:
             score = ScoreRecord(schema_version=6, **row)
             score = replace(score, country=COUNTRIES[code % len(COUNTRIES)], segment=segment)
             sink.put(score.customer_id, snapshot.row(score, 0, i))
-        assert sink.publish() == len(rows)
+        assert sink.publish(drivers) == len(rows)
     finally:
         sink.close()
 
@@ -290,6 +292,14 @@ def test_customer_lookup_shows_the_customers_row(page, served):
     fields = {r["field"]: r["value"] for r in table(page, "field")}
     assert fields["customer_id"] == cid and float(fields["clv"]) == pytest.approx(clv)
     assert (fields["segment"], fields["cluster"]) == (segment, cluster)
+    # Why: a waterfall from the model's average customer through each driver to the score.
+    drivers = query(path, f"SELECT driver, contribution, reference_clv FROM customer_drivers "
+                          f"WHERE customer_id = '{cid}' ORDER BY position")
+    bars = {m["step"]: m["dollars"] for m in chart(page, "Why this score")}
+    assert list(bars) == ["average customer", *(d for d, _, _ in drivers), "expected CLV"]
+    assert bars["average customer"] == f"${drivers[0][2]:,.2f}" and bars["expected CLV"] == f"${clv:,.2f}"
+    assert all(bars[d] == f"{c:+,.2f}" for d, c, _ in drivers)
+    assert drivers[0][2] + sum(c for _, c, _ in drivers) == pytest.approx(clv, rel=1e-3)
 
 
 def test_model_card_shows_the_artifact_and_its_evaluation(page, served):

@@ -9,7 +9,10 @@ import json
 import re
 import shutil
 import subprocess
+import time
+from collections import namedtuple
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,18 @@ import pytest
 from export_onnx import ArtifactError
 from export_onnx.explain import GROUPS, Explainer
 from export_onnx.runtime import Artifact, shipped_model_dir
-from export_onnx.scoring import score_states
+from export_onnx.scoring import score_file, score_states
 from features.batch import read_history, snapshots
 from features.loaders import vendored_cdnow
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
+from features.synthetic import generate, write
+from harness import CLV, Api
+from state.live.base.partition import encode_key
+from state.live.record import encode_state
+from state.snapshot.drivers import TopDrivers
+from state.snapshot.queries import Snapshot
 from stream.cli import main
-from stream.processes import clv
+from stream.processes import Child, clv
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +162,75 @@ def test_clv_score_explain_names_a_customer_the_file_lacks(tmp_path: Path, capsy
     data.write_text("customer_id date number_of_cds dollar_value\n00001 19970101 1 11.77\n00002 19970112 1 12.00\n00002 19970312 2 77.00\n")
     assert main(["score", str(data), "--explain", "00002", "--explain", "nobody"]) == 2
     assert capsys.readouterr().err == f"clv: error: --explain: no customer 'nobody' in {data}\n"
+
+
+def test_the_snapshot_carries_the_drivers_of_its_top_customers(clv_env, kafka_bootstrap, tmp_path: Path):
+    """A bootstrapped history (state changelog and scores) through the sink: its top customers'
+    drivers in the snapshot are those `clv score --explain` prints, add up to their clv, and the
+    API's /customers/{id} answers them; below the top, drivers are null."""
+    frame, _ = generate(300, 3000, seed=4)
+    data = write(frame, tmp_path / "history.csv")
+    env = {**clv_env, "CLV_SNAPSHOT_DRIVERS_TOP": "5", "CLV_SNAPSHOT_INTERVAL_S": "0.5"}
+    done = subprocess.run([*CLV, "bootstrap", str(data), "--quiet"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    artifact = Artifact.load()
+    scored = score_file(artifact, data)
+    ranked = sorted(range(len(scored.scores)), key=lambda i: (-scored.scores[i].clv, scored.scores[i].customer_id))
+    top = [scored.scores[i].customer_id for i in ranked[:5]]
+    want = {d.customer_id: d for d in Explainer(artifact).drivers([scored.states[i] for i in ranked[:5]], scored.as_of)}
+    snap = Snapshot(env["CLV_SNAPSHOT_PATH"])
+    sink = Child(clv("snapshot"), env, tmp_path / "sink.log")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = {cid: snap.customer(cid) for cid in top} if Path(snap.path).exists() else {}
+            if rows and all(r is not None and r["drivers"] is not None for r in rows.values()):
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"no drivers for {top} in the snapshot:\n{sink.output()[-3000:]}")
+        api = Api(env, tmp_path)
+        try:
+            for cid in top:
+                status, body = api.get(f"/customers/{cid}")
+                answer = json.loads(body)
+                assert status == 200 and answer == {**rows[cid], "drivers": answer["drivers"]}
+                drivers = answer["drivers"]
+                assert drivers == rows[cid]["drivers"]
+                assert drivers["reference_clv"] == pytest.approx(want[cid].reference, rel=1e-6)
+                assert {d["group"]: d["contribution"] for d in drivers["drivers"]} == pytest.approx(
+                    want[cid].contributions, rel=1e-5, abs=1e-6)
+                assert drivers["reference_clv"] + sum(d["contribution"] for d in drivers["drivers"]) == (
+                    pytest.approx(answer["clv"], rel=1e-3))
+            below = scored.scores[ranked[5]].customer_id
+            status, body = api.get(f"/customers/{below}")
+            assert status == 200 and json.loads(body)["drivers"] is None
+        finally:
+            api.proc.stop()
+    finally:
+        assert sink.stop() == 0, sink.output()[-3000:]
+
+
+def test_the_sink_writes_drivers_only_where_state_and_score_agree(artifact, cdnow):
+    """A top customer whose state has events its score does not include yet, or whose score is
+    not what its state gives, gets no drivers in this snapshot (and the sink does not stop); the
+    others get theirs; once changelog records arrive, the sink knows to publish again."""
+    states, at = cdnow
+    chosen = sorted(states, key=lambda s: -max(s.months, default=0))[:4]  # recent buyers
+    scores = score_states(artifact, chosen, at)
+    drivers = TopDrivers(artifact, top=4)
+    record = namedtuple("record", "key value offset")
+    drivers.fold(0, [record(encode_key(s.customer_id), encode_state(s), i) for i, s in enumerate(chosen)])
+    top = [{"customer_id": s.customer_id, "clv": s.clv, "as_of": at, "event_offset": -1,
+            "model_version": s.model_version, "source_partition": 0} for s in scores]
+    top[1]["as_of"] = at - timedelta(days=62)  # a score older than the state's newest month
+    top[2]["clv"] *= 1.1  # a score the state does not give
+    top[3]["model_version"] = "another-model"  # during a rollout
+    rows = drivers.rows(top)
+    assert {r[0] for r in rows} == {scores[0].customer_id}
+    assert rows[0][4] + sum(r[3] for r in rows) == pytest.approx(scores[0].clv, rel=1e-3)
+    assert not drivers.waiting()  # nothing read since
+    drivers.fold(0, [record(encode_key(chosen[2].customer_id), encode_state(chosen[2]), 10)])
+    assert drivers.waiting()
+    assert drivers.rows(top) == rows and not drivers.waiting()  # the first is not computed again

@@ -140,3 +140,26 @@ def test_flushes_failing_past_the_timeout_exit_75_and_a_restart_is_exact(broker,
     finally:
         again.stop()
     assert_exact(last_scores(bootstrap, env["CLV_SCORES_TOPIC"]), batch_scores(tmp_path, data))
+
+
+def test_a_commit_that_stops_moving_behind_processed_events_makes_the_worker_not_ready():
+    """The committed offset held while events after it are processed: not ready after
+    commit_stall_s, naming the partition; moving again (or nothing past it), ready."""
+    from stream.flush_policy import CommitWatch
+
+    watch = CommitWatch(stall_s=10)
+    watch.observe(2, committed=100, position=105, now=0.0)
+    watch.observe(2, committed=100, position=140, now=9.0)
+    assert watch.not_ready_reason() == ""
+    watch.observe(2, committed=100, position=180, now=11.0)
+    assert watch.not_ready_reason() == ("partition 2: committed offset 100 has not moved for 11s "
+                                        "while 80 events after it were processed")
+    watch.observe(2, committed=181, position=190, now=12.0)  # commits pass it again
+    assert watch.not_ready_reason() == ""
+    watch.observe(1, committed=50, position=50, now=0.0)  # idle: nothing held
+    watch.observe(1, committed=50, position=50, now=100.0)
+    assert watch.not_ready_reason() == ""
+    watch.observe(3, committed=7, position=9, now=0.0)
+    watch.observe(3, committed=7, position=9, now=30.0)
+    watch.forget({3})  # revoked
+    assert watch.not_ready_reason() == ""

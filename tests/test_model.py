@@ -427,3 +427,37 @@ def test_train_fits_clusters_by_three_methods_and_prints_their_scores(trained, t
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
         assert "is not the data model" in res.stderr, res.stderr
     assert json.loads((copy / "metadata.json").read_text()) == again  # refused: left as it was
+
+
+def test_train_describes_its_training_population_and_population_only_adds_it_unchanged(trained, tmp_path):
+    """`clv train` records the cohort at the cutoff (size, dates, per input its deciles and the
+    cohort's share in each bin, each segment's share); `--population-only` recomputes exactly that
+    for a model without it, from the data its fingerprint names, leaving network and version."""
+    from features.population import STATISTICS
+    from features.segments import SEGMENTS
+
+    d, data = trained
+    meta = json.loads((d / "artifact" / "metadata.json").read_text())
+    pop = meta["population"]
+    assert pop["cutoff"] == meta["cutoff"] and pop["first_event"] == meta["first_event"]
+    assert set(pop["statistics"]) == set(STATISTICS)
+    for stat in pop["statistics"].values():
+        assert len(stat["shares"]) == len(stat["edges"]) + 1 and sum(stat["shares"]) == pytest.approx(1)
+        assert stat["edges"] == sorted(set(stat["edges"]))
+    assert set(meta["segment_shares"]) == set(SEGMENTS)
+    assert sum(meta["segment_shares"].values()) == pytest.approx(1)
+    copy = tmp_path / "artifact"
+    shutil.copytree(d / "artifact", copy)
+    without = {k: v for k, v in meta.items() if k not in ("population", "segment_shares")}
+    (copy / "metadata.json").write_text(json.dumps(without, indent=2))
+    res = clv("train", data, "--cutoff", CUTOFF, "--out", copy, "--population-only")
+    assert res.returncode == 0, res.stderr
+    again = json.loads((copy / "metadata.json").read_text())
+    assert again["population"] == pop
+    # ONNX's scores, not torch's: a customer on a threshold may fall the other way (1e-6 relative)
+    assert again["segment_shares"] == pytest.approx(meta["segment_shares"], abs=2 / pop["customers"])
+    assert again["version"] == meta["version"] and f"model {meta['version']}" in res.stdout
+    assert (copy / "model.onnx").read_bytes() == (d / "artifact" / "model.onnx").read_bytes()
+    other = cdnow_slice(tmp_path / "other.txt", customers=1400)
+    res = clv("train", other, "--cutoff", CUTOFF, "--out", copy, "--population-only")
+    assert res.returncode == 2 and "is not the data model" in res.stderr, res.stderr

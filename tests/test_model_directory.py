@@ -61,6 +61,7 @@ def test_a_broken_model_directory_is_refused_with_the_file_and_the_reason(tmp_pa
     (["worker", "--data-dir", "{tmp}/state", "--bootstrap", "127.0.0.1:1"], "truncated"),
     (["score", "{cdnow}", "--out", "{tmp}/out.csv"], "not_json"),
     (["api", "--port", "1", "--snapshot", "{tmp}/clv.duckdb"], "other_format"),
+    (["snapshot", "--snapshot", "{tmp}/clv.duckdb", "--bootstrap", "127.0.0.1:1"], "truncated"),
     (["demo", "--workdir", "{tmp}/demo", "--exit"], "not_its_graph"),
 ])
 def test_every_command_that_loads_a_model_says_one_line_and_exits_2(tmp_path, command, case):

@@ -161,6 +161,10 @@ def test_http_api_serves_the_snapshot(cdnow_live, cdnow_batch, tmp_path):
         clusters = json.loads(body)
         assert status == 200 and sum(c["customers"] for c in clusters) == 23_570 and len(clusters) >= 3
         assert api.get("/customers/00001")[0] == 200
+        best = json.loads(api.get(f"/customers/{want[0]['customer_id']}")[1])  # a top customer:
+        drivers = best["drivers"]  # the drivers of its score, adding up to it
+        assert drivers["reference_clv"] + sum(d["contribution"] for d in drivers["drivers"]) == (
+            pytest.approx(best["clv"], rel=1e-3))
         assert api.get("/customers/x'%20OR%20'1'='1")[0] == 404
         status, body = api.get("/export.csv?segment=vip")
         assert status == 200 and body.decode().startswith("customer_id,clv,")
@@ -486,7 +490,9 @@ def test_snapshot_summarises_clusters_and_carries_every_playbook(tmp_path):
     assert abs(sum(r["share_of_value"] for r in rows.values()) - 1) < 1e-12
     con = duckdb.connect(str(path), read_only=True)
     books = {name: rest for name, *rest in con.execute("SELECT * FROM segment_playbook").fetchall()}
+    shares = dict(con.execute("SELECT segment, share_of_customers FROM segment_summary").fetchall())
     con.close()
+    assert shares == {SEGMENTS[0]: 5 / 9, SEGMENTS[1]: 4 / 9}  # of the snapshot's customers
     assert books == {name: list(astuple(book)) for name, book in PLAYBOOKS.items()}
     text = clv("query", "segments", env=env).stdout
     assert all(part in text for s in SEGMENTS[:2] for part in astuple(PLAYBOOKS[s]))

@@ -284,8 +284,10 @@ def insights(request: Request) -> Any:
     return _answer(request, rows, len(rows))
 
 
-@router.get("/customers/{customer_id}", response_model=schemas.Customer, responses=_errors("401 404 429 503"),
-            summary="One customer's newest score and RFM fields")
+@router.get("/customers/{customer_id}", response_model=schemas.CustomerWithDrivers,
+            responses=_errors("401 404 429 503"),
+            summary="One customer's newest score, RFM fields and, for the top customers, the drivers "
+                    "of its score")
 def customer(request: Request, customer_id: str = PathParam()) -> Any:
     row = _service(request).snap.customer(customer_id)
     if row is None:
@@ -389,14 +391,17 @@ def _score_doc() -> dict[str, Any]:
                 "headers": {"X-Model-Version": {"description": "the model that scored the file (out=csv)", "schema": text},
                             "X-As-Of": {"description": "the time scores are as of (out=csv)", "schema": text},
                             "X-Cleaning-Report": {"description": "the cleaning report as one line of JSON (out=csv)",
-                                                  "schema": text}}}}}
+                                                  "schema": text},
+                            "X-Drift-Warning": {"description": "present when the file's customers are unlike "
+                                                "the model's training cohort: the line `clv score` warns "
+                                                "with (out=csv)", "schema": text}}}}}
 
 
 @router.post("/score", response_model=schemas.Scored, responses=_errors("401 413 429"),
              openapi_extra=_score_doc(),
              summary="Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
                      "does: every customer's score as of the newest event (or as_of), with the cleaning "
-                     "report. JSON, or with out=csv the CSV `clv score` writes (the report in the "
+                     "report and the drift warning `clv score` prints, if any. JSON, or with out=csv the CSV `clv score` writes (the report in the "
                      "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
                      "reason `clv score` prints; one over api_score_max_bytes 413")
 async def score(request: Request,
@@ -419,16 +424,18 @@ async def score(request: Request,
         except LoadError as exc:
             raise QueryError(str(exc).replace(f"{tmp}/", "")) from None
     request.scope[INFO]["rows"] = len(scored.scores)
+    drift = scored.drift.sentence() if scored.drift else None  # what `clv score` warns with
     if answer_as == "csv":
         text = io.StringIO()
         write_csv(scored.scores, text)
         return Response(text.getvalue(), media_type="text/csv", headers={
             "X-Model-Version": service.artifact.version, "X-As-Of": scored.as_of.isoformat(),
-            "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":"))})
+            "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":")),
+            **({"X-Drift-Warning": drift} if drift else {})})
     return JSONResponse({
         "model_version": service.artifact.version, "horizon_months": service.artifact.horizon_months,
         "as_of": scored.as_of.isoformat(), "customers": len(scored.scores),
-        "cleaning": scored.report.as_dict(),
+        "cleaning": scored.report.as_dict(), "drift_warning": drift,
         "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores]})
 
 
@@ -521,6 +528,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def openapi() -> dict[str, Any]:
     """The API's OpenAPI document, without starting it."""
     return app_for(None).openapi()
+
+
+def _drift_warning(scored: ScoredFile) -> str | None:
+    """The line `clv score` warns with when the file's customers are unlike the model's training
+    cohort (features.population), or None."""
+    return scored.drift.sentence() if scored.drift else None
 
 
 class ApiSettings(Protocol):

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Hashable, Iterator, Mapping, NamedTuple, TypeVar
 
 import duckdb
 import pandas as pd
@@ -94,6 +94,13 @@ def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
     cur = con.execute(sql, params or [])
     cols = [d[0] for d in cur.description]
     return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
+
+
+def _explained(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
+    """The customers whose drivers the snapshot carries (none in a snapshot of an earlier sink)."""
+    if not insights.has(con, "customer_drivers"):
+        return frozenset()
+    return frozenset(c for (c,) in con.execute("SELECT DISTINCT customer_id FROM customer_drivers").fetchall())
 
 
 def _summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
@@ -335,8 +342,25 @@ class Snapshot:
         return self._kept_rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
-        return rows[0] if rows else None
+        """The customer's row, with `drivers`: how its score adds up from the model's average
+        customer when the snapshot carries them (its top customers), else None."""
+        opened = self._acquire()
+        try:
+            con = opened.thread_cursor()
+            rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            if not rows:
+                return None
+            explained = opened.answer("explained customers", _explained)
+            drivers = _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
+                             [customer_id]) if customer_id in explained else []
+        finally:
+            self._release(opened)
+        row = rows[0]
+        row["drivers"] = None if not drivers else {
+            "reference_clv": drivers[0]["reference_clv"], "clv": row["clv"],
+            "drivers": [{"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]}
+                        for d in drivers]}
+        return row
 
     def summary(self) -> dict[str, Any]:
         return self._kept("summary", _summary)
@@ -386,22 +410,31 @@ class Snapshot:
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows as an aligned text table for terminals, money and rates with two decimals."""
+    """Rows as an aligned text table for terminals, money and rates with two decimals, shares
+    (`share_*` columns) as percentages."""
     if not rows:
         return "(no rows)"
     frame = pd.DataFrame(rows, columns=columns or list(rows[0]))
+    for c in frame.columns:
+        if c.startswith("share_"):  # shares as the playbooks and the dashboard write them
+            frame[c] = frame[c].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.1%}")
     return frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
 
 
-def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None,
+                    who: Mapping[str, str] | None = None) -> str:
     """The segment table, then the playbook of each segment shown, one line each: too long for
-    table columns."""
+    table columns. `who`: the rules as a model applies them (`features.segments.described_rules`)
+    in place of the playbooks' general words."""
     text = {f.name for f in fields(Playbook)}
     table = render_table(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
     shown = {r["segment"] for r in rows}
-    books = [line for name, book in PLAYBOOKS.items() if name in shown
-             for line in (f"  {name}", *(f"    {f.name.replace('_', ' ')}: {getattr(book, f.name)}"
-                                         for f in fields(Playbook)))]
+    books = []
+    for name, book in PLAYBOOKS.items():
+        if name in shown:
+            words = {f.name: getattr(book, f.name) for f in fields(Playbook)}
+            words["who"] = (who or {}).get(name, book.who)
+            books += [f"  {name}", *(f"    {k.replace('_', ' ')}: {v}" for k, v in words.items())]
     return "\n".join([table, "", "Playbooks", *books] if books else [table])
 
 

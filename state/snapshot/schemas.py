@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, IsoTime, Offset
 from state.snapshot.tables import COLUMNS
@@ -31,6 +31,29 @@ Customer = create_model(
     value_tier=(Literal["low", "medium", "high"], ...), source_partition=(int, ...),
     source_offset=(int, ...))
 
+class Driver(BaseModel):
+    group: str
+    contribution: float
+    meaning: str
+
+
+class Drivers(BaseModel):
+    """Why the score is what it is: reference_clv, the score of the model's average customer
+    (every input the mean of its training cohort's), plus each group's contribution in dollars
+    (exact Shapley values, largest first) makes clv. The snapshot carries them for its
+    snapshot_drivers_top customers of the highest clv; null for the others (the worker's
+    /customers/{id} and `clv score --explain` explain anyone)."""
+
+    reference_clv: float
+    clv: float
+    drivers: list[Driver]
+
+
+CustomerWithDrivers = create_model(
+    "CustomerWithDrivers", __base__=Customer,
+    __doc__="A customer's row and, for the snapshot's top customers, the drivers of its score.",
+    drivers=(Drivers | None, ...))
+
 Score = create_model("Score", __doc__="A customer's score in an uploaded file, as `clv score` writes it.",
                      **{name: (_PYTHON[FIELD_TYPES[name]], ...) for name in CUSTOMER_FIELDS})
 
@@ -40,6 +63,7 @@ class Segment(BaseModel):
 
     segment: str
     customers: int
+    share_of_customers: float | None
     total_clv: float
     mean_clv: float
     share_of_value: float | None
@@ -130,6 +154,9 @@ class Scored(BaseModel):
     as_of: datetime
     customers: int
     cleaning: dict[str, Any]
+    drift_warning: str | None = Field(description="the line `clv score` warns with when the file's "
+                                      "customers are unlike the model's training cohort (PSI per "
+                                      "input past 0.25), else null")
     scores: list[Score]  # type: ignore[valid-type]
 
 

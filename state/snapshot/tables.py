@@ -16,6 +16,9 @@ Tables:
 - `previous_segments`: each customer's segment in the snapshot this one replaced (empty for the
   first), copied from that file when this one is written: movement between segments is read
   from one file, so a reader never compares two snapshots of different moments by accident.
+- `customer_drivers`: for the top customers by clv, the drivers of their score (dollars per group
+  of model inputs, largest first, against the model's average customer: `reference_clv` + the
+  customer's contributions = its clv in `customer_scores`); `state.snapshot.drivers` says which.
 Views: `segment_summary`, `tier_summary`, `cluster_summary`, `country_summary`: customers,
 totals, means and shares of `clv`, the expected spend, which adds up over customers; `clv` also
 sets the value tiers. `cluster_summary` adds each behavioral cluster's mean RFM fields and its
@@ -30,7 +33,7 @@ from dataclasses import astuple, fields
 from datetime import datetime, timezone
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import duckdb
 import pandas as pd
@@ -55,6 +58,9 @@ _SUPERSEDED = "({}) <= ({})".format(
 # What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
 _ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1"}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
+# One row per top customer and group of inputs, largest first (`state.snapshot.drivers.driver_rows`).
+DRIVER_COLUMNS = (("customer_id", "VARCHAR"), ("position", "INTEGER"), ("driver", "VARCHAR"),
+                  ("contribution", "DOUBLE"), ("reference_clv", "DOUBLE"), ("meaning", "VARCHAR"))
 _columns = attrgetter(*COLUMNS)
 
 _SOURCE = ("source_partition", "source_offset")
@@ -78,12 +84,16 @@ ORDER BY customer_id;
 CREATE INDEX customer_scores_customer_id ON clv_next.customer_scores (customer_id);
 
 CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
+
+CREATE TABLE clv_next.customer_drivers ({", ".join(f"{name} {kind}" for name, kind in DRIVER_COLUMNS)});
 """
 
 _VIEWS = """
 CREATE VIEW segment_summary AS
 SELECT * FROM (
-    SELECT segment, count(*) AS customers, sum(clv) AS total_clv, avg(clv) AS mean_clv,
+    SELECT segment, count(*) AS customers,
+           count(*) / (SELECT count(*) FROM customer_scores) AS share_of_customers,
+           sum(clv) AS total_clv, avg(clv) AS mean_clv,
            sum(clv) / nullif((SELECT sum(clv) FROM customer_scores), 0) AS share_of_value,
            avg(p_purchase) AS mean_p_purchase, avg(recency_days) AS mean_recency_days,
            avg(frequency) AS mean_frequency
@@ -219,9 +229,19 @@ class Snapshots:
         con.execute("COMMIT")
         self.pending.clear()
 
-    def publish(self) -> int:
+    def top(self, n: int) -> list[dict[str, Any]]:
+        """The `n` customers of the highest clv as the next snapshot will hold them: their
+        score's identity and the partition it was read from."""
+        self.merge()
+        cur = self._con().execute(
+            "SELECT customer_id, clv, as_of, event_offset, model_version, source_partition "
+            "FROM scores ORDER BY clv DESC, customer_id LIMIT ?", [n])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def publish(self, drivers: Sequence[tuple[Any, ...]] = ()) -> int:
         """Write the whole snapshot to a temporary file, rename it over the published path;
-        returns its customers."""
+        returns its customers. `drivers` are rows of `customer_drivers`."""
         self.merge()
         con = self._con()
         tmp = temp_path(self.path)
@@ -233,6 +253,9 @@ class Snapshots:
             con.executemany(
                 f"INSERT INTO clv_next.segment_playbook VALUES ({', '.join('?' * len(_PLAYBOOK_COLUMNS))})",
                 [[name, *astuple(book)] for name, book in PLAYBOOKS.items()])
+            if drivers:
+                con.executemany(f"INSERT INTO clv_next.customer_drivers VALUES "
+                                f"({', '.join('?' * len(DRIVER_COLUMNS))})", list(drivers))
             con.execute(
                 "CREATE TABLE clv_next.snapshot_meta AS SELECT ?::TIMESTAMPTZ AS snapshot_at, "
                 "?::TIMESTAMPTZ AS newest_event_time, "

@@ -26,7 +26,8 @@ import pandas as pd
 import streamlit as st
 
 from export_onnx.runtime import META_FILE, shipped_model_dir
-from features.segments import PLAYBOOKS, SEGMENTS, Playbook
+from features import population
+from features.segments import PLAYBOOKS, SEGMENTS, Playbook, described_rules
 from state.snapshot.queries import QueryError, Selection, Snapshot, csv_text
 from state.snapshot.tables import TIERS
 
@@ -149,8 +150,10 @@ def insights_list(data: dict[str, Any]) -> None:
         st.markdown("\n".join(f"- {i['text']}" for i in data["insights"]) or "- no customers yet")
 
 
-def overview(data: dict[str, Any]) -> None:
-    """The first look: KPI cards, insights, where the value sits by segment and by country."""
+def overview(data: dict[str, Any], drift: str | None) -> None:
+    """The first look: whether the model knows customers like these (`drift_warning`), KPI
+    cards, insights, where the value sits by segment and by country."""
+    drift_banner(drift, "overview")
     kpis(data)
     insights_list(data)
     seg = pd.DataFrame(data["segments"])
@@ -161,7 +164,7 @@ def overview(data: dict[str, Any]) -> None:
         color=colours("segment", list(SEGMENTS)).legend(None),
         tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f"),
                  alt.Tooltip("share_of_value:Q", format=".1%")])), width="stretch")
-    left.markdown("**Value tiers** (terciles of expected CLV)")
+    left.markdown(f"**Value tiers** ({TIER_RULE})")
     left.table(shown(pd.DataFrame(data["tiers"])[["value_tier", "customers", "min_clv", "max_clv",
                                                   "total_clv", "share_of_value"]],
                      money_cols=("min_clv", "max_clv", "total_clv"), share_cols=("share_of_value",)),
@@ -197,13 +200,16 @@ def country_charts(countries: pd.DataFrame) -> None:
             width="stretch")
 
 
-def segments(data: dict[str, Any]) -> None:
+TIER_RULE = "terciles of this snapshot's expected CLV: a third of its customers each"
+
+
+def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """segment_summary, its bars, the playbooks, the value tiers and the movement between
     segments since the previous snapshot: the whole snapshot."""
     seg = pd.DataFrame(data["segments"])
-    st.table(shown(seg[["segment", "customers", "total_clv", "mean_clv", "share_of_value",
-                        "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
-                   money_cols=("total_clv", "mean_clv"), share_cols=("share_of_value",)),
+    st.table(shown(seg[["segment", "customers", "share_of_customers", "total_clv", "mean_clv",
+                        "share_of_value", "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
+                   money_cols=("total_clv", "mean_clv"), share_cols=("share_of_customers", "share_of_value")),
              hide_index=True)
     left, right = st.columns(2)
     order = [s for s in SEGMENTS if s in set(seg["segment"])]
@@ -214,13 +220,42 @@ def segments(data: dict[str, Any]) -> None:
             color=colours("segment", list(SEGMENTS)).legend(None),
             tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f")]),
             width="stretch")
-    st.subheader("Playbooks")
-    st.table(seg[["segment", *(f.name for f in fields(Playbook))]].rename(
-        columns=lambda c: c.replace("_", " ")), hide_index=True)
-    st.subheader("Value tiers (terciles of expected CLV)")
+    playbooks(seg, meta)
+    st.subheader(f"Value tiers ({TIER_RULE})")
     st.table(shown(pd.DataFrame(data["tiers"]), money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
                    share_cols=("share_of_value",)), hide_index=True)
     movement(data)
+
+
+def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Per segment: who (the rule with this model's dollars, and the share of its training cohort
+    it held: where the rule's numbers are true), its share of this snapshot, and what to do."""
+    st.subheader("Playbooks")
+    who = described_rules(meta)
+    books = seg[["segment", "share_of_customers", *(f.name for f in fields(Playbook))]].assign(
+        who=seg["segment"].map(lambda name: who.get(name, PLAYBOOKS[name].who)),
+        share_of_customers=seg["share_of_customers"].map(lambda v: f"{v:.1%}"))
+    st.table(books.rename(columns={"share_of_customers": "share here"}).rename(
+        columns=lambda c: c.replace("_", " ")), hide_index=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def drift_warning(path: str, snap_stamp: tuple[int, int], summary: dict[str, Any] | None) -> str | None:
+    """The drift check (features.population) on the snapshot's customers, by what their scores
+    carry (invoices, total spend, order value), against the model's training cohort (`summary`):
+    the sentence the scorers warn with when they are unlike it, else None. Once per snapshot."""
+    frame = load(path, snap_stamp)["customers"]
+    if summary is None or frame.empty:
+        return None
+    return population.check(summary, population.from_scores(
+        frame["frequency"].to_numpy(), frame["total_spend"].to_numpy())).sentence()
+
+
+def drift_banner(warning: str | None, where: str) -> None:
+    """The drift warning as a banner (keyed `drift-WHERE`), nothing when there is none."""
+    if warning:
+        with st.container(key=f"drift-{where}"):
+            st.warning(f"Drift: {warning}")
 
 
 NEW, GONE = "(new)", "(gone)"
@@ -250,12 +285,15 @@ def movement(data: dict[str, Any]) -> None:
 
 def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """cluster_summary, and how the model chose its clusters."""
-    rows = pd.DataFrame(data["clusters"])[["cluster", "customers", "total_clv", "mean_clv",
-                                           "share_of_value", "mean_recency_days", "mean_frequency",
-                                           "mean_monetary", "main_segment"]]
-    c = meta.get("clustering")
+    c = meta.get("clustering") or {}
+    rows = pd.DataFrame(data["clusters"])
+    rows = rows.assign(share_here=rows["customers"] / max(int(rows["customers"].sum()), 1),
+                       training_share=rows["cluster"].map(
+                           lambda name: c.get("profiles", {}).get(name, {}).get("share", float("nan"))))
+    rows = rows[["cluster", "customers", "share_here", "training_share", "total_clv", "mean_clv",
+                 "share_of_value", "mean_recency_days", "mean_frequency", "mean_monetary", "main_segment"]]
     st.table(shown(rows, money_cols=("total_clv", "mean_clv", "mean_monetary"),
-                   share_cols=("share_of_value",)), hide_index=True)
+                   share_cols=("share_here", "training_share", "share_of_value")), hide_index=True)
     st.altair_chart(alt.Chart(rows, title="Customers and expected value per cluster").mark_circle().encode(
         x=alt.X("customers:Q"), y=alt.Y("mean_clv:Q", title="mean expected CLV ($)"),
         size=alt.Size("total_clv:Q", legend=None), color=colours("cluster", sorted(rows["cluster"])),
@@ -263,7 +301,8 @@ def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
         width="stretch")
     if c:
         st.caption(f"{c['method']} with k = {c['k']}, chosen by silhouette among K-means, a Gaussian "
-                   "mixture and Ward; features: " + ", ".join(c["features"]) + ". A customer belongs "
+                   "mixture and Ward on the model's training cohort (training share: each cluster's "
+                   "share of that cohort); features: " + ", ".join(c["features"]) + ". A customer belongs "
                    "to the nearest centroid of the standardized features.")
 
 
@@ -349,6 +388,46 @@ def lookup(path: str) -> None:
     if book:
         st.info(f"**{row['segment']}**: {book.what_to_do}. Watch: {book.signals}. "
                 f"Measure: {book.what_to_measure}.")
+    if row["drivers"] is None:
+        st.caption(f"Why this score: the snapshot carries the drivers of its top customers by expected "
+                   f"CLV only; `clv score FILE --explain {row['customer_id']}` or the worker's "
+                   f"/customers/{row['customer_id']} explain any customer.")
+        return
+    st.altair_chart(waterfall(row["drivers"]), width="stretch")
+    st.caption("Each bar is what one group of the customer's model inputs adds to, or takes from, the "
+               "score of the model's average customer (every input the mean of its training cohort's); "
+               "together they make the customer's expected CLV (exact Shapley values of the groups).")
+
+
+WATERFALL_TITLE = "Why this score: drivers from the model's average customer ($)"
+
+
+def waterfall(drivers: dict[str, Any]) -> alt.Chart:
+    """The reference score, each group's contribution from where the previous one ended, and
+    the customer's clv: a bar per step, labelled with its dollars."""
+    steps = [{"step": "average customer", "start": 0.0, "end": drivers["reference_clv"],
+              "amount": drivers["reference_clv"], "kind": "score", "meaning": "the reference"}]
+    level = drivers["reference_clv"]
+    for d in drivers["drivers"]:
+        steps.append({"step": d["group"], "start": level, "end": level + d["contribution"],
+                      "amount": d["contribution"], "kind": "raises" if d["contribution"] >= 0 else "lowers",
+                      "meaning": d["meaning"]})
+        level += d["contribution"]
+    steps.append({"step": "expected CLV", "start": 0.0, "end": drivers["clv"], "amount": drivers["clv"],
+                  "kind": "score", "meaning": "this customer's score"})
+    frame = pd.DataFrame(steps)
+    frame["label"] = [money(a, cents=True) if k == "score" else f"{a:+,.2f}"
+                      for a, k in zip(frame["amount"], frame["kind"])]
+    frame["top"] = frame[["start", "end"]].max(axis=1)
+    base = alt.Chart(frame, title=WATERFALL_TITLE).encode(
+        x=alt.X("step:N", sort=list(frame["step"]), title=None, axis=alt.Axis(labelAngle=0)))
+    bars = base.mark_bar().encode(
+        y=alt.Y("start:Q", title="expected spend ($)"), y2="end:Q",
+        color=alt.Color("kind:N", title=None, scale=alt.Scale(
+            domain=["score", "raises", "lowers"], range=["#4c78a8", "#54a24b", "#e45756"])),
+        tooltip=["step", alt.Tooltip("label:N", title="dollars"), "meaning"])
+    labels = base.mark_text(dy=-6).encode(y="top:Q", text="label:N")
+    return svg((bars + labels).properties(height=320))
 
 
 EVALUATION_FILE = "evaluation.json"  # `clv evaluate --json DIR/evaluation.json --plots DIR`
@@ -396,10 +475,21 @@ def training_run(meta: dict[str, Any]) -> None:
     st.table(pd.DataFrame({"setting": list(run), "value": list(run.values())}), hide_index=True)
 
 
-def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> None:
-    """What the artifact says of itself, the training run it came from, its evaluation, and a
-    warning if it did not score this snapshot."""
+def training_cohort(meta: dict[str, Any]) -> None:
+    """The inputs' percentiles on the training cohort: what scored customers are compared with."""
+    if meta.get("population"):
+        st.caption("Training cohort at the cutoff: each input's 10th, 50th and 90th percentiles "
+                   "(what the drift check compares scored customers with)")
+        st.table(pd.DataFrame(population.percentiles(meta["population"])), hide_index=True)
+
+
+def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path, drift: str | None) -> None:
+    """What the artifact says of itself, the training run it came from, its evaluation, a
+    warning if it did not score this snapshot, and one if the snapshot's customers are unlike
+    its training cohort."""
     st.subheader("Model card")
+    drift_banner(drift, "model")
+    versions = data["summary"]["model_versions"] or []
     if meta["version"] not in versions:
         st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
                    "shown here: start the dashboard with --model for that artifact")
@@ -417,9 +507,11 @@ def model_card(meta: dict[str, Any], versions: list[str], model_dir: Path) -> No
                                                     for k, v in meta.get("parity", {}).items()),
         "segment CLV thresholds": ", ".join(f"{k} {money(v, cents=True)}"
                                             for k, v in meta["clv_quantiles"].items()),
+        "training cohort": population.describe(meta.get("population")),
     }
     st.table(pd.DataFrame({"fact": list(facts), "value": list(facts.values())}), hide_index=True)
     training_run(meta)
+    training_cohort(meta)
     left, right = st.columns(2)
     members = pd.DataFrame([{"member": f"gru[{i}]", **m} for i, m in enumerate(training.get("members", []))])
     if not members.empty:
@@ -469,11 +561,12 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else shipped_model_dir()
     meta = model_meta(args.model, (model_dir / META_FILE).stat().st_mtime)
     st.caption(f"snapshot {path} (read-only; the page follows new snapshots as the sink publishes them)")
+    drift = drift_warning(str(path), snap_stamp, meta.get("population"))
     overview_tab, segments_tab, customers_tab, clusters_tab, model_tab = st.tabs(TABS)
     with overview_tab:
-        overview(data)
+        overview(data, drift)
     with segments_tab:
-        segments(data)
+        segments(data, meta)
     with customers_tab:
         sel, n, colour = filters(data)
         customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
@@ -481,7 +574,7 @@ def main() -> None:
     with clusters_tab:
         clusters(data, meta)
     with model_tab:
-        model_card(meta, data["summary"]["model_versions"] or [], model_dir)
+        model_card(data, meta, model_dir, drift)
     with st.container(key="page-end"):  # the last element: a browser knows the page is all drawn
         st.caption(f"clv-stream · snapshot {path} · model card from {model_dir}")
 
