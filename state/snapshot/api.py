@@ -24,7 +24,7 @@ import logging
 import signal
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -102,8 +102,8 @@ class SqlPool:
         job.add_done_callback(self._finished)
         left = asyncio.ensure_future(_disconnected(request))
         try:
-            done, _ = await asyncio.wait([job, left], timeout=self.timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {job, left}
+            done, _ = await asyncio.wait(waiting, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if job in done:
                 return job.result()
             await asyncio.shield(self._stop(job, interrupt))
@@ -234,7 +234,8 @@ def selection(segment: str | None = Query(None, json_schema_extra={"enum": [*SEG
               ) -> Selection:
     """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them: every
     filter given must hold."""
-    return Selection(segments=(segment,) if segment is not None else (), clusters=(cluster,) if cluster is not None else (),
+    return Selection(segments=(segment,) if segment is not None else (),
+                     clusters=(cluster,) if cluster is not None else (),
                      min_frequency=min_frequency, min_clv=min_clv,
                      countries=(country,) if country is not None else ())
 
@@ -388,7 +389,8 @@ def _score_doc() -> dict[str, Any]:
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
             "responses": {"200": {
                 "content": {"text/csv": {"schema": text}},
-                "headers": {"X-Model-Version": {"description": "the model that scored the file (out=csv)", "schema": text},
+                "headers": {"X-Model-Version": {"description": "the model that scored the file (out=csv)",
+                                                "schema": text},
                             "X-As-Of": {"description": "the time scores are as of (out=csv)", "schema": text},
                             "X-Cleaning-Report": {"description": "the cleaning report as one line of JSON (out=csv)",
                                                   "schema": text},
@@ -401,14 +403,16 @@ def _score_doc() -> dict[str, Any]:
              openapi_extra=_score_doc(),
              summary="Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
                      "does: every customer's score as of the newest event (or as_of), with the cleaning "
-                     "report and the drift warning `clv score` prints, if any. JSON, or with out=csv the CSV `clv score` writes (the report in the "
+                     "report and the drift warning `clv score` prints, if any. JSON, or with out=csv "
+                     "the CSV `clv score` writes (the report in the "
                      "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
                      "reason `clv score` prints; one over api_score_max_bytes 413")
 async def score(request: Request,
                 format: Literal[FORMATS] | None = Query(None, description=PARAMS["format"]),  # type: ignore[valid-type]
                 map: str | None = Query(None, description=PARAMS["map"]),
                 duplicates: Literal[DUPLICATES] | None = Query(None, description=PARAMS["duplicates"]),  # type: ignore[valid-type]
-                outlier_quantity: int | None = Query(None, ge=0, le=999_999_999, description=PARAMS["outlier_quantity"]),
+                outlier_quantity: int | None = Query(None, ge=0, le=999_999_999,
+                                                     description=PARAMS["outlier_quantity"]),
                 timezone: str | None = Query(None, description=PARAMS["timezone"]),
                 as_of: date | None = Query(None, description=PARAMS["as_of"]),
                 out: Literal[OUTPUTS] | None = Query(None, description=PARAMS["out"]),  # type: ignore[valid-type]
@@ -530,12 +534,6 @@ def openapi() -> dict[str, Any]:
     return app_for(None).openapi()
 
 
-def _drift_warning(scored: ScoredFile) -> str | None:
-    """The line `clv score` warns with when the file's customers are unlike the model's training
-    cohort (features.population), or None."""
-    return scored.drift.sentence() if scored.drift else None
-
-
 class ApiSettings(Protocol):
     """The settings the analyst API reads (`stream.settings.Settings` has them all)."""
 
@@ -603,8 +601,6 @@ def serve(settings: ApiSettings) -> int:
     # uvicorn raises the signal it stopped on again once it is done, with the handler it found:
     # these make that an ordinary exit.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
+    with suppress(KeyboardInterrupt):
         _Server(config, sql_pool).run()
-    except KeyboardInterrupt:
-        pass
     return 0

@@ -43,7 +43,7 @@ class AuditLog:
             self.out: TextIO = sys.stderr
         else:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            self.out = open(target, "a", buffering=1, encoding="utf-8")
+            self.out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (kept open: closed at shutdown)
 
     def write(self, client: str, method: str, path: str, status: int, rows: int, started: float) -> None:
         self.out.write(json.dumps({

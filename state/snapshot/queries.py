@@ -24,17 +24,19 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Mapping, NamedTuple, TypeVar
+from typing import Any, Callable, Generator, Hashable, Iterator, Mapping, NamedTuple, TypeVar
 
 import duckdb
 import pandas as pd
 
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
 from state.snapshot import insights
+from state.snapshot.insights import one
 from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
-READ_CONFIG = {"threads": 2, "memory_limit": "1GB"}  # per open snapshot, shared by its readers
+# Per open snapshot, shared by its readers.
+READ_CONFIG: dict[str, str | bool | int | float | list[str]] = {"threads": 2, "memory_limit": "1GB"}
 KEPT_ANSWERS = 256  # answers kept per open snapshot, the least recently asked dropped first
 KEPT_ROWS = 1_000  # larger answers are read again each time
 T = TypeVar("T")
@@ -107,8 +109,8 @@ def _summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """`snapshot_meta` and the totals of `customer_scores`."""
     cur = con.execute("SELECT * FROM snapshot_meta")
     cols = [d[0] for d in cur.description]
-    meta = dict(zip(cols, cur.fetchone()))
-    totals = con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) FROM customer_scores").fetchone()
+    meta = dict(zip(cols, one(cur)))
+    totals = one(con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) FROM customer_scores"))
     out = {k: _plain(v) for k, v in meta.items()}
     out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
     out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
@@ -326,8 +328,8 @@ class Snapshot:
         """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
         None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
         def read(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-            if not insights.has(con, "segment_moves") or con.execute(
-                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta").fetchone()[0]:
+            if not insights.has(con, "segment_moves") or one(con.execute(
+                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta"))[0]:
                 return []
             return _dicts(con, "SELECT * FROM segment_moves")
 
@@ -397,7 +399,7 @@ class Snapshot:
         with self.reading() as con:
             return con.execute(*self._export_query(sel)).df()
 
-    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Iterator[tuple[str, int]]:
+    def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Generator[tuple[str, int], None, None]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
         rows at a time, so an export over HTTP never holds the whole snapshot in memory. Its own
         cursor stays on the snapshot it started on until the iterator ends or is closed."""

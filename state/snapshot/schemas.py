@@ -24,12 +24,14 @@ class Error(BaseModel):
     error: str
 
 
+_ROW: dict[str, Any] = {name: (_PYTHON[FIELD_TYPES[name]], ...) for name in COLUMNS}
+_ROW.update(value_tier=(Literal["low", "medium", "high"], ...), source_partition=(int, ...),
+            source_offset=(int, ...))
+_SCORE: dict[str, Any] = {name: (_PYTHON[FIELD_TYPES[name]], ...) for name in CUSTOMER_FIELDS}
+
 Customer = create_model(
     "Customer", __doc__="A `customer_scores` row: the score contract's fields, then its value tier "
-                        "and where the sink read it.",
-    **{name: (_PYTHON[FIELD_TYPES[name]], ...) for name in COLUMNS},
-    value_tier=(Literal["low", "medium", "high"], ...), source_partition=(int, ...),
-    source_offset=(int, ...))
+                        "and where the sink read it.", **_ROW)
 
 class Driver(BaseModel):
     group: str
@@ -55,7 +57,7 @@ CustomerWithDrivers = create_model(
     drivers=(Drivers | None, ...))
 
 Score = create_model("Score", __doc__="A customer's score in an uploaded file, as `clv score` writes it.",
-                     **{name: (_PYTHON[FIELD_TYPES[name]], ...) for name in CUSTOMER_FIELDS})
+                     **_SCORE)
 
 
 class Segment(BaseModel):

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import (MultipartCallbacks, MultipartParseError, MultipartParser,
+                                       parse_options_header)
 from starlette.requests import Request
 
 from features.loaders import FORMATS, LoadError, parse_mapping
@@ -118,7 +119,7 @@ class _FilePart:
         self._field = self._value = b""
         self._headers: dict[bytes, bytes] = {}
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {"on_part_begin": self._begin, "on_header_field": self._header_field,
                 "on_header_value": self._header_value, "on_header_end": self._header_end,
                 "on_headers_finished": self._headers_done, "on_part_data": self._data,
