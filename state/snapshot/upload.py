@@ -6,15 +6,17 @@ from __future__ import annotations
 import re
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from python_multipart.multipart import (MultipartCallbacks, MultipartParseError, MultipartParser,
-                                       parse_options_header)
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from features.loaders import FORMATS, LoadError, parse_mapping
 from state.snapshot.queries import QueryError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 CHUNK = 1 << 16
 FRAMING = 1 << 16  # multipart boundaries and part headers allowed on top of the file
