@@ -275,8 +275,10 @@ def cmd_score(args: argparse.Namespace) -> int:
             write_csv(scored.scores, fh)
         print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
               f"{artifact.version} -> {args.out}")
-    warning = scored.drift.sentence() if scored.drift else None
-    if warning:
+    if scored.drift is None:
+        print(f"note: model {artifact.version} records no training population, so these customers "
+              "are not compared with it (clv train --population-only adds it)", file=sys.stderr)
+    elif warning := scored.drift.sentence():
         print(f"warning: {warning}", file=sys.stderr)
     if explainer is not None:
         _print_drivers(explainer, scored, args.explain, args.file)
