@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test install install-demo install-dev chromium model screenshots
+.PHONY: demo test check install install-demo install-dev chromium model screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ demo: install-demo $(DEMO_FILE)
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Lint, types and the import contracts (pyproject.toml): what CI runs before the tests.
+check: $(VENV)/.dev-$(HASH)
+	$(BIN)/ruff check
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The README's dashboard picture (its Overview tab): the demo's snapshot of the synthetic Online
 # Retail-format file's 3,000 first customers, photographed.

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from export_onnx import ArtifactError
-from export_onnx.calibration import Calibration
+from features.calibration import Calibration, Prediction
 from features.scaling import Scaler
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 
@@ -28,25 +27,9 @@ META_TYPES: dict[str, type | tuple[type, ...]] = {
     "seq_features": list, "static_features": list, "scaler": dict, "training": dict}
 
 
-class Prediction(NamedTuple):
-    """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets
-    use; it adds up over customers), and `p_purchase`, the probability of any purchase."""
-
-    clv: np.ndarray
-    p_purchase: np.ndarray
-
-
 def shipped_model_dir() -> Path:
-    """The CDNOW-trained model that ships with the package (see README for how it is made)."""
+    """The CDNOW-trained model that ships with the package (`make model` rebuilds it; docs/model.md)."""
     return Path(str(resources.files("export_onnx").joinpath("shipped")))
-
-
-def fingerprint(events: list[Any]) -> str:
-    """Hash of the training transactions, so an artifact names the data it came from."""
-    h = hashlib.sha256()
-    for ev in events:
-        h.update(ev.to_json())
-    return h.hexdigest()
 
 
 @dataclass

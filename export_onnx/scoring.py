@@ -10,14 +10,15 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from export_onnx.runtime import Artifact, Prediction
+from export_onnx.runtime import Artifact
+from features.calibration import Prediction
 from features.aggregate import CustomerState, month_of
 from features.batch import end_of, read_history, snapshots
 from features.cleaning import CleaningReport
 from features import population
 from features.clusters import assign_clusters, behaviour
 from features.loaders import LoadError
-from features.scores import CUSTOMER_FIELDS, SCORE_SCHEMA_VERSION, ScoreRecord, iso_time
+from features.scores import CUSTOMER_FIELDS, SCORE_SCHEMA_VERSION, Offset, ScoreRecord, iso_time
 from features.segments import segment
 from features.sequences import RFM, Inputs, build_inputs, rfm
 
@@ -45,7 +46,7 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
         tenure_days=r.tenure_days, total_spend=r.total_spend,
         segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
         cluster=cluster, country=s.country, horizon_months=horizon, model_version=version,
-        as_of=as_of_text, scored_at=scored_at, event_offset=s.offset)
+        as_of=as_of_text, scored_at=scored_at, event_offset=Offset(s.offset))
         for s, r, clv, p, cluster in zip(states, fields, pred.clv.tolist(), pred.p_purchase.tolist(),
                                          clusters)]
 

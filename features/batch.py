@@ -7,6 +7,8 @@ never see a row after it.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from pathlib import Path
@@ -63,10 +65,19 @@ def snapshots(
     events: Sequence[TransactionEvent], cutoffs: Sequence[datetime], window: int
 ) -> Iterator[Snapshot]:
     """Fold events in time order, yielding the states at each cutoff (ascending)."""
-    folder = Folder(window)
+    states: dict[str, CustomerState] = {}
+    folder = Folder(window, states)
     i = 0
     for cutoff in sorted(cutoffs):
         while i < len(events) and events[i].ts <= cutoff:
             folder.add(events[i].customer_id, contribution(events[i]))
             i += 1
-        yield Snapshot(cutoff, month_of(cutoff), folder.states)
+        yield Snapshot(cutoff, month_of(cutoff), states)
+
+
+def fingerprint(events: Sequence[TransactionEvent]) -> str:
+    """Hash of the training transactions, so an artifact names the data it came from."""
+    h = hashlib.sha256()
+    for ev in events:
+        h.update(ev.to_json())
+    return h.hexdigest()

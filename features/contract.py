@@ -176,7 +176,9 @@ def _line(raw: Any, i: int) -> Line:
     """The common line (string code, whole quantity, price in range) in a few checks; anything
     else goes through every check, which names what is wrong."""
     if type(raw) is dict:
-        code, qty, price = raw.get("stock_code"), raw.get("quantity"), raw.get("unit_price")
+        code: Any = raw.get("stock_code")
+        qty: Any = raw.get("quantity")
+        price: Any = raw.get("unit_price")
         if (type(code) is str and type(qty) is int and 0 < abs(qty) <= MAX_ABS_QUANTITY
                 and type(price) in _NUMBERS and 0 <= price <= MAX_UNIT_PRICE):
             return Line(code.strip(), qty, float(price))

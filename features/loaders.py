@@ -84,7 +84,7 @@ def _read_table(data: bytes, path: Path) -> pd.DataFrame:
     if _is_xlsx(data):
         try:
             return pd.read_excel(io.BytesIO(data), dtype=str, engine="openpyxl").fillna("")
-        except Exception as exc:  # openpyxl raises many types for broken workbooks
+        except Exception as exc:  # noqa: BLE001 - openpyxl raises many types for broken workbooks
             raise LoadError(f"{path}: unreadable Excel workbook ({type(exc).__name__})") from None
     if b"\x00" in data[:4096]:
         raise LoadError(f"{path}: binary content, not CSV, Excel or CDNOW text")

@@ -203,9 +203,9 @@ def _checked(value: Any, kind: Any) -> Any:
 
 def score_schema() -> dict[str, Any]:
     """JSON Schema of a current message, from the record (`clv score-schema` prints it)."""
-    json_types = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-                  IsoTime: {"type": "string", "format": "date-time"},
-                  Offset: {"type": "integer", "minimum": -1}}
+    json_types: dict[Any, dict[str, Any]] = {
+        int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+        IsoTime: {"type": "string", "format": "date-time"}, Offset: {"type": "integer", "minimum": -1}}
     properties = {f.name: {**json_types[FIELD_TYPES[f.name]], "description": f.metadata["doc"]}
                   for f in fields(ScoreRecord)}
     properties["schema_version"]["const"] = SCORE_SCHEMA_VERSION

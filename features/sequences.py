@@ -66,21 +66,21 @@ def build_inputs(
     cols: list[int] = []
     values: list[tuple[int, int, int]] = []
     for i, s in enumerate(states):
-        past = [s.past_spend_cents, s.past_units, s.past_invoices, s.past_active_months]
+        totals = [s.past_spend_cents, s.past_units, s.past_invoices, s.past_active_months]
         for m, agg in s.months.items():
             if m > as_of_month:
                 raise ValueError(f"customer {s.customer_id} has events after the as-of month")
             n_invoices = agg.n_invoices
             if m < start:
-                past[0] += agg.spend_cents
-                past[1] += agg.units
-                past[2] += n_invoices
-                past[3] += n_invoices > 0
+                totals[0] += agg.spend_cents
+                totals[1] += agg.units
+                totals[2] += n_invoices
+                totals[3] += n_invoices > 0
             else:
                 rows.append(i)
                 cols.append(m - start)
                 values.append((agg.spend_cents, agg.units, n_invoices))
-        past_rows.append(past)
+        past_rows.append(totals)
         purchase_days.append(s.purchase_days())
         f = as_of_month if s.first_month is None else s.first_month
         firsts.append(f)

@@ -36,7 +36,8 @@ class Truth:
 
 
 def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: pd.Timestamp,
-               t1: pd.Timestamp, wholesale_share: float) -> tuple[np.ndarray, ...]:
+               t1: pd.Timestamp, wholesale_share: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, pd.DatetimeIndex]:
     """The customer model: ids, purchase rates, basket multipliers, and each kept invoice's
     buyer (index) and time."""
     customer_ids = np.arange(12346, 12346 + n_customers)

@@ -1,32 +1,31 @@
-"""`clv train` and `clv evaluate`: the GRU against the baselines, same split, same run."""
+"""`clv train` and `clv evaluate`: the GRU fitted for its artifact (export_onnx.export writes it), and
+against the baselines, same split, same run."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from export_onnx.runtime import META_FILE, Artifact, Prediction, fingerprint
 from features.aggregate import month_of
-from features.batch import end_of, read_history
+from features.batch import end_of, fingerprint, read_history
+from features.calibration import Prediction
 from features.contract import TransactionEvent
+from features.scaling import Scaler
 from models import baselines, classic, clusters
 from models.dataset import NotEnoughHistory, Split, history_until, rolling_split
 from models.metrics import report
-from models.pipeline import describe_cohort, export_artifact, fit_classic, level, train_ffnn, train_gru
+from models.networks import GRUEnsemble
+from models.pipeline import fit_classic, level, train_ffnn, train_gru
 from models.classic import ClassicParams
 from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
-_REFIT = re.compile(r"-k[0-9a-f]{6}$")  # the clusters' digest a refit appends to the version
 
 
 @dataclass
@@ -43,6 +42,7 @@ class Run:
     customers: int
     actual: np.ndarray
     seeds: list[SeedRun]
+    data_sha256: str = ""  # of the transactions up to the cutoff (features.batch.fingerprint)
 
 
 @dataclass
@@ -81,80 +81,40 @@ def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
     return _Prepared(events, cut, split, fit_classic(split), textbook, calendar)
 
 
-def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
-          cfg: TrainConfig = TrainConfig(), discount_rate: float = 0.0,
-          **file_opts: Any) -> dict[str, Any]:
-    """Train on everything up to the cutoff and write the artifact; `discount_rate` (annual)
-    makes `clv` the discounted expected spend."""
+@dataclass
+class Trained:
+    """A trained GRU ensemble and what its artifact records about it (export_onnx.export writes it)."""
+
+    model: GRUEnsemble
+    scaler: Scaler
+    split: Split
+    events: list[TransactionEvent]
+    cutoff: datetime
+    horizon: int
+    window: int
+    info: dict[str, Any]
+    cfg: TrainConfig
+    clustering: dict[str, Any] | None = None
+
+
+def fit(file: str, cutoff: date, horizon: int, window: int, cfg: TrainConfig = TrainConfig(),
+        **file_opts: Any) -> Trained:
+    """Train on everything up to the cutoff, with the cohort's behavioral clusters."""
     prep = _prepare(file, cutoff, horizon, window, False, file_opts)
     clustering = clusters.fit(prep.split.cohort, cfg.seed)
     model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total,
                                      prep.buyers)
-    return export_artifact(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, out,
-                           info, cfg, discount_rate, clustering)
+    return Trained(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, info, cfg,
+                   clustering)
 
 
-def refit_version(version: str, clustering: dict[str, Any]) -> str:
-    """A model's version once its clusters are refitted: the network's version (an earlier
-    refit's digest dropped), `-k` and the clusters' digest, so a score's `model_version` names
-    the clusters its `cluster` comes from and workers treat refitted clusters as a new model."""
-    return f"{_REFIT.sub('', version)}-k{clusters.digest(clustering)}"
-
-
-def _training_split(file: str, cutoff: date, meta: dict[str, Any],
-                    file_opts: dict[str, Any]) -> tuple[list[TransactionEvent], Split]:
-    """The events and cohort an artifact was trained on, refused unless the file up to the
-    cutoff is the data its fingerprint names."""
-    cut = end_of(cutoff)
-    events = history_until(read_history(file, **file_opts).events, cut)
-    if cut.isoformat() != meta["cutoff"] or fingerprint(events) != meta["training_data_sha256"]:
-        raise NotEnoughHistory(f"{file} up to {cutoff} is not the data model {meta['version']} was "
-                               f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)")
-    return events, rolling_split(events, cut, meta["horizon_months"], meta["window"])  # train's cohort
-
-
-def _rewrite(meta_path: Path, meta: dict[str, Any]) -> None:
-    """Replace the metadata file whole (a reader sees the old one or the new one)."""
-    tmp = meta_path.with_name(f".{META_FILE}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.chmod(tmp, meta_path.stat().st_mode)
-    os.replace(tmp, meta_path)
-
-
-def recluster(file: str, cutoff: date, out: Path, seed: int, **file_opts: Any) -> dict[str, Any]:
-    """Refit only the behavioral clusters of the artifact in `out`, on the data it was trained
-    on (its fingerprint is checked), leaving the network as it is (`refit_version` names the
-    result): clusters for a model trained before they existed, or a new seed, without hours of
-    training."""
-    meta = Artifact.load(out).meta  # refuses a directory that holds no model
-    events, split = _training_split(file, cutoff, meta, file_opts)
-    meta["clustering"] = clusters.fit(split.cohort, seed)
-    meta["version"] = refit_version(meta["version"], meta["clustering"])
-    meta["first_event"] = events[0].ts.isoformat()
-    _rewrite(out / META_FILE, meta)
-    return meta
-
-
-def describe_population(file: str, cutoff: date, out: Path, **file_opts: Any) -> dict[str, Any]:
-    """Add to the artifact in `out` the description of its training cohort that `clv train`
-    writes (input distributions, segment shares), recomputed from the data it was trained on
-    (its fingerprint is checked) and its own ONNX scores: the network, its level and its version
-    stay as they are, since what it scores does not change."""
-    artifact = Artifact.load(out)
-    meta = artifact.meta
-    events, split = _training_split(file, cutoff, meta, file_opts)
-    meta.update(describe_cohort(split, events[0].ts.isoformat(), meta["cutoff"],
-                                artifact.predict(split.scoring.inputs), meta["clv_quantiles"]))
-    _rewrite(out / META_FILE, meta)
-    return meta
-
-
-def evaluate(file: str, cutoff: date, horizon: int, window: int,
+def evaluate(file: str, cutoff: date, horizon: int, window: int, shipped: Callable[[Trained], Prediction],
              cfg: TrainConfig = TrainConfig(), seeds: Sequence[int] | None = None,
              **file_opts: Any) -> Run:
     """Every model on the same split, once per training seed; the models without a seed (naive,
-    BG/NBD + Gamma-Gamma) are fitted once and reported with every seed. Every other model gets
-    the level the shipped one gets (`models.pipeline.level`)."""
+    BG/NBD + Gamma-Gamma) are fitted once and reported with every seed. The GRU is judged by
+    `shipped`, what a worker would score with it (export_onnx.export.predict_exported: the ONNX
+    artifact); every other model gets the level the shipped one gets (`models.pipeline.level`)."""
     prep = _prepare(file, cutoff, horizon, window, True, file_opts)
     split, params, total, buyers = prep.split, prep.params, prep.total, prep.buyers
     actual = split.scoring.y
@@ -170,10 +130,8 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
         seed_cfg = replace(cfg, seed=seed)
         preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total, buyers)
-        with tempfile.TemporaryDirectory() as tmp:  # evaluate what ships: the exported ONNX artifact
-            export_artifact(model, scaler, split, prep.events, prep.cutoff, horizon, window, Path(tmp),
-                            info, seed_cfg)
-            gru = Artifact.load(tmp).predict(split.scoring.inputs)
+        gru = shipped(Trained(model, scaler, split, prep.events, prep.cutoff, horizon, window, info,
+                              seed_cfg))
         preds["gru"] = gru.clv, gru.p_purchase
         preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
         preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
@@ -181,7 +139,7 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
         preds.update(fixed)
         runs.append(SeedRun(seed, {name: report(actual, clv, p) for name, (clv, p) in preds.items()},
                             {name: clv for name, (clv, _p) in preds.items()}))
-    return Run(len(actual), actual, runs)
+    return Run(len(actual), actual, runs, fingerprint(prep.events))
 
 
 _COLUMNS = (("mae", "MAE $", "{:.2f}"), ("rmse", "RMSE $", "{:.2f}"), ("spearman", "Spearman", "{:.3f}"),

@@ -3,10 +3,13 @@ correcting the classic model through the head in `models.ziln`."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
 from models import ziln
+from features.sequences import Inputs
 from models.classic import ClassicParams
 
 
@@ -18,9 +21,13 @@ def _correction_layer(n_in: int) -> nn.Linear:
     return layer
 
 
-class _Head(nn.Module):
+class Head(nn.Module):
     """What both networks share: the classic parameters, the served horizon and discount, and
     the closed forms from raw outputs to (expected spend, p_purchase)."""
+
+    classic_params: torch.Tensor  # buffers (register_buffer), saved and exported with the weights
+    horizon: torch.Tensor
+    monthly_discount: torch.Tensor
 
     def __init__(self, params: ClassicParams, horizon: int) -> None:
         super().__init__()
@@ -44,7 +51,7 @@ class _Head(nn.Module):
         return torch.exp(d.log_expected), d.p
 
 
-class GRUModel(_Head):
+class GRUModel(Head):
     """GRU over the monthly window; its last state, the static features and the classic
     quantities feed the correction head. The initial hidden state is an input so its batch
     axis is dynamic in ONNX too."""
@@ -81,6 +88,7 @@ class GRUEnsemble(nn.Module):
     def __init__(self, members: list[GRUModel]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.grus = members  # the same modules, typed (the ModuleList registers their weights)
         self.hidden, self.layers = members[0].hidden, members[0].layers
 
     def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
@@ -89,14 +97,14 @@ class GRUEnsemble(nn.Module):
         return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
 
     def h0(self, batch: int) -> torch.Tensor:
-        return self.members[0].h0(batch)
+        return self.grus[0].h0(batch)
 
     def set_discount(self, annual_rate: float) -> None:
-        for m in self.members:
+        for m in self.grus:
             m.monthly_discount.fill_(ziln.monthly_discount(annual_rate))
 
 
-class FFNNModel(_Head):
+class FFNNModel(Head):
     """A feed-forward network on aggregated RFM-style features, with the same head."""
 
     def __init__(self, n_features: int, params: ClassicParams, horizon: int, hidden: int = 64,
@@ -113,3 +121,22 @@ class FFNNModel(_Head):
 
     def forward(self, x: torch.Tensor, classic: torch.Tensor, horizon: torch.Tensor | None = None):
         return self.predict(*self.raw(x, classic), horizon)
+
+
+def random_twin(meta: dict[str, Any]) -> Callable[[Inputs], None]:
+    """An artifact's network in torch, random weights (speed does not depend on them), on one
+    thread as the worker's onnxruntime session: what `clv bench scoring` times it against. Takes
+    scaled inputs, as the ONNX graph does."""
+    torch.set_num_threads(1)
+    members = [GRUModel(len(meta["seq_features"]), len(meta["static_features"]),
+                        ClassicParams.from_dict(meta["training"]["classic"]), meta["horizon_months"],
+                        hidden=meta["hidden"], layers=meta["layers"])
+               for _ in range(meta["train_config"]["ensemble"])]
+    model = GRUEnsemble(members).eval()
+
+    def run(s: Inputs) -> None:
+        with torch.no_grad():
+            model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
+                  model.h0(len(s.seq)))
+
+    return run

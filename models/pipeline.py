@@ -1,26 +1,20 @@
-"""Train the GRU (and the FFNN comparison) on a rolling-origin split; export the GRU artifact."""
+"""Train the GRU (and the FFNN comparison) on a rolling-origin split (export_onnx.export writes
+the artifact)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, replace
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from export_onnx.runtime import Prediction, fingerprint
-from export_onnx.calibration import Calibration
-from export_onnx.explain import reference_inputs
-from export_onnx.export import export
 from features import population
+from features.calibration import Calibration, Prediction
 from features.scaling import CALENDAR, Scaler
 from features.segments import cohort_shares
-from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
+from features.sequences import SEQ_FEATURES, STATIC_FEATURES, Inputs
 from models import classic, ziln
 from models.classic import ClassicParams
 from models.dataset import FOLDS, Split, holdout, horizons, rfm_features
@@ -91,7 +85,7 @@ def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> Predictio
 
 def level(cohort: Prediction, total: float, buyers: float) -> Calibration:
     """The level every model of the comparison gets: the classic model's expected number of
-    buyers and expected total of the cohort at the cutoff (export_onnx.calibration says why)."""
+    buyers and expected total of the cohort at the cutoff (features.calibration says why)."""
     return Calibration.to_cohort(cohort.clv, cohort.p_purchase, total, buyers)
 
 
@@ -124,65 +118,3 @@ def describe_cohort(split: Split, first_event: str, cutoff: str, cohort: Predict
             "segment_shares": cohort_shares(cohort.clv.tolist(), cohort.p_purchase.tolist(),
                                             r[:, 1].tolist(), r[:, 0].tolist(), r[:, 3].tolist(),
                                             clv_quantiles)}
-
-
-def _digest(model: torch.nn.Module, calibration: dict[str, Any]) -> str:
-    """Weights and level: either changes what subscribers get, so either makes a new version."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().numpy().tobytes())
-    digest.update(json.dumps(calibration, sort_keys=True).encode())
-    return digest.hexdigest()[:6]
-
-
-def export_artifact(
-    model: GRUEnsemble, scaler: Scaler, split: Split, events: list[Any], cutoff: datetime,
-    horizon: int, window: int, out_dir: Path, info: dict[str, Any], cfg: TrainConfig,
-    discount_rate: float = 0.0, clustering: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`;
-    `clustering` (models.clusters.fit) ships the behavioral clusters the worker assigns."""
-    fp = fingerprint(events)
-    model.set_discount(discount_rate)
-    cohort = Prediction(*Calibration.from_dict(info["calibration"]).apply(
-        *predict_gru(model, scaler, split.scoring.inputs)))
-    quantiles = {f"p{q}": float(np.percentile(cohort.clv, q)) for q in (50, 75, 90, 99)}
-    meta = {
-        # Data, weights and level: a retrained model on the same data is a new version.
-        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-"
-                   f"{_digest(model, info['calibration'])}",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "window": window,
-        "horizon_months": horizon,
-        "cutoff": cutoff.isoformat(),
-        "first_event": events[0].ts.isoformat(),  # with the cutoff, the training window
-        "seq_features": list(SEQ_FEATURES),
-        "static_features": list(STATIC_FEATURES),
-        "classic_features": list(CLASSIC_FEATURES),
-        "discount_rate": discount_rate,
-        "scaler": scaler.to_dict(),
-        "training_data_sha256": fp,
-        # Each member trains on the customers outside its held-out fold (training.members).
-        "labelled_examples": int(len(split.labelled.y)),
-        "train_config": asdict(cfg),
-        "training": info,
-        # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
-        "clv_quantiles": quantiles,
-        **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort, quantiles),
-        # What a customer's drivers are measured against (export_onnx.explain): the cohort's
-        # average inputs at the cutoff.
-        "reference": reference_inputs(split.scoring.inputs),
-    }
-    if clustering is not None:
-        meta["clustering"] = clustering
-    rng = np.random.default_rng(0)
-    real = split.scoring.inputs
-    sample = real.take(rng.choice(len(real.seq), size=min(512, len(real.seq)), replace=False))
-    random_batch = Inputs(
-        (sample.seq + rng.normal(0, 1, sample.seq.shape)).astype(np.float32),
-        (sample.static + rng.normal(0, 1, sample.static.shape)).astype(np.float32),
-        (sample.classic * np.exp(rng.normal(0, 0.5, sample.classic.shape))).astype(np.float32),
-    )
-    meta["parity"] = export(model, out_dir, meta, [sample, random_batch])
-    return meta

@@ -6,15 +6,17 @@ import copy
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from models import ziln
+from models.networks import Head
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Head)  # the network being fitted
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,12 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(
-    model: nn.Module,
-    forward_raw: Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ziln.Base]],
+    model: M,
+    forward_raw: Callable[[M, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ziln.Base]],
     train: tuple[np.ndarray, ...], y_train: np.ndarray, h_train: np.ndarray,
     valid: tuple[np.ndarray, ...], y_valid: np.ndarray, h_valid: np.ndarray,
     cfg: TrainConfig, name: str = "model",
-) -> tuple[nn.Module, dict[str, float]]:
+) -> tuple[M, dict[str, float]]:
     """Minimise the ZILN loss (each example over its own horizon `h_*`, undiscounted); keep the
     weights of the best validation epoch."""
     seed_everything(cfg.seed)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from features.contract import Line, TransactionEvent, stable_event_id
+from features.sequences import Inputs
 from stream.bootstrap import write
 from stream.kafka_io import started_consumer
 from stream.metrics import idle
@@ -124,10 +125,10 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
                for p in consumer.partitions_for_topic(settings.transactions_topic)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        seen, first = 0, None
+        seen, first = 0, time.perf_counter()  # restarted at the first record
         while seen < n:
             for records in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
-                if first is None:
+                if not seen:
                     first = time.perf_counter()
                 for rec in records:
                     json.loads(rec.value)
@@ -191,7 +192,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
                      CLV_DATA_DIR=str(workdir / f"state-{app}"))
     worker = Worker(env, workdir / f"worker-{run}.log")
     try:
-        first = None
+        first: float | None = None
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             m = worker.metrics()
@@ -199,7 +200,7 @@ def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
             if first is None and seen > 0:
                 first = time.perf_counter()
             if seen >= n and idle(m):
-                return Rate("full worker", n, lines, time.perf_counter() - first)
+                return Rate("full worker", n, lines, time.perf_counter() - (first or time.perf_counter()))
             # Each scrape costs the worker an HTTP request on its event loop: 20 a second took
             # ~4% of its time. 4 a second costs little and adds at most 0.25 s to a ~30 s run.
             time.sleep(0.25 if first is not None else 0.02)
@@ -311,7 +312,7 @@ def _percentiles(values: list[float], sent: int) -> dict[str, Any]:
             "max_ms": round(float(ms.max()), 1) if len(ms) else None}
 
 
-def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """The worker's own view over one run: mean micro-batch size, scoring and publish times,
     and receive-to-publish time, from its histogram sums and counts."""
     out = {}
@@ -347,9 +348,11 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
 
 
 # -- scoring ------------------------------------------------------------------------------
-def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[str, Any]:
-    """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs
-    with the same architecture when the train extra is installed; customers/s whose drivers
+def scoring(batch_sizes: list[int], seconds: float, model: str | None,
+            torch_twin: Callable[[dict[str, Any]], Callable[[Inputs], None]] | None) -> dict[str, Any]:
+    """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs with
+    the same architecture when the command line hands over `torch_twin` (the train extra's
+    `models.networks.random_twin`: serving code never imports torch); customers/s whose drivers
     `export_onnx.explain` computes, in its chunks."""
     from export_onnx.explain import CHUNK_CUSTOMERS, Explainer
     from export_onnx.runtime import Artifact
@@ -362,7 +365,7 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
     snap = next(snapshots(events, [events[-1].ts], artifact.window))
     states = list(snap.states.values())
     inputs = build_inputs(states, snap.month, artifact.window, artifact.horizon_months)
-    torch_model = _torch_twin(artifact)
+    torch_model = torch_twin(artifact.meta) if torch_twin is not None else None
 
     def rate(fn: Any, size: int) -> float:
         runs = []
@@ -381,12 +384,8 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
         artifact.predict(batch)
 
     def torch_fn(batch: Any, idx: Any) -> None:  # the same preprocessing as the ONNX path
-        import torch
-
-        s = artifact.scaler.transform(batch)
-        with torch.no_grad():
-            torch_model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
-                        torch_model.h0(len(idx)))
+        if torch_model is not None:
+            torch_model(artifact.scaler.transform(batch))
 
     rows = []
     for size in batch_sizes:
@@ -404,23 +403,6 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None) -> dict[s
             "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
             "torch": "same architecture, random weights (speed does not depend on them)"
                      if torch_model is not None else "not installed (pip install -e '.[train]')"}
-
-
-def _torch_twin(artifact: Any) -> Any:
-    try:
-        import torch
-
-        from models.classic import ClassicParams
-        from models.networks import GRUEnsemble, GRUModel
-    except ImportError:
-        return None
-    torch.set_num_threads(1)  # the same CPU as the worker's onnxruntime session
-    meta = artifact.meta
-    members = [GRUModel(len(meta["seq_features"]), len(meta["static_features"]),
-                        ClassicParams.from_dict(meta["training"]["classic"]), artifact.horizon_months,
-                        hidden=meta["hidden"], layers=meta["layers"])
-               for _ in range(meta["train_config"]["ensemble"])]
-    return GRUEnsemble(members).eval()
 
 
 # -- state --------------------------------------------------------------------------------
@@ -595,10 +577,14 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
             raise BenchError(f"clv bootstrap failed: {done.stderr.strip()[-2000:]}")
 
         async def scores() -> dict[str, dict[str, Any]]:
-            out = {}
+            out: dict[str, dict[str, Any]] = {}
             for p in range(settings.partitions):
                 async for records in read_partition(settings, settings.scores_topic, p):
-                    out.update((r.key.decode(), as_dict(parse_score(r.value))) for r in records)
+                    for r in records:
+                        score = parse_score(r.value)
+                        if isinstance(score, str):
+                            raise BenchError(f"clv bootstrap wrote an unusable score ({score}) for {r.key!r}")
+                        out[r.key.decode()] = as_dict(score)
             return out
 
         written = asyncio.run(scores())

@@ -97,7 +97,7 @@ def state_records(states: Iterable[CustomerState], settings: Settings,
 
 async def write(settings: Settings, records: Sequence[Record], progress: Any = None) -> None:
     """Publish in chunks, each acknowledged by the broker before the next (`progress.update`)."""
-    publisher = BatchPublisher(settings)
+    publisher = BatchPublisher(settings, settings.publish_timeout_s)
     try:
         for i in range(0, len(records), WRITE_CHUNK):
             chunk = records[i:i + WRITE_CHUNK]

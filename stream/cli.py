@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from datetime import date
-from typing import Any, Sequence
+from typing import Annotated, Any, NoReturn, Sequence
 
 from export_onnx import ArtifactError
 from features.loaders import FORMATS, LoadError
@@ -16,13 +16,15 @@ from state.snapshot.queries import QueryError
 from state.auth import TokenRequired
 from stream.settings import Settings, SettingsError
 
+SETTING = "setting:"  # the argparse dest prefix of flags that override a setting
+
 
 class UsageError(Exception):
     """A bad argument: one line on stderr, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not the usage block
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
         raise UsageError(message)
 
 
@@ -158,7 +160,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=13, help="months of history the GRU reads (default 13)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="maximum training epochs (default 40)")
     p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
-    p.add_argument("--ensemble", type=_positive_int, default=3, help="GRUs averaged in the artifact, member k from seed + 1000 k (default 3)")
+    p.add_argument("--ensemble", type=_positive_int, default=3,
+                   help="GRUs averaged in the artifact, member k from seed + 1000 k (default 3)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking store that records the run: file:DIR, sqlite:///FILE or a "
+                        "server's http://HOST:PORT (default sqlite:///var/mlruns/mlflow.db)")
 
 
 def _train_config(args: argparse.Namespace):
@@ -167,13 +173,21 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(epochs=args.epochs, seed=args.seed, ensemble=args.ensemble)
 
 
+def _run_params(args: argparse.Namespace) -> dict[str, Any]:
+    """A training or evaluation run's parameters as its command line gave them."""
+    names = ("file", "cutoff", "horizon_months", "window", "epochs", "seed", "ensemble", "discount_rate",
+             "seeds", "format", "map", "duplicates", "outlier_quantity", "timezone")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from export_onnx.export import describe_population, recluster, train
     from features.population import describe
+    from models import tracking
     from models.clusters import render
     from models.dataset import NotEnoughHistory
-    from models.evaluate import describe_population, recluster, train
 
     _output(args.out, "--out", directory=True)
     if args.clusters_only and args.population_only:
@@ -191,35 +205,56 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(render(meta["clustering"]))
             print(f"clusters refitted: model {meta['version']} written to {args.out}")
             return 0
-        meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
-                     _train_config(args), args.discount_rate, **file_options(args))
-    except NotEnoughHistory as exc:
+        with tracking.run("train", args.tracking_uri, f"train {Path(args.file).name} to {args.cutoff}") as rec:
+            rec.params(_run_params(args))
+            meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
+                         _train_config(args), args.discount_rate, rec.reference(), **file_options(args))
+            rec.params({"training_data_sha256": meta["training_data_sha256"], "model_version": meta["version"]})
+            rec.metrics(tracking.training_metrics(meta))
+            rec.files(Path(args.out), "model")
+    except (NotEnoughHistory, tracking.TrackingError) as exc:
         raise UsageError(str(exc)) from None
     print(render(meta["clustering"]))
     parity = ", ".join(f"{name} {d['max_rel_diff']:.1e}" for name, d in meta["parity"].items())
-    print(f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity})")
+    print(f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity}); "
+          f"run {meta['run']['run_id']} in {meta['run']['tracking_uri']}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import tempfile
+
+    from export_onnx.export import predict_exported
+    from models import tracking
     from models.dataset import NotEnoughHistory
-    from models.evaluate import evaluate, render, write_json, write_plots
+    from models.evaluate import evaluate, render, summary, write_json, write_plots
 
     if args.json:
         _output(args.json, "--json")
     try:
-        run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, _train_config(args),
-                       seeds=args.seeds, **file_options(args))
-    except NotEnoughHistory as exc:
+        with (tracking.run("evaluate", args.tracking_uri, f"evaluate {Path(args.file).name} at {args.cutoff}") as rec,
+              tempfile.TemporaryDirectory() as tmp):
+            rec.params(_run_params(args))
+            run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, predict_exported,
+                           _train_config(args), seeds=args.seeds, **file_options(args))
+            rec.params({"training_data_sha256": run.data_sha256, "customers": run.customers})
+            tracking.record_evaluation(rec, run, summary(run))
+            write_json(run, Path(tmp) / "evaluation.json")
+            rec.files(Path(tmp) / "evaluation.json")
+            if args.json:
+                write_json(run, Path(args.json))
+            plots = write_plots(run, Path(args.plots or tmp))
+            for path in plots:
+                rec.files(path, "plots")
+    except (NotEnoughHistory, tracking.TrackingError) as exc:
         raise UsageError(str(exc)) from None
     print(render(run))
-    if args.json:
-        write_json(run, Path(args.json))
     if args.plots:
-        for path in write_plots(run, Path(args.plots)):
+        for path in plots:
             print(f"wrote {path}")
+    print(f"run {rec.run_id} in {rec.tracking_uri}")
     return 0
 
 
@@ -240,8 +275,10 @@ def cmd_score(args: argparse.Namespace) -> int:
             write_csv(scored.scores, fh)
         print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
               f"{artifact.version} -> {args.out}")
-    warning = scored.drift.sentence() if scored.drift else None
-    if warning:
+    if scored.drift is None:
+        print(f"note: model {artifact.version} records no training population, so these customers "
+              "are not compared with it (clv train --population-only adds it)", file=sys.stderr)
+    elif warning := scored.drift.sentence():
         print(f"warning: {warning}", file=sys.stderr)
     if explainer is not None:
         _print_drivers(explainer, scored, args.explain, args.file)
@@ -272,15 +309,52 @@ def cmd_score_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting_arg(p: argparse.ArgumentParser, name: str, *flags: str) -> None:
+    """A flag that overrides setting `name`: its type, bounds, default and meaning are the
+    setting's own (`stream.settings`), so the help and the checks cannot drift from them."""
+    from pydantic import TypeAdapter, ValidationError
+
+    field = Settings.model_fields[name]
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(kind)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"must be {_kind(field)}: {text!r}") from None
+
+    default = f" (default {field.default})" if field.default != "" else ""
+    p.add_argument(*flags, dest=SETTING + name, type=parse, default=None,
+                   metavar=flags[-1].lstrip("-").upper().replace("-", "_"),
+                   help=f"{field.description}{default}")
+
+
+def _kind(field: Any) -> str:
+    """What a setting's values are, in words, from its type and bounds."""
+    import typing
+
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(field.annotation))
+    gt, ge, lt = (next((getattr(m, b) for m in field.metadata if hasattr(m, b)), None) for b in ("gt", "ge", "lt"))
+    noun = {int: "whole number", float: "number"}.get(field.annotation, "text")
+    if lt is not None:
+        return f"a {noun} from {(gt or 0) + 1} to {lt - 1}"
+    if gt == 0:
+        return f"a positive {noun}"
+    if ge == 0:
+        return f"a {noun}, 0 or more"
+    return "not empty" if noun == "text" else f"a {noun}"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings with the flags this command was given over the environment's."""
+    return Settings.from_env(**{k[len(SETTING):]: v for k, v in vars(args).items() if k.startswith(SETTING)})
+
+
 def _kafka_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (default: settings)")
-    p.add_argument("--partitions", type=_positive_int, default=None,
-                   help="partitions for topics this command creates (default 4)")
-
-
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    return Settings.from_env(bootstrap_servers=getattr(args, "bootstrap", None),
-                             partitions=getattr(args, "partitions", None), **extra)
+    _setting_arg(p, "bootstrap_servers", "--bootstrap")
+    _setting_arg(p, "partitions", "--partitions")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -330,18 +404,13 @@ def _reachable(settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import os
-
     from faust import Worker
 
-    settings = _settings(args, model_dir=args.model, store=args.store, web_port=args.web_port,
-                         batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
-                         data_dir=args.data_dir, publish_timeout_s=args.publish_timeout_s,
-                         flush_failure_timeout_s=args.flush_failure_timeout_s,
-                         log_level=args.log_level)
+    settings = _settings(args)
     _output(settings.data_dir, "--data-dir", directory=True)
-    os.environ.update(settings.environ())  # the app module reads its settings from there
-    from stream.app import app  # loads the model: a broken one is one line, before the broker
+    from stream.app import create_app
+
+    app = create_app(settings)  # loads the model: a broken one is one line, before the broker
 
     _reachable(settings)
 
@@ -368,7 +437,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its errors come back as ours
     try:
-        summary = bootstrap(args.file, file_options(args), _settings(args, model_dir=args.model),
+        summary = bootstrap(args.file, file_options(args), _settings(args),
                             force=args.force, progress=not args.quiet)
     except BootstrapError as exc:
         raise UsageError(str(exc)) from None
@@ -377,13 +446,13 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _snapshot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", default=None, help="DuckDB snapshot file (default var/clv.duckdb)")
+    _setting_arg(p, "snapshot_path", "--snapshot")
 
 
 def _snapshot(args: argparse.Namespace):
     from state.snapshot.queries import Snapshot
 
-    return Snapshot(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
+    return Snapshot(_settings(args).snapshot_path)
 
 
 def _selection_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -410,8 +479,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     from stream.sink import run
 
-    settings = _settings(args, snapshot_path=args.snapshot, snapshot_interval_s=args.interval,
-                         model_dir=args.model)
+    settings = _settings(args)
     try:  # the snapshot's directory is created, as the default var/ is
         Path(settings.snapshot_path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -472,12 +540,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     from state.snapshot.api import serve
 
-    return serve(Settings.from_env(snapshot_path=args.snapshot, api_host=args.host,
-                                   api_port=args.port, api_sql_timeout_s=args.sql_timeout_s,
-                                   api_sql_max_rows=args.sql_max_rows,
-                                   api_rate_limit_per_min=args.rate_limit_per_min,
-                                   api_audit_log=args.audit_log, model_dir=args.model,
-                                   api_score_max_bytes=args.score_max_bytes))
+    return serve(_settings(args))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -486,7 +549,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from state.snapshot import dashboard
     from stream.broker import free_port
 
-    snapshot = Path(Settings.from_env(snapshot_path=args.snapshot).snapshot_path)
+    snapshot = Path(_settings(args).snapshot_path)
     try:
         if args.screenshot:
             dashboard.screenshot(snapshot, Path(args.screenshot), args.model, free_port())
@@ -564,7 +627,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {float(rate):>8,.0f}/s  p50 {r.get('p50_ms')} ms  p95 {r.get('p95_ms')} ms  "
                   f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)")
     elif args.what == "scoring":
-        result = bench.scoring(args.batch_sizes, args.seconds, args.model)
+        result = bench.scoring(args.batch_sizes, args.seconds, args.model, _torch_twin())
         print(f"{result['model']}: customers/s by batch size (1 thread); torch: {result['torch']}")
         for row in result["rows"]:
             torch_rate = f"{row['torch_per_s']:>12,.0f}" if "torch_per_s" in row else "           -"
@@ -580,6 +643,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({result['cpu_seconds']:.1f} CPU s); "
               f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
               f"{result['max_rel_diff']:.1e})")
+    elif args.what == "api":
+        from stream import bench_api
+
+        result = bench_api.run(args.customers, args.clients, args.seconds, workdir)
+        print(f"analyst API alone, {result['customers']:,} customers, {result['clients']} concurrent "
+              f"clients from another process, {result['seconds_per_mix']:g}s per mix, rate limit off "
+              f"({result['cpus']} CPUs shared by the API and the client)")
+        for mix, r in result["mixes"].items():
+            print(f"  {mix:<24}{r['requests_per_s']:>9,.0f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                  f"5xx {r['errors_5xx']}  connection errors {r['connection_errors']}  "
+                  f"client CPU {r['client_cpu_share']:.0%}")
     elif args.what == "month-turn":
         result = bench.month_turn(args.customers, args.rate, bootstrap, workdir,
                                   session_timeout_s=args.session_timeout)
@@ -617,6 +691,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torch_twin() -> Any:
+    """The train extra's torch twin of a model for `clv bench scoring`; None without it."""
+    try:
+        from models.networks import random_twin
+    except ImportError:  # onnxruntime alone
+        return None
+    return random_twin
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     for name, env, _default, doc in Settings.describe():
@@ -628,7 +711,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clv", description="Streaming customer lifetime value.")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    _setting_arg(parser, "log_level", "--log-level")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("inspect", help="cleaning report and profile of a transaction file")
@@ -700,22 +783,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run the streaming CLV worker (faust)")
     _kafka_args(p)
-    p.add_argument("--model", default=None, help="model artifact directory (default: shipped model)")
-    p.add_argument("--store", default=None, help="table store: memory:// (default) or rocksdb://")
-    p.add_argument("--web-port", type=_positive_int, default=None, help="HTTP port (default 6066)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="rescoring batch size (default 1024)")
-    p.add_argument("--batch-wait-ms", type=_positive_int, default=None, help="rescoring max wait (default 20)")
-    p.add_argument("--data-dir", default=None, help="state directory (default var/worker)")
-    p.add_argument("--publish-timeout-s", type=_positive_float, default=None,
-                   help="longest a flush waits for the broker before it counts as failed (default 30)")
-    p.add_argument("--flush-failure-timeout-s", type=_positive_float, default=None,
-                   help="exit with code 75 after flushes failed this long (default 120)")
+    for name, flag in (("model_dir", "--model"), ("store", "--store"), ("web_port", "--web-port"),
+                       ("batch_size", "--batch-size"), ("batch_wait_ms", "--batch-wait-ms"),
+                       ("data_dir", "--data-dir"), ("publish_timeout_s", "--publish-timeout-s"),
+                       ("flush_failure_timeout_s", "--flush-failure-timeout-s")):
+        _setting_arg(p, name, flag)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("replay", help="publish a transaction file as invoice events, in time order")
     _file_args(p)
     _kafka_args(p)
-    p.add_argument("--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--rate", type=_positive_float, default=None,
+                   help="events per second (default: as fast as possible)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
@@ -723,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "file, written to the state changelog and clv-scores (instead of a replay)")
     _file_args(p)
     _kafka_args(p)
-    p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
+    _setting_arg(p, "model_dir", "--model")
     p.add_argument("--force", action="store_true",
                    help="write even if the state changelog or clv-scores is not empty (to finish "
                         "a bootstrap whose write failed)")
@@ -754,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("bootstrap", "clv bootstrap of a synthetic file: lines/s end to end, and "
                        "whether its scores equal clv score's"),
                       ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)"),
+                      ("api", "analyst API under concurrent clients: requests/s, p50 and p99 per "
+                              "endpoint mix (no broker)"),
                       ("month-turn", "a worker holding a bootstrapped population enters a new "
                        "month: seconds until every customer's new score is published, and the "
                        "latency of ordinary events meanwhile")):
@@ -794,6 +875,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "; the embedded broker holds every group join for half of it)")
         if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
+        if name == "api":
+            b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
+            b.add_argument("--clients", type=_positive_int, default=32, help="concurrent clients (default 32)")
+            b.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds per mix (default 10)")
         if name == "month-turn":
             b.add_argument("--rate", type=_positive_float, default=200.0,
                            help="ordinary events/s published before and through the turn (default 200)")
@@ -805,10 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("snapshot", help="consume clv-scores and publish DuckDB snapshots")
     _kafka_args(p)
     _snapshot_args(p)
-    p.add_argument("--interval", type=_positive_float, default=None, help="seconds between snapshots (default 10)")
-    p.add_argument("--model", default=None,
-                   help="artifact directory the top customers' drivers are computed with: the "
-                        "workers' (default: the shipped model)")
+    _setting_arg(p, "snapshot_interval_s", "--interval")
+    _setting_arg(p, "model_dir", "--model")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "
@@ -830,20 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve top-N, segments, clusters, customers, exports and SQL over "
                                    "HTTP, and score uploaded files")
     _snapshot_args(p)
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=_positive_int, default=None, help="port (default 8080)")
-    p.add_argument("--sql-timeout-s", type=_positive_float, default=None,
-                   help="stop a /sql query after this many seconds (default 10)")
-    p.add_argument("--sql-max-rows", type=_positive_int, default=None,
-                   help="most rows a /sql answer carries (default 10000)")
-    p.add_argument("--rate-limit-per-min", type=_non_negative_int, default=None,
-                   help="requests a client may make a minute (default 300; 0: no limit)")
-    p.add_argument("--audit-log", default=None,
-                   help="file to append a JSON line per request to (default -: stderr)")
-    p.add_argument("--model", default=None,
-                   help="artifact directory POST /score scores with (default: the shipped model)")
-    p.add_argument("--score-max-bytes", type=_positive_int, default=None,
-                   help="largest file POST /score takes; larger is answered 413 (default 50 MiB)")
+    for name, flag in (("api_host", "--host"), ("api_port", "--port"), ("api_sql_timeout_s", "--sql-timeout-s"),
+                       ("api_sql_max_rows", "--sql-max-rows"), ("api_rate_limit_per_min", "--rate-limit-per-min"),
+                       ("api_audit_log", "--audit-log"), ("model_dir", "--model"),
+                       ("api_score_max_bytes", "--score-max-bytes")):
+        _setting_arg(p, name, flag)
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("dashboard", help="the analysts' dashboard (Streamlit) over the snapshot")
@@ -867,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if getattr(args, "what", None) in ("customer", "sql") and not args.arg:
             raise UsageError(f"query {args.what} needs its argument (a customer id or SQL text)")
-        settings = Settings.from_env(log_level=args.log_level)
+        settings = _settings(args)
         logging.basicConfig(
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

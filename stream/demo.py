@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from export_onnx import ArtifactError
-from export_onnx.runtime import Artifact, fingerprint
-from features.batch import read_history
+from export_onnx.runtime import Artifact
+from features.batch import fingerprint, read_history
 from features.contract import TransactionEvent
 from features.loaders import vendored_cdnow
 from features.segments import described_rules

@@ -4,7 +4,8 @@ place, each with why no public hook does it. Upgrading faust means checking this
 - The consumer's fetch wait: faust builds its aiokafka consumer with `fetch_max_wait_ms=1500`
   fixed (`AIOKafkaConsumerThread._create_worker_consumer`); no setting reaches it. On a broker
   that holds a fetch for its whole wait (the embedded one) that wait lands on every event's
-  latency, so `set_fetch_wait` wraps the factory and sets the built consumer's wait.
+  latency, so `set_fetch_wait` wraps the factory and sets the built consumer's wait (an aiokafka
+  private, in `stream.aiokafka_hooks`).
 - Partitions without a committed offset after a rebalance: faust drops what its consumer fetched
   while a rebalance held the flow, then seeks every partition to its committed offset
   (`Consumer.perform_seek`); a partition with none stays where the dropped fetches left it, near
@@ -23,6 +24,8 @@ from typing import Any, Iterable
 
 from faust.types import TP
 
+from stream import aiokafka_hooks
+
 
 def set_fetch_wait(ms: int) -> None:
     """Consumers faust builds from now on wait at most `ms` for a fetch (idempotent)."""
@@ -33,11 +36,11 @@ def set_fetch_wait(ms: int) -> None:
 
     def with_fetch_wait(self: Any, transport: Any) -> Any:
         consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = ms  # read when the consumer starts its fetcher
+        aiokafka_hooks.set_fetch_max_wait(consumer, ms)
         return consumer
 
     with_fetch_wait.__wrapped__ = create  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait
+    AIOKafkaConsumerThread._create_worker_consumer = with_fetch_wait  # type: ignore[method-assign]
 
 
 def seek_uncommitted_to_start() -> None:
@@ -57,7 +60,7 @@ def seek_uncommitted_to_start() -> None:
                 await self.seek(tp, offset)
 
     perform_seek.__wrapped__ = seek  # type: ignore[attr-defined]
-    Consumer.perform_seek = perform_seek
+    Consumer.perform_seek = perform_seek  # type: ignore[method-assign]
 
 
 def resumed_at(app: Any, tp: TP) -> int | None:

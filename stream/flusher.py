@@ -26,7 +26,6 @@ from stream.intake import Outbox
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher, Record
 from export_onnx.scoring import assemble, prepare, score_separately
-from stream.settings import Settings
 from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
@@ -35,13 +34,14 @@ HOLD_POLL_S = 0.005  # how often held intake looks whether a flush has taken the
 
 
 class Flusher:
-    def __init__(self, core: Core, states: States, artifact: Artifact, settings: Settings,
-                 metrics: Metrics, outbox: Outbox) -> None:
+    def __init__(self, core: Core, states: States, artifact: Artifact, publisher: BatchPublisher,
+                 metrics: Metrics, outbox: Outbox, *, scores_topic: str, batch_size: int,
+                 flush_failure_timeout_s: float) -> None:
         self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
-        self.settings, self.metrics = settings, metrics
-        self.publisher = BatchPublisher(settings)
+        self.publisher, self.metrics, self.scores_topic = publisher, metrics, scores_topic
+        self.batch_size = batch_size
         self.drift = DriftWatch(artifact, metrics)
-        self.failures = FlushFailures(settings.flush_failure_timeout_s)
+        self.failures = FlushFailures(flush_failure_timeout_s)
         self.lock = asyncio.Lock()
         self.flushing: asyncio.Future[None] | None = None
         self.stream: Any = None  # the agent's stream, which acknowledges its events
@@ -99,7 +99,7 @@ class Flusher:
 
     def holding(self) -> bool:
         """A micro-batch's worth of customers waits: intake is to wait for a flush."""
-        return (max(self.core.dirty_count(), self.states.changed()) >= self.settings.batch_size
+        return (max(self.core.dirty_count(), self.states.changed()) >= self.batch_size
                 and not self.stopping)
 
     async def hold_intake(self) -> None:
@@ -172,7 +172,7 @@ class Flusher:
             self.drift.observe(inputs)
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
-        topic = self.settings.scores_topic
+        topic = self.scores_topic
         scored: list[tuple[int, str, ScoreRecord]] = []
         for score, (partition, cid) in zip(scores, where):
             if isinstance(score, Exception):

@@ -20,13 +20,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Awaitable
+from typing import Any, Awaitable, cast
 
 from aiokafka.errors import KafkaError
 
 from features.contract import Invalid, Reason, TransactionEvent, validate
 from stream.metrics import Metrics
-from stream.settings import Settings
 
 log = logging.getLogger("clv.worker")
 PREFIX_BYTES = 64 * 1024  # of a payload too large for the DLQ, what its dead letter carries
@@ -79,18 +78,19 @@ class Outbox:
     """Dead letters and re-routed events, sent with the faust app's producer and settled before
     the events behind them are acknowledged."""
 
-    def __init__(self, app: Any, settings: Settings, metrics: Metrics) -> None:
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app: Any, metrics: Metrics, transactions_topic: str, dlq_topic: str) -> None:
+        self.app, self.metrics = app, metrics
+        self.transactions_topic, self.dlq_topic = transactions_topic, dlq_topic
         self.routed = 0  # events routed so far, for the warning's count
         self.trimmed = 0  # events keyed with spaces around their id, for the warning's count
         self.pending: list[Sent] = []  # sent, not yet known to be on the broker
 
     async def dead_letter(self, raw: bytes, msg: Any, reason: str, detail: str) -> None:
         headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
-                   *_source(msg, self.settings.transactions_topic)]
-        await self._send(Sent(self.settings.dlq_topic, None, msg.key, raw, headers, msg, reason,
+                   *_source(msg, self.transactions_topic)]
+        await self._send(Sent(self.dlq_topic, None, msg.key, raw, headers, msg, reason,
                               detail))
-        log.warning("dead letter %s at %s[%d]@%d: %s", reason, self.settings.transactions_topic,
+        log.warning("dead letter %s at %s[%d]@%d: %s", reason, self.transactions_topic,
                     msg.partition, msg.offset, detail)
 
     async def route(self, raw: bytes, msg: Any, home: int, key: bytes) -> None:
@@ -99,7 +99,7 @@ class Outbox:
         carries the same event_id: once."""
         self.metrics.routed.inc()
         self.routed += 1
-        topic = self.settings.transactions_topic
+        topic = self.transactions_topic
         headers = [*(msg.headers or ()), ("routed_from_partition", str(msg.partition).encode()),
                    ("routed_from_offset", str(msg.offset).encode())]
         await self._send(Sent(topic, home, key, raw, headers, msg, "", ""))
@@ -120,7 +120,7 @@ class Outbox:
             log.warning("%d events so far were keyed with spaces around their customer id "
                         "(latest: %s[%d]@%d, key %r): applied to customer %r, whose partition is "
                         "that of the id without them; key messages by the id as the payload "
-                        "gives it", self.trimmed, self.settings.transactions_topic, msg.partition,
+                        "gives it", self.trimmed, self.transactions_topic, msg.partition,
                         msg.offset, (msg.key or b"")[:40], customer_id)
 
     async def settle(self) -> None:
@@ -136,7 +136,7 @@ class Outbox:
                         await self._hand_over(sent)
                     if isinstance(sent.delivery, BaseException):
                         raise sent.delivery
-                    await sent.delivery
+                    await cast(Awaitable[Any], sent.delivery)  # handed over just above
                 except Exception as exc:  # noqa: BLE001  each kind handled below
                     if not too_large(exc):
                         sent.delivery = None  # handed over again by the next attempt
@@ -148,11 +148,11 @@ class Outbox:
                         self.metrics.dlq_unpublished.inc()
                         log.error("the dead letter of %s[%d]@%d (%s) was refused even truncated "
                                   "to %d bytes (%s); the event is acknowledged and stays in %s "
-                                  "at that offset", self.settings.transactions_topic,
+                                  "at that offset", self.transactions_topic,
                                   sent.msg.partition, sent.msg.offset, sent.reason,
-                                  len(sent.value), exc, self.settings.transactions_topic)
+                                  len(sent.value), exc, self.transactions_topic)
                     continue
-                if sent.topic == self.settings.dlq_topic:
+                if sent.topic == self.dlq_topic:
                     self.metrics.dlq.labels(reason=sent.reason).inc()
                     if _is_truncated(sent):
                         self.metrics.dlq_truncated.labels(reason=sent.reason).inc()
@@ -178,13 +178,13 @@ class Outbox:
         detail = sent.detail or (f"{len(sent.value):,} bytes could not be re-published to "
                                  f"partition {sent.partition}: {type(exc).__name__}")
         headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
-                   *_source(sent.msg, self.settings.transactions_topic),
+                   *_source(sent.msg, self.transactions_topic),
                    ("truncated", b"true"), ("original_bytes", str(len(sent.value)).encode())]
         log.warning("%s[%d]@%d (%s, %d bytes) too large to publish as it is (%s): its dead letter "
                     "carries the first %d bytes; the whole event stays in %s at that offset",
-                    self.settings.transactions_topic, sent.msg.partition, sent.msg.offset, reason,
-                    len(sent.value), exc, PREFIX_BYTES, self.settings.transactions_topic)
-        return Sent(self.settings.dlq_topic, None, (sent.msg.key or b"")[:KEY_BYTES] or None,
+                    self.transactions_topic, sent.msg.partition, sent.msg.offset, reason,
+                    len(sent.value), exc, PREFIX_BYTES, self.transactions_topic)
+        return Sent(self.dlq_topic, None, (sent.msg.key or b"")[:KEY_BYTES] or None,
                     sent.value[:PREFIX_BYTES], headers, sent.msg, reason, detail)
 
 

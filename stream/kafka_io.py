@@ -9,14 +9,25 @@ On Apache Kafka both agree and these functions cost one extra fetch.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stream.settings import Settings
+
+class KafkaClient(Protocol):
+    """What every Kafka client of the product needs (`stream.settings.Settings` has it): where the
+    brokers are, how to authenticate, how long a fetch may wait."""
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
+    @property
+    def fetch_wait_ms(self) -> int: ...
+
+    def kafka_client_options(self) -> dict[str, Any]: ...
 
 
-async def started_consumer(settings: Settings, **options: Any) -> AIOKafkaConsumer:
+async def started_consumer(kafka: KafkaClient, **options: Any) -> AIOKafkaConsumer:
     """A started consumer without a group (the caller assigns partitions); one that cannot
     start (no broker) is closed before the error rises.
 
@@ -24,9 +35,9 @@ async def started_consumer(settings: Settings, **options: Any) -> AIOKafkaConsum
     starts a background task in `start()` and `stop()` cancels it; a task cancelled before it
     first ran makes `stop()` raise CancelledError, so a process asked to stop right after it
     started (SIGTERM during start-up) would end with a traceback instead of cleanly."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_wait_ms,
-                                **options, **settings.kafka_client_options())
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=kafka.fetch_wait_ms,
+                                **options, **kafka.kafka_client_options())
     try:
         await consumer.start()
         await asyncio.sleep(0)
@@ -39,11 +50,11 @@ async def started_consumer(settings: Settings, **options: Any) -> AIOKafkaConsum
 BULK_FETCH_BYTES = 1 << 20  # per partition fetch; 4 and 32 MB raised peak memory, not the rate
 
 
-async def read_partition(settings: Settings, topic: str, partition: int,
+async def read_partition(kafka: KafkaClient, topic: str, partition: int,
                          start: int = 0) -> AsyncIterator[list[Any]]:
     """Batches of up to 10,000 records of one partition from `start` to its end as of the
     first fetch (a recovery reads whole partitions)."""
-    consumer = await started_consumer(settings, max_partition_fetch_bytes=BULK_FETCH_BYTES,
+    consumer = await started_consumer(kafka, max_partition_fetch_bytes=BULK_FETCH_BYTES,
                                       fetch_max_bytes=BULK_FETCH_BYTES)
     tp = TopicPartition(topic, partition)
     try:
@@ -65,9 +76,9 @@ async def read_partition(settings: Settings, topic: str, partition: int,
         await consumer.stop()
 
 
-async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+async def end_offsets(kafka: KafkaClient, topic: str) -> dict[int, int]:
     """The next offset of every partition of `topic`: how far a reader must get to be current."""
-    consumer = await started_consumer(settings)
+    consumer = await started_consumer(kafka)
     try:
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         listed = await consumer.end_offsets(tps)
@@ -91,11 +102,11 @@ async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 class KafkaChangelog:
     """A state changelog topic, as recovery reads it (`state.live.recovery.Changelog`)."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
-        self.settings, self.topic = settings, topic
+    def __init__(self, kafka: KafkaClient, topic: str) -> None:
+        self.kafka, self.topic = kafka, topic
 
     async def end(self, partition: int) -> int:
-        return (await end_offsets(self.settings, self.topic)).get(partition, 0)
+        return (await end_offsets(self.kafka, self.topic)).get(partition, 0)
 
     def read(self, partition: int, start: int) -> AsyncIterator[list[Any]]:
-        return read_partition(self.settings, self.topic, partition, start)
+        return read_partition(self.kafka, self.topic, partition, start)

@@ -102,7 +102,8 @@ class Metrics:
         per-message series are brought up to date when scraped (`render`), see `_monitor_class`."""
         from faust.sensors.prometheus import FaustMetrics
 
-        self.monitor = _monitor_class()(metrics=FaustMetrics.create(self.registry, "faust"))
+        series = FaustMetrics.create(self.registry, "faust")
+        self.monitor = _monitor_class()(series, metrics=series)
         return self.monitor
 
     def set_lag(self, lag: dict[int, int]) -> None:
@@ -115,12 +116,13 @@ class Metrics:
         """The exposition in the format the scraper's Accept header asks for, and its type."""
         if self.monitor is not None:
             self.monitor.export()
-        encode, content_type = choose_encoder(accept)
+        encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
 
 
 def _monitor_class() -> type:
-    """faust's PrometheusMonitor, its per-message work done as faust's plain Monitor does it.
+    """faust's PrometheusMonitor, its per-message work done as faust's plain Monitor does it, over
+    faust's public sensor hooks only.
 
     faust calls five sensor hooks for every message (message in, stream event in and out,
     message out, and the partition's end offset as each record is fetched); its Prometheus
@@ -128,82 +130,94 @@ def _monitor_class() -> type:
     under 3 us for the plain Monitor's in-memory counts (measured on the worker's machine), a
     cost paid on the event loop that intake runs on. Here those hooks keep only the plain
     Monitor's counts, and `export` brings the same `faust_*` series up to date from them when
-    /metrics is scraped: a scraper reads the same values. The end offset gauge is set when the
-    end offset changes, not again for each record. One series is given up:
-    `faust_events_runtime_ms`, the time an agent's loop body holds each event, stays empty; for
-    this worker, which acknowledges an event only after the flush that publishes it, that time
-    says nothing about an event, and `clv_event_to_publish_seconds` measures what it becomes.
-    Everything else (commits, committed offsets, rebalances and their recovery, assignment,
-    sends, web requests) is faust's own code, unchanged."""
-    from faust.sensors.monitor import Monitor
-    from faust.sensors.prometheus import PrometheusMonitor
+    /metrics is scraped, and before a rebalance clears the partitions' series: a scraper reads the
+    same values. The end offset gauge is set when the end offset changes, not again for each
+    record. One series is given up: `faust_events_runtime_ms`, the time an agent's loop body
+    holds each event, stays empty; for this worker, which acknowledges an event only after the
+    flush that publishes it, that time says nothing about an event, and
+    `clv_event_to_publish_seconds` measures what it becomes. Everything else (commits, committed
+    offsets, rebalances and their recovery, assignment, sends, web requests) is faust's own code,
+    unchanged."""
+    from faust.sensors.monitor import RE_NORMALIZE, RE_NORMALIZE_SUBSTITUTION, Monitor
+    from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 
     class WorkerMonitor(PrometheusMonitor):
         on_message_in = Monitor.on_message_in
         on_stream_event_out = Monitor.on_stream_event_out
         on_message_out = Monitor.on_message_out
 
-        def __init__(self, **kwargs: Any) -> None:
+        def __init__(self, series: FaustMetrics, **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            self._stream_labels: dict[Any, str] = {}
-            self._events_by_label: dict[str, int] = {}
-            self._exported: dict[Any, int] = {}  # what each counter was brought up to
+            self.series = series  # the `faust_*` series this sensor reports into
+            self.stream_labels: dict[Any, str] = {}
+            self.events_by_label: dict[str, int] = {}
+            self.exported: dict[Any, int] = {}  # what each counter was brought up to
 
         def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> Any:
             state = Monitor.on_stream_event_in(self, tp, offset, stream, event)
-            label = self._stream_labels.get(stream)
-            if label is None:
-                label = self._stream_labels[stream] = f"stream.{self._stream_label(stream)}.events"
-            self._events_by_label[label] = self._events_by_label.get(label, 0) + 1
+            label = self.stream_labels.get(stream)
+            if label is None:  # faust's own label of a stream's series
+                name = RE_NORMALIZE.sub(RE_NORMALIZE_SUBSTITUTION, stream.shortlabel.lstrip("Stream:"))
+                label = self.stream_labels[stream] = f"stream.{name.strip('_').lower()}.events"
+            self.events_by_label[label] = self.events_by_label.get(label, 0) + 1
             return state
 
         def track_tp_end_offset(self, tp: Any, offset: int) -> None:
             if self.tp_end_offsets.get(tp) != offset:
                 super().track_tp_end_offset(tp, offset)
 
+        def on_rebalance_start(self, app: Any) -> Any:
+            self.export()  # faust's series of topics and partitions start again from here
+            return super().on_rebalance_start(app)
+
+        def on_rebalance_end(self, app: Any, state: Any) -> None:
+            self.export()
+            super().on_rebalance_end(app, state)
+
         def export(self) -> None:
             """The per-message `faust_*` series, as faust's sensor would have them now."""
-            m = self._metrics
-            self._add(m.messages_received, "messages", self.messages_received_total)
+            m = self.series
+            self.add(m.messages_received, "messages", self.messages_received_total)
             m.active_messages.set(self.messages_active)
             for topic, n in list(self.messages_received_by_topic.items()):
-                self._add(m.messages_received_per_topics.labels(topic=topic), ("topic", topic), n)
+                self.add(m.messages_received_per_topics.labels(topic=topic), ("topic", topic), n)
             for tp, offset in list(self.tp_read_offsets.items()):
                 m.messages_received_per_topics_partition.labels(
                     topic=tp.topic, partition=tp.partition).set(offset)
-            self._add(m.total_events, "events", self.events_total)
+            self.add(m.total_events, "events", self.events_total)
             m.total_active_events.set(self.events_active)
-            for label, n in list(self._events_by_label.items()):
-                self._add(m.total_events_per_stream.labels(stream=label), ("stream", label), n)
+            for label, n in list(self.events_by_label.items()):
+                self.add(m.total_events_per_stream.labels(stream=label), ("stream", label), n)
 
-        def _add(self, counter: Any, key: Any, total: int) -> None:
-            counter.inc(total - self._exported.get(key, 0))
-            self._exported[key] = total
-
-        def _clear_partition_related_metrics(self) -> None:
-            # A rebalance: faust's series of topics and partitions start again from here.
-            self.export()
-            super()._clear_partition_related_metrics()
+        def add(self, counter: Any, key: Any, total: int) -> None:
+            counter.inc(total - self.exported.get(key, 0))
+            self.exported[key] = total
 
     return WorkerMonitor
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
-    """A worker's /metrics as {series: value}; empty when it does not answer (yet)."""
+    """A worker's /metrics as {series: value}, a series written as the exposition writes it
+    (`name{label="value",...}`); empty when it does not answer (yet)."""
     import urllib.error
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return {_series(s.name, s.labels): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    if not labels:
+        return name
+    escaped = (v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for v in labels.values())
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
 
 
 def idle(values: dict[str, float]) -> bool:

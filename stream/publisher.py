@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from state.live.base.partition import Record
-from stream.settings import Settings
+from stream.kafka_io import KafkaClient
 
 
 def home_partition(key: bytes, partitions: int) -> int:
@@ -25,18 +25,18 @@ def home_partition(key: bytes, partitions: int) -> int:
 
 
 class BatchPublisher:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, kafka: KafkaClient, publish_timeout_s: float) -> None:
+        self.kafka, self.publish_timeout_s = kafka, publish_timeout_s
         self.producer: AIOKafkaProducer | None = None
 
     async def _started(self) -> AIOKafkaProducer:
         if self.producer is None:
             # A batch the broker has not acknowledged within the timeout fails instead of being
             # retried by the client unseen: the worker's flush policy retries it, and says so.
-            producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
+            producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_servers,
                                         acks="all", max_batch_size=1 << 20, linger_ms=0,
-                                        request_timeout_ms=int(self.settings.publish_timeout_s * 1000),
-                                        **self.settings.kafka_client_options())
+                                        request_timeout_ms=int(self.publish_timeout_s * 1000),
+                                        **self.kafka.kafka_client_options())
             await producer.start()
             self.producer = producer
         return self.producer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -46,10 +47,8 @@ async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -
                         topic_configs={**settings.topic_configs(), **cfg})
                for name, cfg in topics.items() if name not in existing]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process created it meanwhile
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
         return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(topics))}
     finally:
         await admin.close()

@@ -10,7 +10,7 @@ and offset, and skipped.
 
 Each snapshot also carries the drivers of its top customers' scores (`snapshot_drivers_top`):
 for those the sink reads the worker's state changelog too, from its start at every start of the
-sink (`state.snapshot.drivers`).
+sink (`stream.drivers`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from export_onnx import ArtifactError
 from export_onnx.runtime import Artifact
 from features.scores import parse_score
 from state.snapshot import tables as snapshot
-from state.snapshot.drivers import TopDrivers
+from stream.drivers import TopDrivers
 from stream.kafka_io import started_consumer
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
@@ -138,8 +138,8 @@ class Sink:
                 consumer.seek(tp, self.store.offsets[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
-        for tp in states:
-            consumer.seek(tp, self.drivers.next_offset(tp.partition))
+        for tp in states:  # only with drivers
+            consumer.seek(tp, self.drivers.next_offset(tp.partition) if self.drivers else 0)
         return partitions
 
     def _grew(self, consumer: AIOKafkaConsumer, assigned: set[int]) -> bool:
@@ -184,14 +184,15 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     """The sink's own fold and publish for `customers` customers, without the broker: score
     messages handed over in consumer-sized batches (parsed, merged into DuckDB), a snapshot,
     then a tenth of the customers rescored and a second snapshot. Peak RSS is the process's."""
+
     from dataclasses import replace
 
     from aiokafka.structs import ConsumerRecord
 
-    from features.scores import SCORE_SCHEMA_VERSION, ScoreRecord, encode_score
+    from features.scores import SCORE_SCHEMA_VERSION, IsoTime, Offset, ScoreRecord, encode_score
     from features.segments import SEGMENTS
 
-    settings = replace(settings, snapshot_path=str(workdir / "clv.duckdb"), snapshot_drivers_top=0)
+    settings = settings.model_copy(update={"snapshot_path": str(workdir / "clv.duckdb"), "snapshot_drivers_top": 0})
     for old in Path(workdir).glob("*clv.duckdb*"):
         old.unlink()
     sink = Sink(settings)
@@ -201,7 +202,8 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
         schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, p_purchase=0.4,
         recency_days=30.0, frequency=3, monetary=40.0, tenure_days=400.0, total_spend=120.0,
         segment="regular", cluster="", country="", horizon_months=6, model_version="gru-bench",
-        as_of="2011-12-09T12:50:00+00:00", scored_at="2026-12-02T12:00:00+00:00", event_offset=-1)
+        as_of=IsoTime("2011-12-09T12:50:00+00:00"), scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
+        event_offset=Offset(-1))
     offsets = [0] * settings.partitions
 
     def fold(ids: range, clv_scale: float) -> float:

@@ -16,18 +16,16 @@ import logging
 
 from stream.core import Core, month_text
 from stream.flush_policy import EXIT_CODE, exit_for_restart
-from stream.kafka_io import KafkaChangelog
 from stream.metrics import Metrics
-from state.live.recovery import recover
-from stream.settings import Settings
+from state.live.recovery import Changelog, recover
 from state.live.base.partition import States
 
 log = logging.getLogger("clv.worker")
 
 
 class Takeovers:
-    def __init__(self, core: Core, states: States, settings: Settings, metrics: Metrics) -> None:
-        self.core, self.states, self.settings, self.metrics = core, states, settings, metrics
+    def __init__(self, core: Core, states: States, changelog: Changelog, metrics: Metrics) -> None:
+        self.core, self.states, self.changelog, self.metrics = core, states, changelog, metrics
         self.running: dict[int, asyncio.Future[None]] = {}
 
     async def ensure(self, partition: int) -> bool:
@@ -42,7 +40,7 @@ class Takeovers:
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise  # we were cancelled, not the takeover
-        except Exception as exc:  # noqa: BLE001  recovery failed: a restart recovers again
+        except Exception as exc:  # recovery failed: a restart recovers again
             log.exception("taking partition %d over failed", partition)
             exit_for_restart(f"taking partition {partition} over failed ({type(exc).__name__}: "
                              f"{exc}): exiting with code {EXIT_CODE} so the supervisor restarts "
@@ -60,7 +58,7 @@ class Takeovers:
                 task.cancel()
 
     async def _take_over(self, partition: int) -> None:
-        got = await recover(self.states.store, KafkaChangelog(self.settings, self.states.topic), partition)
+        got = await recover(self.states.store, self.changelog, partition)
         self.metrics.recovered_records.inc(got.records)
         self.metrics.recovery_seconds.inc(got.seconds)
         taken = self.core.take_over(partition)

@@ -84,9 +84,10 @@ def test_the_core_imports_no_kafka_client_no_event_loop_and_no_training_code():
 
 
 def test_the_worker_imports_no_training_code_and_nothing_downstream():
-    """The worker's app module, built from the environment's settings, needs neither models/ nor
-    torch, nor the analysts' side of the state (the snapshot, its API and dashboard)."""
-    code = ("import sys, stream.app; print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules} "
+    """The worker's app, built from the default settings, needs neither models/ nor torch, nor
+    the analysts' side of the state (the snapshot, its API and dashboard)."""
+    code = ("import sys, stream.app, stream.settings; stream.app.create_app(stream.settings.Settings()); "
+            "print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules} "
             "& {'models', 'torch', 'state.snapshot', 'sklearn', 'onnx', 'streamlit'}))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}  # the defaults
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

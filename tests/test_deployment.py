@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import yaml
 
 from harness import CLV
 from stream.cli import build_parser
-from stream.settings import Settings
+from stream.settings import Settings, env_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +114,7 @@ def test_compose_services_and_images(compose):
 
 def test_compose_commands_and_environment_match_the_code(compose):
     parser = build_parser()
-    known_env = {f"CLV_{f.name.upper()}" for f in fields(Settings)} | {"KAFKA_BOOTSTRAP_SERVERS"}
+    known_env = {env for name in Settings.model_fields for env in env_names(name)}
     for name in ("worker", "snapshot", "api", "replay"):
         service = compose["services"][name]
         args = parser.parse_args(service["command"])  # a real `clv` command line
@@ -166,9 +165,13 @@ def test_the_configuration_table_of_the_docs_matches_the_settings():
         assert f"| `{name}` | `{env}` | `{default}` | {doc} |" in readme, name
 
 
-def test_settings_reach_the_worker_module_through_the_environment_unchanged():
-    """`clv worker` resolves its settings (flags included) and hands them to `stream.app` as
-    CLV_* variables, which win over the documented aliases already in the environment."""
-    resolved = Settings.from_env({}, bootstrap_servers="k1:9092,k2:9092", batch_size=7,
-                                 max_future_minutes=2.5, sasl_password="p w", data_dir="/d")
-    assert Settings.from_env({**resolved.environ(), "KAFKA_BOOTSTRAP_SERVERS": "other:1"}) == resolved
+def test_the_worker_is_built_from_the_settings_it_is_given(tmp_path):
+    """`clv worker` resolves its settings (defaults, environment, flags) and builds the app from
+    them: nothing is read from the environment at import."""
+    from stream.app import create_app
+
+    settings = Settings.from_env({"CLV_APP_ID": "from-env", "KAFKA_BOOTSTRAP_SERVERS": "k9:9092"},
+                                 bootstrap_servers="k1:9092,k2:9092", web_port=6099, data_dir=str(tmp_path))
+    app = create_app(settings)
+    assert (app.conf.id, app.conf.web_port, str(app.conf.datadir)) == ("from-env", 6099, str(tmp_path))
+    assert [str(url) for url in app.conf.broker] == ["kafka://k1:9092", "kafka://k2:9092"]

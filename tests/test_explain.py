@@ -29,7 +29,7 @@ from features.synthetic import generate, write
 from harness import CLV, Api
 from state.live.base.partition import encode_key
 from state.live.record import encode_state
-from state.snapshot.drivers import TopDrivers
+from stream.drivers import TopDrivers
 from state.snapshot.queries import Snapshot
 from stream.cli import main
 from stream.processes import Child, clv

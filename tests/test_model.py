@@ -39,7 +39,8 @@ def clv(*args, env=None, pre=""):
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     data = cdnow_slice(d / "cdnow.txt")
-    res = clv("train", data, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", d / "artifact")
+    res = clv("train", data, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", d / "artifact",
+              "--tracking-uri", f"file:{d / 'mlruns'}")
     assert res.returncode == 0, res.stderr
     (d / "train.out").write_text(res.stdout)
     return d, data
@@ -126,7 +127,8 @@ def test_training_never_reads_after_the_cutoff(trained, tmp_path):
     """Training on the whole file and on the file cut at the cutoff gives the same model."""
     d, _ = trained
     truncated = cdnow_slice(tmp_path / "cut.txt", until=CUTOFF.replace("-", ""))
-    res = clv("train", truncated, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", tmp_path / "a2")
+    res = clv("train", truncated, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", tmp_path / "a2",
+              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store's kind
     assert res.returncode == 0, res.stderr
     m1 = json.loads((d / "artifact" / "metadata.json").read_text())
     m2 = json.loads((tmp_path / "a2" / "metadata.json").read_text())
@@ -272,7 +274,7 @@ def test_level_sets_the_count_of_buyers_then_their_spend():
     customer sure to buy stays sure, a doubtful one moves most), then one factor on each buyer's
     spend makes the total the target; ranking by p is kept; earlier artifacts' one factor still
     reads."""
-    from export_onnx.calibration import Calibration
+    from features.calibration import Calibration
 
     clv = np.array([1000.0, 50.0, 2.0, 0.5] + [20.0] * 200, dtype=np.float32)
     p = np.array([0.999, 0.5, 0.05, 0.01] + [0.2] * 200, dtype=np.float32)
@@ -323,7 +325,8 @@ def test_evaluate_reports_every_model_per_seed_with_mean_and_sd(tmp_path):
     data = cdnow_slice(tmp_path / "cdnow.txt", customers=800)
     out = tmp_path / "eval.json"
     res = clv("evaluate", data, "--cutoff", CUTOFF, "--epochs", "1", "--ensemble", "1",
-              "--seeds", "1", "2", "--json", out, "--plots", tmp_path / "plots")
+              "--seeds", "1", "2", "--json", out, "--plots", tmp_path / "plots",
+              "--tracking-uri", f"file:{tmp_path / 'mlruns'}")
     assert res.returncode == 0, res.stderr
     assert "mean +- sd over seeds 1, 2" in res.stdout
     doc = json.loads(out.read_text())
@@ -342,6 +345,46 @@ def test_evaluate_reports_every_model_per_seed_with_mean_and_sd(tmp_path):
             assert abs(run["models"][name]["total_bias"] - run["models"]["bgnbd_gg"]["total_bias"]) < 1e-4
     assert doc["summary"]["bgnbd_gg"]["rmse"]["sd"] == 0 and set(doc["summary"]) == models
     assert (tmp_path / "plots" / "deciles.png").is_file() and (tmp_path / "plots" / "gains.png").is_file()
+    # The run is in the tracking store: every model's metrics per seed (the step), their mean and sd.
+    client, run = _tracked(f"file:{tmp_path / 'mlruns'}", "evaluate")
+    steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "gru.rmse")}
+    assert steps == {1: doc["seeds"]["1"]["models"]["gru"]["rmse"], 2: doc["seeds"]["2"]["models"]["gru"]["rmse"]}
+    assert run.data.metrics["bgnbd_gg.rmse.sd"] == 0 and run.data.params["seeds"] == "[1, 2]"
+    assert len(run.data.params["training_data_sha256"]) == 64
+    files = {f.path for f in client.list_artifacts(run.info.run_id)} | \
+        {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"evaluation.json", "plots/deciles.png", "plots/gains.png"} <= files
+
+
+def _tracked(uri, command):
+    """The tracking store's client and its one run of `command`."""
+    import os
+
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store, named by the test
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("clv").experiment_id],
+                              filter_string=f"tags.command = '{command}'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_a_training_run_is_recorded_and_its_artifact_names_it(trained):
+    """`clv train` records its run where --tracking-uri says: parameters, the data's fingerprint,
+    each ensemble member's held-out loss, the export's parity, and the artifact itself; the
+    artifact's metadata names the run."""
+    d, _ = trained
+    meta = Artifact.load(d / "artifact").meta
+    client, run = _tracked(f"file:{d / 'mlruns'}", "train")
+    assert meta["run"] == {"tracking_uri": f"file:{d / 'mlruns'}", "experiment": "clv", "run_id": run.info.run_id}
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["cutoff"], params["epochs"], params["ensemble"]) == (CUTOFF, "2", "2")
+    assert params["training_data_sha256"] == meta["training_data_sha256"] and params["model_version"] == meta["version"]
+    assert run.data.metrics["member1.valid_loss"] == meta["training"]["members"][1]["valid_loss"]
+    assert run.data.metrics["parity.clv.max_rel_diff"] == meta["parity"]["clv"]["max_rel_diff"]
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.onnx", "model/metadata.json"}
 
 
 def test_failed_parity_leaves_the_previous_artifact(trained, tmp_path, monkeypatch):

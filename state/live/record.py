@@ -70,13 +70,14 @@ def _unpack(blob: bytes) -> dict[int, None]:
 
 _encoder = msgspec.msgpack.Encoder()
 _Opt = int | None
-_decoder = msgspec.msgpack.Decoder(tuple[  # type: ignore[misc]
+_decoder = msgspec.msgpack.Decoder(tuple[
     str, int, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, int,
     list[tuple[int, int, int, int, int, bytes, bytes]], str])
 _Fields_1 = (str, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, int,
              list[tuple[int, int, int, int, bytes, bytes]])
-_decoder_1 = msgspec.msgpack.Decoder(tuple[(*_Fields_1, str)])  # type: ignore[misc]
-_decoder_1_without_country = msgspec.msgpack.Decoder(tuple[_Fields_1])  # type: ignore[misc]
+# Types built at run time from one field list, which a static checker cannot follow.
+_decoder_1 = msgspec.msgpack.Decoder(tuple[(*_Fields_1, str)])  # type: ignore[valid-type]
+_decoder_1_without_country = msgspec.msgpack.Decoder(tuple[_Fields_1])  # type: ignore[valid-type]
 
 
 class _Head(msgspec.Struct, array_like=True):

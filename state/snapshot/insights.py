@@ -10,8 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import duckdb
+
+
+def one(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
+    """The row a query that always answers one (an aggregate, the one-row meta table) answered."""
+    row = cursor.fetchone()
+    if row is None:
+        raise LookupError("the snapshot query answered no row")
+    return row
 
 
 @dataclass(frozen=True)
@@ -26,8 +35,8 @@ class Insight:
 
 def has(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     """The snapshot has this table or view: those written before it existed lack it."""
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]).fetchone()[0])
+    return bool(one(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [name]))[0])
 
 
 def compute(con: duckdb.DuckDBPyConnection) -> list[Insight]:
@@ -35,29 +44,29 @@ def compute(con: duckdb.DuckDBPyConnection) -> list[Insight]:
     top 10%'s share, expected buyers, loyal customers at risk, value by country (when
     countries are known) and movement between segments since the previous snapshot (when
     there is one)."""
-    n, total, buyers, horizon = con.execute(
-        "SELECT count(*), sum(clv), sum(p_purchase), max(horizon_months) FROM customer_scores").fetchone()
+    n, total, buyers, horizon = one(con.execute(
+        "SELECT count(*), sum(clv), sum(p_purchase), max(horizon_months) FROM customer_scores"))
     if not n or not total:
         return []
     out: list[Insight] = []
     # The segment whose share of the value most exceeds its share of the customers.
-    segment, customers, share = con.execute(
+    segment, customers, share = one(con.execute(
         "SELECT segment, customers, share_of_value FROM segment_summary "
-        "ORDER BY share_of_value - customers / ? DESC, segment LIMIT 1", [n]).fetchone()
+        "ORDER BY share_of_value - customers / ? DESC, segment LIMIT 1", [n]))
     out.append(Insight("segment_concentration",
                        f"The {segment} segment, {customers / n:.1%} of customers ({customers:,}), "
                        f"holds {share:.1%} of the expected value.", share))
     top = math.ceil(n / 10)
-    top_value = con.execute("SELECT sum(clv) FROM (SELECT clv FROM customer_scores "
-                            "ORDER BY clv DESC LIMIT ?)", [top]).fetchone()[0]
+    top_value = one(con.execute("SELECT sum(clv) FROM (SELECT clv FROM customer_scores "
+                            "ORDER BY clv DESC LIMIT ?)", [top]))[0]
     out.append(Insight("top_decile_share",
                        f"The top 10% of customers ({top:,}) hold {top_value / total:.1%} of the "
                        f"expected value, ${top_value:,.0f} of ${total:,.0f}.", top_value / total))
     out.append(Insight("expected_buyers",
                        f"{buyers:,.0f} customers ({buyers / n:.1%}) are expected to buy at least once "
                        f"in the next {horizon} months (the sum of p_purchase).", buyers))
-    at_risk, at_risk_value = con.execute(
-        "SELECT count(*), coalesce(sum(clv), 0) FROM customer_scores WHERE segment = 'at_risk_loyal'").fetchone()
+    at_risk, at_risk_value = one(con.execute(
+        "SELECT count(*), coalesce(sum(clv), 0) FROM customer_scores WHERE segment = 'at_risk_loyal'"))
     if at_risk:
         out.append(Insight("at_risk_loyal",
                            f"{at_risk:,} loyal customers are slipping away (at_risk_loyal), with "
@@ -82,20 +91,20 @@ def movement(con: duckdb.DuckDBPyConnection) -> Insight | None:
     the previous segments."""
     if not has(con, "segment_moves"):
         return None
-    previous_at = con.execute("SELECT previous_snapshot_at FROM snapshot_meta").fetchone()[0]
+    previous_at = one(con.execute("SELECT previous_snapshot_at FROM snapshot_meta"))[0]
     if previous_at is None:
         return None
-    changed, new = con.execute(
+    changed, new = one(con.execute(
         "SELECT coalesce(sum(customers) FILTER (WHERE from_segment <> to_segment), 0), "
-        "coalesce(sum(customers) FILTER (WHERE from_segment IS NULL), 0) FROM segment_moves").fetchone()
+        "coalesce(sum(customers) FILTER (WHERE from_segment IS NULL), 0) FROM segment_moves"))
     when = previous_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") \
         if isinstance(previous_at, datetime) else str(previous_at)
     text = f"{changed:,} customers changed segment since the previous snapshot ({when})"
     if changed:
-        src, dst, k = con.execute(
+        src, dst, k = one(con.execute(
             "SELECT from_segment, to_segment, customers FROM segment_moves "
             "WHERE from_segment <> to_segment ORDER BY customers DESC, from_segment, to_segment "
-            "LIMIT 1").fetchone()
+            "LIMIT 1"))
         text += f"; the largest move: {k:,} from {src} to {dst}"
     text += f"; new since then: {new:,}." if new else "."
     return Insight("segment_changes", text, changed)

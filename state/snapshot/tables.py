@@ -7,7 +7,8 @@ it over that path. A rename is atomic, so a reader opens either the previous sna
 one, never a partial file, and the sink never holds a lock on the published path.
 
 Tables:
-- `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier.
+- `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier;
+  indexed by customer id (a lookup reads the index, not the table).
 - `snapshot_meta`: one row: when it was written, newest event time, row count, offsets per
   partition of the scores topic (the sink resumes from them), model versions, and when the
   snapshot it replaced was written (`previous_snapshot_at`, NULL for the first).
@@ -17,7 +18,7 @@ Tables:
   from one file, so a reader never compares two snapshots of different moments by accident.
 - `customer_drivers`: for the top customers by clv, the drivers of their score (dollars per group
   of model inputs, largest first, against the model's average customer: `reference_clv` + the
-  customer's contributions = its clv in `customer_scores`); `state.snapshot.drivers` says which.
+  customer's contributions = its clv in `customer_scores`); `stream.drivers` says which.
 Views: `segment_summary`, `tier_summary`, `cluster_summary`, `country_summary`: customers,
 totals, means and shares of `clv`, the expected spend, which adds up over customers; `clv` also
 sets the value tiers. `cluster_summary` adds each behavioral cluster's mean RFM fields and its
@@ -41,6 +42,7 @@ from features.clusters import UNKNOWN
 from features.scores import (FIELD_TYPES, FIELDS, LEGACY_CLV, PRECEDENCE, IsoTime, Offset, ScoreRecord,
                              iso_time)
 from features.segments import PLAYBOOKS, Playbook
+from state.snapshot.insights import one
 
 # Per customer, the fields of its newest score, in message order (the schema version describes
 # a message, not a customer).
@@ -57,7 +59,7 @@ _SUPERSEDED = "({}) <= ({})".format(
 # What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
 _ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1"}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
-# One row per top customer and group of inputs, largest first (`state.snapshot.drivers.driver_rows`).
+# One row per top customer and group of inputs, largest first (`stream.drivers.driver_rows`).
 DRIVER_COLUMNS = (("customer_id", "VARCHAR"), ("position", "INTEGER"), ("driver", "VARCHAR"),
                   ("contribution", "DOUBLE"), ("reference_clv", "DOUBLE"), ("meaning", "VARCHAR"))
 _columns = attrgetter(*COLUMNS)
@@ -80,6 +82,7 @@ SELECT {", ".join(COLUMNS)},
        source_partition, source_offset
 FROM scores, cut
 ORDER BY customer_id;
+CREATE INDEX customer_scores_customer_id ON clv_next.customer_scores (customer_id);
 
 CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
 
@@ -173,8 +176,8 @@ class Snapshots:
             return 0
         con.execute("ATTACH ? AS clv_previous (READ_ONLY)", [str(self.path)])
         try:
-            offsets, newest = con.execute(
-                "SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta").fetchone()
+            offsets, newest = one(con.execute(
+                "SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta"))
             have = {c for (c,) in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_catalog = 'clv_previous' "
                 "AND table_name = 'customer_scores'").fetchall()}
@@ -190,7 +193,7 @@ class Snapshots:
             con.execute("DETACH clv_previous")
         self.offsets = {int(k): int(v) for k, v in offsets.items()}
         self.newest_event_time = iso_time(newest) if newest is not None else None
-        return con.execute("SELECT count(*) FROM scores").fetchone()[0]
+        return one(con.execute("SELECT count(*) FROM scores"))[0]
 
     def put(self, customer_id: str, values: tuple[Any, ...] | None) -> None:
         """A row of the customer (`row`), kept unless the customer has a newer one by the score
@@ -263,7 +266,7 @@ class Snapshots:
                 "AS model_versions, ?::TIMESTAMPTZ AS previous_snapshot_at",
                 [datetime.now(timezone.utc), self.newest_event_time, self.source_topic,
                  sorted(self.offsets), [self.offsets[p] for p in sorted(self.offsets)], previous_at])
-            count = con.execute("SELECT customers FROM clv_next.snapshot_meta").fetchone()[0]
+            count = one(con.execute("SELECT customers FROM clv_next.snapshot_meta"))[0]
         finally:
             con.execute("DETACH clv_next")
         views = duckdb.connect(str(tmp))  # views name the tables as a reader of the file sees them
@@ -293,7 +296,10 @@ class Snapshots:
         try:
             con.execute("INSERT INTO clv_next.previous_segments "
                         "SELECT customer_id, segment FROM clv_replaced.customer_scores")
-            return con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta").fetchone()[0]
+            dated = one(con.execute(  # the earliest sinks did not write it
+                "SELECT count(*) FROM information_schema.columns WHERE table_catalog = 'clv_replaced' "
+                "AND table_name = 'snapshot_meta' AND column_name = 'snapshot_at'"))[0]
+            return one(con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta"))[0] if dated else None
         finally:
             con.execute("DETACH clv_replaced")
 

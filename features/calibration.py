@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 _BISECTIONS = 200
 _MAX_SHIFT = 30.0
 
+
+
+class Prediction(NamedTuple):
+    """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets
+    use; it adds up over customers), and `p_purchase`, the probability of any purchase."""
+
+    clv: np.ndarray
+    p_purchase: np.ndarray
 
 @dataclass(frozen=True)
 class Calibration:
