@@ -442,6 +442,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     except BootstrapError as exc:
         raise UsageError(str(exc)) from None
     print(summary.render())
+    if summary.drift:
+        print(f"warning: {summary.drift}", file=sys.stderr)
     return 0
 
 
