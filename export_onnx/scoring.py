@@ -10,6 +10,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+import numpy as np
+
 from export_onnx.runtime import Artifact
 from features.calibration import Prediction
 from features.aggregate import CustomerState, month_of
@@ -53,10 +55,14 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:
     """Score many customers in one onnxruntime call, as of the month of `as_of`."""
-    if not states:
-        return []
+    return score_cohort(artifact, states, as_of)[0] if states else []
+
+
+def score_cohort(artifact: Artifact, states: Sequence[CustomerState],
+                 as_of: datetime) -> tuple[list[ScoreRecord], Inputs]:
+    """`score_states`, with the model inputs the scores came from (what the drift check reads)."""
     inputs, fields = prepare(artifact, states, as_of)
-    return assemble(artifact, states, fields, artifact.predict(inputs), as_of)
+    return assemble(artifact, states, fields, artifact.predict(inputs), as_of), inputs
 
 
 @dataclass
@@ -71,10 +77,15 @@ class ScoredFile:
     drift: population.Verdict | None
 
 
-def drift(artifact: Artifact, inputs: Inputs) -> population.Verdict | None:
-    """A cohort scored as of one date against the model's training cohort, on every statistic."""
+def drift(artifact: Artifact, *inputs: Inputs) -> population.Verdict | None:
+    """A cohort scored as of one date (its inputs, in one or more batches) against the model's
+    training cohort, on every statistic; None when the model records no training cohort."""
     summary = artifact.population
-    return None if summary is None else population.check(summary, population.values(inputs))
+    if summary is None:
+        return None
+    seen = [population.values(i) for i in inputs]
+    return population.check(summary, {name: np.concatenate([s[name] for s in seen])
+                                      for name in population.STATISTICS})
 
 
 def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
@@ -86,8 +97,7 @@ def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
         raise LoadError(f"{path}: no transactions left after cleaning")
     at = end_of(as_of) if as_of else history.events[-1].ts
     states = list(next(snapshots(history.events, [at], artifact.window)).states.values())
-    inputs, fields = prepare(artifact, states, at)
-    scores = assemble(artifact, states, fields, artifact.predict(inputs), at)
+    scores, inputs = score_cohort(artifact, states, at)
     return ScoredFile(scores, history.report, at, states, drift(artifact, inputs))
 
 
