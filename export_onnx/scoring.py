@@ -11,6 +11,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+import numpy as np
+
 from export_onnx.runtime import Artifact
 from features.calibration import Prediction
 from features.aggregate import CustomerState, month_of
@@ -34,8 +36,9 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
 def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
              pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
     """One record per customer: the model's expected spend, its 80% interval and sd, and the
-    purchase probability, RFM fields, segment, cluster and country, stamped with the run's model, horizon, as-of and scoring
-    times, and the source offset its state reflects (what orders a customer's scores)."""
+    purchase probability, RFM fields, segment, cluster and country, stamped with the run's
+    model, horizon, as-of and scoring times, and the source offset its state reflects (what
+    orders a customer's scores)."""
     quantiles = artifact.meta["clv_quantiles"]
     clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window),
                                artifact.clustering)
@@ -56,15 +59,15 @@ def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[R
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:
     """Score many customers in one onnxruntime call, as of the month of `as_of`."""
-    return score_with_thresholds(artifact, states, as_of)[0]
+    return score_cohort(artifact, states, as_of)[0]
 
 
-def score_with_thresholds(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime,
-                          at_least: Sequence[float] = ()
-                          ) -> tuple[list[ScoreRecord], dict[str, list[float]], Inputs]:
-    """`score_states`, and for each threshold t of `at_least` every customer's P(horizon spend
-    >= t) from the same predictive distribution, under its column name (`at_least_column`); with
-    the model inputs they were scored from."""
+def score_cohort(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime,
+                 at_least: Sequence[float] = ()
+                 ) -> tuple[list[ScoreRecord], dict[str, list[float]], Inputs]:
+    """`score_states`, with the model inputs the scores came from (what the drift check reads)
+    and, for each threshold t of `at_least`, every customer's P(horizon spend >= t) from the same
+    predictive distribution, under its column name (`at_least_column`)."""
     inputs, fields = prepare(artifact, states, as_of)
     if not states:
         return [], {at_least_column(t): [] for t in at_least}, inputs
@@ -92,10 +95,15 @@ class ScoredFile:
     at_least: dict[str, list[float]] = field(default_factory=dict)
 
 
-def drift(artifact: Artifact, inputs: Inputs) -> population.Verdict | None:
-    """A cohort scored as of one date against the model's training cohort, on every statistic."""
+def drift(artifact: Artifact, *inputs: Inputs) -> population.Verdict | None:
+    """A cohort scored as of one date (its inputs, in one or more batches) against the model's
+    training cohort, on every statistic; None when the model records no training cohort."""
     summary = artifact.population
-    return None if summary is None else population.check(summary, population.values(inputs))
+    if summary is None:
+        return None
+    seen = [population.values(i) for i in inputs]
+    return population.check(summary, {name: np.concatenate([s[name] for s in seen])
+                                      for name in population.STATISTICS})
 
 
 def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
@@ -107,7 +115,7 @@ def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
         raise LoadError(f"{path}: no transactions left after cleaning")
     at = end_of(as_of) if as_of else history.events[-1].ts
     states = list(next(snapshots(history.events, [at], artifact.window)).states.values())
-    scores, columns, inputs = score_with_thresholds(artifact, states, at, at_least)
+    scores, columns, inputs = score_cohort(artifact, states, at, at_least)
     return ScoredFile(scores, history.report, at, states, drift(artifact, inputs), columns)
 
 

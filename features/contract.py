@@ -281,7 +281,7 @@ def _quick(raw: bytes | str, now: datetime | None, max_future: timedelta) -> Tra
     event (tests/test_contract.py holds them level)."""
     try:
         ev = _quick_decoder.decode(raw)
-    except (msgspec.MsgspecError, UnicodeDecodeError):  # anything else goes the full way
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):  # the full way names it
         return None
     event_id, customer_id, invoice_no = ev.event_id.strip(), ev.customer_id.strip(), ev.invoice_no.strip()
     lines = ev.lines

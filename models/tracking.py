@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_URI = "sqlite:///var/mlruns/mlflow.db"
-DEFAULT_ARTIFACTS = Path("var/mlruns/artifacts")
 EXPERIMENT = "clv"
 
 
@@ -70,10 +69,11 @@ def run(command: str, tracking_uri: str | None, name: str) -> Iterator[Recorder]
     uri = tracking_uri or DEFAULT_URI
     if uri.startswith("file:"):  # asked for by name: MLflow keeps it behind an opt-in
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    artifacts = None
-    if uri == DEFAULT_URI:
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        artifacts = DEFAULT_ARTIFACTS.resolve().as_uri()
+    artifacts = None  # a file store or a server keeps them where it is configured to
+    if uri.startswith("sqlite:///"):  # beside the database, not in whatever directory runs it
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = (database.parent / "artifacts").resolve().as_uri()
     try:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)

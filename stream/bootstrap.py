@@ -47,7 +47,9 @@ from state.live.record import encode_state
 from stream.kafka_io import end_offsets
 from stream.publisher import BatchPublisher, Record, home_partition
 from stream.replay import all_topics, ensure_topics
-from export_onnx.scoring import score_states
+from export_onnx.scoring import drift, score_cohort
+from features.population import Verdict
+from features.sequences import Inputs
 from stream.settings import Settings
 from state.live.base.partition import PartitionMeta, encode_key, encode_meta
 from state.live.base.store import META_KEY
@@ -72,6 +74,7 @@ class Summary:
     as_of: str
     model: str
     seconds: float
+    drift: str | None  # the drift warning `clv score` would print for these customers, if any
 
     def render(self) -> str:
         dropped = {k: v for k, v in self.report.dropped.items() if v}
@@ -129,19 +132,23 @@ async def _preflight(settings: Settings, force: bool) -> None:
 
 
 def build(lines: pd.DataFrame, artifact: Artifact, settings: Settings
-          ) -> tuple[list[Record], int, int, datetime]:
+          ) -> tuple[list[Record], int, int, datetime, Verdict | None]:
     """Every record to write (states, scores, then partition records), the invoices folded, the
-    customers and the time scored as of."""
+    customers, the time scored as of, and how the customers compare with the model's training
+    cohort (`export_onnx.scoring.drift`)."""
     folded = fold_lines(lines, artifact.window)
     as_of = datetime.fromtimestamp(folded.newest_ts, timezone.utc)
     changelog, metas = state_records(folded.states, settings, PartitionMeta(
         folded.newest_ts, month_of(as_of), artifact.version))
     scores: list[Record] = []
+    seen: list[Inputs] = []
     for i in range(0, len(folded.states), SCORE_CHUNK):
-        chunk = score_states(artifact, folded.states[i:i + SCORE_CHUNK], as_of)
+        chunk, _, inputs = score_cohort(artifact, folded.states[i:i + SCORE_CHUNK], as_of)
+        seen.append(inputs)
         scores += [(settings.scores_topic, record[1], score.customer_id.encode(), encode_score(score))
                    for record, score in zip(changelog[i:i + SCORE_CHUNK], chunk)]
-    return changelog + scores + metas, folded.events, len(folded.states), as_of
+    return (changelog + scores + metas, folded.events, len(folded.states), as_of,
+            drift(artifact, *seen) if seen else None)
 
 
 def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings, force: bool = False,
@@ -160,7 +167,7 @@ def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings
                                  f"({report.rows_read:,} lines read)")
         bar.update()
         bar.set_description(f"folding and scoring {len(lines):,} lines")
-        records, events, customers, as_of = build(lines, artifact, settings)
+        records, events, customers, as_of, verdict = build(lines, artifact, settings)
         bar.update()
         bar.unit = "rec"
         bar.set_description("writing")
@@ -173,7 +180,8 @@ def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings
                 "hold part of the bootstrap; start no worker on them, re-run the same command "
                 "with --force") from None
     return Summary(str(file), report, events, customers, settings.partitions, len(records),
-                   as_of.isoformat(), artifact.version, time.perf_counter() - started)
+                   as_of.isoformat(), artifact.version, time.perf_counter() - started,
+                   verdict.sentence() if verdict else None)
 
 
 async def _create_and_write(settings: Settings, records: Sequence[Record], bar: Any) -> None:

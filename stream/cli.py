@@ -275,8 +275,10 @@ def cmd_score(args: argparse.Namespace) -> int:
             write_csv(scored.scores, fh, scored.at_least)
         print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
               f"{artifact.version} -> {args.out}")
-    warning = scored.drift.sentence() if scored.drift else None
-    if warning:
+    if scored.drift is None:
+        print(f"note: model {artifact.version} records no training population, so these customers "
+              "are not compared with it (clv train --population-only adds it)", file=sys.stderr)
+    elif warning := scored.drift.sentence():
         print(f"warning: {warning}", file=sys.stderr)
     if explainer is not None:
         _print_drivers(explainer, scored, args.explain, args.file)
@@ -440,6 +442,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     except BootstrapError as exc:
         raise UsageError(str(exc)) from None
     print(summary.render())
+    if summary.drift:
+        print(f"warning: {summary.drift}", file=sys.stderr)
     return 0
 
 
@@ -641,6 +645,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({result['cpu_seconds']:.1f} CPU s); "
               f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
               f"{result['max_rel_diff']:.1e})")
+    elif args.what == "api":
+        from stream import bench_api
+
+        result = bench_api.run(args.customers, args.clients, args.seconds, workdir)
+        print(f"analyst API alone, {result['customers']:,} customers, {result['clients']} concurrent "
+              f"clients from another process, {result['seconds_per_mix']:g}s per mix, rate limit off "
+              f"({result['cpus']} CPUs shared by the API and the client)")
+        for mix, r in result["mixes"].items():
+            print(f"  {mix:<24}{r['requests_per_s']:>9,.0f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                  f"5xx {r['errors_5xx']}  connection errors {r['connection_errors']}  "
+                  f"client CPU {r['client_cpu_share']:.0%}")
     elif args.what == "month-turn":
         result = bench.month_turn(args.customers, args.rate, bootstrap, workdir,
                                   session_timeout_s=args.session_timeout)
@@ -824,6 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("bootstrap", "clv bootstrap of a synthetic file: lines/s end to end, and "
                        "whether its scores equal clv score's"),
                       ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)"),
+                      ("api", "analyst API under concurrent clients: requests/s, p50 and p99 per "
+                              "endpoint mix (no broker)"),
                       ("month-turn", "a worker holding a bootstrapped population enters a new "
                        "month: seconds until every customer's new score is published, and the "
                        "latency of ordinary events meanwhile")):
@@ -864,6 +881,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "; the embedded broker holds every group join for half of it)")
         if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
+        if name == "api":
+            b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
+            b.add_argument("--clients", type=_positive_int, default=32, help="concurrent clients (default 32)")
+            b.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds per mix (default 10)")
         if name == "month-turn":
             b.add_argument("--rate", type=_positive_float, default=200.0,
                            help="ordinary events/s published before and through the turn (default 200)")

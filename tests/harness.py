@@ -8,6 +8,7 @@ import json
 import subprocess
 import time
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -223,7 +224,7 @@ class Api:
         return f"http://127.0.0.1:{self.port}"
 
     def call(self, path: str, authorization: str | None = None, data: bytes | None = None
-             ) -> tuple[int, dict[str, str], bytes]:
+             ) -> tuple[int, Message, bytes]:
         """(status, headers, body); `authorization` is the whole header (default: the token's)."""
         if authorization is None and self.token:
             authorization = f"Bearer {self.token}"
@@ -231,9 +232,9 @@ class Api:
                                      headers={"Authorization": authorization} if authorization else {})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, dict(r.headers), r.read()
+                return r.status, r.headers, r.read()  # header names are case-insensitive
         except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+            return e.code, e.headers, e.read()
         except OSError:
             return 0, {}, b""
 

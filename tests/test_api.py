@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from email.message import Message
 from pathlib import Path
 from typing import Any, Callable
 
@@ -293,14 +294,14 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def post(api: Api, path: str, body: bytes, content_type: str = "text/csv") -> tuple[int, dict, bytes]:
+def post(api: Api, path: str, body: bytes, content_type: str = "text/csv") -> tuple[int, Message, bytes]:
     req = urllib.request.Request(api.url + path, data=body, method="POST", headers={
         "Content-Type": content_type, "Authorization": f"Bearer {api.token}"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()  # header names are case-insensitive
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def test_score_upload_answers_what_clv_score_writes(api, cdnow_batch):
@@ -362,3 +363,24 @@ def test_an_upload_over_the_limit_is_answered_413(snapshot_path, tmp_path):
         assert status == 200 and answer.startswith(b"customer_id,clv,")  # under it: scored
     finally:
         assert api.proc.stop() == 0
+
+
+def test_docs_page_draws_every_path_in_chromium(api):
+    """`/docs` needs no token and no network beyond the API: Swagger UI, served by the API
+    itself, draws every path of the description and its models."""
+    pytest.importorskip("playwright")
+    from state.snapshot import dashboard
+
+    with dashboard.browser() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        failed: list[str] = []
+        page.on("requestfailed", lambda req: failed.append(req.url))
+        page.goto(f"{api.url}/docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+        shown = set(page.locator(".opblock-summary-path").all_inner_texts())
+        assert {p.replace("\u200b", "") for p in shown} == set(openapi()["paths"])
+        models = page.locator("section.models").inner_text()  # the answers' schemas
+        assert all(name in models for name in openapi()["components"]["schemas"])
+        assert "CLV snapshot API" in page.locator(".info .title").inner_text()
+        assert errors == [] and failed == []

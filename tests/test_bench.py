@@ -90,6 +90,17 @@ def test_bench_bootstrap_small(tmp_path, kafka_bootstrap):
     assert r["customers"] > 10 and r["lines_per_s"] > 0 and "3,000 lines read" in r["summary"]
 
 
+def test_bench_api_small(tmp_path):
+    """Every mix answers from the API alone with no 5xx and no connection error."""
+    r = bench(tmp_path, "api", "--customers", "500", "--clients", "4", "--seconds", "0.5")
+    assert set(r["mixes"]) == {"lookups", "top50", "segments", "exports", "lookups_during_exports"}
+    for mix, m in r["mixes"].items():
+        assert m["requests"] > 0 and m["requests_per_s"] > 0, mix
+        assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"], mix
+        assert m["errors_5xx"] == m["connection_errors"] == m["errors_other"] == 0, mix
+    assert r["mixes"]["lookups_during_exports"]["exports"] > 0
+
+
 def test_bench_month_turn_small(tmp_path, kafka_bootstrap):
     """Every bootstrapped customer is rescored and published after the turn; the ordinary events
     meanwhile are all scored; no flush fails and /ready answers 200 throughout."""

@@ -141,3 +141,20 @@ def test_unreachable_broker_writes_nothing(clv_env, kafka_bootstrap, tmp_path):
     done = _bootstrap(clv_env, part, "--bootstrap", f"127.0.0.1:{free_port()}")
     _one_line_error(done, "cannot use the broker")
     assert _nothing_written(kafka_bootstrap, clv_env)
+
+
+def test_bootstrap_judges_its_customers_against_the_models_training_cohort_as_clv_score_does(tmp_path):
+    """A retailer's history bootstrapped with the CDNOW model: its scores are written all the
+    same, with the drift warning `clv score` prints for the same file (in-process, no broker)."""
+    from export_onnx.runtime import Artifact
+    from export_onnx.scoring import score_file
+    from stream.bootstrap import build
+    from stream.settings import Settings
+
+    path = write(generate(1200, 7000, seed=7)[0], tmp_path / "retail.csv")
+    lines, _ = read_lines(path)
+    artifact = Artifact.load()
+    records, _, customers, _, verdict = build(lines, artifact, Settings.from_env({}))
+    scored = score_file(artifact, path)
+    assert customers == len(scored.scores) >= 200 and len(records) > 2 * customers
+    assert verdict == scored.drift and "order value PSI" in verdict.sentence()

@@ -29,6 +29,8 @@ def test_valid_event_round_trips():
     (b"{not json", Reason.MALFORMED_JSON),
     (b"\xff\xfe\x00garbage", Reason.MALFORMED_JSON),
     (b"[1, 2]", Reason.NOT_AN_OBJECT),
+    (b'{"a":' * 100_000, Reason.MALFORMED_JSON),  # nested past the decoders' depth: not a crash
+    (b"[" * 100_000, Reason.MALFORMED_JSON),
     (with_(customer_id=...), Reason.MISSING_FIELD),
     (with_(lines=...), Reason.MISSING_FIELD),
     (with_(schema_version=...), Reason.MISSING_FIELD),

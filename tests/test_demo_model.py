@@ -48,13 +48,30 @@ def test_demo_trains_on_a_file_its_model_was_not_trained_on_and_prints_vip_at_it
     here, stated = vip_shares(out)
     assert abs(here - stated) <= 1.0, (here, stated)
     assert "expected CLV >= $" in out.split("\n  vip\n")[1].splitlines()[0]
-    # Run again: the model it trained was trained on the file, so it is used as it is.
-    res = subprocess.run([*CLV, "demo", str(data), "--exit", "--rate", "5000", "--workdir", str(workdir)],
-                         capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""})
-    assert res.returncode == 0, res.stderr[-3000:]
-    said = [line for line in res.stdout.splitlines() if line.startswith("model: ")]
-    assert len(said) == 1 and "trained on" in said[0] and "by an earlier demo run" in said[0], said
+
+
+def test_demo_uses_a_model_trained_on_the_file_and_keeps_another_when_told(retail_demo, capsys):
+    """In-process, the choice alone: the model the first run trained is used as it is (its
+    fingerprint is the file's); CDNOW's model is kept with --no-train, and the line says its
+    scores are extrapolations; the shipped model on CDNOW itself needs no training."""
+    from export_onnx.runtime import Artifact
+    from features.batch import read_history
+    from features.loaders import vendored_cdnow
+    from stream.demo import DemoOptions, choose_model
+
+    data, workdir, _ = retail_demo
+    events = read_history(data).events
+    for train, want in ((None, str(workdir / "model")), (False, None)):
+        opts = DemoOptions(str(data), None, None, None, train, workdir, True)
+        assert choose_model(opts, Artifact.load(), str(data), events) == want
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2 and all(line.startswith("model: ") for line in said), said
+    assert "by an earlier demo run" in said[0]
+    assert "--no-train keeps it: its scores here are extrapolations" in said[1]
+    cdnow = str(vendored_cdnow())
+    opts = DemoOptions(cdnow, None, None, None, None, workdir, True)
+    assert choose_model(opts, Artifact.load(), cdnow, read_history(cdnow).events) is None
+    assert "trained on" in capsys.readouterr().out
 
 
 def test_dashboard_shows_the_same_vip_share_and_the_drift_banner_only_for_the_other_model(retail_demo, tmp_path):

@@ -125,3 +125,11 @@ def test_every_relative_link_resolves(page: Path):
         elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             broken.append(target)
     assert not broken, broken
+
+
+def test_every_clv_variable_the_docs_name_is_a_settings():
+    from stream.settings import Settings, env_names
+
+    known = {env for name in Settings.model_fields for env in env_names(name)}
+    named = {(str(p.relative_to(ROOT)), v) for p in DOCS for v in re.findall(r"\bCLV_[A-Z_]+\b", p.read_text())}
+    assert named and not {(page, v) for page, v in named if v not in known}

@@ -153,3 +153,18 @@ def ready(app, thing):
 '''
     found = reaches_inside(source, own)
     assert [f.split(":")[0] for f in found] == ["7", "8", "9", "17", "18"], found
+
+
+def test_the_serving_contract_names_every_module_of_the_worker_side():
+    """import-linter's forbidden contract lists its modules: a new module of `stream` (the entry
+    points aside, which reach everything) must be named there, or it could import torch unseen."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    serving = next(c for c in config["contracts"] if c["id"] == "serving")
+    assert {"torch", "models", "mlflow"} <= set(serving["forbidden_modules"])
+    entry_points = {"stream/cli.py", "stream/demo.py", "stream/__init__.py"}
+    worker_side = {str(p.relative_to(ROOT))[:-3].replace("/", ".") for p in (ROOT / "stream").glob("*.py")
+                   if str(p.relative_to(ROOT)) not in entry_points}
+    assert worker_side - set(serving["source_modules"]) == set()
+    assert {"features", "state", "export_onnx.runtime", "export_onnx.scoring"} <= set(serving["source_modules"])

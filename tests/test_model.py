@@ -221,7 +221,8 @@ def test_training_never_reads_after_the_cutoff(trained, tmp_path):
     """Training on the whole file and on the file cut at the cutoff gives the same model."""
     d, _ = trained
     truncated = cdnow_slice(tmp_path / "cut.txt", until=CUTOFF.replace("-", ""))
-    res = clv("train", truncated, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", tmp_path / "a2")
+    res = clv("train", truncated, "--cutoff", CUTOFF, "--epochs", "2", "--ensemble", "2", "--out", tmp_path / "a2",
+              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store's kind
     assert res.returncode == 0, res.stderr
     m1 = json.loads((d / "artifact" / "metadata.json").read_text())
     m2 = json.loads((tmp_path / "a2" / "metadata.json").read_text())

@@ -111,7 +111,7 @@ def test_events_too_large_to_publish_are_dead_lettered_truncated_and_commits_pas
     expected = {1: ("absurd_value", big[0]), 2: ("absurd_value", big[1]), 3: ("too_large_to_route", unroutable)}
     assert {where[i][1]: reason for i, (reason, _) in expected.items()} == \
         {o: dict(r.headers)["reason"].decode() for o, r in dlq.items()}
-    for i, (reason, value) in expected.items():
+    for i, (_reason, value) in expected.items():
         partition, offset = where[i]
         letter = dlq[offset]
         h = {k: v.decode() for k, v in letter.headers}

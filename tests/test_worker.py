@@ -80,7 +80,10 @@ def test_kill_9_mid_replay_loses_and_doubles_nothing(clv_env, kafka_bootstrap, t
     worker.wait_ready()
     n_events = sum(1 for _ in cdnow_slice.open()) - 1
     rep = replay(clv_env, cdnow_slice, rate=1500)
-    time.sleep(4)
+    # Mid-stream by the worker's own count, not by the clock: on a loaded machine the replay
+    # can take longer than a fixed wait to start publishing.
+    worker.wait_for("events arriving", lambda: worker.metrics().get("clv_events_in_total", 0) > 0, timeout=120)
+    time.sleep(2)
     before = worker.metrics().get("clv_events_in_total", 0)
     worker.kill()
     assert 0 < before < n_events  # killed mid-stream

@@ -1,10 +1,18 @@
-"""`clv api`: the analyst HTTP API, served from the DuckDB snapshot (never the live worker), and
-`POST /score`, which scores an uploaded transaction file as `clv score` does.
+"""`clv api`: the analyst HTTP API (FastAPI, served by uvicorn), answered from the DuckDB
+snapshot (never the live worker), and `POST /score`, which scores an uploaded transaction file
+as `clv score` does.
 
-Bearer-token auth is optional on loopback and required on any other bind address. The cheap
-questions run on the default thread pool; SQL runs on a few threads of its own, each query
-stopped at its deadline, when its client leaves and at shutdown, so heavy queries cannot starve
-the rest. Every request is rate-limited per client and written to the audit log.
+Routes are typed: their parameters are checked by FastAPI (a bad value, or a parameter the path
+does not take, is answered 400) and the OpenAPI document at `/openapi.json` is generated from
+them and from the answers' models (`state.snapshot.schemas`); `/docs` shows it to people (its
+pages are served by the API itself, no CDN). Every error is JSON `{"error": ...}`.
+
+Bearer-token auth is optional on loopback and required on any other bind address; every request
+is rate-limited per client and written to the audit log (`state.snapshot.gate`). The cheap
+questions run on the thread pool over one open snapshot (`Snapshot.reading`); SQL runs on a few
+threads of its own, each query stopped at its deadline, when its client leaves and at shutdown,
+so heavy queries cannot starve the rest. Exports stream a chunk at a time on a cursor of their
+own, so they hold no other request.
 """
 
 from __future__ import annotations
@@ -13,36 +21,46 @@ import asyncio
 import io
 import json
 import logging
-import math
-import sys
+import signal
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from contextlib import asynccontextmanager, suppress
+from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol, TextIO, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol, TypeVar
 
-from aiohttp import web
+import anyio
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from export_onnx.runtime import Artifact
+from export_onnx.scoring import score_file, write_csv
 from features.loaders import FORMATS, LoadError
-from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, MAX_INT, IsoTime, Offset
+from features.scores import CUSTOMER_FIELDS, MAX_INT
 from features.segments import SEGMENTS
+from state.auth import require_token
+from state.snapshot import schemas
+from state.snapshot.gate import INFO, AuditLog, Gate, RateLimit
 from state.snapshot.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
-                           SnapshotUnavailable)
-from state.snapshot.tables import COLUMNS, TIERS
+                                    SnapshotUnavailable)
+from state.snapshot.tables import TIERS
 from state.snapshot.upload import DUPLICATES, OUTPUTS, PARAMS, TooLarge, receive, score_options
-from state.auth import Handler, accepts, guard, require_token, token_id
-from export_onnx.scoring import ScoredFile, score_file, write_csv
 
 log = logging.getLogger("clv.api")
-OPEN_PATHS = frozenset({"/health", "/openapi.json"})  # answered without a token
+DOCS = "/docs"
+STATIC = "/docs-static"  # the documentation page's script and styles
+OPEN_PATHS = frozenset({"/health", "/openapi.json", DOCS, f"{DOCS}/oauth2-redirect"})  # no token
 UNLIMITED_PATHS = frozenset({"/health"})  # liveness probes are never rate-limited
 SHUTDOWN_GRACE_S = 5.0  # how long answers in progress (exports) may go on after SIGTERM
 MAX_TOP = 10_000
+MAX_SQL_BYTES = 1 << 20
 T = TypeVar("T")
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 class Busy(QueryError):
@@ -51,6 +69,10 @@ class Busy(QueryError):
 
 class TimedOut(QueryError):
     """A query ran past its deadline and was stopped."""
+
+
+class ClientLeft(Exception):
+    """The client hung up before its answer: its query was stopped, nothing is sent."""
 
 
 # Errors that are not the question's fault; any other QueryError is (400).
@@ -67,23 +89,30 @@ class SqlPool:
         self.threads = ThreadPoolExecutor(size, thread_name_prefix="clv-sql")
         self.running: dict[asyncio.Future[Any], Interrupt] = {}
         self.stopping: set[asyncio.Task[None]] = set()
+        self.closed = False
 
-    async def run(self, query: Callable[[Interrupt], T]) -> T:
+    async def run(self, query: Callable[[Interrupt], T], request: Request) -> T:
+        if self.closed:
+            raise QueryStopped("the API is stopping")
         if len(self.running) >= self.size:
             raise Busy(f"{self.size} SQL queries are running already (api_sql_concurrency); retry shortly")
         interrupt = Interrupt()
         job = asyncio.get_running_loop().run_in_executor(self.threads, query, interrupt)
         self.running[job] = interrupt
         job.add_done_callback(self._finished)
+        left = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(asyncio.shield(job), self.timeout_s)
-        except TimeoutError:
+            waiting: set[asyncio.Future[Any]] = {job, left}
+            done, _ = await asyncio.wait(waiting, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if job in done:
+                return job.result()
             await asyncio.shield(self._stop(job, interrupt))
+            if left in done:
+                raise ClientLeft()
             raise TimedOut(f"query stopped after {self.timeout_s:g} s (api_sql_timeout_s): "
-                           "narrow it down, or aggregate") from None
-        except asyncio.CancelledError:  # the client left
-            self._stop(job, interrupt)
-            raise
+                           "narrow it down, or aggregate")
+        finally:
+            left.cancel()
 
     def _finished(self, job: asyncio.Future[Any]) -> None:
         self.running.pop(job, None)
@@ -91,8 +120,7 @@ class SqlPool:
             job.exception()  # retrieved here too: its request may be gone
 
     def _stop(self, job: asyncio.Future[Any], interrupt: Interrupt) -> asyncio.Task[None]:
-        """Interrupts the query until its thread is free, in a task of its own, so a request
-        cancelled meanwhile cannot leave it running."""
+        """Interrupts the query until its thread is free, in a task of its own."""
         stop = asyncio.ensure_future(self._interrupt_until_done(job, interrupt))
         self.stopping.add(stop)
         stop.add_done_callback(self.stopping.discard)
@@ -105,184 +133,22 @@ class SqlPool:
             interrupt()
             await asyncio.wait([job], timeout=0.05)
 
-    async def close(self, _app: web.Application | None = None) -> None:
+    async def close(self) -> None:
+        """Stop every running query (their requests are answered 503) and the threads."""
+        self.closed = True
         await asyncio.gather(*(self._stop(job, i) for job, i in list(self.running.items())))
         self.threads.shutdown(wait=False)
 
 
-class RateLimit:
-    """A token bucket per client: `per_min` requests at once, refilled evenly over a minute."""
-
-    MAX_CLIENTS = 10_000  # above this, clients idle for a minute (whose buckets are full) are dropped
-
-    def __init__(self, per_min: int) -> None:
-        self.per_min = per_min
-        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (requests left, at)
-
-    def wait(self, client: str, now: float) -> float:
-        """0 when `client` may go ahead (and the request is counted), else seconds until it may."""
-        left, at = self.buckets.get(client, (float(self.per_min), now))
-        left = min(float(self.per_min), left + (now - at) * self.per_min / 60)
-        if client not in self.buckets and len(self.buckets) >= self.MAX_CLIENTS:
-            self.buckets = {c: b for c, b in self.buckets.items() if now - b[1] < 60}
-        allowed = left >= 1
-        self.buckets[client] = (left - 1 if allowed else left, now)
-        return 0.0 if allowed else (1 - left) * 60 / self.per_min
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has hung up (its request's body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-class AuditLog:
-    """One JSON line per request. The client is its peer address, or a short hash of its token:
-    the log never holds a credential."""
-
-    def __init__(self, target: str) -> None:
-        if target == "-":
-            self.out: TextIO = sys.stderr
-        else:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            self.out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the API's life
-
-    def write(self, request: web.Request, status: int, started: float) -> None:
-        self.out.write(json.dumps({
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "client": request.get("client", request.remote), "method": request.method,
-            "path": request.path, "status": status, "rows": request.get("rows", 0),
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1)}) + "\n")
-
-    async def close(self, _app: web.Application) -> None:
-        if self.out is not sys.stderr:
-            self.out.close()
-
-
-def _error(status: int, message: str) -> web.Response:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def audited(audit: AuditLog) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started, status = time.perf_counter(), 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # the client left before its answer
-            raise
-        finally:
-            audit.write(request, status, started)
-
-    return middleware
-
-
-def identified(token: str) -> Middleware:
-    """Names the client for the rate limit and the audit log: the token when it is the API's,
-    else the peer address (so guesses at the token are limited too)."""
-    holder = token_id(token)
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        valid = bool(token) and accepts(request.headers.get("Authorization", ""), token)
-        request["client"] = holder if valid else request.remote or "unknown"
-        return await handler(request)
-
-    return middleware
-
-
-def limited(limit: RateLimit) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        wait = 0.0 if request.path in UNLIMITED_PATHS else limit.wait(request["client"], time.monotonic())
-        if wait:
-            return web.json_response(
-                {"error": f"more than {limit.per_min} requests a minute (api_rate_limit_per_min)"},
-                status=429, headers={"Retry-After": str(math.ceil(wait))})
-        return await handler(request)
-
-    return middleware
-
-
-@web.middleware
-async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error is JSON `{"error": ...}`: refused queries and the router's own 404s and 405s."""
-    try:
-        return await handler(request)
-    except QueryError as exc:
-        return _error(next((s for kind, s in STATUS.items() if isinstance(exc, kind)), 400), str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return web.json_response({"error": exc.reason}, status=exc.status, headers=allow)
-
-
-def checked_params(spec: dict[str, Any]) -> Middleware:
-    """Refuses query parameters the description does not list: a misspelt `segmnet` would
-    otherwise answer for every customer."""
-    taken = {(method.upper(), path): sorted(p["name"] for p in op["parameters"] if p["in"] == "query")
-             for path, ops in spec["paths"].items() for method, op in ops.items()}
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        names = taken.get((request.method, resource.canonical if resource else ""))
-        if names is not None and (unknown := sorted(set(request.query) - set(names))):
-            raise QueryError(f"unknown parameter {', '.join(unknown)}; {request.path} takes "
-                             f"{', '.join(names) or 'none'}")
-        return await handler(request)
-
-    return middleware
-
-
-async def _settled(fn: Callable[..., T], *args: Any) -> T:
-    """`fn` on the default thread pool, waited for even if the request is cancelled (its client
-    left): what runs next may close the connection `fn` is still reading."""
-    job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(job)
-    except asyncio.CancelledError:
-        await asyncio.wait([job])
-        raise
-
-
-def _int_param(request: web.Request, name: str, default: int, high: int, low: int = 1) -> int:
-    text = request.query.get(name, str(default))
-    try:
-        value = int(text)
-    except ValueError:
-        raise QueryError(f"{name} must be a whole number, got {text!r}") from None
-    if not low <= value <= high:
-        raise QueryError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _selection(request: web.Request) -> Selection:
-    """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them."""
-    q = request.query
-    min_clv = q.get("min_clv")
-    try:
-        low = float(min_clv) if min_clv is not None else None
-    except ValueError:
-        low = math.nan
-    if low is not None and not math.isfinite(low):
-        raise QueryError(f"min_clv must be a number, got {min_clv!r}")
-    return Selection(segments=(q["segment"],) if "segment" in q else (),
-                     clusters=(q["cluster"],) if "cluster" in q else (),
-                     min_frequency=_int_param(request, "min_frequency", 0, MAX_INT, low=0),
-                     min_clv=low, countries=(q["country"],) if "country" in q else ())
-
-
-def _rows(request: web.Request, body: Any, rows: int) -> web.Response:
-    request["rows"] = rows  # for the audit log
-    return web.json_response(body)
-
-
-class Handlers:
-    """The API's answers, each over one snapshot connection of its own; `POST /score` with the
-    model, one file at a time (scoring takes the CPU a file needs; the next one waits)."""
+class Service:
+    """What the routes answer from: the snapshot, the SQL threads, the model for `POST /score`
+    (one file at a time: scoring takes the CPU a file needs; the next one waits)."""
 
     def __init__(self, snap: Snapshot, sql_pool: SqlPool, max_rows: int, artifact: Artifact,
                  score_max_bytes: int) -> None:
@@ -290,110 +156,382 @@ class Handlers:
         self.artifact, self.score_max_bytes = artifact, score_max_bytes
         self.scoring = asyncio.Lock()
 
-    def routes(self) -> list[web.AbstractRouteDef]:
-        return [web.get("/top", self.top), web.get("/segments", self.segments),
-                web.get("/tiers", self.tiers), web.get("/clusters", self.clusters),
-                web.get("/customers/{customer_id}", self.customer),
-                web.get("/summary", self.summary), web.get("/export.csv", self.export_csv),
-                web.get("/sql", self.sql), web.post("/sql", self.sql), web.post("/score", self.score),
-                web.get("/health", self.health), web.get("/openapi.json", self.spec)]
 
-    async def top(self, request: web.Request) -> web.Response:
-        n = _int_param(request, "n", 20, MAX_TOP)
-        rows = await asyncio.to_thread(self.snap.top, n, _selection(request))
-        return _rows(request, rows, len(rows))
+def _service(request: Request) -> Service:
+    return request.app.state.service
 
-    async def segments(self, request: web.Request) -> web.Response:
-        rows = await asyncio.to_thread(self.snap.segments)
-        return _rows(request, rows, len(rows))
 
-    async def tiers(self, request: web.Request) -> web.Response:
-        rows = await asyncio.to_thread(self.snap.tiers)
-        return _rows(request, rows, len(rows))
+def _answer(request: Request, body: Any, rows: int) -> JSONResponse:
+    request.scope[INFO]["rows"] = rows  # for the audit log
+    return JSONResponse(body)
 
-    async def clusters(self, request: web.Request) -> web.Response:
-        rows = await asyncio.to_thread(self.snap.clusters)
-        return _rows(request, rows, len(rows))
 
-    async def customer(self, request: web.Request) -> web.Response:
-        cid = request.match_info["customer_id"]
-        row = await asyncio.to_thread(self.snap.customer, cid)
-        if row is None:
-            return _error(404, f"customer {cid!r} is not in the snapshot")
-        return _rows(request, row, 1)
+def _errors(codes: str) -> dict[int | str, dict[str, Any]]:
+    """The error answers an operation documents: 400 always (any path refuses parameters it does
+    not take), then `codes`."""
+    return {int(code): ERRORS[code] for code in ["400", *codes.split()]}
 
-    async def summary(self, request: web.Request) -> web.Response:
-        return _rows(request, await asyncio.to_thread(self.snap.summary), 1)
 
-    async def export_csv(self, request: web.Request) -> web.StreamResponse:
-        """Streamed a chunk at a time; the first chunk is read before the 200 is sent, so an
-        unknown segment or a missing snapshot still gets its error status."""
-        chunks = self.snap.csv_chunks(_selection(request))
-        request["rows"] = 0
+_RETRY = {"Retry-After": {"description": "seconds to wait before trying again",
+                          "schema": {"type": "integer", "minimum": 1}}}
+ERRORS: dict[str, dict[str, Any]] = {
+    "400": {"model": schemas.Error, "description": "a bad parameter (n, segment), a parameter the path "
+            "does not take, missing or blank SQL, or SQL that DuckDB refuses (writes, file access, "
+            "settings, syntax)"},
+    "401": {"model": schemas.Error, "description": "a missing or wrong token, or one not sent as "
+            "`Authorization: Bearer <token>`",
+            "headers": {"WWW-Authenticate": {"description": "the scheme to use: Bearer",
+                                             "schema": {"type": "string"}}}},
+    "404": {"model": schemas.Error, "description": "no customer with this id in the snapshot"},
+    "408": {"model": schemas.Error, "description": "the query ran longer than api_sql_timeout_s and "
+            "was stopped"},
+    "413": {"model": schemas.Error, "description": "the SQL text is longer than 1 MiB, or the "
+            "uploaded file larger than api_score_max_bytes"},
+    "429": {"model": schemas.Error, "description": "over api_rate_limit_per_min requests this "
+            "minute for this client", "headers": _RETRY},
+    "503": {"model": schemas.Error, "description": "no snapshot yet (or it cannot be opened), "
+            "api_sql_concurrency queries running already, or the API is stopping", "headers": _RETRY},
+}
+READ = "401 429 503"
+
+_TAKEN: dict[int, list[str]] = {}  # per route, the query parameters it takes
+
+
+def known_parameters(request: Request) -> None:
+    """A misspelt `segmnet` would otherwise answer for every customer: each path refuses the
+    query parameters it does not take, and a parameter given twice (which one would count?)."""
+    route = request.scope["route"]
+    names = _TAKEN.get(id(route))
+    if names is None:
+        names = _TAKEN[id(route)] = sorted(_query_parameters(route.dependant))
+    if unknown := sorted(set(request.query_params) - set(names)):
+        raise QueryError(f"unknown parameter {', '.join(unknown)}; {request.url.path} takes "
+                         f"{', '.join(names) or 'none'}")
+    if repeated := sorted({k for k, _ in request.query_params.multi_items()
+                           if len(request.query_params.getlist(k)) > 1}):
+        raise QueryError(f"parameter {', '.join(repeated)} given more than once; each takes one value")
+
+
+def _query_parameters(dependant: Any) -> set[str]:
+    """The query parameters a route's dependencies and handler read, by name."""
+    return {p.alias for p in dependant.query_params}.union(
+        *(_query_parameters(d) for d in dependant.dependencies))
+
+
+router = APIRouter(dependencies=[Depends(known_parameters)])
+
+
+def selection(segment: str | None = Query(None, json_schema_extra={"enum": [*SEGMENTS, *TIERS]},
+                                          description="a named segment or a value tier; another value is "
+                                                      "answered 400"),
+              cluster: str | None = Query(None, description="a behavioral cluster (`/clusters` lists them)"),
+              country: str | None = Query(None, description="a country, as the transactions name it; "
+                                          "a customer whose country is unknown (as on CDNOW) has an empty one"),
+              min_frequency: int = Query(0, ge=0, le=MAX_INT,
+                                         description="only customers with at least this many purchases"),
+              min_clv: float | None = Query(None, allow_inf_nan=False,
+                                            description="only customers with at least this expected CLV"),
+              ) -> Selection:
+    """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them: every
+    filter given must hold."""
+    return Selection(segments=(segment,) if segment is not None else (),
+                     clusters=(cluster,) if cluster is not None else (),
+                     min_frequency=min_frequency, min_clv=min_clv,
+                     countries=(country,) if country is not None else ())
+
+
+@router.get("/top", response_model=list[schemas.Customer], responses=_errors(READ),
+            summary="Customers with the highest expected CLV (expected spend over the horizon)")
+def top(request: Request, n: int = Query(20, ge=1, le=MAX_TOP), sel: Selection = Depends(selection)) -> Any:
+    rows = _service(request).snap.top(n, sel)
+    return _answer(request, rows, len(rows))
+
+
+@router.get("/segments", response_model=list[schemas.Segment], responses=_errors(READ),
+            summary="Per segment: customers, total and mean expected CLV, share of the total, and "
+                    "its playbook (who, signals, what to do, what to measure)")
+def segments(request: Request) -> Any:
+    rows = _service(request).snap.segments()
+    return _answer(request, rows, len(rows))
+
+
+@router.get("/clusters", response_model=list[schemas.Cluster], responses=_errors(READ),
+            summary="Per behavioral cluster (named by its profile): customers, total, mean and "
+                    "share of expected CLV, mean p_purchase, recency, frequency, order value and "
+                    "tenure, and its most common segment")
+def clusters(request: Request) -> Any:
+    rows = _service(request).snap.clusters()
+    return _answer(request, rows, len(rows))
+
+
+@router.get("/tiers", response_model=list[schemas.Tier], responses=_errors(READ),
+            summary="Per value tier (terciles of expected CLV): customers, CLV range, totals and shares")
+def tiers(request: Request) -> Any:
+    rows = _service(request).snap.tiers()
+    return _answer(request, rows, len(rows))
+
+
+@router.get("/countries", response_model=list[schemas.Country], responses=_errors(READ),
+            summary="Per country: customers, expected value and its share, revenue so far")
+def countries(request: Request) -> Any:
+    rows = _service(request).snap.by_country()
+    return _answer(request, rows, len(rows))
+
+
+@router.get("/insights", response_model=list[schemas.Insight], responses=_errors(READ),
+            summary="Written insights over the snapshot, each a sentence with its number")
+def insights(request: Request) -> Any:
+    rows = _service(request).snap.insights()
+    return _answer(request, rows, len(rows))
+
+
+@router.get("/customers/{customer_id}", response_model=schemas.CustomerWithDrivers,
+            responses=_errors("401 404 429 503"),
+            summary="One customer's newest score, RFM fields and, for the top customers, the drivers "
+                    "of its score")
+def customer(request: Request, customer_id: str = PathParam()) -> Any:
+    row = _service(request).snap.customer(customer_id)
+    if row is None:
+        return JSONResponse({"error": f"customer {customer_id!r} is not in the snapshot"}, status_code=404)
+    return _answer(request, row, 1)
+
+
+@router.get("/summary", response_model=schemas.Summary, responses=_errors(READ),
+            summary="Snapshot metadata and totals")
+def summary(request: Request) -> Any:
+    return _answer(request, _service(request).snap.summary(), 1)
+
+
+class CsvResponse(Response):
+    media_type = "text/csv"
+
+
+@router.get("/export.csv", response_class=CsvResponse, responses=_errors(READ),
+            summary="Every customer (or those the filters select) as CSV, best first, streamed")
+async def export_csv(request: Request, sel: Selection = Depends(selection)) -> Response:
+    """The first chunk is read before the 200 is sent, so an unknown segment or a missing
+    snapshot still gets its error status; the rest follow as DuckDB reads them, on a cursor of
+    the export's own."""
+    chunks = _service(request).snap.csv_chunks(sel)
+    try:
+        first = await run_in_threadpool(next, chunks, None)
+    except BaseException:
+        await _closed(chunks)
+        raise
+    return StreamingResponse(_stream(request, chunks, first), media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": 'attachment; filename="clv.csv"'})
+
+
+async def _stream(request: Request, chunks: Iterator[tuple[str, int]],
+                  chunk: tuple[str, int] | None) -> AsyncIterator[bytes]:
+    info = request.scope[INFO]
+    try:
+        while chunk is not None:
+            text, rows = chunk
+            info["rows"] += rows
+            yield text.encode()
+            chunk = await run_in_threadpool(next, chunks, None)
+    finally:
+        await _closed(chunks)
+
+
+async def _closed(chunks: Iterator[tuple[str, int]]) -> None:
+    """The export's cursor let go, even when its client left mid-stream."""
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
+
+
+SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv FROM customer_scores GROUP BY 1"
+SQL_SUMMARY = ("Read-only SQL over the snapshot (writes, file access and settings refused); "
+               "stopped after api_sql_timeout_s, at most api_sql_max_rows rows")
+
+
+@router.get("/sql", response_model=schemas.SqlAnswer, responses=_errors("401 408 429 503"), summary=SQL_SUMMARY)
+async def sql_get(request: Request, q: str = Query(min_length=1, examples=[SQL_EXAMPLE],
+                                                    description="the SQL text; missing or blank is answered 400")
+                  ) -> Any:
+    return await _sql(request, q)
+
+
+@router.post("/sql", response_model=schemas.SqlAnswer, responses=_errors("401 408 413 429 503"),
+             summary=SQL_SUMMARY + "; the SQL text is the body (blank is answered 400)",
+             openapi_extra={"requestBody": {"required": True, "content": {"text/plain": {
+                 "schema": {"type": "string", "minLength": 1}, "example": SQL_EXAMPLE}}}})
+async def sql_post(request: Request) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_SQL_BYTES:
+            raise TooLarge("the SQL text is longer than 1 MiB")
+    return await _sql(request, body.decode("utf-8", "replace"))
+
+
+async def _sql(request: Request, text: str) -> Any:
+    if not text.strip():
+        raise QueryError("the SQL text is required: in q, or as the body of a POST")
+    service = _service(request)
+    try:
+        answer = await service.sql_pool.run(partial(service.snap.sql, text, service.max_rows), request)
+    except ClientLeft:
+        request.scope[INFO]["left"] = True
+        return Response(status_code=204)  # sent to nobody
+    return _answer(request, answer._asdict(), len(answer.rows))
+
+
+def _score_doc() -> dict[str, Any]:
+    """`POST /score`'s body (the file as a multipart form's `file`, or the raw body) and its
+    CSV answer with the headers that carry the rest."""
+    text = {"type": "string"}
+    return {"requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "string", "format": "binary"}}}},
+                "text/csv": {"schema": text},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {
+                "content": {"text/csv": {"schema": text}},
+                "headers": {"X-Model-Version": {"description": "the model that scored the file (out=csv)",
+                                                "schema": text},
+                            "X-As-Of": {"description": "the time scores are as of (out=csv)", "schema": text},
+                            "X-Cleaning-Report": {"description": "the cleaning report as one line of JSON (out=csv)",
+                                                  "schema": text},
+                            "X-Drift-Warning": {"description": "present when the file's customers are unlike "
+                                                "the model's training cohort: the line `clv score` warns "
+                                                "with (out=csv)", "schema": text}}}}}
+
+
+@router.post("/score", response_model=schemas.Scored, responses=_errors("401 413 429"),
+             openapi_extra=_score_doc(),
+             summary="Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
+                     "does: every customer's score as of the newest event (or as_of), with the cleaning "
+                     "report and the drift warning `clv score` prints, if any. JSON, or with out=csv "
+                     "the CSV `clv score` writes (the report in the "
+                     "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
+                     "reason `clv score` prints; one over api_score_max_bytes 413")
+async def score(request: Request,
+                format: Literal[FORMATS] | None = Query(None, description=PARAMS["format"]),  # type: ignore[valid-type]
+                map: str | None = Query(None, description=PARAMS["map"]),
+                duplicates: Literal[DUPLICATES] | None = Query(None, description=PARAMS["duplicates"]),  # type: ignore[valid-type]
+                outlier_quantity: int | None = Query(None, ge=0, le=999_999_999,
+                                                     description=PARAMS["outlier_quantity"]),
+                timezone: str | None = Query(None, description=PARAMS["timezone"]),
+                as_of: date | None = Query(None, description=PARAMS["as_of"]),
+                out: Literal[OUTPUTS] | None = Query(None, description=PARAMS["out"]),  # type: ignore[valid-type]
+                ) -> Any:
+    """Checked by `score_options` as `clv score` checks its flags (FastAPI has checked the types)."""
+    service = _service(request)
+    opts, day, answer_as = score_options(request.query_params)
+    with tempfile.TemporaryDirectory(prefix="clv-upload-") as tmp:
+        path = await receive(request, service.score_max_bytes, Path(tmp))
         try:
-            chunk = await _settled(next, chunks, None)
-            resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
-                                               "Content-Disposition": 'attachment; filename="clv.csv"'})
-            await resp.prepare(request)
-            while chunk is not None:
-                text, rows = chunk
-                await resp.write(text.encode())
-                request["rows"] += rows
-                chunk = await _settled(next, chunks, None)
-        finally:
-            await _settled(chunks.close)
-        await resp.write_eof()  # last: a client that has it all may hang up at once
-        return resp
-
-    async def sql(self, request: web.Request) -> web.Response:
-        if request.method == "POST":
-            text = (await request.read()).decode("utf-8", "replace")
-        else:
-            text = request.query.get("q", "")
-        if not text.strip():
-            raise QueryError("the SQL text is required: in q, or as the body of a POST")
-        answer = await self.sql_pool.run(partial(self.snap.sql, text, self.max_rows))
-        return _rows(request, answer._asdict(), len(answer.rows))
-
-    async def score(self, request: web.Request) -> web.Response:
-        """Scores an uploaded file as `clv score` would; a file it cannot read is answered 400
-        with the reason the CLI prints, naming the file as uploaded."""
-        opts, as_of, out = score_options(request.query)
-        with tempfile.TemporaryDirectory(prefix="clv-upload-") as tmp:
-            path = await receive(request, self.score_max_bytes, Path(tmp))
-            try:
-                async with self.scoring:
-                    scored = await _settled(partial(score_file, self.artifact, path, as_of, **opts))
-            except LoadError as exc:
-                raise QueryError(str(exc).replace(f"{tmp}/", "")) from None
-        request["rows"] = len(scored.scores)
-        if out == "csv":
-            text = io.StringIO()
-            write_csv(scored.scores, text)
-            return web.Response(text=text.getvalue(), content_type="text/csv", headers={
-                "X-Model-Version": self.artifact.version, "X-As-Of": scored.as_of.isoformat(),
-                "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":")),
-                **({"X-Drift-Warning": warning} if (warning := _drift_warning(scored)) else {})})
-        return web.json_response(self._scored(scored))
-
-    def _scored(self, scored: ScoredFile) -> dict[str, Any]:
-        return {"model_version": self.artifact.version, "horizon_months": self.artifact.horizon_months,
-                "as_of": scored.as_of.isoformat(), "customers": len(scored.scores),
-                "cleaning": scored.report.as_dict(), "drift_warning": _drift_warning(scored),
-                "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores]}
-
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "snapshot": str(self.snap.path),
-                                  "snapshot_exists": self.snap.path.exists()})
-
-    async def spec(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi())
+            async with service.scoring:
+                scored = await run_in_threadpool(partial(score_file, service.artifact, path, day, **opts))
+        except LoadError as exc:
+            raise QueryError(str(exc).replace(f"{tmp}/", "")) from None
+    request.scope[INFO]["rows"] = len(scored.scores)
+    drift = scored.drift.sentence() if scored.drift else None  # what `clv score` warns with
+    if answer_as == "csv":
+        text = io.StringIO()
+        write_csv(scored.scores, text)
+        return Response(text.getvalue(), media_type="text/csv", headers={
+            "X-Model-Version": service.artifact.version, "X-As-Of": scored.as_of.isoformat(),
+            "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":")),
+            **({"X-Drift-Warning": drift} if drift else {})})
+    return JSONResponse({
+        "model_version": service.artifact.version, "horizon_months": service.artifact.horizon_months,
+        "as_of": scored.as_of.isoformat(), "customers": len(scored.scores),
+        "cleaning": scored.report.as_dict(), "drift_warning": drift,
+        "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores]})
 
 
-def _drift_warning(scored: ScoredFile) -> str | None:
-    """The line `clv score` warns with when the file's customers are unlike the model's training
-    cohort (features.population), or None."""
-    return scored.drift.sentence() if scored.drift else None
+@router.get("/health", response_model=schemas.Health, responses=_errors(""), openapi_extra={"security": []},
+            summary="Liveness: never needs a token, never rate-limited")
+def health(request: Request) -> Any:
+    snap = _service(request).snap
+    return JSONResponse({"status": "ok", "snapshot": str(snap.path), "snapshot_exists": snap.path.exists()})
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's findings as one line: which parameter, what is wrong with it."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"][1:]) or "request"
+        parts.append(f"{where}: {err['msg']}" + (f", got {err['input']!r}" if "input" in err and
+                                                 not isinstance(err["input"], (dict, list)) else ""))
+    return "; ".join(parts)
+
+
+def app_for(service: Service | None, on_close: list[Callable[[], Any]] | None = None) -> FastAPI:
+    """The FastAPI application over `service` (None: only its description, for `openapi`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for close in on_close or ():
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+    app = FastAPIOffline(
+        title="CLV snapshot API", version="4", lifespan=lifespan, redoc_url=None, static_url=STATIC,
+        description="Customer lifetime value scores, segments, insights and exports from the newest "
+                    "DuckDB snapshot. Every error is JSON {\"error\": ...}.")
+    app.state.service = service
+    app.include_router(router)
+    app.add_exception_handler(QueryError, _query_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
+    return app
+
+
+async def _query_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error(next((s for kind, s in STATUS.items() if isinstance(exc, kind)), 400), str(exc))
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    return _error(400, _validation_message(exc))  # type: ignore[arg-type]
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """The router's own 404s and 405s as JSON errors."""
+    assert isinstance(exc, HTTPException)
+    allow = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+    return _error(exc.status_code, str(exc.detail), allow)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with what this API does its own way: bad input is answered 400 (not
+    FastAPI's 422), errors are JSON on every path (the CSV export's too), and a bearer token
+    guards every path but the open ones."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            op["responses"].pop("422", None)
+            for code, answer in op["responses"].items():  # errors are JSON, whatever the 200 is
+                if code != "200" and "content" in answer:
+                    answer["content"] = {"application/json": next(iter(answer["content"].values()))}
+    schemas_ = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas_.pop(name, None)
+    doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    doc["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
+
+
+def openapi() -> dict[str, Any]:
+    """The API's OpenAPI document, without starting it."""
+    return app_for(None).openapi()
 
 
 class ApiSettings(Protocol):
@@ -412,231 +550,57 @@ class ApiSettings(Protocol):
     model_dir: str
 
 
-def build(settings: ApiSettings) -> web.Application:
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopping running SQL queries as soon as SIGTERM or Ctrl-C arrives
+    (uvicorn would otherwise wait for them to end before shutting down)."""
+
+    def __init__(self, config: uvicorn.Config, sql_pool: SqlPool) -> None:
+        super().__init__(config)
+        self.sql_pool = sql_pool
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.sql_pool.close()))
+
+
+def build(settings: ApiSettings) -> tuple[FastAPI, SqlPool]:
+    """The application with its gate (rate limit, token, audit log), and its SQL pool."""
     require_token(settings.api_host, settings.api_token, "api_host")
     sql_pool = SqlPool(settings.api_sql_concurrency, settings.api_sql_timeout_s)
     audit = AuditLog(settings.api_audit_log)
-    middlewares: list[Any] = [audited(audit), identified(settings.api_token)]  # in order
-    if settings.api_rate_limit_per_min:
-        middlewares.append(limited(RateLimit(settings.api_rate_limit_per_min)))
-    if settings.api_token:
-        middlewares.append(guard(settings.api_token, OPEN_PATHS))
-    middlewares += [answer_errors, checked_params(openapi())]
-    app = web.Application(middlewares=middlewares)
-    handlers = Handlers(Snapshot(settings.snapshot_path), sql_pool, settings.api_sql_max_rows,
-                        Artifact.load(settings.model_dir or None), settings.api_score_max_bytes)
-    app.add_routes(handlers.routes())
-    app.on_shutdown.append(sql_pool.close)  # before the grace period: running queries end now
-    app.on_cleanup.append(audit.close)
-    return app
+    snap = Snapshot(settings.snapshot_path)
+    service = Service(snap, sql_pool, settings.api_sql_max_rows,
+                      Artifact.load(settings.model_dir or None), settings.api_score_max_bytes)
+    app = app_for(service, on_close=[sql_pool.close, snap.close, audit.close])
+    limit = RateLimit(settings.api_rate_limit_per_min) if settings.api_rate_limit_per_min else None
+    app.add_middleware(Gate, token=settings.api_token, limit=limit, audit=audit, open_paths=OPEN_PATHS,
+                       open_prefixes=(STATIC + "/",), unlimited_paths=UNLIMITED_PATHS)
+    return app, sql_pool
 
 
 def serve(settings: ApiSettings) -> int:
-    app = build(settings)
+    """Serve until SIGTERM or Ctrl-C: running queries are stopped at once (503), answers in
+    progress (exports) get SHUTDOWN_GRACE_S to finish; exit 0."""
+    app, sql_pool = build(settings)
     log.info("analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
-             "%d rows; %s requests/min per client; audit log %s)", settings.api_host,
+             "%d rows; %s requests/min per client; audit log %s; docs at %s)", settings.api_host,
              settings.api_port, settings.snapshot_path, settings.model_dir or "shipped",
              "bearer token" if settings.api_token else "off",
              settings.api_sql_concurrency, settings.api_sql_timeout_s, settings.api_sql_max_rows,
              settings.api_rate_limit_per_min or "unlimited",
-             "stderr" if settings.api_audit_log == "-" else settings.api_audit_log)
-    web.run_app(app, host=settings.api_host, port=settings.api_port, print=None, access_log=None,
-                handle_signals=True, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S)
+             "stderr" if settings.api_audit_log == "-" else settings.api_audit_log, DOCS)
+    config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # type: ignore[arg-type]
+                            server_header=False)
+    # uvicorn raises the signal it stopped on again once it is done, with the handler it found:
+    # these make that an ordinary exit.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    with suppress(KeyboardInterrupt):
+        _Server(config, sql_pool).run()
     return 0
-
-
-# The OpenAPI description: every path, method, parameter and status the API answers.
-
-_JSON_TYPES: dict[Any, dict[str, str]] = {
-    int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-    IsoTime: {"type": "string", "format": "date-time"}, Offset: {"type": "integer"}}
-_TEXT = {"type": "string"}
-_SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv FROM customer_scores GROUP BY 1"
-
-
-def _customer_schema(drivers: bool = False) -> dict[str, Any]:
-    """A `customer_scores` row: the score contract's fields, then its tier and source; with
-    `drivers`, the drivers of its score (`Snapshot.customer`)."""
-    props: dict[str, Any] = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in COLUMNS}
-    props.update(value_tier={"type": "string", "enum": list(TIERS)},
-                 source_partition={"type": "integer"}, source_offset={"type": "integer"})
-    if drivers:
-        number = {"type": "number"}
-        props["drivers"] = {**_object(
-            reference_clv=number, clv=number,
-            drivers={"type": "array", "items": _object(group=_TEXT, contribution=number, meaning=_TEXT)}),
-            "nullable": True, "description": (
-                "why the score is what it is: reference_clv, the score of the model's average "
-                "customer (every input the mean of its training cohort's), plus each group's "
-                "contribution in dollars (exact Shapley values, largest first) makes clv. The "
-                "snapshot carries them for its snapshot_drivers_top customers of the highest clv; "
-                "null for the others (the worker's /customers/{id} and `clv score --explain` "
-                "explain anyone)")}
-    return {"type": "object", "required": list(props), "properties": props}
-
-
-def _object(**props: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": list(props), "properties": props}
-
-
-def _ref(kind: str, name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _header(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "schema": schema}
-
-
-def _error_response(description: str, **headers: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": description,
-                           "content": {"application/json": {"schema": _ref("schemas", "Error")}}}
-    if headers:
-        out["headers"] = {name.replace("_", "-"): spec for name, spec in headers.items()}
-    return out
-
-
-_RETRY = _header("seconds to wait before trying again", {"type": "integer", "minimum": 1})
-_ERRORS = {
-    "400": _error_response("a bad parameter (n, segment), a parameter the path does not take, "
-                           "missing or blank SQL, or SQL that DuckDB refuses (writes, file access, "
-                           "settings, syntax)"),
-    "401": _error_response("a missing or wrong token, or one not sent as `Authorization: Bearer <token>`",
-                           WWW_Authenticate=_header("the scheme to use: Bearer", _TEXT)),
-    "404": _error_response("no customer with this id in the snapshot"),
-    "408": _error_response("the query ran longer than api_sql_timeout_s and was stopped"),
-    "413": _error_response("the SQL text is longer than 1 MiB, or the uploaded file larger than "
-                           "api_score_max_bytes"),
-    "429": _error_response("over api_rate_limit_per_min requests this minute for this client",
-                           Retry_After=_RETRY),
-    "503": _error_response("no snapshot yet (or it cannot be opened), api_sql_concurrency queries "
-                           "running already, or the API is stopping", Retry_After=_RETRY),
-}
-
-
-def _op(summary: str, ok: dict[str, Any], errors: str, params: list[dict[str, Any]] | None = None,
-        content: str = "application/json", **extra: Any) -> dict[str, Any]:
-    """An operation answering 200, 400 (any path refuses parameters it does not take) and `errors`."""
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": {content: {"schema": ok}}}}
-    responses.update({code: _ref("responses", code) for code in ["400", *errors.split()]})
-    return {"summary": summary, "parameters": params or [], "responses": responses, **extra}
-
-
-def _selection_params() -> list[dict[str, Any]]:
-    """`clv export`'s filters: every one given must hold."""
-    return [{"name": "segment", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": [*SEGMENTS, *TIERS]},
-             "description": "a named segment or a value tier; another value is answered 400"},
-            {"name": "cluster", "in": "query", "required": False, "schema": _TEXT,
-             "description": "a behavioral cluster (`/clusters` lists them)"},
-            {"name": "country", "in": "query", "required": False, "schema": _TEXT,
-             "description": "a country, as the transactions name it; a customer whose country "
-                            "is unknown (as on CDNOW) has an empty one"},
-            {"name": "min_frequency", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "default": 0},
-             "description": "only customers with at least this many purchases"},
-            {"name": "min_clv", "in": "query", "required": False, "schema": {"type": "number"},
-             "description": "only customers with at least this expected CLV"}]
-
-
-def _score_params() -> list[dict[str, Any]]:
-    enums = {"format": list(FORMATS), "duplicates": list(DUPLICATES), "out": list(OUTPUTS)}
-    kinds = {"outlier_quantity": {"type": "integer", "minimum": 0, "maximum": 999_999_999},
-             "as_of": {"type": "string", "format": "date"}}
-    return [{"name": name, "in": "query", "required": False, "description": doc,
-             "schema": {"type": "string", "enum": enums[name]} if name in enums
-             else kinds.get(name, _TEXT)} for name, doc in PARAMS.items()]
-
-
-def _score_op() -> dict[str, Any]:
-    """POST /score: the file as a multipart form's `file`, or as the raw body."""
-    score = {name: _JSON_TYPES[FIELD_TYPES[name]] for name in CUSTOMER_FIELDS}
-    answer = _object(model_version=_TEXT, horizon_months={"type": "integer"},
-                     as_of={"type": "string", "format": "date-time"}, customers={"type": "integer"},
-                     cleaning={"type": "object"},
-                     drift_warning={"type": "string", "nullable": True, "description": (
-                         "the line `clv score` warns with when the file's customers are unlike "
-                         "the model's training cohort (PSI per input past 0.25), else null")},
-                     scores={"type": "array", "items": _object(**score)})
-    op = _op("Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
-             "does: every customer's score as of the newest event (or as_of), with the cleaning "
-             "report and the drift warning `clv score` prints, if any. JSON, or with out=csv the CSV "
-             "`clv score` writes (the report in the X-Cleaning-Report header). A file that cannot be "
-             "read is answered 400 with the reason `clv score` prints; one over api_score_max_bytes 413",
-             answer, "401 413 429", _score_params(),
-             requestBody={"required": True, "content": {
-                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                     "file": {"type": "string", "format": "binary"}}}},
-                 "text/csv": {"schema": _TEXT},
-                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}})
-    op["responses"]["200"]["content"]["text/csv"] = {"schema": _TEXT}
-    op["responses"]["200"]["headers"] = {
-        "X-Model-Version": _header("the model that scored the file (out=csv)", _TEXT),
-        "X-As-Of": _header("the time scores are as of (out=csv)", _TEXT),
-        "X-Cleaning-Report": _header("the cleaning report as one line of JSON (out=csv)", _TEXT),
-        "X-Drift-Warning": _header("present when the file's customers are unlike the model's "
-                                   "training cohort: the line `clv score` warns with (out=csv)", _TEXT)}
-    return op
-
-
-def openapi() -> dict[str, Any]:
-    rows = {"type": "array", "items": {"type": "object"}}
-    read = "401 429 503"
-    sql_summary = ("Read-only SQL over the snapshot (writes, file access and settings refused); "
-                   "stopped after api_sql_timeout_s, at most api_sql_max_rows rows")
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "CLV snapshot API", "version": "3",
-                 "description": "Customer lifetime value scores, segments and exports from the "
-                                "newest DuckDB snapshot. Every error is JSON {\"error\": ...}."},
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": _object(error=_TEXT),
-                "Customer": _customer_schema(),
-                "CustomerWithDrivers": _customer_schema(drivers=True),
-                "SqlAnswer": _object(columns={"type": "array", "items": _TEXT},
-                                     rows={"type": "array", "items": {"type": "array", "items": {}}},
-                                     truncated={"type": "boolean"}),
-            },
-            "responses": _ERRORS,
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/top": {"get": _op("Customers with the highest expected CLV (expected spend over the horizon)",
-                                {"type": "array", "items": _ref("schemas", "Customer")}, read, [
-                {"name": "n", "in": "query", "required": False,
-                 "schema": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_TOP}},
-                *_selection_params()])},
-            "/segments": {"get": _op("Per segment: customers, total and mean expected CLV, share of "
-                                     "the total, and its playbook (who, signals, what to do, what "
-                                     "to measure)", rows, read)},
-            "/clusters": {"get": _op("Per behavioral cluster (named by its profile): customers, "
-                                     "total, mean and share of expected CLV, mean p_purchase, "
-                                     "recency, frequency, order value and tenure, and its most "
-                                     "common segment", rows, read)},
-            "/tiers": {"get": _op("Per value tier (terciles of expected CLV): customers, CLV range, "
-                                  "totals and shares", rows, read)},
-            "/customers/{customer_id}": {"get": _op(
-                "One customer's newest score, RFM fields and, for the top customers, the "
-                "drivers of its score", _ref("schemas", "CustomerWithDrivers"), "401 404 429 503",
-                [{"name": "customer_id", "in": "path", "required": True, "schema": _TEXT}])},
-            "/summary": {"get": _op("Snapshot metadata and totals", {"type": "object"}, read)},
-            "/export.csv": {"get": _op("Every customer (or one segment or tier) as CSV, streamed",
-                                       _TEXT, read, _selection_params(), content="text/csv")},
-            "/sql": {
-                "get": _op(sql_summary, _ref("schemas", "SqlAnswer"), "401 408 429 503", [
-                    {"name": "q", "in": "query", "required": True, "example": _SQL_EXAMPLE,
-                     "schema": {"type": "string", "minLength": 1},
-                     "description": "the SQL text; missing or blank is answered 400"}]),
-                "post": _op(sql_summary + "; the SQL text is the body (blank is answered 400)",
-                            _ref("schemas", "SqlAnswer"), "401 408 413 429 503",
-                            requestBody={"required": True, "content": {"text/plain": {
-                                "schema": {"type": "string", "minLength": 1}, "example": _SQL_EXAMPLE}}}),
-            },
-            "/score": {"post": _score_op()},
-            "/health": {"get": _op("Liveness: never needs a token, never rate-limited",
-                                   _object(status=_TEXT, snapshot=_TEXT, snapshot_exists={"type": "boolean"}),
-                                   "", security=[])},
-            "/openapi.json": {"get": _op("This description", {"type": "object"}, "429", security=[])},
-        },
-    }

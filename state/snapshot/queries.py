@@ -1,19 +1,30 @@
-"""The questions analysts ask of a snapshot, for `clv query`, `clv export` and the API.
+"""The questions analysts ask of a snapshot, for `clv query`, `clv export`, the API and the
+dashboard.
 
-Every call opens the published file read-only, with file access and configuration changes
-disabled, and closes it: a call sees one whole snapshot even while the sink swaps in a new one,
-and nothing sent through `sql` can write, attach, read files or re-enable either.
+A `Snapshot` keeps the published file open read-only (attached to a private in-memory DuckDB,
+file access and configuration changes disabled) and answers each question on a cursor of it: one
+per thread, or one of its own for a streamed export. It opens the file again only when the sink
+has replaced it (the sink renames a new file over the path: a new inode and modification time),
+and closes the previous one when its last reader is done, so a question is always answered from
+one whole snapshot, never a mix of two. A snapshot never changes once published, so the answers to
+the questions asked over and over (tables per segment, tier, cluster or country, insights, top
+lists) are kept with the open file and answered again without DuckDB until the file is replaced;
+a customer lookup reads the snapshot's index. Free SQL (`sql`) runs on a connection of its own, opened
+read-only for that query, so nothing sent through it can write, attach, read files or re-enable
+either, and it can be stopped from another thread.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Generator, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Generator, Hashable, Iterator, Mapping, NamedTuple, TypeVar
 
 import duckdb
 import pandas as pd
@@ -24,6 +35,11 @@ from state.snapshot.insights import one
 from state.snapshot.tables import TIERS
 
 MAX_SQL_ROWS = 10_000
+# Per open snapshot, shared by its readers.
+READ_CONFIG: dict[str, str | bool | int | float | list[str]] = {"threads": 2, "memory_limit": "1GB"}
+KEPT_ANSWERS = 256  # answers kept per open snapshot, the least recently asked dropped first
+KEPT_ROWS = 1_000  # larger answers are read again each time
+T = TypeVar("T")
 # What a terminal shows of a top list; JSON and exports carry every column.
 TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
                "recency_days", "total_spend"]
@@ -82,6 +98,26 @@ def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
     return [{c: _plain(v) for c, v in zip(cols, row)} for row in cur.fetchall()]
 
 
+def _explained(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
+    """The customers whose drivers the snapshot carries (none in a snapshot of an earlier sink)."""
+    if not insights.has(con, "customer_drivers"):
+        return frozenset()
+    return frozenset(c for (c,) in con.execute("SELECT DISTINCT customer_id FROM customer_drivers").fetchall())
+
+
+def _summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """`snapshot_meta` and the totals of `customer_scores`."""
+    cur = con.execute("SELECT * FROM snapshot_meta")
+    cols = [d[0] for d in cur.description]
+    meta = dict(zip(cols, one(cur)))
+    totals = one(con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) FROM customer_scores"))
+    out = {k: _plain(v) for k, v in meta.items()}
+    out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
+    out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
+               mean_p_purchase=_plain(totals[3]))
+    return out
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
@@ -96,32 +132,152 @@ class Selection:
     countries: tuple[str, ...] = ()
 
 
+def stamp(path: Path) -> tuple[int, int, int] | None:
+    """Identifies one published file: the sink replaces the snapshot whole, so a new one has a
+    new inode and modification time. None when there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class _Opened:
+    """One published file, attached read-only to a private in-memory DuckDB (DuckDB shares one
+    database per path among the connections of a process, which would keep serving a replaced
+    file to a new connection while an old one is open: an attached file is this object's own)."""
+
+    def __init__(self, path: Path, file_stamp: tuple[int, int, int]) -> None:
+        self.stamp = file_stamp  # taken before attaching: at worst a newer file under an older stamp
+        self.con = duckdb.connect(":memory:", config=READ_CONFIG)
+        try:
+            self.con.execute("ATTACH ? AS snapshot (READ_ONLY)", [str(path)])
+            self.con.execute("USE snapshot")
+            self.con.execute("SET enable_external_access = false")
+            self.con.execute("SET lock_configuration = true")
+        except duckdb.Error:
+            self.con.close()
+            raise
+        self.readers = 0
+        self.replaced = False
+        self.local = threading.local()
+        self.answers: OrderedDict[Hashable, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def answer(self, key: Hashable, compute: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """`compute`'s answer on this thread's cursor, kept for the next asker when small; kept
+        answers are shared, so callers must not change them."""
+        with self.lock:
+            if key in self.answers:
+                self.answers.move_to_end(key)
+                return self.answers[key]
+        value = compute(self.thread_cursor())
+        if not isinstance(value, list) or len(value) <= KEPT_ROWS:
+            with self.lock:
+                self.answers[key] = value
+                while len(self.answers) > KEPT_ANSWERS:
+                    self.answers.popitem(last=False)
+        return value
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = self.con.cursor()
+        cur.execute("USE snapshot")
+        return cur
+
+    def thread_cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor (a DuckDB connection is used by one thread at a time)."""
+        cur = getattr(self.local, "cursor", None)
+        if cur is None:
+            cur = self.local.cursor = self.cursor()
+        return cur
+
+
 class Snapshot:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
+        self._open: _Opened | None = None
 
     def connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own on the file, read-only: for free SQL."""
         try:
             return duckdb.connect(str(self.path), read_only=True, config={
-                "enable_external_access": False, "lock_configuration": True,
-                "threads": 2, "memory_limit": "1GB"})
+                "enable_external_access": False, "lock_configuration": True, **READ_CONFIG})
         except duckdb.IOException as exc:
             if not self.path.exists():
-                raise SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?") from None
+                raise self._missing() from None
             raise SnapshotUnavailable(f"cannot open {self.path}: {exc}") from None
 
+    def _missing(self) -> SnapshotUnavailable:
+        return SnapshotUnavailable(f"no snapshot at {self.path} yet: is `clv snapshot` running?")
+
+    def _acquire(self) -> _Opened:
+        """The open snapshot, opened anew when the file was replaced; counted as read."""
+        now = stamp(self.path)
+        with self._lock:
+            held = self._open
+            if held is None or held.stamp != now:
+                if now is None:
+                    raise self._missing()
+                try:
+                    opened = _Opened(self.path, now)
+                except duckdb.Error as exc:
+                    if not self.path.exists():
+                        raise self._missing() from None
+                    raise SnapshotUnavailable(f"cannot open {self.path}: {str(exc).splitlines()[0]}") from None
+                if held is not None:
+                    held.replaced = True
+                    if held.readers == 0:
+                        held.con.close()
+                self._open = held = opened
+            held.readers += 1
+            return held
+
+    def _release(self, opened: _Opened) -> None:
+        with self._lock:
+            opened.readers -= 1
+            if opened.replaced and opened.readers == 0:
+                opened.con.close()  # its last reader is done: the replaced file is let go
+
     @contextmanager
-    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection on one snapshot for several questions that must agree."""
-        con = self.connect()
+    def reading(self, own_cursor: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor on one snapshot for the questions of one call: this thread's, or with
+        `own_cursor` one of its own (for a reader that moves between threads, as a streamed
+        export does)."""
+        opened = self._acquire()
         try:
-            yield con
+            cur = opened.cursor() if own_cursor else opened.thread_cursor()
+            try:
+                yield cur
+            finally:
+                if own_cursor:
+                    cur.close()
         finally:
-            con.close()
+            self._release(opened)
+
+    def close(self) -> None:
+        """Let the open file go (readers still on it finish first)."""
+        with self._lock:
+            held, self._open = self._open, None
+            if held is not None:
+                held.replaced = True
+                if held.readers == 0:
+                    held.con.close()
 
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         with self.reading() as con:
             return _dicts(con, sql, params)
+
+    def _kept(self, key: Hashable, compute: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """The answer to a question asked before of the same snapshot, else `compute`'s."""
+        opened = self._acquire()
+        try:
+            return opened.answer(key, compute)
+        finally:
+            self._release(opened)
+
+    def _kept_rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return self._kept((sql, *(params or ())), lambda con: _dicts(con, sql, params))
 
     @staticmethod
     def _filter(sel: Selection) -> tuple[str, list[Any]]:
@@ -150,53 +306,57 @@ class Snapshot:
         if n <= 0:
             raise QueryError(f"n must be positive, got {n}")
         where, params = self._filter(sel)
-        return self._rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
+        return self._kept_rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
                           f"LIMIT ?", [*params, n])
 
     def segments(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM segment_summary")
+        return self._kept_rows("SELECT * FROM segment_summary")
 
     def tiers(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM tier_summary")
+        return self._kept_rows("SELECT * FROM tier_summary")
 
     def countries(self) -> list[str]:
         """The countries of the customers whose country is known, for a filter to offer."""
-        return [r["country"] for r in self._rows(
+        return [r["country"] for r in self._kept_rows(
             "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
 
     def by_country(self) -> list[dict[str, Any]]:
         """Per country ("" where unknown): customers, expected value and its share, spend so far."""
-        return self._rows("SELECT * FROM country_summary")
+        return self._kept_rows("SELECT * FROM country_summary")
 
     def moves(self) -> list[dict[str, Any]]:
         """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
         None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
-        with self.reading() as con:
+        def read(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             if not insights.has(con, "segment_moves") or one(con.execute(
                     "SELECT previous_snapshot_at IS NULL FROM snapshot_meta"))[0]:
                 return []
             return _dicts(con, "SELECT * FROM segment_moves")
 
+        return self._kept("moves", read)
+
     def insights(self) -> list[dict[str, Any]]:
         """The written insights (`state.snapshot.insights`), each `key`, `text`, `value`."""
-        with self.reading() as con:
-            return [asdict(i) for i in insights.compute(con)]
+        return self._kept("insights", lambda con: [asdict(i) for i in insights.compute(con)])
 
     def clusters(self) -> list[dict[str, Any]]:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
-        return self._rows("SELECT * FROM cluster_summary")
+        return self._kept_rows("SELECT * FROM cluster_summary")
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:
         """The customer's row, with `drivers`: how its score adds up from the model's average
         customer when the snapshot carries them (its top customers), else None."""
-        with self.reading() as con:
+        opened = self._acquire()
+        try:
+            con = opened.thread_cursor()
             rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
             if not rows:
                 return None
-            kept = one(con.execute("SELECT count(*) FROM duckdb_tables() "  # not by earlier sinks
-                               "WHERE table_name = 'customer_drivers'"))[0]
+            explained = opened.answer("explained customers", _explained)
             drivers = _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
-                             [customer_id]) if kept else []
+                             [customer_id]) if customer_id in explained else []
+        finally:
+            self._release(opened)
         row = rows[0]
         row["drivers"] = None if not drivers else {
             "reference_clv": drivers[0]["reference_clv"], "clv": row["clv"],
@@ -205,20 +365,7 @@ class Snapshot:
         return row
 
     def summary(self) -> dict[str, Any]:
-        con = self.connect()
-        try:
-            cur = con.execute("SELECT * FROM snapshot_meta")
-            cols = [d[0] for d in cur.description]
-            meta = dict(zip(cols, one(cur)))
-            totals = one(con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) "
-                                 "FROM customer_scores"))
-        finally:
-            con.close()
-        out = {k: _plain(v) for k, v in meta.items()}
-        out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
-        out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
-                   mean_p_purchase=_plain(totals[3]))
-        return out
+        return self._kept("summary", _summary)
 
     def sql(self, text: str, limit: int = MAX_SQL_ROWS, interrupt: Interrupt | None = None) -> SqlAnswer:
         """Any read-only SQL; writes, file access and settings changes are refused by DuckDB.
@@ -249,25 +396,19 @@ class Snapshot:
 
     def frame(self, sel: Selection = Selection()) -> pd.DataFrame:
         """The export's rows, best first: `clv export`, the API's and the dashboard's downloads."""
-        con = self.connect()
-        try:
+        with self.reading() as con:
             return con.execute(*self._export_query(sel)).df()
-        finally:
-            con.close()
 
     def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Generator[tuple[str, int], None, None]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
-        rows at a time, so an export over HTTP never holds the whole snapshot in memory. The
-        connection stays open (on the snapshot it opened) until the iterator ends or is closed."""
-        con = self.connect()
-        try:
+        rows at a time, so an export over HTTP never holds the whole snapshot in memory. Its own
+        cursor stays on the snapshot it started on until the iterator ends or is closed."""
+        with self.reading(own_cursor=True) as con:
             cur = con.execute(*self._export_query(sel))
             header = True
             while not (frame := cur.fetch_df_chunk(vectors)).empty or header:
                 yield frame.to_csv(index=False, header=header), len(frame)
                 header = False
-        finally:
-            con.close()
 
 
 def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -7,7 +7,8 @@ it over that path. A rename is atomic, so a reader opens either the previous sna
 one, never a partial file, and the sink never holds a lock on the published path.
 
 Tables:
-- `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier.
+- `customer_scores`: one row per customer, its newest score, RFM fields, segment and value tier;
+  indexed by customer id (a lookup reads the index, not the table).
 - `snapshot_meta`: one row: when it was written, newest event time, row count, offsets per
   partition of the scores topic (the sink resumes from them), model versions, and when the
   snapshot it replaced was written (`previous_snapshot_at`, NULL for the first).
@@ -89,6 +90,7 @@ SELECT {", ".join(COLUMNS)},
        source_partition, source_offset
 FROM scores, cut
 ORDER BY customer_id;
+CREATE INDEX customer_scores_customer_id ON clv_next.customer_scores (customer_id);
 
 CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
 
@@ -308,7 +310,10 @@ class Snapshots:
         try:
             con.execute("INSERT INTO clv_next.previous_segments "
                         "SELECT customer_id, segment FROM clv_replaced.customer_scores")
-            return one(con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta"))[0]
+            dated = one(con.execute(  # the earliest sinks did not write it
+                "SELECT count(*) FROM information_schema.columns WHERE table_catalog = 'clv_replaced' "
+                "AND table_name = 'snapshot_meta' AND column_name = 'snapshot_at'"))[0]
+            return one(con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta"))[0] if dated else None
         finally:
             con.execute("DETACH clv_replaced")
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 import re
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from starlette.requests import Request
 
 from features.loaders import FORMATS, LoadError, parse_mapping
 from state.snapshot.queries import QueryError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 CHUNK = 1 << 16
 FRAMING = 1 << 16  # multipart boundaries and part headers allowed on top of the file
@@ -77,28 +80,96 @@ def _name(filename: str | None) -> str:
     return base[:100] or "upload"
 
 
-async def receive(request: web.Request, limit: int, into: Path) -> Path:
+async def receive(request: Request, limit: int, into: Path) -> Path:
     """The uploaded file written into the directory `into`: the first file part of a multipart
     form, else the whole body. TooLarge past `limit` bytes, before reading them all."""
-    if request.content_length is not None and request.content_length > limit + FRAMING:
-        raise TooLarge(f"upload of {request.content_length:,} bytes is over api_score_max_bytes "
-                       f"({limit:,})")
-    if request.content_type.startswith("multipart/"):
-        try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if isinstance(part, BodyPartReader) and (part.filename or part.name == "file"):
-                    return await _copy(part.read_chunk, limit, into / _name(part.filename))
-        except (ValueError, HttpProcessingError) as exc:  # aiohttp's words for a broken form
-            raise QueryError(f"unreadable multipart form: {exc}") from None
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + FRAMING:
+        raise TooLarge(f"upload of {int(length):,} bytes is over api_score_max_bytes ({limit:,})")
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    if not kind.startswith(b"multipart/"):
+        return await _copy(request, limit, into / "upload")
+    if not options.get(b"boundary"):
+        raise QueryError("unreadable multipart form: its Content-Type names no boundary")
+    part = _FilePart(into, limit)
+    parser = MultipartParser(options[b"boundary"], part.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if part.done:
+                break
+        else:
+            parser.finalize()
+    except MultipartParseError as exc:
+        raise QueryError(f"unreadable multipart form: {exc}") from None
+    finally:
+        part.close()
+    if part.path is None or not part.done:
         raise QueryError("the multipart form has no file part (send the file as `file`)")
-    return await _copy(request.content.read, limit, into / "upload")
+    return part.path
 
 
-async def _copy(read: Any, limit: int, path: Path) -> Path:
+class _FilePart:
+    """Writes the first part of a form that is a file (it has a file name, or is named `file`)."""
+
+    def __init__(self, into: Path, limit: int) -> None:
+        self.into, self.limit = into, limit
+        self.path: Path | None = None
+        self.done = False
+        self.size = 0
+        self._fh: Any = None
+        self._field = self._value = b""
+        self._headers: dict[bytes, bytes] = {}
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {"on_part_begin": self._begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_done, "on_part_data": self._data,
+                "on_part_end": self._end}
+
+    def _begin(self) -> None:
+        self._headers = {}
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field = self._value = b""
+
+    def _headers_done(self) -> None:
+        _, disposition = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = disposition.get(b"filename")
+        if self.path is None and (filename is not None or disposition.get(b"name") == b"file"):
+            self.path = self.into / _name(filename.decode("utf-8", "replace") if filename else None)
+            self._fh = self.path.open("wb")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._fh is None:
+            return
+        self.size += end - start
+        if self.size > self.limit:
+            raise TooLarge(f"upload over api_score_max_bytes ({self.limit:,} bytes)")
+        self._fh.write(data[start:end])
+
+    def _end(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            self.done = True
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+async def _copy(request: Request, limit: int, path: Path) -> Path:
     size = 0
     with path.open("wb") as fh:
-        while chunk := await read(CHUNK):
+        async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise TooLarge(f"upload over api_score_max_bytes ({limit:,} bytes)")

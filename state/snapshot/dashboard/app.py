@@ -237,6 +237,10 @@ def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
         share_of_customers=seg["share_of_customers"].map(lambda v: f"{v:.1%}"))
     st.table(books.rename(columns={"share_of_customers": "share here"}).rename(
         columns=lambda c: c.replace("_", " ")), hide_index=True)
+    st.caption(f"who: each rule with this model's dollar thresholds, and the share of its training "
+               f"cohort ({meta['cutoff'][:10]}) it held, where its numbers are true; share here: of "
+               "this snapshot's customers, which differs when they are not that cohort (a part of "
+               "it, a later date, or other customers: the drift check says when they are unlike it)")
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
