@@ -132,10 +132,14 @@ def assert_exact(live: dict[str, dict], batch: dict[str, dict]) -> list[str]:
     """Every customer field of each newest live score equals `clv score`'s: numbers within 1e-5
     relative (onnxruntime's sums differ with the batch a customer is scored in), text exactly.
     `clv score` measures from the file's newest event; a customer last scored on an earlier
-    clock (no event of its own and no month turn since) is compared on all but CLOCK_FIELDS.
+    clock (no event of its own and no month turn since) is compared on all but CLOCK_FIELDS,
+    and that clock is in the newest one's month (a month turn rescores every customer).
     Returns the customers compared on every field."""
     assert set(live) == set(batch)
     newest = max(a["as_of"] for a in live.values())
+    stale = {cid: a["as_of"] for cid, a in live.items() if a["as_of"][:7] != newest[:7]}
+    assert not stale, (f"{len(stale)} customers last scored before {newest[:7]}",
+                       dict(list(stale.items())[:5]))
     numbers = [f for f in CUSTOMER_FIELDS if FIELD_TYPES[f] in (int, float)]
     worst = {f: 0.0 for f in numbers}
     whole = []

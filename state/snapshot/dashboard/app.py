@@ -60,11 +60,18 @@ def stamp(path: Path) -> tuple[int, int] | None:
     return st_.st_mtime_ns, st_.st_ino
 
 
+@st.cache_resource(show_spinner=False)
+def reader(path: str) -> Snapshot:
+    """One reader of the snapshot for every session: it holds the file open and follows the
+    sink's swaps (state.snapshot.queries)."""
+    return Snapshot(path)
+
+
 @st.cache_data(show_spinner=False, max_entries=2)
 def load(path: str, snap_stamp: tuple[int, int]) -> dict[str, Any]:
     """Everything the page shows but the filtered list, read once per snapshot (`snap_stamp`
     keys the cache: a new snapshot is read anew)."""
-    snap = Snapshot(path)
+    snap = reader(path)
     return {"customers": snap.frame(), "summary": snap.summary(), "segments": snap.segments(),
             "tiers": snap.tiers(), "clusters": snap.clusters(), "countries": snap.countries(),
             "by_country": snap.by_country(), "moves": snap.moves(), "insights": snap.insights()}
@@ -73,7 +80,7 @@ def load(path: str, snap_stamp: tuple[int, int]) -> dict[str, Any]:
 @st.cache_data(show_spinner=False, max_entries=16)
 def selected(path: str, snap_stamp: tuple[int, int], sel: Selection) -> pd.DataFrame:
     """The customers the filters select, best first: exactly `clv export`'s rows."""
-    return Snapshot(path).frame(sel)
+    return reader(path).frame(sel)
 
 
 @st.cache_data(show_spinner=False)
@@ -378,7 +385,7 @@ def lookup(path: str) -> None:
     if not cid:
         return
     try:
-        row = Snapshot(path).customer(cid.strip())
+        row = reader(path).customer(cid.strip())
     except QueryError as exc:
         st.error(str(exc))
         return
