@@ -98,7 +98,11 @@ def parity_check(model: GRUModel | GRUEnsemble, artifact: Artifact,
         with torch.no_grad():
             torch_out = model(torch.from_numpy(scaled.seq), torch.from_numpy(scaled.static),
                               torch.from_numpy(scaled.classic), model.h0(len(scaled.seq)))
-        onnx_out = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
+        raw = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
+        members = raw.members()
+        if members is None:
+            raise ParityError(f"{artifact.version}: the exported graph has no member outputs")
+        onnx_out = (raw.clv, raw.p_purchase, *members)
         for name, t, o in zip(OUTPUTS, (t.numpy() for t in torch_out), onnx_out):
             if name == "member_mu":
                 t, o = np.exp(t.astype(np.float64)), np.exp(o.astype(np.float64))

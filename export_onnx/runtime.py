@@ -114,12 +114,12 @@ class Artifact:
 
     def distribution(self, raw: RawPrediction) -> SpendDistribution:
         """Each customer's predictive distribution of horizon spend, at the level."""
-        if raw.member_p is None or raw.member_mu is None or raw.member_sigma is None:
+        members = raw.members()
+        if members is None:
             raise ArtifactError(f"model {self.version} has no predictive distribution (trained before "
                                 "this release); retrain it with `clv train`")
         p = self.calibration.apply(raw.clv, raw.p_purchase)[1]
-        return SpendDistribution.from_members(p, raw.member_p, raw.member_mu, raw.member_sigma,
-                                              self.calibration.factor, self.calibration.spread)
+        return SpendDistribution.from_members(p, *members, self.calibration.factor, self.calibration.spread)
 
     def prob_at_least(self, inputs: Inputs | RawPrediction, threshold: float) -> np.ndarray:
         """P(horizon spend >= threshold) per customer, from unscaled inputs or the graph's

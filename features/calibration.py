@@ -40,6 +40,12 @@ class RawPrediction(NamedTuple):
     member_mu: np.ndarray | None = None
     member_sigma: np.ndarray | None = None
 
+    def members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(member_p, member_mu, member_sigma), or None from a legacy graph."""
+        if self.member_p is None or self.member_mu is None or self.member_sigma is None:
+            return None
+        return self.member_p, self.member_mu, self.member_sigma
+
 
 class Prediction(NamedTuple):
     """Per customer over the horizon: `clv`, the expected spend (what rankings, tiers and budgets

@@ -40,7 +40,8 @@ class Truth:
 
 def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: pd.Timestamp,
                t1: pd.Timestamp, wholesale_share: float, big_first_share: float = BIG_FIRST_SHARE,
-               steady_share: float = STEADY_SHARE) -> tuple[np.ndarray, ...]:
+               steady_share: float = STEADY_SHARE
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, pd.DatetimeIndex]:
     """The customer model: ids, purchase rates, basket multipliers, and each kept invoice's
     buyer (index) and time.
 

@@ -118,11 +118,12 @@ def fit_spread(held_out: list[tuple[np.ndarray, RawPrediction]]) -> float:
     y = np.concatenate([y for y, _ in held_out])
     raw = RawPrediction(*(np.concatenate(parts) for parts in zip(*(r for _, r in held_out))))
     p = raw.p_purchase.astype(np.float64)
+    members = raw.members()
+    assert members is not None, "a trained network outputs its members"
     want_above, want_below = np.minimum(p, 0.1).mean(), np.where(p > 0.9, 0.1, 0.0).mean()
 
     def miss(spread: float) -> float:
-        low, high = SpendDistribution.from_members(p, raw.member_p, raw.member_mu, raw.member_sigma,
-                                                   spread=spread).interval()
+        low, high = SpendDistribution.from_members(p, *members, spread=spread).interval()
         return float((np.mean(y > high) - want_above) ** 2 + (np.mean(y < low) - want_below) ** 2)
 
     misses = [miss(c) for c in SPREADS]
