@@ -51,7 +51,8 @@ def write_snapshot(path: Path, customers: int) -> None:
     from state.snapshot import tables
 
     template = ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, p_purchase=0.4,
+        schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, clv_low=0.0, clv_high=0.0, clv_sd=0.0,
+        p_purchase=0.4,
         recency_days=30.0, frequency=3, monetary=40.0, tenure_days=400.0, total_spend=120.0,
         segment="regular", cluster="", country="", horizon_months=6, model_version="gru-bench",
         as_of=IsoTime("2011-12-09T12:50:00+00:00"), scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
@@ -62,7 +63,8 @@ def write_snapshot(path: Path, customers: int) -> None:
     try:
         store.open()
         for i in range(customers):
-            score = replace(template, customer_id=customer_id(i), clv=(i * 7919 % 10_007) / 10,
+            clv = (i * 7919 % 10_007) / 10
+            score = replace(template, customer_id=customer_id(i), clv=clv, clv_high=2.5 * clv, clv_sd=1.2 * clv,
                             frequency=1 + i % 12, segment=SEGMENTS[i % len(SEGMENTS)],
                             cluster=("steady", "lapsed", "big_basket", "new")[i % 4],
                             country=("United Kingdom", "France", "Germany", "")[i % 4])

@@ -5,6 +5,7 @@ was trained on other customers (the shipped CDNOW model)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from export_onnx.runtime import shipped_model_dir
 from features.synthetic import generate, write
 from harness import CLV
 
@@ -105,7 +107,9 @@ def test_dashboard_shows_the_same_vip_share_and_the_drift_banner_only_for_the_ot
                 if not drift:
                     assert abs(stated - here) <= 1.0, (stated, here)
                 else:
-                    assert stated == 8.7  # the shipped model's cohort: CDNOW
+                    # the shipped model's cohort (CDNOW), as its artifact records it
+                    shipped = json.loads((shipped_model_dir() / "metadata.json").read_text())
+                    assert stated == round(100 * shipped["segment_shares"]["vip"], 1)
                 show(page, "Model")
                 assert (page.locator('[class*="st-key-drift-"]').count() > 0) == drift
         finally:

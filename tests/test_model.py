@@ -155,7 +155,7 @@ def test_a_model_trained_before_the_interval_still_scores_with_the_interval_not_
     import onnx
 
     from export_onnx import ArtifactError
-    from export_onnx.artifact import LEGACY_OUTPUTS
+    from export_onnx.runtime import LEGACY_OUTPUTS
 
     d, data = trained
     old = tmp_path / "old"

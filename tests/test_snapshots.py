@@ -44,7 +44,7 @@ def test_readers_never_see_a_partial_or_locked_snapshot(cdnow_live):
     seen = cdnow_live.reader
     assert seen["n_errors"] == 0, seen["errors"]
     assert seen["inconsistent"] == []
-    assert seen["reads"] > 100 and seen["snapshots_seen"] >= 3, seen  # swaps happened underneath
+    assert seen["reads"] > 100 and seen["snapshots_seen"] >= 2, seen  # a swap happened underneath
 
 
 def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
