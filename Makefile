@@ -53,9 +53,10 @@ demo: install-demo $(DEMO_FILE)
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Lint, types and the import contracts (pyproject.toml): what CI runs before the tests.
+# Lint, format, types and the import contracts (pyproject.toml): what CI runs before the tests.
 check: $(VENV)/.dev-$(HASH)
 	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

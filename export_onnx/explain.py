@@ -44,19 +44,42 @@ class Group:
 
 
 GROUPS = (
-    Group("recency", "how recently the customer last bought",
-          static=("log_recency_months",), classic=("purchase_span_days",)),
-    Group("frequency", "how often the customer buys: invoices, active months, purchase days",
-          static=("log_invoices_total", "log_invoices_before_window", "log_active_months"),
-          classic=("purchase_days",)),
-    Group("order_value", "how much the customer spends: in total, per invoice, per purchase day",
-          static=("log_spend_total", "log_order_value"), classic=("spend_per_purchase_day",)),
-    Group("trend", "the month-by-month pattern of spend, invoices and units over the window",
-          seq=("log_spend", "log_invoices", "log_units", "active")),
-    Group("tenure", "how long the customer has been known",
-          seq=("before_first",), static=("log_tenure_months",), classic=("age_days",)),
-    Group("season", "the calendar: the months of the window and of the as-of date",
-          seq=("moy_sin", "moy_cos"), static=("asof_moy_sin", "asof_moy_cos", "horizon_months")),
+    Group(
+        "recency",
+        "how recently the customer last bought",
+        static=("log_recency_months",),
+        classic=("purchase_span_days",),
+    ),
+    Group(
+        "frequency",
+        "how often the customer buys: invoices, active months, purchase days",
+        static=("log_invoices_total", "log_invoices_before_window", "log_active_months"),
+        classic=("purchase_days",),
+    ),
+    Group(
+        "order_value",
+        "how much the customer spends: in total, per invoice, per purchase day",
+        static=("log_spend_total", "log_order_value"),
+        classic=("spend_per_purchase_day",),
+    ),
+    Group(
+        "trend",
+        "the month-by-month pattern of spend, invoices and units over the window",
+        seq=("log_spend", "log_invoices", "log_units", "active"),
+    ),
+    Group(
+        "tenure",
+        "how long the customer has been known",
+        seq=("before_first",),
+        static=("log_tenure_months",),
+        classic=("age_days",),
+    ),
+    Group(
+        "season",
+        "the calendar: the months of the window and of the as-of date",
+        seq=("moy_sin", "moy_cos"),
+        static=("asof_moy_sin", "asof_moy_cos", "horizon_months"),
+    ),
 )
 
 
@@ -66,9 +89,11 @@ MEANINGS = {g.name: g.meaning for g in GROUPS}
 def reference_inputs(cohort: Inputs) -> dict[str, Any]:
     """The average customer of a cohort: the mean of every input (each month of the window
     apart), as the artifact stores it (`clv train` records it for its cohort at the cutoff)."""
-    return {"seq": cohort.seq.mean(axis=0, dtype=np.float64).tolist(),
-            "static": cohort.static.mean(axis=0, dtype=np.float64).tolist(),
-            "classic": cohort.classic.mean(axis=0, dtype=np.float64).tolist()}
+    return {
+        "seq": cohort.seq.mean(axis=0, dtype=np.float64).tolist(),
+        "static": cohort.static.mean(axis=0, dtype=np.float64).tolist(),
+        "classic": cohort.classic.mean(axis=0, dtype=np.float64).tolist(),
+    }
 
 
 @dataclass(frozen=True)
@@ -86,16 +111,20 @@ class Drivers:
 
     def as_dict(self) -> dict[str, Any]:
         """What the APIs answer: the reference, each group's dollars with its meaning, the clv."""
-        return {"reference_clv": self.reference, "clv": self.clv,
-                "drivers": [{"group": name, "contribution": value, "meaning": MEANINGS[name]}
-                            for name, value in self.ranked()]}
+        return {
+            "reference_clv": self.reference,
+            "clv": self.clv,
+            "drivers": [
+                {"group": name, "contribution": value, "meaning": MEANINGS[name]} for name, value in self.ranked()
+            ],
+        }
 
 
 def _shapley_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Coalitions (2^G x G, bool; the first none, the last all) and the weight of each
     coalition's value in each group's Shapley value: |S|!(G-|S|-1)!/G! for S + i, minus it for
     S, where S excludes i."""
-    coalitions = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    coalitions = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)
     size = coalitions.sum(axis=1, keepdims=True)
     w = np.array([factorial(k) * factorial(n - k - 1) / factorial(n) for k in range(n)])
     return coalitions, np.where(coalitions, w[np.maximum(size - 1, 0)], -w[np.minimum(size, n - 1)])
@@ -107,16 +136,22 @@ class Explainer:
     def __init__(self, artifact: Artifact) -> None:
         ref = artifact.meta.get("reference")
         if ref is None:
-            raise ArtifactError(f"model {artifact.version} carries no reference customer to "
-                                "explain scores against; retrain it with `clv train`")
+            raise ArtifactError(
+                f"model {artifact.version} carries no reference customer to "
+                "explain scores against; retrain it with `clv train`"
+            )
         self.artifact = artifact
-        self.reference = Inputs(np.asarray(ref["seq"], np.float32)[None],
-                                np.asarray(ref["static"], np.float32)[None],
-                                np.asarray(ref["classic"], np.float32)[None])
+        self.reference = Inputs(
+            np.asarray(ref["seq"], np.float32)[None],
+            np.asarray(ref["static"], np.float32)[None],
+            np.asarray(ref["classic"], np.float32)[None],
+        )
         scaler = artifact.scaler
-        reads = {**dict(zip(SEQ_FEATURES, scaler.seq_mask != 0)),
-                 **dict(zip(STATIC_FEATURES, scaler.static_mask != 0)),
-                 **{name: True for name in CLASSIC_FEATURES}}
+        reads = {
+            **dict(zip(SEQ_FEATURES, scaler.seq_mask != 0)),
+            **dict(zip(STATIC_FEATURES, scaler.static_mask != 0)),
+            **{name: True for name in CLASSIC_FEATURES},
+        }
         self.groups = tuple(g for g in GROUPS if any(reads[f] for f in (*g.seq, *g.static, *g.classic)))
         self.coalitions, self.weights = _shapley_weights(len(self.groups))
         # Per coalition, which inputs come from the customer (the rest from the reference).
@@ -128,8 +163,9 @@ class Explainer:
         """Coalitions x inputs: the input is the customer's. An input of no active group (the
         network never reads it) is the customer's in every coalition."""
         owner = {f: i for i, g in enumerate(self.groups) for f in getattr(g, kind)}
-        return np.stack([self.coalitions[:, owner[n]] if n in owner
-                         else np.ones(len(self.coalitions), bool) for n in names], axis=1)
+        return np.stack(
+            [self.coalitions[:, owner[n]] if n in owner else np.ones(len(self.coalitions), bool) for n in names], axis=1
+        )
 
     def explain(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per customer: its clv, the reference clv and the groups' contributions (customers x
@@ -139,9 +175,9 @@ class Explainer:
         for lo in range(0, n, CHUNK_CUSTOMERS):
             part = inputs.take(np.arange(lo, min(n, lo + CHUNK_CUSTOMERS)))
             values = self._values(part)  # customers x coalitions
-            clv[lo:lo + len(values)] = values[:, -1]  # every group the customer's
-            ref[lo:lo + len(values)] = values[:, 0]  # none
-            contrib[lo:lo + len(values)] = values @ self.weights
+            clv[lo : lo + len(values)] = values[:, -1]  # every group the customer's
+            ref[lo : lo + len(values)] = values[:, 0]  # none
+            contrib[lo : lo + len(values)] = values @ self.weights
         return clv, ref, contrib
 
     def _values(self, part: Inputs) -> np.ndarray:
@@ -150,8 +186,11 @@ class Explainer:
         seq = np.where(self.take_seq[None, :, None, :], part.seq[:, None], self.reference.seq[:, None])
         static = np.where(self.take_static[None], part.static[:, None], self.reference.static[:, None])
         classic = np.where(self.take_classic[None], part.classic[:, None], self.reference.classic[:, None])
-        mixed = Inputs(seq.reshape(-1, *seq.shape[2:]), static.reshape(-1, static.shape[-1]),
-                       classic.reshape(-1, classic.shape[-1]))
+        mixed = Inputs(
+            seq.reshape(-1, *seq.shape[2:]),
+            static.reshape(-1, static.shape[-1]),
+            classic.reshape(-1, classic.shape[-1]),
+        )
         raw = self.artifact.raw_predict(mixed)  # then the level, as `Artifact.predict` applies it
         clv, _p = self.artifact.calibration.apply(raw.clv, raw.p_purchase)
         return clv.astype(np.float64).reshape(-1, k)
@@ -161,14 +200,17 @@ class Explainer:
         inputs = build_inputs(states, month_of(as_of), self.artifact.window, self.artifact.horizon_months)
         clv, ref, contrib = self.explain(inputs)
         names = [g.name for g in self.groups]
-        return [Drivers(s.customer_id, float(c), float(r), dict(zip(names, map(float, row))))
-                for s, c, r, row in zip(states, clv, ref, contrib)]
+        return [
+            Drivers(s.customer_id, float(c), float(r), dict(zip(names, map(float, row))))
+            for s, c, r, row in zip(states, clv, ref, contrib)
+        ]
 
 
 def render(d: Drivers) -> str:
     """The drivers as lines of text that add up to the score, largest first."""
-    lines = [f"  {'reference':<12}{d.reference:>12,.2f}  the model's average customer (mean inputs "
-             "of its training cohort)"]
+    lines = [
+        f"  {'reference':<12}{d.reference:>12,.2f}  the model's average customer (mean inputs of its training cohort)"
+    ]
     for name, value in d.ranked():
         lines.append(f"  {name:<12}{value:>+12,.2f}  {MEANINGS[name]}")
     lines.append(f"  {'= clv':<12}{d.clv:>12,.2f}")

@@ -61,14 +61,22 @@ def _write(model: GRUModel | GRUEnsemble, out_dir: Path, meta: dict[str, Any], c
     model.eval()
     n_seq, n_static = len(meta["seq_features"]), len(meta["static_features"])
     n_classic = len(meta["classic_features"])
-    dummy = (torch.zeros(2, meta["window"], n_seq), torch.zeros(2, n_static),
-             torch.ones(2, n_classic), model.h0(2))
+    dummy = (torch.zeros(2, meta["window"], n_seq), torch.zeros(2, n_static), torch.ones(2, n_classic), model.h0(2))
     torch.onnx.export(
-        model, dummy, str(out_dir / MODEL_FILE), input_names=list(INPUTS),
+        model,
+        dummy,
+        str(out_dir / MODEL_FILE),
+        input_names=list(INPUTS),
         output_names=list(OUTPUTS),
-        dynamic_axes={"seq": {0: "batch"}, "static": {0: "batch"}, "classic": {0: "batch"}, "h0": {1: "batch"},
-                      **{name: {0: "batch"} for name in OUTPUTS}},
-        opset_version=17, dynamo=False,
+        dynamic_axes={
+            "seq": {0: "batch"},
+            "static": {0: "batch"},
+            "classic": {0: "batch"},
+            "h0": {1: "batch"},
+            **{name: {0: "batch"} for name in OUTPUTS},
+        },
+        opset_version=17,
+        dynamo=False,
     )
     meta = {**meta, "format": FORMAT, "layers": model.layers, "hidden": model.hidden}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -88,16 +96,21 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def parity_check(model: GRUModel | GRUEnsemble, artifact: Artifact,
-                 batches: list[Inputs]) -> dict[str, dict[str, float]]:
+def parity_check(
+    model: GRUModel | GRUEnsemble, artifact: Artifact, batches: list[Inputs]
+) -> dict[str, dict[str, float]]:
     """Max abs/relative difference of onnxruntime vs torch per output on the given (unscaled)
     batches; raises ParityError if any output's relative difference exceeds its tolerance."""
     worst = {name: {"max_abs_diff": 0.0, "max_rel_diff": 0.0} for name in OUTPUTS}
     for inputs in batches:
         scaled = artifact.scaler.transform(inputs)
         with torch.no_grad():
-            torch_out = model(torch.from_numpy(scaled.seq), torch.from_numpy(scaled.static),
-                              torch.from_numpy(scaled.classic), model.h0(len(scaled.seq)))
+            torch_out = model(
+                torch.from_numpy(scaled.seq),
+                torch.from_numpy(scaled.static),
+                torch.from_numpy(scaled.classic),
+                model.h0(len(scaled.seq)),
+            )
         raw = artifact.raw_predict(inputs)  # compare the graphs, not the calibration
         members = raw.members()
         if members is None:
@@ -109,14 +122,16 @@ def parity_check(model: GRUModel | GRUEnsemble, artifact: Artifact,
             diff = np.abs(t - o)
             w = worst[name]
             w["max_abs_diff"] = max(w["max_abs_diff"], float(diff.max(initial=0)))
-            w["max_rel_diff"] = max(w["max_rel_diff"],
-                                    float((diff / np.maximum(np.abs(t), 1e-3)).max(initial=0)))
-    log.info("ONNX parity (max abs / rel diff): %s", ", ".join(
-        f"{name} {w['max_abs_diff']:.3g} / {w['max_rel_diff']:.3g}" for name, w in worst.items()))
+            w["max_rel_diff"] = max(w["max_rel_diff"], float((diff / np.maximum(np.abs(t), 1e-3)).max(initial=0)))
+    log.info(
+        "ONNX parity (max abs / rel diff): %s",
+        ", ".join(f"{name} {w['max_abs_diff']:.3g} / {w['max_rel_diff']:.3g}" for name, w in worst.items()),
+    )
     for name, w in worst.items():
         if w["max_rel_diff"] > PARITY_TOLERANCE[name]:
-            raise ParityError(f"onnxruntime differs from torch on {name} by {w['max_rel_diff']:.3g} "
-                              f"(> {PARITY_TOLERANCE[name]})")
+            raise ParityError(
+                f"onnxruntime differs from torch on {name} by {w['max_rel_diff']:.3g} (> {PARITY_TOLERANCE[name]})"
+            )
     return worst
 
 
@@ -130,15 +145,26 @@ def _digest(model: torch.nn.Module, calibration: dict[str, Any]) -> str:
     return digest.hexdigest()[:6]
 
 
-def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
-                    run: dict[str, str] | None = None) -> dict[str, Any]:
+def export_artifact(
+    trained: Trained, out_dir: Path, discount_rate: float = 0.0, run: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Write the ONNX artifact; `discount_rate` (annual) is built into the graph's `clv`; the
     trained clustering (models.clusters.fit) ships the behavioral clusters the worker assigns;
     `run` names the tracked training run that made it (models.tracking)."""
-    model, scaler, split, events, cutoff = (trained.model, trained.scaler, trained.split, trained.events,
-                                            trained.cutoff)
-    horizon, window, info, cfg, clustering = (trained.horizon, trained.window, trained.info, trained.cfg,
-                                              trained.clustering)
+    model, scaler, split, events, cutoff = (
+        trained.model,
+        trained.scaler,
+        trained.split,
+        trained.events,
+        trained.cutoff,
+    )
+    horizon, window, info, cfg, clustering = (
+        trained.horizon,
+        trained.window,
+        trained.info,
+        trained.cfg,
+        trained.clustering,
+    )
     fp = fingerprint(events)
     model.set_discount(discount_rate)
     raw = predict_gru(model, scaler, split.scoring.inputs)
@@ -146,8 +172,7 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
     quantiles = {f"p{q}": float(np.percentile(cohort_clv, q)) for q in (50, 75, 90, 99)}
     meta = {
         # Data, weights and level: a retrained model on the same data is a new version.
-        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-"
-                   f"{_digest(model, info['calibration'])}",
+        "version": f"gru-{cutoff.date().isoformat()}-h{horizon}-{fp[:8]}-{_digest(model, info['calibration'])}",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "window": window,
         "horizon_months": horizon,
@@ -165,8 +190,7 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
         "training": info,
         # Segment thresholds (features.segments): the cohort's predicted CLV at the cutoff.
         "clv_quantiles": quantiles,
-        **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort_clv, cohort_p,
-                           quantiles),
+        **describe_cohort(split, events[0].ts.isoformat(), cutoff.isoformat(), cohort_clv, cohort_p, quantiles),
         # What a customer's drivers are measured against (export_onnx.explain): the cohort's
         # average inputs at the cutoff.
         "reference": reference_inputs(split.scoring.inputs),
@@ -186,9 +210,18 @@ def export_artifact(trained: Trained, out_dir: Path, discount_rate: float = 0.0,
     meta["parity"] = export(model, out_dir, meta, [sample, random_batch])
     return meta
 
-def train(file: str, cutoff: date, horizon: int, window: int, out: Path,
-          cfg: TrainConfig = TrainConfig(), discount_rate: float = 0.0, run: dict[str, str] | None = None,
-          **file_opts: Any) -> dict[str, Any]:
+
+def train(
+    file: str,
+    cutoff: date,
+    horizon: int,
+    window: int,
+    out: Path,
+    cfg: TrainConfig = TrainConfig(),
+    discount_rate: float = 0.0,
+    run: dict[str, str] | None = None,
+    **file_opts: Any,
+) -> dict[str, Any]:
     """`clv train`: train on everything up to the cutoff and write the artifact; `discount_rate`
     (annual) makes `clv` the discounted expected spend; `run` is the tracked run it belongs to."""
     return export_artifact(fit(file, cutoff, horizon, window, cfg, **file_opts), out, discount_rate, run)
@@ -211,15 +244,18 @@ def refit_version(version: str, clustering: dict[str, Any]) -> str:
     return f"{_REFIT.sub('', version)}-k{clusters.digest(clustering)}"
 
 
-def _training_split(file: str, cutoff: date, meta: dict[str, Any],
-                    file_opts: dict[str, Any]) -> tuple[list[TransactionEvent], Split]:
+def _training_split(
+    file: str, cutoff: date, meta: dict[str, Any], file_opts: dict[str, Any]
+) -> tuple[list[TransactionEvent], Split]:
     """The events and cohort an artifact was trained on, refused unless the file up to the
     cutoff is the data its fingerprint names."""
     cut = end_of(cutoff)
     events = history_until(read_history(file, **file_opts).events, cut)
     if cut.isoformat() != meta["cutoff"] or fingerprint(events) != meta["training_data_sha256"]:
-        raise NotEnoughHistory(f"{file} up to {cutoff} is not the data model {meta['version']} was "
-                               f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)")
+        raise NotEnoughHistory(
+            f"{file} up to {cutoff} is not the data model {meta['version']} was "
+            f"trained on (cutoff {meta['cutoff'][:10]}, other transactions)"
+        )
     return events, rolling_split(events, cut, meta["horizon_months"], meta["window"])  # train's cohort
 
 
@@ -254,7 +290,10 @@ def describe_population(file: str, cutoff: date, out: Path, **file_opts: Any) ->
     meta = artifact.meta
     events, split = _training_split(file, cutoff, meta, file_opts)
     pred = artifact.predict(split.scoring.inputs)
-    meta.update(describe_cohort(split, events[0].ts.isoformat(), meta["cutoff"], pred.clv,
-                                pred.p_purchase, meta["clv_quantiles"]))
+    meta.update(
+        describe_cohort(
+            split, events[0].ts.isoformat(), meta["cutoff"], pred.clv, pred.p_purchase, meta["clv_quantiles"]
+        )
+    )
     _rewrite(out / META_FILE, meta)
     return meta

@@ -29,8 +29,16 @@ NOT_KNOWN = -1.0
 FORMAT = 1  # the artifact layout this release reads and writes (metadata "format"; absent: 1)
 # metadata.json keys the runtime reads, and the type each must have
 META_TYPES: dict[str, type | tuple[type, ...]] = {
-    "version": str, "window": int, "horizon_months": int, "layers": int, "hidden": int,
-    "seq_features": list, "static_features": list, "scaler": dict, "training": dict}
+    "version": str,
+    "window": int,
+    "horizon_months": int,
+    "layers": int,
+    "hidden": int,
+    "seq_features": list,
+    "static_features": list,
+    "scaler": dict,
+    "training": dict,
+}
 
 
 def shipped_model_dir() -> Path:
@@ -83,12 +91,14 @@ class Artifact:
             scaler = Scaler.from_dict(meta["scaler"])
             calibration = Calibration.from_dict(meta["training"].get("calibration"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"{meta_path}: scaler or calibration unreadable "
-                                f"({type(exc).__name__}: {exc})") from None
+            raise ArtifactError(
+                f"{meta_path}: scaler or calibration unreadable ({type(exc).__name__}: {exc})"
+            ) from None
         for name, n in (("seq", len(SEQ_FEATURES)), ("static", len(STATIC_FEATURES))):
             if any(getattr(scaler, f"{name}_{k}").shape != (n,) for k in ("center", "scale", "mask")):
-                raise ArtifactError(f"{meta_path}: the scaler's {name} arrays are not {n} long "
-                                    f"(one per {name} feature)")
+                raise ArtifactError(
+                    f"{meta_path}: the scaler's {name} arrays are not {n} long (one per {name} feature)"
+                )
         session = _open_session(model_path)
         _check_graph(session, meta, model_path)
         return cls(path, meta, session, scaler, calibration)
@@ -116,8 +126,10 @@ class Artifact:
         """Each customer's predictive distribution of horizon spend, at the level."""
         members = raw.members()
         if members is None:
-            raise ArtifactError(f"model {self.version} has no predictive distribution (trained before "
-                                "this release); retrain it with `clv train`")
+            raise ArtifactError(
+                f"model {self.version} has no predictive distribution (trained before "
+                "this release); retrain it with `clv train`"
+            )
         p = self.calibration.apply(raw.clv, raw.p_purchase)[1]
         return SpendDistribution.from_members(p, *members, self.calibration.factor, self.calibration.spread)
 
@@ -131,8 +143,9 @@ class Artifact:
         """The ONNX graph's own outputs, before calibration."""
         n = inputs.seq.shape[0]
         if n == 0:
-            return RawPrediction(np.zeros(0, np.float32), np.zeros(0, np.float32),
-                                 *(np.zeros((0, 1), np.float32) for _ in range(3)))
+            return RawPrediction(
+                np.zeros(0, np.float32), np.zeros(0, np.float32), *(np.zeros((0, 1), np.float32) for _ in range(3))
+            )
         scaled = self.scaler.transform(inputs)
         h0 = np.zeros((self.meta["layers"], n, self.meta["hidden"]), dtype=np.float32)
         feeds = {"seq": scaled.seq, "static": scaled.static, "classic": scaled.classic, "h0": h0}
@@ -147,24 +160,31 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ArtifactError(f"{meta_path}: not JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{meta_path}: not JSON ({exc.msg} at line {exc.lineno} column "
-                            f"{exc.colno})") from None
+        raise ArtifactError(f"{meta_path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{meta_path}: not a JSON object")
     if meta.get("format", 1) != FORMAT:
-        raise ArtifactError(f"{meta_path}: artifact format {meta.get('format')!r}; this release "
-                            f"reads format {FORMAT}: use the release that wrote it, or retrain "
-                            "with `clv train`")
+        raise ArtifactError(
+            f"{meta_path}: artifact format {meta.get('format')!r}; this release "
+            f"reads format {FORMAT}: use the release that wrote it, or retrain "
+            "with `clv train`"
+        )
     for key, kind in META_TYPES.items():
         if key not in meta:
             raise ArtifactError(f"{meta_path}: no {key!r}")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise ArtifactError(f"{meta_path}: {key!r} is {type(meta[key]).__name__}, not "
-                                f"{getattr(kind, '__name__', kind)}")
-    if (tuple(meta["seq_features"]) != SEQ_FEATURES or tuple(meta["static_features"]) != STATIC_FEATURES
-            or tuple(meta.get("classic_features", ())) != CLASSIC_FEATURES):
-        raise ArtifactError(f"{meta_path}: model {meta['version']} was trained on other features "
-                            "than this release builds; retrain it with `clv train`")
+            raise ArtifactError(
+                f"{meta_path}: {key!r} is {type(meta[key]).__name__}, not {getattr(kind, '__name__', kind)}"
+            )
+    if (
+        tuple(meta["seq_features"]) != SEQ_FEATURES
+        or tuple(meta["static_features"]) != STATIC_FEATURES
+        or tuple(meta.get("classic_features", ())) != CLASSIC_FEATURES
+    ):
+        raise ArtifactError(
+            f"{meta_path}: model {meta['version']} was trained on other features "
+            "than this release builds; retrain it with `clv train`"
+        )
     return meta
 
 
@@ -179,23 +199,31 @@ def _open_session(model_path: Path) -> ort.InferenceSession:
         return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  onnxruntime's errors share no base class
         text = " ".join(str(exc).split())
-        raise ArtifactError(f"{model_path}: onnxruntime cannot load it (truncated, or not an "
-                            f"ONNX model it reads): {text[:300]}") from None
+        raise ArtifactError(
+            f"{model_path}: onnxruntime cannot load it (truncated, or not an ONNX model it reads): {text[:300]}"
+        ) from None
 
 
 def _check_graph(session: ort.InferenceSession, meta: dict[str, Any], model_path: Path) -> None:
     """The graph takes and gives what the metadata says: names, then the fixed dimensions."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
-    if (tuple(o.name for o in session.get_outputs()) not in (OUTPUTS, LEGACY_OUTPUTS)
-            or tuple(inputs) != INPUTS):
-        raise ArtifactError(f"{model_path}: model {meta['version']} does not map "
-                            f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`")
-    want = {"seq": [None, meta["window"], len(SEQ_FEATURES)], "static": [None, len(STATIC_FEATURES)],
-            "classic": [None, len(CLASSIC_FEATURES)], "h0": [meta["layers"], None, meta["hidden"]]}
+    if tuple(o.name for o in session.get_outputs()) not in (OUTPUTS, LEGACY_OUTPUTS) or tuple(inputs) != INPUTS:
+        raise ArtifactError(
+            f"{model_path}: model {meta['version']} does not map "
+            f"{', '.join(INPUTS)} to {', '.join(OUTPUTS)}; retrain it with `clv train`"
+        )
+    want = {
+        "seq": [None, meta["window"], len(SEQ_FEATURES)],
+        "static": [None, len(STATIC_FEATURES)],
+        "classic": [None, len(CLASSIC_FEATURES)],
+        "h0": [meta["layers"], None, meta["hidden"]],
+    }
     for name, dims in want.items():
         have = inputs[name]
         if len(have) != len(dims) or any(d is not None and h != d for h, d in zip(have, dims)):
-            raise ArtifactError(f"{model_path}: input {name} has shape {have}, but "
-                                f"{META_FILE} says {['batch' if d is None else d for d in dims]} "
-                                "(window, features, layers, hidden): the metadata is not this "
-                                "graph's")
+            raise ArtifactError(
+                f"{model_path}: input {name} has shape {have}, but "
+                f"{META_FILE} says {['batch' if d is None else d for d in dims]} "
+                "(window, features, layers, hidden): the metadata is not this "
+                "graph's"
+            )

@@ -33,28 +33,51 @@ def prepare(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
     return inputs, [rfm(s, as_of_ts) for s in states]
 
 
-def assemble(artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM],
-             pred: Prediction, as_of: datetime) -> list[ScoreRecord]:
+def assemble(
+    artifact: Artifact, states: Sequence[CustomerState], fields: list[RFM], pred: Prediction, as_of: datetime
+) -> list[ScoreRecord]:
     """One record per customer: the model's expected spend, its 80% interval and sd, and the
     purchase probability, RFM fields, segment, cluster and country, stamped with the run's
     model, horizon, as-of and scoring times, and the source offset its state reflects (what
     orders a customer's scores)."""
     quantiles = artifact.meta["clv_quantiles"]
-    clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window),
-                               artifact.clustering)
+    clusters = assign_clusters(behaviour(states, fields, month_of(as_of), artifact.window), artifact.clustering)
     version, horizon = artifact.version, artifact.horizon_months
     as_of_text, scored_at = iso_time(as_of), iso_time(datetime.now(timezone.utc))
-    return [ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION, customer_id=s.customer_id, clv=clv, clv_low=low,
-        clv_high=high, clv_sd=sd, p_purchase=p,
-        recency_days=r.recency_days, frequency=r.frequency, monetary=r.monetary,
-        tenure_days=r.tenure_days, total_spend=r.total_spend,
-        segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
-        cluster=cluster, country=s.country, horizon_months=horizon, model_version=version,
-        as_of=as_of_text, scored_at=scored_at, event_offset=Offset(s.offset))
+    return [
+        ScoreRecord(
+            schema_version=SCORE_SCHEMA_VERSION,
+            customer_id=s.customer_id,
+            clv=clv,
+            clv_low=low,
+            clv_high=high,
+            clv_sd=sd,
+            p_purchase=p,
+            recency_days=r.recency_days,
+            frequency=r.frequency,
+            monetary=r.monetary,
+            tenure_days=r.tenure_days,
+            total_spend=r.total_spend,
+            segment=segment(clv, p, r.frequency, r.recency_days, r.tenure_days, quantiles),
+            cluster=cluster,
+            country=s.country,
+            horizon_months=horizon,
+            model_version=version,
+            as_of=as_of_text,
+            scored_at=scored_at,
+            event_offset=Offset(s.offset),
+        )
         for s, r, clv, low, high, sd, p, cluster in zip(
-            states, fields, pred.clv.tolist(), pred.clv_low.tolist(), pred.clv_high.tolist(),
-            pred.clv_sd.tolist(), pred.p_purchase.tolist(), clusters)]
+            states,
+            fields,
+            pred.clv.tolist(),
+            pred.clv_low.tolist(),
+            pred.clv_high.tolist(),
+            pred.clv_sd.tolist(),
+            pred.p_purchase.tolist(),
+            clusters,
+        )
+    ]
 
 
 def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime) -> list[ScoreRecord]:
@@ -62,9 +85,9 @@ def score_states(artifact: Artifact, states: Sequence[CustomerState], as_of: dat
     return score_cohort(artifact, states, as_of)[0]
 
 
-def score_cohort(artifact: Artifact, states: Sequence[CustomerState], as_of: datetime,
-                 at_least: Sequence[float] = ()
-                 ) -> tuple[list[ScoreRecord], dict[str, list[float]], Inputs]:
+def score_cohort(
+    artifact: Artifact, states: Sequence[CustomerState], as_of: datetime, at_least: Sequence[float] = ()
+) -> tuple[list[ScoreRecord], dict[str, list[float]], Inputs]:
     """`score_states`, with the model inputs the scores came from (what the drift check reads)
     and, for each threshold t of `at_least`, every customer's P(horizon spend >= t) from the same
     predictive distribution, under its column name (`at_least_column`)."""
@@ -102,12 +125,12 @@ def drift(artifact: Artifact, *inputs: Inputs) -> population.Verdict | None:
     if summary is None:
         return None
     seen = [population.values(i) for i in inputs]
-    return population.check(summary, {name: np.concatenate([s[name] for s in seen])
-                                      for name in population.STATISTICS})
+    return population.check(summary, {name: np.concatenate([s[name] for s in seen]) for name in population.STATISTICS})
 
 
-def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
-               at_least: Sequence[float] = (), **file_opts: Any) -> ScoredFile:
+def score_file(
+    artifact: Artifact, path: str | Path, as_of: date | None = None, at_least: Sequence[float] = (), **file_opts: Any
+) -> ScoredFile:
     """Every customer of a file, scored as of the end of `as_of` (default: its newest event),
     with P(spend >= t) for each t of `at_least`; LoadError when nothing is left to score."""
     history = read_history(path, **file_opts)
@@ -122,8 +145,7 @@ def score_file(artifact: Artifact, path: str | Path, as_of: date | None = None,
 _customer_columns = attrgetter(*CUSTOMER_FIELDS)  # the run's fields (model, horizon, as-of) go apart
 
 
-def write_csv(scores: Sequence[ScoreRecord], out: TextIO,
-              extra: dict[str, list[float]] | None = None) -> None:
+def write_csv(scores: Sequence[ScoreRecord], out: TextIO, extra: dict[str, list[float]] | None = None) -> None:
     """The customer fields of each score as CSV, header first, then any `extra` columns (one
     value per score): a `clv score` file."""
     extra = extra or {}
@@ -133,8 +155,9 @@ def write_csv(scores: Sequence[ScoreRecord], out: TextIO,
     writer.writerows((*_customer_columns(s), *values) for s, values in zip(scores, more))
 
 
-def score_separately(artifact: Artifact, states: Sequence[CustomerState],
-                     as_of: datetime) -> list[ScoreRecord | Exception]:
+def score_separately(
+    artifact: Artifact, states: Sequence[CustomerState], as_of: datetime
+) -> list[ScoreRecord | Exception]:
     """Each customer on its own, its score or what stopped it: after a batch failed, this pins
     the failure on the customers that cause it, and the others are scored all the same."""
     out: list[ScoreRecord | Exception] = []

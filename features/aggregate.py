@@ -133,9 +133,7 @@ class CustomerState:
     past_purchase_days: int = 0  # days with a purchase before the window
     n_ids: int = field(default=0, compare=False)  # keys held now (derived, not encoded)
 
-    def apply(
-        self, c: Contribution, window_start: int, partition: int = -1, offset: int = -1
-    ) -> str:
+    def apply(self, c: Contribution, window_start: int, partition: int = -1, offset: int = -1) -> str:
         """Fold one invoice in; returns an `Applied` code. Idempotent for redelivery; a state
         is changed only when the outcome is APPLIED."""
         if offset >= 0 and partition == self.partition and offset <= self.offset:
@@ -216,18 +214,32 @@ class CustomerState:
 
     def canonical(self, window_start: int) -> dict[str, Any]:
         """The aggregates as of one window, without offsets or keys: equal for equal histories."""
-        past = [self.past_spend_cents, self.past_units, self.past_invoices, self.past_active_months,
-                self.past_purchase_days]
+        past = [
+            self.past_spend_cents,
+            self.past_units,
+            self.past_invoices,
+            self.past_active_months,
+            self.past_purchase_days,
+        ]
         months = []
         for m, a in sorted(self.months.items()):
             if m < window_start:
-                past = [past[0] + a.spend_cents, past[1] + a.units, past[2] + a.n_invoices,
-                        past[3] + (a.n_invoices > 0), past[4] + a.days.bit_count()]
+                past = [
+                    past[0] + a.spend_cents,
+                    past[1] + a.units,
+                    past[2] + a.n_invoices,
+                    past[3] + (a.n_invoices > 0),
+                    past[4] + a.days.bit_count(),
+                ]
             else:
                 months.append([m, a.spend_cents, a.units, a.n_invoices, a.days])
-        return {"c": self.customer_id, "m": months, "past": past,
-                "ts": [self.first_ts, self.last_purchase_ts, self.newest_ts],
-                "mo": [self.first_month, self.last_purchase_month]}
+        return {
+            "c": self.customer_id,
+            "m": months,
+            "past": past,
+            "ts": [self.first_ts, self.last_purchase_ts, self.newest_ts],
+            "mo": [self.first_month, self.last_purchase_month],
+        }
 
 
 class StateMap(Protocol):
@@ -248,8 +260,7 @@ class Folder:
     The batch path keeps one for a whole file; the worker one per partition, over its table.
     """
 
-    def __init__(self, window: int, states: StateMap | None = None,
-                 clock: int | None = None) -> None:
+    def __init__(self, window: int, states: StateMap | None = None, clock: int | None = None) -> None:
         self.window = window
         self.states: StateMap = {} if states is None else states
         self.clock = clock

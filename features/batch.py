@@ -30,7 +30,9 @@ class History:
 
 
 def read_lines(
-    path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None,
+    path: str | Path,
+    fmt: str = "auto",
+    mapping: dict[str, str] | None = None,
     **policy: object,
 ) -> tuple[pd.DataFrame, CleaningReport]:
     """A file's cleaned lines and the report of what cleaning dropped: where every file path
@@ -40,7 +42,9 @@ def read_lines(
 
 
 def read_history(
-    path: str | Path, fmt: str = "auto", mapping: dict[str, str] | None = None,
+    path: str | Path,
+    fmt: str = "auto",
+    mapping: dict[str, str] | None = None,
     **policy: object,
 ) -> History:
     lines, report = read_lines(path, fmt, mapping, **policy)
@@ -61,9 +65,7 @@ class Snapshot:
     states: dict[str, CustomerState]  # live: valid until the iterator moves on
 
 
-def snapshots(
-    events: Sequence[TransactionEvent], cutoffs: Sequence[datetime], window: int
-) -> Iterator[Snapshot]:
+def snapshots(events: Sequence[TransactionEvent], cutoffs: Sequence[datetime], window: int) -> Iterator[Snapshot]:
     """Fold events in time order, yielding the states at each cutoff (ascending)."""
     states: dict[str, CustomerState] = {}
     folder = Folder(window, states)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from features.aggregate import (MAX_IDS, Contribution, CustomerState, MonthAgg, id_key, line_cents,
-                                window_start_for)
+from features.aggregate import MAX_IDS, Contribution, CustomerState, MonthAgg, id_key, line_cents, window_start_for
 from features.contract import stable_event_id
 
 NS = 1_000_000_000
@@ -46,20 +45,27 @@ def invoice_frame(lines: pd.DataFrame) -> pd.DataFrame:
     pair = cust_code.astype(np.int64) * (int(inv_code.max(initial=0)) + 1) + inv_code
     ns = pd.DatetimeIndex(lines["ts"]).as_unit("ns").asi8
     qty = lines["quantity"].to_numpy(np.int64)
-    frame = pd.DataFrame({"pair": pair, "ns": ns, "units": qty,
-                          "cents": line_cents(qty, lines["unit_price"].to_numpy(np.float64))
-                          .astype(np.int64),
-                          "line": np.arange(len(lines))})
+    frame = pd.DataFrame(
+        {
+            "pair": pair,
+            "ns": ns,
+            "units": qty,
+            "cents": line_cents(qty, lines["unit_price"].to_numpy(np.float64)).astype(np.int64),
+            "line": np.arange(len(lines)),
+        }
+    )
     g = frame.groupby("pair", sort=False)
-    events = pd.DataFrame({"ns": g["ns"].min(), "units": g["units"].sum(),
-                           "cents": g["cents"].sum(), "line": g["line"].first()})
+    events = pd.DataFrame(
+        {"ns": g["ns"].min(), "units": g["units"].sum(), "cents": g["cents"].sum(), "line": g["line"].first()}
+    )
     first = events["line"].to_numpy()
     events["customer"] = np.asarray(customers, dtype=object)[cust_code[first]]
     events["invoice"] = np.asarray(invoices, dtype=object)[inv_code[first]]
     events["country"] = lines["country"].to_numpy(object)[first]  # as `events_from_lines`: first line's
     events["code"] = cust_code[first]
-    order = np.lexsort((events["invoice"].to_numpy().astype(str),
-                        events["customer"].to_numpy().astype(str), events["ns"].to_numpy()))
+    order = np.lexsort(
+        (events["invoice"].to_numpy().astype(str), events["customer"].to_numpy().astype(str), events["ns"].to_numpy())
+    )
     return events.iloc[order].reset_index(drop=True)
 
 
@@ -105,11 +111,10 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
     tsl, monthl, unitsl, centsl = ts.tolist(), month.tolist(), units.tolist(), cents.tolist()
     bitl = day_bit.tolist()
     for k in order_of_first.tolist():
-        idx = by_customer[starts[k]:ends[k]].tolist()
+        idx = by_customer[starts[k] : ends[k]].tolist()
         cid = customer[idx[0]]
         if keys_held[k] > MAX_IDS:
-            states.append(_fold_one(cid, idx, window, event_keys, invoice_keys, tsl, monthl,
-                                    centsl, unitsl, country))
+            states.append(_fold_one(cid, idx, window, event_keys, invoice_keys, tsl, monthl, centsl, unitsl, country))
             continue
         state = CustomerState(cid)
         start = window_start_for(monthl[idx[-1]], window)
@@ -148,12 +153,23 @@ def fold_lines(lines: pd.DataFrame, window: int) -> BulkFold:
     return BulkFold(states, len(events), int(ts.max()))
 
 
-def _fold_one(cid: str, idx: list[int], window: int, event_keys: list[int],
-              invoice_keys: list[int], ts: list[int], month: list[int], cents: list[int],
-              units: list[int], country: list[str]) -> CustomerState:
+def _fold_one(
+    cid: str,
+    idx: list[int],
+    window: int,
+    event_keys: list[int],
+    invoice_keys: list[int],
+    ts: list[int],
+    month: list[int],
+    cents: list[int],
+    units: list[int],
+    country: list[str],
+) -> CustomerState:
     """A customer near the key bound, through the stream's own `apply`."""
     state = CustomerState(cid)
     for i in idx:
-        state.apply(Contribution(event_keys[i], invoice_keys[i], month[i], ts[i], cents[i],
-                                 units[i], country[i]), window_start_for(month[i], window))
+        state.apply(
+            Contribution(event_keys[i], invoice_keys[i], month[i], ts[i], cents[i], units[i], country[i]),
+            window_start_for(month[i], window),
+        )
     return state

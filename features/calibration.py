@@ -75,19 +75,24 @@ class Calibration:
         if not (np.isfinite(current) and np.isfinite(total) and current > 0 and total > 0):
             raise ValueError(f"cannot set the level: predicted total {current}, target {total}")
         if not (np.isfinite(p64).all() and np.isfinite(buyers) and 0 < buyers < len(p64)):
-            raise ValueError(f"cannot set the level: {buyers} expected buyers of {len(p64)} "
-                             "customers, or a purchase probability that is not a number")
+            raise ValueError(
+                f"cannot set the level: {buyers} expected buyers of {len(p64)} "
+                "customers, or a purchase probability that is not a number"
+            )
         shift = _shift_to_count(p64, buyers)
         if abs(float(_shift(p64, shift).sum()) / buyers - 1) > 1e-6:
-            raise ValueError(f"cannot set the level: no shift of the purchase probabilities "
-                             f"gives {buyers} expected buyers")
+            raise ValueError(
+                f"cannot set the level: no shift of the purchase probabilities gives {buyers} expected buyers"
+            )
         return cls(logit_shift=shift, factor=total / float(_spend(clv64, p64, shift).sum()))
 
     def apply(self, clv: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clv, p_purchase) at the level."""
         clv64, p64 = np.asarray(clv, np.float64), _open(p)
-        return ((self.factor * _spend(clv64, p64, self.logit_shift)).astype(np.float32),
-                _shift(p64, self.logit_shift).astype(np.float32))
+        return (
+            (self.factor * _spend(clv64, p64, self.logit_shift)).astype(np.float32),
+            _shift(p64, self.logit_shift).astype(np.float32),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"logit_shift": self.logit_shift, "factor": self.factor, "spread": self.spread}
@@ -95,8 +100,7 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Calibration":
         d = d or {}
-        return cls(float(d.get("logit_shift", 0.0)), float(d.get("factor", 1.0)),
-                   float(d.get("spread", 1.0)))
+        return cls(float(d.get("logit_shift", 0.0)), float(d.get("factor", 1.0)), float(d.get("spread", 1.0)))
 
 
 def _open(p: np.ndarray) -> np.ndarray:

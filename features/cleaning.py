@@ -24,8 +24,16 @@ DATE_FORMATS = ("ISO8601", "%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S", "%Y%m%d", "%d/
 
 # Drop reasons, in the order they are checked: a row is counted under the first that applies.
 DROP_REASONS = (
-    "no_customer", "unparseable_date", "unparseable_quantity", "unparseable_price",
-    "bad_debt_adjustment", "negative_price", "zero_price", "zero_quantity", "outlier", "duplicate",
+    "no_customer",
+    "unparseable_date",
+    "unparseable_quantity",
+    "unparseable_price",
+    "bad_debt_adjustment",
+    "negative_price",
+    "zero_price",
+    "zero_quantity",
+    "outlier",
+    "duplicate",
 )
 
 
@@ -39,8 +47,10 @@ class CleaningPolicy:
     @classmethod
     def for_format(cls, fmt: str, **overrides: object) -> "CleaningPolicy":
         """Format defaults, then explicit overrides; `outlier_quantity=0` keeps every line."""
-        values = {**asdict(cls(drop_zero_price=fmt != "cdnow")),
-                  **{k: v for k, v in overrides.items() if v is not None}}
+        values = {
+            **asdict(cls(drop_zero_price=fmt != "cdnow")),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
         if values["outlier_quantity"] == 0:
             values["outlier_quantity"] = None
         return cls(**values)
@@ -118,15 +128,17 @@ def clean(loaded: Loaded, policy: CleaningPolicy | None = None) -> tuple[pd.Data
     if policy.outlier_quantity is not None:
         mark("outlier", qty_f.abs() > policy.outlier_quantity)
 
-    lines = pd.DataFrame({
-        "customer_id": customer,
-        "invoice_no": invoice,
-        "ts": ts,
-        "stock_code": raw["stock_code"].astype(str).str.strip(),
-        "quantity": qty_f,
-        "unit_price": price,
-        "country": raw["country"].astype(str).str.strip().replace("", None),
-    })
+    lines = pd.DataFrame(
+        {
+            "customer_id": customer,
+            "invoice_no": invoice,
+            "ts": ts,
+            "stock_code": raw["stock_code"].astype(str).str.strip(),
+            "quantity": qty_f,
+            "unit_price": price,
+            "country": raw["country"].astype(str).str.strip().replace("", None),
+        }
+    )
     candidate = reason == 0
     dupes = lines[candidate].duplicated(keep="first")
     duplicate_lines = int(dupes.sum())

@@ -19,14 +19,19 @@ from features.sequences import RFM
 # Log RFM and behaviour: recency, purchases, mean order value, tenure, the share of months since
 # the first purchase with a purchase (regularity), and the share of the window's invoices that
 # were returns (net units not positive).
-CLUSTER_FEATURES = ("log_recency_days", "log_frequency", "log_order_value", "log_tenure_days",
-                    "regularity", "return_share")
+CLUSTER_FEATURES = (
+    "log_recency_days",
+    "log_frequency",
+    "log_order_value",
+    "log_tenure_days",
+    "regularity",
+    "return_share",
+)
 LOGGED = np.array([f.startswith("log_") for f in CLUSTER_FEATURES])  # log1p of plain units
 UNKNOWN = ""  # the cluster of a score from a model without clusters
 
 
-def behaviour(states: Sequence[CustomerState], fields: Sequence[RFM], as_of_month: int,
-              window: int) -> np.ndarray:
+def behaviour(states: Sequence[CustomerState], fields: Sequence[RFM], as_of_month: int, window: int) -> np.ndarray:
     """Unstandardized CLUSTER_FEATURES per customer, as of the end of `as_of_month`; only the
     window's months carry event ids, so returns are counted over the window."""
     out = np.zeros((len(states), len(CLUSTER_FEATURES)), dtype=np.float64)
@@ -39,8 +44,14 @@ def behaviour(states: Sequence[CustomerState], fields: Sequence[RFM], as_of_mont
             if m >= start:
                 events += len(agg.events)
                 purchases += agg.n_invoices
-        out[i] = (r.recency_days, r.frequency, max(r.monetary, 0.0), r.tenure_days,
-                  active / (as_of_month - first + 1), (events - purchases) / events if events else 0.0)
+        out[i] = (
+            r.recency_days,
+            r.frequency,
+            max(r.monetary, 0.0),
+            r.tenure_days,
+            active / (as_of_month - first + 1),
+            (events - purchases) / events if events else 0.0,
+        )
     out[:, LOGGED] = np.log1p(out[:, LOGGED])
     return out
 

@@ -54,10 +54,24 @@ class Reason:
     UNPROCESSABLE = "unprocessable"  # the worker failed on it (a defect): logged with its traceback
 
     ALL = (
-        MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, EMPTY_FIELD,
-        UNKNOWN_SCHEMA_VERSION, BAD_TIMESTAMP, NAIVE_TIMESTAMP, NON_FINITE, ABSURD_VALUE,
-        NO_LINES, FROM_FUTURE, KEY_MISMATCH, MISSING_KEY, WRONG_PARTITION, TOO_LATE,
-        TOO_LARGE_TO_ROUTE, UNPROCESSABLE,
+        MALFORMED_JSON,
+        NOT_AN_OBJECT,
+        MISSING_FIELD,
+        WRONG_TYPE,
+        EMPTY_FIELD,
+        UNKNOWN_SCHEMA_VERSION,
+        BAD_TIMESTAMP,
+        NAIVE_TIMESTAMP,
+        NON_FINITE,
+        ABSURD_VALUE,
+        NO_LINES,
+        FROM_FUTURE,
+        KEY_MISMATCH,
+        MISSING_KEY,
+        WRONG_PARTITION,
+        TOO_LATE,
+        TOO_LARGE_TO_ROUTE,
+        UNPROCESSABLE,
     )
 
 
@@ -86,8 +100,7 @@ class TransactionEvent:
             "invoice_no": self.invoice_no,
             "ts": self.ts.isoformat(),
             "lines": [
-                {"stock_code": ln.stock_code, "quantity": ln.quantity, "unit_price": ln.unit_price}
-                for ln in self.lines
+                {"stock_code": ln.stock_code, "quantity": ln.quantity, "unit_price": ln.unit_price} for ln in self.lines
             ],
         }
         if self.country is not None:
@@ -179,8 +192,13 @@ def _line(raw: Any, i: int) -> Line:
         code: Any = raw.get("stock_code")
         qty: Any = raw.get("quantity")
         price: Any = raw.get("unit_price")
-        if (type(code) is str and type(qty) is int and 0 < abs(qty) <= MAX_ABS_QUANTITY
-                and type(price) in _NUMBERS and 0 <= price <= MAX_UNIT_PRICE):
+        if (
+            type(code) is str
+            and type(qty) is int
+            and 0 < abs(qty) <= MAX_ABS_QUANTITY
+            and type(price) in _NUMBERS
+            and 0 <= price <= MAX_UNIT_PRICE
+        ):
             return Line(code.strip(), qty, float(price))
     return _checked_line(raw, i)
 
@@ -207,8 +225,9 @@ def _checked_line(raw: Any, i: int) -> Line:
     return Line(str(code).strip(), qty, float(price))
 
 
-def validate_dict(obj: Any, now: datetime | None = None,
-                  max_future: timedelta = MAX_FUTURE) -> TransactionEvent | Invalid:
+def validate_dict(
+    obj: Any, now: datetime | None = None, max_future: timedelta = MAX_FUTURE
+) -> TransactionEvent | Invalid:
     """Check a decoded event against the contract; ts may be at most `max_future` after `now`
     (default: the wall clock)."""
     if not isinstance(obj, dict):
@@ -227,8 +246,11 @@ def validate_dict(obj: Any, now: datetime | None = None,
             raise _Bad(Reason.ABSURD_VALUE, f"ts {ts.isoformat()} is before 1970")
         limit = (now or datetime.now(timezone.utc)) + max_future
         if ts > limit:
-            raise _Bad(Reason.FROM_FUTURE, f"ts {ts.isoformat()} is after the wall clock + "
-                                           f"{max_future.total_seconds() / 60:g} min ({limit.isoformat()})")
+            raise _Bad(
+                Reason.FROM_FUTURE,
+                f"ts {ts.isoformat()} is after the wall clock + "
+                f"{max_future.total_seconds() / 60:g} min ({limit.isoformat()})",
+            )
         raw_lines = _field(obj, "lines", list)
         if not raw_lines:
             raise _Bad(Reason.NO_LINES, "lines is empty")
@@ -285,8 +307,14 @@ def _quick(raw: bytes | str, now: datetime | None, max_future: timedelta) -> Tra
         return None
     event_id, customer_id, invoice_no = ev.event_id.strip(), ev.customer_id.strip(), ev.invoice_no.strip()
     lines = ev.lines
-    if (ev.schema_version not in SUPPORTED_SCHEMA_VERSIONS or not event_id or not customer_id
-            or not invoice_no or not lines or len(lines) > MAX_LINES):
+    if (
+        ev.schema_version not in SUPPORTED_SCHEMA_VERSIONS
+        or not event_id
+        or not customer_id
+        or not invoice_no
+        or not lines
+        or len(lines) > MAX_LINES
+    ):
         return None
     out = []
     for ln in lines:
@@ -295,15 +323,14 @@ def _quick(raw: bytes | str, now: datetime | None, max_future: timedelta) -> Tra
             return None
         out.append(Line(code.strip() if type(code) is str else str(code), qty, price))
     ts = parse_ts(ev.ts)
-    if (isinstance(ts, Invalid) or ts < MIN_TS
-            or ts > (now or datetime.now(timezone.utc)) + max_future):
+    if isinstance(ts, Invalid) or ts < MIN_TS or ts > (now or datetime.now(timezone.utc)) + max_future:
         return None
-    return TransactionEvent(event_id, customer_id, invoice_no, ts, tuple(out), ev.country,
-                            ev.schema_version)
+    return TransactionEvent(event_id, customer_id, invoice_no, ts, tuple(out), ev.country, ev.schema_version)
 
 
-def validate(raw: bytes | str, now: datetime | None = None,
-             max_future: timedelta = MAX_FUTURE) -> TransactionEvent | Invalid:
+def validate(
+    raw: bytes | str, now: datetime | None = None, max_future: timedelta = MAX_FUTURE
+) -> TransactionEvent | Invalid:
     """Decode and check one message value; never raises."""
     quick = _quick(raw, now, max_future)
     if quick is not None:

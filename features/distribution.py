@@ -24,8 +24,18 @@ INTERVAL = (0.1, 0.9)  # clv_low, clv_high: the 80% predictive interval's quanti
 _BISECTIONS = 60
 _SQRT2 = math.sqrt(2.0)
 # erfc by Chebyshev fitting (Numerical Recipes' erfcc): fractional error under 1.2e-7.
-_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
-         1.48851587, -0.82215223, 0.17087277)
+_ERFC = (
+    -1.26551223,
+    1.00002368,
+    0.37409196,
+    0.09678418,
+    -0.18628806,
+    0.27886807,
+    -1.13520398,
+    1.48851587,
+    -0.82215223,
+    0.17087277,
+)
 
 
 def normal_sf(z: np.ndarray) -> np.ndarray:
@@ -49,9 +59,15 @@ class SpendDistribution(NamedTuple):
     sigma: np.ndarray  # (n, K)
 
     @classmethod
-    def from_members(cls, p: np.ndarray, member_p: np.ndarray, member_mu: np.ndarray,
-                     member_sigma: np.ndarray, factor: float = 1.0,
-                     spread: float = 1.0) -> "SpendDistribution":
+    def from_members(
+        cls,
+        p: np.ndarray,
+        member_p: np.ndarray,
+        member_mu: np.ndarray,
+        member_sigma: np.ndarray,
+        factor: float = 1.0,
+        spread: float = 1.0,
+    ) -> "SpendDistribution":
         """From the graph's member outputs and the level (`p` already shifted, `factor` on every
         buyer's spend); `spread` scales each member's sigma keeping its mean, as fitted on
         held-out customers (`features.calibration`)."""

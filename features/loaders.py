@@ -21,17 +21,27 @@ REQUIRED = ("customer_id", "ts", "quantity", "unit_price")
 # Source column -> contract field, per known layout.
 LAYOUTS: dict[str, dict[str, str]] = {
     "online-retail": {
-        "CustomerID": "customer_id", "InvoiceNo": "invoice_no", "InvoiceDate": "ts",
-        "StockCode": "stock_code", "Quantity": "quantity", "UnitPrice": "unit_price",
+        "CustomerID": "customer_id",
+        "InvoiceNo": "invoice_no",
+        "InvoiceDate": "ts",
+        "StockCode": "stock_code",
+        "Quantity": "quantity",
+        "UnitPrice": "unit_price",
         "Country": "country",
     },
     "online-retail-ii": {
-        "Customer ID": "customer_id", "Invoice": "invoice_no", "InvoiceDate": "ts",
-        "StockCode": "stock_code", "Quantity": "quantity", "Price": "unit_price",
+        "Customer ID": "customer_id",
+        "Invoice": "invoice_no",
+        "InvoiceDate": "ts",
+        "StockCode": "stock_code",
+        "Quantity": "quantity",
+        "Price": "unit_price",
         "Country": "country",
     },
     "cdnow": {
-        "customer_id": "customer_id", "date": "ts", "number_of_cds": "quantity",
+        "customer_id": "customer_id",
+        "date": "ts",
+        "number_of_cds": "quantity",
         "dollar_value": "amount",
     },
 }
@@ -132,9 +142,7 @@ def parse_mapping(text: str) -> dict[str, str]:
         target, sep, source = part.partition("=")
         target, source = target.strip(), source.strip()
         if not sep or not source or target not in FIELDS:
-            raise LoadError(
-                f"bad --map entry {part!r}: expected FIELD=COLUMN with FIELD in {', '.join(FIELDS)}"
-            )
+            raise LoadError(f"bad --map entry {part!r}: expected FIELD=COLUMN with FIELD in {', '.join(FIELDS)}")
         mapping[source] = target
     return mapping
 

@@ -58,8 +58,10 @@ _CLASSIC = {name: CLASSIC_FEATURES.index(name) for name in STATISTICS if name in
 
 def values(inputs: Inputs, names: Iterable[str] = STATISTICS) -> dict[str, np.ndarray]:
     """Each statistic of each customer, read off the model's (unscaled) inputs."""
-    return {name: inputs.static[:, _STATIC[name]] if name in _STATIC else inputs.classic[:, _CLASSIC[name]]
-            for name in names}
+    return {
+        name: inputs.static[:, _STATIC[name]] if name in _STATIC else inputs.classic[:, _CLASSIC[name]]
+        for name in names
+    }
 
 
 def from_scores(frequency: np.ndarray, total_spend: np.ndarray) -> dict[str, np.ndarray]:
@@ -67,8 +69,11 @@ def from_scores(frequency: np.ndarray, total_spend: np.ndarray) -> dict[str, np.
     (float32: a value on a bin's edge must fall where the model's own input falls)."""
     frequency = np.asarray(frequency, dtype=np.float64)
     total_spend = np.asarray(total_spend, dtype=np.float64)
-    out = {"log_invoices_total": np.log1p(frequency), "log_spend_total": slog1p(total_spend),
-           "log_order_value": slog1p(total_spend / np.maximum(frequency, 1))}
+    out = {
+        "log_invoices_total": np.log1p(frequency),
+        "log_spend_total": slog1p(total_spend),
+        "log_order_value": slog1p(total_spend / np.maximum(frequency, 1)),
+    }
     return {name: x.astype(np.float32) for name, x in out.items()}
 
 
@@ -86,10 +91,15 @@ def summarize(inputs: Inputs, first_event: str, cutoff: str) -> dict[str, Any]:
         x = x.astype(np.float64)
         edges = np.unique(np.quantile(x, DECILES))
         counts = np.bincount(_bins(edges, x), minlength=len(edges) + 1)
-        stats[name] = {"edges": edges.tolist(), "shares": (counts / len(x)).tolist(),
-                       "median": float(np.median(x))}
-    return {"customers": int(len(inputs.static)), "first_event": first_event, "cutoff": cutoff,
-            "measure": "psi", "tolerance": TOLERANCE, "statistics": stats}
+        stats[name] = {"edges": edges.tolist(), "shares": (counts / len(x)).tolist(), "median": float(np.median(x))}
+    return {
+        "customers": int(len(inputs.static)),
+        "first_event": first_event,
+        "cutoff": cutoff,
+        "measure": "psi",
+        "tolerance": TOLERANCE,
+        "statistics": stats,
+    }
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -117,8 +127,10 @@ class Shift:
     training_median: float
 
     def words(self) -> str:
-        return (f"{STATISTICS[self.name][0]} PSI {self.psi:.2f} (median {_plain(self.name, self.median)} "
-                f"here, {_plain(self.name, self.training_median)} in training)")
+        return (
+            f"{STATISTICS[self.name][0]} PSI {self.psi:.2f} (median {_plain(self.name, self.median)} "
+            f"here, {_plain(self.name, self.training_median)} in training)"
+        )
 
 
 @dataclass(frozen=True)
@@ -146,11 +158,13 @@ class Verdict:
         if not moved:
             return None
         s = self.summary
-        return (f"these {self.customers:,} customers are unlike the {s['customers']:,} the model was "
-                f"trained on ({s['first_event'][:10]} to {s['cutoff'][:10]}): "
-                + "; ".join(m.words() for m in moved)
-                + f" (tolerance PSI {TOLERANCE:g}); its scores for them are extrapolations: "
-                  "train a model on this data (clv train) before acting on them")
+        return (
+            f"these {self.customers:,} customers are unlike the {s['customers']:,} the model was "
+            f"trained on ({s['first_event'][:10]} to {s['cutoff'][:10]}): "
+            + "; ".join(m.words() for m in moved)
+            + f" (tolerance PSI {TOLERANCE:g}); its scores for them are extrapolations: "
+            "train a model on this data (clv train) before acting on them"
+        )
 
 
 def check(summary: Mapping[str, Any], scored: Mapping[str, np.ndarray]) -> Verdict:
@@ -163,8 +177,14 @@ def check(summary: Mapping[str, Any], scored: Mapping[str, np.ndarray]) -> Verdi
         stat, n = stats[name], len(x)
         edges = np.asarray(stat["edges"])
         actual = np.bincount(_bins(edges, x), minlength=len(edges) + 1) / max(n, 1)
-        shifts.append(Shift(name, psi(np.asarray(stat["shares"]), actual),
-                            float(np.median(x)) if n else float("nan"), stat["median"]))
+        shifts.append(
+            Shift(
+                name,
+                psi(np.asarray(stat["shares"]), actual),
+                float(np.median(x)) if n else float("nan"),
+                stat["median"],
+            )
+        )
     return Verdict(n, tuple(shifts), summary)
 
 
@@ -188,25 +208,34 @@ class Window:
         keep = min(n, self.size)  # a batch larger than the window: its newest customers
         slots = (self.position + np.arange(keep)) % self.size
         for i, name in enumerate(self.names):
-            self.ring[i, slots] = scored[name][n - keep:]
+            self.ring[i, slots] = scored[name][n - keep :]
         self.position = int((self.position + keep) % self.size)
         self.filled = min(self.filled + keep, self.size)
 
     def verdict(self) -> Verdict:
-        return check(self.summary, {name: self.ring[i, :self.filled] for i, name in enumerate(self.names)})
+        return check(self.summary, {name: self.ring[i, : self.filled] for i, name in enumerate(self.names)})
 
 
 def describe(summary: Mapping[str, Any] | None) -> str:
     """The training cohort in a few words, for a model card."""
     if not summary:
         return "not recorded (a model from before this release: `clv train --population-only` adds it)"
-    return (f"{summary['customers']:,} customers, {summary['first_event'][:10]} to "
-            f"{summary['cutoff'][:10]}; scored customers are compared with it by PSI per input "
-            f"(tolerance {TOLERANCE:g})")
+    return (
+        f"{summary['customers']:,} customers, {summary['first_event'][:10]} to "
+        f"{summary['cutoff'][:10]}; scored customers are compared with it by PSI per input "
+        f"(tolerance {TOLERANCE:g})"
+    )
 
 
 def percentiles(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     """Per statistic, the training cohort's 10th, 50th and 90th percentiles in plain units."""
-    return [{"input": name, "what": STATISTICS[name][0], "p10": _plain(name, stat["edges"][0]),
-             "median": _plain(name, stat["median"]), "p90": _plain(name, stat["edges"][-1])}
-            for name, stat in summary["statistics"].items()]
+    return [
+        {
+            "input": name,
+            "what": STATISTICS[name][0],
+            "p10": _plain(name, stat["edges"][0]),
+            "median": _plain(name, stat["median"]),
+            "p90": _plain(name, stat["edges"][-1]),
+        }
+        for name, stat in summary["statistics"].items()
+    ]

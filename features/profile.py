@@ -23,8 +23,7 @@ def profile(lines: pd.DataFrame, report: CleaningReport) -> dict[str, Any]:
         "total_spend": round(float(spend.sum()), 2),
         "spend_per_customer": {
             "mean": round(float(per_customer.mean()), 2) if len(per_customer) else 0.0,
-            **({f"p{int(q * 100)}": round(float(v), 2) for q, v in quantiles.items()}
-               if quantiles is not None else {}),
+            **({f"p{int(q * 100)}": round(float(v), 2) for q, v in quantiles.items()} if quantiles is not None else {}),
             "max": round(float(per_customer.max()), 2) if len(per_customer) else 0.0,
         },
         "customers_with_returns": int(lines.loc[lines["quantity"] < 0, "customer_id"].nunique()),
@@ -44,7 +43,8 @@ def render(p: dict[str, Any]) -> str:
         f"cancellation lines kept (returns) {c['cancellation_lines']:,}",
         f"duplicate lines   {c['duplicate_lines']:,} ({c['policy']['duplicates']})",
         f"outlier policy    |quantity| > {c['policy']['outlier_quantity']} dropped"
-        if c["policy"]["outlier_quantity"] is not None else "outlier policy    keep all",
+        if c["policy"]["outlier_quantity"] is not None
+        else "outlier policy    keep all",
         f"customers         {p['customers']:,}",
         f"invoices          {p['invoices']:,}",
         f"date range        {p['first_ts']} .. {p['last_ts']}",

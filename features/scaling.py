@@ -37,8 +37,13 @@ class Scaler:
     static_mask: np.ndarray
 
     @classmethod
-    def fit(cls, inputs: Inputs, seq_names: tuple[str, ...], static_names: tuple[str, ...],
-            off: frozenset[str] | set[str] = frozenset()) -> "Scaler":
+    def fit(
+        cls,
+        inputs: Inputs,
+        seq_names: tuple[str, ...],
+        static_names: tuple[str, ...],
+        off: frozenset[str] | set[str] = frozenset(),
+    ) -> "Scaler":
         seq = inputs.seq.reshape(-1, inputs.seq.shape[-1])
         seq_mask = np.array([n not in off for n in seq_names], dtype=np.float32)
         static_mask = np.array([n not in off for n in static_names], dtype=np.float32)

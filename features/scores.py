@@ -55,17 +55,25 @@ class ScoreRecord:
 
     schema_version: int = _doc("version of this message layout", run=True)
     customer_id: str = _doc("the customer; also the message key")
-    clv: float = _doc("expected spend over the next horizon_months calendar months after the "
-                      "as_of month; an expectation, so it adds up over customers")
-    clv_low: float = _doc("10% quantile of the customer's spend over those months, from the model's "
-                          "predictive distribution: with clv_high an 80% interval (0 whenever "
-                          "p_purchase < 0.9: no purchase is then more likely than 10%); -1 (not "
-                          "known) when the message is of schema 2 to 6")
-    clv_high: float = _doc("90% quantile of that spend: about one customer in ten spends more "
-                           "(fewer where p_purchase < 0.1, whose clv_high is 0); -1 when the "
-                           "message is of schema 2 to 6")
-    clv_sd: float = _doc("standard deviation of that spend (a segment's range of its sum uses it); "
-                         "-1 when the message is of schema 2 to 6")
+    clv: float = _doc(
+        "expected spend over the next horizon_months calendar months after the "
+        "as_of month; an expectation, so it adds up over customers"
+    )
+    clv_low: float = _doc(
+        "10% quantile of the customer's spend over those months, from the model's "
+        "predictive distribution: with clv_high an 80% interval (0 whenever "
+        "p_purchase < 0.9: no purchase is then more likely than 10%); -1 (not "
+        "known) when the message is of schema 2 to 6"
+    )
+    clv_high: float = _doc(
+        "90% quantile of that spend: about one customer in ten spends more "
+        "(fewer where p_purchase < 0.1, whose clv_high is 0); -1 when the "
+        "message is of schema 2 to 6"
+    )
+    clv_sd: float = _doc(
+        "standard deviation of that spend (a segment's range of its sum uses it); "
+        "-1 when the message is of schema 2 to 6"
+    )
     p_purchase: float = _doc("probability of any purchase in those months")
     recency_days: float = _doc("days from the last purchase to as_of")
     frequency: int = _doc("purchase invoices over the customer's life")
@@ -73,25 +81,32 @@ class ScoreRecord:
     tenure_days: float = _doc("days from the first purchase to as_of")
     total_spend: float = _doc("spend over the customer's life, returns deducted")
     segment: str = _doc("named segment (`clv query segments` lists them with their playbooks)")
-    cluster: str = _doc("behavioral cluster, named by its profile (`clv query clusters`); empty "
-                        "when the model carries no clusters or the message is of schema 2 or 3")
-    country: str = _doc("country of the customer's newest event that carried one; empty when "
-                        "none did (CDNOW has none) or the message is of schema 2 to 4")
+    cluster: str = _doc(
+        "behavioral cluster, named by its profile (`clv query clusters`); empty "
+        "when the model carries no clusters or the message is of schema 2 or 3"
+    )
+    country: str = _doc(
+        "country of the customer's newest event that carried one; empty when "
+        "none did (CDNOW has none) or the message is of schema 2 to 4"
+    )
     horizon_months: int = _doc("months the forecast covers", run=True)
     model_version: str = _doc("the model that produced the score", run=True)
-    as_of: IsoTime = _doc("event time (UTC) of the newest event the worker had seen on any "
-                          "partition it owns: the stream's clock", run=True)
+    as_of: IsoTime = _doc(
+        "event time (UTC) of the newest event the worker had seen on any partition it owns: the stream's clock",
+        run=True,
+    )
     scored_at: IsoTime = _doc("wall-clock time (UTC) the score was computed", run=True)
     event_offset: Offset = _doc(
         "offset in `transactions`, on the customer's partition (this message's partition number), "
         "of the newest event folded into the score: of two messages of a customer the one with "
         "the higher event_offset is newer, then the one with the later as_of; -1 when no event "
-        "was (a bootstrapped history) or the message is of schema 2 to 5", stream=True)
+        "was (a bootstrapped history) or the message is of schema 2 to 5",
+        stream=True,
+    )
 
 
 FIELDS = tuple(f.name for f in fields(ScoreRecord))
-CUSTOMER_FIELDS = tuple(f.name for f in fields(ScoreRecord)
-                        if not f.metadata["run"] and not f.metadata["stream"])
+CUSTOMER_FIELDS = tuple(f.name for f in fields(ScoreRecord) if not f.metadata["run"] and not f.metadata["stream"])
 FIELD_TYPES: dict[str, Any] = get_type_hints(ScoreRecord)  # int, float, str, IsoTime or Offset
 PRECEDENCE = ("event_offset", "as_of")  # what orders a customer's scores, compared in turn
 
@@ -129,14 +144,26 @@ def precedence(record: ScoreRecord) -> tuple[int, IsoTime]:
 # Per readable schema version, each record field after the version, the message field it is read
 # from (None: a field the version lacks, read as its `_ABSENT` value) and its type.
 _ADDED_IN = {"cluster": 4, "country": 5, "event_offset": 6, "clv_low": 7, "clv_high": 7, "clv_sd": 7}
-_ABSENT: dict[str, Any] = {"cluster": "", "country": "", "event_offset": -1,
-                           "clv_low": -1.0, "clv_high": -1.0, "clv_sd": -1.0}
+_ABSENT: dict[str, Any] = {
+    "cluster": "",
+    "country": "",
+    "event_offset": -1,
+    "clv_low": -1.0,
+    "clv_high": -1.0,
+    "clv_sd": -1.0,
+}
 
 
 def _sources(version: int) -> tuple[tuple[str, str | None, Any], ...]:
-    return tuple((name, None if _ADDED_IN.get(name, 0) > version
-                  else LEGACY_CLV if name == "clv" and version == 2 else name, FIELD_TYPES[name])
-                 for name in FIELDS if name != "schema_version")
+    return tuple(
+        (
+            name,
+            None if _ADDED_IN.get(name, 0) > version else LEGACY_CLV if name == "clv" and version == 2 else name,
+            FIELD_TYPES[name],
+        )
+        for name in FIELDS
+        if name != "schema_version"
+    )
 
 
 _SOURCES = {version: _sources(version) for version in READABLE_SCHEMA_VERSIONS}
@@ -216,10 +243,15 @@ def _checked(value: Any, kind: Any) -> Any:
 def score_schema() -> dict[str, Any]:
     """JSON Schema of a current message, from the record (`clv score-schema` prints it)."""
     json_types: dict[Any, dict[str, Any]] = {
-        int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
-        IsoTime: {"type": "string", "format": "date-time"}, Offset: {"type": "integer", "minimum": -1}}
-    properties = {f.name: {**json_types[FIELD_TYPES[f.name]], "description": f.metadata["doc"]}
-                  for f in fields(ScoreRecord)}
+        int: {"type": "integer"},
+        float: {"type": "number"},
+        str: {"type": "string"},
+        IsoTime: {"type": "string", "format": "date-time"},
+        Offset: {"type": "integer", "minimum": -1},
+    }
+    properties = {
+        f.name: {**json_types[FIELD_TYPES[f.name]], "description": f.metadata["doc"]} for f in fields(ScoreRecord)
+    }
     properties["schema_version"]["const"] = SCORE_SCHEMA_VERSION
     properties["customer_id"]["minLength"] = 1
     return {

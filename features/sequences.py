@@ -16,12 +16,25 @@ import numpy as np
 from features.aggregate import CustomerState, month_start
 
 SEQ_FEATURES = (
-    "log_spend", "log_invoices", "log_units", "active", "moy_sin", "moy_cos", "before_first",
+    "log_spend",
+    "log_invoices",
+    "log_units",
+    "active",
+    "moy_sin",
+    "moy_cos",
+    "before_first",
 )
 STATIC_FEATURES = (
-    "log_tenure_months", "log_recency_months", "log_invoices_total", "log_spend_total",
-    "log_order_value", "log_invoices_before_window", "log_active_months", "asof_moy_sin",
-    "asof_moy_cos", "horizon_months",
+    "log_tenure_months",
+    "log_recency_months",
+    "log_invoices_total",
+    "log_spend_total",
+    "log_order_value",
+    "log_invoices_before_window",
+    "log_active_months",
+    "asof_moy_sin",
+    "asof_moy_cos",
+    "horizon_months",
 )
 # The classic model's sufficient statistics (BG/NBD, Gamma-Gamma), unscaled: days with a
 # purchase, days from the first event to the last purchase and to the end of the as-of month,
@@ -47,9 +60,7 @@ class Inputs:
         return Inputs(self.seq[idx], self.static[idx], self.classic[idx])
 
 
-def build_inputs(
-    states: Sequence[CustomerState], as_of_month: int, window: int, horizon: int
-) -> Inputs:
+def build_inputs(states: Sequence[CustomerState], as_of_month: int, window: int, horizon: int) -> Inputs:
     """Unscaled features of each state as of the end of `as_of_month`, over `window` months,
     for a prediction over the next `horizon` months (an input, so training can use short horizons
     from recent origins)."""

@@ -38,10 +38,16 @@ class Truth:
         return asdict(self)
 
 
-def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: pd.Timestamp,
-               t1: pd.Timestamp, wholesale_share: float, big_first_share: float = BIG_FIRST_SHARE,
-               steady_share: float = STEADY_SHARE
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, pd.DatetimeIndex]:
+def _purchases(
+    rng: np.random.Generator,
+    n_customers: int,
+    n_invoices: int,
+    t0: pd.Timestamp,
+    t1: pd.Timestamp,
+    wholesale_share: float,
+    big_first_share: float = BIG_FIRST_SHARE,
+    steady_share: float = STEADY_SHARE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, pd.DatetimeIndex]:
     """The customer model: ids, purchase rates, basket multipliers, and each kept invoice's
     buyer (index) and time.
 
@@ -56,8 +62,9 @@ def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: 
     rate = rng.gamma(0.6, 1.0, n_customers)
     born = rng.uniform(0, 0.8, n_customers)
     gone = np.minimum(1.0, born + rng.exponential(0.6, n_customers))
-    basket = np.where(rng.uniform(size=n_customers) < wholesale_share,
-                      np.exp(rng.uniform(np.log(10), np.log(60), n_customers)), 1.0)
+    basket = np.where(
+        rng.uniform(size=n_customers) < wholesale_share, np.exp(rng.uniform(np.log(10), np.log(60), n_customers)), 1.0
+    )
     kind = rng.uniform(size=n_customers)
     big_first = (kind < big_first_share) & (basket == 1.0)
     steady = (kind >= big_first_share) & (kind < big_first_share + steady_share) & (basket == 1.0)
@@ -77,8 +84,9 @@ def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: 
     first = np.flatnonzero(big_first)
     second = first[rng.uniform(size=len(first)) < 0.5]
     buyer = np.concatenate([buyer, first, second])
-    span = np.concatenate([span, born[first] * days,
-                           np.minimum(born[second] * days + rng.uniform(1, 30, len(second)), days - 1)])
+    span = np.concatenate(
+        [span, born[first] * days, np.minimum(born[second] * days + rng.uniform(1, 30, len(second)), days - 1)]
+    )
     month_weight = SEASON[(t0 + pd.to_timedelta(span, unit="D")).month.to_numpy() - 1]
     keep = rng.uniform(0, SEASON.max(), len(buyer)) < month_weight
     buyer, span = buyer[keep], span[keep]
@@ -87,17 +95,21 @@ def _purchases(rng: np.random.Generator, n_customers: int, n_invoices: int, t0: 
     return customer_ids, rate, basket, buyer, inv_ts
 
 
-def invoice_events(n_customers: int, n_invoices: int, seed: int = 7, start: str = "2009-12-01",
-                   end: str = "2011-12-09", wholesale_share: float = 0.03,
-                   ) -> Iterator[TransactionEvent]:
+def invoice_events(
+    n_customers: int,
+    n_invoices: int,
+    seed: int = 7,
+    start: str = "2009-12-01",
+    end: str = "2011-12-09",
+    wholesale_share: float = 0.03,
+) -> Iterator[TransactionEvent]:
     """Clean invoice events in time order from the same customer model as `generate`, without
     its line-level defects and with 1-3 lines per invoice: multi-month histories for many
     customers at a fraction of the cost (state and load benchmarks). About 3% of purchases are
     followed by a partial return three days later."""
     rng = np.random.default_rng(seed)
     t0, t1 = pd.Timestamp(start, tz="UTC"), pd.Timestamp(end, tz="UTC")
-    customer_ids, _rate, basket, buyer, inv_ts = _purchases(rng, n_customers, n_invoices, t0, t1,
-                                                            wholesale_share)
+    customer_ids, _rate, basket, buyer, inv_ts = _purchases(rng, n_customers, n_invoices, t0, t1, wholesale_share)
     n = len(buyer)
     returned = rng.uniform(size=n) < 0.03
     ts = np.concatenate([inv_ts.to_numpy(), (inv_ts[returned] + pd.Timedelta(days=3)).to_numpy()])
@@ -114,14 +126,24 @@ def invoice_events(n_customers: int, n_invoices: int, seed: int = 7, start: str 
         cid, invoice = str(customer_ids[buyer[k]]), f"{'C' if is_return[i] else ''}{536365 + k}"
         sign = -1 if is_return[i] else 1
         yield TransactionEvent(
-            stable_event_id(cid, invoice), cid, invoice, stamps[i],
-            tuple(Line(f"{85000 + j}", int(sign * max(1, qty[k] // (j + 1))), float(price[k]))
-                  for j in range(lines[k] if not is_return[i] else 1)))
+            stable_event_id(cid, invoice),
+            cid,
+            invoice,
+            stamps[i],
+            tuple(
+                Line(f"{85000 + j}", int(sign * max(1, qty[k] // (j + 1))), float(price[k]))
+                for j in range(lines[k] if not is_return[i] else 1)
+            ),
+        )
 
 
 def generate(
-    n_customers: int = 2000, n_invoices: int = 20000, seed: int = 7,
-    start: str = "2009-12-01", end: str = "2011-12-09", layout: str = "online-retail",
+    n_customers: int = 2000,
+    n_invoices: int = 20000,
+    seed: int = 7,
+    start: str = "2009-12-01",
+    end: str = "2011-12-09",
+    layout: str = "online-retail",
     wholesale_share: float = 0.03,
 ) -> tuple[pd.DataFrame, Truth]:
     """A line-level frame in the UCI layout (`online-retail` or `online-retail-ii`).
@@ -131,8 +153,7 @@ def generate(
     order 10-60 times the usual quantities, the heavy tail of real retail files."""
     rng = np.random.default_rng(seed)
     t0, t1 = pd.Timestamp(start), pd.Timestamp(end)
-    customer_ids, rate, basket, buyer, inv_ts = _purchases(rng, n_customers, n_invoices, t0, t1,
-                                                           wholesale_share)
+    customer_ids, rate, basket, buyer, inv_ts = _purchases(rng, n_customers, n_invoices, t0, t1, wholesale_share)
     n_inv = len(buyer)
     inv_no = (536365 + np.arange(n_inv)).astype(str)
 
@@ -144,16 +165,18 @@ def generate(
     position = np.arange(n) - np.repeat(np.cumsum(n_lines_per) - n_lines_per, n_lines_per)
     item = (rng.integers(0, catalog, n_inv)[idx] + position) % catalog
     item_price = np.round(np.exp(rng.normal(0.8, 0.9, catalog)), 2) + 0.01
-    lines = pd.DataFrame({
-        "InvoiceNo": inv_no[idx],
-        "StockCode": (85000 + item).astype(str),
-        "Description": "ITEM " + item.astype(str) + " ",
-        "Quantity": np.minimum(np.ceil(rng.geometric(1 / 6, n) * basket[buyer[idx]]), 9999).astype(np.int64),
-        "InvoiceDate": inv_ts[idx],
-        "UnitPrice": item_price[item],
-        "CustomerID": customer_ids[buyer[idx]].astype(float).astype(object),
-        "Country": np.where(rate[buyer[idx]] > 2.0, "EIRE", "United Kingdom"),
-    })
+    lines = pd.DataFrame(
+        {
+            "InvoiceNo": inv_no[idx],
+            "StockCode": (85000 + item).astype(str),
+            "Description": "ITEM " + item.astype(str) + " ",
+            "Quantity": np.minimum(np.ceil(rng.geometric(1 / 6, n) * basket[buyer[idx]]), 9999).astype(np.int64),
+            "InvoiceDate": inv_ts[idx],
+            "UnitPrice": item_price[item],
+            "CustomerID": customer_ids[buyer[idx]].astype(float).astype(object),
+            "Country": np.where(rate[buyer[idx]] > 2.0, "EIRE", "United Kingdom"),
+        }
+    )
 
     # About a quarter of invoices carry no customer id at all.
     anonymous_inv = rng.uniform(size=n_inv) < 0.25
@@ -177,15 +200,26 @@ def generate(
 
     donor = lines.iloc[rest[0]].to_dict()
     spare = 536365 + n_inv  # invoice numbers past the generated ones
-    bad_debt = pd.DataFrame([{
-        **donor, "InvoiceNo": f"A{spare + k}", "StockCode": "B",
-        "Description": "Adjust bad debt", "Quantity": 1, "UnitPrice": -11062.06,
-    } for k in range(2)])
+    bad_debt = pd.DataFrame(
+        [
+            {
+                **donor,
+                "InvoiceNo": f"A{spare + k}",
+                "StockCode": "B",
+                "Description": "Adjust bad debt",
+                "Quantity": 1,
+                "UnitPrice": -11062.06,
+            }
+            for k in range(2)
+        ]
+    )
     negative = pd.DataFrame([{**donor, "InvoiceNo": str(spare + 2), "UnitPrice": -3.5}])
-    outlier = pd.DataFrame([
-        {**donor, "InvoiceNo": str(spare + 3), "Quantity": 80995, "UnitPrice": 2.08},
-        {**donor, "InvoiceNo": f"C{spare + 4}", "Quantity": -80995, "UnitPrice": 2.08},
-    ])
+    outlier = pd.DataFrame(
+        [
+            {**donor, "InvoiceNo": str(spare + 3), "Quantity": 80995, "UnitPrice": 2.08},
+            {**donor, "InvoiceNo": f"C{spare + 4}", "Quantity": -80995, "UnitPrice": 2.08},
+        ]
+    )
     dupes = lines.iloc[rng.choice(rest, size=max(1, n // 100), replace=False)]
 
     frame = pd.concat([lines, src, bad_debt, negative, outlier, dupes], ignore_index=True)
@@ -209,16 +243,27 @@ def _style(frame: pd.DataFrame, layout: str, rng: np.random.Generator) -> pd.Dat
     if layout == "online-retail":
         ts = frame["InvoiceDate"]
         frame["InvoiceDate"] = (
-            ts.dt.month.astype(str) + "/" + ts.dt.day.astype(str) + "/" + ts.dt.year.astype(str)
-            + " " + ts.dt.hour.astype(str) + ":" + ts.dt.strftime("%M")
+            ts.dt.month.astype(str)
+            + "/"
+            + ts.dt.day.astype(str)
+            + "/"
+            + ts.dt.year.astype(str)
+            + " "
+            + ts.dt.hour.astype(str)
+            + ":"
+            + ts.dt.strftime("%M")
         )
         return frame
     if layout == "online-retail-ii":
         frame["InvoiceDate"] = frame["InvoiceDate"].dt.strftime("%Y-%m-%d %H:%M:%S")
         frame["CustomerID"] = frame["CustomerID"].map(lambda v: v if v == "" else f" {int(v)}")
-        return frame.rename(columns={
-            "InvoiceNo": "Invoice", "UnitPrice": "Price", "CustomerID": "Customer ID",
-        })
+        return frame.rename(
+            columns={
+                "InvoiceNo": "Invoice",
+                "UnitPrice": "Price",
+                "CustomerID": "Customer ID",
+            }
+        )
     raise ValueError(f"unknown layout {layout!r}")
 
 

@@ -77,15 +77,24 @@ def fit(stats: np.ndarray, first_orders: tuple[float, ...] = (1.0,)) -> list[Cla
 
     n, t_x, age, m = (stats[:, i].astype(np.float64) for i in range(4))
     ids = np.arange(len(n))
-    bg = _map(BetaGeoModel(data=pd.DataFrame({
-        "customer_id": ids, "frequency": np.maximum(n - 1, 0),
-        "recency": np.minimum(t_x, age), "T": age})))
+    bg = _map(
+        BetaGeoModel(
+            data=pd.DataFrame(
+                {"customer_id": ids, "frequency": np.maximum(n - 1, 0), "recency": np.minimum(t_x, age), "T": age}
+            )
+        )
+    )
     out = []
     for first in first_orders:
         weight = orders(n, first)
         spenders = (weight > 0) & (m > 0)
-        gg = _map(GammaGammaModel(data=pd.DataFrame({
-            "customer_id": ids[spenders], "frequency": weight[spenders], "monetary_value": m[spenders]})))
+        gg = _map(
+            GammaGammaModel(
+                data=pd.DataFrame(
+                    {"customer_id": ids[spenders], "frequency": weight[spenders], "monetary_value": m[spenders]}
+                )
+            )
+        )
         q = gg["q"]
         if q <= MIN_Q:  # a heavier tail than Gamma-Gamma has a mean for (wholesale spend)
             log.warning("Gamma-Gamma fitted q %.3g <= 1 (mean spend unbounded); using q = %.2f", q, MIN_Q)
@@ -121,22 +130,30 @@ class Textbook:
     quantiles: dict[float, np.ndarray]
 
 
-def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], cutoff: datetime,
-                      window: tuple[int, int], quantiles: tuple[float, ...] = (),
-                      seed: int = 0) -> Textbook:
+def bgnbd_gamma_gamma(
+    events: list[TransactionEvent],
+    customer_ids: list[str],
+    cutoff: datetime,
+    window: tuple[int, int],
+    quantiles: tuple[float, ...] = (),
+    seed: int = 0,
+) -> Textbook:
     """The textbook model from daily transactions up to the cutoff, for each customer, with the
     `quantiles` of its predictive distribution (simulated; none asked, none computed)."""
     from pymc_marketing.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 
-    tx = pd.DataFrame({
-        "customer_id": [ev.customer_id for ev in events],
-        "date": [ev.ts.date() for ev in events],
-        "spend": [contribution(ev).spend_cents / 100.0 for ev in events],
-    })
+    tx = pd.DataFrame(
+        {
+            "customer_id": [ev.customer_id for ev in events],
+            "date": [ev.ts.date() for ev in events],
+            "spend": [contribution(ev).spend_cents / 100.0 for ev in events],
+        }
+    )
     tx = tx.groupby(["customer_id", "date"], as_index=False)["spend"].sum()
     tx["date"] = pd.to_datetime(tx["date"])
-    summary = rfm_summary(tx, "customer_id", "date", "spend",
-                          observation_period_end=pd.Timestamp(cutoff.date()), time_unit="D")
+    summary = rfm_summary(
+        tx, "customer_id", "date", "spend", observation_period_end=pd.Timestamp(cutoff.date()), time_unit="D"
+    )
     summary = summary.set_index("customer_id").reindex(customer_ids).reset_index()
     summary["monetary_value"] = summary["monetary_value"].clip(lower=0)
     bg = BetaGeoModel(data=summary[["customer_id", "frequency", "recency", "T"]])
@@ -151,20 +168,30 @@ def bgnbd_gamma_gamma(events: list[TransactionEvent], customer_ids: list[str], c
         if start > 0:
             purchases = purchases - bg.expected_purchases(future_t=start).values.reshape(-1)
         p_none = bg.expected_probability_no_purchase(t=end).values.reshape(-1)
-        spend = gg.expected_customer_spend(
-            data=summary[["customer_id", "frequency", "monetary_value"]]).values.reshape(-1)
+        spend = gg.expected_customer_spend(data=summary[["customer_id", "frequency", "monetary_value"]]).values.reshape(
+            -1
+        )
     stats = summary[["frequency", "recency", "T", "monetary_value"]].to_numpy(np.float64)
-    return Textbook(purchases * spend, 1 - p_none,
-                    predictive_quantiles(bg_params, gg_params, stats, window, quantiles, seed)
-                    if quantiles else {})
+    return Textbook(
+        purchases * spend,
+        1 - p_none,
+        predictive_quantiles(bg_params, gg_params, stats, window, quantiles, seed) if quantiles else {},
+    )
 
 
 SIMULATED_DRAWS = 2000  # per customer: quantiles of the textbook model to about 1% of their level
 
 
-def predictive_quantiles(bg: dict[str, float], gg: dict[str, float], stats: np.ndarray,
-                         window: tuple[int, int], quantiles: tuple[float, ...], seed: int,
-                         draws: int = SIMULATED_DRAWS, chunk: int = 1000) -> dict[float, np.ndarray]:
+def predictive_quantiles(
+    bg: dict[str, float],
+    gg: dict[str, float],
+    stats: np.ndarray,
+    window: tuple[int, int],
+    quantiles: tuple[float, ...],
+    seed: int,
+    draws: int = SIMULATED_DRAWS,
+    chunk: int = 1000,
+) -> dict[float, np.ndarray]:
     """Quantiles of each customer's spend in the window (days after the cutoff) under the
     textbook model's own posterior, by simulation: alive with BG/NBD's P(alive); if so, a
     purchase rate from Gamma(r + x, alpha + T) and a dropout chance from Beta(a, b + x) (the
@@ -178,10 +205,9 @@ def predictive_quantiles(bg: dict[str, float], gg: dict[str, float], stats: np.n
     start, end = window
     out = {level: np.empty(len(stats)) for level in quantiles}
     for lo in range(0, len(stats), chunk):
-        x, t_x, age, m = (c[:, None] for c in stats[lo:lo + chunk].T)
+        x, t_x, age, m = (c[:, None] for c in stats[lo : lo + chunk].T)
         shape = (len(x), draws)
-        gone_odds = np.where(x > 0, a / np.maximum(b + x - 1, 1e-12)
-                             * ((alpha + age) / (alpha + t_x)) ** (r + x), 0.0)
+        gone_odds = np.where(x > 0, a / np.maximum(b + x - 1, 1e-12) * ((alpha + age) / (alpha + t_x)) ** (r + x), 0.0)
         alive = rng.uniform(size=shape) < 1 / (1 + gone_odds)
         rate = rng.gamma(r + x, 1 / (alpha + age), shape)
         drop = rng.beta(a, b + x, shape)
@@ -193,7 +219,7 @@ def predictive_quantiles(bg: dict[str, float], gg: dict[str, float], stats: np.n
         nu = rng.gamma(q + np.where(repeat, p * x, 0.0), 1, shape) / (v + np.where(repeat, x * m, 0.0))
         spend = np.where(count > 0, rng.gamma(np.maximum(p * count, 1e-12), 1, shape) / nu, 0.0)
         for level in quantiles:
-            out[level][lo:lo + chunk] = np.quantile(spend, level, axis=1, method="inverted_cdf")
+            out[level][lo : lo + chunk] = np.quantile(spend, level, axis=1, method="inverted_cdf")
     return out
 
 
@@ -203,8 +229,9 @@ def base(params: ClassicParams, stats: np.ndarray) -> "ziln.Base":
 
     from models import ziln
 
-    return ziln.classic_base(torch.from_numpy(stats.astype(np.float64)),
-                             torch.tensor(params.to_list(), dtype=torch.float64))
+    return ziln.classic_base(
+        torch.from_numpy(stats.astype(np.float64)), torch.tensor(params.to_list(), dtype=torch.float64)
+    )
 
 
 def expected_spend(params: ClassicParams, stats: np.ndarray, horizons: np.ndarray) -> np.ndarray:

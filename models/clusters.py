@@ -54,21 +54,21 @@ def _ward(z: np.ndarray, k: int, _seed: int) -> np.ndarray:
     return np.stack([z[labels == c].mean(axis=0) for c in range(k)])
 
 
-METHODS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
-    "kmeans": _kmeans, "gmm": _gmm, "ward": _ward}
+METHODS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {"kmeans": _kmeans, "gmm": _gmm, "ward": _ward}
 
 
 def _scores(z: np.ndarray, labels: np.ndarray) -> dict[str, float] | None:
     """Silhouette, Calinski-Harabasz, Davies-Bouldin; None when fewer than two clusters remain."""
     if len(set(labels.tolist())) < 2:
         return None
-    return {"silhouette": float(silhouette_score(z, labels)),
-            "calinski_harabasz": float(calinski_harabasz_score(z, labels)),
-            "davies_bouldin": float(davies_bouldin_score(z, labels))}
+    return {
+        "silhouette": float(silhouette_score(z, labels)),
+        "calinski_harabasz": float(calinski_harabasz_score(z, labels)),
+        "davies_bouldin": float(davies_bouldin_score(z, labels)),
+    }
 
 
-def compare(z: np.ndarray, seed: int, k_range: Sequence[int] = K_RANGE
-            ) -> dict[str, dict[str, Any]]:
+def compare(z: np.ndarray, seed: int, k_range: Sequence[int] = K_RANGE) -> dict[str, dict[str, Any]]:
     """Per method: its scores at every k, and the k with the best silhouette with its centroids."""
     out: dict[str, dict[str, Any]] = {}
     for name, fit in METHODS.items():
@@ -84,8 +84,12 @@ def compare(z: np.ndarray, seed: int, k_range: Sequence[int] = K_RANGE
         if not per_k:
             continue
         best = max(per_k, key=lambda k: per_k[k]["silhouette"])
-        out[name] = {"k": best, **per_k[best], "centroids": centroids[best],
-                     "by_k": {str(k): s for k, s in per_k.items()}}
+        out[name] = {
+            "k": best,
+            **per_k[best],
+            "centroids": centroids[best],
+            "by_k": {str(k): s for k, s in per_k.items()},
+        }
     return out
 
 
@@ -96,8 +100,10 @@ def names(centroids: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> list[str]:
     cent = plain(mean + centroids * sd)
     ratio = np.abs(np.log((np.maximum(cent, 0) + 1e-3) / (np.maximum(plain(mean), 0) + 1e-3)))
     stands = (np.abs(centroids) >= WORD_Z) & (ratio >= np.log(WORD_RATIO))
-    strongest = [sorted(range(len(CLUSTER_FEATURES)), key=lambda j: (not stands[i][j], -abs(c[j])))
-                 for i, c in enumerate(centroids)]
+    strongest = [
+        sorted(range(len(CLUSTER_FEATURES)), key=lambda j: (not stands[i][j], -abs(c[j])))
+        for i, c in enumerate(centroids)
+    ]
 
     def word(i: int, j: int) -> str:
         if CLUSTER_FEATURES[j] == "log_frequency" and centroids[i][j] < 0 and cent[i][j] >= 1.5:
@@ -136,14 +142,19 @@ def fit(x: np.ndarray, seed: int = 0, k_range: Sequence[int] = K_RANGE) -> dict[
     chosen = max(methods, key=lambda m: methods[m]["silhouette"])
     centroids = methods[chosen]["centroids"]
     clustering: dict[str, Any] = {
-        "method": chosen, "k": int(len(centroids)), "features": list(CLUSTER_FEATURES),
-        "mean": mean.tolist(), "sd": sd.tolist(), "centroids": centroids.tolist(),
-        "names": names(centroids, mean, sd), "sample": len(sample), "customers": len(x),
+        "method": chosen,
+        "k": int(len(centroids)),
+        "features": list(CLUSTER_FEATURES),
+        "mean": mean.tolist(),
+        "sd": sd.tolist(),
+        "centroids": centroids.tolist(),
+        "names": names(centroids, mean, sd),
+        "sample": len(sample),
+        "customers": len(x),
         "methods": {m: {k: v for k, v in r.items() if k != "centroids"} for m, r in methods.items()},
     }
     labels = np.array(assign_clusters(x, clustering))
-    clustering["profiles"] = {name: _profile(x[labels == name], len(x))
-                              for name in clustering["names"]}
+    clustering["profiles"] = {name: _profile(x[labels == name], len(x)) for name in clustering["names"]}
     return clustering
 
 
@@ -160,24 +171,31 @@ def _profile(rows: np.ndarray, total: int) -> dict[str, float]:
     if not len(rows):
         return {"share": 0.0}
     median = plain(np.median(rows, axis=0))
-    profile = {"share": len(rows) / total,
-               **{f.removeprefix("log_"): float(v) for f, v in zip(CLUSTER_FEATURES, median)}}
+    profile = {
+        "share": len(rows) / total,
+        **{f.removeprefix("log_"): float(v) for f, v in zip(CLUSTER_FEATURES, median)},
+    }
     profile["return_share"] = float(rows[:, CLUSTER_FEATURES.index("return_share")].mean())
     return profile
 
 
 def render(clustering: dict[str, Any]) -> str:
     """What `clv train` prints: every method's scores at its k, the chosen one, its clusters."""
-    lines = [f"behavioral clusters ({clustering['sample']:,} of {clustering['customers']:,} "
-             "customers; k by silhouette)",
-             f"  {'method':<8}{'k':>3}{'silhouette':>12}{'calinski_h':>12}{'davies_b':>10}"]
+    lines = [
+        f"behavioral clusters ({clustering['sample']:,} of {clustering['customers']:,} customers; k by silhouette)",
+        f"  {'method':<8}{'k':>3}{'silhouette':>12}{'calinski_h':>12}{'davies_b':>10}",
+    ]
     for m, r in clustering["methods"].items():
         mark = "  <- chosen" if m == clustering["method"] else ""
-        lines.append(f"  {m:<8}{r['k']:>3}{r['silhouette']:>12.3f}{r['calinski_harabasz']:>12.1f}"
-                     f"{r['davies_bouldin']:>10.3f}{mark}")
+        lines.append(
+            f"  {m:<8}{r['k']:>3}{r['silhouette']:>12.3f}{r['calinski_harabasz']:>12.1f}"
+            f"{r['davies_bouldin']:>10.3f}{mark}"
+        )
     for name, p in clustering["profiles"].items():
         if p["share"]:
-            lines.append(f"  {name:<28}{p['share']:>6.1%}  recency {p['recency_days']:.0f}d, "
-                         f"{p['frequency']:.0f} purchases, ${p['order_value']:.2f}/order, "
-                         f"tenure {p['tenure_days']:.0f}d, regularity {p['regularity']:.2f}")
+            lines.append(
+                f"  {name:<28}{p['share']:>6.1%}  recency {p['recency_days']:.0f}d, "
+                f"{p['frequency']:.0f} purchases, ${p['order_value']:.2f}/order, "
+                f"tenure {p['tenure_days']:.0f}d, regularity {p['regularity']:.2f}"
+            )
     return "\n".join(lines)

@@ -44,8 +44,13 @@ class Examples:
     rfm: np.ndarray  # recency_days, frequency, monetary, tenure_days, total_spend
 
     def take(self, mask: np.ndarray) -> "Examples":
-        return Examples([c for c, keep in zip(self.customer_ids, mask) if keep], self.origin[mask],
-                        self.inputs.take(mask), self.y[mask], self.rfm[mask])
+        return Examples(
+            [c for c, keep in zip(self.customer_ids, mask) if keep],
+            self.origin[mask],
+            self.inputs.take(mask),
+            self.y[mask],
+            self.rfm[mask],
+        )
 
 
 def _concat(parts: list[Examples]) -> Examples:
@@ -81,8 +86,12 @@ class Split:
 
 
 def rolling_split(
-    events: list[TransactionEvent], cutoff: datetime, horizon: int, window: int,
-    max_origins: int = 24, actual_events: list[TransactionEvent] | None = None,
+    events: list[TransactionEvent],
+    cutoff: datetime,
+    horizon: int,
+    window: int,
+    max_origins: int = 24,
+    actual_events: list[TransactionEvent] | None = None,
 ) -> Split:
     """Examples from every month end before the cutoff, each labelled with the spend of the
     next min(horizon, months up to the cutoff's) months; that length travels with the inputs
@@ -111,15 +120,24 @@ def rolling_split(
         fields = [rfm(s, as_of) for s in states]
         r = np.array([list(vars(f).values()) for f in fields], dtype=np.float64)
         if snap.month == last:
-            y = (_labels(_monthly_spend(actual_events), ids, last, horizon)
-                 if actual_events else np.full(len(ids), np.nan))
+            y = (
+                _labels(_monthly_spend(actual_events), ids, last, horizon)
+                if actual_events
+                else np.full(len(ids), np.nan)
+            )
             scoring = Examples(ids, np.full(len(ids), last), build_inputs(states, last, window, horizon), y, r)
             at_cutoff = (scoring, behaviour(states, fields, last, window))
             continue
         k = min(horizon, last - snap.month)
-        labelled.append(Examples(ids, np.full(len(ids), snap.month),
-                                 build_inputs(states, snap.month, window, k),
-                                 _labels(spend, ids, snap.month, k), r))
+        labelled.append(
+            Examples(
+                ids,
+                np.full(len(ids), snap.month),
+                build_inputs(states, snap.month, window, k),
+                _labels(spend, ids, snap.month, k),
+                r,
+            )
+        )
     if at_cutoff is None or not labelled:
         raise NotEnoughHistory("not enough history before the cutoff for training and validation")
     scoring, cohort = at_cutoff
@@ -163,9 +181,17 @@ def rfm_features(ex: Examples) -> np.ndarray:
     seq = ex.inputs.seq
     active = seq[..., 3]
     spend = np.expm1(np.abs(seq[..., 0])) * np.sign(seq[..., 0])
-    return np.column_stack([
-        np.log1p(r[:, 0]), np.log1p(r[:, 1]), np.sign(r[:, 2]) * np.log1p(np.abs(r[:, 2])), np.log1p(r[:, 3]),
-        np.sign(r[:, 4]) * np.log1p(np.abs(r[:, 4])),
-        active[:, -3:].sum(1), active[:, -6:].sum(1), active[:, -12:].sum(1),
-        np.log1p(np.maximum(spend[:, -3:].sum(1), 0)), np.log1p(np.maximum(spend[:, -12:].sum(1), 0)),
-    ]).astype(np.float32)
+    return np.column_stack(
+        [
+            np.log1p(r[:, 0]),
+            np.log1p(r[:, 1]),
+            np.sign(r[:, 2]) * np.log1p(np.abs(r[:, 2])),
+            np.log1p(r[:, 3]),
+            np.sign(r[:, 4]) * np.log1p(np.abs(r[:, 4])),
+            active[:, -3:].sum(1),
+            active[:, -6:].sum(1),
+            active[:, -12:].sum(1),
+            np.log1p(np.maximum(spend[:, -3:].sum(1), 0)),
+            np.log1p(np.maximum(spend[:, -12:].sum(1), 0)),
+        ]
+    ).astype(np.float32)

@@ -67,8 +67,9 @@ class _Prepared:
         return float(self.classic.p.sum())
 
 
-def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
-             file_opts: dict[str, Any]) -> _Prepared:
+def _prepare(
+    file: str, cutoff: date, horizon: int, window: int, labelled: bool, file_opts: dict[str, Any]
+) -> _Prepared:
     history = read_history(file, **file_opts)
     cut = end_of(cutoff)
     events = history_until(history.events, cut)
@@ -77,9 +78,13 @@ def _prepare(file: str, cutoff: date, horizon: int, window: int, labelled: bool,
         raise NotEnoughHistory(f"no transactions after the cutoff {cutoff}: nothing to evaluate against")
     split = rolling_split(events, cut, horizon, window, actual_events=after if labelled else None)
     # Its predictive quantiles (a simulation) only where there is a holdout to judge them on.
-    textbook = classic.bgnbd_gamma_gamma(events, split.scoring.customer_ids, cut,
-                                         classic.label_window(cut, horizon),
-                                         INTERVAL_QUANTILES if labelled else ())
+    textbook = classic.bgnbd_gamma_gamma(
+        events,
+        split.scoring.customer_ids,
+        cut,
+        classic.label_window(cut, horizon),
+        INTERVAL_QUANTILES if labelled else (),
+    )
     # Month-of-year effects need every calendar month seen at least twice.
     calendar = month_of(cut) - month_of(events[0].ts) + 1 >= 24
     return _Prepared(events, cut, split, fit_classic(split), textbook, calendar)
@@ -101,21 +106,26 @@ class Trained:
     clustering: dict[str, Any] | None = None
 
 
-def fit(file: str, cutoff: date, horizon: int, window: int, cfg: TrainConfig = TrainConfig(),
-        **file_opts: Any) -> Trained:
+def fit(
+    file: str, cutoff: date, horizon: int, window: int, cfg: TrainConfig = TrainConfig(), **file_opts: Any
+) -> Trained:
     """Train on everything up to the cutoff, with the cohort's behavioral clusters."""
     prep = _prepare(file, cutoff, horizon, window, False, file_opts)
     clustering = clusters.fit(prep.split.cohort, cfg.seed)
-    model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total,
-                                     prep.buyers)
-    return Trained(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, info, cfg,
-                   clustering)
+    model, scaler, info = train_gru(prep.split, cfg, horizon, prep.calendar, prep.params, prep.total, prep.buyers)
+    return Trained(model, scaler, prep.split, prep.events, prep.cutoff, horizon, window, info, cfg, clustering)
 
 
-def evaluate(file: str, cutoff: date, horizon: int, window: int,
-             shipped: Callable[[Trained], tuple[Prediction, SpendDistribution]],
-             cfg: TrainConfig = TrainConfig(), seeds: Sequence[int] | None = None,
-             **file_opts: Any) -> Run:
+def evaluate(
+    file: str,
+    cutoff: date,
+    horizon: int,
+    window: int,
+    shipped: Callable[[Trained], tuple[Prediction, SpendDistribution]],
+    cfg: TrainConfig = TrainConfig(),
+    seeds: Sequence[int] | None = None,
+    **file_opts: Any,
+) -> Run:
     """Every model on the same split, once per training seed; the models without a seed (naive,
     BG/NBD + Gamma-Gamma) are fitted once and reported with every seed. The GRU is judged by
     `shipped`, what a worker would score with it and its predictive distribution
@@ -126,8 +136,10 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
     actual = split.scoring.y
     start, end = classic.label_window(prep.cutoff, horizon)
     textbook, naive = prep.classic, baselines.naive(split.scoring, end - start)
-    fixed = {"naive": report(actual, *naive),
-             "bgnbd_gg": report(actual, textbook.spend, textbook.p, textbook.quantiles)}
+    fixed = {
+        "naive": report(actual, *naive),
+        "bgnbd_gg": report(actual, textbook.spend, textbook.p, textbook.quantiles),
+    }
     fixed_pred = {"naive": naive[0], "bgnbd_gg": textbook.spend}
 
     def leveled(pred: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,24 +150,33 @@ def evaluate(file: str, cutoff: date, horizon: int, window: int,
         seed_cfg = replace(cfg, seed=seed)
         preds: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         model, scaler, info = train_gru(split, seed_cfg, horizon, prep.calendar, params, total, buyers)
-        gru, dist = shipped(Trained(model, scaler, split, prep.events, prep.cutoff, horizon, window, info,
-                                    seed_cfg))
+        gru, dist = shipped(Trained(model, scaler, split, prep.events, prep.cutoff, horizon, window, info, seed_cfg))
         preds["ffnn"] = leveled(*train_ffnn(split, seed_cfg, horizon, params))
         preds["gbt"] = leveled(*baselines.gradient_boosted(split.labelled, split.scoring, params, seed))
         preds["rf"] = leveled(*baselines.random_forest(split.labelled, split.scoring, params, seed))
-        models = {"gru": report(actual, gru.clv, gru.p_purchase,
-                                {q: dist.quantile(q) for q in INTERVAL_QUANTILES}),
-                  **{name: report(actual, clv, p) for name, (clv, p) in preds.items()}, **fixed}
-        runs.append(SeedRun(seed, models, {"gru": gru.clv, **{name: clv for name, (clv, _p) in preds.items()},
-                                           **fixed_pred}))
+        models = {
+            "gru": report(actual, gru.clv, gru.p_purchase, {q: dist.quantile(q) for q in INTERVAL_QUANTILES}),
+            **{name: report(actual, clv, p) for name, (clv, p) in preds.items()},
+            **fixed,
+        }
+        runs.append(
+            SeedRun(seed, models, {"gru": gru.clv, **{name: clv for name, (clv, _p) in preds.items()}, **fixed_pred})
+        )
     return Run(len(actual), actual, runs, fingerprint(prep.events))
 
 
-_COLUMNS = (("mae", "MAE $", "{:.2f}"), ("rmse", "RMSE $", "{:.2f}"), ("spearman", "Spearman", "{:.3f}"),
-            ("norm_gini", "normGini", "{:.3f}"), ("top10_share", "top10%", "{:.1%}"),
-            ("total_bias", "bias", "{:+.1%}"), ("auc", "AUC", "{:.3f}"),
-            ("above_high", ">high", "{:.1%}"), ("below_low", "<low", "{:.1%}"),
-            ("pinball", "pinball", "{:.2f}"))
+_COLUMNS = (
+    ("mae", "MAE $", "{:.2f}"),
+    ("rmse", "RMSE $", "{:.2f}"),
+    ("spearman", "Spearman", "{:.3f}"),
+    ("norm_gini", "normGini", "{:.3f}"),
+    ("top10_share", "top10%", "{:.1%}"),
+    ("total_bias", "bias", "{:+.1%}"),
+    ("auc", "AUC", "{:.3f}"),
+    ("above_high", ">high", "{:.1%}"),
+    ("below_low", "<low", "{:.1%}"),
+    ("pinball", "pinball", "{:.2f}"),
+)
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -177,27 +198,39 @@ def summary(run: Run) -> dict[str, dict[str, dict[str, float]]]:
 
 def render(run: Run) -> str:
     widths = [10, 9, 10, 10, 8, 9, 7, 7, 7, 9]
-    head = f"{'model':<10}{'seed':>6}" + "".join(
-        f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, widths))
+    head = f"{'model':<10}{'seed':>6}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, widths))
     rows = [f"customers scored: {run.customers:,}", head]
     for r in run.seeds:
         for name, m in r.models.items():
-            rows.append(f"{name:<10}{r.seed:>6}" + "".join(
-                f"{_cell(m[key], fmt):>{w}}" for (key, _, fmt), w in zip(_COLUMNS, widths)))
+            rows.append(
+                f"{name:<10}{r.seed:>6}"
+                + "".join(f"{_cell(m[key], fmt):>{w}}" for (key, _, fmt), w in zip(_COLUMNS, widths))
+            )
     if len(run.seeds) > 1:
         wide = [w + 9 for w in widths]
-        rows += ["", f"mean +- sd over seeds {', '.join(str(r.seed) for r in run.seeds)}",
-                 f"{'model':<16}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, wide))]
+        rows += [
+            "",
+            f"mean +- sd over seeds {', '.join(str(r.seed) for r in run.seeds)}",
+            f"{'model':<16}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, wide)),
+        ]
         for name, metrics in summary(run).items():
-            cells = [f"{_cell(metrics[key]['mean'], fmt)} +-{_cell(metrics[key]['sd'], fmt).lstrip('+')}"
-                     if key in metrics else "-" for key, _, fmt in _COLUMNS]
+            cells = [
+                f"{_cell(metrics[key]['mean'], fmt)} +-{_cell(metrics[key]['sd'], fmt).lstrip('+')}"
+                if key in metrics
+                else "-"
+                for key, _, fmt in _COLUMNS
+            ]
             rows.append(f"{name:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, wide)))
-    rows.append("gru, ffnn, gbt and rf have the expected buyers and total of bgnbd_gg by "
-                "construction (the level of the shipped model), so their bias is that model's.")
-    rows.append(">high, <low: shares of customers who spent more than the 90% quantile of their "
-                "predictive distribution and less than the 10% one (80% interval); pinball: mean "
-                "pinball loss at 10/50/90% (lower is better); bgnbd_gg's by simulating its "
-                "posterior.")
+    rows.append(
+        "gru, ffnn, gbt and rf have the expected buyers and total of bgnbd_gg by "
+        "construction (the level of the shipped model), so their bias is that model's."
+    )
+    rows.append(
+        ">high, <low: shares of customers who spent more than the 90% quantile of their "
+        "predictive distribution and less than the 10% one (80% interval); pinball: mean "
+        "pinball loss at 10/50/90% (lower is better); bgnbd_gg's by simulating its "
+        "posterior."
+    )
     return "\n".join(rows)
 
 
@@ -226,11 +259,9 @@ def write_plots(run: Run, out: Path) -> list[Path]:
     predictions = run.seeds[0].predictions
     for name, pred in {**predictions, "perfect": actual}.items():
         order = np.argsort(-pred, kind="stable")
-        ax.plot(x, np.cumsum(actual[order]) / actual.sum(), label=name,
-                linestyle="--" if name == "perfect" else "-")
+        ax.plot(x, np.cumsum(actual[order]) / actual.sum(), label=name, linestyle="--" if name == "perfect" else "-")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-    ax.set(xlabel="share of customers (ranked by prediction)", ylabel="share of horizon spend",
-           title="Gains curve")
+    ax.set(xlabel="share of customers (ranked by prediction)", ylabel="share of horizon spend", title="Gains curve")
     ax.legend()
     gains = out / "gains.png"
     fig.savefig(gains, dpi=110, bbox_inches="tight")

@@ -52,8 +52,12 @@ def interval_report(actual: np.ndarray, quantiles: dict[float, np.ndarray]) -> d
     }
 
 
-def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None,
-           quantiles: dict[float, np.ndarray] | None = None) -> dict[str, Any]:
+def report(
+    actual: np.ndarray,
+    pred: np.ndarray,
+    p_purchase: np.ndarray | None,
+    quantiles: dict[float, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Every metric of the protocol; the interval's when the model has a predictive distribution
     (None otherwise)."""
     err = pred - actual
@@ -69,6 +73,9 @@ def report(actual: np.ndarray, pred: np.ndarray, p_purchase: np.ndarray | None,
         "total_bias": float(pred.sum() / actual.sum() - 1),
         "auc": auc,
         "deciles": deciles(actual, pred),
-        **(interval_report(actual, quantiles) if quantiles is not None
-           else {"above_high": None, "below_low": None, "pinball": None}),
+        **(
+            interval_report(actual, quantiles)
+            if quantiles is not None
+            else {"above_high": None, "below_low": None, "pinball": None}
+        ),
     }

@@ -39,11 +39,11 @@ class Head(nn.Module):
     def base(self, classic: torch.Tensor) -> ziln.Base:
         return ziln.classic_base(classic, self.classic_params)
 
-    def distribution(self, out: torch.Tensor, base: ziln.Base,
-                     horizon: torch.Tensor | None, discount: bool) -> ziln.Horizon:
+    def distribution(
+        self, out: torch.Tensor, base: ziln.Base, horizon: torch.Tensor | None, discount: bool
+    ) -> ziln.Horizon:
         h = self.horizon.expand(out.shape[:-1]) if horizon is None else horizon
-        return ziln.over_horizon(out, base, h, self.max_horizon,
-                                 self.monthly_discount if discount else 1.0)
+        return ziln.over_horizon(out, base, h, self.max_horizon, self.monthly_discount if discount else 1.0)
 
     def predict(self, out: torch.Tensor, base: ziln.Base, horizon: torch.Tensor | None):
         """(expected spend, discounted as set for serving, p_purchase)."""
@@ -63,25 +63,41 @@ class GRUModel(Head):
     quantities feed the correction head. The initial hidden state is an input so its batch
     axis is dynamic in ONNX too."""
 
-    def __init__(self, n_seq: int, n_static: int, params: ClassicParams, horizon: int,
-                 hidden: int = 48, layers: int = 2, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        n_seq: int,
+        n_static: int,
+        params: ClassicParams,
+        horizon: int,
+        hidden: int = 48,
+        layers: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__(params, horizon)
         self.hidden, self.layers = hidden, layers
-        self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True,
-                          dropout=dropout if layers > 1 else 0.0)
+        self.gru = nn.GRU(n_seq, hidden, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Sequential(
-            nn.Linear(hidden + n_static + ziln.CONTEXT_FEATURES, 64), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden + n_static + ziln.CONTEXT_FEATURES, 64),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             _correction_layer(64),
         )
 
-    def raw(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
-            h0: torch.Tensor) -> tuple[torch.Tensor, ziln.Base]:
+    def raw(
+        self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor, h0: torch.Tensor
+    ) -> tuple[torch.Tensor, ziln.Base]:
         base = self.base(classic)
         _, h = self.gru(seq, h0)
         return self.head(torch.cat([h[-1], static, ziln.context(base)], dim=-1)), base
 
-    def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
-                h0: torch.Tensor, horizon: torch.Tensor | None = None):
+    def forward(
+        self,
+        seq: torch.Tensor,
+        static: torch.Tensor,
+        classic: torch.Tensor,
+        h0: torch.Tensor,
+        horizon: torch.Tensor | None = None,
+    ):
         return self.predict_distribution(*self.raw(seq, static, classic, h0), horizon)
 
     def h0(self, batch: int) -> torch.Tensor:
@@ -99,12 +115,17 @@ class GRUEnsemble(nn.Module):
         self.grus = members  # the same modules, typed (the ModuleList registers their weights)
         self.hidden, self.layers = members[0].hidden, members[0].layers
 
-    def forward(self, seq: torch.Tensor, static: torch.Tensor, classic: torch.Tensor,
-                h0: torch.Tensor, horizon: torch.Tensor | None = None):
+    def forward(
+        self,
+        seq: torch.Tensor,
+        static: torch.Tensor,
+        classic: torch.Tensor,
+        h0: torch.Tensor,
+        horizon: torch.Tensor | None = None,
+    ):
         outs = [m(seq, static, classic, h0, horizon) for m in self.members]
         clv, p, *members = zip(*outs)
-        return (torch.stack(clv).mean(0), torch.stack(p).mean(0),
-                *(torch.cat(parts, dim=-1) for parts in members))
+        return (torch.stack(clv).mean(0), torch.stack(p).mean(0), *(torch.cat(parts, dim=-1) for parts in members))
 
     def h0(self, batch: int) -> torch.Tensor:
         return self.grus[0].h0(batch)
@@ -117,12 +138,17 @@ class GRUEnsemble(nn.Module):
 class FFNNModel(Head):
     """A feed-forward network on aggregated RFM-style features, with the same head."""
 
-    def __init__(self, n_features: int, params: ClassicParams, horizon: int, hidden: int = 64,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, n_features: int, params: ClassicParams, horizon: int, hidden: int = 64, dropout: float = 0.1
+    ) -> None:
         super().__init__(params, horizon)
         self.net = nn.Sequential(
-            nn.Linear(n_features + ziln.CONTEXT_FEATURES, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(), _correction_layer(hidden),
+            nn.Linear(n_features + ziln.CONTEXT_FEATURES, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            _correction_layer(hidden),
         )
 
     def raw(self, x: torch.Tensor, classic: torch.Tensor) -> tuple[torch.Tensor, ziln.Base]:
@@ -138,15 +164,23 @@ def random_twin(meta: dict[str, Any]) -> Callable[[Inputs], None]:
     thread as the worker's onnxruntime session: what `clv bench scoring` times it against. Takes
     scaled inputs, as the ONNX graph does."""
     torch.set_num_threads(1)
-    members = [GRUModel(len(meta["seq_features"]), len(meta["static_features"]),
-                        ClassicParams.from_dict(meta["training"]["classic"]), meta["horizon_months"],
-                        hidden=meta["hidden"], layers=meta["layers"])
-               for _ in range(meta["train_config"]["ensemble"])]
+    members = [
+        GRUModel(
+            len(meta["seq_features"]),
+            len(meta["static_features"]),
+            ClassicParams.from_dict(meta["training"]["classic"]),
+            meta["horizon_months"],
+            hidden=meta["hidden"],
+            layers=meta["layers"],
+        )
+        for _ in range(meta["train_config"]["ensemble"])
+    ]
     model = GRUEnsemble(members).eval()
 
     def run(s: Inputs) -> None:
         with torch.no_grad():
-            model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
-                  model.h0(len(s.seq)))
+            model(
+                torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic), model.h0(len(s.seq))
+            )
 
     return run

@@ -50,24 +50,30 @@ def fit_classic(split: Split) -> ClassicParams:
     more is a property of the business, so its history decides it."""
     candidates = classic.fit(split.scoring.inputs.classic, FIRST_ORDER_WEIGHTS)
     ex = split.labelled
-    ginis = [normalized_gini(ex.y, classic.expected_spend(c, ex.inputs.classic, horizons(ex.inputs)))
-             for c in candidates]
+    ginis = [
+        normalized_gini(ex.y, classic.expected_spend(c, ex.inputs.classic, horizons(ex.inputs))) for c in candidates
+    ]
     params = candidates[int(np.argmax(ginis))]
-    log.info("classic model: %s (first-order weights %s: Gini %s)",
-             ", ".join(f"{k} {v:.4g}" for k, v in params.to_dict().items()), FIRST_ORDER_WEIGHTS,
-             ", ".join(f"{g:.4f}" for g in ginis))
+    log.info(
+        "classic model: %s (first-order weights %s: Gini %s)",
+        ", ".join(f"{k} {v:.4g}" for k, v in params.to_dict().items()),
+        FIRST_ORDER_WEIGHTS,
+        ", ".join(f"{g:.4f}" for g in ginis),
+    )
     return params
 
 
-def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, params: ClassicParams,
-              total: float, buyers: float) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
+def train_gru(
+    split: Split, cfg: TrainConfig, horizon: int, calendar: bool, params: ClassicParams, total: float, buyers: float
+) -> tuple[GRUEnsemble, Scaler, dict[str, Any]]:
     """`calendar=False` masks the month-of-year features: with under two years of history each
     calendar month is seen once, so they would only alias with customer age. `total` is the
     classic model's expected total of the cohort at the cutoff, `buyers` its expected number of
     buyers (see `level`)."""
     # The horizon reaches the head in closed form (models.ziln), not through the network.
-    scaler = Scaler.fit(split.labelled.inputs, SEQ_FEATURES, STATIC_FEATURES,
-                        {"horizon_months"} | (set() if calendar else CALENDAR))
+    scaler = Scaler.fit(
+        split.labelled.inputs, SEQ_FEATURES, STATIC_FEATURES, {"horizon_months"} | (set() if calendar else CALENDAR)
+    )
     members, runs, held_out = [], [], []
     for k in range(cfg.ensemble):  # member k holds out fold k: each customer trains most members
         member_cfg = replace(cfg, seed=cfg.seed + MEMBER_SEED_STEP * k)
@@ -75,33 +81,68 @@ def train_gru(split: Split, cfg: TrainConfig, horizon: int, calendar: bool, para
         tr, va = scaler.transform(train.inputs), scaler.transform(valid.inputs)
         torch.manual_seed(member_cfg.seed)
         model = GRUModel(len(SEQ_FEATURES), len(STATIC_FEATURES), params, horizon)
-        model, info = fit(model, _gru_raw, (tr.seq, tr.static, tr.classic), train.y,
-                          horizons(train.inputs), (va.seq, va.static, va.classic),
-                          valid.y, horizons(valid.inputs), member_cfg, name=f"gru[{k}]")
+        model, info = fit(
+            model,
+            _gru_raw,
+            (tr.seq, tr.static, tr.classic),
+            train.y,
+            horizons(train.inputs),
+            (va.seq, va.static, va.classic),
+            valid.y,
+            horizons(valid.inputs),
+            member_cfg,
+            name=f"gru[{k}]",
+        )
         members.append(model)
         with torch.no_grad():
-            held_out.append((valid.y, RawPrediction(*(t.numpy() for t in model(
-                torch.from_numpy(va.seq), torch.from_numpy(va.static), torch.from_numpy(va.classic),
-                model.h0(len(va.seq)), torch.from_numpy(horizons(valid.inputs)))))))
-        runs.append({**info, "held_out_fold": k % FOLDS,
-                     "training_examples": len(train.y), "validation_examples": len(valid.y)})
+            held_out.append(
+                (
+                    valid.y,
+                    RawPrediction(
+                        *(
+                            t.numpy()
+                            for t in model(
+                                torch.from_numpy(va.seq),
+                                torch.from_numpy(va.static),
+                                torch.from_numpy(va.classic),
+                                model.h0(len(va.seq)),
+                                torch.from_numpy(horizons(valid.inputs)),
+                            )
+                        )
+                    ),
+                )
+            )
+        runs.append(
+            {**info, "held_out_fold": k % FOLDS, "training_examples": len(train.y), "validation_examples": len(valid.y)}
+        )
     ensemble = GRUEnsemble(members).eval()
     cohort = predict_gru(ensemble, scaler, split.scoring.inputs)
     calibration = replace(level(cohort.clv, cohort.p_purchase, total, buyers), spread=fit_spread(held_out))
-    return ensemble, scaler, {"members": runs,
-                              "classic": params.to_dict(),
-                              "calibration": calibration.to_dict(),
-                              "classic_total": total,
-                              "classic_buyers": buyers,
-                              "calendar_features": calendar}
+    return (
+        ensemble,
+        scaler,
+        {
+            "members": runs,
+            "classic": params.to_dict(),
+            "calibration": calibration.to_dict(),
+            "classic_total": total,
+            "classic_buyers": buyers,
+            "calendar_features": calendar,
+        },
+    )
 
 
 def predict_gru(model: GRUEnsemble, scaler: Scaler, inputs: Inputs) -> RawPrediction:
     """The torch model's outputs, before calibration (the artifact's `raw_predict` in ONNX)."""
     s = scaler.transform(inputs)
     with torch.no_grad():
-        out = model(torch.from_numpy(s.seq), torch.from_numpy(s.static), torch.from_numpy(s.classic),
-                    model.h0(len(s.seq)), torch.from_numpy(horizons(inputs)))
+        out = model(
+            torch.from_numpy(s.seq),
+            torch.from_numpy(s.static),
+            torch.from_numpy(s.classic),
+            model.h0(len(s.seq)),
+            torch.from_numpy(horizons(inputs)),
+        )
     return RawPrediction(*(t.numpy() for t in out))
 
 
@@ -128,8 +169,12 @@ def fit_spread(held_out: list[tuple[np.ndarray, RawPrediction]]) -> float:
 
     misses = [miss(c) for c in SPREADS]
     best = float(SPREADS[int(np.argmin(misses))])
-    log.info("spread on held-out customers: %.3f (tail shares off by %.4f; at 1.0 by %.4f)",
-             best, math.sqrt(min(misses)), math.sqrt(miss(1.0)))
+    log.info(
+        "spread on held-out customers: %.3f (tail shares off by %.4f; at 1.0 by %.4f)",
+        best,
+        math.sqrt(min(misses)),
+        math.sqrt(miss(1.0)),
+    )
     return best
 
 
@@ -139,8 +184,7 @@ def level(clv: np.ndarray, p: np.ndarray, total: float, buyers: float) -> Calibr
     return Calibration.to_cohort(clv, p, total, buyers)
 
 
-def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
-               params: ClassicParams) -> tuple[np.ndarray, np.ndarray]:
+def train_ffnn(split: Split, cfg: TrainConfig, horizon: int, params: ClassicParams) -> tuple[np.ndarray, np.ndarray]:
     """Fit on aggregated features with the GRU's head; (expected spend, p) of the scoring set,
     before the level is set."""
     train, valid = holdout(split, 0)
@@ -150,21 +194,34 @@ def train_ffnn(split: Split, cfg: TrainConfig, horizon: int,
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     torch.manual_seed(cfg.seed)
     model = FFNNModel(x_tr.shape[1], params, horizon)
-    model, _ = fit(model, _ffnn_raw, ((x_tr - mu) / sd, c_tr), train.y, h_tr,
-                   ((x_va - mu) / sd, c_va), valid.y, h_va, cfg, name="ffnn")
+    model, _ = fit(
+        model,
+        _ffnn_raw,
+        ((x_tr - mu) / sd, c_tr),
+        train.y,
+        h_tr,
+        ((x_va - mu) / sd, c_va),
+        valid.y,
+        h_va,
+        cfg,
+        name="ffnn",
+    )
     scoring = torch.from_numpy(((x_sc - mu) / sd).astype(np.float32))
     with torch.no_grad():
         clv, p = model(scoring, torch.from_numpy(c_sc), torch.from_numpy(h_sc))
     return clv.numpy(), p.numpy()
 
 
-def describe_cohort(split: Split, first_event: str, cutoff: str, clv: np.ndarray, p: np.ndarray,
-                    clv_quantiles: dict[str, float]) -> dict[str, Any]:
+def describe_cohort(
+    split: Split, first_event: str, cutoff: str, clv: np.ndarray, p: np.ndarray, clv_quantiles: dict[str, float]
+) -> dict[str, Any]:
     """What the artifact says of its training cohort (the customers at the cutoff): the
     distribution of each input (`features.population`, what scorers compare with) and each
     segment's share of it with the model's own scores (the cohort its segment rules hold on)."""
     r = split.scoring.rfm  # recency_days, frequency, monetary, tenure_days, total_spend
-    return {"population": population.summarize(split.scoring.inputs, first_event, cutoff),
-            "segment_shares": cohort_shares(clv.tolist(), p.tolist(),
-                                            r[:, 1].tolist(), r[:, 0].tolist(), r[:, 3].tolist(),
-                                            clv_quantiles)}
+    return {
+        "population": population.summarize(split.scoring.inputs, first_event, cutoff),
+        "segment_shares": cohort_shares(
+            clv.tolist(), p.tolist(), r[:, 1].tolist(), r[:, 0].tolist(), r[:, 3].tolist(), clv_quantiles
+        ),
+    }

@@ -45,8 +45,9 @@ class Recorder:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
-                                                    for k, v in values.items() if v is not None])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        )
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
@@ -77,8 +78,11 @@ def run(command: str, tracking_uri: str | None, name: str) -> Iterator[Recorder]
     try:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(EXPERIMENT, artifact_location=artifacts))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        )
         started = client.create_run(experiment_id, run_name=name, tags={"command": command})
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"--tracking-uri {uri}: {str(exc).splitlines()[0]}") from None
@@ -106,8 +110,21 @@ def training_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
 def record_evaluation(recorder: Recorder, run: Any, summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
     """Every model's metrics per training seed (the seed is the step), and their mean and sd."""
     for seed_run in run.seeds:
-        recorder.metrics({f"{model}.{key}": value for model, metrics in seed_run.models.items()
-                          for key, value in metrics.items() if isinstance(value, (int, float))}, step=seed_run.seed)
+        recorder.metrics(
+            {
+                f"{model}.{key}": value
+                for model, metrics in seed_run.models.items()
+                for key, value in metrics.items()
+                if isinstance(value, (int, float))
+            },
+            step=seed_run.seed,
+        )
     if len(run.seeds) > 1:
-        recorder.metrics({f"{model}.{key}.{stat}": value for model, metrics in summary.items()
-                          for key, stats in metrics.items() for stat, value in stats.items()})
+        recorder.metrics(
+            {
+                f"{model}.{key}.{stat}": value
+                for model, metrics in summary.items()
+                for key, stats in metrics.items()
+                for stat, value in stats.items()
+            }
+        )

@@ -40,9 +40,14 @@ def seed_everything(seed: int) -> None:
 def fit(
     model: M,
     forward_raw: Callable[[M, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ziln.Base]],
-    train: tuple[np.ndarray, ...], y_train: np.ndarray, h_train: np.ndarray,
-    valid: tuple[np.ndarray, ...], y_valid: np.ndarray, h_valid: np.ndarray,
-    cfg: TrainConfig, name: str = "model",
+    train: tuple[np.ndarray, ...],
+    y_train: np.ndarray,
+    h_train: np.ndarray,
+    valid: tuple[np.ndarray, ...],
+    y_valid: np.ndarray,
+    h_valid: np.ndarray,
+    cfg: TrainConfig,
+    name: str = "model",
 ) -> tuple[M, dict[str, float]]:
     """Minimise the ZILN loss (each example over its own horizon `h_*`, undiscounted); keep the
     weights of the best validation epoch."""
@@ -62,7 +67,7 @@ def fit(
         order = torch.randperm(n, generator=gen)
         total = 0.0
         for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start : start + cfg.batch_size]
             opt.zero_grad()
             out, base = forward_raw(model, tuple(t[idx] for t in tensors))
             loss = ziln.loss(model.distribution(out, base, h[idx], discount=False), y[idx])

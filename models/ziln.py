@@ -60,20 +60,27 @@ def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
     n = n.clamp(min=1)  # a customer with returns only: one purchase worth nothing
     t_x = torch.minimum(t_x.clamp(min=0), age)
     rate_day = (r + x) / (alpha + age)
-    log_odds_gone = (torch.log(a) - torch.log((b + x - 1).clamp(min=_EPS))
-                     + (r + x) * (torch.log(alpha + age) - torch.log(alpha + t_x)))
+    log_odds_gone = (
+        torch.log(a)
+        - torch.log((b + x - 1).clamp(min=_EPS))
+        + (r + x) * (torch.log(alpha + age) - torch.log(alpha + t_x))
+    )
     logit_alive = torch.where(x > 0, -log_odds_gone, torch.full_like(x, MAX_LOGIT))
     # Gamma-Gamma's credibility: the mean order weighed by the orders behind it, a first order
     # counting for `first` (models.classic.fit says why).
     order_value = p * (gamma + weight * m.clamp(min=0)) / (p * weight + q - 1)
-    return Base(logit_alive.clamp(-MAX_LOGIT, MAX_LOGIT), rate_day * DAYS_PER_MONTH,
-                rate_day * DAYS_PER_MONTH * a / (a + b + x), order_value, weight / (weight + 1))
+    return Base(
+        logit_alive.clamp(-MAX_LOGIT, MAX_LOGIT),
+        rate_day * DAYS_PER_MONTH,
+        rate_day * DAYS_PER_MONTH * a / (a + b + x),
+        order_value,
+        weight / (weight + 1),
+    )
 
 
 def context(base: Base) -> torch.Tensor:
     """The classic quantities as network inputs, on a scale near unit."""
-    return torch.stack([base.logit_alive / 4, torch.log(base.rate) + 2,
-                        (torch.log(base.order_value) - 3) / 2], dim=-1)
+    return torch.stack([base.logit_alive / 4, torch.log(base.rate) + 2, (torch.log(base.order_value) - 3) / 2], dim=-1)
 
 
 def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -94,8 +101,9 @@ class Horizon(NamedTuple):
     sigma: torch.Tensor
 
 
-def over_horizon(out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horizon: int,
-                 monthly_discount: torch.Tensor | float = 1.0) -> Horizon:
+def over_horizon(
+    out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horizon: int, monthly_discount: torch.Tensor | float = 1.0
+) -> Horizon:
     """Raw network output (..., 5), the classic base and each example's horizon (months, at most
     `max_horizon`) -> p_purchase, log expected (discounted) spend, sigma."""
     d_alive, d_rate, d_hazard, d_spend, raw_sigma = out.unbind(-1)
@@ -124,9 +132,7 @@ def over_horizon(out: torch.Tensor, base: Base, horizon: torch.Tensor, max_horiz
     p = (torch.exp(log_alive) * p_buy).clamp(_EPS, 1 - _EPS)
     spend = _bounded(d_spend)
     spend = torch.where(spend > 0, spend * base.evidence, spend)  # raised only as orders back it
-    log_expected = (log_alive + torch.log(rate)
-                    + torch.log(base.order_value) + spend
-                    + torch.log(months.clamp(min=_EPS)))
+    log_expected = log_alive + torch.log(rate) + torch.log(base.order_value) + spend + torch.log(months.clamp(min=_EPS))
     sigma = 0.05 + 2.95 * torch.sigmoid(raw_sigma)
     return Horizon(p, log_expected, sigma)
 
@@ -138,8 +144,7 @@ def loss(d: Horizon, y: torch.Tensor) -> torch.Tensor:
     bce = -(positive * log_p + (1 - positive) * torch.log1p(-d.p)).mean()
     mu = d.log_expected - log_p - 0.5 * d.sigma**2
     log_y = torch.log(torch.where(y > 0, y, torch.ones_like(y)))
-    nll = (log_y + torch.log(d.sigma) + 0.5 * math.log(2 * math.pi)
-           + 0.5 * ((log_y - mu) / d.sigma) ** 2)
+    nll = log_y + torch.log(d.sigma) + 0.5 * math.log(2 * math.pi) + 0.5 * ((log_y - mu) / d.sigma) ** 2
     return bce + (positive * nll).mean()
 
 

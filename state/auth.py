@@ -60,7 +60,10 @@ def guard(token: str, open_paths: frozenset[str]) -> Callable[[web.Request, Hand
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in open_paths or accepts(request.headers.get("Authorization", ""), token):
             return await handler(request)
-        return web.json_response({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                                 status=401, headers={"WWW-Authenticate": "Bearer"})
+        return web.json_response(
+            {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     return check

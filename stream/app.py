@@ -64,7 +64,8 @@ PROBE_PATHS = frozenset({"/health", "/ready"})  # open to orchestrators' probes 
 def broker_credentials(settings: Settings) -> Any:
     if settings.sasl_mechanism:
         return faust.SASLCredentials(
-            username=settings.sasl_username, password=settings.sasl_password,
+            username=settings.sasl_username,
+            password=settings.sasl_password,
             mechanism=settings.sasl_mechanism,
             ssl_context=settings.kafka_client_options().get("ssl_context"),
         )
@@ -109,35 +110,50 @@ def create_app(settings: Settings) -> faust.App:
         web_bind=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
-        web_application_options={} if is_loopback(settings.web_host) else {
-            "middlewares": [guard(settings.api_token, PROBE_PATHS)]},
+        web_application_options={}
+        if is_loopback(settings.web_host)
+        else {"middlewares": [guard(settings.api_token, PROBE_PATHS)]},
         monitor=metrics.faust_monitor(),
         # Unacknowledged events are redelivered after a restart, so shutdown need not wait.
         stream_wait_empty=False,
     )
 
-    transactions = app.topic(settings.transactions_topic, key_type=bytes, value_type=bytes,
-                             key_serializer="raw", value_serializer="raw",
-                             partitions=settings.partitions)
+    transactions = app.topic(
+        settings.transactions_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
     # The scores and the dead letters are written by the flusher's producer and the outbox, by
     # name; every topic is created before the app starts (`clv worker`, stream.replay.all_topics).
-    control = app.topic(settings.control_topic, key_type=bytes, value_type=bytes,
-                        key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
+    control = app.topic(
+        settings.control_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
     # The state changelog keeps the name and key encoding of the faust table it replaces, so a
     # changelog written by an earlier worker recovers into the new store.
-    changelog = app.topic(settings.changelog_topic, key_serializer="raw", value_serializer="raw",
-                          partitions=settings.partitions, compacting=True,
-                          replicas=settings.replication_factor, config=settings.topic_configs())
-
+    changelog = app.topic(
+        settings.changelog_topic,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        compacting=True,
+        replicas=settings.replication_factor,
+        config=settings.topic_configs(),
+    )
 
     def assigned() -> set[int]:
         """The `transactions` partitions assigned to this worker now."""
         try:
-            return {tp.partition for tp in app.consumer.assignment()
-                    if tp.topic == settings.transactions_topic}
+            return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.transactions_topic}
         except NotReady:  # before the consumer started
             return set()
-
 
     def end_offset(partition: int) -> int | None:
         """The partition's end as the consumer last heard it; None before it has."""
@@ -146,21 +162,34 @@ def create_app(settings: Settings) -> faust.App:
         except NotReady:
             return None
 
-
-    states = States(open_store(settings.store, settings.data_dir, changelog.get_topic_name()),
-                    changelog.get_topic_name())
-    core = Core(states, artifact.window, artifact.version, settings.batch_size, settings.batch_wait_ms,
-                end_offset=end_offset,
-                resumed_at=lambda p: faust_hooks.resumed_at(app, TP(settings.transactions_topic, p)))
+    states = States(
+        open_store(settings.store, settings.data_dir, changelog.get_topic_name()), changelog.get_topic_name()
+    )
+    core = Core(
+        states,
+        artifact.window,
+        artifact.version,
+        settings.batch_size,
+        settings.batch_wait_ms,
+        end_offset=end_offset,
+        resumed_at=lambda p: faust_hooks.resumed_at(app, TP(settings.transactions_topic, p)),
+    )
     outbox = Outbox(app, metrics, settings.transactions_topic, settings.dlq_topic)
-    flusher = Flusher(core, states, artifact, BatchPublisher(settings, settings.publish_timeout_s), metrics, outbox,
-                      scores_topic=settings.scores_topic, batch_size=settings.batch_size,
-                      flush_failure_timeout_s=settings.flush_failure_timeout_s)
+    flusher = Flusher(
+        core,
+        states,
+        artifact,
+        BatchPublisher(settings, settings.publish_timeout_s),
+        metrics,
+        outbox,
+        scores_topic=settings.scores_topic,
+        batch_size=settings.batch_size,
+        flush_failure_timeout_s=settings.flush_failure_timeout_s,
+    )
     takeovers = Takeovers(core, states, KafkaChangelog(settings, states.topic), metrics)
     commits = CommitWatch(settings.commit_stall_s)
     ready = asyncio.Event()
     max_future = timedelta(minutes=settings.max_future_minutes)
-
 
     @app.agent(transactions)
     async def process(stream: Any) -> None:
@@ -183,7 +212,6 @@ def create_app(settings: Settings) -> faust.App:
             if flusher.holding():
                 await flusher.hold_intake()
 
-
     async def handle(msg: Any) -> None:
         """One event: applied, skipped, routed or dead-lettered; an error of the worker's own on it
         dead-letters it as `unprocessable` (with its traceback in the log) instead of ending the
@@ -202,23 +230,30 @@ def create_app(settings: Settings) -> faust.App:
                 return
             outcome = core.apply(parsed, msg.partition, msg.offset)
         except Exception as exc:  # a defect: the event is set aside, not retried
-            log.exception("event at %s[%d]@%d could not be processed", settings.transactions_topic,
-                          msg.partition, msg.offset)
+            log.exception(
+                "event at %s[%d]@%d could not be processed", settings.transactions_topic, msg.partition, msg.offset
+            )
             await outbox.dead_letter(raw, msg, Reason.UNPROCESSABLE, f"{type(exc).__name__}: {exc}")
             return
         if outcome == Applied.TOO_LATE:
-            await outbox.dead_letter(raw, msg, Reason.TOO_LATE, "older than the state window of its "
-                                     "customer's partition")
+            await outbox.dead_letter(
+                raw, msg, Reason.TOO_LATE, "older than the state window of its customer's partition"
+            )
         elif outcome == Applied.APPLIED:
             metrics.events_applied.inc()
         else:
             metrics.events_skipped.labels(reason=outcome).inc()
             if outcome == Applied.DUPLICATE:
-                log.info("event_id %r of customer %r at %s[%d]@%d not applied: that event_id was "
-                         "applied before (the first event of an id counts; a correction is a new "
-                         "event)", parsed.event_id, parsed.customer_id, settings.transactions_topic,
-                         msg.partition, msg.offset)
-
+                log.info(
+                    "event_id %r of customer %r at %s[%d]@%d not applied: that event_id was "
+                    "applied before (the first event of an id counts; a correction is a new "
+                    "event)",
+                    parsed.event_id,
+                    parsed.customer_id,
+                    settings.transactions_topic,
+                    msg.partition,
+                    msg.offset,
+                )
 
     @app.agent(control)
     async def commands(stream: Any) -> None:
@@ -233,12 +268,20 @@ def create_app(settings: Settings) -> faust.App:
             if command == "rescore_all":
                 await takeovers.ensure(partition)
                 n = core.rescore_all(partition)
-                log.info("partition %d: rescore-all requested; %d customers queued for model %s",
-                         partition, n, artifact.version)
+                log.info(
+                    "partition %d: rescore-all requested; %d customers queued for model %s",
+                    partition,
+                    n,
+                    artifact.version,
+                )
             else:
-                log.warning("ignored control message at %s[%d]@%d: %r", settings.control_topic,
-                            partition, event.message.offset, msg[:200])
-
+                log.warning(
+                    "ignored control message at %s[%d]@%d: %r",
+                    settings.control_topic,
+                    partition,
+                    event.message.offset,
+                    msg[:200],
+                )
 
     @app.timer(interval=max(settings.batch_wait_ms / 1000.0 / 2, 0.005))
     async def tick() -> None:
@@ -247,7 +290,6 @@ def create_app(settings: Settings) -> faust.App:
             await flusher.flush()
         flusher.drain_backlog()
 
-
     @app.timer(interval=1.0)
     async def watch_commits() -> None:
         """Each owned partition's committed offset against how far it has been processed."""
@@ -255,10 +297,12 @@ def create_app(settings: Settings) -> faust.App:
             tp = TP(settings.transactions_topic, partition)
             part = core.partitions.get(partition)
             committed = faust_hooks.committed_since(app, tp)
-            commits.observe(partition, committed if committed is not None else core.first_received(partition),
-                            part.position if part is not None else None)
+            commits.observe(
+                partition,
+                committed if committed is not None else core.first_received(partition),
+                part.position if part is not None else None,
+            )
         metrics.commit_stalled.set(len(commits.stalled))
-
 
     @app.task
     async def quiet_client_logs() -> None:
@@ -266,7 +310,6 @@ def create_app(settings: Settings) -> faust.App:
         level = max(logging.INFO, logging.getLevelName(settings.log_level.upper()))
         for name in ("aiokafka", "kafka"):
             logging.getLogger(name).setLevel(level)
-
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust types receivers without the arguments send passes
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
@@ -278,7 +321,6 @@ def create_app(settings: Settings) -> faust.App:
         takeovers.cancel(lost)
         core.forget(lost)
         commits.forget(lost)
-
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]  # faust types receivers without the arguments send passes
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
@@ -294,24 +336,24 @@ def create_app(settings: Settings) -> faust.App:
         metrics.takeover_seconds.set(time.perf_counter() - started)
         ready.set()
 
-
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # faust types receivers without the arguments send passes
     async def on_shutdown(sender: Any, **kwargs: Any) -> None:
         """Consumer flow is stopped, the producer still runs: publish and acknowledge what is
         pending, then acknowledge nothing more (the producer flush that follows is the last one, so
         later events are left for redelivery)."""
-        log.info("stopping: publishing %d dirty customers before the final commit (one attempt: "
-                 "after a failure their events are redelivered on restart)", core.dirty_count())
+        log.info(
+            "stopping: publishing %d dirty customers before the final commit (one attempt: "
+            "after a failure their events are redelivered on restart)",
+            core.dirty_count(),
+        )
         if flusher.stream is not None:
             await flusher.flush()
         await flusher.close()
         states.store.close_all()  # rocksdb: a restart on this directory replays only the tail
 
-
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "model_version": artifact.version})
-
 
     @app.page("/ready")
     async def is_ready(web: Any, request: Any) -> Any:
@@ -322,13 +364,11 @@ def create_app(settings: Settings) -> faust.App:
         status = 200 if recovered and ready.is_set() else 503
         return web.json({"ready": status == 200}, status=status)
 
-
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
         await refresh_gauges()
         body, content_type = metrics.render(request.headers.get("Accept"))
         return web.bytes(body, headers={"Content-Type": content_type})  # with its charset
-
 
     @app.page("/customers/{customer_id}")
     async def customer(web: Any, request: Any, customer_id: str) -> Any:
@@ -339,20 +379,27 @@ def create_app(settings: Settings) -> faust.App:
         spend, units, invoices = state.totals()
         as_of = core.as_of(partition)
         score = score_states(artifact, [state], as_of)[0]
-        return web.json({
-            "customer_id": customer_id,
-            "aggregates": {
-                "months": {str(m): {"spend": a.spend_cents / 100, "units": a.units,
-                                    "invoices": a.n_invoices} for m, a in sorted(state.months.items())},
-                "lifetime_spend": spend / 100, "lifetime_units": units, "lifetime_invoices": invoices,
-                "partition": state.partition, "offset": state.offset,
-                "ids_held": state.n_ids, "ids_forgotten": state.ids_forgotten,
-            },
-            "score": as_dict(score),  # as of the partition's clock: what it publishes next
-            # reference_clv + each group's contribution = the score's clv (export_onnx.explain)
-            "drivers": explainer.drivers([state], as_of)[0].as_dict() if explainer else None,
-        })
-
+        return web.json(
+            {
+                "customer_id": customer_id,
+                "aggregates": {
+                    "months": {
+                        str(m): {"spend": a.spend_cents / 100, "units": a.units, "invoices": a.n_invoices}
+                        for m, a in sorted(state.months.items())
+                    },
+                    "lifetime_spend": spend / 100,
+                    "lifetime_units": units,
+                    "lifetime_invoices": invoices,
+                    "partition": state.partition,
+                    "offset": state.offset,
+                    "ids_held": state.n_ids,
+                    "ids_forgotten": state.ids_forgotten,
+                },
+                "score": as_dict(score),  # as of the partition's clock: what it publishes next
+                # reference_clv + each group's contribution = the score's clv (export_onnx.explain)
+                "drivers": explainer.drivers([state], as_of)[0].as_dict() if explainer else None,
+            }
+        )
 
     async def refresh_gauges() -> None:
         """Gauges are read when scraped, not kept current on every tick."""
@@ -363,7 +410,6 @@ def create_app(settings: Settings) -> faust.App:
         metrics.partitions.set(len(core.partitions))
         metrics.flush_age.set(flusher.failures.age(bool(core.dirty_count() or core.acks)))
         metrics.set_lag({partition: await committed_lag(partition) for partition in assigned()})
-
 
     async def committed_lag(partition: int) -> int:
         """Messages after the group's committed offset: a restart resumes there, so a commit that

@@ -49,13 +49,16 @@ class Rate:
         return self.messages / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if v is not None},
-                "messages_per_s": round(self.per_second, 1),
-                "lines_per_s": round(self.lines / self.seconds, 1) if self.seconds else 0.0}
+        return {
+            **{k: v for k, v in asdict(self).items() if v is not None},
+            "messages_per_s": round(self.per_second, 1),
+            "lines_per_s": round(self.lines / self.seconds, 1) if self.seconds else 0.0,
+        }
 
 
-def synthetic_events(invoices: int, customers: int, seed: int = 7, start_at: datetime | None = None,
-                     span_days: float = 75.0) -> list[TransactionEvent]:
+def synthetic_events(
+    invoices: int, customers: int, seed: int = 7, start_at: datetime | None = None, span_days: float = 75.0
+) -> list[TransactionEvent]:
     """Invoices in time order over `customers` customers (1-6 lines each), every customer at
     least once when there are enough invoices; the span crosses month ends, so the worker also
     does its month-turn rescoring."""
@@ -69,11 +72,16 @@ def synthetic_events(invoices: int, customers: int, seed: int = 7, start_at: dat
     events = []
     for i in range(invoices):
         cid = f"b{who[i]:07d}"
-        lines = tuple(Line(f"S{rng.integers(0, 500)}", int(rng.integers(1, 12)),
-                           float(round(rng.uniform(0.5, 20.0), 2))) for _ in range(n_lines[i]))
+        lines = tuple(
+            Line(f"S{rng.integers(0, 500)}", int(rng.integers(1, 12)), float(round(rng.uniform(0.5, 20.0), 2)))
+            for _ in range(n_lines[i])
+        )
         inv = f"I{i:08d}"
-        events.append(TransactionEvent(stable_event_id(cid, inv), cid, inv,
-                                       start_at + timedelta(seconds=float(offsets[i])), lines))
+        events.append(
+            TransactionEvent(
+                stable_event_id(cid, inv), cid, inv, start_at + timedelta(seconds=float(offsets[i])), lines
+            )
+        )
     return events
 
 
@@ -92,22 +100,36 @@ def broker(bootstrap: str | None, workdir: Path) -> Iterator[str]:
 
 def fresh_settings(bootstrap: str, partitions: int) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    return Settings.from_env({}, bootstrap_servers=bootstrap, partitions=partitions,
-                             transactions_topic=f"bench-tx-{tag}", scores_topic=f"bench-scores-{tag}",
-                             dlq_topic=f"bench-dlq-{tag}", control_topic=f"bench-control-{tag}",
-                             app_id=f"bench-{tag}")
+    return Settings.from_env(
+        {},
+        bootstrap_servers=bootstrap,
+        partitions=partitions,
+        transactions_topic=f"bench-tx-{tag}",
+        scores_topic=f"bench-scores-{tag}",
+        dlq_topic=f"bench-dlq-{tag}",
+        control_topic=f"bench-control-{tag}",
+        app_id=f"bench-{tag}",
+    )
 
 
-def worker_env(settings: Settings, workdir: Path, session_timeout_s: float | None = None,
-               **extra: str) -> dict[str, str]:
+def worker_env(
+    settings: Settings, workdir: Path, session_timeout_s: float | None = None, **extra: str
+) -> dict[str, str]:
     """The environment of a `clv worker` on `settings`' topics; its consumer group session
     timeout `session_timeout_s` when given (else CLV_SESSION_TIMEOUT_S's or the default)."""
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-           "CLV_PARTITIONS": str(settings.partitions), "CLV_APP_ID": settings.app_id,
-           "CLV_TRANSACTIONS_TOPIC": settings.transactions_topic,
-           "CLV_SCORES_TOPIC": settings.scores_topic, "CLV_DLQ_TOPIC": settings.dlq_topic,
-           "CLV_CONTROL_TOPIC": settings.control_topic, "CLV_LOG_LEVEL": "warning",
-           "CLV_DATA_DIR": str(workdir / f"state-{settings.app_id}"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "CLV_PARTITIONS": str(settings.partitions),
+        "CLV_APP_ID": settings.app_id,
+        "CLV_TRANSACTIONS_TOPIC": settings.transactions_topic,
+        "CLV_SCORES_TOPIC": settings.scores_topic,
+        "CLV_DLQ_TOPIC": settings.dlq_topic,
+        "CLV_CONTROL_TOPIC": settings.control_topic,
+        "CLV_LOG_LEVEL": "warning",
+        "CLV_DATA_DIR": str(workdir / f"state-{settings.app_id}"),
+        "PYTHONUNBUFFERED": "1",
+    }
     if session_timeout_s:
         env["CLV_SESSION_TIMEOUT_S"] = str(session_timeout_s)
     env.update(extra)
@@ -121,8 +143,10 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
 
     consumer = await started_consumer(settings, max_poll_records=5000)
     try:
-        tps = [TopicPartition(settings.transactions_topic, p)
-               for p in consumer.partitions_for_topic(settings.transactions_topic)]
+        tps = [
+            TopicPartition(settings.transactions_topic, p)
+            for p in consumer.partitions_for_topic(settings.transactions_topic)
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         seen, first = 0, time.perf_counter()  # restarted at the first record
@@ -138,17 +162,28 @@ async def raw_consume(settings: Settings, n: int, lines: int) -> Rate:
         await consumer.stop()
 
 
-def own_process(module: str, kind: str, settings: Settings, n: int, workdir: Path,
-                session_timeout_s: float | None) -> dict[str, Any]:
+def own_process(
+    module: str, kind: str, settings: Settings, n: int, workdir: Path, session_timeout_s: float | None
+) -> dict[str, Any]:
     """Run a path as its own process, `python -m MODULE BOOTSTRAP TOPIC N APP_ID OUT PARTITIONS
     [SESSION_TIMEOUT_S]` on a consumer group of its own, like the worker: all pay the same process
     and group costs. The figures it wrote."""
     out = workdir / f"{kind}-{uuid.uuid4().hex[:6]}.json"
-    child = Child(python_module(module, settings.bootstrap_servers, settings.transactions_topic,
-                                str(n), f"{settings.app_id}-{out.stem}", str(out),
-                                str(settings.partitions),
-                                *([str(session_timeout_s)] if session_timeout_s else [])),
-                  None, workdir / f"{kind}.log", cwd=workdir)
+    child = Child(
+        python_module(
+            module,
+            settings.bootstrap_servers,
+            settings.transactions_topic,
+            str(n),
+            f"{settings.app_id}-{out.stem}",
+            str(out),
+            str(settings.partitions),
+            *([str(session_timeout_s)] if session_timeout_s else []),
+        ),
+        None,
+        workdir / f"{kind}.log",
+        cwd=workdir,
+    )
     try:
         code = child.wait(1800)
     finally:
@@ -178,18 +213,26 @@ def quix_peer(settings: Settings, n: int, lines: int, workdir: Path, session_tim
     got = own_process("stream.bench_peer", "quix-peer", settings, n, workdir, session_timeout_s)
     produced = sum(asyncio.run(end_offsets(settings, got["output_topic"])).values())
     if produced != got["messages"]:
-        raise BenchError(f"the Quix Streams peer produced {produced:,} messages for "
-                         f"{got['messages']:,} events; see {workdir / 'quix-peer.log'}")
+        raise BenchError(
+            f"the Quix Streams peer produced {produced:,} messages for "
+            f"{got['messages']:,} events; see {workdir / 'quix-peer.log'}"
+        )
     return Rate("quix streams peer", got["messages"], lines, got["seconds"], produced)
 
 
-def full_worker(settings: Settings, n: int, lines: int, workdir: Path, run: int,
-                session_timeout_s: float | None) -> Rate:
+def full_worker(
+    settings: Settings, n: int, lines: int, workdir: Path, run: int, session_timeout_s: float | None
+) -> Rate:
     """`clv worker` on the preloaded topic: from its first event to every score published."""
     app = f"{settings.app_id}-full{run}"
-    env = worker_env(settings, workdir, session_timeout_s, CLV_APP_ID=app,
-                     CLV_SCORES_TOPIC=f"{settings.scores_topic}-{run}",
-                     CLV_DATA_DIR=str(workdir / f"state-{app}"))
+    env = worker_env(
+        settings,
+        workdir,
+        session_timeout_s,
+        CLV_APP_ID=app,
+        CLV_SCORES_TOPIC=f"{settings.scores_topic}-{run}",
+        CLV_DATA_DIR=str(workdir / f"state-{app}"),
+    )
     worker = Worker(env, workdir / f"worker-{run}.log")
     try:
         first: float | None = None
@@ -215,9 +258,16 @@ KAFKA_DEFAULT_RETENTION_MS = str(7 * 24 * 3600 * 1000)
 PEER_MISSING = "not run: Quix Streams is not installed (pip install -e '.[bench]')"
 
 
-def throughput(invoices: int, customers: int, partitions: int, repeats: int,
-               bootstrap: str | None, workdir: Path, peer: bool = True,
-               session_timeout_s: float | None = None) -> dict[str, Any]:
+def throughput(
+    invoices: int,
+    customers: int,
+    partitions: int,
+    repeats: int,
+    bootstrap: str | None,
+    workdir: Path,
+    peer: bool = True,
+    session_timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Every path over the same preloaded events, interleaved, so drift on a shared machine
     hits all of them; `peer` adds the Quix Streams path when it is installed. The processes'
     consumer group session timeout is `session_timeout_s`, else each framework's default (it
@@ -227,13 +277,15 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
     paths: dict[str, Callable[[Settings, int], Rate]] = {
         "raw": lambda s, r: asyncio.run(raw_consume(s, invoices, lines)),
         "bare": lambda s, r: bare_faust(s, invoices, lines, workdir, session_timeout_s),
-        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r, session_timeout_s)}
+        "full": lambda s, r: full_worker(s, invoices, lines, workdir, r, session_timeout_s),
+    }
     if peer and peer_available():
         paths["peer"] = lambda s, r: quix_peer(s, invoices, lines, workdir, session_timeout_s)
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, partitions)
-        asyncio.run(ensure_topics(settings, {settings.transactions_topic:
-                                             {"retention.ms": KAFKA_DEFAULT_RETENTION_MS}}))
+        asyncio.run(
+            ensure_topics(settings, {settings.transactions_topic: {"retention.ms": KAFKA_DEFAULT_RETENTION_MS}})
+        )
         asyncio.run(publish(settings, events, len(events), progress=False))
         runs: dict[str, list[Rate]] = {k: [] for k in paths}
         for r in range(repeats):
@@ -241,8 +293,12 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
                 runs[k].append(run(settings, r))
     med = {k: statistics.median(x.per_second for x in v) for k, v in runs.items()}
     return {
-        "invoices": invoices, "customers": customers, "partitions": partitions,
-        "lines": lines, "repeats": repeats, "session_timeout_s": session_timeout_s,
+        "invoices": invoices,
+        "customers": customers,
+        "partitions": partitions,
+        "lines": lines,
+        "repeats": repeats,
+        "session_timeout_s": session_timeout_s,
         "runs": {k: [x.as_dict() for x in v] for k, v in runs.items()},
         "median_messages_per_s": {k: round(v, 1) for k, v in med.items()},
         "median_lines_per_s": {k: round(v * lines / invoices, 1) for k, v in med.items()},
@@ -254,16 +310,19 @@ def throughput(invoices: int, customers: int, partitions: int, repeats: int,
 
 
 # -- latency ------------------------------------------------------------------------------
-async def _steady(settings: Settings, rate: float, seconds: float, tag: str,
-                  linger_ms: int) -> list[float]:
+async def _steady(settings: Settings, rate: float, seconds: float, tag: str, linger_ms: int) -> list[float]:
     """Publish at `rate` with event time = now, one new customer per event; latency = when its
     score is readable on the scores topic minus the event time (so the publisher's linger
     counts)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    consumer = AIOKafkaConsumer(settings.scores_topic, bootstrap_servers=settings.bootstrap_servers,
-                                group_id=None, auto_offset_reset="latest",
-                                fetch_max_wait_ms=10)  # the reader adds ~nothing to the figure
+    consumer = AIOKafkaConsumer(
+        settings.scores_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=10,
+    )  # the reader adds ~nothing to the figure
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=linger_ms)
     await consumer.start()
     await producer.start()
@@ -306,19 +365,24 @@ async def _steady(settings: Settings, rate: float, seconds: float, tag: str,
 
 def _percentiles(values: list[float], sent: int) -> dict[str, Any]:
     ms = np.array(values) * 1000
-    return {"events": sent, "scored": len(values),
-            **({f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}
-               if len(ms) else {}),
-            "max_ms": round(float(ms.max()), 1) if len(ms) else None}
+    return {
+        "events": sent,
+        "scored": len(values),
+        **({f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)} if len(ms) else {}),
+        "max_ms": round(float(ms.max()), 1) if len(ms) else None,
+    }
 
 
 def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """The worker's own view over one run: mean micro-batch size, scoring and publish times,
     and receive-to-publish time, from its histogram sums and counts."""
     out = {}
-    for name, key in (("batch_customers", "clv_rescore_batch_customers"),
-                      ("score_ms", "clv_rescore_batch_seconds"), ("publish_ms", "clv_publish_seconds"),
-                      ("receive_to_publish_ms", "clv_event_to_publish_seconds")):
+    for name, key in (
+        ("batch_customers", "clv_rescore_batch_customers"),
+        ("score_ms", "clv_rescore_batch_seconds"),
+        ("publish_ms", "clv_publish_seconds"),
+        ("receive_to_publish_ms", "clv_event_to_publish_seconds"),
+    ):
         n = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
         total = after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)
         scale = 1 if name == "batch_customers" else 1000
@@ -326,8 +390,15 @@ def _means(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return out
 
 
-def latency(rates: list[float], max_rate: float | None, seconds: float, linger_ms: int,
-            bootstrap: str | None, workdir: Path, session_timeout_s: float | None = None) -> dict[str, Any]:
+def latency(
+    rates: list[float],
+    max_rate: float | None,
+    seconds: float,
+    linger_ms: int,
+    bootstrap: str | None,
+    workdir: Path,
+    session_timeout_s: float | None = None,
+) -> dict[str, Any]:
     with broker(bootstrap, workdir) as servers:
         settings = fresh_settings(servers, 4)
         asyncio.run(ensure_topics(settings, all_topics(settings)))
@@ -339,17 +410,28 @@ def latency(rates: list[float], max_rate: float | None, seconds: float, linger_m
             for rate in rates:
                 before = worker.metrics()
                 values = asyncio.run(_steady(settings, rate, seconds, f"r{int(rate)}-", linger_ms))
-                out[str(rate)] = {**_percentiles(values, int(rate * seconds)),
-                                  "worker": _means(before, worker.metrics())}
+                out[str(rate)] = {
+                    **_percentiles(values, int(rate * seconds)),
+                    "worker": _means(before, worker.metrics()),
+                }
         finally:
             worker.stop(timeout=WORKER_STOP_S)
-    return {"max_rate": max_rate, "seconds_per_rate": seconds, "publisher_linger_ms": linger_ms,
-            "session_timeout_s": session_timeout_s, "rates": out}
+    return {
+        "max_rate": max_rate,
+        "seconds_per_rate": seconds,
+        "publisher_linger_ms": linger_ms,
+        "session_timeout_s": session_timeout_s,
+        "rates": out,
+    }
 
 
 # -- scoring ------------------------------------------------------------------------------
-def scoring(batch_sizes: list[int], seconds: float, model: str | None,
-            torch_twin: Callable[[dict[str, Any]], Callable[[Inputs], None]] | None) -> dict[str, Any]:
+def scoring(
+    batch_sizes: list[int],
+    seconds: float,
+    model: str | None,
+    torch_twin: Callable[[dict[str, Any]], Callable[[Inputs], None]] | None,
+) -> dict[str, Any]:
     """onnxruntime customers/s by batch size on real CDNOW inputs; torch on the same inputs with
     the same architecture when the command line hands over `torch_twin` (the train extra's
     `models.networks.random_twin`: serving code never imports torch); customers/s whose drivers
@@ -396,13 +478,21 @@ def scoring(batch_sizes: list[int], seconds: float, model: str | None,
     one = next((r["onnxruntime_per_s"] for r in rows if r["batch"] == 1), None)
     best = max(rows, key=lambda r: r["onnxruntime_per_s"])
     explainer = Explainer(artifact)  # the drivers of a score: 2^G model rows per customer
-    drivers = {"rows_per_customer": len(explainer.coalitions), "customers_per_s": round(
-        rate(lambda batch, idx: explainer.explain(batch), CHUNK_CUSTOMERS), 1)}
-    return {"model": artifact.version, "threads": 1, "rows": rows, "drivers": drivers,
-            "worker_batch_size": Settings().batch_size,
-            "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
-            "torch": "same architecture, random weights (speed does not depend on them)"
-                     if torch_model is not None else "not installed (pip install -e '.[train]')"}
+    drivers = {
+        "rows_per_customer": len(explainer.coalitions),
+        "customers_per_s": round(rate(lambda batch, idx: explainer.explain(batch), CHUNK_CUSTOMERS), 1),
+    }
+    return {
+        "model": artifact.version,
+        "threads": 1,
+        "rows": rows,
+        "drivers": drivers,
+        "worker_batch_size": Settings().batch_size,
+        "batched_over_single": round(best["onnxruntime_per_s"] / one, 2) if one else None,
+        "torch": "same architecture, random weights (speed does not depend on them)"
+        if torch_model is not None
+        else "not installed (pip install -e '.[train]')",
+    }
 
 
 # -- state --------------------------------------------------------------------------------
@@ -413,8 +503,9 @@ STATE_CUTOFF = datetime(2011, 12, 4, tzinfo=timezone.utc)  # history before, liv
 STATE_SESSION_TIMEOUT_S = 10.0
 
 
-def state_history(customers: int, window: int, settings: Settings, seed: int = 11
-                  ) -> tuple[list[Record], list[TransactionEvent]]:
+def state_history(
+    customers: int, window: int, settings: Settings, seed: int = 11
+) -> tuple[list[Record], list[TransactionEvent]]:
     """Two years of invoices of the first `customers` customers to buy (features.synthetic),
     folded with the stream's own fold up to STATE_CUTOFF into the changelog a worker would leave
     (`stream.bootstrap.state_records`: one record per customer on the partition its key maps to,
@@ -456,8 +547,9 @@ def _state_worker(env: dict[str, str], log: Path) -> tuple[Worker, float, dict[s
         raise
 
 
-def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Path,
-          session_timeout_s: float | None = None) -> dict[str, Any]:
+def state(
+    customers: int, stores: list[str], bootstrap: str | None, workdir: Path, session_timeout_s: float | None = None
+) -> dict[str, Any]:
     """Per store: resident memory per 100k customers held (recovered from a changelog of
     realistic histories, then live traffic), recovery into a new process with an empty state
     directory, and a restart on its own directory after a clean stop; the workers' consumer
@@ -467,13 +559,18 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     session_timeout_s = session_timeout_s or STATE_SESSION_TIMEOUT_S
 
     partitions = 4
-    records, live = state_history(customers, Artifact.load(None).window,
-                                  Settings(partitions=partitions, app_id="bench"))
+    records, live = state_history(
+        customers, Artifact.load(None).window, Settings(partitions=partitions, app_id="bench")
+    )
     n_records = len(records)
-    out: dict[str, Any] = {"customers": customers, "changelog_records": n_records,
-                           "history": f"{STATE_HISTORY[0]}..{STATE_CUTOFF.date()}",
-                           "live_events": len(live), "session_timeout_s": session_timeout_s,
-                           "stores": {}}
+    out: dict[str, Any] = {
+        "customers": customers,
+        "changelog_records": n_records,
+        "history": f"{STATE_HISTORY[0]}..{STATE_CUTOFF.date()}",
+        "live_events": len(live),
+        "session_timeout_s": session_timeout_s,
+        "stores": {},
+    }
     with broker(bootstrap, workdir) as servers:
         for store in stores:
             name = store.split(":")[0]
@@ -481,16 +578,16 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
             # (so the model's and the clients' own memory is in both figures).
             empty = fresh_settings(servers, partitions)
             asyncio.run(ensure_topics(empty, all_topics(empty)))
-            worker, _, _ = _state_worker(_state_env(empty, workdir, store, session_timeout_s, "-empty"),
-                                         workdir / f"state-{name}-empty.log")
+            worker, _, _ = _state_worker(
+                _state_env(empty, workdir, store, session_timeout_s, "-empty"), workdir / f"state-{name}-empty.log"
+            )
             try:
                 base = _feed(worker, empty, live)
             finally:
                 worker.stop(timeout=WORKER_STOP_S)
             settings = fresh_settings(servers, partitions)
             changelog = settings.changelog_topic
-            asyncio.run(ensure_topics(settings, {**all_topics(settings),
-                                                 changelog: {"cleanup.policy": "compact"}}))
+            asyncio.run(ensure_topics(settings, {**all_topics(settings), changelog: {"cleanup.policy": "compact"}}))
             asyncio.run(write(settings, [(changelog, p, k, v) for _t, p, k, v in records]))
             env = _state_env(settings, workdir, store, session_timeout_s)
             worker, recovery, m = _state_worker(env, workdir / f"state-{name}-recover.log")
@@ -510,7 +607,8 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
                 again.stop(timeout=WORKER_STOP_S)
                 restarts.append(restart)
             out["stores"][store] = {
-                "rss_base_mb": round(base, 1), "rss_held_mb": round(held, 1),
+                "rss_base_mb": round(base, 1),
+                "rss_held_mb": round(held, 1),
                 "mb_per_100k_customers": round((held - base) * 100_000 / customers, 1),
                 "recovery_seconds": round(recovery, 2),
                 "recovered_records": int(recovered),
@@ -524,18 +622,23 @@ def state(customers: int, stores: list[str], bootstrap: str | None, workdir: Pat
     return out
 
 
-def _state_env(settings: Settings, workdir: Path, store: str, session_timeout_s: float,
-               tag: str = "") -> dict[str, str]:
-    return worker_env(settings, workdir, session_timeout_s, CLV_STORE=store,
-                      CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"))
+def _state_env(
+    settings: Settings, workdir: Path, store: str, session_timeout_s: float, tag: str = ""
+) -> dict[str, str]:
+    return worker_env(
+        settings,
+        workdir,
+        session_timeout_s,
+        CLV_STORE=store,
+        CLV_DATA_DIR=str(workdir / f"state-{settings.app_id}{tag}"),
+    )
 
 
 def _feed(worker: Worker, settings: Settings, live: list[TransactionEvent]) -> float:
     """Publish the live invoices, wait until the worker has scored them; its RSS then, in MB."""
     asyncio.run(publish(settings, live, len(live), progress=False))
     deadline = time.monotonic() + 1800
-    while not (worker.metrics().get("clv_events_in_total", 0) >= len(live)
-               and idle(worker.metrics())):
+    while not (worker.metrics().get("clv_events_in_total", 0) >= len(live) and idle(worker.metrics())):
         if time.monotonic() > deadline:
             raise BenchError(f"worker did not finish; see {worker.log}")
         time.sleep(0.2)
@@ -570,8 +673,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
         settings = fresh_settings(servers, 4)
         env = worker_env(settings, workdir)
         started, cpu = time.perf_counter(), _children_cpu()
-        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env, capture_output=True, text=True)
         seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
         if done.returncode:
             raise BenchError(f"clv bootstrap failed: {done.stderr.strip()[-2000:]}")
@@ -591,8 +693,7 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
     batch_csv = workdir / "bootstrap-batch.csv"
     batch_csv.unlink(missing_ok=True)  # a run before in the same directory
     started = time.perf_counter()
-    subprocess.run(clv("score", str(path), "--out", str(batch_csv)), check=True,
-                   capture_output=True)
+    subprocess.run(clv("score", str(path), "--out", str(batch_csv)), check=True, capture_output=True)
     score_seconds = time.perf_counter() - started
     worst = 0.0
     with batch_csv.open() as fh:
@@ -606,11 +707,18 @@ def bootstrap(lines: int, bootstrap_servers: str | None, workdir: Path) -> dict[
                 worst = max(worst, abs(got.get(name, float("inf")) - want) / max(abs(want), 1e-9))
             else:
                 same = same and got.get(name) == row[name]
-    return {"lines": lines, "file": str(path), "customers": len(written), "seconds": round(seconds, 2),
-            "lines_per_s": round(lines / seconds, 1), "cpu_seconds": round(cpu, 2),
-            "summary": done.stdout.strip(),
-            "score_seconds": round(score_seconds, 2), "max_rel_diff": worst,
-            "exact": bool(same and worst <= 1e-5)}
+    return {
+        "lines": lines,
+        "file": str(path),
+        "customers": len(written),
+        "seconds": round(seconds, 2),
+        "lines_per_s": round(lines / seconds, 1),
+        "cpu_seconds": round(cpu, 2),
+        "summary": done.stdout.strip(),
+        "score_seconds": round(score_seconds, 2),
+        "max_rel_diff": worst,
+        "exact": bool(same and worst <= 1e-5),
+    }
 
 
 def _children_cpu() -> float:
@@ -646,26 +754,35 @@ def month_turn_file(customers: int, workdir: Path, seed: int = 3) -> Path:
     day = rng.integers(first, last + 1, len(who))
     day[-1] = last  # the history's clock: the end of its month
     dates = np.array([int(datetime.fromordinal(int(d)).strftime("%Y%m%d")) for d in range(first, last + 1)])
-    frame = {"customer_id": np.char.zfill(who.astype(str), 7), "date": dates[day - first],
-             "number_of_cds": rng.integers(1, 4, len(who)),
-             "dollar_value": np.round(rng.lognormal(3.0, 0.8, len(who)), 2)}
+    frame = {
+        "customer_id": np.char.zfill(who.astype(str), 7),
+        "date": dates[day - first],
+        "number_of_cds": rng.integers(1, 4, len(who)),
+        "dollar_value": np.round(rng.lognormal(3.0, 0.8, len(who)), 2),
+    }
     import pandas as pd
 
     pd.DataFrame(frame).to_csv(path, sep=" ", index=False)
     return path
 
 
-async def _through_turn(settings: Settings, worker: Worker, customers: int, rate: float,
-                        warm_seconds: float, max_seconds: float) -> dict[str, Any]:
+async def _through_turn(
+    settings: Settings, worker: Worker, customers: int, rate: float, warm_seconds: float, max_seconds: float
+) -> dict[str, Any]:
     """Ordinary events at `rate`, new customers each: `warm_seconds` of them in the history's
     last month, then from the first second of the next month (the turn) until every one of the
     `customers` bootstrapped customers has a score on the topic. Latency: from publishing an
     event to its customer's score readable; /ready asked every half second."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    consumer = AIOKafkaConsumer(settings.scores_topic, bootstrap_servers=settings.bootstrap_servers,
-                                group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=10,
-                                max_partition_fetch_bytes=8 << 20)
+    consumer = AIOKafkaConsumer(
+        settings.scores_topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=10,
+        max_partition_fetch_bytes=8 << 20,
+    )
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
     await consumer.start()
     await producer.start()
@@ -705,8 +822,9 @@ async def _through_turn(settings: Settings, worker: Worker, customers: int, rate
             if ahead > 0:
                 await asyncio.sleep(ahead)
             cid = f"{tag}{i:08d}"
-            ev = TransactionEvent(stable_event_id(cid, "1"), cid, "1",
-                                  start + timedelta(seconds=i * 0.01), (Line("S1", 1, 9.99),))
+            ev = TransactionEvent(
+                stable_event_id(cid, "1"), cid, "1", start + timedelta(seconds=i * 0.01), (Line("S1", 1, 9.99),)
+            )
             sent[cid] = time.time()
             await producer.send(settings.transactions_topic, ev.to_json(), key=cid.encode())
             i += 1
@@ -728,12 +846,15 @@ async def _through_turn(settings: Settings, worker: Worker, customers: int, rate
             task.cancel()
         await producer.stop()
         await consumer.stop()
-    return {"phase_reached": phase, "rescored_customers": len(rescored),
-            "turn_seconds": round(last_rescore - turned, 2) if rescored else None,
-            "rescored_per_s": round(len(rescored) / (last_rescore - turned)) if rescored else None,
-            "events_before": _percentiles(latencies["before"], n_before),
-            "events_during_turn": _percentiles(latencies["turn"], n_turn),
-            "ready_answers": {str(s): ready.count(s) for s in sorted(set(ready))}}
+    return {
+        "phase_reached": phase,
+        "rescored_customers": len(rescored),
+        "turn_seconds": round(last_rescore - turned, 2) if rescored else None,
+        "rescored_per_s": round(len(rescored) / (last_rescore - turned)) if rescored else None,
+        "events_before": _percentiles(latencies["before"], n_before),
+        "events_during_turn": _percentiles(latencies["turn"], n_turn),
+        "ready_answers": {str(s): ready.count(s) for s in sorted(set(ready))},
+    }
 
 
 async def _drained(sent: dict[str, float], seconds: float) -> None:
@@ -743,8 +864,14 @@ async def _drained(sent: dict[str, float], seconds: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def month_turn(customers: int, rate: float, bootstrap_servers: str | None, workdir: Path,
-               warm_seconds: float = 5.0, session_timeout_s: float | None = None) -> dict[str, Any]:
+def month_turn(
+    customers: int,
+    rate: float,
+    bootstrap_servers: str | None,
+    workdir: Path,
+    warm_seconds: float = 5.0,
+    session_timeout_s: float | None = None,
+) -> dict[str, Any]:
     """`customers` customers loaded with `clv bootstrap` into a worker (4 partitions), then the
     worker's clock enters the next month while ordinary events arrive at `rate`: seconds from
     the turn to the last of its rescores published, and the latency of the ordinary events
@@ -754,8 +881,7 @@ def month_turn(customers: int, rate: float, bootstrap_servers: str | None, workd
         settings = fresh_settings(servers, 4)
         env = worker_env(settings, workdir, session_timeout_s)
         started = time.perf_counter()
-        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env, capture_output=True,
-                              text=True)
+        done = subprocess.run(clv("bootstrap", str(path), "--quiet"), env=env, capture_output=True, text=True)
         loaded = time.perf_counter() - started
         if done.returncode:
             raise BenchError(f"clv bootstrap failed: {done.stderr.strip()[-2000:]}")
@@ -765,14 +891,17 @@ def month_turn(customers: int, rate: float, bootstrap_servers: str | None, workd
             before = worker.metrics()
             if before.get("clv_backlog_customers", 0):
                 raise BenchError(f"the worker is rescoring before the turn; see {worker.log}")
-            out = asyncio.run(_through_turn(settings, worker, customers, rate, warm_seconds,
-                                            max_seconds=1800))
+            out = asyncio.run(_through_turn(settings, worker, customers, rate, warm_seconds, max_seconds=1800))
             after = worker.metrics()
         finally:
             worker.stop(timeout=WORKER_STOP_S)
-    return {"customers": customers, "rate": rate, "session_timeout_s": session_timeout_s,
-            "bootstrap_seconds": round(loaded, 1),
-            "worker_ready_seconds": round(ready_s, 1), **out,
-            "flush_failures": after.get("clv_flush_failures_total", 0)
-            - before.get("clv_flush_failures_total", 0),
-            "worker": _means(before, after)}
+    return {
+        "customers": customers,
+        "rate": rate,
+        "session_timeout_s": session_timeout_s,
+        "bootstrap_seconds": round(loaded, 1),
+        "worker_ready_seconds": round(ready_s, 1),
+        **out,
+        "flush_failures": after.get("clv_flush_failures_total", 0) - before.get("clv_flush_failures_total", 0),
+        "worker": _means(before, after),
+    }

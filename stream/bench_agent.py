@@ -17,15 +17,40 @@ from typing import Any
 import faust
 
 
-def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partitions: int,
-         session_timeout_s: float | None = None) -> None:
-    session: dict[str, Any] = ({"broker_session_timeout": session_timeout_s,  # heartbeats as the worker's
-                "broker_heartbeat_interval": min(3.0, session_timeout_s / 3)} if session_timeout_s else {})
-    app = faust.App(app_id, broker=f"kafka://{bootstrap}", topic_partitions=partitions,
-                    consumer_auto_offset_reset="earliest", web_enabled=False,
-                    stream_wait_empty=False, **session)
-    topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw",
-                      value_serializer="raw", partitions=partitions)
+def main(
+    bootstrap: str,
+    topic_name: str,
+    n: int,
+    app_id: str,
+    out: str,
+    partitions: int,
+    session_timeout_s: float | None = None,
+) -> None:
+    session: dict[str, Any] = (
+        {
+            "broker_session_timeout": session_timeout_s,  # heartbeats as the worker's
+            "broker_heartbeat_interval": min(3.0, session_timeout_s / 3),
+        }
+        if session_timeout_s
+        else {}
+    )
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{bootstrap}",
+        topic_partitions=partitions,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        stream_wait_empty=False,
+        **session,
+    )
+    topic = app.topic(
+        topic_name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
     seen = {"n": 0, "first": 0.0}
 
     @app.agent(topic)

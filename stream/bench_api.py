@@ -28,8 +28,7 @@ from stream.processes import Child, clv, http_get, python_module, wait_for
 TOKEN = "bench-token"
 # Per mix, the requests each client sends in turn: (mix, path maker given a random generator and
 # the customer count).
-SEGMENT_FILTERS = ("", "?segment=vip", "?segment=regular", "?segment=high", "?country=France",
-                   "?min_frequency=3")
+SEGMENT_FILTERS = ("", "?segment=vip", "?segment=regular", "?segment=high", "?country=France", "?min_frequency=3")
 MIXES: dict[str, Callable[[random.Random, int], str]] = {
     "lookups": lambda rng, n: f"/customers/{customer_id(rng.randrange(n))}",
     "top50": lambda rng, n: "/top?n=50" + SEGMENT_FILTERS[rng.randrange(len(SEGMENT_FILTERS))].replace("?", "&"),
@@ -51,12 +50,27 @@ def write_snapshot(path: Path, customers: int) -> None:
     from state.snapshot import tables
 
     template = ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, clv_low=0.0, clv_high=0.0, clv_sd=0.0,
+        schema_version=SCORE_SCHEMA_VERSION,
+        customer_id="",
+        clv=0.0,
+        clv_low=0.0,
+        clv_high=0.0,
+        clv_sd=0.0,
         p_purchase=0.4,
-        recency_days=30.0, frequency=3, monetary=40.0, tenure_days=400.0, total_spend=120.0,
-        segment="regular", cluster="", country="", horizon_months=6, model_version="gru-bench",
-        as_of=IsoTime("2011-12-09T12:50:00+00:00"), scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
-        event_offset=Offset(-1))
+        recency_days=30.0,
+        frequency=3,
+        monetary=40.0,
+        tenure_days=400.0,
+        total_spend=120.0,
+        segment="regular",
+        cluster="",
+        country="",
+        horizon_months=6,
+        model_version="gru-bench",
+        as_of=IsoTime("2011-12-09T12:50:00+00:00"),
+        scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
+        event_offset=Offset(-1),
+    )
     for old in path.parent.glob(f"*{path.name}*"):
         old.unlink()
     store = tables.Snapshots(path, "clv-scores")
@@ -64,10 +78,17 @@ def write_snapshot(path: Path, customers: int) -> None:
         store.open()
         for i in range(customers):
             clv = (i * 7919 % 10_007) / 10
-            score = replace(template, customer_id=customer_id(i), clv=clv, clv_high=2.5 * clv, clv_sd=1.2 * clv,
-                            frequency=1 + i % 12, segment=SEGMENTS[i % len(SEGMENTS)],
-                            cluster=("steady", "lapsed", "big_basket", "new")[i % 4],
-                            country=("United Kingdom", "France", "Germany", "")[i % 4])
+            score = replace(
+                template,
+                customer_id=customer_id(i),
+                clv=clv,
+                clv_high=2.5 * clv,
+                clv_sd=1.2 * clv,
+                frequency=1 + i % 12,
+                segment=SEGMENTS[i % len(SEGMENTS)],
+                cluster=("steady", "lapsed", "big_basket", "new")[i % 4],
+                country=("United Kingdom", "France", "Germany", "")[i % 4],
+            )
             store.put(score.customer_id, tables.row(score, 0, i))
         store.offsets = {0: customers}
         store.publish()
@@ -84,8 +105,13 @@ def run(customers: int, clients: int, seconds: float, workdir: Path) -> dict[str
     write_snapshot(snapshot, customers)
     built = time.perf_counter() - started
     port = free_port()
-    env = {**os.environ, "CLV_SNAPSHOT_PATH": str(snapshot), "CLV_API_TOKEN": TOKEN,
-           "CLV_API_RATE_LIMIT_PER_MIN": "0", "CLV_API_AUDIT_LOG": str(workdir / "audit.jsonl")}
+    env = {
+        **os.environ,
+        "CLV_SNAPSHOT_PATH": str(snapshot),
+        "CLV_API_TOKEN": TOKEN,
+        "CLV_API_RATE_LIMIT_PER_MIN": "0",
+        "CLV_API_AUDIT_LOG": str(workdir / "audit.jsonl"),
+    }
     api = Child(clv("api", "--port", str(port)), env, workdir / "api.log")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -98,22 +124,44 @@ def run(customers: int, clients: int, seconds: float, workdir: Path) -> dict[str
         code = api.stop()
     if code != 0:
         raise RuntimeError(f"the API exited with {code} when stopped; see {api.log}")
-    return {"customers": customers, "clients": clients, "seconds_per_mix": seconds,
-            "snapshot_seconds": round(built, 1), "cpus": os.cpu_count(), "mixes": mixes}
+    return {
+        "customers": customers,
+        "clients": clients,
+        "seconds_per_mix": seconds,
+        "snapshot_seconds": round(built, 1),
+        "cpus": os.cpu_count(),
+        "mixes": mixes,
+    }
 
 
 def drive(url: str, mix: str, customers: int, clients: int, seconds: float, workdir: Path) -> dict[str, Any]:
     """One mix from a client process of its own; its JSON figures."""
     out = workdir / f"load-{mix}.json"
-    load = Child(python_module("stream.bench_api", url, "--mix", mix, "--customers", str(customers),
-                               "--clients", str(clients), "--seconds", str(seconds), "--out", str(out)),
-                 None, workdir / f"load-{mix}.log")
+    load = Child(
+        python_module(
+            "stream.bench_api",
+            url,
+            "--mix",
+            mix,
+            "--customers",
+            str(customers),
+            "--clients",
+            str(clients),
+            "--seconds",
+            str(seconds),
+            "--out",
+            str(out),
+        ),
+        None,
+        workdir / f"load-{mix}.log",
+    )
     if load.proc.wait(seconds + 120) != 0:
         raise RuntimeError(f"the load client of {mix} failed; see {load.log}\n{load.output()[-2000:]}")
     return json.loads(out.read_text())
 
 
 # The client process.
+
 
 def _percentile(sorted_ms: list[float], q: float) -> float | None:
     if not sorted_ms:
@@ -170,20 +218,24 @@ async def load(url: str, mix: str, customers: int, clients: int, seconds: float)
     main_kind = "lookups" if mix == "lookups_during_exports" else mix
     ms = sorted(latencies.get(main_kind, []))
     out: dict[str, Any] = {
-        "requests": len(ms), "requests_per_s": round(len(ms) / elapsed, 1),
-        "p50_ms": _percentile(ms, 0.50), "p99_ms": _percentile(ms, 0.99),
-        "max_ms": round(ms[-1], 1) if ms else None, **counts,
-        "client_cpu_share": round(cpu_share, 2)}
+        "requests": len(ms),
+        "requests_per_s": round(len(ms) / elapsed, 1),
+        "p50_ms": _percentile(ms, 0.50),
+        "p99_ms": _percentile(ms, 0.99),
+        "max_ms": round(ms[-1], 1) if ms else None,
+        **counts,
+        "client_cpu_share": round(cpu_share, 2),
+    }
     if mix == "lookups_during_exports":
         exports = latencies.get("exports", [])
-        out.update(exporters=EXPORTERS, exports=len(exports),
-                   export_mb_per_s=round(counts["bytes"] / 2**20 / elapsed, 1))
+        out.update(
+            exporters=EXPORTERS, exports=len(exports), export_mb_per_s=round(counts["bytes"] / 2**20 / elapsed, 1)
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream.bench_api",
-                                description="the load client of `clv bench api`")
+    p = argparse.ArgumentParser(prog="python -m stream.bench_api", description="the load client of `clv bench api`")
     p.add_argument("url")
     p.add_argument("--mix", choices=(*MIXES, "lookups_during_exports"), required=True)
     p.add_argument("--customers", type=int, required=True)

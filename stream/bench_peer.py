@@ -33,20 +33,41 @@ def monthly_spend(event: dict[str, Any], state: State) -> dict[str, Any]:
     return {"customer_id": event["customer_id"], "month": month, "spend_cents": months[month]}
 
 
-def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partitions: int,
-         session_timeout_s: float | None = None) -> None:
+def main(
+    bootstrap: str,
+    topic_name: str,
+    n: int,
+    app_id: str,
+    out: str,
+    partitions: int,
+    session_timeout_s: float | None = None,
+) -> None:
     """Fold the first `n` events; the clock starts at the first event, so process start, group
     join and state setup stay outside it, as for the other paths."""
-    session = ({"session.timeout.ms": int(session_timeout_s * 1000),  # heartbeats as the worker's
-                "heartbeat.interval.ms": int(min(3.0, session_timeout_s / 3) * 1000)}
-               if session_timeout_s else None)
-    app = Application(broker_address=bootstrap, consumer_group=app_id,
-                      auto_offset_reset="earliest", state_dir=f"quix-state-{app_id}",
-                      loglevel="WARNING", consumer_extra_config=session)
+    session = (
+        {
+            "session.timeout.ms": int(session_timeout_s * 1000),  # heartbeats as the worker's
+            "heartbeat.interval.ms": int(min(3.0, session_timeout_s / 3) * 1000),
+        }
+        if session_timeout_s
+        else None
+    )
+    app = Application(
+        broker_address=bootstrap,
+        consumer_group=app_id,
+        auto_offset_reset="earliest",
+        state_dir=f"quix-state-{app_id}",
+        loglevel="WARNING",
+        consumer_extra_config=session,
+    )
     source = app.topic(topic_name, key_deserializer="str", value_deserializer="json")
     output = f"{app_id}-out"  # named in the figures, so the bench can count what was produced
-    sink = app.topic(output, key_serializer="str", value_serializer="json",
-                     config=TopicConfig(num_partitions=partitions, replication_factor=1))
+    sink = app.topic(
+        output,
+        key_serializer="str",
+        value_serializer="json",
+        config=TopicConfig(num_partitions=partitions, replication_factor=1),
+    )
     first: list[float] = []
 
     def started(value: dict[str, Any]) -> None:
@@ -57,8 +78,7 @@ def main(bootstrap: str, topic_name: str, n: int, app_id: str, out: str, partiti
     sdf.to_topic(sink)
     app.run(count=n, collect=False)  # returns after its last checkpoint is committed
     with open(out, "w") as fh:
-        json.dump({"messages": n, "seconds": time.perf_counter() - first[0],
-                   "output_topic": output}, fh)
+        json.dump({"messages": n, "seconds": time.perf_counter() - first[0], "output_topic": output}, fh)
 
 
 if __name__ == "__main__":

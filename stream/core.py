@@ -101,11 +101,17 @@ class Core:
     `resumed_at(partition)`: the group's committed offset it was resumed from (None: none).
     Both only tell whether a partition is caught up. `clock`: monotonic seconds."""
 
-    def __init__(self, states: States, window: int, model: str, batch_size: int,
-                 batch_wait_ms: int,
-                 end_offset: Callable[[int], int | None] = lambda partition: None,
-                 resumed_at: Callable[[int], int | None] = lambda partition: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        states: States,
+        window: int,
+        model: str,
+        batch_size: int,
+        batch_wait_ms: int,
+        end_offset: Callable[[int], int | None] = lambda partition: None,
+        resumed_at: Callable[[int], int | None] = lambda partition: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.states, self.window, self.model = states, window, model
         self.batch_size, self.batch_wait_ms = batch_size, batch_wait_ms
         self.end_offset, self.resumed_at, self.clock = end_offset, resumed_at, clock
@@ -126,8 +132,7 @@ class Core:
         meta = states.meta
         customers = states.count()
         if meta is None:  # a changelog written before partition records: read every state
-            newest = max((s.newest_ts or 0 for s in map(states.__getitem__, states.customers())),
-                         default=0)
+            newest = max((s.newest_ts or 0 for s in map(states.__getitem__, states.customers())), default=0)
             scored_month, model = None, ""
         else:
             newest, scored_month, model = meta.clock_ts, meta.scored_month, meta.model
@@ -186,8 +191,12 @@ class Core:
             return
         for partition in self.partitions:
             n = self._rescan(partition, month)
-            log.info("entered %s: rescoring the %d customers of partition %d",
-                     self.as_of(partition).strftime("%Y-%m"), n, partition)
+            log.info(
+                "entered %s: rescoring the %d customers of partition %d",
+                self.as_of(partition).strftime("%Y-%m"),
+                n,
+                partition,
+            )
 
     # -- intake -----------------------------------------------------------------------------
     def received(self, partition: int, offset: int) -> None:
@@ -216,8 +225,13 @@ class Core:
             return
         self._rescan(partition, None, catch_up=True)
         self._record(partition, scored_month=None)
-        log.info("partition %d: %d events to catch up on over %d customers: each customer it "
-                 "touches is scored once it has caught up", partition, behind, customers)
+        log.info(
+            "partition %d: %d events to catch up on over %d customers: each customer it "
+            "touches is scored once it has caught up",
+            partition,
+            behind,
+            customers,
+        )
 
     def acknowledge_after_flush(self, partition: int, ack: Any) -> None:
         """A message is done with (applied, skipped, dead-lettered or routed): its
@@ -271,9 +285,13 @@ class Core:
 
     def backlog(self) -> int:
         """Customers still to rescore, estimated, over every rescan queued or under way."""
-        return sum(p.rescan.remaining if p.rescan.customers is not None
-                   else max(p.rescan.remaining, p.states.count(), 1)  # its customers may grow
-                   for p in self.partitions.values() if p.rescan)
+        return sum(
+            p.rescan.remaining
+            if p.rescan.customers is not None
+            else max(p.rescan.remaining, p.states.count(), 1)  # its customers may grow
+            for p in self.partitions.values()
+            if p.rescan
+        )
 
     def due(self) -> bool:
         """A flush is due: a full micro-batch, or the oldest customer or acknowledgement waiting

@@ -72,39 +72,53 @@ def _trained_on_file(path: Path, events: list[TransactionEvent]) -> Artifact | N
     return artifact if trained_on(artifact.meta, events) else None
 
 
-def choose_model(opts: DemoOptions, given: Artifact, data: str,
-                 events: list[TransactionEvent]) -> str | None:
+def choose_model(opts: DemoOptions, given: Artifact, data: str, events: list[TransactionEvent]) -> str | None:
     """The model directory the demo runs (None: the shipped one, `given`), trained on the file
     first when the model given was not trained on it, and the one line that says which and why."""
     name = opts.model or "the shipped model"
     if opts.train is not True and trained_on(given.meta, events):
-        print(f"model: {given.version} ({name}), trained on {data} up to {given.meta['cutoff'][:10]}",
-              flush=True)
+        print(f"model: {given.version} ({name}), trained on {data} up to {given.meta['cutoff'][:10]}", flush=True)
         return opts.model
     window = f"{given.meta.get('first_event', '?')[:10]} to {given.meta['cutoff'][:10]}"
     if opts.train is False:
-        print(f"model: {given.version} ({name}), trained on other data ({window}) than {data}; "
-              "--no-train keeps it: its scores here are extrapolations where the drift check says "
-              "so", flush=True)
+        print(
+            f"model: {given.version} ({name}), trained on other data ({window}) than {data}; "
+            "--no-train keeps it: its scores here are extrapolations where the drift check says "
+            "so",
+            flush=True,
+        )
         return opts.model
     out = opts.workdir / "model"
     earlier = _trained_on_file(out, events)
     if earlier is not None and opts.train is None:
-        print(f"model: {earlier.version} ({out}), trained on {data} by an earlier demo run; "
-              f"{given.version} ({name}) was trained on other data ({window})", flush=True)
+        print(
+            f"model: {earlier.version} ({out}), trained on {data} by an earlier demo run; "
+            f"{given.version} ({name}) was trained on other data ({window})",
+            flush=True,
+        )
         return str(out)
     if importlib.util.find_spec("torch") is None:
-        print(f"model: {given.version} ({name}), trained on other data ({window}) than {data}: "
-              "not trained on the file, torch is not installed (pip install -e '.[train]'); its "
-              "scores here are extrapolations where the drift check says so", flush=True)
+        print(
+            f"model: {given.version} ({name}), trained on other data ({window}) than {data}: "
+            "not trained on the file, torch is not installed (pip install -e '.[train]'); its "
+            "scores here are extrapolations where the drift check says so",
+            flush=True,
+        )
         return opts.model
     cutoff = events[-1].ts.date().isoformat()
     why = "--train" if opts.train else f"{given.version} ({name}) was trained on other data ({window})"
-    print(f"model: training one on {data} up to {cutoff} into {out} ({why}; --no-train keeps it; "
-          "a few minutes on CPU)...", flush=True)
-    res = subprocess.run(clv("train", data, "--cutoff", cutoff, "--horizon-months", "6",
-                             "--epochs", str(opts.epochs), "--out", str(out)),
-                         stderr=subprocess.PIPE, text=True)  # its progress log: only its reason
+    print(
+        f"model: training one on {data} up to {cutoff} into {out} ({why}; --no-train keeps it; "
+        "a few minutes on CPU)...",
+        flush=True,
+    )
+    res = subprocess.run(
+        clv(
+            "train", data, "--cutoff", cutoff, "--horizon-months", "6", "--epochs", str(opts.epochs), "--out", str(out)
+        ),
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # its progress log: only its reason
     if res.returncode != 0:
         reason = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise DemoError(f"training a model on {data} failed: {reason}")
@@ -123,16 +137,22 @@ def run(opts: DemoOptions) -> int:
     model = choose_model(opts, given, data, events)
     meta = (given if model == opts.model else Artifact.load(model)).meta
     if opts.customers:
-        keep = sorted({e.customer_id for e in events})[:opts.customers]
+        keep = sorted({e.customer_id for e in events})[: opts.customers]
         wanted = set(keep)
         events = [e for e in events if e.customer_id in wanted]
     port, api_port = free_port(), free_port()
     snapshot = opts.workdir / "clv.duckdb"
     for stale in opts.workdir.glob("clv.duckdb*"):
         stale.unlink()
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
-           "CLV_DATA_DIR": str(opts.workdir / "worker"), "CLV_SNAPSHOT_PATH": str(snapshot),
-           "CLV_SNAPSHOT_INTERVAL_S": "2", "CLV_API_PORT": str(api_port), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+        "CLV_DATA_DIR": str(opts.workdir / "worker"),
+        "CLV_SNAPSHOT_PATH": str(snapshot),
+        "CLV_SNAPSHOT_INTERVAL_S": "2",
+        "CLV_API_PORT": str(api_port),
+        "PYTHONUNBUFFERED": "1",
+    }
     if model:
         env["CLV_MODEL_DIR"] = model
     # The embedded broker holds a consumer group join for half the session timeout: 15 s of the
@@ -150,8 +170,11 @@ def run(opts: DemoOptions) -> int:
         board = None if opts.exit_after else _start_dashboard(children, snapshot, model, env)
         children.wait_for("worker ready", lambda: worker.get("/ready")[0] == 200, 120)
         children.wait_for("API up", lambda: http_get(f"http://127.0.0.1:{api_port}/health")[0] == 200, 60)
-        print(f"worker on {worker.url('')} (/metrics, /customers/ID); replaying "
-              f"{len(events):,} invoices of {len({e.customer_id for e in events}):,} customers", flush=True)
+        print(
+            f"worker on {worker.url('')} (/metrics, /customers/ID); replaying "
+            f"{len(events):,} invoices of {len({e.customer_id for e in events}):,} customers",
+            flush=True,
+        )
         summary = asyncio.run(publish(settings, events, len(events), opts.rate, progress=True))
         print(summary.render(), flush=True)
         print("waiting for the worker to score everyone and the snapshot to catch up...", flush=True)
@@ -174,8 +197,7 @@ def run(opts: DemoOptions) -> int:
         children.stop_all()
 
 
-def _start_dashboard(children: Supervisor, snapshot: Path, model: str | None,
-                     env: dict[str, str]) -> str | None:
+def _start_dashboard(children: Supervisor, snapshot: Path, model: str | None, env: dict[str, str]) -> str | None:
     """The dashboard as one more child, on a free loopback port; its URL, or None (with a word
     on how to get it) when the dashboard extra is not installed."""
     try:
@@ -209,33 +231,65 @@ def with_training_shares(rows: list[dict[str, Any]], meta: dict[str, Any]) -> li
     (where the clusters were fitted: the cohort on which their sizes hold)."""
     profiles = (meta.get("clustering") or {}).get("profiles", {})
     total = sum(r["customers"] for r in rows) or 1
-    return [{**r, "share_of_customers": r["customers"] / total,
-             "share_of_training_cohort": profiles.get(r["cluster"], {}).get("share")} for r in rows]
+    return [
+        {
+            **r,
+            "share_of_customers": r["customers"] / total,
+            "share_of_training_cohort": profiles.get(r["cluster"], {}).get("share"),
+        }
+        for r in rows
+    ]
 
 
 def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], serving: bool) -> None:
     summary = snap.summary()
     installed = Path(sys.executable).parent / "clv"  # the commands as this install names them
     command = str(installed) if installed.exists() else "clv"
-    print(f"\n{summary['customers']:,} customers scored by {', '.join(summary['model_versions'])}, "
-          f"as of {summary['newest_event_time']}")
+    print(
+        f"\n{summary['customers']:,} customers scored by {', '.join(summary['model_versions'])}, "
+        f"as of {summary['newest_event_time']}"
+    )
     top = snap.top(10)
     horizon = f"{top[0]['horizon_months']}-month " if top else ""
     print(f"\nTop 10 customers by expected {horizon}CLV (expected spend)")
     print(render_table(top, TOP_COLUMNS))
     print("\nSegments")
-    print(render_segments(snap.segments(), ["segment", "customers", "share_of_customers", "total_clv",
-                                            "mean_clv", "share_of_value", "mean_p_purchase"],
-                          described_rules(meta)))
+    print(
+        render_segments(
+            snap.segments(),
+            [
+                "segment",
+                "customers",
+                "share_of_customers",
+                "total_clv",
+                "mean_clv",
+                "share_of_value",
+                "mean_p_purchase",
+            ],
+            described_rules(meta),
+        )
+    )
     print("\nValue tiers (terciles of this snapshot's expected CLV: a third of its customers each)")
-    print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv",
-                                      "total_clv", "share_of_value"]))
+    print(render_table(snap.tiers(), ["value_tier", "customers", "min_clv", "max_clv", "total_clv", "share_of_value"]))
     print("\nBehavioral clusters (share_of_training_cohort: where the model fitted them)")
-    print(render_table(with_training_shares(snap.clusters(), meta),
-                       ["cluster", "customers", "share_of_customers", "share_of_training_cohort",
-                        "total_clv", "share_of_value", "mean_recency_days", "mean_frequency",
-                        "main_segment"]))
-    print(f"""
+    print(
+        render_table(
+            with_training_shares(snap.clusters(), meta),
+            [
+                "cluster",
+                "customers",
+                "share_of_customers",
+                "share_of_training_cohort",
+                "total_clv",
+                "share_of_value",
+                "mean_recency_days",
+                "mean_frequency",
+                "main_segment",
+            ],
+        )
+    )
+    print(
+        f"""
 DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-only)
   {command} query top --n 20 --snapshot {path}
   {command} query segments --snapshot {path}
@@ -245,7 +299,11 @@ DuckDB snapshot: {path}  (replaced atomically every few seconds; open it read-on
   duckdb -readonly {path} "SELECT * FROM segment_summary"   (with the DuckDB CLI)
 API: http://127.0.0.1:{api_port}  (/top?n=10, /segments, /clusters, /customers/ID, /summary, /export.csv,
   POST /score, /openapi.json)"""
-          + ("" if serving else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file, "
-                                "`clv dashboard --snapshot PATH` shows it)"),
-          flush=True)
-
+        + (
+            ""
+            if serving
+            else "\n(--exit: the API stops with the demo; `clv api --snapshot PATH` serves the file, "
+            "`clv dashboard --snapshot PATH` shows it)"
+        ),
+        flush=True,
+    )

@@ -28,16 +28,20 @@ class DriftWatch:
     """Feed it each micro-batch's model inputs (`observe`); a model without a training
     population is said once at start and not checked."""
 
-    def __init__(self, artifact: Artifact, metrics: Metrics, size: int = WINDOW,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, artifact: Artifact, metrics: Metrics, size: int = WINDOW, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.metrics, self.clock = metrics, clock
         self.judged_at = float("-inf")
         summary = artifact.population
         self.window = None if summary is None else population.Window(summary, population.PER_ORDER, size)
         self.above: set[str] = set()  # inputs past the tolerance when last judged
         if summary is None:
-            log.warning("model %s records no training population, so scored customers are not "
-                        "compared with it (`clv train --population-only` adds it)", artifact.version)
+            log.warning(
+                "model %s records no training population, so scored customers are not "
+                "compared with it (`clv train --population-only` adds it)",
+                artifact.version,
+            )
 
     def observe(self, inputs: Inputs) -> None:
         """The statistics of a micro-batch's customers enter the window; gauges and log follow,
@@ -58,6 +62,10 @@ class DriftWatch:
         if moved - self.above:
             log.warning("drift: %s", verdict.sentence())
         elif self.above and not moved:
-            log.info("drift: the last %d customers rescored are back within PSI %g of the training "
-                     "cohort on %s", verdict.customers, population.TOLERANCE, ", ".join(self.window.names))
+            log.info(
+                "drift: the last %d customers rescored are back within PSI %g of the training cohort on %s",
+                verdict.customers,
+                population.TOLERANCE,
+                ", ".join(self.window.names),
+            )
         self.above = moved

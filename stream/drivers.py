@@ -31,11 +31,9 @@ from state.live.recovery import superseding
 log = logging.getLogger("clv.snapshot")
 
 
-
 def driver_rows(d: Drivers) -> list[tuple[Any, ...]]:
     """A customer's rows of the snapshot's `customer_drivers` (`state.snapshot.tables.DRIVER_COLUMNS`)."""
-    return [(d.customer_id, i, name, value, d.reference, MEANINGS[name])
-            for i, (name, value) in enumerate(d.ranked())]
+    return [(d.customer_id, i, name, value, d.reference, MEANINGS[name]) for i, (name, value) in enumerate(d.ranked())]
 
 
 class TopDrivers:
@@ -103,10 +101,18 @@ class TopDrivers:
                 self.done[r["customer_id"]] = (_identity(r), driver_rows(d))
         self.lacking = bool(missing or out_of_step)
         if computed or missing or other_model or out_of_step:
-            log.info("drivers of the top %d customers: %d computed in %.2f s; %d whose state and "
-                     "score are not yet the same, %d without a state yet, %d scored by another "
-                     "model than %s", len(wanted), computed, time.perf_counter() - started,
-                     out_of_step, missing, other_model, self.version)
+            log.info(
+                "drivers of the top %d customers: %d computed in %.2f s; %d whose state and "
+                "score are not yet the same, %d without a state yet, %d scored by another "
+                "model than %s",
+                len(wanted),
+                computed,
+                time.perf_counter() - started,
+                out_of_step,
+                missing,
+                other_model,
+                self.version,
+            )
         return [row for _identity_, rows in self.done.values() for row in rows]
 
 

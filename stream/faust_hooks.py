@@ -31,8 +31,9 @@ def set_fetch_wait(ms: int) -> None:
     """Consumers faust builds from now on wait at most `ms` for a fetch (idempotent)."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    create = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
-                     AIOKafkaConsumerThread._create_worker_consumer)
+    create = getattr(
+        AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__", AIOKafkaConsumerThread._create_worker_consumer
+    )
 
     def with_fetch_wait(self: Any, transport: Any) -> Any:
         consumer = create(self, transport)

@@ -48,15 +48,20 @@ class FlushFailures:
         self.retry_at = now + wait
         if now - self.since > self.timeout_s:
             self.give_up(now - self.since)
-        log.warning("flush failed (%d in a row for %.1fs): %s; its customers, state records and "
-                    "acknowledgements are kept and retried in %.1fs; the worker exits after %.0fs "
-                    "of failures (flush_failure_timeout_s)", self.attempts, now - self.since,
-                    self.reason, wait, self.timeout_s)
+        log.warning(
+            "flush failed (%d in a row for %.1fs): %s; its customers, state records and "
+            "acknowledgements are kept and retried in %.1fs; the worker exits after %.0fs "
+            "of failures (flush_failure_timeout_s)",
+            self.attempts,
+            now - self.since,
+            self.reason,
+            wait,
+            self.timeout_s,
+        )
 
     def succeeded(self) -> None:
         if self.since is not None:
-            log.info("flush succeeded after %d failures in %.1fs", self.attempts,
-                     time.monotonic() - self.since)
+            log.info("flush succeeded after %d failures in %.1fs", self.attempts, time.monotonic() - self.since)
         self.since, self.attempts, self.retry_at, self.reason = None, 0, 0.0, ""
         self.succeeded_at = time.monotonic()
 
@@ -71,8 +76,10 @@ class FlushFailures:
         """What /ready answers while flushes fail ("" when they do not)."""
         if self.since is None:
             return ""
-        return (f"flushes failing for {time.monotonic() - self.since:.0f}s ({self.attempts} "
-                f"attempts): {self.reason}; exiting after {self.timeout_s:.0f}s")
+        return (
+            f"flushes failing for {time.monotonic() - self.since:.0f}s ({self.attempts} "
+            f"attempts): {self.reason}; exiting after {self.timeout_s:.0f}s"
+        )
 
     def age(self, pending: bool) -> float:
         """Seconds since a flush last succeeded; 0 while nothing waits to be published."""
@@ -91,7 +98,8 @@ class FlushFailures:
             f"{self.reason}), longer than flush_failure_timeout_s={self.timeout_s:.0f}s: exiting "
             f"with code {EXIT_CODE} so the supervisor restarts the worker; events since the last "
             "committed offset are redelivered. Check the broker (reachable? topics writable? "
-            "records under its max.message.bytes?)")
+            "records under its max.message.bytes?)"
+        )
 
 
 def exit_for_restart(message: str) -> None:
@@ -119,8 +127,7 @@ class CommitWatch:
         self.seen: dict[int, tuple[int, float]] = {}  # partition -> (committed offset, since)
         self.stalled: dict[int, str] = {}  # partition -> why it is stalled
 
-    def observe(self, partition: int, committed: int | None, position: int | None,
-                now: float | None = None) -> None:
+    def observe(self, partition: int, committed: int | None, position: int | None, now: float | None = None) -> None:
         """The partition's committed offset and the next offset it will process, as of `now`."""
         now = time.monotonic() if now is None else now
         if committed is None or position is None or position <= committed:
@@ -136,9 +143,14 @@ class CommitWatch:
         elif partition not in self.stalled:
             self.stalled[partition] = (
                 f"partition {partition}: committed offset {committed} has not moved for "
-                f"{now - since:.0f}s while {position - committed} events after it were processed")
-            log.error("%s; a restart would process them again (an event not acknowledged: see "
-                      "the log for an error about offset %d)", self.stalled[partition], committed)
+                f"{now - since:.0f}s while {position - committed} events after it were processed"
+            )
+            log.error(
+                "%s; a restart would process them again (an event not acknowledged: see "
+                "the log for an error about offset %d)",
+                self.stalled[partition],
+                committed,
+            )
 
     def forget(self, partitions: set[int]) -> None:
         for partition in partitions:

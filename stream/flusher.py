@@ -34,9 +34,19 @@ HOLD_POLL_S = 0.005  # how often held intake looks whether a flush has taken the
 
 
 class Flusher:
-    def __init__(self, core: Core, states: States, artifact: Artifact, publisher: BatchPublisher,
-                 metrics: Metrics, outbox: Outbox, *, scores_topic: str, batch_size: int,
-                 flush_failure_timeout_s: float) -> None:
+    def __init__(
+        self,
+        core: Core,
+        states: States,
+        artifact: Artifact,
+        publisher: BatchPublisher,
+        metrics: Metrics,
+        outbox: Outbox,
+        *,
+        scores_topic: str,
+        batch_size: int,
+        flush_failure_timeout_s: float,
+    ) -> None:
         self.core, self.states, self.artifact, self.outbox = core, states, artifact, outbox
         self.publisher, self.metrics, self.scores_topic = publisher, metrics, scores_topic
         self.batch_size = batch_size
@@ -69,8 +79,9 @@ class Flusher:
             batch = self.core.take()
             try:
                 records = self.states.take()
-                records += await self._score({p: customers for p, customers in batch.dirty.items()
-                                              if self.core.owns(p)})
+                records += await self._score(
+                    {p: customers for p, customers in batch.dirty.items() if self.core.owns(p)}
+                )
                 offsets = await self._send(records, batch.dirty)
                 await self.outbox.settle()  # the dead letters and routed events behind the acks
             except BaseException as exc:
@@ -99,8 +110,7 @@ class Flusher:
 
     def holding(self) -> bool:
         """A micro-batch's worth of customers waits: intake is to wait for a flush."""
-        return (max(self.core.dirty_count(), self.states.changed()) >= self.batch_size
-                and not self.stopping)
+        return max(self.core.dirty_count(), self.states.changed()) >= self.batch_size and not self.stopping
 
     async def hold_intake(self) -> None:
         """Backpressure: with a micro-batch's worth of customers waiting (to be scored, or,
@@ -119,8 +129,9 @@ class Flusher:
         self.stopping = True
         await self.publisher.close()
 
-    async def _send(self, records: list[Record],
-                    dirty: dict[int, dict[str, float | None]]) -> dict[tuple[str, int], int]:
+    async def _send(
+        self, records: list[Record], dirty: dict[int, dict[str, float | None]]
+    ) -> dict[tuple[str, int], int]:
         started = time.perf_counter()
         offsets = await self.publisher.publish(records)
         now = time.monotonic()
@@ -167,8 +178,7 @@ class Flusher:
                 pred = await asyncio.to_thread(self.artifact.predict, inputs)
             else:
                 pred = self.artifact.predict(inputs)
-            scores: list[ScoreRecord | Exception] = list(
-                assemble(self.artifact, states, fields, pred, as_of))
+            scores: list[ScoreRecord | Exception] = list(assemble(self.artifact, states, fields, pred, as_of))
             self.drift.observe(inputs)
         except Exception:  # noqa: BLE001  pinned on the customers that cause it, below
             scores = score_separately(self.artifact, states, as_of)
@@ -177,16 +187,21 @@ class Flusher:
         for score, (partition, cid) in zip(scores, where):
             if isinstance(score, Exception):
                 self.metrics.scoring_errors.inc()
-                log.error("customer %s of partition %d not scored as of %s: %s: %s; its state is "
-                          "kept, and it is scored again on its next event or month turn", cid,
-                          partition, as_of.isoformat(), type(score).__name__, score)
+                log.error(
+                    "customer %s of partition %d not scored as of %s: %s: %s; its state is "
+                    "kept, and it is scored again on its next event or month turn",
+                    cid,
+                    partition,
+                    as_of.isoformat(),
+                    type(score).__name__,
+                    score,
+                )
                 continue
             scored.append((partition, cid, score))
         # Encoding reads only the (immutable) score records: in a thread for a large batch, so
         # intake goes on meanwhile (a month turn's rescoring is one large batch after another).
         encode = lambda: [(topic, p, cid.encode(), encode_score(score)) for p, cid, score in scored]  # noqa: E731
-        records: list[Record] = (await asyncio.to_thread(encode) if len(scored) >= INLINE_SCORING_LIMIT
-                                 else encode())
+        records: list[Record] = await asyncio.to_thread(encode) if len(scored) >= INLINE_SCORING_LIMIT else encode()
         self.metrics.rescored.inc(len(records))
         self.metrics.batch_size.observe(len(states))
         self.metrics.batch_latency.observe(time.perf_counter() - started)

@@ -39,11 +39,9 @@ def check(raw: bytes, key: bytes | None, max_future: timedelta) -> TransactionEv
     if isinstance(parsed, Invalid):
         return parsed
     if key is None:
-        return Invalid(Reason.MISSING_KEY, "no message key: events are keyed by customer_id "
-                                           f"({parsed.customer_id!r})")
+        return Invalid(Reason.MISSING_KEY, f"no message key: events are keyed by customer_id ({parsed.customer_id!r})")
     if key.decode("utf-8", "replace").strip() != parsed.customer_id:
-        return Invalid(Reason.KEY_MISMATCH, f"message key {key[:40]!r} is not "
-                                            f"customer_id {parsed.customer_id!r}")
+        return Invalid(Reason.KEY_MISMATCH, f"message key {key[:40]!r} is not customer_id {parsed.customer_id!r}")
     return parsed
 
 
@@ -86,12 +84,15 @@ class Outbox:
         self.pending: list[Sent] = []  # sent, not yet known to be on the broker
 
     async def dead_letter(self, raw: bytes, msg: Any, reason: str, detail: str) -> None:
-        headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
-                   *_source(msg, self.transactions_topic)]
-        await self._send(Sent(self.dlq_topic, None, msg.key, raw, headers, msg, reason,
-                              detail))
-        log.warning("dead letter %s at %s[%d]@%d: %s", reason, self.transactions_topic,
-                    msg.partition, msg.offset, detail)
+        headers = [
+            ("reason", reason.encode()),
+            ("detail", detail[:500].encode()),
+            *_source(msg, self.transactions_topic),
+        ]
+        await self._send(Sent(self.dlq_topic, None, msg.key, raw, headers, msg, reason, detail))
+        log.warning(
+            "dead letter %s at %s[%d]@%d: %s", reason, self.transactions_topic, msg.partition, msg.offset, detail
+        )
 
     async def route(self, raw: bytes, msg: Any, home: int, key: bytes) -> None:
         """Re-publish an event to its customer's partition, keyed by its customer id; it is
@@ -100,15 +101,25 @@ class Outbox:
         self.metrics.routed.inc()
         self.routed += 1
         topic = self.transactions_topic
-        headers = [*(msg.headers or ()), ("routed_from_partition", str(msg.partition).encode()),
-                   ("routed_from_offset", str(msg.offset).encode())]
+        headers = [
+            *(msg.headers or ()),
+            ("routed_from_partition", str(msg.partition).encode()),
+            ("routed_from_offset", str(msg.offset).encode()),
+        ]
         await self._send(Sent(topic, home, key, raw, headers, msg, "", ""))
         if self.routed == 1 or self.routed % 10_000 == 0:
-            log.warning("%d events so far arrived on another partition than their key's under "
-                        "murmur2 and were re-published to it (latest: %s[%d]@%d, key %r, "
-                        "partition %d): set the publishers' partitioner to murmur2 (librdkafka: "
-                        "partitioner=murmur2_random)", self.routed, topic, msg.partition,
-                        msg.offset, msg.key[:40], home)
+            log.warning(
+                "%d events so far arrived on another partition than their key's under "
+                "murmur2 and were re-published to it (latest: %s[%d]@%d, key %r, "
+                "partition %d): set the publishers' partitioner to murmur2 (librdkafka: "
+                "partitioner=murmur2_random)",
+                self.routed,
+                topic,
+                msg.partition,
+                msg.offset,
+                msg.key[:40],
+                home,
+            )
 
     def trimmed_key(self, msg: Any, customer_id: str) -> None:
         """An event keyed by its customer id with spaces around it: applied to the id without
@@ -117,11 +128,18 @@ class Outbox:
         self.metrics.key_trimmed.inc()
         self.trimmed += 1
         if self.trimmed == 1 or self.trimmed % 10_000 == 0:
-            log.warning("%d events so far were keyed with spaces around their customer id "
-                        "(latest: %s[%d]@%d, key %r): applied to customer %r, whose partition is "
-                        "that of the id without them; key messages by the id as the payload "
-                        "gives it", self.trimmed, self.transactions_topic, msg.partition,
-                        msg.offset, (msg.key or b"")[:40], customer_id)
+            log.warning(
+                "%d events so far were keyed with spaces around their customer id "
+                "(latest: %s[%d]@%d, key %r): applied to customer %r, whose partition is "
+                "that of the id without them; key messages by the id as the payload "
+                "gives it",
+                self.trimmed,
+                self.transactions_topic,
+                msg.partition,
+                msg.offset,
+                (msg.key or b"")[:40],
+                customer_id,
+            )
 
     async def settle(self) -> None:
         """Wait until the broker has every dead letter and routed event sent so far. One refused
@@ -146,11 +164,18 @@ class Outbox:
                         await self._send(self._truncated(sent, exc))
                     else:  # even truncated: say where the event is, and go on
                         self.metrics.dlq_unpublished.inc()
-                        log.error("the dead letter of %s[%d]@%d (%s) was refused even truncated "
-                                  "to %d bytes (%s); the event is acknowledged and stays in %s "
-                                  "at that offset", self.transactions_topic,
-                                  sent.msg.partition, sent.msg.offset, sent.reason,
-                                  len(sent.value), exc, self.transactions_topic)
+                        log.error(
+                            "the dead letter of %s[%d]@%d (%s) was refused even truncated "
+                            "to %d bytes (%s); the event is acknowledged and stays in %s "
+                            "at that offset",
+                            self.transactions_topic,
+                            sent.msg.partition,
+                            sent.msg.offset,
+                            sent.reason,
+                            len(sent.value),
+                            exc,
+                            self.transactions_topic,
+                        )
                     continue
                 if sent.topic == self.dlq_topic:
                     self.metrics.dlq.labels(reason=sent.reason).inc()
@@ -166,8 +191,9 @@ class Outbox:
     async def _hand_over(self, sent: Sent) -> None:
         """Hand the record to the producer; a refusal (its size, say) is kept for `settle`."""
         try:
-            sent.delivery = await self.app.producer.send(sent.topic, sent.key, sent.value,
-                                                         sent.partition, None, sent.headers)
+            sent.delivery = await self.app.producer.send(
+                sent.topic, sent.key, sent.value, sent.partition, None, sent.headers
+            )
         except Exception as exc:  # noqa: BLE001  settled (retried or truncated) there
             sent.delivery = exc
 
@@ -175,22 +201,46 @@ class Outbox:
         """The dead letter that stands in for a record too large to publish: reason (a routed
         event's is `too_large_to_route`), source, key and the payload's first PREFIX_BYTES."""
         reason = sent.reason or Reason.TOO_LARGE_TO_ROUTE
-        detail = sent.detail or (f"{len(sent.value):,} bytes could not be re-published to "
-                                 f"partition {sent.partition}: {type(exc).__name__}")
-        headers = [("reason", reason.encode()), ("detail", detail[:500].encode()),
-                   *_source(sent.msg, self.transactions_topic),
-                   ("truncated", b"true"), ("original_bytes", str(len(sent.value)).encode())]
-        log.warning("%s[%d]@%d (%s, %d bytes) too large to publish as it is (%s): its dead letter "
-                    "carries the first %d bytes; the whole event stays in %s at that offset",
-                    self.transactions_topic, sent.msg.partition, sent.msg.offset, reason,
-                    len(sent.value), exc, PREFIX_BYTES, self.transactions_topic)
-        return Sent(self.dlq_topic, None, (sent.msg.key or b"")[:KEY_BYTES] or None,
-                    sent.value[:PREFIX_BYTES], headers, sent.msg, reason, detail)
+        detail = sent.detail or (
+            f"{len(sent.value):,} bytes could not be re-published to partition {sent.partition}: {type(exc).__name__}"
+        )
+        headers = [
+            ("reason", reason.encode()),
+            ("detail", detail[:500].encode()),
+            *_source(sent.msg, self.transactions_topic),
+            ("truncated", b"true"),
+            ("original_bytes", str(len(sent.value)).encode()),
+        ]
+        log.warning(
+            "%s[%d]@%d (%s, %d bytes) too large to publish as it is (%s): its dead letter "
+            "carries the first %d bytes; the whole event stays in %s at that offset",
+            self.transactions_topic,
+            sent.msg.partition,
+            sent.msg.offset,
+            reason,
+            len(sent.value),
+            exc,
+            PREFIX_BYTES,
+            self.transactions_topic,
+        )
+        return Sent(
+            self.dlq_topic,
+            None,
+            (sent.msg.key or b"")[:KEY_BYTES] or None,
+            sent.value[:PREFIX_BYTES],
+            headers,
+            sent.msg,
+            reason,
+            detail,
+        )
 
 
 def _source(msg: Any, topic: str) -> list[tuple[str, bytes]]:
-    return [("source_partition", str(msg.partition).encode()),
-            ("source_offset", str(msg.offset).encode()), ("source_topic", topic.encode())]
+    return [
+        ("source_partition", str(msg.partition).encode()),
+        ("source_offset", str(msg.offset).encode()),
+        ("source_topic", topic.encode()),
+    ]
 
 
 def _is_truncated(sent: Sent) -> bool:

@@ -35,9 +35,14 @@ async def started_consumer(kafka: KafkaClient, **options: Any) -> AIOKafkaConsum
     starts a background task in `start()` and `stop()` cancels it; a task cancelled before it
     first ran makes `stop()` raise CancelledError, so a process asked to stop right after it
     started (SIGTERM during start-up) would end with a traceback instead of cleanly."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=kafka.fetch_wait_ms,
-                                **options, **kafka.kafka_client_options())
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=kafka.fetch_wait_ms,
+        **options,
+        **kafka.kafka_client_options(),
+    )
     try:
         await consumer.start()
         await asyncio.sleep(0)
@@ -50,12 +55,12 @@ async def started_consumer(kafka: KafkaClient, **options: Any) -> AIOKafkaConsum
 BULK_FETCH_BYTES = 1 << 20  # per partition fetch; 4 and 32 MB raised peak memory, not the rate
 
 
-async def read_partition(kafka: KafkaClient, topic: str, partition: int,
-                         start: int = 0) -> AsyncIterator[list[Any]]:
+async def read_partition(kafka: KafkaClient, topic: str, partition: int, start: int = 0) -> AsyncIterator[list[Any]]:
     """Batches of up to 10,000 records of one partition from `start` to its end as of the
     first fetch (a recovery reads whole partitions)."""
-    consumer = await started_consumer(kafka, max_partition_fetch_bytes=BULK_FETCH_BYTES,
-                                      fetch_max_bytes=BULK_FETCH_BYTES)
+    consumer = await started_consumer(
+        kafka, max_partition_fetch_bytes=BULK_FETCH_BYTES, fetch_max_bytes=BULK_FETCH_BYTES
+    )
     tp = TopicPartition(topic, partition)
     try:
         consumer.assign([tp])

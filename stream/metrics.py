@@ -28,62 +28,92 @@ class Metrics:
         counter, gauge, histogram = self._counter, self._gauge, self._histogram
         self.events_in = counter("clv_events_in", "transaction messages received")
         self.events_applied = counter("clv_events_applied", "events folded into customer state")
-        self.events_skipped = counter("clv_events_skipped", "events already applied (redelivered "
-                                      "or re-published)", ("reason",))
-        self.dlq = counter("clv_dlq", "dead letters the broker took on the dead-letter topic",
-                           ("reason",))
-        self.dlq_truncated = counter("clv_dlq_truncated", "dead letters that carry only the first "
-                                     "bytes of their event (too large to publish as it was; the "
-                                     "event stays in transactions at its offset)", ("reason",))
-        self.dlq_unpublished = counter("clv_dlq_unpublished", "dead letters the broker refused even "
-                                       "truncated (logged with the event's partition and offset)")
-        self.key_trimmed = counter("clv_events_key_trimmed", "events whose message key had spaces "
-                                   "around the customer id (applied to the id without them)")
-        self.commit_stalled = gauge("clv_commit_stalled_partitions", "owned partitions whose "
-                                    "committed offset has not moved for commit_stall_s while "
-                                    "events after it were processed")
-        self.routed = counter("clv_events_routed", "events re-published to the partition their "
-                              "key maps to under murmur2 (a publisher with another partitioner)")
-        self.scoring_errors = counter("clv_scoring_errors", "customers a rescoring could not score "
-                                      "(logged; scored again on their next event or month turn)")
+        self.events_skipped = counter(
+            "clv_events_skipped", "events already applied (redelivered or re-published)", ("reason",)
+        )
+        self.dlq = counter("clv_dlq", "dead letters the broker took on the dead-letter topic", ("reason",))
+        self.dlq_truncated = counter(
+            "clv_dlq_truncated",
+            "dead letters that carry only the first "
+            "bytes of their event (too large to publish as it was; the "
+            "event stays in transactions at its offset)",
+            ("reason",),
+        )
+        self.dlq_unpublished = counter(
+            "clv_dlq_unpublished",
+            "dead letters the broker refused even truncated (logged with the event's partition and offset)",
+        )
+        self.key_trimmed = counter(
+            "clv_events_key_trimmed",
+            "events whose message key had spaces around the customer id (applied to the id without them)",
+        )
+        self.commit_stalled = gauge(
+            "clv_commit_stalled_partitions",
+            "owned partitions whose "
+            "committed offset has not moved for commit_stall_s while "
+            "events after it were processed",
+        )
+        self.routed = counter(
+            "clv_events_routed",
+            "events re-published to the partition their "
+            "key maps to under murmur2 (a publisher with another partitioner)",
+        )
+        self.scoring_errors = counter(
+            "clv_scoring_errors",
+            "customers a rescoring could not score (logged; scored again on their next event or month turn)",
+        )
         self.rescored = counter("clv_rescored_customers", "customer scores published")
-        self.flush_failures = counter("clv_flush_failures", "micro-batch flushes that failed (their "
-                                      "customers, records and acknowledgements were kept and retried)")
-        self.recovered_records = counter("clv_state_recovered_records",
-                                         "state changelog records read by recoveries")
-        self.recovery_seconds = counter("clv_state_recovery_seconds",
-                                        "seconds spent recovering state from the changelog")
+        self.flush_failures = counter(
+            "clv_flush_failures",
+            "micro-batch flushes that failed (their customers, records and acknowledgements were kept and retried)",
+        )
+        self.recovered_records = counter("clv_state_recovered_records", "state changelog records read by recoveries")
+        self.recovery_seconds = counter(
+            "clv_state_recovery_seconds", "seconds spent recovering state from the changelog"
+        )
         self.dirty = gauge("clv_dirty_customers", "customers waiting for an event-driven rescore")
-        self.partitions = gauge("clv_partitions_owned",
-                                "transactions partitions this worker has recovered and owns")
-        self.backlog = gauge("clv_backlog_customers",
-                             "customers waiting for a month-turn or recovery rescore")
-        self.takeover_seconds = gauge("clv_state_takeover_seconds",
-                                      "wall time the last rebalance's takeovers took")
-        self.near_bound = gauge("clv_state_near_bound_customers",
-                                "customers holding 90% or more of the state's id bound")
-        self.largest_record = gauge("clv_state_record_max_bytes",
-                                    "largest state record written since start")
-        self.flush_age = gauge("clv_flush_success_age_seconds",
-                               "seconds since a flush last succeeded; 0 while nothing waits to be "
-                               "published")
-        self.drift = gauge("clv_input_drift_psi", "population stability index of an input over the "
-                           "last customers rescored against the model's training cohort (past "
-                           "0.25: customers unlike those it learnt from; see stream.drift)", ("input",))
-        self.lag = gauge("clv_consumer_lag", "messages of each transactions partition after the "
-                         "group's committed offset (end offset minus committed offset)",
-                         ("partition",))
-        self.batch_size = histogram("clv_rescore_batch_customers", "customers per rescoring "
-                                    "micro-batch", (1, 8, 32, 128, 512, 1024, 2048, 4096))
-        self.batch_latency = histogram("clv_rescore_batch_seconds", "seconds to score a micro-batch",
-                                       (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.partitions = gauge("clv_partitions_owned", "transactions partitions this worker has recovered and owns")
+        self.backlog = gauge("clv_backlog_customers", "customers waiting for a month-turn or recovery rescore")
+        self.takeover_seconds = gauge("clv_state_takeover_seconds", "wall time the last rebalance's takeovers took")
+        self.near_bound = gauge(
+            "clv_state_near_bound_customers", "customers holding 90% or more of the state's id bound"
+        )
+        self.largest_record = gauge("clv_state_record_max_bytes", "largest state record written since start")
+        self.flush_age = gauge(
+            "clv_flush_success_age_seconds",
+            "seconds since a flush last succeeded; 0 while nothing waits to be published",
+        )
+        self.drift = gauge(
+            "clv_input_drift_psi",
+            "population stability index of an input over the "
+            "last customers rescored against the model's training cohort (past "
+            "0.25: customers unlike those it learnt from; see stream.drift)",
+            ("input",),
+        )
+        self.lag = gauge(
+            "clv_consumer_lag",
+            "messages of each transactions partition after the "
+            "group's committed offset (end offset minus committed offset)",
+            ("partition",),
+        )
+        self.batch_size = histogram(
+            "clv_rescore_batch_customers", "customers per rescoring micro-batch", (1, 8, 32, 128, 512, 1024, 2048, 4096)
+        )
+        self.batch_latency = histogram(
+            "clv_rescore_batch_seconds",
+            "seconds to score a micro-batch",
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
         self.publish_latency = histogram(
-            "clv_publish_seconds", "seconds until the broker acknowledged a flush's scores and state",
-            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+            "clv_publish_seconds",
+            "seconds until the broker acknowledged a flush's scores and state",
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
         self.freshness = histogram(
             "clv_event_to_publish_seconds",
             "seconds from receiving an event to publishing its customer's score",
-            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(name, doc, labels, registry=self.registry)
@@ -182,8 +212,7 @@ def _monitor_class() -> type:
             for topic, n in list(self.messages_received_by_topic.items()):
                 self.add(m.messages_received_per_topics.labels(topic=topic), ("topic", topic), n)
             for tp, offset in list(self.tp_read_offsets.items()):
-                m.messages_received_per_topics_partition.labels(
-                    topic=tp.topic, partition=tp.partition).set(offset)
+                m.messages_received_per_topics_partition.labels(topic=tp.topic, partition=tp.partition).set(offset)
             self.add(m.total_events, "events", self.events_total)
             m.total_active_events.set(self.events_active)
             for label, n in list(self.events_by_label.items()):
@@ -209,8 +238,9 @@ def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return {}
-    return {_series(s.name, s.labels): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        _series(s.name, s.labels): s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
 
 
 def _series(name: str, labels: dict[str, str]) -> str:
@@ -223,5 +253,9 @@ def _series(name: str, labels: dict[str, str]) -> str:
 def idle(values: dict[str, float]) -> bool:
     """Nothing left to consume, score, publish or commit."""
     lag = sum(v for k, v in values.items() if k.startswith("clv_consumer_lag"))
-    return bool(values) and lag == 0 and values.get("clv_dirty_customers") == 0 \
+    return (
+        bool(values)
+        and lag == 0
+        and values.get("clv_dirty_customers") == 0
         and values.get("clv_backlog_customers") == 0
+    )

@@ -62,11 +62,17 @@ def tail(text: str, chars: int = TAIL_CHARS) -> str:
         return text
     cut = text[-chars:]
     newline = cut.find("\n")
-    return cut[newline + 1:] if 0 <= newline < chars // 4 else cut
+    return cut[newline + 1 :] if 0 <= newline < chars // 4 else cut
 
 
-def wait_for(what: str, ok: Callable[[], bool], timeout: float, interval: float = 0.2,
-             check: Callable[[], None] = lambda: None, where: str = "") -> float:
+def wait_for(
+    what: str,
+    ok: Callable[[], bool],
+    timeout: float,
+    interval: float = 0.2,
+    check: Callable[[], None] = lambda: None,
+    where: str = "",
+) -> float:
     """Poll `ok` until it holds, calling `check` (which raises when a process died) before each
     try; the seconds it took, or a ChildError naming `what` (and `where` to look) at timeout."""
     started = time.monotonic()
@@ -82,13 +88,25 @@ def wait_for(what: str, ok: Callable[[], bool], timeout: float, interval: float 
 class Child:
     """One child process in a session of its own, its stdout and stderr in `log`."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None, log: Path,
-                 name: str | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str] | None,
+        log: Path,
+        name: str | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name or Path(log).stem
         self.log = Path(log)
         with self.log.open("wb") as out:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(list(args), env=None if env is None else dict(env), cwd=cwd,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                list(args),
+                env=None if env is None else dict(env),
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -103,8 +121,7 @@ class Child:
     def check(self) -> None:
         """Nothing while it runs; a ChildError with its exit code and log tail once it exited."""
         if self.proc.poll() is not None:
-            raise ChildError(f"{self.name} exited with {self.proc.returncode}; see {self.log}\n"
-                             f"{tail(self.output())}")
+            raise ChildError(f"{self.name} exited with {self.proc.returncode}; see {self.log}\n{tail(self.output())}")
 
     def wait_for(self, what: str, ok: Callable[[], bool], timeout: float, interval: float = 0.2) -> float:
         """Seconds until `ok` holds while this child runs; a ChildError with its log tail when it
@@ -118,8 +135,7 @@ class Child:
 
     def wait_http(self, url: str, timeout: float, interval: float = 0.2) -> float:
         """Seconds until `url` answers 200."""
-        return self.wait_for(f"{url} answering", lambda: http_get(url, timeout=2)[0] == 200,
-                             timeout, interval)
+        return self.wait_for(f"{url} answering", lambda: http_get(url, timeout=2)[0] == 200, timeout, interval)
 
     def send_signal(self, sig: int) -> None:
         """Send `sig` to its process group (to it alone when that is not allowed)."""

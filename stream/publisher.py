@@ -33,10 +33,14 @@ class BatchPublisher:
         if self.producer is None:
             # A batch the broker has not acknowledged within the timeout fails instead of being
             # retried by the client unseen: the worker's flush policy retries it, and says so.
-            producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_servers,
-                                        acks="all", max_batch_size=1 << 20, linger_ms=0,
-                                        request_timeout_ms=int(self.publish_timeout_s * 1000),
-                                        **self.kafka.kafka_client_options())
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.kafka.bootstrap_servers,
+                acks="all",
+                max_batch_size=1 << 20,
+                linger_ms=0,
+                request_timeout_ms=int(self.publish_timeout_s * 1000),
+                **self.kafka.kafka_client_options(),
+            )
             await producer.start()
             self.producer = producer
         return self.producer
@@ -55,13 +59,13 @@ class BatchPublisher:
             batch, n = producer.create_batch(), 0
             for key, value in items:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
-                    pending.append(((topic, partition), n,
-                                    await producer.send_batch(batch, topic, partition=partition)))
+                    pending.append(
+                        ((topic, partition), n, await producer.send_batch(batch, topic, partition=partition))
+                    )
                     batch, n = producer.create_batch(), 0
                     batch.append(key=key, value=value, timestamp=None)
                 n += 1
-            pending.append(((topic, partition), n,
-                            await producer.send_batch(batch, topic, partition=partition)))
+            pending.append(((topic, partition), n, await producer.send_batch(batch, topic, partition=partition)))
         acked = await asyncio.gather(*(future for _, _, future in pending))
         last: dict[tuple[str, int], int] = {}
         for (tp, n, _), meta in zip(pending, acked):

@@ -30,22 +30,30 @@ class ReplaySummary:
 
     def render(self) -> str:
         rate = self.events / self.seconds if self.seconds else 0.0
-        return (f"published {self.events:,} invoice events ({self.lines:,} lines, {self.customers:,} customers) "
-                f"in {self.seconds:.1f}s ({rate:,.0f}/s); event time {self.first_ts} .. {self.last_ts}")
+        return (
+            f"published {self.events:,} invoice events ({self.lines:,} lines, {self.customers:,} customers) "
+            f"in {self.seconds:.1f}s ({rate:,.0f}/s); event time {self.first_ts} .. {self.last_ts}"
+        )
 
 
 async def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]]) -> dict[str, int]:
     """Create missing topics with the configured partition count, replication factor and
     min.insync.replicas (and their own configs). Existing topics are left as they are. Returns
     the partition count of each topic, as the broker describes it."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                                **settings.kafka_client_options())
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, settings.partitions, settings.replication_factor,
-                        topic_configs={**settings.topic_configs(), **cfg})
-               for name, cfg in topics.items() if name not in existing]
+        new = [
+            NewTopic(
+                name,
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs={**settings.topic_configs(), **cfg},
+            )
+            for name, cfg in topics.items()
+            if name not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process created it meanwhile
                 await admin.create_topics(new)
@@ -63,14 +71,20 @@ def all_topics(settings: Settings) -> dict[str, dict[str, str]]:
     }
 
 
-async def publish(settings: Settings, events: Iterable[TransactionEvent], total: int,
-                  rate: float | None = None, progress: bool = True) -> ReplaySummary:
+async def publish(
+    settings: Settings, events: Iterable[TransactionEvent], total: int, rate: float | None = None, progress: bool = True
+) -> ReplaySummary:
     """Keyed by customer id; `rate` caps events per second (None: as fast as the broker takes)."""
     from tqdm import tqdm
 
     await ensure_topics(settings, all_topics(settings))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
-                                max_batch_size=262144, acks="all", **settings.kafka_client_options())
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        linger_ms=5,
+        max_batch_size=262144,
+        acks="all",
+        **settings.kafka_client_options(),
+    )
     await producer.start()
     started = time.monotonic()
     n = lines = 0
@@ -80,8 +94,7 @@ async def publish(settings: Settings, events: Iterable[TransactionEvent], total:
     try:
         pending = []
         for ev in events:
-            pending.append(await producer.send(settings.transactions_topic, ev.to_json(),
-                                               key=ev.customer_id.encode()))
+            pending.append(await producer.send(settings.transactions_topic, ev.to_json(), key=ev.customer_id.encode()))
             n += 1
             lines += len(ev.lines)
             customers.add(ev.customer_id)
@@ -101,4 +114,3 @@ async def publish(settings: Settings, events: Iterable[TransactionEvent], total:
         bar.close()
         await producer.stop()
     return ReplaySummary(n, lines, len(customers), time.monotonic() - started, first, last)
-

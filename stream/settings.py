@@ -26,12 +26,15 @@ def _setting(default: Any, doc: str, env: str | None = None, **bounds: Any) -> A
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    bootstrap_servers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated",
-                                      "KAFKA_BOOTSTRAP_SERVERS", min_length=1)
+    bootstrap_servers: str = _setting(
+        "127.0.0.1:9092", "Kafka bootstrap servers, comma-separated", "KAFKA_BOOTSTRAP_SERVERS", min_length=1
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _setting(
-        "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+        "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
     sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = _setting(
-        "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+        "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    )
     sasl_username: str = _setting("", "SASL user name")
     sasl_password: str = _setting("", "SASL password")
     ssl_cafile: str = _setting("", "CA bundle for SSL")
@@ -39,73 +42,105 @@ class Settings(BaseModel):
     transactions_topic: str = _setting("transactions", "input topic", min_length=1)
     scores_topic: str = _setting("clv-scores", "output topic (compacted)", min_length=1)
     dlq_topic: str = _setting("transactions-dlq", "dead-letter topic", min_length=1)
-    control_topic: str = _setting("clv-control", "operator commands to the workers (clv rescore-all)",
-                                  min_length=1)
+    control_topic: str = _setting("clv-control", "operator commands to the workers (clv rescore-all)", min_length=1)
     partitions: int = _setting(4, "partitions of the transactions topic (and of the state changelog)", gt=0)
-    replication_factor: int = _setting(1, "replicas of every topic the product creates (production: 3)",
-                                       gt=0)
+    replication_factor: int = _setting(1, "replicas of every topic the product creates (production: 3)", gt=0)
     min_insync_replicas: int = _setting(
-        1, "min.insync.replicas of every topic the product creates; with acks=all a write needs that "
-        "many replicas (production: 2)", gt=0)
+        1,
+        "min.insync.replicas of every topic the product creates; with acks=all a write needs that "
+        "many replicas (production: 2)",
+        gt=0,
+    )
     max_future_minutes: float = _setting(
-        15.0, "how far an event time may be ahead of the worker's wall clock; later events go to the "
-        "DLQ as from_future", ge=0, allow_inf_nan=False)
+        15.0,
+        "how far an event time may be ahead of the worker's wall clock; later events go to the DLQ as from_future",
+        ge=0,
+        allow_inf_nan=False,
+    )
     model_dir: str = _setting("", "model artifact directory; empty: the model shipped with the package")
     store: str = _setting("memory://", "state store: memory:// or rocksdb:// (rocksdict, in data_dir)")
     data_dir: str = _setting("var/worker", "worker state directory", min_length=1)
     batch_size: int = _setting(1024, "rescoring micro-batch: flush at N customers", gt=0)
     batch_wait_ms: int = _setting(20, "rescoring micro-batch: flush after T ms", gt=0)
     publish_timeout_s: float = _setting(
-        30.0, "longest the worker waits for the broker to acknowledge a micro-batch's scores and state "
-        "records before that flush counts as failed and is retried", gt=0, allow_inf_nan=False)
+        30.0,
+        "longest the worker waits for the broker to acknowledge a micro-batch's scores and state "
+        "records before that flush counts as failed and is retried",
+        gt=0,
+        allow_inf_nan=False,
+    )
     flush_failure_timeout_s: float = _setting(
-        120.0, "how long flushes may keep failing (retried with backoff, /ready answering 503) before "
-        "the worker exits with code 75 for its supervisor to restart it", gt=0, allow_inf_nan=False)
+        120.0,
+        "how long flushes may keep failing (retried with backoff, /ready answering 503) before "
+        "the worker exits with code 75 for its supervisor to restart it",
+        gt=0,
+        allow_inf_nan=False,
+    )
     fetch_wait_ms: int = _setting(
-        50, "longest a consumer fetch waits for new data (brokers that hold a fetch for its whole "
-        "wait, like the embedded one, add it to every event's latency)", gt=0)
+        50,
+        "longest a consumer fetch waits for new data (brokers that hold a fetch for its whole "
+        "wait, like the embedded one, add it to every event's latency)",
+        gt=0,
+    )
     commit_interval_s: float = _setting(
-        0.5, "how often the worker commits the offsets of the events it has acknowledged (faust's "
+        0.5,
+        "how often the worker commits the offsets of the events it has acknowledged (faust's "
         "default is 2.8 s): a restart redelivers at most this much more than it must, and the "
         "consumer lag gauge (of committed offsets) reaches 0 this soon after the worker catches up",
-        gt=0, allow_inf_nan=False)
+        gt=0,
+        allow_inf_nan=False,
+    )
     commit_stall_s: float = _setting(
-        30.0, "how long a partition's committed offset may stay put while events after it are "
-        "processed before /ready answers 503 naming the partition (an event never acknowledged)", gt=0,
-        allow_inf_nan=False)
+        30.0,
+        "how long a partition's committed offset may stay put while events after it are "
+        "processed before /ready answers 503 naming the partition (an event never acknowledged)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     session_timeout_s: float = _setting(
-        30.0, "consumer group session timeout: how soon a dead worker's partitions move", gt=0,
-        allow_inf_nan=False)
+        30.0, "consumer group session timeout: how soon a dead worker's partitions move", gt=0, allow_inf_nan=False
+    )
     web_port: int = _setting(6066, "worker HTTP port (/health, /metrics, ...)", gt=0, lt=65536)
     web_host: str = _setting(
-        "127.0.0.1", "worker HTTP bind address; on any other than loopback its endpoints need api_token")
-    snapshot_path: str = _setting("var/clv.duckdb", "DuckDB snapshot the sink publishes and analysts read",
-                                  min_length=1)
+        "127.0.0.1", "worker HTTP bind address; on any other than loopback its endpoints need api_token"
+    )
+    snapshot_path: str = _setting(
+        "var/clv.duckdb", "DuckDB snapshot the sink publishes and analysts read", min_length=1
+    )
     snapshot_interval_s: float = _setting(
-        10.0, "seconds between snapshots (one more is written on shutdown)", gt=0, allow_inf_nan=False)
+        10.0, "seconds between snapshots (one more is written on shutdown)", gt=0, allow_inf_nan=False
+    )
     snapshot_memory_mb: int = _setting(
-        256, "memory the snapshot sink's DuckDB may use; beyond it, it works from its file on disk", gt=0)
+        256, "memory the snapshot sink's DuckDB may use; beyond it, it works from its file on disk", gt=0
+    )
     snapshot_drivers_top: int = _setting(
-        200, "customers of the highest clv whose drivers each snapshot carries (the sink reads the "
-        "state changelog and explains their scores with the model in model_dir); 0: none", ge=0)
+        200,
+        "customers of the highest clv whose drivers each snapshot carries (the sink reads the "
+        "state changelog and explains their scores with the model in model_dir); 0: none",
+        ge=0,
+    )
     api_host: str = _setting("127.0.0.1", "analyst API bind address")
     api_port: int = _setting(8080, "analyst API port", gt=0, lt=65536)
     api_token: str = _setting(
-        "", "bearer token the analyst API requires; required when api_host is not loopback, and for "
-        "the worker's endpoints when web_host is not loopback")
+        "",
+        "bearer token the analyst API requires; required when api_host is not loopback, and for "
+        "the worker's endpoints when web_host is not loopback",
+    )
     api_sql_timeout_s: float = _setting(
-        10.0, "longest an API /sql query runs; then it is stopped and answered 408", gt=0,
-        allow_inf_nan=False)
+        10.0, "longest an API /sql query runs; then it is stopped and answered 408", gt=0, allow_inf_nan=False
+    )
     api_sql_max_rows: int = _setting(
-        10_000, "most rows an API /sql answer carries (it says truncated when there were more)", gt=0)
+        10_000, "most rows an API /sql answer carries (it says truncated when there were more)", gt=0
+    )
     api_sql_concurrency: int = _setting(
-        2, "API /sql queries running at once, each on its own thread; one more is answered 503", gt=0)
+        2, "API /sql queries running at once, each on its own thread; one more is answered 503", gt=0
+    )
     api_rate_limit_per_min: int = _setting(
-        300, "API requests a client (its token, else its address) may make a minute before 429; 0: no limit",
-        ge=0)
+        300, "API requests a client (its token, else its address) may make a minute before 429; 0: no limit", ge=0
+    )
     api_score_max_bytes: int = _setting(
-        50 * 2**20, "largest transaction file API POST /score takes (multipart framing aside); larger is 413",
-        gt=0)
+        50 * 2**20, "largest transaction file API POST /score takes (multipart framing aside); larger is 413", gt=0
+    )
     api_audit_log: str = _setting("-", "file the API appends a JSON line per request to; -: stderr")
     log_level: Level = _setting("info", "debug, info, warning or error")
 
@@ -124,8 +159,10 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _writes_can_succeed(self) -> Settings:
         if self.min_insync_replicas > self.replication_factor:
-            raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
-                             f"replication_factor ({self.replication_factor}): no write would succeed")
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
+                f"replication_factor ({self.replication_factor}): no write would succeed"
+            )
         return self
 
     @property
@@ -158,9 +195,11 @@ class Settings(BaseModel):
         """Security options in aiokafka's names, passed through unchanged."""
         opts: dict[str, Any] = {"security_protocol": self.security_protocol}
         if self.sasl_mechanism:
-            opts.update(sasl_mechanism=self.sasl_mechanism,
-                        sasl_plain_username=self.sasl_username,
-                        sasl_plain_password=self.sasl_password)
+            opts.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
         if self.security_protocol.endswith("SSL"):
             import ssl
 
@@ -170,8 +209,10 @@ class Settings(BaseModel):
     @classmethod
     def describe(cls) -> list[tuple[str, str, str, str]]:
         """(setting, environment variable, default, meaning) rows for docs and `clv config`."""
-        return [(name, " or ".join(env_names(name)), repr(f.default), f.description or "")
-                for name, f in cls.model_fields.items()]
+        return [
+            (name, " or ".join(env_names(name)), repr(f.default), f.description or "")
+            for name, f in cls.model_fields.items()
+        ]
 
 
 def env_names(name: str) -> list[str]:

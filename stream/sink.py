@@ -40,8 +40,7 @@ class Sink:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.path = Path(settings.snapshot_path)
-        self.store = snapshot.Snapshots(self.path, settings.scores_topic,
-                                        settings.snapshot_memory_mb)
+        self.store = snapshot.Snapshots(self.path, settings.scores_topic, settings.snapshot_memory_mb)
         self.changed = False
         self.bad = 0
         self.snapshots = 0
@@ -58,8 +57,7 @@ class Sink:
             score = parse_score(rec.value)
             if isinstance(score, str):
                 self.bad += 1
-                log.warning("skipped unusable score at %s[%d]@%d: %s", rec.topic, rec.partition,
-                            rec.offset, score)
+                log.warning("skipped unusable score at %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, score)
                 continue
             self.store.put(score.customer_id, snapshot.row(score, rec.partition, rec.offset))
             self.changed = True
@@ -71,9 +69,14 @@ class Sink:
         rows = self.store.publish(drivers)
         self.changed = False
         self.snapshots += 1
-        log.info("snapshot %s: %d customers, offsets %s, %.0f ms; %d unusable score messages "
-                 "skipped so far", self.path, rows, dict(sorted(self.store.offsets.items())),
-                 (time.perf_counter() - started) * 1000, self.bad)
+        log.info(
+            "snapshot %s: %d customers, offsets %s, %.0f ms; %d unusable score messages skipped so far",
+            self.path,
+            rows,
+            dict(sorted(self.store.offsets.items())),
+            (time.perf_counter() - started) * 1000,
+            self.bad,
+        )
         return rows
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -87,16 +90,20 @@ class Sink:
 
     async def _run(self, stop: asyncio.Event, customers: int) -> None:
         if self.store.offsets:
-            log.info("resuming from %s: %d customers, offsets %s", self.path, customers,
-                     dict(sorted(self.store.offsets.items())))
+            log.info(
+                "resuming from %s: %d customers, offsets %s",
+                self.path,
+                customers,
+                dict(sorted(self.store.offsets.items())),
+            )
         scores, changelog = self.settings.scores_topic, self.settings.changelog_topic
         topics = {scores: all_topics(self.settings)[scores]}
         if self.drivers:  # as the worker and the bootstrap create it
             topics[changelog] = {"cleanup.policy": "compact"}
         await ensure_topics(self.settings, topics)
-        consumer = await started_consumer(self.settings, auto_offset_reset="earliest",
-                                          max_poll_records=10000,
-                                          metadata_max_age_ms=5000)  # notices added partitions
+        consumer = await started_consumer(
+            self.settings, auto_offset_reset="earliest", max_poll_records=10000, metadata_max_age_ms=5000
+        )  # notices added partitions
         try:
             assigned = await self._assign(consumer, stop)
             next_write = time.monotonic() + self.settings.snapshot_interval_s
@@ -129,9 +136,14 @@ class Sink:
             partitions = consumer.partitions_for_topic(topic)
         partitions = set(partitions or ())
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        states = [TopicPartition(self.settings.changelog_topic, p) for p in
-                  sorted(consumer.partitions_for_topic(self.settings.changelog_topic) or ())] \
-            if self.drivers else []
+        states = (
+            [
+                TopicPartition(self.settings.changelog_topic, p)
+                for p in sorted(consumer.partitions_for_topic(self.settings.changelog_topic) or ())
+            ]
+            if self.drivers
+            else []
+        )
         consumer.assign(tps + states)
         for tp in tps:
             if tp.partition in self.store.offsets:
@@ -173,8 +185,7 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         sink = Sink(settings)
         await sink.run(stop)
-        log.info("stopped after %d snapshots; %d unusable score messages skipped",
-                 sink.snapshots, sink.bad)
+        log.info("stopped after %d snapshots; %d unusable score messages skipped", sink.snapshots, sink.bad)
 
     asyncio.run(main())
     return 0
@@ -199,12 +210,27 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     sink.store.open()
     rss_before = _peak_rss_mb()
     template = ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION, customer_id="", clv=0.0, clv_low=0.0,
-        clv_high=0.0, clv_sd=0.0, p_purchase=0.4,
-        recency_days=30.0, frequency=3, monetary=40.0, tenure_days=400.0, total_spend=120.0,
-        segment="regular", cluster="", country="", horizon_months=6, model_version="gru-bench",
-        as_of=IsoTime("2011-12-09T12:50:00+00:00"), scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
-        event_offset=Offset(-1))
+        schema_version=SCORE_SCHEMA_VERSION,
+        customer_id="",
+        clv=0.0,
+        clv_low=0.0,
+        clv_high=0.0,
+        clv_sd=0.0,
+        p_purchase=0.4,
+        recency_days=30.0,
+        frequency=3,
+        monetary=40.0,
+        tenure_days=400.0,
+        total_spend=120.0,
+        segment="regular",
+        cluster="",
+        country="",
+        horizon_months=6,
+        model_version="gru-bench",
+        as_of=IsoTime("2011-12-09T12:50:00+00:00"),
+        scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
+        event_offset=Offset(-1),
+    )
     offsets = [0] * settings.partitions
 
     def fold(ids: range, clv_scale: float) -> float:
@@ -212,13 +238,22 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
         spent = 0.0
         for start in range(0, len(ids), batch):
             records = []
-            for i in ids[start:start + batch]:
+            for i in ids[start : start + batch]:
                 cid = f"c{i:08d}"
-                value = encode_score(replace(template, customer_id=cid, clv=(i * 7919 % 10_007) * clv_scale,
-                                             segment=SEGMENTS[i % len(SEGMENTS)]))
+                value = encode_score(
+                    replace(
+                        template,
+                        customer_id=cid,
+                        clv=(i * 7919 % 10_007) * clv_scale,
+                        segment=SEGMENTS[i % len(SEGMENTS)],
+                    )
+                )
                 p = i % settings.partitions
-                records.append(ConsumerRecord(settings.scores_topic, p, offsets[p], 0, 0, cid.encode(),
-                                              value, None, len(cid), len(value), ()))
+                records.append(
+                    ConsumerRecord(
+                        settings.scores_topic, p, offsets[p], 0, 0, cid.encode(), value, None, len(cid), len(value), ()
+                    )
+                )
                 offsets[p] += 1
             started = time.perf_counter()
             sink.fold(records)
@@ -236,13 +271,17 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
         second = time.perf_counter() - started
     finally:
         sink.store.close()
-    return {"customers": customers, "rows": rows,
-            "fold_messages_per_s": round((customers + len(range(0, customers, 10)))
-                                         / (first_fold + again_fold)),
-            "first_snapshot_seconds": round(first, 2), "snapshot_seconds": round(second, 2),
-            "snapshot_mb": round(Path(settings.snapshot_path).stat().st_size / 2**20, 1),
-            "rss_before_mb": round(rss_before, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "duckdb_memory_limit_mb": settings.snapshot_memory_mb}
+    return {
+        "customers": customers,
+        "rows": rows,
+        "fold_messages_per_s": round((customers + len(range(0, customers, 10))) / (first_fold + again_fold)),
+        "first_snapshot_seconds": round(first, 2),
+        "snapshot_seconds": round(second, 2),
+        "snapshot_mb": round(Path(settings.snapshot_path).stat().st_size / 2**20, 1),
+        "rss_before_mb": round(rss_before, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "duckdb_memory_limit_mb": settings.snapshot_memory_mb,
+    }
 
 
 def _peak_rss_mb() -> float:

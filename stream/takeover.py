@@ -42,9 +42,11 @@ class Takeovers:
                 raise  # we were cancelled, not the takeover
         except Exception as exc:  # recovery failed: a restart recovers again
             log.exception("taking partition %d over failed", partition)
-            exit_for_restart(f"taking partition {partition} over failed ({type(exc).__name__}: "
-                             f"{exc}): exiting with code {EXIT_CODE} so the supervisor restarts "
-                             "the worker, which recovers the partition again")
+            exit_for_restart(
+                f"taking partition {partition} over failed ({type(exc).__name__}: "
+                f"{exc}): exiting with code {EXIT_CODE} so the supervisor restarts "
+                "the worker, which recovers the partition again"
+            )
         finally:
             if task.done():
                 self.running.pop(partition, None)
@@ -62,11 +64,22 @@ class Takeovers:
         self.metrics.recovered_records.inc(got.records)
         self.metrics.recovery_seconds.inc(got.seconds)
         taken = self.core.take_over(partition)
-        log.info("partition %d taken over: %d customers, %d changelog records from offset %d in "
-                 "%.2fs (%.0f/s), clock %s; %s%s", partition, taken.customers, got.records,
-                 got.start, got.seconds, got.per_second, month_text(taken.clock),
-                 f"rescoring all, their scores being as of {month_text(taken.scored_month)}, "
-                 f"before {month_text(taken.month)}" if taken.stale else "scores current",
-                 f"; its customers carry another model version ({taken.model}; rescored on their "
-                 f"next event or by `clv rescore-all`)"
-                 if taken.model and taken.model != self.core.model else "")
+        log.info(
+            "partition %d taken over: %d customers, %d changelog records from offset %d in "
+            "%.2fs (%.0f/s), clock %s; %s%s",
+            partition,
+            taken.customers,
+            got.records,
+            got.start,
+            got.seconds,
+            got.per_second,
+            month_text(taken.clock),
+            f"rescoring all, their scores being as of {month_text(taken.scored_month)}, "
+            f"before {month_text(taken.month)}"
+            if taken.stale
+            else "scores current",
+            f"; its customers carry another model version ({taken.model}; rescored on their "
+            f"next event or by `clv rescore-all`)"
+            if taken.model and taken.model != self.core.model
+            else "",
+        )

@@ -70,11 +70,42 @@ def _unpack(blob: bytes) -> dict[int, None]:
 
 _encoder = msgspec.msgpack.Encoder()
 _Opt = int | None
-_decoder = msgspec.msgpack.Decoder(tuple[
-    str, int, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, int,
-    list[tuple[int, int, int, int, int, bytes, bytes]], str])
-_Fields_1 = (str, int, int, int, int, int, int, _Opt, _Opt, _Opt, _Opt, _Opt, int,
-             list[tuple[int, int, int, int, bytes, bytes]])
+_decoder = msgspec.msgpack.Decoder(
+    tuple[
+        str,
+        int,
+        int,
+        int,
+        int,
+        int,
+        int,
+        int,
+        _Opt,
+        _Opt,
+        _Opt,
+        _Opt,
+        _Opt,
+        int,
+        list[tuple[int, int, int, int, int, bytes, bytes]],
+        str,
+    ]
+)
+_Fields_1 = (
+    str,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    _Opt,
+    _Opt,
+    _Opt,
+    _Opt,
+    _Opt,
+    int,
+    list[tuple[int, int, int, int, bytes, bytes]],
+)
 # Types built at run time from one field list, which a static checker cannot follow.
 _decoder_1 = msgspec.msgpack.Decoder(tuple[(*_Fields_1, str)])  # type: ignore[valid-type]
 _decoder_1_without_country = msgspec.msgpack.Decoder(tuple[_Fields_1])  # type: ignore[valid-type]
@@ -104,13 +135,29 @@ def source_offset(data: bytes) -> int:
 
 
 def encode_state(state: CustomerState) -> bytes:
-    return _HEADER + _encoder.encode((
-        state.customer_id, state.partition, state.offset, state.past_spend_cents,
-        state.past_units, state.past_invoices, state.past_active_months,
-        state.past_purchase_days, state.first_ts, state.last_purchase_ts, state.newest_ts,
-        state.first_month, state.last_purchase_month, state.ids_forgotten,
-        [(m, a.spend_cents, a.units, a.n_invoices, a.days, _pack(a.invoices), _pack(a.events))
-         for m, a in state.months.items()], state.country))
+    return _HEADER + _encoder.encode(
+        (
+            state.customer_id,
+            state.partition,
+            state.offset,
+            state.past_spend_cents,
+            state.past_units,
+            state.past_invoices,
+            state.past_active_months,
+            state.past_purchase_days,
+            state.first_ts,
+            state.last_purchase_ts,
+            state.newest_ts,
+            state.first_month,
+            state.last_purchase_month,
+            state.ids_forgotten,
+            [
+                (m, a.spend_cents, a.units, a.n_invoices, a.days, _pack(a.invoices), _pack(a.events))
+                for m, a in state.months.items()
+            ],
+            state.country,
+        )
+    )
 
 
 def _format_1_as_2(body: memoryview) -> tuple[Any, ...]:
@@ -121,8 +168,9 @@ def _format_1_as_2(body: memoryview) -> tuple[Any, ...]:
     except msgspec.ValidationError:
         fields = (*_decoder_1_without_country.decode(body), "")
     *head, forgotten, months, country = fields
-    months = [(m, spend, units, n, (1 << min(n, 31)) - 1, invoices, events)
-              for m, spend, units, n, invoices, events in months]
+    months = [
+        (m, spend, units, n, (1 << min(n, 31)) - 1, invoices, events) for m, spend, units, n, invoices, events in months
+    ]
     return (*head[:7], head[5], *head[7:], forgotten, months, country)
 
 
@@ -132,17 +180,46 @@ def decode_state(data: bytes) -> CustomerState:
     if data[:1] in (_HEADER, _FORMAT_1):
         body = memoryview(data)[1:]
         try:
-            (cid, partition, offset, past_spend, past_units, past_invoices, past_active,
-             past_days, first_ts, last_ts, newest_ts, first_month, last_month, forgotten, months,
-             country) = _decoder.decode(body) if data[:1] == _HEADER else _format_1_as_2(body)
+            (
+                cid,
+                partition,
+                offset,
+                past_spend,
+                past_units,
+                past_invoices,
+                past_active,
+                past_days,
+                first_ts,
+                last_ts,
+                newest_ts,
+                first_month,
+                last_month,
+                forgotten,
+                months,
+                country,
+            ) = _decoder.decode(body) if data[:1] == _HEADER else _format_1_as_2(body)
         except msgspec.MsgspecError as exc:
             raise StateDecodeError(f"not a format-{data[0]} state record: {exc}") from None
-        state = CustomerState(cid, partition, offset, {}, past_spend, past_units, past_invoices,
-                              past_active, first_ts, last_ts, first_month, last_month, newest_ts,
-                              forgotten, country, past_days)
+        state = CustomerState(
+            cid,
+            partition,
+            offset,
+            {},
+            past_spend,
+            past_units,
+            past_invoices,
+            past_active,
+            first_ts,
+            last_ts,
+            first_month,
+            last_month,
+            newest_ts,
+            forgotten,
+            country,
+            past_days,
+        )
         for m, spend, units, n_invoices, days, invoices, events in months:
-            agg = state.months[m] = MonthAgg(spend, units, n_invoices, _unpack(invoices),
-                                             _unpack(events), days)
+            agg = state.months[m] = MonthAgg(spend, units, n_invoices, _unpack(invoices), _unpack(events), days)
             state.n_ids += len(agg.invoices) + len(agg.events)
         return state
     if data[:1] == b"{":
@@ -157,14 +234,17 @@ def _decode_json(data: bytes) -> CustomerState:
         d = json.loads(data)
         state = CustomerState(d["c"], d["p"], d["o"])
         for m, spend, units, invoices, events in d["m"]:
-            state.months[m] = MonthAgg(spend, units, len(invoices),
-                                       dict.fromkeys(id_key(i) for i in invoices),
-                                       dict.fromkeys(id_key(e) for e in events),
-                                       (1 << min(len(invoices), 31)) - 1)
+            state.months[m] = MonthAgg(
+                spend,
+                units,
+                len(invoices),
+                dict.fromkeys(id_key(i) for i in invoices),
+                dict.fromkeys(id_key(e) for e in events),
+                (1 << min(len(invoices), 31)) - 1,
+            )
             state.n_ids += len(state.months[m].invoices) + len(state.months[m].events)
         state.keep_within_bound()  # old records kept every id
-        (state.past_spend_cents, state.past_units, state.past_invoices,
-         state.past_active_months) = d["past"]
+        (state.past_spend_cents, state.past_units, state.past_invoices, state.past_active_months) = d["past"]
         state.past_purchase_days = state.past_invoices
         state.first_ts, state.last_purchase_ts, state.newest_ts = d["ts"]
         state.first_month, state.last_purchase_month = d["mo"]

@@ -61,9 +61,14 @@ async def recover(store: Store, changelog: Changelog, partition: int) -> Recover
     if start > 0:
         end = await changelog.end(partition)
         if start > end:
-            log.warning("state of %s[%d] reflects offset %d but the changelog ends at %d (topic "
-                        "recreated?): discarding it and recovering from the start", changelog.topic,
-                        partition, start - 1, end)
+            log.warning(
+                "state of %s[%d] reflects offset %d but the changelog ends at %d (topic "
+                "recreated?): discarding it and recovering from the start",
+                changelog.topic,
+                partition,
+                start - 1,
+                end,
+            )
             store.wipe(partition)
             start = 0
         elif start == end:  # nothing written since (a restart after a clean stop)
@@ -84,7 +89,6 @@ def superseding(store: Store, partition: int, records: list[Any]) -> list[tuple[
         if r.key is None:
             continue
         held = chosen[r.key] if r.key in chosen else store.get(partition, r.key)
-        if r.value is None or held is None or (record_position(r.key, r.value)
-                                               >= record_position(r.key, held)):
+        if r.value is None or held is None or (record_position(r.key, r.value) >= record_position(r.key, held)):
             chosen[r.key] = r.value
     return list(chosen.items())

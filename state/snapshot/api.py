@@ -47,8 +47,7 @@ from features.segments import SEGMENTS
 from state.auth import require_token
 from state.snapshot import schemas
 from state.snapshot.gate import INFO, AuditLog, Gate, RateLimit
-from state.snapshot.queries import (Interrupt, QueryError, QueryStopped, Selection, Snapshot,
-                                    SnapshotUnavailable)
+from state.snapshot.queries import Interrupt, QueryError, QueryStopped, Selection, Snapshot, SnapshotUnavailable
 from state.snapshot.tables import TIERS
 from state.snapshot.upload import DUPLICATES, OUTPUTS, PARAMS, TooLarge, receive, score_options
 
@@ -76,8 +75,13 @@ class ClientLeft(Exception):
 
 
 # Errors that are not the question's fault; any other QueryError is (400).
-STATUS: dict[type[QueryError], int] = {TimedOut: 408, TooLarge: 413, Busy: 503, QueryStopped: 503,
-                                       SnapshotUnavailable: 503}
+STATUS: dict[type[QueryError], int] = {
+    TimedOut: 408,
+    TooLarge: 413,
+    Busy: 503,
+    QueryStopped: 503,
+    SnapshotUnavailable: 503,
+}
 
 
 class SqlPool:
@@ -109,8 +113,9 @@ class SqlPool:
             await asyncio.shield(self._stop(job, interrupt))
             if left in done:
                 raise ClientLeft()
-            raise TimedOut(f"query stopped after {self.timeout_s:g} s (api_sql_timeout_s): "
-                           "narrow it down, or aggregate")
+            raise TimedOut(
+                f"query stopped after {self.timeout_s:g} s (api_sql_timeout_s): narrow it down, or aggregate"
+            )
         finally:
             left.cancel()
 
@@ -150,8 +155,9 @@ class Service:
     """What the routes answer from: the snapshot, the SQL threads, the model for `POST /score`
     (one file at a time: scoring takes the CPU a file needs; the next one waits)."""
 
-    def __init__(self, snap: Snapshot, sql_pool: SqlPool, max_rows: int, artifact: Artifact,
-                 score_max_bytes: int) -> None:
+    def __init__(
+        self, snap: Snapshot, sql_pool: SqlPool, max_rows: int, artifact: Artifact, score_max_bytes: int
+    ) -> None:
         self.snap, self.sql_pool, self.max_rows = snap, sql_pool, max_rows
         self.artifact, self.score_max_bytes = artifact, score_max_bytes
         self.scoring = asyncio.Lock()
@@ -172,25 +178,38 @@ def _errors(codes: str) -> dict[int | str, dict[str, Any]]:
     return {int(code): ERRORS[code] for code in ["400", *codes.split()]}
 
 
-_RETRY = {"Retry-After": {"description": "seconds to wait before trying again",
-                          "schema": {"type": "integer", "minimum": 1}}}
+_RETRY = {
+    "Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer", "minimum": 1}}
+}
 ERRORS: dict[str, dict[str, Any]] = {
-    "400": {"model": schemas.Error, "description": "a bad parameter (n, segment), a parameter the path "
-            "does not take, missing or blank SQL, or SQL that DuckDB refuses (writes, file access, "
-            "settings, syntax)"},
-    "401": {"model": schemas.Error, "description": "a missing or wrong token, or one not sent as "
-            "`Authorization: Bearer <token>`",
-            "headers": {"WWW-Authenticate": {"description": "the scheme to use: Bearer",
-                                             "schema": {"type": "string"}}}},
+    "400": {
+        "model": schemas.Error,
+        "description": "a bad parameter (n, segment), a parameter the path "
+        "does not take, missing or blank SQL, or SQL that DuckDB refuses (writes, file access, "
+        "settings, syntax)",
+    },
+    "401": {
+        "model": schemas.Error,
+        "description": "a missing or wrong token, or one not sent as `Authorization: Bearer <token>`",
+        "headers": {"WWW-Authenticate": {"description": "the scheme to use: Bearer", "schema": {"type": "string"}}},
+    },
     "404": {"model": schemas.Error, "description": "no customer with this id in the snapshot"},
-    "408": {"model": schemas.Error, "description": "the query ran longer than api_sql_timeout_s and "
-            "was stopped"},
-    "413": {"model": schemas.Error, "description": "the SQL text is longer than 1 MiB, or the "
-            "uploaded file larger than api_score_max_bytes"},
-    "429": {"model": schemas.Error, "description": "over api_rate_limit_per_min requests this "
-            "minute for this client", "headers": _RETRY},
-    "503": {"model": schemas.Error, "description": "no snapshot yet (or it cannot be opened), "
-            "api_sql_concurrency queries running already, or the API is stopping", "headers": _RETRY},
+    "408": {"model": schemas.Error, "description": "the query ran longer than api_sql_timeout_s and was stopped"},
+    "413": {
+        "model": schemas.Error,
+        "description": "the SQL text is longer than 1 MiB, or the uploaded file larger than api_score_max_bytes",
+    },
+    "429": {
+        "model": schemas.Error,
+        "description": "over api_rate_limit_per_min requests this minute for this client",
+        "headers": _RETRY,
+    },
+    "503": {
+        "model": schemas.Error,
+        "description": "no snapshot yet (or it cannot be opened), "
+        "api_sql_concurrency queries running already, or the API is stopping",
+        "headers": _RETRY,
+    },
 }
 READ = "401 429 503"
 
@@ -205,90 +224,126 @@ def known_parameters(request: Request) -> None:
     if names is None:
         names = _TAKEN[id(route)] = sorted(_query_parameters(route.dependant))
     if unknown := sorted(set(request.query_params) - set(names)):
-        raise QueryError(f"unknown parameter {', '.join(unknown)}; {request.url.path} takes "
-                         f"{', '.join(names) or 'none'}")
-    if repeated := sorted({k for k, _ in request.query_params.multi_items()
-                           if len(request.query_params.getlist(k)) > 1}):
+        raise QueryError(
+            f"unknown parameter {', '.join(unknown)}; {request.url.path} takes {', '.join(names) or 'none'}"
+        )
+    if repeated := sorted(
+        {k for k, _ in request.query_params.multi_items() if len(request.query_params.getlist(k)) > 1}
+    ):
         raise QueryError(f"parameter {', '.join(repeated)} given more than once; each takes one value")
 
 
 def _query_parameters(dependant: Any) -> set[str]:
     """The query parameters a route's dependencies and handler read, by name."""
-    return {p.alias for p in dependant.query_params}.union(
-        *(_query_parameters(d) for d in dependant.dependencies))
+    return {p.alias for p in dependant.query_params}.union(*(_query_parameters(d) for d in dependant.dependencies))
 
 
 router = APIRouter(dependencies=[Depends(known_parameters)])
 
 
-def selection(segment: str | None = Query(None, json_schema_extra={"enum": [*SEGMENTS, *TIERS]},
-                                          description="a named segment or a value tier; another value is "
-                                                      "answered 400"),
-              cluster: str | None = Query(None, description="a behavioral cluster (`/clusters` lists them)"),
-              country: str | None = Query(None, description="a country, as the transactions name it; "
-                                          "a customer whose country is unknown (as on CDNOW) has an empty one"),
-              min_frequency: int = Query(0, ge=0, le=MAX_INT,
-                                         description="only customers with at least this many purchases"),
-              min_clv: float | None = Query(None, allow_inf_nan=False,
-                                            description="only customers with at least this expected CLV"),
-              ) -> Selection:
+def selection(
+    segment: str | None = Query(
+        None,
+        json_schema_extra={"enum": [*SEGMENTS, *TIERS]},
+        description="a named segment or a value tier; another value is answered 400",
+    ),
+    cluster: str | None = Query(None, description="a behavioral cluster (`/clusters` lists them)"),
+    country: str | None = Query(
+        None,
+        description="a country, as the transactions name it; "
+        "a customer whose country is unknown (as on CDNOW) has an empty one",
+    ),
+    min_frequency: int = Query(0, ge=0, le=MAX_INT, description="only customers with at least this many purchases"),
+    min_clv: float | None = Query(
+        None, allow_inf_nan=False, description="only customers with at least this expected CLV"
+    ),
+) -> Selection:
     """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them: every
     filter given must hold."""
-    return Selection(segments=(segment,) if segment is not None else (),
-                     clusters=(cluster,) if cluster is not None else (),
-                     min_frequency=min_frequency, min_clv=min_clv,
-                     countries=(country,) if country is not None else ())
+    return Selection(
+        segments=(segment,) if segment is not None else (),
+        clusters=(cluster,) if cluster is not None else (),
+        min_frequency=min_frequency,
+        min_clv=min_clv,
+        countries=(country,) if country is not None else (),
+    )
 
 
-@router.get("/top", response_model=list[schemas.Customer], responses=_errors(READ),
-            summary="Customers with the highest expected CLV (expected spend over the horizon)")
+@router.get(
+    "/top",
+    response_model=list[schemas.Customer],
+    responses=_errors(READ),
+    summary="Customers with the highest expected CLV (expected spend over the horizon)",
+)
 def top(request: Request, n: int = Query(20, ge=1, le=MAX_TOP), sel: Selection = Depends(selection)) -> Any:
     rows = _service(request).snap.top(n, sel)
     return _answer(request, rows, len(rows))
 
 
-@router.get("/segments", response_model=list[schemas.Segment], responses=_errors(READ),
-            summary="Per segment: customers, total and mean expected CLV, share of the total, and "
-                    "its playbook (who, signals, what to do, what to measure)")
+@router.get(
+    "/segments",
+    response_model=list[schemas.Segment],
+    responses=_errors(READ),
+    summary="Per segment: customers, total and mean expected CLV, share of the total, and "
+    "its playbook (who, signals, what to do, what to measure)",
+)
 def segments(request: Request) -> Any:
     rows = _service(request).snap.segments()
     return _answer(request, rows, len(rows))
 
 
-@router.get("/clusters", response_model=list[schemas.Cluster], responses=_errors(READ),
-            summary="Per behavioral cluster (named by its profile): customers, total, mean and "
-                    "share of expected CLV, mean p_purchase, recency, frequency, order value and "
-                    "tenure, and its most common segment")
+@router.get(
+    "/clusters",
+    response_model=list[schemas.Cluster],
+    responses=_errors(READ),
+    summary="Per behavioral cluster (named by its profile): customers, total, mean and "
+    "share of expected CLV, mean p_purchase, recency, frequency, order value and "
+    "tenure, and its most common segment",
+)
 def clusters(request: Request) -> Any:
     rows = _service(request).snap.clusters()
     return _answer(request, rows, len(rows))
 
 
-@router.get("/tiers", response_model=list[schemas.Tier], responses=_errors(READ),
-            summary="Per value tier (terciles of expected CLV): customers, CLV range, totals and shares")
+@router.get(
+    "/tiers",
+    response_model=list[schemas.Tier],
+    responses=_errors(READ),
+    summary="Per value tier (terciles of expected CLV): customers, CLV range, totals and shares",
+)
 def tiers(request: Request) -> Any:
     rows = _service(request).snap.tiers()
     return _answer(request, rows, len(rows))
 
 
-@router.get("/countries", response_model=list[schemas.Country], responses=_errors(READ),
-            summary="Per country: customers, expected value and its share, revenue so far")
+@router.get(
+    "/countries",
+    response_model=list[schemas.Country],
+    responses=_errors(READ),
+    summary="Per country: customers, expected value and its share, revenue so far",
+)
 def countries(request: Request) -> Any:
     rows = _service(request).snap.by_country()
     return _answer(request, rows, len(rows))
 
 
-@router.get("/insights", response_model=list[schemas.Insight], responses=_errors(READ),
-            summary="Written insights over the snapshot, each a sentence with its number")
+@router.get(
+    "/insights",
+    response_model=list[schemas.Insight],
+    responses=_errors(READ),
+    summary="Written insights over the snapshot, each a sentence with its number",
+)
 def insights(request: Request) -> Any:
     rows = _service(request).snap.insights()
     return _answer(request, rows, len(rows))
 
 
-@router.get("/customers/{customer_id}", response_model=schemas.CustomerWithDrivers,
-            responses=_errors("401 404 429 503"),
-            summary="One customer's newest score, RFM fields and, for the top customers, the drivers "
-                    "of its score")
+@router.get(
+    "/customers/{customer_id}",
+    response_model=schemas.CustomerWithDrivers,
+    responses=_errors("401 404 429 503"),
+    summary="One customer's newest score, RFM fields and, for the top customers, the drivers of its score",
+)
 def customer(request: Request, customer_id: str = PathParam()) -> Any:
     row = _service(request).snap.customer(customer_id)
     if row is None:
@@ -296,8 +351,7 @@ def customer(request: Request, customer_id: str = PathParam()) -> Any:
     return _answer(request, row, 1)
 
 
-@router.get("/summary", response_model=schemas.Summary, responses=_errors(READ),
-            summary="Snapshot metadata and totals")
+@router.get("/summary", response_model=schemas.Summary, responses=_errors(READ), summary="Snapshot metadata and totals")
 def summary(request: Request) -> Any:
     return _answer(request, _service(request).snap.summary(), 1)
 
@@ -306,8 +360,12 @@ class CsvResponse(Response):
     media_type = "text/csv"
 
 
-@router.get("/export.csv", response_class=CsvResponse, responses=_errors(READ),
-            summary="Every customer (or those the filters select) as CSV, best first, streamed")
+@router.get(
+    "/export.csv",
+    response_class=CsvResponse,
+    responses=_errors(READ),
+    summary="Every customer (or those the filters select) as CSV, best first, streamed",
+)
 async def export_csv(request: Request, sel: Selection = Depends(selection)) -> Response:
     """The first chunk is read before the 200 is sent, so an unknown segment or a missing
     snapshot still gets its error status; the rest follow as DuckDB reads them, on a cursor of
@@ -318,12 +376,16 @@ async def export_csv(request: Request, sel: Selection = Depends(selection)) -> R
     except BaseException:
         await _closed(chunks)
         raise
-    return StreamingResponse(_stream(request, chunks, first), media_type="text/csv; charset=utf-8",
-                             headers={"Content-Disposition": 'attachment; filename="clv.csv"'})
+    return StreamingResponse(
+        _stream(request, chunks, first),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="clv.csv"'},
+    )
 
 
-async def _stream(request: Request, chunks: Iterator[tuple[str, int]],
-                  chunk: tuple[str, int] | None) -> AsyncIterator[bytes]:
+async def _stream(
+    request: Request, chunks: Iterator[tuple[str, int]], chunk: tuple[str, int] | None
+) -> AsyncIterator[bytes]:
     info = request.scope[INFO]
     try:
         while chunk is not None:
@@ -342,21 +404,32 @@ async def _closed(chunks: Iterator[tuple[str, int]]) -> None:
 
 
 SQL_EXAMPLE = "SELECT value_tier, count(*) AS customers, sum(clv) AS total_clv FROM customer_scores GROUP BY 1"
-SQL_SUMMARY = ("Read-only SQL over the snapshot (writes, file access and settings refused); "
-               "stopped after api_sql_timeout_s, at most api_sql_max_rows rows")
+SQL_SUMMARY = (
+    "Read-only SQL over the snapshot (writes, file access and settings refused); "
+    "stopped after api_sql_timeout_s, at most api_sql_max_rows rows"
+)
 
 
 @router.get("/sql", response_model=schemas.SqlAnswer, responses=_errors("401 408 429 503"), summary=SQL_SUMMARY)
-async def sql_get(request: Request, q: str = Query(min_length=1, examples=[SQL_EXAMPLE],
-                                                    description="the SQL text; missing or blank is answered 400")
-                  ) -> Any:
+async def sql_get(
+    request: Request,
+    q: str = Query(min_length=1, examples=[SQL_EXAMPLE], description="the SQL text; missing or blank is answered 400"),
+) -> Any:
     return await _sql(request, q)
 
 
-@router.post("/sql", response_model=schemas.SqlAnswer, responses=_errors("401 408 413 429 503"),
-             summary=SQL_SUMMARY + "; the SQL text is the body (blank is answered 400)",
-             openapi_extra={"requestBody": {"required": True, "content": {"text/plain": {
-                 "schema": {"type": "string", "minLength": 1}, "example": SQL_EXAMPLE}}}})
+@router.post(
+    "/sql",
+    response_model=schemas.SqlAnswer,
+    responses=_errors("401 408 413 429 503"),
+    summary=SQL_SUMMARY + "; the SQL text is the body (blank is answered 400)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string", "minLength": 1}, "example": SQL_EXAMPLE}},
+        }
+    },
+)
 async def sql_post(request: Request) -> Any:
     body = bytearray()
     async for chunk in request.stream():
@@ -382,41 +455,65 @@ def _score_doc() -> dict[str, Any]:
     """`POST /score`'s body (the file as a multipart form's `file`, or the raw body) and its
     CSV answer with the headers that carry the rest."""
     text = {"type": "string"}
-    return {"requestBody": {"required": True, "content": {
-                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                    "file": {"type": "string", "format": "binary"}}}},
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                },
                 "text/csv": {"schema": text},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"200": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "responses": {
+            "200": {
                 "content": {"text/csv": {"schema": text}},
-                "headers": {"X-Model-Version": {"description": "the model that scored the file (out=csv)",
-                                                "schema": text},
-                            "X-As-Of": {"description": "the time scores are as of (out=csv)", "schema": text},
-                            "X-Cleaning-Report": {"description": "the cleaning report as one line of JSON (out=csv)",
-                                                  "schema": text},
-                            "X-Drift-Warning": {"description": "present when the file's customers are unlike "
-                                                "the model's training cohort: the line `clv score` warns "
-                                                "with (out=csv)", "schema": text}}}}}
+                "headers": {
+                    "X-Model-Version": {"description": "the model that scored the file (out=csv)", "schema": text},
+                    "X-As-Of": {"description": "the time scores are as of (out=csv)", "schema": text},
+                    "X-Cleaning-Report": {
+                        "description": "the cleaning report as one line of JSON (out=csv)",
+                        "schema": text,
+                    },
+                    "X-Drift-Warning": {
+                        "description": "present when the file's customers are unlike "
+                        "the model's training cohort: the line `clv score` warns "
+                        "with (out=csv)",
+                        "schema": text,
+                    },
+                },
+            }
+        },
+    }
 
 
-@router.post("/score", response_model=schemas.Scored, responses=_errors("401 413 429"),
-             openapi_extra=_score_doc(),
-             summary="Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
-                     "does: every customer's score as of the newest event (or as_of), with the cleaning "
-                     "report and the drift warning `clv score` prints, if any. JSON, or with out=csv "
-                     "the CSV `clv score` writes (the report in the "
-                     "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
-                     "reason `clv score` prints; one over api_score_max_bytes 413")
-async def score(request: Request,
-                format: Literal[FORMATS] | None = Query(None, description=PARAMS["format"]),  # type: ignore[valid-type]
-                map: str | None = Query(None, description=PARAMS["map"]),
-                duplicates: Literal[DUPLICATES] | None = Query(None, description=PARAMS["duplicates"]),  # type: ignore[valid-type]
-                outlier_quantity: int | None = Query(None, ge=0, le=999_999_999,
-                                                     description=PARAMS["outlier_quantity"]),
-                timezone: str | None = Query(None, description=PARAMS["timezone"]),
-                as_of: date | None = Query(None, description=PARAMS["as_of"]),
-                out: Literal[OUTPUTS] | None = Query(None, description=PARAMS["out"]),  # type: ignore[valid-type]
-                ) -> Any:
+@router.post(
+    "/score",
+    response_model=schemas.Scored,
+    responses=_errors("401 413 429"),
+    openapi_extra=_score_doc(),
+    summary="Score an uploaded transaction file (any layout `clv inspect` knows) as `clv score` "
+    "does: every customer's score as of the newest event (or as_of), with the cleaning "
+    "report and the drift warning `clv score` prints, if any. JSON, or with out=csv "
+    "the CSV `clv score` writes (the report in the "
+    "X-Cleaning-Report header). A file that cannot be read is answered 400 with the "
+    "reason `clv score` prints; one over api_score_max_bytes 413",
+)
+async def score(
+    request: Request,
+    format: Literal[FORMATS] | None = Query(None, description=PARAMS["format"]),  # type: ignore[valid-type]
+    map: str | None = Query(None, description=PARAMS["map"]),
+    duplicates: Literal[DUPLICATES] | None = Query(None, description=PARAMS["duplicates"]),  # type: ignore[valid-type]
+    outlier_quantity: int | None = Query(None, ge=0, le=999_999_999, description=PARAMS["outlier_quantity"]),
+    timezone: str | None = Query(None, description=PARAMS["timezone"]),
+    as_of: date | None = Query(None, description=PARAMS["as_of"]),
+    out: Literal[OUTPUTS] | None = Query(None, description=PARAMS["out"]),  # type: ignore[valid-type]
+) -> Any:
     """Checked by `score_options` as `clv score` checks its flags (FastAPI has checked the types)."""
     service = _service(request)
     opts, day, answer_as = score_options(request.query_params)
@@ -432,19 +529,36 @@ async def score(request: Request,
     if answer_as == "csv":
         text = io.StringIO()
         write_csv(scored.scores, text)
-        return Response(text.getvalue(), media_type="text/csv", headers={
-            "X-Model-Version": service.artifact.version, "X-As-Of": scored.as_of.isoformat(),
-            "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":")),
-            **({"X-Drift-Warning": drift} if drift else {})})
-    return JSONResponse({
-        "model_version": service.artifact.version, "horizon_months": service.artifact.horizon_months,
-        "as_of": scored.as_of.isoformat(), "customers": len(scored.scores),
-        "cleaning": scored.report.as_dict(), "drift_warning": drift,
-        "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores]})
+        return Response(
+            text.getvalue(),
+            media_type="text/csv",
+            headers={
+                "X-Model-Version": service.artifact.version,
+                "X-As-Of": scored.as_of.isoformat(),
+                "X-Cleaning-Report": json.dumps(scored.report.as_dict(), separators=(",", ":")),
+                **({"X-Drift-Warning": drift} if drift else {}),
+            },
+        )
+    return JSONResponse(
+        {
+            "model_version": service.artifact.version,
+            "horizon_months": service.artifact.horizon_months,
+            "as_of": scored.as_of.isoformat(),
+            "customers": len(scored.scores),
+            "cleaning": scored.report.as_dict(),
+            "drift_warning": drift,
+            "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores],
+        }
+    )
 
 
-@router.get("/health", response_model=schemas.Health, responses=_errors(""), openapi_extra={"security": []},
-            summary="Liveness: never needs a token, never rate-limited")
+@router.get(
+    "/health",
+    response_model=schemas.Health,
+    responses=_errors(""),
+    openapi_extra={"security": []},
+    summary="Liveness: never needs a token, never rate-limited",
+)
 def health(request: Request) -> Any:
     snap = _service(request).snap
     return JSONResponse({"status": "ok", "snapshot": str(snap.path), "snapshot_exists": snap.path.exists()})
@@ -461,8 +575,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(x) for x in err["loc"][1:]) or "request"
-        parts.append(f"{where}: {err['msg']}" + (f", got {err['input']!r}" if "input" in err and
-                                                 not isinstance(err["input"], (dict, list)) else ""))
+        parts.append(
+            f"{where}: {err['msg']}"
+            + (f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], (dict, list)) else "")
+        )
     return "; ".join(parts)
 
 
@@ -478,9 +594,14 @@ def app_for(service: Service | None, on_close: list[Callable[[], Any]] | None = 
                 await result
 
     app = FastAPIOffline(
-        title="CLV snapshot API", version="4", lifespan=lifespan, redoc_url=None, static_url=STATIC,
+        title="CLV snapshot API",
+        version="4",
+        lifespan=lifespan,
+        redoc_url=None,
+        static_url=STATIC,
         description="Customer lifetime value scores, segments, insights and exports from the newest "
-                    "DuckDB snapshot. Every error is JSON {\"error\": ...}.")
+        'DuckDB snapshot. Every error is JSON {"error": ...}.',
+    )
     app.state.service = service
     app.include_router(router)
     app.add_exception_handler(QueryError, _query_error)
@@ -575,12 +696,24 @@ def build(settings: ApiSettings) -> tuple[FastAPI, SqlPool]:
     sql_pool = SqlPool(settings.api_sql_concurrency, settings.api_sql_timeout_s)
     audit = AuditLog(settings.api_audit_log)
     snap = Snapshot(settings.snapshot_path)
-    service = Service(snap, sql_pool, settings.api_sql_max_rows,
-                      Artifact.load(settings.model_dir or None), settings.api_score_max_bytes)
+    service = Service(
+        snap,
+        sql_pool,
+        settings.api_sql_max_rows,
+        Artifact.load(settings.model_dir or None),
+        settings.api_score_max_bytes,
+    )
     app = app_for(service, on_close=[sql_pool.close, snap.close, audit.close])
     limit = RateLimit(settings.api_rate_limit_per_min) if settings.api_rate_limit_per_min else None
-    app.add_middleware(Gate, token=settings.api_token, limit=limit, audit=audit, open_paths=OPEN_PATHS,
-                       open_prefixes=(STATIC + "/",), unlimited_paths=UNLIMITED_PATHS)
+    app.add_middleware(
+        Gate,
+        token=settings.api_token,
+        limit=limit,
+        audit=audit,
+        open_paths=OPEN_PATHS,
+        open_prefixes=(STATIC + "/",),
+        unlimited_paths=UNLIMITED_PATHS,
+    )
     return app, sql_pool
 
 
@@ -588,16 +721,30 @@ def serve(settings: ApiSettings) -> int:
     """Serve until SIGTERM or Ctrl-C: running queries are stopped at once (503), answers in
     progress (exports) get SHUTDOWN_GRACE_S to finish; exit 0."""
     app, sql_pool = build(settings)
-    log.info("analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
-             "%d rows; %s requests/min per client; audit log %s; docs at %s)", settings.api_host,
-             settings.api_port, settings.snapshot_path, settings.model_dir or "shipped",
-             "bearer token" if settings.api_token else "off",
-             settings.api_sql_concurrency, settings.api_sql_timeout_s, settings.api_sql_max_rows,
-             settings.api_rate_limit_per_min or "unlimited",
-             "stderr" if settings.api_audit_log == "-" else settings.api_audit_log, DOCS)
-    config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # type: ignore[arg-type]
-                            server_header=False)
+    log.info(
+        "analyst API on http://%s:%d (snapshot %s, model %s, auth %s, SQL: %d at once, %g s, "
+        "%d rows; %s requests/min per client; audit log %s; docs at %s)",
+        settings.api_host,
+        settings.api_port,
+        settings.snapshot_path,
+        settings.model_dir or "shipped",
+        "bearer token" if settings.api_token else "off",
+        settings.api_sql_concurrency,
+        settings.api_sql_timeout_s,
+        settings.api_sql_max_rows,
+        settings.api_rate_limit_per_min or "unlimited",
+        "stderr" if settings.api_audit_log == "-" else settings.api_audit_log,
+        DOCS,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # type: ignore[arg-type]
+        server_header=False,
+    )
     # uvicorn raises the signal it stopped on again once it is done, with the handler it found:
     # these make that an ordinary exit.
     signal.signal(signal.SIGTERM, lambda *_: None)

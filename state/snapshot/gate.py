@@ -46,10 +46,20 @@ class AuditLog:
             self.out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (kept open: closed at shutdown)
 
     def write(self, client: str, method: str, path: str, status: int, rows: int, started: float) -> None:
-        self.out.write(json.dumps({
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "client": client, "method": method, "path": path, "status": status, "rows": rows,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1)}) + "\n")
+        self.out.write(
+            json.dumps(
+                {
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "client": client,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "rows": rows,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                }
+            )
+            + "\n"
+        )
 
     def close(self) -> None:
         if self.out is not sys.stderr:
@@ -75,9 +85,16 @@ class RateLimit:
 class Gate:
     """The ASGI middleware in front of the API's routes."""
 
-    def __init__(self, app: App, token: str, limit: RateLimit | None, audit: AuditLog,
-                 open_paths: frozenset[str], open_prefixes: tuple[str, ...],
-                 unlimited_paths: frozenset[str]) -> None:
+    def __init__(
+        self,
+        app: App,
+        token: str,
+        limit: RateLimit | None,
+        audit: AuditLog,
+        open_paths: frozenset[str],
+        open_prefixes: tuple[str, ...],
+        unlimited_paths: frozenset[str],
+    ) -> None:
         self.app, self.token, self.limit, self.audit = app, token, limit, audit
         self.holder = token_id(token)
         self.open_paths, self.open_prefixes, self.unlimited = open_paths, open_prefixes, unlimited_paths
@@ -102,11 +119,20 @@ class Gate:
         try:
             wait = 0 if self.limit is None or path in self.unlimited else self.limit.wait(info["client"])
             if wait:
-                await _answer(sending, 429, f"more than {self.limit.per_min} requests a minute "  # type: ignore[union-attr]
-                                            "(api_rate_limit_per_min)", [(b"retry-after", str(wait).encode())])
+                await _answer(
+                    sending,
+                    429,
+                    f"more than {self.limit.per_min} requests a minute "  # type: ignore[union-attr]
+                    "(api_rate_limit_per_min)",
+                    [(b"retry-after", str(wait).encode())],
+                )
             elif self.token and not valid and not self._open(path):
-                await _answer(sending, 401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                              [(b"www-authenticate", b"Bearer")])
+                await _answer(
+                    sending,
+                    401,
+                    "missing or wrong bearer token (Authorization: Bearer <token>)",
+                    [(b"www-authenticate", b"Bearer")],
+                )
             else:
                 await self.app(scope, receive, sending)
         finally:
@@ -120,6 +146,11 @@ class Gate:
 
 async def _answer(send: Send, status: int, error: str, headers: list[tuple[bytes, bytes]]) -> None:
     body = json.dumps({"error": error}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -35,8 +35,7 @@ class Insight:
 
 def has(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     """The snapshot has this table or view: those written before it existed lack it."""
-    return bool(one(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]))[0])
+    return bool(one(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]))[0])
 
 
 def compute(con: duckdb.DuckDBPyConnection) -> list[Insight]:
@@ -44,41 +43,78 @@ def compute(con: duckdb.DuckDBPyConnection) -> list[Insight]:
     top 10%'s share, expected buyers, loyal customers at risk, value by country (when
     countries are known) and movement between segments since the previous snapshot (when
     there is one)."""
-    n, total, buyers, horizon = one(con.execute(
-        "SELECT count(*), sum(clv), sum(p_purchase), max(horizon_months) FROM customer_scores"))
+    n, total, buyers, horizon = one(
+        con.execute("SELECT count(*), sum(clv), sum(p_purchase), max(horizon_months) FROM customer_scores")
+    )
     if not n or not total:
         return []
     out: list[Insight] = []
     # The segment whose share of the value most exceeds its share of the customers.
-    segment, customers, share = one(con.execute(
-        "SELECT segment, customers, share_of_value FROM segment_summary "
-        "ORDER BY share_of_value - customers / ? DESC, segment LIMIT 1", [n]))
-    out.append(Insight("segment_concentration",
-                       f"The {segment} segment, {customers / n:.1%} of customers ({customers:,}), "
-                       f"holds {share:.1%} of the expected value.", share))
+    segment, customers, share = one(
+        con.execute(
+            "SELECT segment, customers, share_of_value FROM segment_summary "
+            "ORDER BY share_of_value - customers / ? DESC, segment LIMIT 1",
+            [n],
+        )
+    )
+    out.append(
+        Insight(
+            "segment_concentration",
+            f"The {segment} segment, {customers / n:.1%} of customers ({customers:,}), "
+            f"holds {share:.1%} of the expected value.",
+            share,
+        )
+    )
     top = math.ceil(n / 10)
-    top_value = one(con.execute("SELECT sum(clv) FROM (SELECT clv FROM customer_scores "
-                            "ORDER BY clv DESC LIMIT ?)", [top]))[0]
-    out.append(Insight("top_decile_share",
-                       f"The top 10% of customers ({top:,}) hold {top_value / total:.1%} of the "
-                       f"expected value, ${top_value:,.0f} of ${total:,.0f}.", top_value / total))
-    out.append(Insight("expected_buyers",
-                       f"{buyers:,.0f} customers ({buyers / n:.1%}) are expected to buy at least once "
-                       f"in the next {horizon} months (the sum of p_purchase).", buyers))
-    at_risk, at_risk_value = one(con.execute(
-        "SELECT count(*), coalesce(sum(clv), 0) FROM customer_scores WHERE segment = 'at_risk_loyal'"))
+    top_value = one(
+        con.execute("SELECT sum(clv) FROM (SELECT clv FROM customer_scores ORDER BY clv DESC LIMIT ?)", [top])
+    )[0]
+    out.append(
+        Insight(
+            "top_decile_share",
+            f"The top 10% of customers ({top:,}) hold {top_value / total:.1%} of the "
+            f"expected value, ${top_value:,.0f} of ${total:,.0f}.",
+            top_value / total,
+        )
+    )
+    out.append(
+        Insight(
+            "expected_buyers",
+            f"{buyers:,.0f} customers ({buyers / n:.1%}) are expected to buy at least once "
+            f"in the next {horizon} months (the sum of p_purchase).",
+            buyers,
+        )
+    )
+    at_risk, at_risk_value = one(
+        con.execute("SELECT count(*), coalesce(sum(clv), 0) FROM customer_scores WHERE segment = 'at_risk_loyal'")
+    )
     if at_risk:
-        out.append(Insight("at_risk_loyal",
-                           f"{at_risk:,} loyal customers are slipping away (at_risk_loyal), with "
-                           f"${at_risk_value:,.0f} of expected value to win back.", at_risk))
-    known = con.execute("SELECT country, share_of_value, (SELECT count(*) FROM country_summary "
-                        "WHERE country <> '') FROM country_summary WHERE country <> '' "
-                        "ORDER BY total_clv DESC, country LIMIT 1").fetchone() if has(con, "country_summary") else None
+        out.append(
+            Insight(
+                "at_risk_loyal",
+                f"{at_risk:,} loyal customers are slipping away (at_risk_loyal), with "
+                f"${at_risk_value:,.0f} of expected value to win back.",
+                at_risk,
+            )
+        )
+    known = (
+        con.execute(
+            "SELECT country, share_of_value, (SELECT count(*) FROM country_summary "
+            "WHERE country <> '') FROM country_summary WHERE country <> '' "
+            "ORDER BY total_clv DESC, country LIMIT 1"
+        ).fetchone()
+        if has(con, "country_summary")
+        else None
+    )
     if known:
         country, country_share, countries = known
-        out.append(Insight("country_share",
-                           f"{country} holds {country_share:.1%} of the expected value, of "
-                           f"{countries:,} countries.", country_share))
+        out.append(
+            Insight(
+                "country_share",
+                f"{country} holds {country_share:.1%} of the expected value, of {countries:,} countries.",
+                country_share,
+            )
+        )
     moved = movement(con)
     if moved:
         out.append(moved)
@@ -94,17 +130,26 @@ def movement(con: duckdb.DuckDBPyConnection) -> Insight | None:
     previous_at = one(con.execute("SELECT previous_snapshot_at FROM snapshot_meta"))[0]
     if previous_at is None:
         return None
-    changed, new = one(con.execute(
-        "SELECT coalesce(sum(customers) FILTER (WHERE from_segment <> to_segment), 0), "
-        "coalesce(sum(customers) FILTER (WHERE from_segment IS NULL), 0) FROM segment_moves"))
-    when = previous_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") \
-        if isinstance(previous_at, datetime) else str(previous_at)
+    changed, new = one(
+        con.execute(
+            "SELECT coalesce(sum(customers) FILTER (WHERE from_segment <> to_segment), 0), "
+            "coalesce(sum(customers) FILTER (WHERE from_segment IS NULL), 0) FROM segment_moves"
+        )
+    )
+    when = (
+        previous_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if isinstance(previous_at, datetime)
+        else str(previous_at)
+    )
     text = f"{changed:,} customers changed segment since the previous snapshot ({when})"
     if changed:
-        src, dst, k = one(con.execute(
-            "SELECT from_segment, to_segment, customers FROM segment_moves "
-            "WHERE from_segment <> to_segment ORDER BY customers DESC, from_segment, to_segment "
-            "LIMIT 1"))
+        src, dst, k = one(
+            con.execute(
+                "SELECT from_segment, to_segment, customers FROM segment_moves "
+                "WHERE from_segment <> to_segment ORDER BY customers DESC, from_segment, to_segment "
+                "LIMIT 1"
+            )
+        )
         text += f"; the largest move: {k:,} from {src} to {dst}"
     text += f"; new since then: {new:,}." if new else "."
     return Insight("segment_changes", text, changed)

@@ -41,8 +41,7 @@ KEPT_ANSWERS = 256  # answers kept per open snapshot, the least recently asked d
 KEPT_ROWS = 1_000  # larger answers are read again each time
 T = TypeVar("T")
 # What a terminal shows of a top list; JSON and exports carry every column.
-TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency",
-               "recency_days", "total_spend"]
+TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency", "recency_days", "total_spend"]
 
 
 class QueryError(ValueError):
@@ -113,8 +112,9 @@ def _summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     totals = one(con.execute("SELECT count(*), sum(clv), avg(clv), avg(p_purchase) FROM customer_scores"))
     out = {k: _plain(v) for k, v in meta.items()}
     out["offsets"] = {str(k): v for k, v in (meta["offsets"] or {}).items()}
-    out.update(rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]),
-               mean_p_purchase=_plain(totals[3]))
+    out.update(
+        rows=totals[0], total_clv=_plain(totals[1]), mean_clv=_plain(totals[2]), mean_p_purchase=_plain(totals[3])
+    )
     return out
 
 
@@ -201,8 +201,11 @@ class Snapshot:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own on the file, read-only: for free SQL."""
         try:
-            return duckdb.connect(str(self.path), read_only=True, config={
-                "enable_external_access": False, "lock_configuration": True, **READ_CONFIG})
+            return duckdb.connect(
+                str(self.path),
+                read_only=True,
+                config={"enable_external_access": False, "lock_configuration": True, **READ_CONFIG},
+            )
         except duckdb.IOException as exc:
             if not self.path.exists():
                 raise self._missing() from None
@@ -285,12 +288,15 @@ class Snapshot:
         params: list[Any] = []
         for name in sel.segments:
             if name not in SEGMENTS and name not in TIERS:
-                raise QueryError(f"unknown segment {name!r}; segments: {', '.join(SEGMENTS)}; "
-                                 f"value tiers: {', '.join(TIERS)}")
-        for column, names in (("segment", [n for n in sel.segments if n in SEGMENTS]),
-                              ("value_tier", [n for n in sel.segments if n in TIERS]),
-                              ("cluster", list(sel.clusters)),
-                              ("country", list(sel.countries))):
+                raise QueryError(
+                    f"unknown segment {name!r}; segments: {', '.join(SEGMENTS)}; value tiers: {', '.join(TIERS)}"
+                )
+        for column, names in (
+            ("segment", [n for n in sel.segments if n in SEGMENTS]),
+            ("value_tier", [n for n in sel.segments if n in TIERS]),
+            ("cluster", list(sel.clusters)),
+            ("country", list(sel.countries)),
+        ):
             if names:
                 conds.append(f"{column} IN ({', '.join('?' * len(names))})")
                 params += names
@@ -306,8 +312,9 @@ class Snapshot:
         if n <= 0:
             raise QueryError(f"n must be positive, got {n}")
         where, params = self._filter(sel)
-        return self._kept_rows(f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id "
-                          f"LIMIT ?", [*params, n])
+        return self._kept_rows(
+            f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id LIMIT ?", [*params, n]
+        )
 
     def segments(self) -> list[dict[str, Any]]:
         return self._kept_rows("SELECT * FROM segment_summary")
@@ -317,8 +324,12 @@ class Snapshot:
 
     def countries(self) -> list[str]:
         """The countries of the customers whose country is known, for a filter to offer."""
-        return [r["country"] for r in self._kept_rows(
-            "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country")]
+        return [
+            r["country"]
+            for r in self._kept_rows(
+                "SELECT DISTINCT country FROM customer_scores WHERE country <> '' ORDER BY country"
+            )
+        ]
 
     def by_country(self) -> list[dict[str, Any]]:
         """Per country ("" where unknown): customers, expected value and its share, spend so far."""
@@ -327,9 +338,12 @@ class Snapshot:
     def moves(self) -> list[dict[str, Any]]:
         """Customers per (previous segment, segment) since the previous snapshot: `from_segment`
         None for new customers, `to_segment` None for those gone; empty for a first snapshot."""
+
         def read(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-            if not insights.has(con, "segment_moves") or one(con.execute(
-                    "SELECT previous_snapshot_at IS NULL FROM snapshot_meta"))[0]:
+            if (
+                not insights.has(con, "segment_moves")
+                or one(con.execute("SELECT previous_snapshot_at IS NULL FROM snapshot_meta"))[0]
+            ):
                 return []
             return _dicts(con, "SELECT * FROM segment_moves")
 
@@ -353,15 +367,25 @@ class Snapshot:
             if not rows:
                 return None
             explained = opened.answer("explained customers", _explained)
-            drivers = _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position",
-                             [customer_id]) if customer_id in explained else []
+            drivers = (
+                _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position", [customer_id])
+                if customer_id in explained
+                else []
+            )
         finally:
             self._release(opened)
         row = rows[0]
-        row["drivers"] = None if not drivers else {
-            "reference_clv": drivers[0]["reference_clv"], "clv": row["clv"],
-            "drivers": [{"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]}
-                        for d in drivers]}
+        row["drivers"] = (
+            None
+            if not drivers
+            else {
+                "reference_clv": drivers[0]["reference_clv"],
+                "clv": row["clv"],
+                "drivers": [
+                    {"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]} for d in drivers
+                ],
+            }
+        )
         return row
 
     def summary(self) -> dict[str, Any]:
@@ -380,8 +404,9 @@ class Snapshot:
             if cur.description is None:
                 return SqlAnswer([], [], False)
             rows = cur.fetchmany(limit + 1)
-            return SqlAnswer([d[0] for d in cur.description],
-                             [[_plain(v) for v in row] for row in rows[:limit]], len(rows) > limit)
+            return SqlAnswer(
+                [d[0] for d in cur.description], [[_plain(v) for v in row] for row in rows[:limit]], len(rows) > limit
+            )
         except duckdb.InterruptException:
             raise QueryStopped("query stopped before it finished") from None
         except duckdb.Error as exc:
@@ -423,8 +448,9 @@ def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
     return frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
 
 
-def render_segments(rows: list[dict[str, Any]], columns: list[str] | None = None,
-                    who: Mapping[str, str] | None = None) -> str:
+def render_segments(
+    rows: list[dict[str, Any]], columns: list[str] | None = None, who: Mapping[str, str] | None = None
+) -> str:
     """The segment table, then the playbook of each segment shown, one line each: too long for
     table columns. `who`: the rules as a model applies them (`features.segments.described_rules`)
     in place of the playbooks' general words."""

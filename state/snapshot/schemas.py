@@ -25,13 +25,15 @@ class Error(BaseModel):
 
 
 _ROW: dict[str, Any] = {name: (_PYTHON[FIELD_TYPES[name]], ...) for name in COLUMNS}
-_ROW.update(value_tier=(Literal["low", "medium", "high"], ...), source_partition=(int, ...),
-            source_offset=(int, ...))
+_ROW.update(value_tier=(Literal["low", "medium", "high"], ...), source_partition=(int, ...), source_offset=(int, ...))
 _SCORE: dict[str, Any] = {name: (_PYTHON[FIELD_TYPES[name]], ...) for name in CUSTOMER_FIELDS}
 
 Customer = create_model(
-    "Customer", __doc__="A `customer_scores` row: the score contract's fields, then its value tier "
-                        "and where the sink read it.", **_ROW)
+    "Customer",
+    __doc__="A `customer_scores` row: the score contract's fields, then its value tier and where the sink read it.",
+    **_ROW,
+)
+
 
 class Driver(BaseModel):
     group: str
@@ -52,12 +54,13 @@ class Drivers(BaseModel):
 
 
 CustomerWithDrivers = create_model(
-    "CustomerWithDrivers", __base__=Customer,
+    "CustomerWithDrivers",
+    __base__=Customer,
     __doc__="A customer's row and, for the snapshot's top customers, the drivers of its score.",
-    drivers=(Drivers | None, ...))
+    drivers=(Drivers | None, ...),
+)
 
-Score = create_model("Score", __doc__="A customer's score in an uploaded file, as `clv score` writes it.",
-                     **_SCORE)
+Score = create_model("Score", __doc__="A customer's score in an uploaded file, as `clv score` writes it.", **_SCORE)
 
 
 class Segment(BaseModel):
@@ -156,9 +159,11 @@ class Scored(BaseModel):
     as_of: datetime
     customers: int
     cleaning: dict[str, Any]
-    drift_warning: str | None = Field(description="the line `clv score` warns with when the file's "
-                                      "customers are unlike the model's training cohort (PSI per "
-                                      "input past 0.25), else null")
+    drift_warning: str | None = Field(
+        description="the line `clv score` warns with when the file's "
+        "customers are unlike the model's training cohort (PSI per "
+        "input past 0.25), else null"
+    )
     scores: list[Score]  # type: ignore[valid-type]
 
 

@@ -46,8 +46,7 @@ import duckdb
 import pandas as pd
 
 from features.clusters import UNKNOWN
-from features.scores import (FIELD_TYPES, FIELDS, LEGACY_CLV, PRECEDENCE, IsoTime, Offset, ScoreRecord,
-                             iso_time)
+from features.scores import FIELD_TYPES, FIELDS, LEGACY_CLV, PRECEDENCE, IsoTime, Offset, ScoreRecord, iso_time
 from features.segments import PLAYBOOKS, Playbook
 from state.snapshot.insights import one
 
@@ -55,28 +54,50 @@ from state.snapshot.insights import one
 # a message, not a customer).
 COLUMNS = tuple(name for name in FIELDS if name != "schema_version")
 TIERS = ("low", "medium", "high")
-_SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ",
-              Offset: "BIGINT"}
+_SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", IsoTime: "TIMESTAMPTZ", Offset: "BIGINT"}
 _AS_OF = COLUMNS.index("as_of")
 _precedence = itemgetter(*(COLUMNS.index(name) for name in PRECEDENCE))  # a row's, as of its score
 # A held row the incoming one (`rows`) is at least as new as: `features.scores.precedence` in SQL.
 _SUPERSEDED = "({}) <= ({})".format(
     ", ".join(f"scores.{name}" for name in PRECEDENCE),
-    ", ".join(f"rows.{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in PRECEDENCE))
+    ", ".join(f"rows.{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in PRECEDENCE),
+)
 # What a snapshot of an earlier sink lacks: columns added with score schemas 4, 5 and 6.
-_ABSENT_COLUMNS = {"cluster": f"'{UNKNOWN}'", "country": "''", "event_offset": "-1",
-                   "clv_low": "-1", "clv_high": "-1", "clv_sd": "-1"}
+_ABSENT_COLUMNS = {
+    "cluster": f"'{UNKNOWN}'",
+    "country": "''",
+    "event_offset": "-1",
+    "clv_low": "-1",
+    "clv_high": "-1",
+    "clv_sd": "-1",
+}
 _PLAYBOOK_COLUMNS = ("segment", *(f.name for f in fields(Playbook)))
 # One row per top customer and group of inputs, largest first (`stream.drivers.driver_rows`).
-DRIVER_COLUMNS = (("customer_id", "VARCHAR"), ("position", "INTEGER"), ("driver", "VARCHAR"),
-                  ("contribution", "DOUBLE"), ("reference_clv", "DOUBLE"), ("meaning", "VARCHAR"))
+DRIVER_COLUMNS = (
+    ("customer_id", "VARCHAR"),
+    ("position", "INTEGER"),
+    ("driver", "VARCHAR"),
+    ("contribution", "DOUBLE"),
+    ("reference_clv", "DOUBLE"),
+    ("meaning", "VARCHAR"),
+)
 _columns = attrgetter(*COLUMNS)
 
 _SOURCE = ("source_partition", "source_offset")
-_WORKING = ", ".join([*(f"{name} {_SQL_TYPES[FIELD_TYPES[name]]}" for name in COLUMNS),
-                      "source_partition INTEGER", "source_offset BIGINT"])
-_CASTS = ", ".join([*(f"{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in COLUMNS),
-                    "source_partition::INTEGER", "source_offset::BIGINT"])
+_WORKING = ", ".join(
+    [
+        *(f"{name} {_SQL_TYPES[FIELD_TYPES[name]]}" for name in COLUMNS),
+        "source_partition INTEGER",
+        "source_offset BIGINT",
+    ]
+)
+_CASTS = ", ".join(
+    [
+        *(f"{name}::{_SQL_TYPES[FIELD_TYPES[name]]}" for name in COLUMNS),
+        "source_partition::INTEGER",
+        "source_offset::BIGINT",
+    ]
+)
 MERGE_ROWS = 50_000  # customers held in Python between merges into the working table
 
 _CREATE = f"""
@@ -100,8 +121,7 @@ CREATE TABLE clv_next.customer_drivers ({", ".join(f"{name} {kind}" for name, ki
 # The 80% range of a group's total (normal approximation of a sum of independent customers;
 # 1.2816 is the standard normal's 90% quantile); customers without an sd (-1) add nothing.
 _SPREAD = "1.2816 * sqrt(coalesce(sum(CASE WHEN clv_sd > 0 THEN clv_sd * clv_sd END), 0))"
-_RANGE = (f"greatest(sum(clv) - {_SPREAD}, 0) AS total_clv_low, "
-          f"sum(clv) + {_SPREAD} AS total_clv_high")
+_RANGE = f"greatest(sum(clv) - {_SPREAD}, 0) AS total_clv_low, sum(clv) + {_SPREAD} AS total_clv_high"
 
 _VIEWS = f"""
 CREATE VIEW segment_summary AS
@@ -166,8 +186,7 @@ class Snapshots:
     `publish` writes the snapshot of them. Python holds at most `MERGE_ROWS` customers (those
     changed since the last merge, `merge_rows`); DuckDB spills the rest to its file."""
 
-    def __init__(self, path: Path, source_topic: str, memory_limit_mb: int = 256,
-                 merge_rows: int = MERGE_ROWS) -> None:
+    def __init__(self, path: Path, source_topic: str, memory_limit_mb: int = 256, merge_rows: int = MERGE_ROWS) -> None:
         self.path, self.source_topic, self.memory_limit_mb = path, source_topic, memory_limit_mb
         self.merge_rows = merge_rows
         self.offsets: dict[int, int] = {}  # next offset to read, per partition
@@ -190,18 +209,26 @@ class Snapshots:
             return 0
         con.execute("ATTACH ? AS clv_previous (READ_ONLY)", [str(self.path)])
         try:
-            offsets, newest = one(con.execute(
-                "SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta"))
-            have = {c for (c,) in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_catalog = 'clv_previous' "
-                "AND table_name = 'customer_scores'").fetchall()}
+            offsets, newest = one(con.execute("SELECT offsets, newest_event_time FROM clv_previous.snapshot_meta"))
+            have = {
+                c
+                for (c,) in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_catalog = 'clv_previous' "
+                    "AND table_name = 'customer_scores'"
+                ).fetchall()
+            }
             # Written by a sink of score schema 2, whose `clv` column holds quantiles: the
             # expectation, today's `clv`, is in its LEGACY_CLV column. Sinks before schema 4
             # wrote no cluster, before 5 no country, before 6 no event offset: unknown, as in
             # their messages.
-            select = [f"{LEGACY_CLV} AS clv" if c == "clv" and LEGACY_CLV in have
-                      else f"{_ABSENT_COLUMNS[c]} AS {c}" if c not in have else c
-                      for c in (*COLUMNS, *_SOURCE)]
+            select = [
+                f"{LEGACY_CLV} AS clv"
+                if c == "clv" and LEGACY_CLV in have
+                else f"{_ABSENT_COLUMNS[c]} AS {c}"
+                if c not in have
+                else c
+                for c in (*COLUMNS, *_SOURCE)
+            ]
             con.execute(f"INSERT INTO scores SELECT {', '.join(select)} FROM clv_previous.customer_scores")
         finally:
             con.execute("DETACH clv_previous")
@@ -232,15 +259,18 @@ class Snapshots:
             return
         con = self._con()
         gone = pd.DataFrame(  # noqa: F841  (read by name)
-            {"customer_id": [c for c, v in self.pending.items() if v is None]}, dtype=object)
+            {"customer_id": [c for c, v in self.pending.items() if v is None]}, dtype=object
+        )
         rows = pd.DataFrame.from_records(  # noqa: F841  (read by name)
-            [v for v in self.pending.values() if v is not None], columns=[*COLUMNS, *_SOURCE])
+            [v for v in self.pending.values() if v is not None], columns=[*COLUMNS, *_SOURCE]
+        )
         con.execute("BEGIN")
         con.execute("DELETE FROM scores WHERE customer_id IN (SELECT customer_id FROM gone)")
-        con.execute(f"DELETE FROM scores USING rows WHERE scores.customer_id = rows.customer_id "
-                    f"AND {_SUPERSEDED}")
-        con.execute(f"INSERT INTO scores SELECT {_CASTS} FROM rows WHERE NOT EXISTS "
-                    f"(SELECT 1 FROM scores WHERE scores.customer_id = rows.customer_id)")
+        con.execute(f"DELETE FROM scores USING rows WHERE scores.customer_id = rows.customer_id AND {_SUPERSEDED}")
+        con.execute(
+            f"INSERT INTO scores SELECT {_CASTS} FROM rows WHERE NOT EXISTS "
+            f"(SELECT 1 FROM scores WHERE scores.customer_id = rows.customer_id)"
+        )
         con.execute("COMMIT")
         self.pending.clear()
 
@@ -250,7 +280,9 @@ class Snapshots:
         self.merge()
         cur = self._con().execute(
             "SELECT customer_id, clv, as_of, event_offset, model_version, source_partition "
-            "FROM scores ORDER BY clv DESC, customer_id LIMIT ?", [n])
+            "FROM scores ORDER BY clv DESC, customer_id LIMIT ?",
+            [n],
+        )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
 
@@ -267,10 +299,13 @@ class Snapshots:
             previous_at = self._previous_segments(con)
             con.executemany(
                 f"INSERT INTO clv_next.segment_playbook VALUES ({', '.join('?' * len(_PLAYBOOK_COLUMNS))})",
-                [[name, *astuple(book)] for name, book in PLAYBOOKS.items()])
+                [[name, *astuple(book)] for name, book in PLAYBOOKS.items()],
+            )
             if drivers:
-                con.executemany(f"INSERT INTO clv_next.customer_drivers VALUES "
-                                f"({', '.join('?' * len(DRIVER_COLUMNS))})", list(drivers))
+                con.executemany(
+                    f"INSERT INTO clv_next.customer_drivers VALUES ({', '.join('?' * len(DRIVER_COLUMNS))})",
+                    list(drivers),
+                )
             con.execute(
                 "CREATE TABLE clv_next.snapshot_meta AS SELECT ?::TIMESTAMPTZ AS snapshot_at, "
                 "?::TIMESTAMPTZ AS newest_event_time, "
@@ -278,8 +313,15 @@ class Snapshots:
                 "?::VARCHAR AS source_topic, MAP(?::INTEGER[], ?::BIGINT[]) AS offsets, "
                 "(SELECT list(DISTINCT model_version ORDER BY model_version) FROM scores) "
                 "AS model_versions, ?::TIMESTAMPTZ AS previous_snapshot_at",
-                [datetime.now(timezone.utc), self.newest_event_time, self.source_topic,
-                 sorted(self.offsets), [self.offsets[p] for p in sorted(self.offsets)], previous_at])
+                [
+                    datetime.now(timezone.utc),
+                    self.newest_event_time,
+                    self.source_topic,
+                    sorted(self.offsets),
+                    [self.offsets[p] for p in sorted(self.offsets)],
+                    previous_at,
+                ],
+            )
             count = one(con.execute("SELECT customers FROM clv_next.snapshot_meta"))[0]
         finally:
             con.execute("DETACH clv_next")
@@ -308,11 +350,15 @@ class Snapshots:
             return None
         con.execute("ATTACH ? AS clv_replaced (READ_ONLY)", [str(self.path)])
         try:
-            con.execute("INSERT INTO clv_next.previous_segments "
-                        "SELECT customer_id, segment FROM clv_replaced.customer_scores")
-            dated = one(con.execute(  # the earliest sinks did not write it
-                "SELECT count(*) FROM information_schema.columns WHERE table_catalog = 'clv_replaced' "
-                "AND table_name = 'snapshot_meta' AND column_name = 'snapshot_at'"))[0]
+            con.execute(
+                "INSERT INTO clv_next.previous_segments SELECT customer_id, segment FROM clv_replaced.customer_scores"
+            )
+            dated = one(
+                con.execute(  # the earliest sinks did not write it
+                    "SELECT count(*) FROM information_schema.columns WHERE table_catalog = 'clv_replaced' "
+                    "AND table_name = 'snapshot_meta' AND column_name = 'snapshot_at'"
+                )
+            )[0]
             return one(con.execute("SELECT snapshot_at FROM clv_replaced.snapshot_meta"))[0] if dated else None
         finally:
             con.execute("DETACH clv_replaced")

@@ -68,9 +68,13 @@ def score_options(query: Any) -> tuple[dict[str, Any], date | None, str]:
         mapping = parse_mapping(query["map"]) if query.get("map") else None
     except LoadError as exc:
         raise QueryError(str(exc).replace("--map", "map")) from None
-    opts = {"fmt": fmt, "mapping": mapping,
-            "duplicates": dup, "outlier_quantity": int(outlier) if outlier is not None else None,
-            "timezone": tz}
+    opts = {
+        "fmt": fmt,
+        "mapping": mapping,
+        "duplicates": dup,
+        "outlier_quantity": int(outlier) if outlier is not None else None,
+        "timezone": tz,
+    }
     return opts, day, out
 
 
@@ -122,10 +126,15 @@ class _FilePart:
         self._headers: dict[bytes, bytes] = {}
 
     def callbacks(self) -> MultipartCallbacks:
-        return {"on_part_begin": self._begin, "on_header_field": self._header_field,
-                "on_header_value": self._header_value, "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_done, "on_part_data": self._data,
-                "on_part_end": self._end}
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_done,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+        }
 
     def _begin(self) -> None:
         self._headers = {}

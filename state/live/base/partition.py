@@ -40,8 +40,7 @@ UNREADABLE = -2  # the position of a changelog record that cannot be read
 def encode_key(customer_id: str) -> bytes:
     """What faust's "json" key serializer wrote: the id as a JSON string. A printable ASCII id
     without quotes or backslashes is that between quotes (json.dumps escapes nothing else)."""
-    if customer_id.isascii() and customer_id.isprintable() and '"' not in customer_id \
-            and "\\" not in customer_id:
+    if customer_id.isascii() and customer_id.isprintable() and '"' not in customer_id and "\\" not in customer_id:
         return b'"' + customer_id.encode() + b'"'
     return json.dumps(customer_id).encode()
 
@@ -81,8 +80,7 @@ def record_position(key: bytes, value: bytes) -> int:
     try:
         return decode_meta(value).clock_ts if key == META_KEY else source_offset(value)
     except StateDecodeError as exc:
-        log.warning("changelog record of key %r unreadable, kept only if nothing else is: %s",
-                    key[:40], exc)
+        log.warning("changelog record of key %r unreadable, kept only if nothing else is: %s", key[:40], exc)
         return UNREADABLE
 
 
@@ -160,11 +158,14 @@ class PartitionStates:
         follows = offset - len(self.inflight) == self.store.offset(self.partition)
         if not follows and offset >= 0 and not self.unread:  # (-1: the broker did not say)
             self.unread = True  # said once: the store's offset stays behind from now on
-            log.warning("changelog partition %d holds records this worker has not read (another "
-                        "worker wrote it since, this one being paused past its session timeout? "
-                        "or a failed flush wrote part of its records): its store stays at offset "
-                        "%d, and its next recovery reads on from there", self.partition,
-                        self.store.offset(self.partition))
+            log.warning(
+                "changelog partition %d holds records this worker has not read (another "
+                "worker wrote it since, this one being paused past its session timeout? "
+                "or a failed flush wrote part of its records): its store stays at offset "
+                "%d, and its next recovery reads on from there",
+                self.partition,
+                self.store.offset(self.partition),
+            )
         self.store.write(self.partition, self.inflight, offset if follows else -1)
         self.inflight.clear()
         self.held.clear()
@@ -242,8 +243,14 @@ class States:
             self.near_bound.discard(customer_id)
         elif customer_id not in self.near_bound and len(self.near_bound) < NEAR_BOUND_TRACKED:
             self.near_bound.add(customer_id)
-            log.warning("customer %s holds %d event and invoice ids, near the state bound of %d: "
-                        "past it the oldest are forgotten (%d so far), so a re-published duplicate "
-                        "or a split invoice older than the newest %d ids would count again; "
-                        "invoices arriving in one event each still count exactly", customer_id,
-                        state.n_ids, MAX_IDS, state.ids_forgotten, MAX_IDS)
+            log.warning(
+                "customer %s holds %d event and invoice ids, near the state bound of %d: "
+                "past it the oldest are forgotten (%d so far), so a re-published duplicate "
+                "or a split invoice older than the newest %d ids would count again; "
+                "invoices arriving in one event each still count exactly",
+                customer_id,
+                state.n_ids,
+                MAX_IDS,
+                state.ids_forgotten,
+                MAX_IDS,
+            )

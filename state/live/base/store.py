@@ -35,8 +35,7 @@ class Store(Protocol):
 
     def get(self, partition: int, key: bytes) -> bytes | None: ...
 
-    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]],
-              offset: int) -> None:
+    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]], offset: int) -> None:
         """Put (or, for None, delete) the items and record `offset`, all or nothing."""
 
     def customer_keys(self, partition: int) -> Iterator[bytes]:

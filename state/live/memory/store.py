@@ -27,8 +27,7 @@ class MemoryStore:
     def get(self, partition: int, key: bytes) -> bytes | None:
         return self.data[partition].get(key)
 
-    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]],
-              offset: int) -> None:
+    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]], offset: int) -> None:
         data = self.data[partition]
         for key, value in items:
             if value is None:

@@ -34,7 +34,8 @@ class RocksStore:
         self.options.create_if_missing(True)
         self.options.set_block_based_table_factory(table)
         buffers = rocksdict.WriteBufferManager.new_write_buffer_manager_with_cache(
-            ROCKSDB_WRITE_BUFFERS, False, cache)  # memtables counted in the block cache
+            ROCKSDB_WRITE_BUFFERS, False, cache
+        )  # memtables counted in the block cache
         self.options.set_write_buffer_manager(buffers)
         self.options.set_write_buffer_size(ROCKSDB_MEMTABLE)
         self.options.set_max_write_buffer_number(2)
@@ -66,8 +67,7 @@ class RocksStore:
     def get(self, partition: int, key: bytes) -> bytes | None:
         return self.dbs[partition].get(key)
 
-    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]],
-              offset: int) -> None:
+    def write(self, partition: int, items: Iterable[tuple[bytes, bytes | None]], offset: int) -> None:
         batch = self.rocksdict.WriteBatch(raw_mode=True)
         for key, value in items:
             if value is None:

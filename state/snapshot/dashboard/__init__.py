@@ -22,19 +22,30 @@ from state.auth import is_loopback
 
 APP = Path(__file__).with_name("app.py")
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; the test set-up installs it
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 READY = '[data-testid="stMetricValue"]'  # the KPI cards: the page has read the snapshot
 # Every element shown has drawn: Streamlit loads an element's code on first use and shows a
 # skeleton in its place until then (a busy machine can photograph a page of skeletons), and a
 # chart draws into a canvas or svg after that; charts on tabs not shown draw when shown.
-DRAWN = ("() => !document.querySelector('[data-testid=\"stSkeleton\"]') && "
-         "[...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
-         ".filter(c => c.checkVisibility()).every(c => c.querySelector('canvas, svg'))")
+DRAWN = (
+    "() => !document.querySelector('[data-testid=\"stSkeleton\"]') && "
+    "[...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
+    ".filter(c => c.checkVisibility()).every(c => c.querySelector('canvas, svg'))"
+)
 PAGE_END = ".st-key-page-end"  # app.py's last element: the script run has reached the end
 # How tall the page's content is: the bottom of Streamlit's block container in its scrolling pane.
-MAIN_HEIGHT = ("(() => { const b = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"
-               " return b.getBoundingClientRect().bottom + b.parentElement.scrollTop; })()")
+MAIN_HEIGHT = (
+    "(() => { const b = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"
+    " return b.getBoundingClientRect().bottom + b.parentElement.scrollTop; })()"
+)
 
 
 class DashboardError(RuntimeError):
@@ -49,12 +60,24 @@ def require(module: str) -> None:
 
 def command(snapshot: Path, host: str, port: int, model: str | None) -> list[str]:
     """The Streamlit server for one snapshot: headless, no usage statistics, no file watcher."""
-    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless=true",
-            f"--server.address={host}", f"--server.port={port}",
-            "--browser.gatherUsageStats=false", "--server.fileWatcherType=none",
-            "--client.toolbarMode=viewer",
-            "--global.developmentMode=false", "--",
-            "--snapshot", str(snapshot), *(["--model", model] if model else [])]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless=true",
+        f"--server.address={host}",
+        f"--server.port={port}",
+        "--browser.gatherUsageStats=false",
+        "--server.fileWatcherType=none",
+        "--client.toolbarMode=viewer",
+        "--global.developmentMode=false",
+        "--",
+        "--snapshot",
+        str(snapshot),
+        *(["--model", model] if model else []),
+    ]
 
 
 def healthy(url: str) -> bool:
@@ -87,8 +110,13 @@ def browser(width: int = 1400, height: int = 1000) -> Iterator[Any]:
         raise DashboardError(f"{CHROMIUM} is missing: apt-get install chromium")
     with tempfile.TemporaryDirectory(prefix="clv-chromium-") as profile, sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True,
-            viewport={"width": width, "height": height}, accept_downloads=True)
+            profile,
+            executable_path=CHROMIUM,
+            args=CHROMIUM_FLAGS,
+            headless=True,
+            viewport={"width": width, "height": height},
+            accept_downloads=True,
+        )
         try:
             yield context.pages[0] if context.pages else context.new_page()
         finally:
@@ -120,8 +148,12 @@ def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
     from playwright.sync_api import Error as BrowserError
 
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(command(snapshot, "127.0.0.1", port, model), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command(snapshot, "127.0.0.1", port, model),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_healthy(url, proc)
         with browser() as page:
@@ -133,8 +165,7 @@ def screenshot(snapshot: Path, out: Path, model: str | None, port: int) -> None:
                 page.wait_for_timeout(250)
                 heights.append(int(page.evaluate(MAIN_HEIGHT)))
                 if heights[-1] != heights[-2]:
-                    page.set_viewport_size({"width": page.viewport_size["width"],
-                                            "height": heights[-1] + 40})
+                    page.set_viewport_size({"width": page.viewport_size["width"], "height": heights[-1] + 40})
             settle(page)
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)
@@ -149,8 +180,12 @@ def serve(snapshot: Path, host: str, port: int, model: str | None) -> int:
     """Run the dashboard until Ctrl-C or SIGTERM (both stop Streamlit and exit 0)."""
     require("streamlit")
     if not is_loopback(host):  # Streamlit has no login: say so rather than refuse
-        print(f"warning: the dashboard on {host} answers anyone who can reach it (it has no login); "
-              "keep it on loopback or behind a proxy that authenticates", file=sys.stderr, flush=True)
+        print(
+            f"warning: the dashboard on {host} answers anyone who can reach it (it has no login); "
+            "keep it on loopback or behind a proxy that authenticates",
+            file=sys.stderr,
+            flush=True,
+        )
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     proc = subprocess.Popen(command(snapshot, host, port, model))
     try:

@@ -72,9 +72,17 @@ def load(path: str, snap_stamp: tuple[int, int]) -> dict[str, Any]:
     """Everything the page shows but the filtered list, read once per snapshot (`snap_stamp`
     keys the cache: a new snapshot is read anew)."""
     snap = reader(path)
-    return {"customers": snap.frame(), "summary": snap.summary(), "segments": snap.segments(),
-            "tiers": snap.tiers(), "clusters": snap.clusters(), "countries": snap.countries(),
-            "by_country": snap.by_country(), "moves": snap.moves(), "insights": snap.insights()}
+    return {
+        "customers": snap.frame(),
+        "summary": snap.summary(),
+        "segments": snap.segments(),
+        "tiers": snap.tiers(),
+        "clusters": snap.clusters(),
+        "countries": snap.countries(),
+        "by_country": snap.by_country(),
+        "moves": snap.moves(),
+        "insights": snap.insights(),
+    }
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -107,8 +115,12 @@ def when(text: str | None) -> str:
     return pd.Timestamp(text).tz_convert("UTC").strftime("%Y-%m-%d %H:%M:%S UTC") if text else "-"
 
 
-def shown(frame: pd.DataFrame, money_cols: tuple[str, ...] = (), share_cols: tuple[str, ...] = (),
-          rate_cols: tuple[str, ...] = ()) -> pd.DataFrame:
+def shown(
+    frame: pd.DataFrame,
+    money_cols: tuple[str, ...] = (),
+    share_cols: tuple[str, ...] = (),
+    rate_cols: tuple[str, ...] = (),
+) -> pd.DataFrame:
     """A table as text, money with two decimals and shares as percentages, for st.table."""
     out = frame.copy()
     for c in out.columns:
@@ -138,11 +150,17 @@ def kpis(data: dict[str, Any]) -> None:
     horizon = int(frame["horizon_months"].iloc[0]) if len(frame) else 0
     row1 = st.columns(4)
     row1[0].metric("Customers", f"{s['customers']:,}")
-    row1[1].metric(f"Expected value, next {horizon} months", money(s["total_clv"] or 0.0),
-                   help="sum of every customer's expected spend over the horizon")
+    row1[1].metric(
+        f"Expected value, next {horizon} months",
+        money(s["total_clv"] or 0.0),
+        help="sum of every customer's expected spend over the horizon",
+    )
     row1[2].metric("Mean CLV", money(s["mean_clv"] or 0.0, cents=True))
-    row1[3].metric("Top 10% share", f"{top_share(frame['clv']):.1%}",
-                   help="share of the expected value held by the top 10% of customers")
+    row1[3].metric(
+        "Top 10% share",
+        f"{top_share(frame['clv']):.1%}",
+        help="share of the expected value held by the top 10% of customers",
+    )
     row2 = st.container(key="kpi-small").columns(4)
     row2[0].metric("Snapshot time", when(s["snapshot_at"]))
     row2[1].metric("Newest event time", when(s["newest_event_time"]))
@@ -166,22 +184,43 @@ def overview(data: dict[str, Any], drift: str | None) -> None:
     seg = pd.DataFrame(data["segments"])
     order = [s for s in SEGMENTS if s in set(seg["segment"])]
     left, right = st.columns(2)
-    left.altair_chart(svg(alt.Chart(seg, title="Expected value by segment ($)").mark_bar().encode(
-        x=alt.X("total_clv:Q", title=None), y=alt.Y("segment:N", sort=order, title=None),
-        color=colours("segment", list(SEGMENTS)).legend(None),
-        tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f"),
-                 alt.Tooltip("share_of_value:Q", format=".1%")])), width="stretch")
+    left.altair_chart(
+        svg(
+            alt.Chart(seg, title="Expected value by segment ($)")
+            .mark_bar()
+            .encode(
+                x=alt.X("total_clv:Q", title=None),
+                y=alt.Y("segment:N", sort=order, title=None),
+                color=colours("segment", list(SEGMENTS)).legend(None),
+                tooltip=[
+                    "segment",
+                    "customers",
+                    alt.Tooltip("total_clv:Q", format="$,.0f"),
+                    alt.Tooltip("share_of_value:Q", format=".1%"),
+                ],
+            )
+        ),
+        width="stretch",
+    )
     left.markdown(f"**Value tiers** ({TIER_RULE})")
-    left.table(shown(pd.DataFrame(data["tiers"])[["value_tier", "customers", "min_clv", "max_clv",
-                                                  "total_clv", "share_of_value"]],
-                     money_cols=("min_clv", "max_clv", "total_clv"), share_cols=("share_of_value",)),
-               hide_index=True)
+    left.table(
+        shown(
+            pd.DataFrame(data["tiers"])[
+                ["value_tier", "customers", "min_clv", "max_clv", "total_clv", "share_of_value"]
+            ],
+            money_cols=("min_clv", "max_clv", "total_clv"),
+            share_cols=("share_of_value",),
+        ),
+        hide_index=True,
+    )
     countries = pd.DataFrame(data["by_country"])
     with right:
         if countries.empty or (countries["country"] == "").all():
             st.markdown("**Expected value by country**")
-            st.caption("No customer's transactions name a country (CDNOW has none), so value by "
-                       "country is not known for this snapshot.")
+            st.caption(
+                "No customer's transactions name a country (CDNOW has none), so value by "
+                "country is not known for this snapshot."
+            )
         else:
             country_charts(countries)
 
@@ -194,17 +233,40 @@ def country_charts(countries: pd.DataFrame) -> None:
     country as "(unknown)", the largest by expected value first."""
     frame = countries.assign(country=countries["country"].replace("", "(unknown)"))
     if len(frame) > COUNTRIES_SHOWN:
-        rest = frame.iloc[COUNTRIES_SHOWN - 1:]
-        frame = pd.concat([frame.iloc[:COUNTRIES_SHOWN - 1], pd.DataFrame([{
-            "country": "(other)", "customers": rest["customers"].sum(), "total_clv": rest["total_clv"].sum(),
-            "share_of_value": rest["share_of_value"].sum(), "total_spend": rest["total_spend"].sum()}])])
+        rest = frame.iloc[COUNTRIES_SHOWN - 1 :]
+        frame = pd.concat(
+            [
+                frame.iloc[: COUNTRIES_SHOWN - 1],
+                pd.DataFrame(
+                    [
+                        {
+                            "country": "(other)",
+                            "customers": rest["customers"].sum(),
+                            "total_clv": rest["total_clv"].sum(),
+                            "share_of_value": rest["share_of_value"].sum(),
+                            "total_spend": rest["total_spend"].sum(),
+                        }
+                    ]
+                ),
+            ]
+        )
     order = list(frame["country"])
-    for field, title in (("total_clv", "Expected value by country ($)"),
-                         ("total_spend", "Revenue so far by country ($)")):
-        st.altair_chart(svg(alt.Chart(frame, title=title).mark_bar().encode(
-            x=alt.X(f"{field}:Q", title=None), y=alt.Y("country:N", sort=order, title=None),
-            tooltip=["country", alt.Tooltip(f"{field}:Q", format="$,.0f"), "customers"])),
-            width="stretch")
+    for field, title in (
+        ("total_clv", "Expected value by country ($)"),
+        ("total_spend", "Revenue so far by country ($)"),
+    ):
+        st.altair_chart(
+            svg(
+                alt.Chart(frame, title=title)
+                .mark_bar()
+                .encode(
+                    x=alt.X(f"{field}:Q", title=None),
+                    y=alt.Y("country:N", sort=order, title=None),
+                    tooltip=["country", alt.Tooltip(f"{field}:Q", format="$,.0f"), "customers"],
+                )
+            ),
+            width="stretch",
+        )
 
 
 TIER_RULE = "terciles of this snapshot's expected CLV: a third of its customers each"
@@ -214,23 +276,53 @@ def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """segment_summary, its bars, the playbooks, the value tiers and the movement between
     segments since the previous snapshot: the whole snapshot."""
     seg = pd.DataFrame(data["segments"])
-    st.table(shown(seg[["segment", "customers", "share_of_customers", "total_clv", "mean_clv",
-                        "share_of_value", "mean_p_purchase", "mean_recency_days", "mean_frequency"]],
-                   money_cols=("total_clv", "mean_clv"), share_cols=("share_of_customers", "share_of_value")),
-             hide_index=True)
+    st.table(
+        shown(
+            seg[
+                [
+                    "segment",
+                    "customers",
+                    "share_of_customers",
+                    "total_clv",
+                    "mean_clv",
+                    "share_of_value",
+                    "mean_p_purchase",
+                    "mean_recency_days",
+                    "mean_frequency",
+                ]
+            ],
+            money_cols=("total_clv", "mean_clv"),
+            share_cols=("share_of_customers", "share_of_value"),
+        ),
+        hide_index=True,
+    )
     left, right = st.columns(2)
     order = [s for s in SEGMENTS if s in set(seg["segment"])]
-    for col, field, title in ((left, "customers", "Customers per segment"),
-                              (right, "total_clv", "Expected value per segment ($)")):
-        col.altair_chart(alt.Chart(seg, title=title).mark_bar().encode(
-            x=alt.X(f"{field}:Q", title=None), y=alt.Y("segment:N", sort=order, title=None),
-            color=colours("segment", list(SEGMENTS)).legend(None),
-            tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f")]),
-            width="stretch")
+    for col, field, title in (
+        (left, "customers", "Customers per segment"),
+        (right, "total_clv", "Expected value per segment ($)"),
+    ):
+        col.altair_chart(
+            alt.Chart(seg, title=title)
+            .mark_bar()
+            .encode(
+                x=alt.X(f"{field}:Q", title=None),
+                y=alt.Y("segment:N", sort=order, title=None),
+                color=colours("segment", list(SEGMENTS)).legend(None),
+                tooltip=["segment", "customers", alt.Tooltip("total_clv:Q", format="$,.0f")],
+            ),
+            width="stretch",
+        )
     playbooks(seg, meta)
     st.subheader(f"Value tiers ({TIER_RULE})")
-    st.table(shown(pd.DataFrame(data["tiers"]), money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
-                   share_cols=("share_of_value",)), hide_index=True)
+    st.table(
+        shown(
+            pd.DataFrame(data["tiers"]),
+            money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
+            share_cols=("share_of_value",),
+        ),
+        hide_index=True,
+    )
     movement(data)
 
 
@@ -241,13 +333,18 @@ def playbooks(seg: pd.DataFrame, meta: dict[str, Any]) -> None:
     who = described_rules(meta)
     books = seg[["segment", "share_of_customers", *(f.name for f in fields(Playbook))]].assign(
         who=seg["segment"].map(lambda name: who.get(name, PLAYBOOKS[name].who)),
-        share_of_customers=seg["share_of_customers"].map(lambda v: f"{v:.1%}"))
-    st.table(books.rename(columns={"share_of_customers": "share here"}).rename(
-        columns=lambda c: c.replace("_", " ")), hide_index=True)
-    st.caption(f"who: each rule with this model's dollar thresholds, and the share of its training "
-               f"cohort ({meta['cutoff'][:10]}) it held, where its numbers are true; share here: of "
-               "this snapshot's customers, which differs when they are not that cohort (a part of "
-               "it, a later date, or other customers: the drift check says when they are unlike it)")
+        share_of_customers=seg["share_of_customers"].map(lambda v: f"{v:.1%}"),
+    )
+    st.table(
+        books.rename(columns={"share_of_customers": "share here"}).rename(columns=lambda c: c.replace("_", " ")),
+        hide_index=True,
+    )
+    st.caption(
+        f"who: each rule with this model's dollar thresholds, and the share of its training "
+        f"cohort ({meta['cutoff'][:10]}) it held, where its numbers are true; share here: of "
+        "this snapshot's customers, which differs when they are not that cohort (a part of "
+        "it, a later date, or other customers: the drift check says when they are unlike it)"
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -258,8 +355,9 @@ def drift_warning(path: str, snap_stamp: tuple[int, int], summary: dict[str, Any
     frame = load(path, snap_stamp)["customers"]
     if summary is None or frame.empty:
         return None
-    return population.check(summary, population.from_scores(
-        frame["frequency"].to_numpy(), frame["total_spend"].to_numpy())).sentence()
+    return population.check(
+        summary, population.from_scores(frame["frequency"].to_numpy(), frame["total_spend"].to_numpy())
+    ).sentence()
 
 
 def drift_banner(warning: str | None, where: str) -> None:
@@ -281,15 +379,23 @@ def movement(data: dict[str, Any]) -> None:
         st.caption("This is the first snapshot the sink wrote: nothing to compare with yet.")
         return
     at = when(data["summary"].get("previous_snapshot_at"))
-    changed = int(moves.loc[moves["from_segment"].notna() & moves["to_segment"].notna()
-                            & (moves["from_segment"] != moves["to_segment"]), "customers"].sum())
-    st.caption(f"{changed:,} customers changed segment since the snapshot of {at}; rows: the "
-               f"segment then ({NEW}: not in it), columns: the segment now ({GONE}: no longer in the snapshot)")
+    changed = int(
+        moves.loc[
+            moves["from_segment"].notna()
+            & moves["to_segment"].notna()
+            & (moves["from_segment"] != moves["to_segment"]),
+            "customers",
+        ].sum()
+    )
+    st.caption(
+        f"{changed:,} customers changed segment since the snapshot of {at}; rows: the "
+        f"segment then ({NEW}: not in it), columns: the segment now ({GONE}: no longer in the snapshot)"
+    )
     grid = moves.fillna({"from_segment": NEW, "to_segment": GONE}).pivot_table(
-        index="from_segment", columns="to_segment", values="customers", aggfunc="sum", fill_value=0)
+        index="from_segment", columns="to_segment", values="customers", aggfunc="sum", fill_value=0
+    )
     names = [*SEGMENTS, NEW, GONE]
-    grid = grid.reindex(index=[n for n in names if n in grid.index],
-                        columns=[n for n in names if n in grid.columns])
+    grid = grid.reindex(index=[n for n in names if n in grid.index], columns=[n for n in names if n in grid.columns])
     grid.index.name = "from \\ to"
     st.table(grid.reset_index().astype({c: str for c in grid.columns}), hide_index=True)
 
@@ -298,23 +404,52 @@ def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
     """cluster_summary, and how the model chose its clusters."""
     c = meta.get("clustering") or {}
     rows = pd.DataFrame(data["clusters"])
-    rows = rows.assign(share_here=rows["customers"] / max(int(rows["customers"].sum()), 1),
-                       training_share=rows["cluster"].map(
-                           lambda name: c.get("profiles", {}).get(name, {}).get("share", float("nan"))))
-    rows = rows[["cluster", "customers", "share_here", "training_share", "total_clv", "mean_clv",
-                 "share_of_value", "mean_recency_days", "mean_frequency", "mean_monetary", "main_segment"]]
-    st.table(shown(rows, money_cols=("total_clv", "mean_clv", "mean_monetary"),
-                   share_cols=("share_here", "training_share", "share_of_value")), hide_index=True)
-    st.altair_chart(alt.Chart(rows, title="Customers and expected value per cluster").mark_circle().encode(
-        x=alt.X("customers:Q"), y=alt.Y("mean_clv:Q", title="mean expected CLV ($)"),
-        size=alt.Size("total_clv:Q", legend=None), color=colours("cluster", sorted(rows["cluster"])),
-        tooltip=["cluster", "customers", alt.Tooltip("total_clv:Q", format="$,.0f"), "main_segment"]),
-        width="stretch")
+    rows = rows.assign(
+        share_here=rows["customers"] / max(int(rows["customers"].sum()), 1),
+        training_share=rows["cluster"].map(lambda name: c.get("profiles", {}).get(name, {}).get("share", float("nan"))),
+    )
+    rows = rows[
+        [
+            "cluster",
+            "customers",
+            "share_here",
+            "training_share",
+            "total_clv",
+            "mean_clv",
+            "share_of_value",
+            "mean_recency_days",
+            "mean_frequency",
+            "mean_monetary",
+            "main_segment",
+        ]
+    ]
+    st.table(
+        shown(
+            rows,
+            money_cols=("total_clv", "mean_clv", "mean_monetary"),
+            share_cols=("share_here", "training_share", "share_of_value"),
+        ),
+        hide_index=True,
+    )
+    st.altair_chart(
+        alt.Chart(rows, title="Customers and expected value per cluster")
+        .mark_circle()
+        .encode(
+            x=alt.X("customers:Q"),
+            y=alt.Y("mean_clv:Q", title="mean expected CLV ($)"),
+            size=alt.Size("total_clv:Q", legend=None),
+            color=colours("cluster", sorted(rows["cluster"])),
+            tooltip=["cluster", "customers", alt.Tooltip("total_clv:Q", format="$,.0f"), "main_segment"],
+        ),
+        width="stretch",
+    )
     if c:
-        st.caption(f"{c['method']} with k = {c['k']}, chosen by silhouette among K-means, a Gaussian "
-                   "mixture and Ward on the model's training cohort (training share: each cluster's "
-                   "share of that cohort); features: " + ", ".join(c["features"]) + ". A customer belongs "
-                   "to the nearest centroid of the standardized features.")
+        st.caption(
+            f"{c['method']} with k = {c['k']}, chosen by silhouette among K-means, a Gaussian "
+            "mixture and Ward on the model's training cohort (training share: each cluster's "
+            "share of that cohort); features: " + ", ".join(c["features"]) + ". A customer belongs "
+            "to the nearest centroid of the standardized features."
+        )
 
 
 def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
@@ -335,45 +470,78 @@ def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
     min_clv = float(row2[1].number_input("Minimum expected CLV ($)", min_value=0.0, value=0.0, step=5.0))
     n = int(row2[2].number_input("Top N", min_value=1, max_value=TOP_N_MAX, value=20, step=10))
     colour = row2[3].radio("Colour charts by", ["segment", "cluster"], horizontal=True)
-    sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None,
-                    tuple(countries))
+    sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None, tuple(countries))
     return sel, n, colour
 
 
-def customers(path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, colour: str,
-              all_clusters: list[str]) -> None:
+def customers(
+    path: str, snap_stamp: tuple[int, int], sel: Selection, n: int, colour: str, all_clusters: list[str]
+) -> None:
     """The filtered customers: top-N table, download, distribution and scatter plots."""
     frame = selected(path, snap_stamp, sel)
     st.caption(f"{len(frame):,} customers match the filters; the top {min(n, len(frame)):,} by expected CLV:")
-    cols = ["customer_id", "clv", "p_purchase", "segment", "cluster", "country", "value_tier", "frequency",
-            "recency_days", "monetary", "total_spend"]
+    cols = [
+        "customer_id",
+        "clv",
+        "p_purchase",
+        "segment",
+        "cluster",
+        "country",
+        "value_tier",
+        "frequency",
+        "recency_days",
+        "monetary",
+        "total_spend",
+    ]
     st.table(shown(frame[cols].head(n), money_cols=("clv", "monetary", "total_spend")), hide_index=True)
-    st.download_button(f"Download CSV ({len(frame):,} customers)", csv_text(frame),
-                       file_name="clv-export.csv", mime="text/csv",
-                       help="the rows and columns `clv export` writes for these filters")
+    st.download_button(
+        f"Download CSV ({len(frame):,} customers)",
+        csv_text(frame),
+        file_name="clv-export.csv",
+        mime="text/csv",
+        help="the rows and columns `clv export` writes for these filters",
+    )
     if frame.empty:
         return
     points = frame.sample(SCATTER_POINTS, random_state=0) if len(frame) > SCATTER_POINTS else frame
-    points = points.assign(clv_shown=points["clv"].clip(lower=0.01),
-                           monetary_shown=points["monetary"].clip(lower=0.01))
+    points = points.assign(clv_shown=points["clv"].clip(lower=0.01), monetary_shown=points["monetary"].clip(lower=0.01))
     st.subheader("CLV distribution per segment (log axis)")
-    st.altair_chart(alt.Chart(points).mark_boxplot(extent="min-max").encode(
-        x=alt.X("clv_shown:Q", scale=alt.Scale(type="log"), title="expected CLV ($)"),
-        y=alt.Y("segment:N", sort=list(SEGMENTS), title=None),
-        color=colours("segment", list(SEGMENTS)).legend(None)),
-        width="stretch")
+    st.altair_chart(
+        alt.Chart(points)
+        .mark_boxplot(extent="min-max")
+        .encode(
+            x=alt.X("clv_shown:Q", scale=alt.Scale(type="log"), title="expected CLV ($)"),
+            y=alt.Y("segment:N", sort=list(SEGMENTS), title=None),
+            color=colours("segment", list(SEGMENTS)).legend(None),
+        ),
+        width="stretch",
+    )
     tooltip = ["customer_id", "segment", "cluster", alt.Tooltip("clv:Q", format="$,.2f")]
     names = list(SEGMENTS) if colour == "segment" else sorted(all_clusters)
     colour_by = colours(colour, names)
     left, right = st.columns(2)
-    left.altair_chart(alt.Chart(points, title="Recency vs frequency").mark_circle(size=18, opacity=0.5).encode(
-        x=alt.X("recency_days:Q", title="days since last purchase"),
-        y=alt.Y("frequency:Q", scale=alt.Scale(type="log"), title="purchases"),
-        color=colour_by, tooltip=tooltip), width="stretch")
-    right.altair_chart(alt.Chart(points, title="Order value vs CLV").mark_circle(size=18, opacity=0.5).encode(
-        x=alt.X("monetary_shown:Q", scale=alt.Scale(type="log"), title="mean order value ($)"),
-        y=alt.Y("clv_shown:Q", scale=alt.Scale(type="log"), title="expected CLV ($)"),
-        color=colour_by, tooltip=tooltip), width="stretch")
+    left.altair_chart(
+        alt.Chart(points, title="Recency vs frequency")
+        .mark_circle(size=18, opacity=0.5)
+        .encode(
+            x=alt.X("recency_days:Q", title="days since last purchase"),
+            y=alt.Y("frequency:Q", scale=alt.Scale(type="log"), title="purchases"),
+            color=colour_by,
+            tooltip=tooltip,
+        ),
+        width="stretch",
+    )
+    right.altair_chart(
+        alt.Chart(points, title="Order value vs CLV")
+        .mark_circle(size=18, opacity=0.5)
+        .encode(
+            x=alt.X("monetary_shown:Q", scale=alt.Scale(type="log"), title="mean order value ($)"),
+            y=alt.Y("clv_shown:Q", scale=alt.Scale(type="log"), title="expected CLV ($)"),
+            color=colour_by,
+            tooltip=tooltip,
+        ),
+        width="stretch",
+    )
     if len(frame) > SCATTER_POINTS:
         st.caption(f"charts show a random {SCATTER_POINTS:,} of the {len(frame):,} customers")
 
@@ -393,21 +561,37 @@ def lookup(path: str) -> None:
         st.warning(f"customer {cid.strip()!r} is not in the snapshot")
         return
     book = PLAYBOOKS.get(row["segment"])
-    keys = ["customer_id", "clv", "p_purchase", "segment", "cluster", "value_tier", "recency_days",
-            "frequency", "monetary", "tenure_days", "total_spend", "model_version", "as_of"]
+    keys = [
+        "customer_id",
+        "clv",
+        "p_purchase",
+        "segment",
+        "cluster",
+        "value_tier",
+        "recency_days",
+        "frequency",
+        "monetary",
+        "tenure_days",
+        "total_spend",
+        "model_version",
+        "as_of",
+    ]
     st.table(pd.DataFrame({"field": keys, "value": [str(row[k]) for k in keys]}), hide_index=True)
     if book:
-        st.info(f"**{row['segment']}**: {book.what_to_do}. Watch: {book.signals}. "
-                f"Measure: {book.what_to_measure}.")
+        st.info(f"**{row['segment']}**: {book.what_to_do}. Watch: {book.signals}. Measure: {book.what_to_measure}.")
     if row["drivers"] is None:
-        st.caption(f"Why this score: the snapshot carries the drivers of its top customers by expected "
-                   f"CLV only; `clv score FILE --explain {row['customer_id']}` or the worker's "
-                   f"/customers/{row['customer_id']} explain any customer.")
+        st.caption(
+            f"Why this score: the snapshot carries the drivers of its top customers by expected "
+            f"CLV only; `clv score FILE --explain {row['customer_id']}` or the worker's "
+            f"/customers/{row['customer_id']} explain any customer."
+        )
         return
     st.altair_chart(waterfall(row["drivers"]), width="stretch")
-    st.caption("Each bar is what one group of the customer's model inputs adds to, or takes from, the "
-               "score of the model's average customer (every input the mean of its training cohort's); "
-               "together they make the customer's expected CLV (exact Shapley values of the groups).")
+    st.caption(
+        "Each bar is what one group of the customer's model inputs adds to, or takes from, the "
+        "score of the model's average customer (every input the mean of its training cohort's); "
+        "together they make the customer's expected CLV (exact Shapley values of the groups)."
+    )
 
 
 WATERFALL_TITLE = "Why this score: drivers from the model's average customer ($)"
@@ -416,27 +600,57 @@ WATERFALL_TITLE = "Why this score: drivers from the model's average customer ($)
 def waterfall(drivers: dict[str, Any]) -> alt.Chart:
     """The reference score, each group's contribution from where the previous one ended, and
     the customer's clv: a bar per step, labelled with its dollars."""
-    steps = [{"step": "average customer", "start": 0.0, "end": drivers["reference_clv"],
-              "amount": drivers["reference_clv"], "kind": "score", "meaning": "the reference"}]
+    steps = [
+        {
+            "step": "average customer",
+            "start": 0.0,
+            "end": drivers["reference_clv"],
+            "amount": drivers["reference_clv"],
+            "kind": "score",
+            "meaning": "the reference",
+        }
+    ]
     level = drivers["reference_clv"]
     for d in drivers["drivers"]:
-        steps.append({"step": d["group"], "start": level, "end": level + d["contribution"],
-                      "amount": d["contribution"], "kind": "raises" if d["contribution"] >= 0 else "lowers",
-                      "meaning": d["meaning"]})
+        steps.append(
+            {
+                "step": d["group"],
+                "start": level,
+                "end": level + d["contribution"],
+                "amount": d["contribution"],
+                "kind": "raises" if d["contribution"] >= 0 else "lowers",
+                "meaning": d["meaning"],
+            }
+        )
         level += d["contribution"]
-    steps.append({"step": "expected CLV", "start": 0.0, "end": drivers["clv"], "amount": drivers["clv"],
-                  "kind": "score", "meaning": "this customer's score"})
+    steps.append(
+        {
+            "step": "expected CLV",
+            "start": 0.0,
+            "end": drivers["clv"],
+            "amount": drivers["clv"],
+            "kind": "score",
+            "meaning": "this customer's score",
+        }
+    )
     frame = pd.DataFrame(steps)
-    frame["label"] = [money(a, cents=True) if k == "score" else f"{a:+,.2f}"
-                      for a, k in zip(frame["amount"], frame["kind"])]
+    frame["label"] = [
+        money(a, cents=True) if k == "score" else f"{a:+,.2f}" for a, k in zip(frame["amount"], frame["kind"])
+    ]
     frame["top"] = frame[["start", "end"]].max(axis=1)
     base = alt.Chart(frame, title=WATERFALL_TITLE).encode(
-        x=alt.X("step:N", sort=list(frame["step"]), title=None, axis=alt.Axis(labelAngle=0)))
+        x=alt.X("step:N", sort=list(frame["step"]), title=None, axis=alt.Axis(labelAngle=0))
+    )
     bars = base.mark_bar().encode(
-        y=alt.Y("start:Q", title="expected spend ($)"), y2="end:Q",
-        color=alt.Color("kind:N", title=None, scale=alt.Scale(
-            domain=["score", "raises", "lowers"], range=["#4c78a8", "#54a24b", "#e45756"])),
-        tooltip=["step", alt.Tooltip("label:N", title="dollars"), "meaning"])
+        y=alt.Y("start:Q", title="expected spend ($)"),
+        y2="end:Q",
+        color=alt.Color(
+            "kind:N",
+            title=None,
+            scale=alt.Scale(domain=["score", "raises", "lowers"], range=["#4c78a8", "#54a24b", "#e45756"]),
+        ),
+        tooltip=["step", alt.Tooltip("label:N", title="dollars"), "meaning"],
+    )
     labels = base.mark_text(dy=-6).encode(y="top:Q", text="label:N")
     return svg((bars + labels).properties(height=320))
 
@@ -451,17 +665,23 @@ def evaluation(model_dir: Path) -> None:
     path = model_dir / EVALUATION_FILE
     plots = sorted(model_dir.glob("*.png"))
     if not path.exists() and not plots:
-        st.caption(f"no holdout evaluation beside this model: `clv evaluate FILE --cutoff D --json "
-                   f"{model_dir}/{EVALUATION_FILE} --plots {model_dir}` puts one here")
+        st.caption(
+            f"no holdout evaluation beside this model: `clv evaluate FILE --cutoff D --json "
+            f"{model_dir}/{EVALUATION_FILE} --plots {model_dir}` puts one here"
+        )
         return
     if path.exists():
         doc = json.loads(path.read_text())
         if "models" in doc:
-            rows = [{"model": name, **{k: "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS}}
-                    for name, m in doc["models"].items()]
+            rows = [
+                {"model": name, **{k: "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS}}
+                for name, m in doc["models"].items()
+            ]
         else:
-            rows = [{"model": name, **{k: f"{m[k]['mean']:.3f} ± {m[k]['sd']:.3f}" if k in m else "n/a"
-                                       for k in METRICS}} for name, m in doc["summary"].items()]
+            rows = [
+                {"model": name, **{k: f"{m[k]['mean']:.3f} ± {m[k]['sd']:.3f}" if k in m else "n/a" for k in METRICS}}
+                for name, m in doc["summary"].items()
+            ]
         st.caption(f"Holdout evaluation ({doc['customers']:,} customers; `clv evaluate`)")
         st.table(pd.DataFrame(rows), hide_index=True)
     for col, png in zip(st.columns(max(len(plots), 1)), plots):
@@ -481,16 +701,21 @@ def training_run(meta: dict[str, Any]) -> None:
     it can be repeated with `clv train`."""
     st.subheader("The training run")
     config = {k: v for k, v in (meta.get("train_config") or {}).items() if not isinstance(v, (dict, list))}
-    run = {"training data (sha256)": meta.get("training_data_sha256", "-"),
-           "cutoff": meta["cutoff"][:10], **{k.replace("_", " "): str(v) for k, v in config.items()}}
+    run = {
+        "training data (sha256)": meta.get("training_data_sha256", "-"),
+        "cutoff": meta["cutoff"][:10],
+        **{k.replace("_", " "): str(v) for k, v in config.items()},
+    }
     st.table(pd.DataFrame({"setting": list(run), "value": list(run.values())}), hide_index=True)
 
 
 def training_cohort(meta: dict[str, Any]) -> None:
     """The inputs' percentiles on the training cohort: what scored customers are compared with."""
     if meta.get("population"):
-        st.caption("Training cohort at the cutoff: each input's 10th, 50th and 90th percentiles "
-                   "(what the drift check compares scored customers with)")
+        st.caption(
+            "Training cohort at the cutoff: each input's 10th, 50th and 90th percentiles "
+            "(what the drift check compares scored customers with)"
+        )
         st.table(pd.DataFrame(population.percentiles(meta["population"])), hide_index=True)
 
 
@@ -502,8 +727,10 @@ def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path, drif
     drift_banner(drift, "model")
     versions = data["summary"]["model_versions"] or []
     if meta["version"] not in versions:
-        st.warning(f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
-                   "shown here: start the dashboard with --model for that artifact")
+        st.warning(
+            f"the snapshot was scored by {', '.join(versions)}, not by {meta['version']} "
+            "shown here: start the dashboard with --model for that artifact"
+        )
     training = meta.get("training", {})
     facts = {
         "version": meta["version"],
@@ -514,10 +741,10 @@ def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path, drif
         "labelled examples": _examples(meta),
         "ensemble": f"{len(training.get('members', []))} GRUs",
         "discount rate": f"{meta.get('discount_rate', 0.0):.0%} a year",
-        "ONNX vs torch (max rel. diff)": ", ".join(f"{k} {v['max_rel_diff']:.1e}"
-                                                    for k, v in meta.get("parity", {}).items()),
-        "segment CLV thresholds": ", ".join(f"{k} {money(v, cents=True)}"
-                                            for k, v in meta["clv_quantiles"].items()),
+        "ONNX vs torch (max rel. diff)": ", ".join(
+            f"{k} {v['max_rel_diff']:.1e}" for k, v in meta.get("parity", {}).items()
+        ),
+        "segment CLV thresholds": ", ".join(f"{k} {money(v, cents=True)}" for k, v in meta["clv_quantiles"].items()),
         "training cohort": population.describe(meta.get("population")),
     }
     st.table(pd.DataFrame({"fact": list(facts), "value": list(facts.values())}), hide_index=True)
@@ -526,27 +753,53 @@ def model_card(data: dict[str, Any], meta: dict[str, Any], model_dir: Path, drif
     left, right = st.columns(2)
     members = pd.DataFrame([{"member": f"gru[{i}]", **m} for i, m in enumerate(training.get("members", []))])
     if not members.empty:
-        left.altair_chart(alt.Chart(members, title="Validation loss per ensemble member").mark_bar().encode(
-            x=alt.X("member:N", title=None), y=alt.Y("valid_loss:Q", title="validation loss"),
-            tooltip=["member", "best_epoch", "valid_loss"]), width="stretch")
+        left.altair_chart(
+            alt.Chart(members, title="Validation loss per ensemble member")
+            .mark_bar()
+            .encode(
+                x=alt.X("member:N", title=None),
+                y=alt.Y("valid_loss:Q", title="validation loss"),
+                tooltip=["member", "best_epoch", "valid_loss"],
+            ),
+            width="stretch",
+        )
     c = meta.get("clustering")
     if c:
-        by_k = pd.DataFrame([{"method": m, "k": int(k), **s} for m, r in c["methods"].items()
-                             for k, s in r["by_k"].items()])
-        right.altair_chart(alt.Chart(by_k, title="Cluster silhouette by k").mark_line(point=True).encode(
-            x=alt.X("k:O"), y=alt.Y("silhouette:Q"), color="method:N",
-            tooltip=["method", "k", "silhouette", "calinski_harabasz", "davies_bouldin"]), width="stretch")
-        scores = pd.DataFrame([{"method": m, "k": r["k"], "silhouette": r["silhouette"],
-                                "calinski_harabasz": r["calinski_harabasz"],
-                                "davies_bouldin": r["davies_bouldin"],
-                                "chosen": "yes" if m == c["method"] else ""} for m, r in c["methods"].items()])
-        st.caption("Clustering methods, each at the k with its best silhouette, scored on the "
-                   "nearest-centroid labels subscribers get")
+        by_k = pd.DataFrame(
+            [{"method": m, "k": int(k), **s} for m, r in c["methods"].items() for k, s in r["by_k"].items()]
+        )
+        right.altair_chart(
+            alt.Chart(by_k, title="Cluster silhouette by k")
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("k:O"),
+                y=alt.Y("silhouette:Q"),
+                color="method:N",
+                tooltip=["method", "k", "silhouette", "calinski_harabasz", "davies_bouldin"],
+            ),
+            width="stretch",
+        )
+        scores = pd.DataFrame(
+            [
+                {
+                    "method": m,
+                    "k": r["k"],
+                    "silhouette": r["silhouette"],
+                    "calinski_harabasz": r["calinski_harabasz"],
+                    "davies_bouldin": r["davies_bouldin"],
+                    "chosen": "yes" if m == c["method"] else "",
+                }
+                for m, r in c["methods"].items()
+            ]
+        )
+        st.caption(
+            "Clustering methods, each at the k with its best silhouette, scored on the "
+            "nearest-centroid labels subscribers get"
+        )
         st.table(shown(scores), hide_index=True)
         st.caption("Cluster profiles on the training cohort: share, medians, mean return share")
         profiles = pd.DataFrame([{"cluster": name, **p} for name, p in c["profiles"].items()])
-        st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)),
-                 hide_index=True)
+        st.table(shown(profiles, share_cols=("share", "return_share"), money_cols=("order_value",)), hide_index=True)
     evaluation(model_dir)
 
 
@@ -559,8 +812,7 @@ def main() -> None:
     st.title("Customer lifetime value")
     snap_stamp = stamp(path)
     if snap_stamp is None:
-        st.info(f"no snapshot at {path} yet: is `clv snapshot` running? This page looks again every "
-                f"{REFRESH_S:g} s.")
+        st.info(f"no snapshot at {path} yet: is `clv snapshot` running? This page looks again every {REFRESH_S:g} s.")
     watch(path, snap_stamp)
     if snap_stamp is None:
         return
@@ -592,6 +844,7 @@ def main() -> None:
 
 def watch(path: Path, shown_stamp: tuple[int, int] | None) -> None:
     """Reruns the page when a new snapshot replaces the one it shows."""
+
     @st.fragment(run_every=REFRESH_S)
     def check() -> None:
         if stamp(path) != shown_stamp:
