@@ -119,6 +119,11 @@ class Settings(BaseModel):
         "state changelog and explains their scores with the model in model_dir); 0: none",
         ge=0,
     )
+    snapshot_distributions: bool = _setting(
+        True,
+        "each snapshot carries every customer's predictive distribution of spend, what P(spend >= T) "
+        "is computed from (the sink reads the state changelog and runs the model in model_dir)",
+    )
     api_host: str = _setting("127.0.0.1", "analyst API bind address")
     api_port: int = _setting(8080, "analyst API port", gt=0, lt=65536)
     api_token: str = _setting(

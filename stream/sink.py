@@ -8,9 +8,10 @@ lives in DuckDB (`state.snapshot.tables.Snapshots`), not in Python, so memory st
 the customer count. A message the score contract refuses is counted, logged with its partition
 and offset, and skipped.
 
-Each snapshot also carries the drivers of its top customers' scores (`snapshot_drivers_top`):
-for those the sink reads the worker's state changelog too, from its start at every start of the
-sink (`stream.drivers`).
+Each snapshot also carries the drivers of its top customers' scores (`snapshot_drivers_top`,
+`stream.drivers`) and every customer's predictive distribution of spend (`snapshot_distributions`,
+`stream.distributions`): for those the sink reads the worker's state changelog too, from its start
+at every start of the sink, into one copy of the customer states (`stream.state_copy`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from export_onnx import ArtifactError
 from export_onnx.runtime import Artifact
 from features.scores import parse_score
 from state.snapshot import tables as snapshot
+from stream.distributions import Distributions
 from stream.drivers import TopDrivers
 from stream.kafka_io import started_consumer
 from stream.replay import all_topics, ensure_topics
 from stream.settings import Settings
+from stream.state_copy import StateCopy
 
 log = logging.getLogger("clv.snapshot")
 
@@ -44,7 +47,7 @@ class Sink:
         self.changed = False
         self.bad = 0
         self.snapshots = 0
-        self.drivers = top_drivers(settings)
+        self.states, self.drivers, self.distributions = with_model(settings)
 
     def fold(self, records: list[Any]) -> None:
         for rec in records:
@@ -63,9 +66,14 @@ class Sink:
             self.changed = True
 
     def publish(self) -> int:
-        """Publish a snapshot, with the drivers of its top customers; returns its customers."""
+        """Publish a snapshot, with the drivers of its top customers and the distributions of
+        the customers whose score changed; returns its customers."""
         started = time.perf_counter()
         drivers = self.drivers.rows(self.store.top(self.drivers.top)) if self.drivers else []
+        if self.distributions:
+            self.distributions.start()
+            for changed in self.store.undistributed(self.distributions.version):
+                self.store.keep_distributions(self.distributions.rows(changed))
         rows = self.store.publish(drivers)
         self.changed = False
         self.snapshots += 1
@@ -98,7 +106,7 @@ class Sink:
             )
         scores, changelog = self.settings.scores_topic, self.settings.changelog_topic
         topics = {scores: all_topics(self.settings)[scores]}
-        if self.drivers:  # as the worker and the bootstrap create it
+        if self.states:  # as the worker and the bootstrap create it
             topics[changelog] = {"cleanup.policy": "compact"}
         await ensure_topics(self.settings, topics)
         consumer = await started_consumer(
@@ -114,20 +122,25 @@ class Sink:
                 for tp, records in batch.items():
                     if tp.topic == scores:
                         self.fold(records)
-                    elif self.drivers:
-                        self.drivers.fold(tp.partition, records)
+                    elif self.states:
+                        self.states.fold(tp.partition, records)
                 if time.monotonic() >= next_write:
-                    if self.changed or (self.drivers and self.drivers.waiting()):
+                    if self.changed or self._waiting():
                         self.publish()
                     next_write = time.monotonic() + self.settings.snapshot_interval_s
-            if self.changed or not self.path.exists() or (self.drivers and self.drivers.waiting()):
+            if self.changed or not self.path.exists() or self._waiting():
                 self.publish()  # the shutdown snapshot
         finally:
             await consumer.stop()
 
+    def _waiting(self) -> bool:
+        """A snapshot lacked drivers or distributions for want of states that arrived since."""
+        return any(part.waiting() for part in (self.drivers, self.distributions) if part)
+
     async def _assign(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> set[int]:
         """Every partition of the scores topic (and of the state changelog, which is
-        co-partitioned with it, for the drivers), each from where the sink has read to."""
+        co-partitioned with it, for the drivers and distributions), each from where the sink has
+        read to."""
         topic = self.settings.scores_topic
         partitions = consumer.partitions_for_topic(topic)
         while not partitions and not stop.is_set():
@@ -141,7 +154,7 @@ class Sink:
                 TopicPartition(self.settings.changelog_topic, p)
                 for p in sorted(consumer.partitions_for_topic(self.settings.changelog_topic) or ())
             ]
-            if self.drivers
+            if self.states
             else []
         )
         consumer.assign(tps + states)
@@ -150,8 +163,8 @@ class Sink:
                 consumer.seek(tp, self.store.offsets[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)
-        for tp in states:  # only with drivers
-            consumer.seek(tp, self.drivers.next_offset(tp.partition) if self.drivers else 0)
+        for tp in states:  # only with a state copy
+            consumer.seek(tp, self.states.next_offset(tp.partition) if self.states else 0)
         return partitions
 
     def _grew(self, consumer: AIOKafkaConsumer, assigned: set[int]) -> bool:
@@ -160,18 +173,27 @@ class Sink:
         return bool(set(now) - assigned)
 
 
-def top_drivers(settings: Settings) -> TopDrivers | None:
-    """What explains the top customers' scores, or None: none asked for, or a model that carries
-    no reference customer (then the snapshots go without drivers, and the log says why). A model
-    directory that holds no usable model is an ArtifactError, as for every command."""
-    if not settings.snapshot_drivers_top:
-        return None
-    artifact = Artifact.load(settings.model_dir or None)
-    try:
-        return TopDrivers(artifact, settings.snapshot_drivers_top)
-    except ArtifactError as exc:
-        log.warning("snapshots carry no drivers: %s", exc)
-        return None
+def with_model(settings: Settings) -> tuple[StateCopy | None, TopDrivers | None, Distributions | None]:
+    """The copy of the customer states, what explains the top customers' scores and what computes
+    distributions: None for a part not asked for, or one the model cannot give (a model that
+    carries no reference customer gives no drivers, one trained before the distribution none: the
+    log says why); no state copy when neither is made. A model directory that holds no usable
+    model is an ArtifactError, as for every command."""
+    if not settings.snapshot_drivers_top and not settings.snapshot_distributions:
+        return None, None, None
+    artifact, states = Artifact.load(settings.model_dir or None), StateCopy()
+    drivers = distributions = None
+    if settings.snapshot_drivers_top:
+        try:
+            drivers = TopDrivers(artifact, settings.snapshot_drivers_top, states)
+        except ArtifactError as exc:
+            log.warning("snapshots carry no drivers: %s", exc)
+    if settings.snapshot_distributions:
+        try:
+            distributions = Distributions(artifact, states)
+        except ArtifactError as exc:
+            log.warning("snapshots carry no distributions: %s", exc)
+    return (states if drivers or distributions else None), drivers, distributions
 
 
 def run(settings: Settings) -> int:
@@ -203,7 +225,13 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
     from features.scores import SCORE_SCHEMA_VERSION, IsoTime, Offset, ScoreRecord, encode_score
     from features.segments import SEGMENTS
 
-    settings = settings.model_copy(update={"snapshot_path": str(workdir / "clv.duckdb"), "snapshot_drivers_top": 0})
+    settings = settings.model_copy(
+        update={
+            "snapshot_path": str(workdir / "clv.duckdb"),
+            "snapshot_drivers_top": 0,
+            "snapshot_distributions": False,
+        }
+    )
     for old in Path(workdir).glob("*clv.duckdb*"):
         old.unlink()
     sink = Sink(settings)

@@ -30,6 +30,7 @@ from harness import CLV, Api
 from state.live.base.partition import encode_key
 from state.live.record import encode_state
 from stream.drivers import TopDrivers
+from stream.state_copy import StateCopy
 from state.snapshot.queries import Snapshot
 from stream.cli import main
 from stream.processes import Child, clv
@@ -219,9 +220,10 @@ def test_the_sink_writes_drivers_only_where_state_and_score_agree(artifact, cdno
     states, at = cdnow
     chosen = sorted(states, key=lambda s: -max(s.months, default=0))[:4]  # recent buyers
     scores = score_states(artifact, chosen, at)
-    drivers = TopDrivers(artifact, top=4)
+    copy = StateCopy()
+    drivers = TopDrivers(artifact, 4, copy)
     record = namedtuple("record", "key value offset")
-    drivers.fold(0, [record(encode_key(s.customer_id), encode_state(s), i) for i, s in enumerate(chosen)])
+    copy.fold(0, [record(encode_key(s.customer_id), encode_state(s), i) for i, s in enumerate(chosen)])
     top = [{"customer_id": s.customer_id, "clv": s.clv, "as_of": at, "event_offset": -1,
             "model_version": s.model_version, "source_partition": 0} for s in scores]
     top[1]["as_of"] = at - timedelta(days=62)  # a score older than the state's newest month
@@ -231,6 +233,6 @@ def test_the_sink_writes_drivers_only_where_state_and_score_agree(artifact, cdno
     assert {r[0] for r in rows} == {scores[0].customer_id}
     assert rows[0][4] + sum(r[3] for r in rows) == pytest.approx(scores[0].clv, rel=1e-3)
     assert not drivers.waiting()  # nothing read since
-    drivers.fold(0, [record(encode_key(chosen[2].customer_id), encode_state(chosen[2]), 10)])
+    copy.fold(0, [record(encode_key(chosen[2].customer_id), encode_state(chosen[2]), 10)])
     assert drivers.waiting()
     assert drivers.rows(top) == rows and not drivers.waiting()  # the first is not computed again

@@ -33,9 +33,15 @@ class Insight:
     value: float
 
 
-def has(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    """The snapshot has this table or view: those written before it existed lack it."""
-    return bool(one(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]))[0])
+def has(con: duckdb.DuckDBPyConnection, name: str, catalog: str | None = None) -> bool:
+    """The snapshot (the database `catalog` when given) has this table or view: those written
+    before it existed lack it."""
+    sql = "SELECT count(*) FROM information_schema.tables WHERE table_name = ?"
+    params = [name]
+    if catalog is not None:
+        sql += " AND table_catalog = ?"
+        params.append(catalog)
+    return bool(one(con.execute(sql, params))[0])
 
 
 def compute(con: duckdb.DuckDBPyConnection) -> list[Insight]:

@@ -19,6 +19,13 @@ Tables:
 - `customer_drivers`: for the top customers by clv, the drivers of their score (dollars per group
   of model inputs, largest first, against the model's average customer: `reference_clv` + the
   customer's contributions = its clv in `customer_scores`); `stream.drivers` says which.
+- `customer_distribution`: per customer, the predictive distribution of its horizon spend its
+  score came from (`features.distribution.SpendDistribution`: `p`, P(any purchase) at the level,
+  and per ensemble member `weights`, `mu`, `sigma`), with the identity of that score (model,
+  as-of, event offset, clv: the distribution's mean). Only for customers the sink could compute
+  it for with its model from the state the score came from (`stream.distributions`): none in a
+  snapshot written without a model, and none yet for a customer whose state and score were not
+  in step; a reader says "not known" there.
 Views: `segment_summary`, `tier_summary`, `cluster_summary`, `country_summary`: customers,
 totals, means and shares of `clv`, the expected spend, which adds up over customers; `clv` also
 sets the value tiers. `segment_summary` and `tier_summary` state a range of each total:
@@ -40,7 +47,7 @@ from dataclasses import astuple, fields
 from datetime import datetime, timezone
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import duckdb
 import pandas as pd
@@ -48,6 +55,7 @@ import pandas as pd
 from features.clusters import UNKNOWN
 from features.scores import FIELD_TYPES, FIELDS, LEGACY_CLV, PRECEDENCE, IsoTime, Offset, ScoreRecord, iso_time
 from features.segments import PLAYBOOKS, Playbook
+from state.snapshot import insights
 from state.snapshot.insights import one
 
 # Per customer, the fields of its newest score, in message order (the schema version describes
@@ -81,6 +89,24 @@ DRIVER_COLUMNS = (
     ("reference_clv", "DOUBLE"),
     ("meaning", "VARCHAR"),
 )
+# One row per customer whose distribution is known (`stream.distributions.Distributions.rows`).
+DISTRIBUTION_COLUMNS = (
+    ("customer_id", "VARCHAR"),
+    ("model_version", "VARCHAR"),
+    ("as_of", "TIMESTAMPTZ"),
+    ("event_offset", "BIGINT"),
+    ("clv", "DOUBLE"),
+    ("p", "DOUBLE"),
+    ("weights", "DOUBLE[]"),
+    ("mu", "DOUBLE[]"),
+    ("sigma", "DOUBLE[]"),
+)
+_DISTRIBUTION_TABLE = ", ".join(f"{name} {kind}" for name, kind in DISTRIBUTION_COLUMNS)
+# A distribution belongs to the customer's row when it came from that very score.
+_SAME_SCORE = " AND ".join(
+    f"distributions.{name} = scores.{name}" for name in ("customer_id", "model_version", "as_of", "event_offset", "clv")
+)
+DISTRIBUTION_BATCH = 20_000  # customers per model call when the sink computes distributions
 _columns = attrgetter(*COLUMNS)
 
 _SOURCE = ("source_partition", "source_offset")
@@ -116,6 +142,10 @@ CREATE INDEX customer_scores_customer_id ON clv_next.customer_scores (customer_i
 CREATE TABLE clv_next.segment_playbook ({", ".join(f"{name} VARCHAR" for name in _PLAYBOOK_COLUMNS)});
 
 CREATE TABLE clv_next.customer_drivers ({", ".join(f"{name} {kind}" for name, kind in DRIVER_COLUMNS)});
+
+DELETE FROM distributions WHERE NOT EXISTS (SELECT 1 FROM scores WHERE {_SAME_SCORE});
+CREATE TABLE clv_next.customer_distribution AS
+SELECT * FROM distributions ORDER BY customer_id;
 """
 
 # The 80% range of a group's total (normal approximation of a sum of independent customers;
@@ -205,6 +235,7 @@ class Snapshots:
         con.execute(f"SET memory_limit = '{self.memory_limit_mb}MB'")
         con.execute("SET preserve_insertion_order = false")
         con.execute(f"CREATE TABLE scores ({_WORKING})")
+        con.execute(f"CREATE TABLE distributions ({_DISTRIBUTION_TABLE})")
         if not self.path.exists():
             return 0
         con.execute("ATTACH ? AS clv_previous (READ_ONLY)", [str(self.path)])
@@ -230,6 +261,8 @@ class Snapshots:
                 for c in (*COLUMNS, *_SOURCE)
             ]
             con.execute(f"INSERT INTO scores SELECT {', '.join(select)} FROM clv_previous.customer_scores")
+            if insights.has(con, "customer_distribution", "clv_previous"):
+                con.execute("INSERT INTO distributions SELECT * FROM clv_previous.customer_distribution")
         finally:
             con.execute("DETACH clv_previous")
         self.offsets = {int(k): int(v) for k, v in offsets.items()}
@@ -285,6 +318,41 @@ class Snapshots:
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def undistributed(self, model_version: str, batch: int = DISTRIBUTION_BATCH) -> Iterator[list[dict[str, Any]]]:
+        """The customers scored by `model_version` whose distribution the working file lacks
+        (their score changed, or it was never computed), `batch` at a time by customer id, each
+        with its score's identity and the partition it was read from; `keep_distributions` may
+        be called between batches."""
+        self.merge()
+        after = ""
+        while True:
+            cur = self._con().execute(
+                "SELECT customer_id, clv, as_of, event_offset, model_version, source_partition FROM scores "
+                "WHERE model_version = ? AND customer_id > ? AND NOT EXISTS "
+                f"(SELECT 1 FROM distributions WHERE {_SAME_SCORE}) ORDER BY customer_id LIMIT ?",
+                [model_version, after, batch],
+            )
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r)) for r in cur.fetchall()]
+            if not rows:
+                return
+            yield rows
+            after = rows[-1]["customer_id"]
+
+    def keep_distributions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """`customer_distribution` rows, replacing the customers' earlier ones."""
+        if not rows:
+            return
+        con = self._con()
+        frame = pd.DataFrame.from_records(  # noqa: F841  (read by name)
+            list(rows), columns=[name for name, _kind in DISTRIBUTION_COLUMNS]
+        )
+        casts = ", ".join(f"{name}::{kind}" for name, kind in DISTRIBUTION_COLUMNS)
+        con.execute("BEGIN")
+        con.execute("DELETE FROM distributions WHERE customer_id IN (SELECT customer_id FROM frame)")
+        con.execute(f"INSERT INTO distributions SELECT {casts} FROM frame")
+        con.execute("COMMIT")
 
     def publish(self, drivers: Sequence[tuple[Any, ...]] = ()) -> int:
         """Write the whole snapshot to a temporary file, rename it over the published path;
