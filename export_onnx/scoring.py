@@ -20,6 +20,7 @@ from features.batch import end_of, read_history, snapshots
 from features.cleaning import CleaningReport
 from features import population
 from features.clusters import assign_clusters, behaviour
+from features.distribution import at_least_column
 from features.loaders import LoadError
 from features.scores import CUSTOMER_FIELDS, SCORE_SCHEMA_VERSION, Offset, ScoreRecord, iso_time
 from features.segments import segment
@@ -97,11 +98,6 @@ def score_cohort(
     raw = artifact.raw_predict(inputs)
     records = assemble(artifact, states, fields, artifact.predict_raw(raw), as_of)
     return records, {at_least_column(t): artifact.prob_at_least(raw, t).tolist() for t in at_least}, inputs
-
-
-def at_least_column(threshold: float) -> str:
-    """The column of P(spend >= threshold): `p_at_least_100` for 100, `p_at_least_99.5`."""
-    return f"p_at_least_{threshold:g}"
 
 
 @dataclass

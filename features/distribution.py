@@ -38,6 +38,12 @@ _ERFC = (
 )
 
 
+def at_least_column(threshold: float) -> str:
+    """The column of P(spend >= threshold) in a file or table: `p_at_least_100` for 100,
+    `p_at_least_99.5` (`clv score --at-least`, the snapshot's exports)."""
+    return f"p_at_least_{threshold:g}"
+
+
 def normal_sf(z: np.ndarray) -> np.ndarray:
     """P(Z > z) for a standard normal (numpy has no erf; scipy is not a serving dependency)."""
     x = np.abs(z) / _SQRT2

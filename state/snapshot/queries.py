@@ -9,7 +9,14 @@ and closes the previous one when its last reader is done, so a question is alway
 one whole snapshot, never a mix of two. A snapshot never changes once published, so the answers to
 the questions asked over and over (tables per segment, tier, cluster or country, insights, top
 lists) are kept with the open file and answered again without DuckDB until the file is replaced;
-a customer lookup reads the snapshot's index. Free SQL (`sql`) runs on a connection of its own, opened
+a customer lookup reads the snapshot's index.
+
+P(horizon spend >= T) for a threshold T the analyst picks (`Selection.at_least`, a lookup's
+`at_least`) is computed with numpy from the predictive distribution the snapshot keeps per customer
+(`customer_distribution`, `features.distribution.SpendDistribution`): no model is needed. A
+customer the snapshot holds no distribution for (written without a model, or its state and score
+not yet in step) has it "not known": None (an empty CSV field), and a `min_probability` filter
+leaves it out, since it cannot say it holds. Free SQL (`sql`) runs on a connection of its own, opened
 read-only for that query, so nothing sent through it can write, attach, read files or re-enable
 either, and it can be stopped from another thread.
 """
@@ -27,8 +34,10 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Hashable, Iterator, Mapping, NamedTuple, TypeVar
 
 import duckdb
+import numpy as np
 import pandas as pd
 
+from features.distribution import SpendDistribution, at_least_column
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook
 from state.snapshot import insights
 from state.snapshot.insights import one
@@ -123,13 +132,65 @@ class Selection:
     """Which customers a top list or an export covers: every filter must hold. `segments` may
     name segments and value tiers (a customer in any of the segments named, and in any of the
     tiers named); `clusters` behavioral clusters; then minimum frequency and expected CLV;
-    `countries` countries ("" where unknown)."""
+    `countries` countries ("" where unknown). `at_least` adds each customer's P(horizon spend
+    >= at_least); `min_probability` (with `at_least`) keeps the customers for whom it is at least
+    that."""
 
     segments: tuple[str, ...] = ()
     clusters: tuple[str, ...] = ()
     min_frequency: int = 0
     min_clv: float | None = None
     countries: tuple[str, ...] = ()
+    at_least: float | None = None
+    min_probability: float | None = None
+
+
+# The distribution's parameters beside a customer's row (`_DISTRIBUTION`), dropped once read.
+_PARAMETERS = ("dist_p", "dist_weights", "dist_mu", "dist_sigma")
+
+
+def _distribution(con: duckdb.DuckDBPyConnection) -> str:
+    """What joins each customer's distribution parameters to its row (NULL where none: every
+    customer of a snapshot written before distributions were kept)."""
+    if insights.has(con, "customer_distribution"):
+        return (
+            " LEFT JOIN (SELECT customer_id, p AS dist_p, weights AS dist_weights, mu AS dist_mu, "
+            "sigma AS dist_sigma FROM customer_distribution) USING (customer_id)"
+        )
+    return (
+        ", (SELECT NULL::DOUBLE AS dist_p, NULL::DOUBLE[] AS dist_weights, NULL::DOUBLE[] AS dist_mu, "
+        "NULL::DOUBLE[] AS dist_sigma)"
+    )
+
+
+def prob_at_least(frame: pd.DataFrame, threshold: float) -> np.ndarray:
+    """P(horizon spend >= threshold) per row of `frame` (its `dist_*` parameters); NaN where the
+    snapshot holds no distribution. Customers scored by models of different ensemble sizes are
+    computed a size at a time."""
+    out = np.full(len(frame), np.nan)
+    known = frame["dist_p"].notna().to_numpy()
+    if not known.any():
+        return out
+    rows = np.flatnonzero(known)
+    sizes = np.array([len(w) for w in frame["dist_weights"].to_numpy()[rows]])
+    for size in np.unique(sizes):
+        at = rows[sizes == size]
+        dist = SpendDistribution(
+            frame["dist_p"].to_numpy(np.float64)[at],
+            *(np.stack(frame[name].to_numpy()[at]).astype(np.float64) for name in _PARAMETERS[1:]),
+        )
+        out[at] = dist.prob_at_least(threshold)
+    return out
+
+
+def _likely(frame: pd.DataFrame, sel: Selection, column: str) -> pd.DataFrame:
+    """The rows with P(spend >= sel.at_least) as `column`, those under `sel.min_probability` left
+    out, the distribution parameters dropped."""
+    p = prob_at_least(frame, sel.at_least if sel.at_least is not None else 0.0)
+    out = frame.drop(columns=list(_PARAMETERS)).assign(**{column: p})
+    if sel.min_probability is not None:
+        out = out[p >= sel.min_probability]  # NaN (not known) fails: it cannot be said to hold
+    return out
 
 
 def stamp(path: Path) -> tuple[int, int, int] | None:
@@ -286,6 +347,13 @@ class Snapshot:
     def _filter(sel: Selection) -> tuple[str, list[Any]]:
         conds: list[str] = []
         params: list[Any] = []
+        if sel.at_least is not None and not (math.isfinite(sel.at_least) and sel.at_least >= 0):
+            raise QueryError(f"at_least must be a dollar amount of 0 or more, got {sel.at_least}")
+        if sel.min_probability is not None:
+            if sel.at_least is None:
+                raise QueryError("min_probability needs at_least: the probability of spending at least what?")
+            if not 0 <= sel.min_probability <= 1:
+                raise QueryError(f"min_probability must be between 0 and 1, got {sel.min_probability}")
         for name in sel.segments:
             if name not in SEGMENTS and name not in TIERS:
                 raise QueryError(
@@ -309,12 +377,25 @@ class Snapshot:
         return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
     def top(self, n: int = 20, sel: Selection = Selection()) -> list[dict[str, Any]]:
+        """The `n` customers of the highest clv the selection keeps; with `sel.at_least`, each
+        with `p_at_least`, P(horizon spend >= at_least) (None: not known)."""
         if n <= 0:
             raise QueryError(f"n must be positive, got {n}")
         where, params = self._filter(sel)
-        return self._kept_rows(
-            f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id LIMIT ?", [*params, n]
-        )
+        if sel.at_least is None:
+            return self._kept_rows(
+                f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id LIMIT ?", [*params, n]
+            )
+
+        def read(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+            cur = con.execute(*self._export_query(sel, con))
+            kept: list[pd.DataFrame] = []
+            while sum(map(len, kept)) < n and not (chunk := cur.fetch_df_chunk(1)).empty:
+                kept.append(_likely(chunk, sel, "p_at_least"))  # best first: stop once n are kept
+            frame = pd.concat(kept).head(n) if kept else pd.DataFrame()
+            return [{c: _plain(v) for c, v in row.items()} for row in frame.to_dict("records")]
+
+        return self._kept(("top", n, sel), read)
 
     def segments(self) -> list[dict[str, Any]]:
         return self._kept_rows("SELECT * FROM segment_summary")
@@ -357,13 +438,25 @@ class Snapshot:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
         return self._kept_rows("SELECT * FROM cluster_summary")
 
-    def customer(self, customer_id: str) -> dict[str, Any] | None:
+    def customer(self, customer_id: str, at_least: float | None = None) -> dict[str, Any] | None:
         """The customer's row, with `drivers`: how its score adds up from the model's average
-        customer when the snapshot carries them (its top customers), else None."""
+        customer when the snapshot carries them (its top customers), else None; with `at_least`,
+        also `at_least` and `p_at_least`, P(horizon spend >= at_least), None when not known."""
+        sel = Selection(at_least=at_least)
+        self._filter(sel)
         opened = self._acquire()
         try:
             con = opened.thread_cursor()
-            rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            if at_least is None:
+                rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            else:
+                found = con.execute(
+                    f"SELECT * FROM customer_scores{_distribution(con)} WHERE customer_id = ?", [customer_id]
+                ).df()
+                rows = [
+                    {c: _plain(v) for c, v in r.items()}
+                    for r in _likely(found, sel, "p_at_least").assign(at_least=at_least).to_dict("records")
+                ]
             if not rows:
                 return None
             explained = opened.answer("explained customers", _explained)
@@ -415,23 +508,33 @@ class Snapshot:
             interrupt.attach(None)
             con.close()
 
-    def _export_query(self, sel: Selection) -> tuple[str, list[Any]]:
+    def _export_query(self, sel: Selection, con: duckdb.DuckDBPyConnection | None = None) -> tuple[str, list[Any]]:
+        """The selection's rows, best first; with `at_least` (then `con` is given), each with its
+        distribution's parameters (`_PARAMETERS`) for `_likely`."""
         where, params = self._filter(sel)
-        return f"SELECT * FROM customer_scores{where} ORDER BY clv DESC, customer_id", params
+        joined = _distribution(con) if con is not None and sel.at_least is not None else ""
+        return f"SELECT * FROM customer_scores{joined}{where} ORDER BY clv DESC, customer_id", params
 
     def frame(self, sel: Selection = Selection()) -> pd.DataFrame:
-        """The export's rows, best first: `clv export`, the API's and the dashboard's downloads."""
+        """The export's rows, best first: `clv export`, the API's and the dashboard's downloads;
+        with `sel.at_least`, P(spend >= at_least) as `p_at_least_<at_least>` (`clv score
+        --at-least`'s column), empty where not known."""
         with self.reading() as con:
-            return con.execute(*self._export_query(sel)).df()
+            frame = con.execute(*self._export_query(sel, con)).df()
+        if sel.at_least is None:
+            return frame
+        return _likely(frame, sel, at_least_column(sel.at_least)).reset_index(drop=True)
 
     def csv_chunks(self, sel: Selection = Selection(), vectors: int = 25) -> Generator[tuple[str, int], None, None]:
         """The export as (CSV text, rows in it), header first, read from DuckDB `vectors` x 2,048
         rows at a time, so an export over HTTP never holds the whole snapshot in memory. Its own
         cursor stays on the snapshot it started on until the iterator ends or is closed."""
         with self.reading(own_cursor=True) as con:
-            cur = con.execute(*self._export_query(sel))
+            cur = con.execute(*self._export_query(sel, con))
             header = True
             while not (frame := cur.fetch_df_chunk(vectors)).empty or header:
+                if sel.at_least is not None:
+                    frame = _likely(frame, sel, at_least_column(sel.at_least))
                 yield frame.to_csv(index=False, header=header), len(frame)
                 header = False
 
