@@ -1,5 +1,5 @@
 """The bench commands at tiny sizes: they run end to end and report sane figures. No timing
-assertions: figures are for BENCHMARKS.md, measured on a quiet machine."""
+assertions: figures are for docs/benchmarks.md, measured on a quiet machine."""
 
 from __future__ import annotations
 
