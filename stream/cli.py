@@ -693,7 +693,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         _output(args.json, "--json")
     workdir = bench.workdir_for(args.workdir)
-    bootstrap = args.bootstrap
+    bootstrap = getattr(args, "bootstrap", None)  # absent for the benchmarks without a broker
     if args.what == "throughput":
         result = bench.throughput(
             args.invoices,
@@ -1053,7 +1053,8 @@ def build_parser() -> argparse.ArgumentParser:
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
-        b.add_argument("--bootstrap", default=None, help="Kafka to use (default: the embedded broker)")
+        if name not in ("scoring", "sink", "api"):  # those three measure without a broker
+            b.add_argument("--bootstrap", default=None, help="Kafka to use (default: the embedded broker)")
         b.set_defaults(func=cmd_bench)
         if name in ("throughput", "latency"):
             b.add_argument("--invoices", type=_positive_int, default=100_000, help="invoice events (default 100000)")
