@@ -1092,14 +1092,14 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
         if name in ("throughput", "latency", "state", "month-turn"):
+            worker_default = f"the worker's session_timeout_s, {Settings.model_fields['session_timeout_s'].default:g}"
+            default = {"state": "10", "throughput": "each framework's"}.get(name, worker_default)
             b.add_argument(
                 "--session-timeout",
                 type=_positive_float,
                 default=None,
-                help="consumer group session timeout of the processes measured, in seconds "
-                "(default: "
-                + ("10" if name == "state" else "each framework's")
-                + "; the embedded broker holds every group join for half of it)",
+                help=f"consumer group session timeout of the processes measured, in seconds (default: {default}; "
+                "the embedded broker holds every group join for half of it)",
             )
         if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")
