@@ -9,9 +9,11 @@ and closes the previous one when its last reader is done, so a question is alway
 one whole snapshot, never a mix of two. A snapshot never changes once published, so the answers to
 the questions asked over and over (tables per segment, tier, cluster or country, insights, top
 lists) are kept with the open file and answered again without DuckDB until the file is replaced;
-a customer lookup reads the snapshot's index. Free SQL (`sql`) runs on a connection of its own, opened
-read-only for that query, so nothing sent through it can write, attach, read files or re-enable
-either, and it can be stopped from another thread.
+a customer lookup reads every customer's row from memory (`CustomerRows`, built once per snapshot
+by the first lookup that needs it: a DuckDB query costs about 0.3 ms before it reads a row). Free
+SQL (`sql`) runs on a connection of its own, opened read-only for that query, so nothing sent
+through it can write, attach, read files or re-enable either, and it can be stopped from another
+thread.
 """
 
 from __future__ import annotations
@@ -142,6 +144,22 @@ def stamp(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+class CustomerRows:
+    """Every customer's row of one snapshot, held as an Arrow table (about 19 MB per 100,000
+    customers) with each id's position: a lookup in about 0.1 ms instead of a DuckDB query. The
+    rows come from the same query a lookup would run, so they are the same values."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.table = con.sql("SELECT * FROM customer_scores").to_arrow_table()
+        self.position = {c: i for i, c in enumerate(self.table.column("customer_id").to_pylist())}
+
+    def get(self, customer_id: str) -> dict[str, Any] | None:
+        i = self.position.get(customer_id)
+        if i is None:
+            return None
+        return {c: _plain(v) for c, v in self.table.slice(i, 1).to_pylist()[0].items()}
+
+
 class _Opened:
     """One published file, attached read-only to a private in-memory DuckDB (DuckDB shares one
     database per path among the connections of a process, which would keep serving a replaced
@@ -163,6 +181,19 @@ class _Opened:
         self.local = threading.local()
         self.answers: OrderedDict[Hashable, Any] = OrderedDict()
         self.lock = threading.Lock()
+        self.rows: CustomerRows | None = None
+        self.building_rows = threading.Lock()
+
+    def customer_rows(self) -> CustomerRows | None:
+        """The rows in memory; built by the first caller, while the others read through DuckDB
+        (None) rather than wait."""
+        if self.rows is None and self.building_rows.acquire(blocking=False):
+            try:
+                if self.rows is None:
+                    self.rows = CustomerRows(self.thread_cursor())
+            finally:
+                self.building_rows.release()
+        return self.rows
 
     def answer(self, key: Hashable, compute: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """`compute`'s answer on this thread's cursor, kept for the next asker when small; kept
@@ -363,7 +394,12 @@ class Snapshot:
         opened = self._acquire()
         try:
             con = opened.thread_cursor()
-            rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            held = opened.customer_rows()
+            if held is not None:
+                found = held.get(customer_id)
+                rows = [] if found is None else [found]
+            else:
+                rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
             if not rows:
                 return None
             explained = opened.answer("explained customers", _explained)
