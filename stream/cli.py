@@ -693,7 +693,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         _output(args.json, "--json")
     workdir = bench.workdir_for(args.workdir)
-    bootstrap = args.bootstrap
+    bootstrap = getattr(args, "bootstrap", None)  # absent for the benchmarks without a broker
     if args.what == "throughput":
         result = bench.throughput(
             args.invoices,
@@ -1053,7 +1053,8 @@ def build_parser() -> argparse.ArgumentParser:
         b = bench_sub.add_parser(name, help=doc)
         b.add_argument("--json", default=None, help="write the figures as JSON here")
         b.add_argument("--workdir", default=None, help="logs and state (default: a temp dir)")
-        b.add_argument("--bootstrap", default=None, help="Kafka to use (default: the embedded broker)")
+        if name not in ("scoring", "sink", "api"):  # those three measure without a broker
+            b.add_argument("--bootstrap", default=None, help="Kafka to use (default: the embedded broker)")
         b.set_defaults(func=cmd_bench)
         if name in ("throughput", "latency"):
             b.add_argument("--invoices", type=_positive_int, default=100_000, help="invoice events (default 100000)")
@@ -1091,14 +1092,14 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--customers", type=_positive_int, default=100_000, help="customers (default 100000)")
             b.add_argument("--stores", nargs="+", default=["memory://"], help="stores to measure")
         if name in ("throughput", "latency", "state", "month-turn"):
+            worker_default = f"the worker's session_timeout_s, {Settings.model_fields['session_timeout_s'].default:g}"
+            default = {"state": "10", "throughput": "each framework's"}.get(name, worker_default)
             b.add_argument(
                 "--session-timeout",
                 type=_positive_float,
                 default=None,
-                help="consumer group session timeout of the processes measured, in seconds "
-                "(default: "
-                + ("10" if name == "state" else "each framework's")
-                + "; the embedded broker holds every group join for half of it)",
+                help=f"consumer group session timeout of the processes measured, in seconds (default: {default}; "
+                "the embedded broker holds every group join for half of it)",
             )
         if name in ("sink", "month-turn"):
             b.add_argument("--customers", type=_positive_int, default=1_000_000, help="customers (default 1000000)")

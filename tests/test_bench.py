@@ -1,10 +1,12 @@
 """The bench commands at tiny sizes: they run end to end and report sane figures. No timing
-assertions: figures are for BENCHMARKS.md, measured on a quiet machine."""
+assertions: figures are for docs/benchmarks.md, measured on a quiet machine."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+
+import pytest
 
 from harness import CLV
 
@@ -51,6 +53,20 @@ def test_bench_latency_small(tmp_path, kafka_bootstrap):
     got = r["rates"]["40.0"]
     assert got["scored"] == got["events"] == 80
     assert 0 < got["p50_ms"] <= got["p99_ms"] <= got["max_ms"]
+
+
+@pytest.mark.parametrize("what, takes", [("scoring", False), ("sink", False), ("api", False),
+                                         ("throughput", True), ("month-turn", True)])
+def test_only_the_benchmarks_that_use_kafka_take_a_bootstrap(what, takes):
+    """A flag the benchmark would ignore is refused (`clv: error: ...`), not silently taken."""
+    from stream.cli import UsageError, build_parser
+
+    argv = ["bench", what, "--bootstrap", "127.0.0.1:9092"]
+    if takes:
+        assert build_parser().parse_args(argv).bootstrap == "127.0.0.1:9092"
+    else:
+        with pytest.raises(UsageError, match="unrecognized arguments: --bootstrap"):
+            build_parser().parse_args(argv)
 
 
 def test_bench_scoring_small(tmp_path):

@@ -17,18 +17,20 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]*(?:\n[^`\n]*){0,3})`")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")  # `OMP_NUM_THREADS=2 clv ...`
 
 
 def _commands(text: str) -> list[str]:
-    """`clv ...` command lines of code blocks (a comment after `#` dropped) and inline code spans."""
+    """`clv ...` command lines of code blocks (a comment after `#` dropped) and inline code spans,
+    environment assignments before the command dropped."""
     found = []
     for block in FENCE.findall(text):
         for line in block.splitlines()[1:-1]:
-            line = line.strip().removeprefix("$ ")
+            line = ENV_PREFIX.sub("", line.strip().removeprefix("$ "))
             if line.startswith("clv "):
                 found.append(line.split(" # ")[0].strip())
     for span in INLINE.findall(FENCE.sub("", text)):
-        span = " ".join(span.split())
+        span = ENV_PREFIX.sub("", " ".join(span.split()))
         if span.startswith("clv ") and re.match(r"clv [a-z]", span):
             found.append(span)
     return found
@@ -93,6 +95,7 @@ def test_the_check_catches_a_misspelt_flag_and_an_unknown_subcommand():
     assert _check("clv query bottom", parser)
     assert _check("clv bench throughput|speed", parser) == ["no subcommand 'speed'"]
     assert not _check("clv query top --n 20 [--segment vip|high|...] [--json]", parser)
+    assert _commands("`OMP_NUM_THREADS=2 clv evaluate FILE --seeds 42`") == ["clv evaluate FILE --seeds 42"]
 
 
 def test_every_subcommand_answers_help(capsys):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -31,7 +32,7 @@ from features.segments import PLAYBOOKS, SEGMENTS
 from harness import CLV, Api, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
 from score_messages import near_valid
 from state.snapshot import tables as snapshot
-from state.snapshot.queries import Snapshot
+from state.snapshot.queries import Snapshot, _dicts
 from stream.broker import free_port
 from stream.processes import Child, clv as clv_command
 
@@ -591,3 +592,31 @@ def test_each_snapshot_carries_the_segments_of_the_one_it_replaced(tmp_path):
     assert said["segment_changes"]["value"] == 3 == sum(k for a, b, k in want if a and b and a != b)
     assert said["segment_changes"]["text"].startswith("3 customers changed segment") and "new since then: 1" in \
         said["segment_changes"]["text"]
+
+
+def test_customer_lookups_from_memory_equal_sql_and_follow_the_sink_swap(cdnow_live, tmp_path):
+    """A lookup reads the customer's row from memory (`CustomerRows`): for every customer of the
+    CDNOW snapshot it is the row SQL reads from the file, an unknown id is None, and once the
+    sink replaces the file the next lookup reads the new one."""
+    path = tmp_path / "clv.duckdb"
+    shutil.copy(cdnow_live.snapshot, path)
+    snap = Snapshot(path)
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        want = {r["customer_id"]: r for r in _dicts(con, "SELECT * FROM customer_scores")}
+    finally:
+        con.close()
+    assert snap.customer("00001") is not None  # the first lookup builds the rows in memory
+    got = {cid: {k: v for k, v in snap.customer(cid).items() if k != "drivers"} for cid in want}
+    assert got == want and len(got) == 23_570
+    assert snap.customer("no such customer") is None
+    base = parse_score(json.dumps({**TEMPLATE, "customer_id": "00001", "clv": 123.0}))
+    store = snapshot.Snapshots(tmp_path / "next.duckdb", "scores")
+    try:
+        store.open()
+        store.put(base.customer_id, snapshot.row(base, 0, 1))
+        store.publish()
+    finally:
+        store.close()
+    os.replace(tmp_path / "next.duckdb", path)  # as the sink publishes: a new file over the path
+    assert snap.customer("00001")["clv"] == 123.0 and snap.customer("00002") is None

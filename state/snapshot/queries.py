@@ -9,16 +9,18 @@ and closes the previous one when its last reader is done, so a question is alway
 one whole snapshot, never a mix of two. A snapshot never changes once published, so the answers to
 the questions asked over and over (tables per segment, tier, cluster or country, insights, top
 lists) are kept with the open file and answered again without DuckDB until the file is replaced;
-a customer lookup reads the snapshot's index.
+a customer lookup reads every customer's row from memory (`CustomerRows`, built once per snapshot
+by the first lookup that needs it: a DuckDB query costs about 0.3 ms before it reads a row). Free
+SQL (`sql`) runs on a connection of its own, opened read-only for that query, so nothing sent
+through it can write, attach, read files or re-enable either, and it can be stopped from another
+thread.
 
 P(horizon spend >= T) for a threshold T the analyst picks (`Selection.at_least`, a lookup's
 `at_least`) is computed with numpy from the predictive distribution the snapshot keeps per customer
 (`customer_distribution`, `features.distribution.SpendDistribution`): no model is needed. A
 customer the snapshot holds no distribution for (written without a model, or its state and score
 not yet in step) has it "not known": None (an empty CSV field), and a `min_probability` filter
-leaves it out, since it cannot say it holds. Free SQL (`sql`) runs on a connection of its own, opened
-read-only for that query, so nothing sent through it can write, attach, read files or re-enable
-either, and it can be stopped from another thread.
+leaves it out, since it cannot say it holds.
 """
 
 from __future__ import annotations
@@ -203,6 +205,22 @@ def stamp(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+class CustomerRows:
+    """Every customer's row of one snapshot, held as an Arrow table (about 19 MB per 100,000
+    customers) with each id's position: a lookup in about 0.1 ms instead of a DuckDB query. The
+    rows come from the same query a lookup would run, so they are the same values."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.table = con.sql("SELECT * FROM customer_scores").to_arrow_table()
+        self.position = {c: i for i, c in enumerate(self.table.column("customer_id").to_pylist())}
+
+    def get(self, customer_id: str) -> dict[str, Any] | None:
+        i = self.position.get(customer_id)
+        if i is None:
+            return None
+        return {c: _plain(v) for c, v in self.table.slice(i, 1).to_pylist()[0].items()}
+
+
 class _Opened:
     """One published file, attached read-only to a private in-memory DuckDB (DuckDB shares one
     database per path among the connections of a process, which would keep serving a replaced
@@ -224,6 +242,19 @@ class _Opened:
         self.local = threading.local()
         self.answers: OrderedDict[Hashable, Any] = OrderedDict()
         self.lock = threading.Lock()
+        self.rows: CustomerRows | None = None
+        self.building_rows = threading.Lock()
+
+    def customer_rows(self) -> CustomerRows | None:
+        """The rows in memory; built by the first caller, while the others read through DuckDB
+        (None) rather than wait."""
+        if self.rows is None and self.building_rows.acquire(blocking=False):
+            try:
+                if self.rows is None:
+                    self.rows = CustomerRows(self.thread_cursor())
+            finally:
+                self.building_rows.release()
+        return self.rows
 
     def answer(self, key: Hashable, compute: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """`compute`'s answer on this thread's cursor, kept for the next asker when small; kept
@@ -447,16 +478,18 @@ class Snapshot:
         opened = self._acquire()
         try:
             con = opened.thread_cursor()
-            if at_least is None:
-                rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            held = opened.customer_rows()
+            if held is not None:
+                found = held.get(customer_id)
+                rows = [] if found is None else [found]
             else:
-                found = con.execute(
-                    f"SELECT * FROM customer_scores{_distribution(con)} WHERE customer_id = ?", [customer_id]
+                rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+            if rows and at_least is not None:
+                params = con.execute(
+                    f"SELECT {', '.join(_PARAMETERS)} FROM (SELECT ? AS customer_id){_distribution(con)}",
+                    [customer_id],
                 ).df()
-                rows = [
-                    {c: _plain(v) for c, v in r.items()}
-                    for r in _likely(found, sel, "p_at_least").assign(at_least=at_least).to_dict("records")
-                ]
+                rows[0].update(at_least=at_least, p_at_least=_plain(float(prob_at_least(params, at_least)[0])))
             if not rows:
                 return None
             explained = opened.answer("explained customers", _explained)
