@@ -473,8 +473,7 @@ class Snapshot:
         """The customer's row, with `drivers`: how its score adds up from the model's average
         customer when the snapshot carries them (its top customers), else None; with `at_least`,
         also `at_least` and `p_at_least`, P(horizon spend >= at_least), None when not known."""
-        sel = Selection(at_least=at_least)
-        self._filter(sel)
+        self._filter(Selection(at_least=at_least))  # a threshold that is no amount is refused
         opened = self._acquire()
         try:
             con = opened.thread_cursor()
