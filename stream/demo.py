@@ -26,6 +26,7 @@ from typing import Any
 from export_onnx import ArtifactError
 from export_onnx.runtime import Artifact
 from features.batch import fingerprint, read_history
+from features import population
 from features.contract import TransactionEvent
 from features.loaders import vendored_cdnow
 from features.segments import described_rules
@@ -241,6 +242,18 @@ def with_training_shares(rows: list[dict[str, Any]], meta: dict[str, Any]) -> li
     ]
 
 
+def snapshot_drift(snap: Snapshot, meta: dict[str, Any]) -> str | None:
+    """The drift check (features.population) on the snapshot's customers by what their scores
+    carry, against the training cohort of the model that scored them, as the dashboard's banner
+    makes it: the warning sentence, or None (no shift, or a model that records no cohort)."""
+    summary = meta.get("population")
+    if summary is None:
+        return None
+    with snap.reading() as cur:
+        scores = cur.execute("SELECT frequency, total_spend FROM customer_scores").fetchnumpy()
+    return population.check(summary, population.from_scores(scores["frequency"], scores["total_spend"])).sentence()
+
+
 def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], serving: bool) -> None:
     summary = snap.summary()
     installed = Path(sys.executable).parent / "clv"  # the commands as this install names them
@@ -249,6 +262,8 @@ def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], ser
         f"\n{summary['customers']:,} customers scored by {', '.join(summary['model_versions'])}, "
         f"as of {summary['newest_event_time']}"
     )
+    if warning := snapshot_drift(snap, meta):  # the model was kept on customers unlike its cohort
+        print(f"warning: {warning}")
     top = snap.top(10)
     horizon = f"{top[0]['horizon_months']}-month " if top else ""
     print(f"\nTop 10 customers by expected {horizon}CLV (expected spend)")

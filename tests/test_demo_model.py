@@ -52,6 +52,22 @@ def test_demo_trains_on_a_file_its_model_was_not_trained_on_and_prints_vip_at_it
     assert "expected CLV >= $" in out.split("\n  vip\n")[1].splitlines()[0]
 
 
+def test_demo_terminal_warns_in_one_line_when_its_model_was_trained_on_other_customers(retail_demo, capsys):
+    """The results the demo prints say what the dashboard's banner says: nothing for the model
+    trained on the file, the drift check's one line for CDNOW's model on these customers."""
+    from export_onnx.runtime import Artifact
+    from state.snapshot.queries import Snapshot
+    from stream.demo import _report
+
+    _, workdir, out = retail_demo
+    assert not [line for line in out.splitlines() if line.startswith("warning:")]
+    path = workdir / "clv.duckdb"
+    _report(Snapshot(path), path, 0, Artifact.load().meta, serving=True)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "order value PSI" in warnings[0], warnings
+    assert "unlike the 23,570 the model was trained on" in warnings[0]
+
+
 def test_demo_uses_a_model_trained_on_the_file_and_keeps_another_when_told(retail_demo, capsys):
     """In-process, the choice alone: the model the first run trained is used as it is (its
     fingerprint is the file's); CDNOW's model is kept with --no-train, and the line says its
