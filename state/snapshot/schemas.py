@@ -63,6 +63,13 @@ CustomerWithDrivers = create_model(
 Score = create_model("Score", __doc__="A customer's score in an uploaded file, as `clv score` writes it.", **_SCORE)
 
 
+RANGE_DOC = (
+    "80% range of the group's total horizon spend: a normal approximation of a sum of independent "
+    "customers (total +- 1.2816 x sqrt(sum of clv_sd^2), the low end floored at 0); customers move "
+    "together with a season or a shock, so the true range is wider"
+)
+
+
 class Segment(BaseModel):
     """A row of `segment_summary`: a segment's customers and value, and its playbook."""
 
@@ -70,6 +77,8 @@ class Segment(BaseModel):
     customers: int
     share_of_customers: float | None
     total_clv: float
+    total_clv_low: float = Field(description=RANGE_DOC)
+    total_clv_high: float = Field(description=RANGE_DOC)
     mean_clv: float
     share_of_value: float | None
     mean_p_purchase: float
@@ -89,6 +98,8 @@ class Tier(BaseModel):
     min_clv: float
     max_clv: float
     total_clv: float
+    total_clv_low: float = Field(description=RANGE_DOC)
+    total_clv_high: float = Field(description=RANGE_DOC)
     mean_clv: float
     share_of_value: float | None
 
