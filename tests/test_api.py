@@ -132,10 +132,26 @@ def test_token_only_as_a_bearer_credential(api, authorization, status):
 def test_a_parameter_the_path_does_not_take_is_refused(api):
     status, _, body = api.call("/top?segmnet=vip")  # not silently every segment
     assert status == 400 and json.loads(body)["error"] == (
-        "unknown parameter segmnet; /top takes cluster, country, min_clv, min_frequency, n, segment")
+        "unknown parameter segmnet; /top takes at_least, cluster, country, min_clv, min_frequency, "
+        "min_probability, n, segment")
     assert api.call("/top?min_clv=nan")[0] == 400 and api.call("/top?min_frequency=-1")[0] == 400
     assert api.call("/segments?n=1")[0] == 400 and api.call("/health?verbose=1", "")[0] == 400
     assert api.call("/sql?q=SELECT%201", data=b"SELECT 1")[0] == 400  # a POST's SQL is its body
+
+
+def test_a_snapshot_without_distributions_says_the_probability_is_not_known(api):
+    """A snapshot written without a model holds no distribution: with at_least, every customer's
+    p_at_least is null (an empty CSV field), and min_probability keeps nobody."""
+    status, body = api.get("/customers/c000001?at_least=100")
+    answer = json.loads(body)
+    assert status == 200 and answer["at_least"] == 100 and answer["p_at_least"] is None
+    status, body = api.get("/top?n=5&at_least=100")
+    assert status == 200 and [r["p_at_least"] for r in json.loads(body)] == [None] * 5
+    status, body = api.get("/top?at_least=100&min_probability=0")
+    assert status == 200 and json.loads(body) == []
+    status, body = api.get("/export.csv?segment=vip&at_least=100")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert status == 200 and rows and all(r["p_at_least_100"] == "" for r in rows)
 
 
 def test_slow_sql_is_stopped_while_cheap_endpoints_answer(api):

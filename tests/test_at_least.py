@@ -4,6 +4,12 @@ and the API's `at_least` and `min_probability`, against `clv score --at-least` a
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
+import subprocess
+import urllib.request
 from collections import namedtuple
 from datetime import timedelta
 from pathlib import Path
@@ -18,9 +24,11 @@ from features.aggregate import month_of
 from features.batch import read_history, snapshots
 from features.distribution import SpendDistribution
 from features.loaders import vendored_cdnow
+from harness import CLV, Api
 from state.live.base.partition import encode_key
 from state.live.record import encode_state
 from state.snapshot import tables as snapshot
+from state.snapshot.queries import Selection, Snapshot
 from stream.distributions import Distributions
 from stream.state_copy import StateCopy
 
@@ -104,3 +112,123 @@ def test_the_snapshot_keeps_distributions_only_where_state_and_score_agree(artif
     finally:
         sink.close()
     assert set(stored(sink.path)) == set(kept) | {scores[0].customer_id}
+
+
+def snapshot_probabilities(path: Path, threshold: float) -> dict[str, tuple[float, float | None]]:
+    """Per customer of the snapshot, read with DuckDB: (clv, P(spend >= threshold) computed with
+    numpy from its `customer_distribution` row, None where it has none)."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT customer_id, s.clv, p, weights, mu, sigma FROM customer_scores s "
+            "LEFT JOIN customer_distribution USING (customer_id)"
+        ).fetchall()
+    finally:
+        con.close()
+    out: dict[str, tuple[float, float | None]] = {}
+    for cid, clv, p, w, m, s in rows:
+        dist = SpendDistribution(np.array([p]), np.array([w]), np.array([m]), np.array([s])) if p is not None else None
+        out[cid] = (clv, float(dist.prob_at_least(threshold)[0]) if dist else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """`clv score CDNOW --at-least 100 500` with the shipped model, per customer."""
+    out = tmp_path_factory.mktemp("at-least") / "scores.csv"
+    res = subprocess.run(
+        [*CLV, "score", str(vendored_cdnow()), "--at-least", "100", "500", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    return {r["customer_id"]: r for r in csv.DictReader(out.open())}
+
+
+@pytest.fixture(scope="module")
+def api(demo_3000, tmp_path_factory):
+    """`clv api` over the demo's snapshot."""
+    server = Api({**os.environ, "CLV_SNAPSHOT_PATH": str(demo_3000.snapshot)}, tmp_path_factory.mktemp("api"))
+    yield server
+    assert server.proc.stop() == 0, server.proc.output()[-3000:]
+
+
+def test_the_snapshot_gives_the_probabilities_clv_score_at_least_gives(demo_3000, batch):
+    """The sink of `clv demo` (the shipped model) kept its customers' distributions: P(spend >= T)
+    from the snapshot, as the snapshot's readers compute it, is `clv score --at-least T`'s for the
+    same customers, within 1e-5."""
+    snap = Snapshot(demo_3000.snapshot)
+    try:
+        for t in (100, 500):
+            frame = snap.frame(Selection(at_least=t))
+            column = f"p_at_least_{t}"
+            known = frame[frame[column].notna()]
+            assert len(frame) == 3000 and len(known) >= 0.99 * len(frame), frame[column].isna().sum()
+            for cid, clv, p in known[["customer_id", "clv", column]].itertuples(index=False):
+                assert clv == pytest.approx(float(batch[cid]["clv"]), rel=1e-5), cid  # the same score
+                assert p == pytest.approx(float(batch[cid][column]), abs=1e-5), cid
+            direct = snapshot_probabilities(demo_3000.snapshot, t)
+            assert all(p == pytest.approx(direct[c][1], abs=1e-12) for c, p in zip(known["customer_id"], known[column]))
+    finally:
+        snap.close()
+
+
+def test_the_api_answers_at_least_and_min_probability_as_the_snapshot_holds_them(demo_3000, api):
+    """`/top`, `/export.csv` and `/customers/{id}` with at_least (and min_probability) answer what
+    numpy computes from the snapshot's rows read with DuckDB; a bad value is answered 400."""
+    t, least = 250.0, 0.4
+    want = snapshot_probabilities(demo_3000.snapshot, t)
+    best_first = sorted(want, key=lambda c: (-want[c][0], c))
+    likely = [c for c in best_first if want[c][1] is not None and want[c][1] >= least]
+    assert 0 < len(likely) < len(want)
+    status, body = api.get(f"/top?n=40&at_least={t:g}")
+    assert status == 200
+    rows = json.loads(body)
+    assert [r["customer_id"] for r in rows] == best_first[:40]
+    assert all(r["p_at_least"] == pytest.approx(want[r["customer_id"]][1], abs=1e-9) for r in rows)
+    status, body = api.get(f"/top?n=40&at_least={t:g}&min_probability={least}")
+    assert status == 200 and [r["customer_id"] for r in json.loads(body)] == likely[:40]
+    status, body = api.get(f"/export.csv?at_least={t:g}&min_probability={least}")
+    assert status == 200
+    exported = list(csv.DictReader(io.StringIO(body.decode())))
+    assert [r["customer_id"] for r in exported] == likely
+    assert all(float(r["p_at_least_250"]) == pytest.approx(want[r["customer_id"]][1], rel=1e-9) for r in exported)
+    cid = likely[-1]
+    status, body = api.get(f"/customers/{cid}?at_least={t:g}")
+    answer = json.loads(body)
+    assert status == 200 and answer["at_least"] == t
+    assert answer["p_at_least"] == pytest.approx(want[cid][1], abs=1e-9)
+    status, body = api.get(f"/customers/{cid}")
+    assert status == 200 and "p_at_least" not in json.loads(body)
+    for bad in ("at_least=-5", "at_least=nan", "min_probability=0.5", "at_least=10&min_probability=1.5"):
+        status, body = api.get(f"/top?{bad}")
+        assert status == 400 and json.loads(body)["error"], bad
+
+
+def test_score_upload_with_at_least_adds_the_columns_clv_score_at_least_writes(api, batch):
+    """`POST /score?at_least=100&at_least=500`, as CSV and JSON: `clv score --at-least 100 500`'s
+    columns and values (within 1e-5)."""
+    data = vendored_cdnow().read_bytes()
+    req = urllib.request.Request(
+        api.url + "/score?out=csv&at_least=100&at_least=500",
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        rows = list(csv.DictReader(io.StringIO(r.read().decode())))
+    assert list(rows[0]) == list(next(iter(batch.values())))  # the same columns, p_at_least_100 and _500 last
+    req = urllib.request.Request(
+        api.url + "/score?at_least=100&at_least=500",
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        scores = json.loads(r.read())["scores"]
+    assert len(rows) == len(scores) == len(batch)
+    for got in (rows, scores):
+        for row in got:
+            for column in ("p_at_least_100", "p_at_least_500"):
+                assert float(row[column]) == pytest.approx(float(batch[row["customer_id"]][column]), abs=1e-5)

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol, TypeVar
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Protocol, TypeVar, get_origin
 
 import anyio
 import uvicorn
@@ -36,6 +36,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Reque
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -214,6 +215,12 @@ ERRORS: dict[str, dict[str, Any]] = {
 READ = "401 429 503"
 
 _TAKEN: dict[int, list[str]] = {}  # per route, the query parameters it takes
+_REPEATABLE: dict[int, set[str]] = {}  # per route, those it takes more than once
+AT_LEAST = (
+    "a dollar amount T: adds each customer's probability of spending at least T over the horizon "
+    "(`p_at_least`), from the predictive distribution the snapshot keeps; null where it holds none "
+    "(not known)"
+)
 
 
 def known_parameters(request: Request) -> None:
@@ -227,10 +234,22 @@ def known_parameters(request: Request) -> None:
         raise QueryError(
             f"unknown parameter {', '.join(unknown)}; {request.url.path} takes {', '.join(names) or 'none'}"
         )
+    repeatable = _REPEATABLE.setdefault(id(route), _repeatable(route.dependant))
     if repeated := sorted(
-        {k for k, _ in request.query_params.multi_items() if len(request.query_params.getlist(k)) > 1}
+        {
+            k
+            for k, _ in request.query_params.multi_items()
+            if len(request.query_params.getlist(k)) > 1 and k not in repeatable
+        }
     ):
         raise QueryError(f"parameter {', '.join(repeated)} given more than once; each takes one value")
+
+
+def _repeatable(dependant: Any) -> set[str]:
+    """The query parameters a route takes as a list (`POST /score`'s `at_least`)."""
+    return {p.alias for p in dependant.query_params if get_origin(p.field_info.annotation) is list}.union(
+        *(_repeatable(d) for d in dependant.dependencies)
+    )
 
 
 def _query_parameters(dependant: Any) -> set[str]:
@@ -257,6 +276,17 @@ def selection(
     min_clv: float | None = Query(
         None, allow_inf_nan=False, description="only customers with at least this expected CLV"
     ),
+    at_least: float | None = Query(
+        None, ge=0, allow_inf_nan=False, description=AT_LEAST + "; the CSV export's column is p_at_least_T"
+    ),
+    min_probability: float | None = Query(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="with at_least: only customers whose probability of spending at least at_least is at least "
+        "this (a customer whose probability is not known is left out)",
+    ),
 ) -> Selection:
     """The customers `/top` and `/export.csv` cover, as `clv export`'s flags select them: every
     filter given must hold."""
@@ -266,14 +296,17 @@ def selection(
         min_frequency=min_frequency,
         min_clv=min_clv,
         countries=(country,) if country is not None else (),
+        at_least=at_least,
+        min_probability=min_probability,
     )
 
 
 @router.get(
     "/top",
-    response_model=list[schemas.Customer],
+    response_model=list[schemas.RankedCustomer],
     responses=_errors(READ),
-    summary="Customers with the highest expected CLV (expected spend over the horizon)",
+    summary="Customers with the highest expected CLV (expected spend over the horizon); with "
+    "at_least, each one's probability of spending at least that, and min_probability keeps those likely to",
 )
 def top(request: Request, n: int = Query(20, ge=1, le=MAX_TOP), sel: Selection = Depends(selection)) -> Any:
     rows = _service(request).snap.top(n, sel)
@@ -344,8 +377,12 @@ def insights(request: Request) -> Any:
     responses=_errors("401 404 429 503"),
     summary="One customer's newest score, RFM fields and, for the top customers, the drivers of its score",
 )
-def customer(request: Request, customer_id: str = PathParam()) -> Any:
-    row = _service(request).snap.customer(customer_id)
+def customer(
+    request: Request,
+    customer_id: str = PathParam(),
+    at_least: float | None = Query(None, ge=0, allow_inf_nan=False, description=AT_LEAST),
+) -> Any:
+    row = _service(request).snap.customer(customer_id, at_least)
     if row is None:
         return JSONResponse({"error": f"customer {customer_id!r} is not in the snapshot"}, status_code=404)
     return _answer(request, row, 1)
@@ -513,6 +550,11 @@ async def score(
     timezone: str | None = Query(None, description=PARAMS["timezone"]),
     as_of: date | None = Query(None, description=PARAMS["as_of"]),
     out: Literal[OUTPUTS] | None = Query(None, description=PARAMS["out"]),  # type: ignore[valid-type]
+    at_least: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Query(
+        [],
+        description="repeatable: a dollar amount T adds the column p_at_least_T, each customer's probability "
+        "of spending at least T over the horizon (`clv score --at-least`)",
+    ),
 ) -> Any:
     """Checked by `score_options` as `clv score` checks its flags (FastAPI has checked the types)."""
     service = _service(request)
@@ -521,14 +563,14 @@ async def score(
         path = await receive(request, service.score_max_bytes, Path(tmp))
         try:
             async with service.scoring:
-                scored = await run_in_threadpool(partial(score_file, service.artifact, path, day, **opts))
+                scored = await run_in_threadpool(partial(score_file, service.artifact, path, day, at_least, **opts))
         except LoadError as exc:
             raise QueryError(str(exc).replace(f"{tmp}/", "")) from None
     request.scope[INFO]["rows"] = len(scored.scores)
     drift = scored.drift.sentence() if scored.drift else None  # what `clv score` warns with
     if answer_as == "csv":
         text = io.StringIO()
-        write_csv(scored.scores, text)
+        write_csv(scored.scores, text, scored.at_least)
         return Response(
             text.getvalue(),
             media_type="text/csv",
@@ -547,7 +589,10 @@ async def score(
             "customers": len(scored.scores),
             "cleaning": scored.report.as_dict(),
             "drift_warning": drift,
-            "scores": [{f: getattr(s, f) for f in CUSTOMER_FIELDS} for s in scored.scores],
+            "scores": [
+                {**{f: getattr(s, f) for f in CUSTOMER_FIELDS}, **{c: p[i] for c, p in scored.at_least.items()}}
+                for i, s in enumerate(scored.scores)
+            ],
         }
     )
 

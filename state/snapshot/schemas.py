@@ -53,14 +53,37 @@ class Drivers(BaseModel):
     drivers: list[Driver]
 
 
+P_AT_LEAST = Field(
+    None,
+    description="with at_least: P(horizon spend >= at_least) from the customer's predictive distribution; null "
+    "when not known: the snapshot holds no distribution for the customer (written without a model, or "
+    "its state and score were not yet in step: a later snapshot has it); absent without at_least",
+)
+
+RankedCustomer = create_model(
+    "RankedCustomer",
+    __base__=Customer,
+    __doc__="A customer's row in a top list, with its probability of spending at least at_least when asked.",
+    p_at_least=(float | None, P_AT_LEAST),
+)
+
 CustomerWithDrivers = create_model(
     "CustomerWithDrivers",
     __base__=Customer,
-    __doc__="A customer's row and, for the snapshot's top customers, the drivers of its score.",
+    __doc__="A customer's row and, for the snapshot's top customers, the drivers of its score; with "
+    "at_least, its probability of spending at least that.",
     drivers=(Drivers | None, ...),
+    at_least=(float | None, Field(None, description="the threshold asked for; absent without at_least")),
+    p_at_least=(float | None, P_AT_LEAST),
 )
 
-Score = create_model("Score", __doc__="A customer's score in an uploaded file, as `clv score` writes it.", **_SCORE)
+Score = create_model(
+    "Score",
+    __doc__="A customer's score in an uploaded file, as `clv score` writes it; with at_least=T (repeatable), "
+    "also p_at_least_T: its probability of spending at least T over the horizon (`clv score --at-least`).",
+    __config__=ConfigDict(extra="allow"),
+    **_SCORE,
+)
 
 
 RANGE_DOC = (
