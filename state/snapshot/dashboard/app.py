@@ -27,6 +27,7 @@ import streamlit as st
 
 from export_onnx.runtime import META_FILE, shipped_model_dir
 from features import population
+from features.distribution import at_least_column
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook, described_rules
 from state.snapshot.queries import QueryError, Selection, Snapshot, csv_text
 from state.snapshot.tables import TIERS
@@ -270,6 +271,24 @@ def country_charts(countries: pd.DataFrame) -> None:
 
 
 TIER_RULE = "terciles of this snapshot's expected CLV: a third of its customers each"
+RANGE_COLUMN = "80% range of the total"
+RANGE_NOTE = (
+    "The 80% range of each total treats customers as independent of one another; a season or a "
+    "shock moves them together, so the true range is wider."
+)
+
+
+def with_range(frame: pd.DataFrame) -> pd.DataFrame:
+    """A summary with the stated range of each total (`total_clv_low` to `total_clv_high`) as one
+    column of text beside `total_clv`; "not known" where no customer of the group has an sd
+    (scored before the interval existed)."""
+    text = [
+        f"{money(low)} – {money(high)}" if high > total else "not known"
+        for low, high, total in zip(frame["total_clv_low"], frame["total_clv_high"], frame["total_clv"])
+    ]
+    out = frame.drop(columns=["total_clv_low", "total_clv_high"])
+    out.insert(list(out.columns).index("total_clv") + 1, RANGE_COLUMN, text)
+    return out
 
 
 def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -278,24 +297,29 @@ def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
     seg = pd.DataFrame(data["segments"])
     st.table(
         shown(
-            seg[
-                [
-                    "segment",
-                    "customers",
-                    "share_of_customers",
-                    "total_clv",
-                    "mean_clv",
-                    "share_of_value",
-                    "mean_p_purchase",
-                    "mean_recency_days",
-                    "mean_frequency",
+            with_range(
+                seg[
+                    [
+                        "segment",
+                        "customers",
+                        "share_of_customers",
+                        "total_clv",
+                        "total_clv_low",
+                        "total_clv_high",
+                        "mean_clv",
+                        "share_of_value",
+                        "mean_p_purchase",
+                        "mean_recency_days",
+                        "mean_frequency",
+                    ]
                 ]
-            ],
+            ),
             money_cols=("total_clv", "mean_clv"),
             share_cols=("share_of_customers", "share_of_value"),
         ),
         hide_index=True,
     )
+    st.caption(RANGE_NOTE)
     left, right = st.columns(2)
     order = [s for s in SEGMENTS if s in set(seg["segment"])]
     for col, field, title in (
@@ -317,12 +341,13 @@ def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
     st.subheader(f"Value tiers ({TIER_RULE})")
     st.table(
         shown(
-            pd.DataFrame(data["tiers"]),
+            with_range(pd.DataFrame(data["tiers"])),
             money_cols=("min_clv", "max_clv", "total_clv", "mean_clv"),
             share_cols=("share_of_value",),
         ),
         hide_index=True,
     )
+    st.caption(RANGE_NOTE)
     movement(data)
 
 
@@ -452,12 +477,12 @@ def clusters(data: dict[str, Any], meta: dict[str, Any]) -> None:
         )
 
 
-def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
-    """The filters above the list: a Selection (the flags of `clv export`), the top-N size, the
-    chart colouring."""
+def filters(data: dict[str, Any], horizon: int) -> tuple[Selection, int, str]:
+    """The filters above the list: a Selection (the flags of `clv export`, and the chance of
+    spending at least an amount), the top-N size, the chart colouring."""
     frame = data["customers"]
     box = st.container(key="filters", border=True)
-    row1, row2 = box.columns(4), box.columns(4)
+    row1, row2, row3 = box.columns(4), box.columns(4), box.columns([1, 1, 2])
     segs = row1[0].multiselect("Segment", [s for s in SEGMENTS if s in set(frame["segment"])])
     tiers = row1[1].multiselect("Value tier", list(TIERS))
     picked = row1[2].multiselect("Cluster", sorted(frame["cluster"].unique()))
@@ -470,7 +495,30 @@ def filters(data: dict[str, Any]) -> tuple[Selection, int, str]:
     min_clv = float(row2[1].number_input("Minimum expected CLV ($)", min_value=0.0, value=0.0, step=5.0))
     n = int(row2[2].number_input("Top N", min_value=1, max_value=TOP_N_MAX, value=20, step=10))
     colour = row2[3].radio("Colour charts by", ["segment", "cluster"], horizontal=True)
-    sel = Selection(tuple(segs) + tuple(tiers), tuple(picked), min_freq, min_clv or None, tuple(countries))
+    at_least = float(
+        row3[0].number_input(
+            f"Spends at least ($, over the {horizon}-month horizon)",
+            min_value=0.0,
+            value=0.0,
+            step=50.0,
+            help="0: no such filter",
+        )
+    )
+    least = float(row3[1].number_input("with probability at least", min_value=0.0, max_value=1.0, value=0.5, step=0.05))
+    row3[2].caption(
+        "From each customer's predictive distribution of spend, which the snapshot keeps; a customer "
+        "whose distribution it does not hold yet (its state and score not yet in step, or a snapshot "
+        "written without a model) is not known and left out."
+    )
+    sel = Selection(
+        tuple(segs) + tuple(tiers),
+        tuple(picked),
+        min_freq,
+        min_clv or None,
+        tuple(countries),
+        at_least=at_least or None,
+        min_probability=least if at_least else None,
+    )
     return sel, n, colour
 
 
@@ -480,6 +528,7 @@ def customers(
     """The filtered customers: top-N table, download, distribution and scatter plots."""
     frame = selected(path, snap_stamp, sel)
     st.caption(f"{len(frame):,} customers match the filters; the top {min(n, len(frame)):,} by expected CLV:")
+    chance = [at_least_column(sel.at_least)] if sel.at_least is not None else []
     cols = [
         "customer_id",
         "clv",
@@ -492,6 +541,7 @@ def customers(
         "recency_days",
         "monetary",
         "total_spend",
+        *chance,
     ]
     st.table(shown(frame[cols].head(n), money_cols=("clv", "monetary", "total_spend")), hide_index=True)
     st.download_button(
@@ -546,14 +596,26 @@ def customers(
         st.caption(f"charts show a random {SCATTER_POINTS:,} of the {len(frame):,} customers")
 
 
-def lookup(path: str) -> None:
-    """One customer's row, read from the snapshot when asked (not from the cached frame)."""
+def lookup(path: str, at_least: float | None) -> None:
+    """One customer's row, read from the snapshot when asked (not from the cached frame): its
+    expected CLV with the 80% interval and the chance of spending at least an amount beside the
+    drivers of its score."""
     st.subheader("Customer lookup")
-    cid = st.text_input("Customer id", placeholder="e.g. 00001")
+    ask, amount = st.columns([2, 1])
+    cid = ask.text_input("Customer id", placeholder="e.g. 00001")
+    threshold = float(
+        amount.number_input(
+            "Chance of spending at least ($)",
+            min_value=0.0,
+            value=at_least if at_least is not None else 100.0,
+            step=50.0,
+            help="the filter's amount when it is set",
+        )
+    )
     if not cid:
         return
     try:
-        row = reader(path).customer(cid.strip())
+        row = reader(path).customer(cid.strip(), threshold)
     except QueryError as exc:
         st.error(str(exc))
         return
@@ -579,15 +641,18 @@ def lookup(path: str) -> None:
     st.table(pd.DataFrame({"field": keys, "value": [str(row[k]) for k in keys]}), hide_index=True)
     if book:
         st.info(f"**{row['segment']}**: {book.what_to_do}. Watch: {book.signals}. Measure: {book.what_to_measure}.")
+    how_sure, why = st.columns([1, 2])
+    with how_sure.container(key="how-sure"):
+        how_sure_cards(row, threshold)
     if row["drivers"] is None:
-        st.caption(
+        why.caption(
             f"Why this score: the snapshot carries the drivers of its top customers by expected "
             f"CLV only; `clv score FILE --explain {row['customer_id']}` or the worker's "
             f"/customers/{row['customer_id']} explain any customer."
         )
         return
-    st.altair_chart(waterfall(row["drivers"]), width="stretch")
-    st.caption(
+    why.altair_chart(waterfall(row["drivers"]), width="stretch")
+    why.caption(
         "Each bar is what one group of the customer's model inputs adds to, or takes from, the "
         "score of the model's average customer (every input the mean of its training cohort's); "
         "together they make the customer's expected CLV (exact Shapley values of the groups)."
@@ -595,6 +660,35 @@ def lookup(path: str) -> None:
 
 
 WATERFALL_TITLE = "Why this score: drivers from the model's average customer ($)"
+
+
+def how_sure_cards(row: dict[str, Any], threshold: float) -> None:
+    """The customer's expected CLV with its 80% predictive interval, and its chance of spending
+    at least `threshold` over the horizon ("not known" where the snapshot holds no distribution)."""
+    horizon = row["horizon_months"]
+    known_interval = row["clv_high"] >= 0  # -1: scored before the interval existed
+    st.metric(
+        f"Expected CLV ({horizon} months)",
+        money(row["clv"], cents=True),
+        help="the expected spend over the horizon: what rankings, tiers and totals use",
+    )
+    st.metric(
+        "80% interval",
+        f"{money(row['clv_low'], cents=True)} – {money(row['clv_high'], cents=True)}"
+        if known_interval
+        else "not known",
+        help="8 in 10 customers like this one spend between these amounts over the horizon (from "
+        "the model's predictive distribution; 0 at the low end when a purchase is not likely)",
+    )
+    p = row.get("p_at_least")
+    st.metric(
+        f"P(spends at least {money(threshold)})",
+        f"{p:.1%}" if p is not None else "not known",
+        help="the snapshot holds no predictive distribution for this customer yet (its state and score "
+        "not yet in step, or a snapshot written without a model)"
+        if p is None
+        else "the probability of spending at least this over the horizon, from the predictive distribution",
+    )
 
 
 def waterfall(drivers: dict[str, Any]) -> alt.Chart:
@@ -831,9 +925,9 @@ def main() -> None:
     with segments_tab:
         segments(data, meta)
     with customers_tab:
-        sel, n, colour = filters(data)
+        sel, n, colour = filters(data, int(meta["horizon_months"]))
         customers(str(path), snap_stamp, sel, n, colour, sorted(data["customers"]["cluster"].unique()))
-        lookup(str(path))
+        lookup(str(path), sel.at_least)
     with clusters_tab:
         clusters(data, meta)
     with model_tab:
