@@ -28,9 +28,10 @@ pytest.importorskip("streamlit")
 pytest.importorskip("playwright")
 
 from export_onnx.runtime import shipped_model_dir  # noqa: E402
+from features.distribution import SpendDistribution  # noqa: E402
 from features.scores import FIELDS, ScoreRecord, iso_time  # noqa: E402
 from features.segments import SEGMENTS  # noqa: E402
-from harness import CLV  # noqa: E402
+from harness import CLV, Api  # noqa: E402
 from state.snapshot import dashboard  # noqa: E402
 from state.snapshot import tables as snapshot  # noqa: E402
 from stream.broker import free_port  # noqa: E402
@@ -300,6 +301,89 @@ def test_customer_lookup_shows_the_customers_row(page, served):
     assert bars["average customer"] == f"${drivers[0][2]:,.2f}" and bars["expected CLV"] == f"${clv:,.2f}"
     assert all(bars[d] == f"{c:+,.2f}" for d, c, _ in drivers)
     assert drivers[0][2] + sum(c for _, c, _ in drivers) == pytest.approx(clv, rel=1e-3)
+
+
+def distribution_of(path: Path, cid: str) -> SpendDistribution:
+    """The customer's predictive distribution as the snapshot holds it."""
+    p, w, m, sd = query(path, f"SELECT p, weights, mu, sigma FROM customer_distribution WHERE customer_id = '{cid}'")[0]
+    return SpendDistribution(np.array([p]), np.array([w]), np.array([m]), np.array([sd]))
+
+
+def number(page, label: str, value: float) -> None:
+    """Type a value into the number input labelled `label` and let the page rerun."""
+    box = page.locator('[data-testid="stNumberInput"]').filter(has_text=label).locator("input")
+    box.fill(f"{value:g}")
+    box.press("Enter")
+    dashboard.settle(page)
+
+
+def test_customer_lookup_shows_the_interval_and_the_chance_beside_the_waterfall(page, served):
+    """The lookup shows the customer's clv with its 80% interval and P(spend >= T) for the amount
+    the analyst types, from the snapshot's distribution, beside the drivers' waterfall."""
+    path, _, _ = served
+    show(page, "Customers")
+    cid, clv, low, high = query(path, "SELECT customer_id, clv, clv_low, clv_high FROM customer_scores "
+                                      "ORDER BY clv DESC LIMIT 1")[0]
+    box = page.get_by_label("Customer id")
+    box.fill(cid)
+    box.press("Enter")
+    dashboard.settle(page)
+    number(page, "Chance of spending at least", 1500)
+    page.get_by_text("P(spends at least $1,500)").wait_for(timeout=30_000)  # the rerun has drawn it
+    cards = {k: v for k, v in metrics(page).items() if k.startswith(("Expected CLV (", "80% interval", "P(spends"))}
+    p = float(distribution_of(path, cid).prob_at_least(1500)[0])
+    assert cards == {"Expected CLV (6 months)": f"${clv:,.2f}", "80% interval": f"${low:,.2f} – ${high:,.2f}",
+                     "P(spends at least $1,500)": f"{p:.1%}"}
+    assert 0 < p < 1
+    side = page.locator(".st-key-how-sure").locator("xpath=ancestor::*[@data-testid='stHorizontalBlock'][1]")
+    assert side.locator('[data-testid="stVegaLiteChart"]').filter(has_text="Why this score").count() == 1
+    assert len(chart(page, "Why this score")) > 2  # the reference, the drivers, the score
+
+
+def test_the_chance_filter_narrows_the_list_to_the_customers_the_api_selects(page, served, tmp_path):
+    """"Spends at least $250 with probability >= 0.4" narrows the list, its column and its download to
+    the customers the API's /top and /export.csv select with at_least=250&min_probability=0.4."""
+    path, url, _ = served
+    page.goto(url)  # a new session: the filters other tests set are gone
+    dashboard.settle(page)
+    show(page, "Customers")
+    number(page, "with probability at least", 0.4)
+    number(page, "Spends at least", 250)
+    rows = table(page, "p_at_least_250")  # drawn once both are set: the column comes with the amount
+    api = Api({**os.environ, "CLV_SNAPSHOT_PATH": str(path)}, tmp_path)
+    try:
+        status, body = api.get("/top?n=20&at_least=250&min_probability=0.4")
+        assert status == 200
+        want = json.loads(body)
+        assert [r["customer_id"] for r in rows] == [r["customer_id"] for r in want] != []
+        assert [r["p_at_least_250"] for r in rows] == [f"{r['p_at_least']:,.2f}" for r in want]
+        assert all(r["p_at_least"] >= 0.4 for r in want)
+        assert len(want) == 20 and want != json.loads(api.get("/top?n=20")[1])  # it narrowed the list
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download CSV").click()
+        status, body = api.get("/export.csv?at_least=250&min_probability=0.4")
+        assert status == 200 and Path(download.value.path()).read_bytes() == body
+    finally:
+        assert api.proc.stop() == 0, api.proc.output()[-3000:]
+
+
+def test_segment_and_tier_tables_state_the_range_of_each_total(page, served):
+    """Each segment's and tier's total with its stated 80% range, from the snapshot's summaries,
+    and the sentence that says the range treats customers as independent."""
+    path, _, _ = served
+    show(page, "Segments and playbooks")
+    ranged = page.locator('[data-testid="stTable"]').filter(
+        has=page.locator("th", has_text=re.compile("^80% range of the total$")))
+    assert ranged.count() == 2
+    for i, (view, key) in enumerate((("segment_summary", "segment"), ("tier_summary", "value_tier"))):
+        head = [th.inner_text().strip() for th in ranged.nth(i).locator("thead th").all()]
+        rows = [dict(zip(head, (td.inner_text().strip() for td in tr.locator("th, td").all())))
+                for tr in ranged.nth(i).locator("tbody tr").all()]
+        want = {k: f"${lo:,.0f} – ${hi:,.0f}"
+                for k, lo, hi in query(path, f"SELECT {key}, total_clv_low, total_clv_high FROM {view}")}
+        assert {r[key]: r["80% range of the total"] for r in rows} == want
+        assert head.index("80% range of the total") == head.index("total_clv") + 1  # beside the total
+    assert page.get_by_text("treats customers as independent").count() == 2
 
 
 def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
