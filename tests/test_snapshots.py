@@ -59,9 +59,12 @@ def test_snapshot_holds_every_customer_with_meta(cdnow_live, kafka_bootstrap):
         total = con.execute("SELECT sum(clv) FROM customer_scores").fetchone()[0]
         clusters = con.execute("SELECT count(DISTINCT cluster), count(*) FILTER (WHERE cluster = '') "
                                "FROM customer_scores").fetchone()
+        # Each customer's distribution, of the score its row holds (the same clv: its mean).
+        distributed = con.execute("SELECT count(*) FROM customer_distribution d JOIN customer_scores s "
+                                  "USING (customer_id, model_version, as_of, event_offset, clv)").fetchone()[0]
     finally:
         con.close()
-    assert rows == (23_570, 23_570) and meta[0] == 23_570
+    assert rows == (23_570, 23_570) and meta[0] == 23_570 and distributed == 23_570
     assert clusters[0] >= 3 and clusters[1] == 0  # every customer carries one of the model's clusters
     assert meta[1].year == 1998 and meta[1].month == 6
     ends = _end(kafka_bootstrap, cdnow_live)
