@@ -45,32 +45,11 @@ def customer_id(i: int) -> str:
 def write_snapshot(path: Path, customers: int) -> None:
     """A snapshot of `customers` customers as the sink writes it: every segment, four clusters,
     three countries and unknown ones, CLV spread over four orders of magnitude."""
-    from features.scores import SCORE_SCHEMA_VERSION, IsoTime, Offset, ScoreRecord
     from features.segments import SEGMENTS
     from state.snapshot import tables
+    from stream.sink import bench_score
 
-    template = ScoreRecord(
-        schema_version=SCORE_SCHEMA_VERSION,
-        customer_id="",
-        clv=0.0,
-        clv_low=0.0,
-        clv_high=0.0,
-        clv_sd=0.0,
-        p_purchase=0.4,
-        recency_days=30.0,
-        frequency=3,
-        monetary=40.0,
-        tenure_days=400.0,
-        total_spend=120.0,
-        segment="regular",
-        cluster="",
-        country="",
-        horizon_months=6,
-        model_version="gru-bench",
-        as_of=IsoTime("2011-12-09T12:50:00+00:00"),
-        scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
-        event_offset=Offset(-1),
-    )
+    template = bench_score()
     for old in path.parent.glob(f"*{path.name}*"):
         old.unlink()
     store = tables.Snapshots(path, "clv-scores")

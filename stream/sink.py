@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from export_onnx import ArtifactError
 from export_onnx.runtime import Artifact
-from features.scores import parse_score
+from features.scores import SCORE_SCHEMA_VERSION, IsoTime, Offset, ScoreRecord, parse_score
 from state.snapshot import tables as snapshot
 from stream.distributions import Distributions
 from stream.drivers import TopDrivers
@@ -213,31 +213,9 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000) -> dict[str, Any]:
-    """The sink's own fold and publish for `customers` customers, without the broker: score
-    messages handed over in consumer-sized batches (parsed, merged into DuckDB), a snapshot,
-    then a tenth of the customers rescored and a second snapshot. Peak RSS is the process's."""
-
-    from dataclasses import replace
-
-    from aiokafka.structs import ConsumerRecord
-
-    from features.scores import SCORE_SCHEMA_VERSION, IsoTime, Offset, ScoreRecord, encode_score
-    from features.segments import SEGMENTS
-
-    settings = settings.model_copy(
-        update={
-            "snapshot_path": str(workdir / "clv.duckdb"),
-            "snapshot_drivers_top": 0,
-            "snapshot_distributions": False,
-        }
-    )
-    for old in Path(workdir).glob("*clv.duckdb*"):
-        old.unlink()
-    sink = Sink(settings)
-    sink.store.open()
-    rss_before = _peak_rss_mb()
-    template = ScoreRecord(
+def bench_score() -> ScoreRecord:
+    """The score the benchmarks' customers start from (`replace` gives each its own)."""
+    return ScoreRecord(
         schema_version=SCORE_SCHEMA_VERSION,
         customer_id="",
         clv=0.0,
@@ -259,6 +237,33 @@ def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000
         scored_at=IsoTime("2026-12-02T12:00:00+00:00"),
         event_offset=Offset(-1),
     )
+
+
+def bench(customers: int, workdir: Path, settings: Settings, batch: int = 10_000) -> dict[str, Any]:
+    """The sink's own fold and publish for `customers` customers, without the broker: score
+    messages handed over in consumer-sized batches (parsed, merged into DuckDB), a snapshot,
+    then a tenth of the customers rescored and a second snapshot. Peak RSS is the process's."""
+
+    from dataclasses import replace
+
+    from aiokafka.structs import ConsumerRecord
+
+    from features.scores import encode_score
+    from features.segments import SEGMENTS
+
+    settings = settings.model_copy(
+        update={
+            "snapshot_path": str(workdir / "clv.duckdb"),
+            "snapshot_drivers_top": 0,
+            "snapshot_distributions": False,
+        }
+    )
+    for old in Path(workdir).glob("*clv.duckdb*"):
+        old.unlink()
+    sink = Sink(settings)
+    sink.store.open()
+    rss_before = _peak_rss_mb()
+    template = bench_score()
     offsets = [0] * settings.partitions
 
     def fold(ids: range, clv_scale: float) -> float:
