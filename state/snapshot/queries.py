@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Generator, Hashable, Iterator, Mapping, NamedTuple, TypeVar
+from typing import Any, Callable, Generator, Hashable, Iterator, Literal, Mapping, NamedTuple, TypeVar
 
 import duckdb
 import numpy as np
@@ -207,18 +207,41 @@ def stamp(path: Path) -> tuple[int, int, int] | None:
 
 class CustomerRows:
     """Every customer's row of one snapshot, held as an Arrow table (about 19 MB per 100,000
-    customers) with each id's position: a lookup in about 0.1 ms instead of a DuckDB query. The
-    rows come from the same query a lookup would run, so they are the same values."""
+    customers) with each id's position, and the drivers the snapshot carries (its top
+    customers'): a lookup in about 0.1 ms instead of DuckDB queries, and without I/O, so the API
+    answers it on its event loop. The rows come from the same queries a lookup would run, so
+    they are the same values."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self.table = con.sql("SELECT * FROM customer_scores").to_arrow_table()
         self.position = {c: i for i, c in enumerate(self.table.column("customer_id").to_pylist())}
+        self.drivers: dict[str, list[dict[str, Any]]] = {}
+        if insights.has(con, "customer_drivers"):
+            for d in _dicts(con, "SELECT * FROM customer_drivers ORDER BY customer_id, position"):
+                self.drivers.setdefault(d["customer_id"], []).append(d)
 
     def get(self, customer_id: str) -> dict[str, Any] | None:
+        """The customer's row with its `drivers` (None when the snapshot carries none for it)."""
         i = self.position.get(customer_id)
         if i is None:
             return None
-        return {c: _plain(v) for c, v in self.table.slice(i, 1).to_pylist()[0].items()}
+        row = {c: _plain(v) for c, v in self.table.slice(i, 1).to_pylist()[0].items()}
+        return _with_drivers(row, self.drivers.get(customer_id, []))
+
+
+def _with_drivers(row: dict[str, Any], drivers: list[dict[str, Any]]) -> dict[str, Any]:
+    row["drivers"] = (
+        None
+        if not drivers
+        else {
+            "reference_clv": drivers[0]["reference_clv"],
+            "clv": row["clv"],
+            "drivers": [
+                {"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]} for d in drivers
+            ],
+        }
+    )
+    return row
 
 
 class _Opened:
@@ -469,6 +492,14 @@ class Snapshot:
         """Per behavioral cluster: customers, value, mean RFM fields, most common segment."""
         return self._kept_rows("SELECT * FROM cluster_summary")
 
+    def held_customer(self, customer_id: str) -> dict[str, Any] | None | Literal[False]:
+        """`customer` without I/O when the current snapshot's rows are in memory (what the API
+        answers on its event loop); False when they are not (ask `customer`)."""
+        opened = self._open
+        if opened is None or opened.rows is None or opened.stamp != stamp(self.path):
+            return False
+        return opened.rows.get(customer_id)
+
     def customer(self, customer_id: str, at_least: float | None = None) -> dict[str, Any] | None:
         """The customer's row, with `drivers`: how its score adds up from the model's average
         customer when the snapshot carries them (its top customers), else None; with `at_least`,
@@ -479,38 +510,24 @@ class Snapshot:
             con = opened.thread_cursor()
             held = opened.customer_rows()
             if held is not None:
-                found = held.get(customer_id)
-                rows = [] if found is None else [found]
+                row = held.get(customer_id)
             else:
-                rows = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
-            if rows and at_least is not None:
+                found = _dicts(con, "SELECT * FROM customer_scores WHERE customer_id = ?", [customer_id])
+                explained = opened.answer("explained customers", _explained)
+                drivers = (
+                    _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position", [customer_id])
+                    if found and customer_id in explained
+                    else []
+                )
+                row = _with_drivers(found[0], drivers) if found else None
+            if row is not None and at_least is not None:
                 params = con.execute(
                     f"SELECT {', '.join(_PARAMETERS)} FROM (SELECT ? AS customer_id){_distribution(con)}",
                     [customer_id],
                 ).df()
-                rows[0].update(at_least=at_least, p_at_least=_plain(float(prob_at_least(params, at_least)[0])))
-            if not rows:
-                return None
-            explained = opened.answer("explained customers", _explained)
-            drivers = (
-                _dicts(con, "SELECT * FROM customer_drivers WHERE customer_id = ? ORDER BY position", [customer_id])
-                if customer_id in explained
-                else []
-            )
+                row.update(at_least=at_least, p_at_least=_plain(float(prob_at_least(params, at_least)[0])))
         finally:
             self._release(opened)
-        row = rows[0]
-        row["drivers"] = (
-            None
-            if not drivers
-            else {
-                "reference_clv": drivers[0]["reference_clv"],
-                "clv": row["clv"],
-                "drivers": [
-                    {"group": d["driver"], "contribution": d["contribution"], "meaning": d["meaning"]} for d in drivers
-                ],
-            }
-        )
         return row
 
     def summary(self) -> dict[str, Any]:
