@@ -369,13 +369,15 @@ def test_the_chance_filter_narrows_the_list_to_the_customers_the_api_selects(pag
 
 def test_segment_and_tier_tables_state_the_range_of_each_total(page, served):
     """Each segment's and tier's total with its stated 80% range, from the snapshot's summaries,
-    and the sentence that says the range treats customers as independent."""
+    and the sentence that says the range treats customers as independent, wherever the page
+    shows a total (the Overview's value tiers too)."""
     path, _, _ = served
     show(page, "Segments and playbooks")
     ranged = page.locator('[data-testid="stTable"]').filter(
         has=page.locator("th", has_text=re.compile("^80% range of the total$")))
-    assert ranged.count() == 2
-    for i, (view, key) in enumerate((("segment_summary", "segment"), ("tier_summary", "value_tier"))):
+    assert ranged.count() == 3  # the Overview's value tiers, then the Segments tab's two tables
+    for i, (view, key) in ((0, ("tier_summary", "value_tier")), (1, ("segment_summary", "segment")),
+                           (2, ("tier_summary", "value_tier"))):
         head = [th.inner_text().strip() for th in ranged.nth(i).locator("thead th").all()]
         rows = [dict(zip(head, (td.inner_text().strip() for td in tr.locator("th, td").all())))
                 for tr in ranged.nth(i).locator("tbody tr").all()]
@@ -383,7 +385,7 @@ def test_segment_and_tier_tables_state_the_range_of_each_total(page, served):
                 for k, lo, hi in query(path, f"SELECT {key}, total_clv_low, total_clv_high FROM {view}")}
         assert {r[key]: r["80% range of the total"] for r in rows} == want
         assert head.index("80% range of the total") == head.index("total_clv") + 1  # beside the total
-    assert page.get_by_text("treats customers as independent").count() == 2
+    assert page.get_by_text("treats customers as independent").count() == 3
 
 
 def test_model_card_shows_the_artifact_and_its_evaluation(page, served):

@@ -204,16 +204,16 @@ def overview(data: dict[str, Any], drift: str | None) -> None:
         width="stretch",
     )
     left.markdown(f"**Value tiers** ({TIER_RULE})")
+    tiers = ["value_tier", "customers", "min_clv", "max_clv", "total_clv", "total_clv_low", "total_clv_high"]
     left.table(
         shown(
-            pd.DataFrame(data["tiers"])[
-                ["value_tier", "customers", "min_clv", "max_clv", "total_clv", "share_of_value"]
-            ],
+            with_range(pd.DataFrame(data["tiers"])[[*tiers, "share_of_value"]]),
             money_cols=("min_clv", "max_clv", "total_clv"),
             share_cols=("share_of_value",),
         ),
         hide_index=True,
     )
+    left.caption(RANGE_NOTE)
     countries = pd.DataFrame(data["by_country"])
     with right:
         if countries.empty or (countries["country"] == "").all():
