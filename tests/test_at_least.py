@@ -174,6 +174,31 @@ def test_the_snapshot_gives_the_probabilities_clv_score_at_least_gives(demo_3000
         snap.close()
 
 
+@pytest.mark.parametrize("first", ["summary", "top at_least", "insights"])
+def test_any_question_leaves_the_next_one_on_its_thread_answerable(demo_3000, first: str):
+    """A question that reads only part of its result (a top list with at_least stops once it has
+    n; a one-row read) must not leave the rest pending where the next question on the same
+    thread reads: the customer lookup that builds the rows in memory failed on it, a 500 from
+    the API for `/customers/0` after `/summary`."""
+    with duckdb.connect(str(demo_3000.snapshot), read_only=True) as con:
+        best_id, best_clv = con.execute(
+            "SELECT customer_id, clv FROM customer_scores ORDER BY clv DESC, customer_id LIMIT 1"
+        ).fetchall()[0]
+    snap = Snapshot(demo_3000.snapshot)
+    try:
+        asked = {
+            "summary": lambda: snap.summary(),
+            "top at_least": lambda: snap.top(5, Selection(at_least=250.0)),
+            "insights": lambda: snap.insights(),
+        }[first]()
+        assert asked
+        row = snap.customer(best_id)
+        assert row is not None and row["clv"] == best_clv
+        assert snap.customer("no such customer") is None
+    finally:
+        snap.close()
+
+
 def test_the_api_answers_at_least_and_min_probability_as_the_snapshot_holds_them(demo_3000, api):
     """`/top`, `/export.csv` and `/customers/{id}` with at_least (and min_probability) answer what
     numpy computes from the snapshot's rows read with DuckDB; a bad value is answered 400."""

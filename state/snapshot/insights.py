@@ -15,9 +15,16 @@ from typing import Any
 import duckdb
 
 
+def first(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
+    """A query's first row, its result read to the end: a result left pending on a cursor makes
+    the next question asked on it fail (the API's readers share one cursor per thread)."""
+    rows = cursor.fetchall()
+    return rows[0] if rows else None
+
+
 def one(cursor: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
     """The row a query that always answers one (an aggregate, the one-row meta table) answered."""
-    row = cursor.fetchone()
+    row = first(cursor)
     if row is None:
         raise LookupError("the snapshot query answered no row")
     return row
@@ -104,11 +111,13 @@ def compute(con: duckdb.DuckDBPyConnection) -> list[Insight]:
             )
         )
     known = (
-        con.execute(
-            "SELECT country, share_of_value, (SELECT count(*) FROM country_summary "
-            "WHERE country <> '') FROM country_summary WHERE country <> '' "
-            "ORDER BY total_clv DESC, country LIMIT 1"
-        ).fetchone()
+        first(
+            con.execute(
+                "SELECT country, share_of_value, (SELECT count(*) FROM country_summary "
+                "WHERE country <> '') FROM country_summary WHERE country <> '' "
+                "ORDER BY total_clv DESC, country LIMIT 1"
+            )
+        )
         if has(con, "country_summary")
         else None
     )

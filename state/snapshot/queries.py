@@ -29,7 +29,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -295,9 +295,7 @@ class _Opened:
         return value
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        cur = self.con.cursor()
-        cur.execute("USE snapshot")
-        return cur
+        return _snapshot_cursor(self.con)
 
     def thread_cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (a DuckDB connection is used by one thread at a time)."""
@@ -305,6 +303,15 @@ class _Opened:
         if cur is None:
             cur = self.local.cursor = self.cursor()
         return cur
+
+
+def _snapshot_cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A cursor of its own on the attached snapshot. A read that stops before its last row needs
+    one: its unfinished result would make the next question on a shared cursor fail (DuckDB
+    refuses a relation while an execute() result is pending)."""
+    cur = con.cursor()
+    cur.execute("USE snapshot")
+    return cur
 
 
 class Snapshot:
@@ -442,10 +449,11 @@ class Snapshot:
             )
 
         def read(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-            cur = con.execute(*self._export_query(sel, con))
             kept: list[pd.DataFrame] = []
-            while sum(map(len, kept)) < n and not (chunk := cur.fetch_df_chunk(1)).empty:
-                kept.append(_likely(chunk, sel, "p_at_least"))  # best first: stop once n are kept
+            with closing(_snapshot_cursor(con)) as own:  # stopped early: not on the thread's cursor
+                cur = own.execute(*self._export_query(sel, own))
+                while sum(map(len, kept)) < n and not (chunk := cur.fetch_df_chunk(1)).empty:
+                    kept.append(_likely(chunk, sel, "p_at_least"))  # best first: stop once n are kept
             frame = pd.concat(kept).head(n) if kept else pd.DataFrame()
             return [{c: _plain(v) for c, v in row.items()} for row in frame.to_dict("records")]
 
