@@ -14,7 +14,6 @@ holds them (`state.snapshot.tables.DISTRIBUTION_COLUMNS`); readers compute P(spe
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Iterable
 
@@ -23,8 +22,6 @@ from export_onnx.runtime import Artifact
 from features.aggregate import month_of
 from features.sequences import build_inputs
 from stream.state_copy import StateCopy, agrees
-
-log = logging.getLogger("clv.snapshot")
 
 
 class Distributions:
@@ -81,15 +78,5 @@ class Distributions:
                 )
         self.lacking = self.lacking or bool(found.missing or out_of_step)
         if computed or found.missing or out_of_step:
-            log.info(
-                "distributions: %d kept of %d computed in %.2f s; %d whose state and score are not "
-                "yet the same, %d without a state yet, %d scored by another model than %s",
-                len(out),
-                computed,
-                time.perf_counter() - started,
-                out_of_step,
-                found.missing,
-                found.other_model,
-                self.version,
-            )
+            found.report(f"distributions: {len(out)} kept of", computed, out_of_step, started, self.version)
         return out

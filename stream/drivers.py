@@ -12,15 +12,12 @@ a second on one core) and analysts look at the top first;
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Sequence
 
 from export_onnx.explain import MEANINGS, Drivers, Explainer
 from export_onnx.runtime import Artifact
 from stream.state_copy import StateCopy, agrees
-
-log = logging.getLogger("clv.snapshot")
 
 
 def driver_rows(d: Drivers) -> list[tuple[Any, ...]]:
@@ -62,18 +59,7 @@ class TopDrivers:
                 self.done[r["customer_id"]] = (_identity(r), driver_rows(d))
         self.lacking = bool(found.missing or out_of_step)
         if computed or found.missing or found.other_model or out_of_step:
-            log.info(
-                "drivers of the top %d customers: %d computed in %.2f s; %d whose state and "
-                "score are not yet the same, %d without a state yet, %d scored by another "
-                "model than %s",
-                len(wanted),
-                computed,
-                time.perf_counter() - started,
-                out_of_step,
-                found.missing,
-                found.other_model,
-                self.version,
-            )
+            found.report(f"drivers of the top {len(wanted)} customers:", computed, out_of_step, started, self.version)
         return [row for _identity_, rows in self.done.values() for row in rows]
 
 

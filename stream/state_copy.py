@@ -12,6 +12,7 @@ one of another model during a rollout, waits for a later snapshot.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +38,21 @@ class InStep:
     missing: int = 0
     out_of_step: int = 0
     other_model: int = 0
+
+    def report(self, what: str, computed: int, out_of_step: int, started: float, version: str) -> None:
+        """The log line of one pass: `what` its opening words, `out_of_step` this count and the
+        rows whose state gave another value than their score."""
+        log.info(
+            "%s %d computed in %.2f s; %d whose state and score are not yet the same, %d without a "
+            "state yet, %d scored by another model than %s",
+            what,
+            computed,
+            time.perf_counter() - started,
+            out_of_step,
+            self.missing,
+            self.other_model,
+            version,
+        )
 
 
 class StateCopy:
