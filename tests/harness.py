@@ -8,12 +8,16 @@ import json
 import subprocess
 import time
 import urllib.request
+from datetime import datetime
 from email.message import Message
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from export_onnx.runtime import shipped_model_dir
+from features.aggregate import CustomerState
+from features.batch import read_history, snapshots
+from features.loaders import vendored_cdnow
 from features.scores import CUSTOMER_FIELDS, FIELD_TYPES, ScoreRecord, as_dict, iso_time, parse_score, precedence
 from stream.broker import free_port
 from stream.processes import Child, Worker, clv
@@ -227,22 +231,36 @@ class Api:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def call(self, path: str, authorization: str | None = None, data: bytes | None = None
-             ) -> tuple[int, Message, bytes]:
+    def call(self, path: str, authorization: str | None = None, data: bytes | None = None,
+             content_type: str | None = None, timeout: float = 30) -> tuple[int, Message, bytes]:
         """(status, headers, body); `authorization` is the whole header (default: the token's)."""
         if authorization is None and self.token:
             authorization = f"Bearer {self.token}"
-        req = urllib.request.Request(self.url + path, data=data,
-                                     headers={"Authorization": authorization} if authorization else {})
+        headers = {"Authorization": authorization} if authorization else {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        req = urllib.request.Request(self.url + path, data=data, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.headers, r.read()  # header names are case-insensitive
         except urllib.error.HTTPError as e:
             return e.code, e.headers, e.read()
         except OSError:
             return 0, {}, b""
 
+    def post(self, path: str, body: bytes, content_type: str = "text/csv") -> tuple[int, Message, bytes]:
+        """A POST with the token, given a minute or two: scoring an upload reads a whole file."""
+        return self.call(path, data=body, content_type=content_type, timeout=120)
+
     def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
         token = self.token if token is None else token
         status, _, body = self.call(path, f"Bearer {token}" if token else "")
         return status, body
+
+
+def cdnow_sample(window: int, n: int) -> tuple[list[CustomerState], datetime]:
+    """`n` CDNOW customers' states as of the file's newest event, spread over the file."""
+    events = read_history(vendored_cdnow()).events
+    at = events[-1].ts
+    states = list(next(snapshots(events, [at], window)).states.values())
+    return states[:: len(states) // n][:n], at

@@ -21,7 +21,6 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from email.message import Message
 from pathlib import Path
 from typing import Any, Callable
 
@@ -310,25 +309,15 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def post(api: Api, path: str, body: bytes, content_type: str = "text/csv") -> tuple[int, Message, bytes]:
-    req = urllib.request.Request(api.url + path, data=body, method="POST", headers={
-        "Content-Type": content_type, "Authorization": f"Bearer {api.token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.headers, r.read()  # header names are case-insensitive
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-
-
 def test_score_upload_answers_what_clv_score_writes(api, cdnow_batch):
     """The vendored CDNOW file, uploaded as a form and as a raw body, is scored like `clv score`
     scores it: every customer field equal (numbers within 1e-5), with the cleaning report."""
     data = vendored_cdnow().read_bytes()
-    status, headers, body = post(api, "/score?out=csv", *multipart("CDNOW_master.txt.gz", data))
+    status, headers, body = api.post("/score?out=csv", *multipart("CDNOW_master.txt.gz", data))
     assert status == 200 and headers["Content-Type"].startswith("text/csv"), body[:300]
     rows = list(csv.DictReader(io.StringIO(body.decode())))
     assert json.loads(headers["X-Cleaning-Report"])["rows_kept"] == 69_659
-    status, _, body = post(api, "/score", data, "application/octet-stream")
+    status, _, body = api.post("/score", data, "application/octet-stream")
     answer = json.loads(body)
     assert status == 200 and answer["customers"] == len(rows) == len(cdnow_batch) == 23_570
     assert answer["cleaning"]["format"] == "cdnow" and answer["model_version"] == headers["X-Model-Version"]
@@ -349,11 +338,11 @@ def test_score_upload_of_another_business_says_it_is_unlike_the_models_training_
     from features.synthetic import generate, write
 
     data = write(generate(1500, 9000, seed=7)[0], tmp_path / "retail.csv").read_bytes()
-    status, _, body = post(api, "/score", *multipart("retail.csv", data))
+    status, _, body = api.post("/score", *multipart("retail.csv", data))
     answer = json.loads(body)
     assert status == 200 and answer["customers"] > 0, body[:300]
     assert "order value PSI" in answer["drift_warning"] and "\n" not in answer["drift_warning"]
-    status, headers, _ = post(api, "/score?out=csv", *multipart("retail.csv", data))
+    status, headers, _ = api.post("/score?out=csv", *multipart("retail.csv", data))
     assert status == 200 and headers["X-Drift-Warning"] == answer["drift_warning"]
 
 
@@ -364,7 +353,7 @@ def test_a_file_clv_score_refuses_is_answered_400_with_its_reason(api, tmp_path,
     cli = subprocess.run([*CLV, "score", name, "--out", "x.csv"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)
     assert cli.returncode == 2 and cli.stderr.startswith("clv: error: ")
-    status, _, body = post(api, "/score", *multipart(name, data))
+    status, _, body = api.post("/score", *multipart(name, data))
     assert status == 400 and "clv: error: " + json.loads(body)["error"] + "\n" == cli.stderr
 
 
@@ -373,9 +362,9 @@ def test_an_upload_over_the_limit_is_answered_413(snapshot_path, tmp_path):
     try:
         data = gzip.decompress(vendored_cdnow().read_bytes())[:200_000]
         for body, kind in ((data, "text/csv"), multipart("big.txt", data)):
-            status, _, answer = post(api, "/score", body, kind)
+            status, _, answer = api.post("/score", body, kind)
             assert status == 413 and "api_score_max_bytes" in json.loads(answer)["error"]
-        status, _, answer = post(api, "/score?out=csv", data[:90_000].rsplit(b"\n", 1)[0])
+        status, _, answer = api.post("/score?out=csv", data[:90_000].rsplit(b"\n", 1)[0])
         assert status == 200 and answer.startswith(b"customer_id,clv,")  # under it: scored
     finally:
         assert api.proc.stop() == 0

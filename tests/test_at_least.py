@@ -9,7 +9,6 @@ import io
 import json
 import os
 import subprocess
-import urllib.request
 from collections import namedtuple
 from datetime import timedelta
 from pathlib import Path
@@ -21,10 +20,9 @@ import pytest
 from export_onnx.runtime import Artifact
 from export_onnx.scoring import prepare, score_states
 from features.aggregate import month_of
-from features.batch import read_history, snapshots
 from features.distribution import SpendDistribution
 from features.loaders import vendored_cdnow
-from harness import CLV, Api
+from harness import CLV, Api, cdnow_sample
 from state.live.base.partition import encode_key
 from state.live.record import encode_state
 from state.snapshot import tables as snapshot
@@ -43,10 +41,7 @@ def artifact() -> Artifact:
 @pytest.fixture(scope="module")
 def cdnow(artifact: Artifact):
     """300 CDNOW customers as of the file's newest event, spread over the file."""
-    events = read_history(vendored_cdnow()).events
-    at = events[-1].ts
-    states = list(next(snapshots(events, [at], artifact.window)).states.values())
-    return states[:: len(states) // 300][:300], at
+    return cdnow_sample(artifact.window, 300)
 
 
 def stored(path: Path) -> dict[str, SpendDistribution]:
@@ -235,23 +230,13 @@ def test_score_upload_with_at_least_adds_the_columns_clv_score_at_least_writes(a
     """`POST /score?at_least=100&at_least=500`, as CSV and JSON: `clv score --at-least 100 500`'s
     columns and values (within 1e-5)."""
     data = vendored_cdnow().read_bytes()
-    req = urllib.request.Request(
-        api.url + "/score?out=csv&at_least=100&at_least=500",
-        data=data,
-        method="POST",
-        headers={"Content-Type": "application/octet-stream"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        rows = list(csv.DictReader(io.StringIO(r.read().decode())))
+    status, _, body = api.post("/score?out=csv&at_least=100&at_least=500", data, "application/octet-stream")
+    assert status == 200, body[:500]
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
     assert list(rows[0]) == list(next(iter(batch.values())))  # the same columns, p_at_least_100 and _500 last
-    req = urllib.request.Request(
-        api.url + "/score?at_least=100&at_least=500",
-        data=data,
-        method="POST",
-        headers={"Content-Type": "application/octet-stream"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        scores = json.loads(r.read())["scores"]
+    status, _, body = api.post("/score?at_least=100&at_least=500", data, "application/octet-stream")
+    assert status == 200, body[:500]
+    scores = json.loads(body)["scores"]
     assert len(rows) == len(scores) == len(batch)
     for got in (rows, scores):
         for row in got:

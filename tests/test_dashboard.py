@@ -133,6 +133,14 @@ def show(page, tab: str) -> None:
     page.wait_for_function(dashboard.DRAWN, timeout=30_000)
 
 
+def look_up(page, customer_id: str) -> None:
+    """Type an id into the Customers tab's lookup and let the page rerun."""
+    box = page.get_by_label("Customer id")
+    box.fill(customer_id)
+    box.press("Enter")
+    dashboard.settle(page)
+
+
 def chart(page, title: str) -> list[dict[str, str]]:
     """The marks of the chart titled `title` (drawn as SVG): each mark's fields, as the chart
     labels them."""
@@ -286,10 +294,7 @@ def test_customer_lookup_shows_the_customers_row(page, served):
     show(page, "Customers")
     cid, clv, segment, cluster = query(path, "SELECT customer_id, clv, segment, cluster FROM customer_scores "
                                              "ORDER BY clv DESC LIMIT 1")[0]
-    box = page.get_by_label("Customer id")
-    box.fill(cid)
-    box.press("Enter")
-    dashboard.settle(page)
+    look_up(page, cid)
     fields = {r["field"]: r["value"] for r in table(page, "field")}
     assert fields["customer_id"] == cid and float(fields["clv"]) == pytest.approx(clv)
     assert (fields["segment"], fields["cluster"]) == (segment, cluster)
@@ -324,10 +329,7 @@ def test_customer_lookup_shows_the_interval_and_the_chance_beside_the_waterfall(
     show(page, "Customers")
     cid, clv, low, high = query(path, "SELECT customer_id, clv, clv_low, clv_high FROM customer_scores "
                                       "ORDER BY clv DESC LIMIT 1")[0]
-    box = page.get_by_label("Customer id")
-    box.fill(cid)
-    box.press("Enter")
-    dashboard.settle(page)
+    look_up(page, cid)
     number(page, "Chance of spending at least", 1500)
     page.get_by_text("P(spends at least $1,500)").wait_for(timeout=30_000)  # the rerun has drawn it
     cards = {k: v for k, v in metrics(page).items() if k.startswith(("Expected CLV (", "80% interval", "P(spends"))}

@@ -22,11 +22,10 @@ from export_onnx import ArtifactError
 from export_onnx.explain import GROUPS, Explainer
 from export_onnx.runtime import Artifact, shipped_model_dir
 from export_onnx.scoring import score_file, score_states
-from features.batch import read_history, snapshots
 from features.loaders import vendored_cdnow
 from features.sequences import CLASSIC_FEATURES, SEQ_FEATURES, STATIC_FEATURES, Inputs
 from features.synthetic import generate, write
-from harness import CLV, Api
+from harness import CLV, Api, cdnow_sample
 from state.live.base.partition import encode_key
 from state.live.record import encode_state
 from stream.drivers import TopDrivers
@@ -49,10 +48,7 @@ def explainer(artifact: Artifact) -> Explainer:
 @pytest.fixture(scope="module")
 def cdnow(artifact: Artifact):
     """600 CDNOW customers as of the file's newest event, spread over the file."""
-    events = read_history(vendored_cdnow()).events
-    at = events[-1].ts
-    states = list(next(snapshots(events, [at], artifact.window)).states.values())
-    return states[::len(states) // 600][:600], at
+    return cdnow_sample(artifact.window, 600)
 
 
 def test_every_model_input_is_in_exactly_one_group():
