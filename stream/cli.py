@@ -594,11 +594,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.what == "segments" and args.json:
         _print_rows(snap.segments(), True)
     elif args.what == "segments":
-        from state.snapshot.queries import render_segments
+        from state.snapshot.queries import render_segments, render_totals
 
         print(render_segments(snap.segments()))
         print()
-        _print_rows(snap.tiers(), False)
+        print(render_totals(snap.tiers()))
     elif args.what == "clusters":
         _print_rows(snap.clusters(), args.json)
     elif args.what == "customer":

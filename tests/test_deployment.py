@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from harness import CLV
+from state.snapshot.queries import RANGE_NOTE
 from stream.cli import build_parser
 from stream.settings import Settings, env_names
 
@@ -53,6 +54,9 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(demo_3000):
     assert top[0].split()[:2] == ["customer_id", "clv"] and len(top) == 11
     segments = out.split("\nSegments")[1].split("Value tiers")[0].strip().splitlines()
     assert segments[0].split()[0] == "segment" and len(segments) >= 2
+    tiers = out.split("Value tiers")[1].split("Behavioral clusters")[0]
+    for table in ("\n".join(segments), tiers):  # each total with its range, and what that assumes
+        assert "total_clv_low" in table and "total_clv_high" in table and RANGE_NOTE in table
     assert "DuckDB snapshot:" in out and "API: http://127.0.0.1:" in out
     assert (workdir / "clv.duckdb").exists()
     time.sleep(1)

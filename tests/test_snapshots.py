@@ -32,7 +32,7 @@ from features.segments import PLAYBOOKS, SEGMENTS
 from harness import CLV, Api, end_offsets, read_topic, snapshot_rows, wait_snapshot_caught_up
 from score_messages import near_valid
 from state.snapshot import tables as snapshot
-from state.snapshot.queries import Snapshot, _dicts
+from state.snapshot.queries import RANGE_NOTE, Snapshot, _dicts
 from stream.broker import free_port
 from stream.processes import Child, clv as clv_command
 
@@ -102,6 +102,8 @@ def test_query_commands(cdnow_live, tmp_path):
     res = clv("query", "segments", env=env)
     assert res.returncode == 0 and "share_of_value" in res.stdout and "value_tier" in res.stdout
     assert "Playbooks" in res.stdout and PLAYBOOKS["vip"].what_to_do in res.stdout
+    # The segment and tier tables each show the range of their totals and say what it assumes.
+    assert res.stdout.count("total_clv_low") == 2 and res.stdout.count(RANGE_NOTE) == 2
     vip = json.loads(clv("query", "top", "--n", "5", "--segment", "vip", "--json", env=env).stdout)
     assert vip and all(r["segment"] == "vip" for r in vip)
     one = json.loads(clv("query", "customer", "00001", env=env).stdout)

@@ -608,6 +608,21 @@ def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
     return frame.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
 
 
+# What a segment's or tier's range of its total assumes, said wherever the range is shown.
+RANGE_NOTE = (
+    "The 80% range of each total treats customers as independent of one another; a season or a "
+    "shock moves them together, so the true range is wider."
+)
+
+
+def render_totals(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A segment or tier table; where it shows the range of each total (`total_clv_low`,
+    `total_clv_high`), `RANGE_NOTE` under it."""
+    table = render_table(rows, columns)
+    shown = columns if columns is not None else list(rows[0]) if rows else []
+    return f"{table}\n{RANGE_NOTE}" if "total_clv_low" in shown else table
+
+
 def render_segments(
     rows: list[dict[str, Any]], columns: list[str] | None = None, who: Mapping[str, str] | None = None
 ) -> str:
@@ -615,7 +630,7 @@ def render_segments(
     table columns. `who`: the rules as a model applies them (`features.segments.described_rules`)
     in place of the playbooks' general words."""
     text = {f.name for f in fields(Playbook)}
-    table = render_table(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
+    table = render_totals(rows, [c for c in columns or (rows[0] if rows else ()) if c not in text])
     shown = {r["segment"] for r in rows}
     books = []
     for name, book in PLAYBOOKS.items():

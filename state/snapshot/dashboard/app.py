@@ -29,7 +29,7 @@ from export_onnx.runtime import META_FILE, shipped_model_dir
 from features import population
 from features.distribution import at_least_column
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook, described_rules
-from state.snapshot.queries import QueryError, Selection, Snapshot, csv_text
+from state.snapshot.queries import RANGE_NOTE, QueryError, Selection, Snapshot, csv_text
 from state.snapshot.tables import TIERS
 
 REFRESH_S = 3.0  # how often the page looks for a new snapshot
@@ -272,10 +272,6 @@ def country_charts(countries: pd.DataFrame) -> None:
 
 TIER_RULE = "terciles of this snapshot's expected CLV: a third of its customers each"
 RANGE_COLUMN = "80% range of the total"
-RANGE_NOTE = (
-    "The 80% range of each total treats customers as independent of one another; a season or a "
-    "shock moves them together, so the true range is wider."
-)
 
 
 def with_range(frame: pd.DataFrame) -> pd.DataFrame:
