@@ -31,7 +31,16 @@ from features.contract import TransactionEvent
 from features.loaders import vendored_cdnow
 from features.segments import described_rules
 from state.snapshot import dashboard
-from state.snapshot.queries import TOP_COLUMNS, QueryError, Snapshot, render_segments, render_table, render_totals
+from state.snapshot.queries import (
+    SEGMENT_COLUMNS,
+    TIER_COLUMNS,
+    TOP_COLUMNS,
+    QueryError,
+    Snapshot,
+    render_segments,
+    render_table,
+    render_totals,
+)
 from stream.broker import free_port
 from stream.kafka_io import end_offsets
 from stream.processes import Broker, Supervisor, Worker, clv, http_get, stop_on_signals
@@ -272,23 +281,12 @@ def _report(snap: Snapshot, path: Path, api_port: int, meta: dict[str, Any], ser
     print(
         render_segments(
             snap.segments(),
-            [
-                "segment",
-                "customers",
-                "share_of_customers",
-                "total_clv",
-                "total_clv_low",
-                "total_clv_high",
-                "mean_clv",
-                "share_of_value",
-                "mean_p_purchase",
-            ],
+            SEGMENT_COLUMNS,
             described_rules(meta),
         )
     )
     print("\nValue tiers (terciles of this snapshot's expected CLV: a third of its customers each)")
-    tiers = ["value_tier", "customers", "min_clv", "max_clv", "total_clv", "total_clv_low", "total_clv_high"]
-    print(render_totals(snap.tiers(), [*tiers, "share_of_value"]))
+    print(render_totals(snap.tiers(), TIER_COLUMNS))
     print("\nBehavioral clusters (share_of_training_cohort: where the model fitted them)")
     print(
         render_table(

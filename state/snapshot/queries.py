@@ -53,6 +53,29 @@ KEPT_ROWS = 1_000  # larger answers are read again each time
 T = TypeVar("T")
 # What a terminal shows of a top list; JSON and exports carry every column.
 TOP_COLUMNS = ["customer_id", "clv", "p_purchase", "segment", "value_tier", "frequency", "recency_days", "total_spend"]
+# The segment and tier tables' columns as the demo and the dashboard's Overview show them: each
+# total with its 80% range.
+SEGMENT_COLUMNS = [
+    "segment",
+    "customers",
+    "share_of_customers",
+    "total_clv",
+    "total_clv_low",
+    "total_clv_high",
+    "mean_clv",
+    "share_of_value",
+    "mean_p_purchase",
+]
+TIER_COLUMNS = [
+    "value_tier",
+    "customers",
+    "min_clv",
+    "max_clv",
+    "total_clv",
+    "total_clv_low",
+    "total_clv_high",
+    "share_of_value",
+]
 
 
 class QueryError(ValueError):

@@ -29,7 +29,7 @@ from export_onnx.runtime import META_FILE, shipped_model_dir
 from features import population
 from features.distribution import at_least_column
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook, described_rules
-from state.snapshot.queries import RANGE_NOTE, QueryError, Selection, Snapshot, csv_text
+from state.snapshot.queries import RANGE_NOTE, SEGMENT_COLUMNS, TIER_COLUMNS, QueryError, Selection, Snapshot, csv_text
 from state.snapshot.tables import TIERS
 
 REFRESH_S = 3.0  # how often the page looks for a new snapshot
@@ -204,10 +204,9 @@ def overview(data: dict[str, Any], drift: str | None) -> None:
         width="stretch",
     )
     left.markdown(f"**Value tiers** ({TIER_RULE})")
-    tiers = ["value_tier", "customers", "min_clv", "max_clv", "total_clv", "total_clv_low", "total_clv_high"]
     left.table(
         shown(
-            with_range(pd.DataFrame(data["tiers"])[[*tiers, "share_of_value"]]),
+            with_range(pd.DataFrame(data["tiers"])[TIER_COLUMNS]),
             money_cols=("min_clv", "max_clv", "total_clv"),
             share_cols=("share_of_value",),
         ),
@@ -293,23 +292,7 @@ def segments(data: dict[str, Any], meta: dict[str, Any]) -> None:
     seg = pd.DataFrame(data["segments"])
     st.table(
         shown(
-            with_range(
-                seg[
-                    [
-                        "segment",
-                        "customers",
-                        "share_of_customers",
-                        "total_clv",
-                        "total_clv_low",
-                        "total_clv_high",
-                        "mean_clv",
-                        "share_of_value",
-                        "mean_p_purchase",
-                        "mean_recency_days",
-                        "mean_frequency",
-                    ]
-                ]
-            ),
+            with_range(seg[[*SEGMENT_COLUMNS, "mean_recency_days", "mean_frequency"]]),
             money_cols=("total_clv", "mean_clv"),
             share_cols=("share_of_customers", "share_of_value"),
         ),
