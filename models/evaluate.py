@@ -174,6 +174,8 @@ _COLUMNS = (
     ("total_bias", "bias", "{:+.1%}"),
     ("auc", "AUC", "{:.3f}"),
     ("above_high", ">high", "{:.1%}"),
+    ("expected_above", "expect", "{:.1%}"),
+    ("above_positive_high", ">high>0", "{:.1%}"),
     ("below_low", "<low", "{:.1%}"),
     ("pinball", "pinball", "{:.2f}"),
 )
@@ -197,7 +199,7 @@ def summary(run: Run) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def render(run: Run) -> str:
-    widths = [10, 9, 10, 10, 8, 9, 7, 7, 7, 9]
+    widths = [10, 9, 10, 10, 8, 9, 7, 7, 7, 8, 7, 9]
     head = f"{'model':<10}{'seed':>6}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(_COLUMNS, widths))
     rows = [f"customers scored: {run.customers:,}", head]
     for r in run.seeds:
@@ -227,9 +229,11 @@ def render(run: Run) -> str:
     )
     rows.append(
         ">high, <low: shares of customers who spent more than the 90% quantile of their "
-        "predictive distribution and less than the 10% one (80% interval); pinball: mean "
-        "pinball loss at 10/50/90% (lower is better); bgnbd_gg's by simulating its "
-        "posterior."
+        "predictive distribution and less than the 10% one (80% interval); expect: the share "
+        "above that the distribution itself expects, the mean of min(P(purchase), 10%) (a "
+        "customer less likely to buy has a 90% quantile of $0); >high>0: the share above among "
+        "customers whose 90% quantile is above $0 (calibrated: 10%); pinball: mean pinball loss "
+        "at 10/50/90% (lower is better); bgnbd_gg's by simulating its posterior."
     )
     return "\n".join(rows)
 

@@ -40,13 +40,27 @@ def pinball(actual: np.ndarray, quantile: np.ndarray, level: float) -> float:
     return float(np.mean(np.maximum(level * diff, (level - 1) * diff)))
 
 
-def interval_report(actual: np.ndarray, quantiles: dict[float, np.ndarray]) -> dict[str, float]:
+INTERVAL_METRICS = ("above_high", "expected_above", "above_positive_high", "below_low", "pinball")
+
+
+def interval_report(
+    actual: np.ndarray, quantiles: dict[float, np.ndarray], p_purchase: np.ndarray | None = None
+) -> dict[str, float | None]:
     """How a predictive distribution's quantiles (at 10%, 50%, 90%) fit what happened: the share
-    of customers who spent more than the 90% quantile (calibrated: about 10%, less where the zero
-    mass reaches 90%) and less than the 10% quantile (at most 10%), and the mean pinball loss over
-    the three levels, which rewards a sharp distribution only where it is right."""
+    of customers who spent more than the 90% quantile and less than the 10% one, and the mean
+    pinball loss over the three levels, which rewards a sharp distribution only where it is right.
+
+    Spend has a mass at zero, so the share above the 90% quantile is 10% only where
+    P(purchase) >= 0.1: a customer less likely to buy has a 90% quantile of 0 and exceeds it by
+    buying at all. So beside the share, what the distribution itself expects (the mean of
+    min(p, 10%), given `p_purchase`), and the share among customers whose 90% quantile is above
+    zero, which a calibrated distribution puts at 10% whatever the cohort's mix."""
+    high = quantiles[0.9]
+    open_top = high > 0
     return {
-        "above_high": float(np.mean(actual > quantiles[0.9])),
+        "above_high": float(np.mean(actual > high)),
+        "expected_above": None if p_purchase is None else float(np.minimum(p_purchase, 0.1).mean()),
+        "above_positive_high": float(np.mean(actual[open_top] > high[open_top])) if open_top.any() else None,
         "below_low": float(np.mean(actual < quantiles[0.1])),
         "pinball": float(np.mean([pinball(actual, quantiles[q], q) for q in (0.1, 0.5, 0.9)])),
     }
@@ -74,8 +88,6 @@ def report(
         "auc": auc,
         "deciles": deciles(actual, pred),
         **(
-            interval_report(actual, quantiles)
-            if quantiles is not None
-            else {"above_high": None, "below_low": None, "pinball": None}
+            interval_report(actual, quantiles, p_purchase) if quantiles is not None else dict.fromkeys(INTERVAL_METRICS)
         ),
     }

@@ -48,7 +48,9 @@ def model_with_evaluation(out: Path) -> Path:
     rng = np.random.default_rng(0)
     actual = rng.gamma(0.3, 50.0, 500) * (rng.random(500) < 0.4)
     preds = {"gru": actual * rng.lognormal(0, 0.5, 500) + 1, "naive": actual.mean() + rng.normal(0, 1, 500)}
-    run = Run(500, actual, [SeedRun(42, {k: report(actual, v, None) for k, v in preds.items()}, preds)])
+    spread = {q: preds["gru"] * f for q, f in ((0.1, 0.0), (0.5, 0.8), (0.9, 2.0))}  # its 80% interval
+    metrics = {"gru": report(actual, preds["gru"], np.full(500, 0.4), spread), "naive": report(actual, preds["naive"], None)}
+    run = Run(500, actual, [SeedRun(42, metrics, preds)])
     write_json(run, out / "evaluation.json")
     write_plots(run, out)
     return out
@@ -407,6 +409,9 @@ def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
     assert all(int(r["k"]) == meta["clustering"]["methods"][m]["k"] for m, r in methods.items())
     models = {r["model"]: r for r in table(page, "norm_gini")}
     assert set(models) == {"gru", "naive"} and models["naive"]["auc"] == "n/a"
+    # the interval's fit beside the point metrics: P(purchase) 0.4 expects 10% above, nobody spends below $0
+    assert (models["gru"]["expected_above"], models["gru"]["below_low"]) == ("0.100", "0.000")
+    assert 0 < float(models["gru"]["above_positive_high"]) < 1 and models["naive"]["above_high"] == "n/a"
     images = page.locator('[data-testid="stImage"] img')
     assert images.count() == 2 and all(images.nth(i).evaluate("i => i.naturalWidth") > 100 for i in range(2))
 

@@ -189,7 +189,8 @@ def _cutoff_inputs(art, data, cutoff=None):
 def test_interval_is_calibrated_on_held_out_customers(trained, tmp_path):
     """Customers the model never saw (CDNOW's next 2,000), scored at the training cutoff against
     what they spent in the next six months: about 10% spend more than clv_high (fewer where
-    P(purchase) < 0.1 makes clv_high 0, so the expectation is the mean of min(p, 10%)), at most
+    P(purchase) < 0.1 makes clv_high 0, so the expectation is the mean of min(p, 10%); about 10%
+    among customers whose clv_high is above $0), at most
     ~10% less than clv_low, and the distribution beats a point mass at clv on pinball loss."""
     from datetime import date
 
@@ -209,9 +210,10 @@ def test_interval_is_calibrated_on_held_out_customers(trained, tmp_path):
     raw = art.raw_predict(inputs)
     pred, dist = art.predict_raw(raw), art.distribution(raw)
     quantiles = {q: dist.quantile(q) for q in (0.1, 0.5, 0.9)}
-    got = interval_report(actual, quantiles)
-    expected_above = float(np.minimum(pred.p_purchase, 0.1).mean())
-    assert abs(got["above_high"] - expected_above) < 0.03, (got, expected_above)
+    got = interval_report(actual, quantiles, pred.p_purchase)
+    assert got["expected_above"] == pytest.approx(float(np.minimum(pred.p_purchase, 0.1).mean()))
+    assert abs(got["above_high"] - got["expected_above"]) < 0.03, got
+    assert 0.06 < got["above_positive_high"] < 0.14, got  # 10% where clv_high is above $0
     assert 0.06 < got["above_high"] < 0.13 and got["below_low"] < 0.13, got
     point = interval_report(actual, dict.fromkeys((0.1, 0.5, 0.9), pred.clv))
     assert got["pinball"] < point["pinball"], (got, point)

@@ -729,7 +729,15 @@ def waterfall(drivers: dict[str, Any]) -> alt.Chart:
 
 
 EVALUATION_FILE = "evaluation.json"  # `clv evaluate --json DIR/evaluation.json --plots DIR`
-METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc")
+# The point forecast's metrics, then the 80% interval's fit (models with a predictive distribution;
+# `clv evaluate` says what each means).
+METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc") + (
+    "above_high",
+    "expected_above",
+    "above_positive_high",
+    "below_low",
+    "pinball",
+)
 
 
 def evaluation(model_dir: Path) -> None:
