@@ -412,6 +412,7 @@ def test_model_card_shows_the_artifact_and_its_evaluation(page, served):
     # the interval's fit beside the point metrics: P(purchase) 0.4 expects 10% above, nobody spends below $0
     assert (models["gru"]["expected_above"], models["gru"]["below_low"]) == ("0.100", "0.000")
     assert 0 < float(models["gru"]["above_positive_high"]) < 1 and models["naive"]["above_high"] == "n/a"
+    assert page.get_by_text("above_positive_high: the share above among customers whose clv_high").count() == 1
     images = page.locator('[data-testid="stImage"] img')
     assert images.count() == 2 and all(images.nth(i).evaluate("i => i.naturalWidth") > 100 for i in range(2))
 

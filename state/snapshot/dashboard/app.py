@@ -739,6 +739,14 @@ METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", 
     "pinball",
 )
 
+INTERVAL_NOTE = (
+    "above_high, below_low: shares of customers who spent more than clv_high, less than clv_low. "
+    "expected_above: the share above that the distribution itself expects, the mean of "
+    "min(P(purchase), 10%): a customer unlikely to buy has a clv_high of $0 and exceeds it by buying "
+    "at all. above_positive_high: the share above among customers whose clv_high is above $0, 10% "
+    "when the interval is calibrated. pinball: the mean pinball loss at 10/50/90% (lower is better)."
+)
+
 
 def evaluation(model_dir: Path) -> None:
     """The holdout evaluation kept beside the model, if any: `clv evaluate`'s metrics per model
@@ -765,6 +773,7 @@ def evaluation(model_dir: Path) -> None:
             ]
         st.caption(f"Holdout evaluation ({doc['customers']:,} customers; `clv evaluate`)")
         st.table(pd.DataFrame(rows), hide_index=True)
+        st.caption(INTERVAL_NOTE)
     for col, png in zip(st.columns(max(len(plots), 1)), plots):
         col.image(str(png), caption=png.stem)
 
