@@ -21,6 +21,17 @@ from typing import NamedTuple
 import numpy as np
 
 INTERVAL = (0.1, 0.9)  # clv_low, clv_high: the 80% predictive interval's quantiles
+# How an evaluation reads the interval against what customers spent (models.metrics computes them;
+# `clv evaluate` and the dashboard's model card say what each means in these words).
+INTERVAL_FIT = {
+    "above_high": "the share of customers who spent more than clv_high",
+    "expected_above": "the share above that the distribution itself expects, the mean of min(P(purchase), "
+    "10%): a customer unlikely to buy has a clv_high of $0 and exceeds it by buying at all",
+    "above_positive_high": "the share above among customers whose clv_high is above $0, 10% when the "
+    "interval is calibrated",
+    "below_low": "the share of customers who spent less than clv_low",
+    "pinball": "the mean pinball loss at 10/50/90% (lower is better)",
+}
 _BISECTIONS = 60
 _SQRT2 = math.sqrt(2.0)
 # erfc by Chebyshev fitting (Numerical Recipes' erfcc): fractional error under 1.2e-7.

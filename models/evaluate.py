@@ -15,7 +15,7 @@ import numpy as np
 from features.aggregate import month_of
 from features.batch import end_of, fingerprint, read_history
 from features.calibration import Prediction
-from features.distribution import SpendDistribution
+from features.distribution import INTERVAL_FIT, SpendDistribution
 from features.contract import TransactionEvent
 from features.scaling import Scaler
 from models import baselines, classic, clusters
@@ -228,12 +228,9 @@ def render(run: Run) -> str:
         "construction (the level of the shipped model), so their bias is that model's."
     )
     rows.append(
-        ">high, <low: shares of customers who spent more than the 90% quantile of their "
-        "predictive distribution and less than the 10% one (80% interval); expect: the share "
-        "above that the distribution itself expects, the mean of min(P(purchase), 10%) (a "
-        "customer less likely to buy has a 90% quantile of $0); >high>0: the share above among "
-        "customers whose 90% quantile is above $0 (calibrated: 10%); pinball: mean pinball loss "
-        "at 10/50/90% (lower is better); bgnbd_gg's by simulating its posterior."
+        "; ".join(f"{title}: {INTERVAL_FIT[key]}" for key, title, _ in _COLUMNS if key in INTERVAL_FIT)
+        + " (80% interval: clv_low and clv_high are the 10% and 90% quantiles of the predictive "
+        "distribution; bgnbd_gg's by simulating its posterior)."
     )
     return "\n".join(rows)
 

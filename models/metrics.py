@@ -8,6 +8,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from features.distribution import INTERVAL_FIT
+
 
 def _gini(actual: np.ndarray, order_by: np.ndarray) -> float:
     """Area between the Lorenz curve of `actual` ranked by `order_by` (descending) and the diagonal."""
@@ -38,9 +40,6 @@ def pinball(actual: np.ndarray, quantile: np.ndarray, level: float) -> float:
     """Mean pinball (quantile) loss: a proper score of the `level`-quantile forecast."""
     diff = actual - quantile
     return float(np.mean(np.maximum(level * diff, (level - 1) * diff)))
-
-
-INTERVAL_METRICS = ("above_high", "expected_above", "above_positive_high", "below_low", "pinball")
 
 
 def interval_report(
@@ -87,7 +86,5 @@ def report(
         "total_bias": float(pred.sum() / actual.sum() - 1),
         "auc": auc,
         "deciles": deciles(actual, pred),
-        **(
-            interval_report(actual, quantiles, p_purchase) if quantiles is not None else dict.fromkeys(INTERVAL_METRICS)
-        ),
+        **(interval_report(actual, quantiles, p_purchase) if quantiles is not None else dict.fromkeys(INTERVAL_FIT)),
     }

@@ -27,7 +27,7 @@ import streamlit as st
 
 from export_onnx.runtime import META_FILE, shipped_model_dir
 from features import population
-from features.distribution import at_least_column
+from features.distribution import INTERVAL_FIT, at_least_column
 from features.segments import PLAYBOOKS, SEGMENTS, Playbook, described_rules
 from state.snapshot.queries import RANGE_NOTE, SEGMENT_COLUMNS, TIER_COLUMNS, QueryError, Selection, Snapshot, csv_text
 from state.snapshot.tables import TIERS
@@ -729,23 +729,9 @@ def waterfall(drivers: dict[str, Any]) -> alt.Chart:
 
 
 EVALUATION_FILE = "evaluation.json"  # `clv evaluate --json DIR/evaluation.json --plots DIR`
-# The point forecast's metrics, then the 80% interval's fit (models with a predictive distribution;
-# `clv evaluate` says what each means).
-METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc") + (
-    "above_high",
-    "expected_above",
-    "above_positive_high",
-    "below_low",
-    "pinball",
-)
-
-INTERVAL_NOTE = (
-    "above_high, below_low: shares of customers who spent more than clv_high, less than clv_low. "
-    "expected_above: the share above that the distribution itself expects, the mean of "
-    "min(P(purchase), 10%): a customer unlikely to buy has a clv_high of $0 and exceeds it by buying "
-    "at all. above_positive_high: the share above among customers whose clv_high is above $0, 10% "
-    "when the interval is calibrated. pinball: the mean pinball loss at 10/50/90% (lower is better)."
-)
+# The point forecast's metrics, then the 80% interval's fit (models with a predictive distribution).
+METRICS = ("mae", "rmse", "spearman", "norm_gini", "top10_share", "total_bias", "auc", *INTERVAL_FIT)
+INTERVAL_NOTE = " ".join(f"{key}: {meaning}." for key, meaning in INTERVAL_FIT.items())
 
 
 def evaluation(model_dir: Path) -> None:
