@@ -17,6 +17,11 @@ so training starts from the classic model) and the spread of a buying customer's
 lower a customer's spend per purchase freely, and raise it only as far as orders back it:
 w / (w + 1) of the bound (at most half for a one-time buyer), so one or two large baskets are
 not valued as a habit. The
+purchase rate the other way round: the network may raise it freely and lower it only by
+1 / (x + 1) of the bound, x the repeat purchases. A customer's own repeat orders measure their
+rate; what the network has learnt of others (a large first basket foretells a customer who does
+not come back) may lower a one-time buyer's rate as far as the bound, but not overrule five
+orders in a month. The
 horizon H enters in closed form: alive in month k with probability s^k, buying in it with
 1 - exp(-rate), so what is learned from short labels carries to the served horizon.
 
@@ -48,6 +53,7 @@ class Base(NamedTuple):
     hazard: torch.Tensor  # monthly dropout hazard while alive
     order_value: torch.Tensor  # expected spend per purchase
     evidence: torch.Tensor  # w / (w + 1), w the orders behind the mean: how far spend may be raised
+    doubt: torch.Tensor  # 1 / (x + 1), x the repeat purchases: how far the rate may be lowered
 
 
 def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
@@ -75,6 +81,7 @@ def classic_base(classic: torch.Tensor, params: torch.Tensor) -> Base:
         rate_day * DAYS_PER_MONTH * a / (a + b + x),
         order_value,
         weight / (weight + 1),
+        1 / (x + 1),
     )
 
 
@@ -108,7 +115,9 @@ def over_horizon(
     `max_horizon`) -> p_purchase, log expected (discounted) spend, sigma."""
     d_alive, d_rate, d_hazard, d_spend, raw_sigma = out.unbind(-1)
     logit_alive = base.logit_alive + _bounded(d_alive)
-    rate = base.rate * torch.exp(_bounded(d_rate))
+    d_rate = _bounded(d_rate)
+    d_rate = torch.where(d_rate < 0, d_rate * base.doubt, d_rate)  # lowered only as repeats leave room
+    rate = base.rate * torch.exp(d_rate)
     s = torch.exp(-base.hazard * torch.exp(_bounded(d_hazard)))
     # P(a purchase in a month while alive), Poisson purchases: 1 - exp(-rate), by its series
     # where that difference would lose float32 precision (ONNX has no expm1).

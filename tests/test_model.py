@@ -295,7 +295,8 @@ def test_head_closed_forms_match_the_retention_process():
     out = torch.tensor([[0.3, -0.4, 0.5, 0.2, 0.1], [-1.0, 1.5, -2.0, -0.5, 0.0],
                         [2.5, -2.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
     alive = torch.sigmoid(base.logit_alive + 3 * torch.tanh(out[:, 0] / 3))
-    rate = base.rate * torch.exp(3 * torch.tanh(out[:, 1] / 3))
+    d_rate = 3 * torch.tanh(out[:, 1] / 3)
+    rate = base.rate * torch.exp(torch.where(d_rate < 0, d_rate * base.doubt, d_rate))
     s = torch.exp(-base.hazard * torch.exp(3 * torch.tanh(out[:, 2] / 3)))
     spend = 3 * torch.tanh(out[:, 3] / 3)
     order = base.order_value * torch.exp(torch.where(spend > 0, spend * base.evidence, spend))
@@ -345,6 +346,7 @@ def test_uncorrected_head_is_the_classic_model():
         w = x + first
         assert abs(float(order) - p * (gamma + w * m) / (p * w + q - 1)) < 1e-9
     assert base.evidence.tolist() == [0.5 / 1.5, 3.5 / 4.5, 11.5 / 12.5]
+    assert base.doubt.tolist() == [1.0, 1 / 4, 1 / 12]
     textbook = ziln.classic_base(classic, torch.cat([params[:7], torch.zeros(1, dtype=torch.float64)]))
     assert abs(float(textbook.order_value[0]) - p * gamma / (q - 1)) < 1e-9  # one purchase: the population's
     assert float(textbook.evidence[0]) == 0.0
@@ -372,6 +374,31 @@ def test_spend_is_raised_only_as_far_as_repeat_orders_back_it():
     assert torch.allclose(up, torch.tensor([bound ** (1 / 3), bound ** (3.5 / 4.5), bound ** (11.5 / 12.5)],
                                            dtype=torch.float64))
     assert torch.allclose(down, torch.full((3,), 1 / bound, dtype=torch.float64))
+
+
+def test_rate_is_lowered_only_as_far_as_repeat_purchases_leave_room():
+    """The network may raise any customer's purchase rate to the bound, but lower it only by
+    1 / (x + 1) of the bound (x the repeat purchases): a one-time buyer's rate as far as the
+    bound, a customer with eleven repeat purchases' by a twelfth of it."""
+    import torch
+
+    from models import ziln
+
+    base, _, _ = _head_inputs()
+    h = torch.full((3,), 6.0, dtype=torch.float64)
+
+    def expected(d):
+        out = torch.zeros(3, ziln.RAW_OUTPUTS, dtype=torch.float64)
+        out[:, 1] = d
+        return ziln.over_horizon(out, base, h, 6)
+
+    neutral, up, down = expected(0.0), expected(50.0), expected(-50.0)
+    bound = math.exp(ziln.MAX_CORRECTION)
+    # Expected spend is proportional to the rate; P(purchase) moves with it, less than in proportion.
+    assert torch.allclose(torch.exp(up.log_expected - neutral.log_expected), torch.full((3,), bound, dtype=torch.float64))
+    assert torch.allclose(torch.exp(down.log_expected - neutral.log_expected),
+                          torch.tensor([1 / bound, bound ** (-1 / 4), bound ** (-1 / 12)], dtype=torch.float64))
+    assert bool((down.p < neutral.p).all() and (up.p > neutral.p).all())
 
 
 def test_model_keeps_the_scale_of_a_customers_own_spending(trained):
