@@ -96,8 +96,17 @@ def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
     return -(torch.relu(-z) + torch.log(1 + torch.exp(-z.abs())))
 
 
-def _bounded(d: torch.Tensor) -> torch.Tensor:
-    return MAX_CORRECTION * torch.tanh(d / MAX_CORRECTION)
+def _bounded(
+    d: torch.Tensor, raise_by: torch.Tensor | None = None, lower_by: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A correction within e^MAX_CORRECTION either way; a rise may use only `raise_by` of the bound
+    and a fall `lower_by`, where the customer's own orders say how far the network may go."""
+    bounded = MAX_CORRECTION * torch.tanh(d / MAX_CORRECTION)
+    if raise_by is not None:
+        bounded = torch.where(bounded > 0, bounded * raise_by, bounded)
+    if lower_by is not None:
+        bounded = torch.where(bounded < 0, bounded * lower_by, bounded)
+    return bounded
 
 
 class Horizon(NamedTuple):
@@ -115,9 +124,7 @@ def over_horizon(
     `max_horizon`) -> p_purchase, log expected (discounted) spend, sigma."""
     d_alive, d_rate, d_hazard, d_spend, raw_sigma = out.unbind(-1)
     logit_alive = base.logit_alive + _bounded(d_alive)
-    d_rate = _bounded(d_rate)
-    d_rate = torch.where(d_rate < 0, d_rate * base.doubt, d_rate)  # lowered only as repeats leave room
-    rate = base.rate * torch.exp(d_rate)
+    rate = base.rate * torch.exp(_bounded(d_rate, lower_by=base.doubt))  # lowered only as repeats leave room
     s = torch.exp(-base.hazard * torch.exp(_bounded(d_hazard)))
     # P(a purchase in a month while alive), Poisson purchases: 1 - exp(-rate), by its series
     # where that difference would lose float32 precision (ONNX has no expm1).
@@ -139,8 +146,7 @@ def over_horizon(
         months = months + on * alive_k
     log_alive = _log_sigmoid(logit_alive)
     p = (torch.exp(log_alive) * p_buy).clamp(_EPS, 1 - _EPS)
-    spend = _bounded(d_spend)
-    spend = torch.where(spend > 0, spend * base.evidence, spend)  # raised only as orders back it
+    spend = _bounded(d_spend, raise_by=base.evidence)  # raised only as orders back it
     log_expected = log_alive + torch.log(rate) + torch.log(base.order_value) + spend + torch.log(months.clamp(min=_EPS))
     sigma = 0.05 + 2.95 * torch.sigmoid(raw_sigma)
     return Horizon(p, log_expected, sigma)
